@@ -1,0 +1,1 @@
+"""The cache shard format: write, read, verify, inspect."""

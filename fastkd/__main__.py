@@ -1,0 +1,5 @@
+import sys
+
+from fastkd.cli import main
+
+sys.exit(main())

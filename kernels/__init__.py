@@ -1,0 +1,1 @@
+"""Fused distillation loss: cross-entropy + sparse KL + hidden MSE (Triton on CUDA, PyTorch on CPU)."""
