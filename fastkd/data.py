@@ -106,10 +106,10 @@ def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[int
     """Yield (record number, record dict) from JSONL, JSON (list or id->record mapping, as
     CoT-Collection ships), parquet, or a Hugging Face dataset name when online."""
     path = Path(source)
-    if path.is_dir() or not path.exists():
-        if path.exists() or str(source).startswith((".", "/")):
-            if not path.exists():
-                raise DataError(f"{source}: no such file")
+    if not path.is_file():
+        looks_local = path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet") or str(source).startswith((".", "/"))
+        if looks_local and not path.exists():
+            raise DataError(f"{source}: no such file")
         yield from _read_hub(str(source), split)
         return
     suffix = path.suffix.lower()
@@ -281,3 +281,25 @@ def labels_from_mask(input_ids, loss_mask, ignore_index: int = -100):
     labels = torch.full_like(input_ids, ignore_index)
     labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], torch.full_like(input_ids[:, 1:], ignore_index))
     return labels
+
+
+# ----------------------------------------------------------------------------- identity
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What must match between the cache's tokenizer and a student's: size, vocabulary hash,
+    special ids. Stored in the cache manifest."""
+    import hashlib
+
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()).hexdigest()
+    return {"vocab_size": len(tokenizer), "vocab_sha256": digest, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "class": type(tokenizer).__name__}
+
+
+def check_tokenizer(expected: dict, tokenizer, where: str) -> None:
+    """Refuse a tokenizer whose identity differs from `expected` (a manifest's), saying what differs."""
+    actual = tokenizer_identity(tokenizer)
+    diffs = [f"{key}: cache has {expected.get(key)!r}, tokenizer has {actual[key]!r}"
+             for key in ("vocab_size", "vocab_sha256", "eos_token_id") if expected.get(key) != actual[key]]
+    if diffs:
+        raise DataError(f"{where}: the tokenizer does not match the one the cache was made with ({'; '.join(diffs)})")

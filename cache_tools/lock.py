@@ -1,0 +1,86 @@
+"""One writer per cache: a lock file holding the writer's pid; a dead pid's lock is taken over."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .format import CacheError
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _try_create(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def acquire_lock(path: Path) -> None:
+    """Create the lock file, or take over one whose process (on this host) is gone."""
+    path = Path(path)
+    for _ in range(3):
+        if _try_create(path):
+            return
+        holder = _holder(path)
+        if holder is None:  # half-written or unreadable: only stale if it stays that way
+            try:
+                age_ok = os.path.getmtime(path) < time.time() - 5
+            except OSError:
+                continue
+            if not age_ok:
+                raise CacheError(f"cache lock {path}: being created by another process; try again")
+        else:
+            pid, host = int(holder.get("pid", -1)), holder.get("host")
+            if pid == os.getpid() and host == socket.gethostname():
+                raise CacheError(f"cache lock {path}: this process already has a writer open on this cache")
+            if host != socket.gethostname():
+                raise CacheError(f"cache lock {path}: held by pid {pid} on host {host}; if no run is writing "
+                                 f"this cache, delete the lock file")
+            if pid_alive(pid):
+                raise CacheError(f"cache lock {path}: another run (pid {pid}) is writing this cache; wait for it, "
+                                 f"or stop it and re-run to resume")
+        try:  # stale: the writer died without releasing
+            os.unlink(path)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise CacheError(f"cache lock {path}: cannot remove stale lock: {err}") from None
+    raise CacheError(f"cache lock {path}: could not be taken (another process keeps creating it)")
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock file if this process holds it."""
+    path = Path(path)
+    holder = _holder(path)
+    if holder and int(holder.get("pid", -1)) == os.getpid():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,259 @@
+"""Shard layout, format version 1: one safetensors file, an index plus zstd byte blocks.
+
+Tensors: `index.record_index` int64 [S], `index.length` int32 [S], `index.num_loss` int32 [S],
+`index.task` int32 [S] (into the `tasks` metadata list), `index.block_start` int64 [B+1];
+per block b: `block.{b:05d}.tokens`, `.topk`, `.counts` (sampled mode), `.hidden.{layer}`,
+all uint8. docs/cache-format.md is the full specification.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .codecs import (get_hidden_codec, get_topk_codec, id_dtype, join_planes, split_planes, zstd_compress,
+                     zstd_decompress)
+from .format import FORMAT_NAME, CachedSequence
+
+SHARD_FORMAT_VERSION = 1
+TOKENS_CODEC = "int32-planes+uint8-zstd"
+COUNTS_CODEC = "uint16-planes-zstd"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every shard of one cache holds: k, vocabulary, mode, hidden layers, codecs."""
+
+    k: int
+    vocab_size: int
+    mode: str  # "topk" or "sample"
+    layers: tuple[int, ...] = ()
+    widths: tuple[int, ...] = ()
+    topk_codec: dict = field(default_factory=lambda: {"name": "raw-zstd", "params": {}})
+    hidden_codec: dict = field(default_factory=lambda: {"name": "bf16-zstd", "params": {}})
+
+    @property
+    def sampled(self) -> bool:
+        return self.mode == "sample"
+
+    def raw_bytes(self, length: int, n: int) -> int:
+        """Uncompressed size of one sequence (used to size blocks)."""
+        per_row = self.k * (id_dtype(self.vocab_size).itemsize + 2 + (2 if self.sampled else 0)) + 4
+        return 5 * length + n * per_row + n * 2 * sum(self.widths)
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT_NAME + "-shard",
+            "format_version": str(SHARD_FORMAT_VERSION),
+            "k": str(self.k),
+            "vocab_size": str(self.vocab_size),
+            "mode": self.mode,
+            "layers": json.dumps(list(self.layers)),
+            "hidden_widths": json.dumps(list(self.widths)),
+            "tokens_codec": TOKENS_CODEC,
+            "topk_codec": json.dumps(self.topk_codec, sort_keys=True),
+            "counts_codec": COUNTS_CODEC if self.sampled else "",
+            "hidden_codec": json.dumps(self.hidden_codec, sort_keys=True),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "Layout":
+        return cls(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]), mode=meta["mode"],
+                   layers=tuple(json.loads(meta["layers"])), widths=tuple(json.loads(meta["hidden_widths"])),
+                   topk_codec=json.loads(meta["topk_codec"]), hidden_codec=json.loads(meta["hidden_codec"]))
+
+
+def plan_blocks(raw_sizes: list[int], block_bytes: int, max_block_sequences: int) -> list[int]:
+    """Block start positions (plus the end): consecutive sequences, at most `block_bytes` raw
+    bytes and `max_block_sequences` sequences each, never an empty block."""
+    starts = [0]
+    size = 0
+    for i, raw in enumerate(raw_sizes):
+        count = i - starts[-1]
+        if count and (size + raw > block_bytes or count >= max_block_sequences):
+            starts.append(i)
+            size = 0
+        size += raw
+    starts.append(len(raw_sizes))
+    if len(raw_sizes) == 0:
+        return [0, 0]
+    return starts
+
+
+def part_names(layout: Layout, block: int) -> list[str]:
+    names = [f"block.{block:05d}.tokens", f"block.{block:05d}.topk"]
+    if layout.sampled:
+        names.append(f"block.{block:05d}.counts")
+    names += [f"block.{block:05d}.hidden.{layer}" for layer in layout.layers]
+    return names
+
+
+def part_kind(name: str) -> str:
+    """'tokens', 'topk', 'counts' or 'hidden' for a block tensor name."""
+    return name.split(".")[2]
+
+
+def _encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]:
+    ids = [np.asarray(s.input_ids, np.int32) for s in seqs]
+    masks = [np.asarray(s.loss_mask, np.uint8) for s in seqs]
+    parts = {"tokens": zstd_compress(split_planes(np.concatenate(ids) if ids else np.zeros(0, np.int32))
+                                     + np.concatenate(masks).tobytes())}
+    n = sum(int(m.sum()) for m in masks)
+    k = layout.k
+
+    def rows(get, dtype, width):
+        if not seqs:
+            return np.zeros((0, width) if width else (0,), dtype)
+        return np.concatenate([np.asarray(get(s), dtype).reshape((-1, width) if width else (-1,)) for s in seqs])
+
+    if n == 0:  # nothing to encode: empty payloads (the codecs are never called with n=0)
+        parts["topk"] = b""
+        if layout.sampled:
+            parts["counts"] = b""
+        for layer in layout.layers:
+            parts[f"hidden.{layer}"] = b""
+        return parts
+    codec = get_topk_codec(layout.topk_codec["name"])
+    parts["topk"] = codec.encode(rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.topk_logprobs, np.float32, k),
+                                 rows(lambda s: s.tail, np.float32, 0), layout.vocab_size, **layout.topk_codec["params"])
+    if layout.sampled:
+        parts["counts"] = zstd_compress(split_planes(rows(lambda s: s.counts, np.uint16, k)))
+    hcodec = get_hidden_codec(layout.hidden_codec["name"])
+    for layer, width in zip(layout.layers, layout.widths):
+        x = rows(lambda s: s.hidden[layer], np.float32, width)
+        parts[f"hidden.{layer}"] = hcodec.encode(x, **layout.hidden_codec["params"])
+    return parts
+
+
+def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: int, *,
+                block_bytes: int = 1 << 20, max_block_sequences: int = 64) -> dict:
+    """Encode `seqs` into one safetensors file at `path`; returns counts for the manifest."""
+    lengths = [len(s.input_ids) for s in seqs]
+    nloss = [s.num_loss_positions for s in seqs]
+    starts = plan_blocks([layout.raw_bytes(L, n) for L, n in zip(lengths, nloss)], block_bytes, max_block_sequences)
+    tasks = sorted({s.task for s in seqs})
+    task_ids = {t: i for i, t in enumerate(tasks)}
+    tensors = {
+        "index.record_index": np.array([s.record_index for s in seqs], np.int64),
+        "index.length": np.array(lengths, np.int32),
+        "index.num_loss": np.array(nloss, np.int32),
+        "index.task": np.array([task_ids[s.task] for s in seqs], np.int32),
+        "index.block_start": np.array(starts, np.int64),
+    }
+    crc = {}
+    part_bytes = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0}
+    hidden_bytes = {str(layer): 0 for layer in layout.layers}
+    for b in range(len(starts) - 1):
+        for kind, payload in _encode_block(layout, seqs[starts[b]: starts[b + 1]]).items():
+            name = f"block.{b:05d}.{kind}"
+            tensors[name] = np.frombuffer(payload, np.uint8)
+            crc[name] = zlib.crc32(payload)
+            part_bytes[part_kind(name)] += len(payload)
+            if kind.startswith("hidden."):
+                hidden_bytes[kind.split(".", 1)[1]] += len(payload)
+    meta = layout.metadata()
+    meta.update({"shard": str(shard_number), "num_sequences": str(len(seqs)), "num_blocks": str(len(starts) - 1),
+                 "tasks": json.dumps(tasks), "crc32": json.dumps(crc, sort_keys=True)})
+    save_file(tensors, str(path), metadata=meta)
+    return {"num_sequences": len(seqs), "num_loss_positions": int(sum(nloss)), "num_tokens": int(sum(lengths)),
+            "num_blocks": len(starts) - 1, "payload_bytes": part_bytes, "hidden_bytes": hidden_bytes}
+
+
+class ShardV1:
+    """Read side of one version-1 shard: the index at open, one block at a time on demand."""
+
+    def __init__(self, handle, where: str):
+        self.handle = handle
+        self.where = where
+        self.meta = handle.metadata() or {}
+        self.layout = Layout.from_metadata(self.meta)
+        self.record_index = handle.get_tensor("index.record_index").astype(np.int64)
+        self.length = handle.get_tensor("index.length").astype(np.int64)
+        self.num_loss = handle.get_tensor("index.num_loss").astype(np.int64)
+        self.task = handle.get_tensor("index.task").astype(np.int64)
+        self.block_start = handle.get_tensor("index.block_start").astype(np.int64)
+        self.tasks = json.loads(self.meta.get("tasks", "[]"))
+        self.crc32 = json.loads(self.meta.get("crc32", "{}"))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_start) - 1
+
+    def block_of(self, position: int) -> int:
+        return int(np.searchsorted(self.block_start, position, side="right") - 1)
+
+    def part_names(self, block: int) -> list[str]:
+        return part_names(self.layout, block)
+
+    def raw_part(self, name: str, check_crc: bool = False) -> bytes:
+        data = self.handle.get_tensor(name).tobytes()
+        if check_crc and name in self.crc32 and zlib.crc32(data) != self.crc32[name]:
+            raise ValueError(f"crc32 mismatch in tensor {name}")
+        return data
+
+    def decode_block(self, block: int, layers=None, check_crc: bool = False) -> list[CachedSequence]:
+        """The sequences of one block; `layers` limits which hidden layers are decoded (None: all)."""
+        lay = self.layout
+        lo, hi = int(self.block_start[block]), int(self.block_start[block + 1])
+        lengths, nloss = self.length[lo:hi], self.num_loss[lo:hi]
+        total_len, n, k = int(lengths.sum()), int(nloss.sum()), lay.k
+        prefix = f"block.{block:05d}."
+        body = zstd_decompress(self.raw_part(prefix + "tokens", check_crc), total_len * 5)
+        all_ids = join_planes(body[: 4 * total_len], np.int32, total_len)
+        all_mask = np.frombuffer(body[4 * total_len:], np.uint8).copy()
+        if np.any(all_mask > 1):
+            raise ValueError(f"tensor {prefix}tokens: loss_mask values other than 0/1")
+        if n == 0:
+            ids = np.zeros((0, k), np.int64)
+            lp = np.zeros((0, k), np.float32)
+            tail = np.zeros(0, np.float32)
+            counts = np.zeros((0, k), np.int32) if lay.sampled else None
+        else:
+            codec = get_topk_codec(lay.topk_codec["name"])
+            ids, lp, tail = codec.decode(self.raw_part(prefix + "topk", check_crc), n, k, lay.vocab_size,
+                                         **lay.topk_codec["params"])
+            ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
+            if ids.shape != (n, k) or lp.shape != (n, k) or tail.shape != (n,):
+                raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
+            counts = None
+            if lay.sampled:
+                counts = join_planes(zstd_decompress(self.raw_part(prefix + "counts", check_crc), n * k * 2),
+                                     np.uint16, n * k).reshape(n, k).astype(np.int32)
+        hidden = {}
+        wanted = lay.layers if layers is None else [l for l in lay.layers if l in set(layers)]
+        for layer in wanted:
+            width = lay.widths[lay.layers.index(layer)]
+            if n == 0:
+                hidden[layer] = np.zeros((0, width), np.float32)
+                continue
+            hcodec = get_hidden_codec(lay.hidden_codec["name"])
+            x = np.asarray(hcodec.decode(self.raw_part(f"{prefix}hidden.{layer}", check_crc), n, width,
+                                         **lay.hidden_codec["params"]), np.float32)
+            if x.shape != (n, width):
+                raise ValueError(f"tensor {prefix}hidden.{layer} decoded to shape {x.shape}, expected {(n, width)}")
+            hidden[layer] = x
+        out = []
+        tok = row = 0
+        for j in range(hi - lo):
+            L, m = int(lengths[j]), int(nloss[j])
+            mask = all_mask[tok: tok + L]
+            if int(mask.sum()) != m:
+                raise ValueError(f"tensor {prefix}tokens: sequence {lo + j} has {int(mask.sum())} loss positions, "
+                                 f"index says {m}")
+            out.append(CachedSequence(
+                record_index=int(self.record_index[lo + j]), task=self.tasks[int(self.task[lo + j])],
+                input_ids=all_ids[tok: tok + L].copy(), loss_mask=mask.copy(),
+                topk_ids=ids[row: row + m], topk_logprobs=lp[row: row + m], tail=tail[row: row + m],
+                counts=None if counts is None else counts[row: row + m],
+                hidden={layer: h[row: row + m] for layer, h in hidden.items()}))
+            tok += L
+            row += m
+        return out
+
+
+# format_version (from the manifest / shard metadata) -> shard reader class
+SHARD_READERS = {1: ShardV1}

@@ -1,0 +1,324 @@
+"""CacheWriter: buffers sequences, writes one shard at a time atomically, resumes after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from .codecs import DEFAULT_HIDDEN_CODEC, DEFAULT_TOPK_CODEC, get_hidden_codec, get_topk_codec, normalize_codec
+from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, RESERVED_KEYS, SHARD_DIR, CacheError,
+                     CachedSequence, fsync_dir, jsonable, read_manifest, settings_differences, settings_of,
+                     write_manifest)
+from .lock import acquire_lock, release_lock
+from .shard import Layout, write_shard
+
+SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
+
+
+def shard_file(number: int) -> str:
+    return f"{SHARD_DIR}/shard-{number:05d}.safetensors"
+
+
+def normalize_settings(settings: dict) -> dict:
+    """The caller's settings as JSON, with mode/layers/hidden_widths/codecs filled in and checked."""
+    if not isinstance(settings, dict):
+        raise CacheError(f"cache settings must be a dict, got {type(settings).__name__}")
+    try:
+        s = jsonable(settings)
+    except TypeError as err:
+        raise CacheError(f"cache settings: {err}") from None
+    clash = sorted(set(s) & set(RESERVED_KEYS))
+    if clash:
+        raise CacheError(f"cache settings may not use the reserved key(s) {clash} (the writer sets them)")
+    vocab = (s.get("tokenizer") or {}).get("vocab_size") if isinstance(s.get("tokenizer"), dict) else None
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise CacheError("cache settings: field tokenizer.vocab_size must be a positive integer "
+                         f"(got {vocab!r}); the ids' storage type depends on it")
+    if not isinstance(s.get("k"), int) or s["k"] <= 0:
+        raise CacheError(f"cache settings: field k must be a positive integer (got {s.get('k')!r})")
+    s.setdefault("mode", "topk")
+    if s["mode"] not in ("topk", "sample"):
+        raise CacheError(f"cache settings: field mode must be 'topk' or 'sample' (got {s['mode']!r})")
+    layers = s.setdefault("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers) \
+            or len(set(layers)) != len(layers):
+        raise CacheError(f"cache settings: field layers must be a list of distinct integers (got {layers!r})")
+    widths = s.get("hidden_widths", [])
+    if isinstance(widths, dict):
+        try:
+            by_layer = {int(key): v for key, v in widths.items()}
+        except ValueError:
+            raise CacheError(f"cache settings: field hidden_widths has a non-integer layer key: {widths!r}") from None
+        if set(by_layer) != set(layers):
+            raise CacheError(f"cache settings: field hidden_widths has layers {sorted(by_layer)}, "
+                             f"field layers has {layers}")
+        widths = [by_layer[l] for l in layers]
+    if not isinstance(widths, list) or len(widths) != len(layers) or \
+            not all(isinstance(w, int) and w > 0 for w in widths):
+        raise CacheError(f"cache settings: field hidden_widths must give one positive width per layer "
+                         f"(layers {layers}, widths {s.get('hidden_widths')!r})")
+    s["hidden_widths"] = widths
+    codecs = s.get("codecs") or {}
+    if not isinstance(codecs, dict):
+        raise CacheError(f"cache settings: field codecs must be a dict with 'topk' and 'hidden' (got {codecs!r})")
+    try:
+        s["codecs"] = dict(codecs, topk=normalize_codec(codecs.get("topk"), DEFAULT_TOPK_CODEC),
+                           hidden=normalize_codec(codecs.get("hidden"), DEFAULT_HIDDEN_CODEC))
+        get_topk_codec(s["codecs"]["topk"]["name"])
+        get_hidden_codec(s["codecs"]["hidden"]["name"])
+    except (KeyError, ValueError) as err:
+        raise CacheError(f"cache settings: field codecs: {err.args[0]}") from None
+    return s
+
+
+def layout_of(settings: dict) -> Layout:
+    return Layout(k=settings["k"], vocab_size=settings["tokenizer"]["vocab_size"], mode=settings["mode"],
+                  layers=tuple(settings["layers"]), widths=tuple(settings["hidden_widths"]),
+                  topk_codec=settings["codecs"]["topk"], hidden_codec=settings["codecs"]["hidden"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def totals(shards: list[dict]) -> dict:
+    """The manifest's `counts`: sums over the shard entries."""
+    parts = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0}
+    hidden: dict[str, int] = {}
+    for e in shards:
+        for key, v in e.get("payload_bytes", {}).items():
+            parts[key] = parts.get(key, 0) + v
+        for key, v in e.get("hidden_bytes", {}).items():
+            hidden[key] = hidden.get(key, 0) + v
+    return {"shards": len(shards), "sequences": sum(e["num_sequences"] for e in shards),
+            "loss_positions": sum(e.get("num_loss_positions", 0) for e in shards),
+            "tokens": sum(e.get("num_tokens", 0) for e in shards), "bytes": sum(e["bytes"] for e in shards),
+            "payload_bytes": parts, "hidden_bytes": hidden}
+
+
+class CacheWriter:
+    """Writes a cache folder. `done` holds the record indices already stored, so a resumed run
+    skips them; a shard is written (temp file, fsync, rename) every `sequences_per_shard`."""
+
+    def __init__(self, root, settings: dict, *, sequences_per_shard: int = 256, resume: bool = True,
+                 block_bytes: int = 1 << 20, max_block_sequences: int = 64):
+        if sequences_per_shard < 1:
+            raise CacheError(f"sequences_per_shard must be >= 1, got {sequences_per_shard}")
+        self.root = Path(root)
+        self.sequences_per_shard = sequences_per_shard
+        self.block_bytes = block_bytes
+        self.max_block_sequences = max_block_sequences
+        self.settings = normalize_settings(settings)
+        self.layout = layout_of(self.settings)
+        self._buffer: list[CachedSequence] = []
+        self._buffered: set[int] = set()
+        self._closed = False
+        self.done: set[int] = set()
+        try:
+            (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheError(f"cache {self.root}: cannot create the folder: {err}") from None
+        self._lock = self.root / LOCK
+        acquire_lock(self._lock)
+        try:
+            self._open_manifest(resume)
+        except BaseException:
+            release_lock(self._lock)
+            raise
+
+    # --- opening / resuming --------------------------------------------------------------
+    def _open_manifest(self, resume: bool) -> None:
+        existing = None
+        if (self.root / MANIFEST).exists():
+            existing = read_manifest(self.root)
+            if existing["shards"] and not resume:
+                raise CacheError(f"cache {self.root}: already holds {len(existing['shards'])} shard(s); "
+                                 f"resume it or write to a new folder")
+            if not existing["shards"]:
+                existing = None
+        if existing is None:
+            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fastkd_version": _version(),
+                             "complete": False, "created": _now(), "updated": _now(), **self.settings,
+                             "shards": [], "counts": totals([]), "summary": None}
+            self._cleanup(0)
+            write_manifest(self.root, self.manifest)
+            return
+        if existing["format_version"] != FORMAT_VERSION:
+            raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
+                             f"fastkd writes version {FORMAT_VERSION}; it can be read but not extended")
+        diffs = settings_differences(settings_of(existing), self.settings)
+        if diffs:
+            lines = "; ".join(f"{path}: cache has {old!r}, this run has {new!r}" for path, old, new in diffs[:5])
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            raise CacheError(f"cache {self.root}: cannot resume, settings differ from manifest.json: {lines}{more}; "
+                             f"use the same settings or a new cache folder")
+        self.manifest = existing
+        for j, entry in enumerate(existing["shards"]):
+            path = self.root / entry["file"]
+            if not path.exists():
+                raise CacheError(f"cache {self.root}: shard {entry['file']} (shards[{j}] in manifest.json) is missing")
+            if path.stat().st_size != entry["bytes"]:
+                raise CacheError(f"cache {self.root}: shard {entry['file']} has {path.stat().st_size} bytes, "
+                                 f"manifest.json says {entry['bytes']}; run `fastkd cache verify`")
+            try:
+                with safe_open(str(path), "numpy") as fh:
+                    records = fh.get_tensor("index.record_index")
+            except Exception as err:  # noqa: BLE001 - any read failure is a corrupt shard
+                raise CacheError(f"cache {self.root}: shard {entry['file']}: cannot read index.record_index: {err}") from None
+            self.done.update(int(r) for r in records)
+        self._cleanup(len(existing["shards"]))
+
+    def _cleanup(self, next_number: int) -> None:
+        """Remove temp files and shard files the manifest does not list (a kill between rename
+        and manifest update): their sequences are not in `done`, so they are written again."""
+        for path in (self.root / SHARD_DIR).iterdir():
+            m = SHARD_NAME.match(path.name)
+            if path.name.endswith(".tmp") or (m and int(m.group(1)) >= next_number):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+    # --- writing -------------------------------------------------------------------------
+    def add(self, seq: CachedSequence) -> None:
+        """Buffer one sequence (checked against the settings); writes a shard when the buffer is full."""
+        if self._closed:
+            raise CacheError(f"cache {self.root}: writer already closed")
+        self._check(seq)
+        self._buffer.append(seq)
+        self._buffered.add(int(seq.record_index))
+        if len(self._buffer) >= self.sequences_per_shard:
+            self._flush()
+
+    def _check(self, seq: CachedSequence) -> None:
+        lay = self.layout
+        where = f"cache {self.root}: record {seq.record_index}"
+        r = int(seq.record_index)
+        if r in self.done or r in self._buffered:
+            raise CacheError(f"{where}: already in the cache (skip the indices in writer.done when resuming)")
+        ids = np.asarray(seq.input_ids)
+        mask = np.asarray(seq.loss_mask)
+        if ids.ndim != 1 or mask.shape != ids.shape:
+            raise CacheError(f"{where}: input_ids {ids.shape} and loss_mask {mask.shape} must be 1-D, same length")
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            raise CacheError(f"{where}: field input_ids has values outside int32 range")
+        if mask.size and not np.isin(mask, (0, 1)).all():
+            raise CacheError(f"{where}: field loss_mask must hold only 0 and 1")
+        n = int(mask.sum())
+        k = lay.k
+        for name, arr, shape in (("topk_ids", seq.topk_ids, (n, k)), ("topk_logprobs", seq.topk_logprobs, (n, k)),
+                                 ("tail", seq.tail, (n,))):
+            if np.shape(arr) != shape:
+                raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
+                                 f"({n} loss positions, k={k})")
+        tids = np.asarray(seq.topk_ids)
+        low = -1 if lay.sampled else 0
+        if tids.size and (tids.min() < low or tids.max() >= lay.vocab_size):
+            raise CacheError(f"{where}: field topk_ids has ids outside [{low}, {lay.vocab_size}) "
+                             f"(tokenizer.vocab_size {lay.vocab_size})")
+        if lay.sampled:
+            if seq.counts is None or np.shape(seq.counts) != (n, k):
+                raise CacheError(f"{where}: field counts must have shape {(n, k)} in sampled mode, "
+                                 f"got {None if seq.counts is None else np.shape(seq.counts)}")
+            c = np.asarray(seq.counts)
+            if c.size and (c.min() < 0 or c.max() > 65535):
+                raise CacheError(f"{where}: field counts must lie in [0, 65535]")
+        elif seq.counts is not None:
+            raise CacheError(f"{where}: field counts must be None in topk mode")
+        if set(seq.hidden) != set(lay.layers):
+            raise CacheError(f"{where}: field hidden has layers {sorted(seq.hidden)}, the cache stores {list(lay.layers)}")
+        for layer, width in zip(lay.layers, lay.widths):
+            if np.shape(seq.hidden[layer]) != (n, width):
+                raise CacheError(f"{where}: field hidden[{layer}] has shape {np.shape(seq.hidden[layer])}, "
+                                 f"expected {(n, width)}")
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        number = len(self.manifest["shards"])
+        final = self.root / shard_file(number)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            info = write_shard(tmp, self._buffer, self.layout, number, block_bytes=self.block_bytes,
+                               max_block_sequences=self.max_block_sequences)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            digest, size = _file_sha256(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        entry = {"file": shard_file(number), "sha256": digest, "bytes": size, **info,
+                 "first_record": int(self._buffer[0].record_index), "last_record": int(self._buffer[-1].record_index)}
+        self.manifest["shards"].append(entry)
+        self.manifest["counts"] = totals(self.manifest["shards"])
+        self.manifest["complete"] = False
+        self.manifest["updated"] = _now()
+        write_manifest(self.root, self.manifest)
+        self.done.update(self._buffered)
+        self._buffer, self._buffered = [], set()
+
+    def close(self, summary: dict | None = None) -> None:
+        """Write the partial shard, store `summary`, mark the cache complete, release the lock."""
+        if self._closed:
+            return
+        try:
+            self._flush()
+            if summary is not None:
+                try:
+                    self.manifest["summary"] = jsonable(summary)
+                except TypeError as err:
+                    raise CacheError(f"cache {self.root}: summary: {err}") from None
+            self.manifest["complete"] = True
+            self.manifest["updated"] = _now()
+            write_manifest(self.root, self.manifest)
+        finally:
+            self._closed = True
+            release_lock(self._lock)
+
+    def abort(self) -> None:
+        """Release the lock without writing the buffered (unfinished) shard; finished shards stay."""
+        if not self._closed:
+            self._closed = True
+            release_lock(self._lock)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def num_buffered(self) -> int:
+        return len(self._buffer)
+
+
+def _version() -> str:
+    try:
+        from fastkd import __version__
+        return __version__
+    except ImportError:
+        return "unknown"

@@ -1,0 +1,326 @@
+"""BIG-Bench Hard: task files, task groups, prompts for every mode, answer extraction, scores.
+
+The scoring follows the BBH authors' recipe exactly (DESIGN.md, "BBH"): the answer is the text
+after the LAST `So the answer is `, stripped, one trailing `.` removed (with no such phrase the
+whole stripped generation), compared case-sensitively with the target. A lenient score (option
+letter, case-insensitive yes/no-style labels, numbers) sits beside it so format failures show
+apart from reasoning failures. No torch here: scoring saved predictions needs no model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastkd.data import ANSWER_PHRASE, DataError, read_records
+from fastkd.errors import UserError
+
+NLP_TASKS = (
+    "causal_judgement", "date_understanding", "disambiguation_qa", "formal_fallacies", "hyperbaton",
+    "movie_recommendation", "penguins_in_a_table", "reasoning_about_colored_objects", "ruin_names",
+    "salient_translation_error_detection", "snarks", "sports_understanding",
+)
+ALGORITHMIC_TASKS = (
+    "boolean_expressions", "dyck_languages", "geometric_shapes", "logical_deduction_three_objects",
+    "logical_deduction_five_objects", "logical_deduction_seven_objects", "multistep_arithmetic_two",
+    "navigate", "object_counting", "temporal_sequences", "tracking_shuffled_objects_three_objects",
+    "tracking_shuffled_objects_five_objects", "tracking_shuffled_objects_seven_objects", "web_of_lies",
+    "word_sorting",
+)
+ALL_TASKS = tuple(sorted(NLP_TASKS + ALGORITHMIC_TASKS))
+GROUPS = {"all": ALL_TASKS, "nlp": NLP_TASKS, "algorithmic": ALGORITHMIC_TASKS}
+
+STOP_STRING = "\n\nQ:"  # never a bare "Q": answers can be "(Q)"
+COT_CUE = "Let's think step by step."
+PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained")
+ENV_DIR = "FASTKD_BBH_DIR"
+HUB_DATASET = "lukaemon/bbh"
+GET_DATA_HINT = ("get the data with `git clone https://github.com/suzgunmirac/BIG-Bench-Hard` and pass its folder "
+                 f"with --bbh-dir or ${ENV_DIR}, or go online so the hub copy ({HUB_DATASET}) can load")
+
+
+class BBHError(UserError):
+    """BBH data that is missing or does not match what was asked for."""
+
+
+@dataclass(frozen=True)
+class BBHItem:
+    """One BBH question: idx is its position in the task file (as in the reference outputs)."""
+
+    task: str
+    idx: int
+    input: str
+    target: str
+
+
+def task_group(task: str) -> str:
+    return "nlp" if task in NLP_TASKS else "algorithmic"
+
+
+def select_tasks(spec: str) -> list[str]:
+    """`all`, `nlp`, `algorithmic` or a comma list of task names -> task names (file order)."""
+    spec = (spec or "all").strip()
+    if spec in GROUPS:
+        return sorted(GROUPS[spec])
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_TASKS]
+    if unknown or not names:
+        raise BBHError(f"unknown BBH task(s) {', '.join(unknown) or repr(spec)}; use all, nlp, algorithmic "
+                       f"or a comma list of: {', '.join(ALL_TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------------- locating and loading
+
+def default_bbh_dir() -> Path:
+    """<project root>/../shared/bbh, the project root being the folder above the fastkd package."""
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "bbh"
+
+
+def candidate_dirs(explicit: str | Path | None = None) -> list[Path]:
+    """Folders to look in, first wins: the option, then $FASTKD_BBH_DIR, then ../shared/bbh."""
+    found = [Path(explicit)] if explicit else []
+    if os.environ.get(ENV_DIR):
+        found.append(Path(os.environ[ENV_DIR]))
+    found.append(default_bbh_dir())
+    return found
+
+
+def _task_file(root: Path, task: str) -> Path | None:
+    """The BBH repo keeps task files in bbh/<task>.json; accept the folder itself too."""
+    for p in (root / "bbh" / f"{task}.json", root / f"{task}.json"):
+        if p.is_file():
+            return p
+    return None
+
+
+def resolve_bbh_dir(explicit: str | Path | None = None, tasks: list[str] | tuple[str, ...] = ALL_TASKS) -> Path | None:
+    """The first candidate folder holding every asked-for task file; an explicit folder that
+    lacks them is an error (a typo must not fall through to another copy)."""
+    for i, root in enumerate(candidate_dirs(explicit)):
+        missing = [t for t in tasks if _task_file(root, t) is None]
+        if not missing:
+            return root
+        if i == 0 and explicit:
+            raise BBHError(f"{root}: no BBH task file for {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} (looked for {root}/bbh/<task>.json); {GET_DATA_HINT}")
+    return None
+
+
+def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None, limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
+    """{task: items} (the first `limit` of each) and where they came from."""
+    root = resolve_bbh_dir(bbh_dir, tasks)
+    if root is not None:
+        return {t: _load_file(_task_file(root, t), t, limit) for t in tasks}, str(root)
+    tried = [str(p) for p in candidate_dirs(bbh_dir)]
+    if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        raise BBHError(f"BBH data not found (looked in {', '.join(tried)}; the hub is off since HF_DATASETS_OFFLINE "
+                       f"is set); {GET_DATA_HINT}")
+    try:
+        return {t: _load_hub(t, limit) for t in tasks}, f"hub:{HUB_DATASET}"
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; one clear message
+        raise BBHError(f"BBH data not found (looked in {', '.join(tried)}) and loading {HUB_DATASET} from the hub "
+                       f"failed ({type(err).__name__}: {err}); {GET_DATA_HINT}") from None
+
+
+def _load_file(path: Path, task: str, limit: int | None) -> list[BBHItem]:
+    items = []
+    for idx, rec in read_records(path):
+        if limit is not None and idx >= limit:
+            break
+        if not isinstance(rec, dict) or not isinstance(rec.get("input"), str) or not isinstance(rec.get("target"), str):
+            raise DataError(f"{path}: example {idx}: expected string fields 'input' and 'target'")
+        items.append(BBHItem(task, idx, rec["input"], rec["target"]))
+    if not items:
+        raise BBHError(f"{path}: no examples")
+    return items
+
+
+def _load_hub(task: str, limit: int | None) -> list[BBHItem]:
+    import datasets
+
+    ds = datasets.load_dataset(HUB_DATASET, task, split="test")
+    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+    return [BBHItem(task, i, r["input"], r["target"]) for i, r in enumerate(rows)]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclass(frozen=True)
+class FewShot:
+    """A cot-prompt file, split: the text after `-----`, its task description and exemplars
+    as (question, CoT answer) pairs, the answer starting at `Let's think step by step.`"""
+
+    text: str
+    description: str
+    exemplars: tuple[tuple[str, str], ...]
+
+
+def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
+    """Read cot-prompts/<task>.txt and keep what follows its `-----` line."""
+    path = Path(root) / "cot-prompts" / f"{task}.txt" if root and not str(root).startswith("hub:") else None
+    if path is None or not path.is_file():
+        raise BBHError(f"{path or 'cot-prompts/' + task + '.txt'}: no CoT prompt file; the few-shot prompt formats "
+                       f"need the BBH folder's cot-prompts/ (or use --prompt-format zeroshot or trained); {GET_DATA_HINT}")
+    raw = path.read_text(encoding="utf-8")
+    head, sep, text = raw.partition("\n-----\n")
+    if not sep:
+        raise BBHError(f"{path}: no '-----' line separating the canary from the prompt")
+    return split_few_shot(text, str(path))
+
+
+def split_few_shot(text: str, origin: str = "prompt") -> FewShot:
+    chunks = text.split("\n\nQ: ")
+    pairs = []
+    for n, chunk in enumerate(chunks[1:], 1):
+        question, sep, answer = chunk.partition("\nA: ")
+        if not sep:
+            raise BBHError(f"{origin}: exemplar {n} has no '\\nA: ' line")
+        pairs.append((question, answer))
+    return FewShot(text, chunks[0], tuple(pairs))
+
+
+def build_prompt(fmt: str, item_input: str, few_shot: FewShot | None = None) -> str:
+    """Prompt text for the text formats (`trained` is built from token ids by fastkd.data).
+
+    cot: the published 3-shot CoT prompt + `\\n\\nQ: {input}\\nA: Let's think step by step.`;
+    direct: the same exemplars with their final answers only, ending `\\nA:`;
+    zeroshot: `Q: {input}\\nA: Let's think step by step.` with no exemplars."""
+    if fmt == "cot":
+        return few_shot.text + "\n\nQ: " + item_input + "\nA: " + COT_CUE
+    if fmt == "direct":
+        shots = "".join(f"\n\nQ: {q}\nA: {extract_answer(a)}" for q, a in few_shot.exemplars)
+        return few_shot.description + shots + "\n\nQ: " + item_input + "\nA:"
+    if fmt == "zeroshot":
+        return "Q: " + item_input + "\nA: " + COT_CUE
+    raise ValueError(f"no text prompt for format {fmt!r}; choose one of {PROMPT_FORMATS[:3]}")
+
+
+def cut_at_stop(text: str, stop: str = STOP_STRING) -> str:
+    """The generation up to (not including) the first stop string."""
+    k = text.find(stop)
+    return text if k < 0 else text[:k]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def extract_answer(generation: str) -> str:
+    """The authors' extraction: text after the LAST `So the answer is `, stripped, one
+    trailing `.` removed; without the phrase, the whole stripped generation."""
+    k = generation.rfind(ANSWER_PHRASE)
+    answer = (generation[k + len(ANSWER_PHRASE):] if k >= 0 else generation).strip()
+    return answer[:-1] if answer.endswith(".") else answer
+
+
+_LENIENT_PHRASE = re.compile(r"answer is\s*:?\s*", re.IGNORECASE)
+_CHOICE_TARGET = re.compile(r"^\(([A-Z])\)$")
+_NUMBER_TARGET = re.compile(r"^-?\d+(\.\d+)?$")
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+LABELS = ({"yes", "no"}, {"true", "false"}, {"valid", "invalid"})
+
+
+def target_kind(target: str) -> str:
+    """choice (`(B)`), number, label (yes/no, True/False, valid/invalid) or text."""
+    if _CHOICE_TARGET.match(target):
+        return "choice"
+    if _NUMBER_TARGET.match(target):
+        return "number"
+    if any(target.lower() in group for group in LABELS):
+        return "label"
+    return "text"
+
+
+def lenient_answer(generation: str, target: str) -> str | None:
+    """The answer read leniently for the target's kind, normalised; None when there is none
+    or it is ambiguous (a hedge such as `(A) or (B)` earns nothing).
+
+    Span: what follows the last case-insensitive `answer is` (optional colon); without that
+    phrase, the first line when it is an answer only (at most 5 words), else nothing (a
+    reasoning that never concludes is not a format failure). Then: choice -> the one `(X)`
+    in the span or a leading bare letter; number -> the last number, commas dropped; label
+    -> the one yes/no (true/false, valid/invalid) word; text -> lower case, whitespace
+    collapsed, one trailing `.` removed."""
+    matches = list(_LENIENT_PHRASE.finditer(generation))
+    if matches:
+        span = generation[matches[-1].end():].strip()
+    else:
+        lines = [ln.strip() for ln in generation.strip().splitlines() if ln.strip()]
+        span = lines[0] if lines and len(lines[0].split()) <= 5 else ""
+    if not span:
+        return None
+    kind = target_kind(target)
+    if kind == "choice":
+        letters = set(re.findall(r"\(([A-Z])\)", span))
+        if len(letters) == 1:
+            return f"({letters.pop()})"
+        bare = re.match(r"^\(?([A-Z])\)?(?:[.:,\s]|$)", span)
+        return f"({bare.group(1)})" if bare and not letters else None
+    if kind == "number":
+        nums = _NUMBER.findall(span)
+        try:
+            return _format_number(float(nums[-1].replace(",", ""))) if nums else None
+        except ValueError:
+            return None
+    if kind == "label":
+        group = next(g for g in LABELS if target.lower() in g)
+        hits = {w for w in re.findall(r"[A-Za-z]+", span.lower()) if w in group}
+        return hits.pop() if len(hits) == 1 else None
+    text = " ".join(span.split()).lower()
+    return text[:-1] if text.endswith(".") else text
+
+
+def _format_number(x: float) -> str:
+    return str(int(x)) if x == int(x) else repr(x)
+
+
+def normalise_target(target: str) -> str:
+    """The target in the form `lenient_answer` produces for it."""
+    kind = target_kind(target)
+    if kind == "number":
+        return _format_number(float(target))
+    if kind in ("label", "text"):
+        text = " ".join(target.split()).lower()
+        return text[:-1] if kind == "text" and text.endswith(".") else text
+    return target
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    answer: str
+    correct: bool
+    lenient_answer: str | None
+    lenient_correct: bool
+
+
+def score(generation: str, target: str) -> ItemScore:
+    """Strict (the recipe) and lenient correctness of one generation; lenient >= strict."""
+    answer = extract_answer(generation)
+    strict = answer == target
+    loose = lenient_answer(generation, target)
+    return ItemScore(answer, strict, loose, strict or (loose is not None and loose == normalise_target(target)))
+
+
+def accuracy(flags: list[bool]) -> float | None:
+    return 100.0 * sum(flags) / len(flags) if flags else None
+
+
+def summarise(per_task: dict[str, dict[str, list[bool]]]) -> dict:
+    """{task: {"strict": [...], "lenient": [...]}} -> per-task accuracies (percent) and the
+    micro (all items), macro (mean over tasks), NLP and algorithmic (macro within the group)
+    averages, for both scores."""
+    tasks = {t: {"n": len(v["strict"]), "group": task_group(t),
+                 "strict": accuracy(v["strict"]), "lenient": accuracy(v["lenient"])}
+             for t, v in per_task.items()}
+    summary = {"n_items": sum(v["n"] for v in tasks.values()), "n_tasks": len(tasks)}
+    for metric in ("strict", "lenient"):
+        flat = [x for v in per_task.values() for x in v[metric]]
+
+        def macro(names):
+            vals = [tasks[t][metric] for t in names if t in tasks]
+            return sum(vals) / len(vals) if vals else None
+
+        summary[metric] = {"micro": accuracy(flat), "macro": macro(tasks),
+                           "nlp": macro(NLP_TASKS), "algorithmic": macro(ALGORITHMIC_TASKS)}
+    return {"tasks": tasks, "summary": summary}

@@ -1,0 +1,113 @@
+"""Batched greedy generation with the KV cache, left padding and stop strings.
+
+Prompts are grouped by length and padded on the left by fastkd.data (the same code the
+trainer batches with); position ids count real tokens only, so a padded row sees exactly
+what it would see alone. Each row stops at EOS or once its text contains a stop string
+(the text is then cut there), or after max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fastkd.data import length_sorted_batches, pad_batch
+
+STOP_WINDOW = 24  # tokens decoded to look for a stop string (a 4-char string spans <= 16 byte tokens)
+
+
+@dataclass
+class Generation:
+    """One row's output: decoded text (cut before the stop string), the generated token ids
+    (up to and including the token that completed the stop string; EOS excluded) and why it
+    ended: `stop`, `eos` or `length`."""
+
+    text: str
+    token_ids: list[int]
+    finish: str
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation config EOS."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def cut_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop string, and whether one was found."""
+    cuts = [k for k in (text.find(s) for s in stop_strings) if k >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   stop_strings: Sequence[str] = (), pad_id: int | None = None) -> list[Generation]:
+    """Greedy-decode one batch of prompt token lists together (left padded, one KV cache)."""
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer) if pad_id is None else pad_id
+    stops = eos_ids(model, tokenizer)
+    ids, attn = pad_batch(prompts, pad_id, side="left")
+    ids, attn = ids.to(device), attn.to(device)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, **extra)
+    cache, next_pos = out.past_key_values, position[:, -1:] + 1
+    rows = len(prompts)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    finish: list[str | None] = [None] * rows
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1, :].argmax(-1)
+        for r, t in enumerate(tokens.tolist()):
+            if finish[r]:
+                continue
+            if t in stops:
+                finish[r] = "eos"
+                continue
+            generated[r].append(t)
+            if stop_strings and cut_text(tokenizer.decode(generated[r][-STOP_WINDOW:]), stop_strings)[1]:
+                finish[r] = "stop"
+        if all(finish) or step == max_new_tokens - 1:
+            break
+        done = torch.tensor([f is not None for f in finish], device=device)
+        tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, next_pos = out.past_key_values, next_pos + 1
+    results = []
+    for r in range(rows):
+        text, found = cut_text(tokenizer.decode(generated[r], skip_special_tokens=True), stop_strings)
+        results.append(Generation(text, generated[r], "stop" if found else (finish[r] or "length")))
+    return results
+
+
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 512,
+                    stop_strings: Sequence[str] = (), batch_size: int = 8,
+                    on_batch: Callable[[int], None] | None = None) -> list[Generation]:
+    """Greedy-decode every prompt in length-sorted batches; results in the prompts' order.
+    on_batch(n) is called after each batch with its size (for a progress bar)."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    results: list[Generation | None] = [None] * len(prompts)
+    for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+        for i, gen in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch],
+                                                max_new_tokens, stop_strings)):
+            results[i] = gen
+        if on_batch:
+            on_batch(len(batch))
+    return results
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0

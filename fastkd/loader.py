@@ -1,0 +1,305 @@
+"""Sequences (from a teacher cache or from records) -> shuffled, length-grouped, padded batches.
+
+One data module for training and evaluation: a *source* gives sequences by position (a cache
+reader, or records tokenised with fastkd.data), `epoch_plan` decides which positions go into
+which global batch for an epoch (seeded: shard order, a shuffle buffer, length groups), and
+`BatchStream` (a torch IterableDataset) turns the plan into padded `Batch`es in DataLoader
+worker processes, each rank taking its own disjoint slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.data import labels_from_mask, pad_batch
+from fastkd.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class RecordSequence:
+    """A tokenised record without a teacher signal (SFT, online KD)."""
+
+    record_index: int
+    task: str
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    cot: bool = True
+
+
+class CacheSource:
+    """Sequences of a teacher cache, read through fastkd.cache_tools.CacheReader.
+
+    The reader is opened lazily so the source can be pickled into DataLoader workers, each of
+    which opens its own file handles.
+    """
+
+    has_teacher = True
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._reader = None
+        reader = self.reader
+        self.manifest = reader.manifest
+        self.lengths = np.asarray(reader.lengths, dtype=np.int64)
+        self.shards = [np.asarray(reader.shard_sequences(j), dtype=np.int64) for j in range(reader.num_shards)]
+        if len(self.lengths) == 0:
+            from fastkd.cache_tools import CacheError
+
+            raise CacheError(f"{self.path}: the cache holds no sequences")
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            from fastkd.cache_tools import CacheReader
+
+            self._reader = CacheReader(self.path)
+        return self._reader
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, position: int):
+        return self.reader[int(position)]
+
+
+class RecordSource:
+    """Records tokenised with fastkd.data.build_example: one more data source beside the cache.
+
+    A record with `"cot": false` is built with Template(cot=False), every other one with the
+    template given (CoT by default), so CoT and answer-only records can be mixed in one file.
+    """
+
+    has_teacher = False
+    manifest = None
+
+    def __init__(self, data: str | Path, tokenizer, *, cot: bool = True, chat: bool = False,
+                 max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
+                 split: str = "train"):
+        from fastkd.data import BuildReport, FieldMap, Template, build_example, read_records, validate_record
+        from fastkd.data import DataError, _reason
+
+        self.path = str(data)
+        self.report = BuildReport()
+        self.sequences: list[RecordSequence] = []
+        for index, raw in read_records(data, split):
+            use_cot = cot and not (isinstance(raw, dict) and raw.get("cot") is False)
+            template = Template(cot=use_cot, chat=chat)
+            try:
+                rec = validate_record(raw, index, FieldMap(), self.path, template.cot)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                self.report.skipped[_reason(str(err))] += 1
+                continue
+            ex = build_example(rec, index, tokenizer, template, max_length, overflow)
+            if ex is None:
+                self.report.skipped["too long"] += 1
+                continue
+            self.report.kept += 1
+            self.report.truncated += ex.truncated
+            self.sequences.append(RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
+                                                 np.asarray(ex.loss_mask, dtype=np.uint8), use_cot))
+        if not self.sequences:
+            raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
+        self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)
+        self.shards = [np.arange(len(self.sequences), dtype=np.int64)]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, position: int):
+        return self.sequences[int(position)]
+
+
+def split_holdout(num: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, held-out positions): `holdout` positions chosen with a seeded draw."""
+    if holdout < 0 or holdout >= num:
+        raise UserError(f"--eval-sequences {holdout}: must be between 0 and {num - 1} (the source holds {num} sequences)")
+    rng = np.random.default_rng([seed, 0xE7A1])
+    held = np.sort(rng.choice(num, size=holdout, replace=False)) if holdout else np.zeros(0, dtype=np.int64)
+    keep = np.ones(num, dtype=bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], global_batch: int, *, seed: int, epoch: int,
+               shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
+               allowed: np.ndarray | None = None) -> list[np.ndarray]:
+    """Global batches (arrays of source positions) for one epoch, a pure function of its inputs.
+
+    Shard order is shuffled per epoch; positions stream through a seeded shuffle buffer (reads
+    stay local to a few shards at a time); each window of `group_batches` batches is sorted by
+    length and cut into batches (little padding), and the batches of a window are shuffled.
+    Without shuffle: cache order, length-grouped windows, no shuffling (evaluation).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    keep = None
+    if allowed is not None:
+        keep = np.zeros(len(lengths), dtype=bool)
+        keep[allowed] = True
+    order_shards = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
+    stream = [shards[j][keep[shards[j]]] if keep is not None else shards[j] for j in order_shards]
+    stream = np.concatenate(stream) if stream else np.zeros(0, dtype=np.int64)
+    if shuffle:
+        stream = _buffer_shuffle(stream, shuffle_buffer, rng)
+    window = max(1, group_batches) * global_batch
+    plan = []
+    for start in range(0, len(stream), window):
+        chunk = stream[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches = [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+        if shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        plan.extend(batches)
+    return plan
+
+
+def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A streaming shuffle: keep `size` items, emit a random one, refill from the stream."""
+    size = max(1, int(size))
+    if size >= len(stream):
+        return stream[rng.permutation(len(stream))]
+    buffer = list(stream[:size])
+    out = np.empty(len(stream), dtype=stream.dtype)
+    picks = rng.integers(0, size, size=len(stream))
+    n = 0
+    for item in stream[size:]:
+        j = picks[n]
+        out[n] = buffer[j]
+        buffer[j] = item
+        n += 1
+    tail = np.array(buffer, dtype=stream.dtype)[rng.permutation(size)]
+    out[n:] = tail
+    return out
+
+
+def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous share of a global batch (shares differ by at most one sequence)."""
+    return np.array_split(batch, world)[rank]
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclass
+class Batch:
+    """A padded micro-batch and the teacher signal for its loss rows (row-major order)."""
+
+    input_ids: torch.Tensor             # long [B, T], right-padded
+    attention_mask: torch.Tensor        # long [B, T]
+    loss_mask: torch.Tensor             # long [B, T]
+    labels: torch.Tensor                # long [B, T]; IGNORE_INDEX except where position t predicts a loss token
+    topk_ids: torch.Tensor | None = None        # long [M, k]
+    topk_logprobs: torch.Tensor | None = None   # float [M, k]
+    tail: torch.Tensor | None = None            # float [M]
+    counts: torch.Tensor | None = None          # int [M, k]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> float [M, d]
+    record_indices: list[int] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def _map(self, fn) -> "Batch":
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = fn(value)
+            elif f.name == "hidden":
+                value = {layer: fn(h) for layer, h in value.items()}
+            out[f.name] = value
+        return Batch(**out)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
+
+
+def collate(sequences: list, pad_id: int) -> Batch:
+    """Pad sequences (right) and concatenate their teacher rows in the same row-major order as the
+    labels, so row r of the teacher tensors belongs to the r-th label != IGNORE_INDEX."""
+    ids, attn, loss = pad_batch([s.input_ids.tolist() for s in sequences], pad_id, "right",
+                                [s.loss_mask.tolist() for s in sequences])
+    labels = labels_from_mask(ids, loss, IGNORE_INDEX)
+    batch = Batch(ids, attn, loss, labels, record_indices=[int(s.record_index) for s in sequences])
+    if getattr(sequences[0], "topk_ids", None) is None:
+        return batch
+    for s in sequences:
+        predicts = int(np.asarray(s.loss_mask)[1:].sum())
+        if len(s.topk_ids) != predicts:
+            raise UserError(f"cache record {s.record_index}: {len(s.topk_ids)} teacher rows but {predicts} "
+                            f"predictable loss positions (field topk_ids); the cache is inconsistent")
+    batch.topk_ids = torch.from_numpy(np.concatenate([np.asarray(s.topk_ids, dtype=np.int64) for s in sequences]))
+    batch.topk_logprobs = torch.from_numpy(np.concatenate([np.asarray(s.topk_logprobs, dtype=np.float32) for s in sequences]))
+    batch.tail = torch.from_numpy(np.concatenate([np.asarray(s.tail, dtype=np.float32) for s in sequences]))
+    if sequences[0].counts is not None:
+        batch.counts = torch.from_numpy(np.concatenate([np.asarray(s.counts, dtype=np.int32) for s in sequences]))
+    for layer in sequences[0].hidden:
+        batch.hidden[int(layer)] = torch.from_numpy(np.concatenate([np.asarray(s.hidden[layer], dtype=np.float32)
+                                                                    for s in sequences]))
+    return batch
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """One epoch of this rank's micro-batches, starting after `start` global batches.
+
+    With DataLoader workers, worker w builds global batches w, w+W, ...; the DataLoader reads
+    workers round-robin, so the order is the plan's order whatever the number of workers.
+    """
+
+    def __init__(self, source, plan: list[np.ndarray], pad_id: int, *, rank: int = 0, world: int = 1, start: int = 0):
+        self.source, self.plan, self.pad_id = source, plan, pad_id
+        self.rank, self.world, self.start = rank, world, start
+
+    def __len__(self) -> int:
+        return max(0, len(self.plan) - self.start)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(self.start + worker, len(self.plan), workers):
+            mine = rank_slice(self.plan[index], self.rank, self.world)
+            yield collate([self.source[p] for p in mine], self.pad_id)
+
+
+def make_loader(source, plan: list[np.ndarray], pad_id: int, *, rank: int = 0, world: int = 1, start: int = 0,
+                num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None)."""
+    stream = BatchStream(source, plan, pad_id, rank=rank, world=world, start=start)
+    workers = min(num_workers, max(len(stream), 0))
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def plan_for(source, global_batch: int, *, seed: int, epoch: int, world: int = 1, shuffle: bool = True,
+             shuffle_buffer: int = 1024, group_batches: int = 32, allowed: np.ndarray | None = None) -> list[np.ndarray]:
+    """`epoch_plan` for a source, dropping a last global batch too small to give every rank a sequence."""
+    plan = epoch_plan(source.lengths, source.shards, global_batch, seed=seed, epoch=epoch, shuffle=shuffle,
+                      shuffle_buffer=shuffle_buffer, group_batches=group_batches, allowed=allowed)
+    return [b for b in plan if len(b) >= world]
+
+
+def batches_per_epoch(num_sequences: int, global_batch: int) -> int:
+    return math.ceil(num_sequences / global_batch)

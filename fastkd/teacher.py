@@ -1,0 +1,120 @@
+"""The teacher's signal at loss positions: top-k log-probs with the exact tail mass (or sampled
+ids with counts) and chosen hidden states. Used by `cache-teacher` and by online KD alike."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from fastkd.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class TeacherSignal:
+    """Rows = loss positions of a batch, in row-major (sequence, position) order."""
+
+    topk_ids: torch.Tensor            # int64 [M, k]; -1 marks an unused slot (sampled mode)
+    topk_logprobs: torch.Tensor       # float32 [M, k]
+    tail: torch.Tensor                # float32 [M]
+    counts: torch.Tensor | None       # int32 [M, k] in sampled mode
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [M, d]
+    rows_per_sequence: list[int] = field(default_factory=list)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, role: str = "teacher"):
+    """Load a causal LM from a local folder or a hub id, in eval mode, with a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise UserError(f"--dtype {dtype}: choose one of auto, {', '.join(sorted(DTYPES))}")
+    if dtype == "auto" and dev.type == "cpu":
+        torch_dtype = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the {role} model {path!r}: {err}".splitlines()[0]) from None
+    return model.to(dev).eval()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {path!r}: {err}".splitlines()[0]) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_identity(model, path: str) -> dict:
+    """Teacher identity for the manifest: path, a hash of its config, dtype, size."""
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        cfg.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    return {"path": str(path), "config_sha256": digest, "model_type": cfg.get("model_type"),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_hidden_layers": getattr(model.config, "num_hidden_layers", None),
+            "hidden_size": getattr(model.config, "hidden_size", None)}
+
+
+@torch.no_grad()
+def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+                   k: int = 64, layers: tuple[int, ...] = (), sample_n: int | None = None,
+                   vocab_size: int | None = None, generator: torch.Generator | None = None) -> TeacherSignal:
+    """Teacher forward on a right-padded batch; signal at the positions that predict a loss token.
+
+    Row r of the result is the distribution the teacher puts on the token at the r-th masked
+    position, read from the logits one position earlier. Log-softmax runs over the full
+    (tokenizer) vocabulary in fp32; the tail mass 1 - sum_K p_i is summed in fp64 so it is exact
+    in fp32 even when tiny.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), use_cache=False)
+    predicts_loss = loss_mask[:, 1:].bool()                      # position t predicts token t+1
+    logits = out.logits[:, :-1][predicts_loss]                   # [M, V_model]
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]                          # drop padded embedding rows
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows = predicts_loss.sum(dim=1).tolist()
+    hidden = {layer: out.hidden_states[layer][:, :-1][predicts_loss].float() for layer in layers}
+    if sample_n:
+        ids, counts = _sample(logprobs, sample_n, generator)
+        picked = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+        tail = (1.0 - picked.double().exp().sum(dim=1)).clamp(min=0.0).float()
+        return TeacherSignal(ids, picked, tail, counts, hidden, rows)
+    if k > logprobs.shape[1]:
+        raise UserError(f"--top-k {k} is larger than the vocabulary ({logprobs.shape[1]})")
+    values, ids = logprobs.topk(k, dim=-1)
+    tail = (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
+    return TeacherSignal(ids, values, tail, None, hidden, rows)
+
+
+def _sample(logprobs: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n ids with replacement per row; return unique ids (padded with -1) and counts."""
+    draws = torch.multinomial(logprobs.exp(), n, replacement=True, generator=generator)   # [M, n]
+    draws, _ = draws.sort(dim=1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.cumsum(dim=1) - 1                                                           # unique slot per draw
+    ids = torch.full_like(draws, -1).scatter(1, slot, draws)
+    counts = torch.zeros_like(draws, dtype=torch.int32).scatter_add(1, slot, torch.ones_like(draws, dtype=torch.int32))
+    return ids, counts

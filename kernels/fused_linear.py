@@ -1,0 +1,122 @@
+"""Fused output layer + distillation loss: logits exist for one chunk of rows at a time.
+
+For each chunk: z = h W^T (+ b), loss and dL/dz for the chunk (chunked.chunk_loss_and_grad on
+CPU, the Triton kernel on CUDA), then dL/dh = g W and dL/dW += g^T h. The [N, V] logits and
+their gradient are never materialised; backward only scales the stored dL/dh, dL/dW, dL/db.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import chunk_loss_and_grad, default_chunk_rows
+from .terms import LossTerms
+from .validate import LossInputError, check_inputs
+
+
+def _chunk_grad(z, labels, ids, logprobs, tail, counts, *, want_grad, **kw):
+    """Loss sums and fp32-or-z-dtype gradient of one logits chunk, on whichever backend fits the device."""
+    if z.is_cuda:
+        from .triton_loss import triton_chunk_loss_and_grad
+
+        return triton_chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, want_grad=want_grad, **kw)
+    return chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, want_grad=want_grad, may_overwrite=True, **kw)
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ids, logprobs, tail, counts, mode, ce_weight, kl_weight,
+                temperature, ignore_index, chunk_size):
+        n = hidden.shape[0]
+        vocab = weight.shape[0]
+        counted = labels != ignore_index
+        num = counted.sum()
+        row_scale = 1.0 / num.clamp_min(1).float()
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        want_grad = need_h or need_w or need_b
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        rows = chunk_size or default_chunk_rows(vocab, n)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, rows):
+            sl = slice(start, min(n, start + rows))
+            h_c = hidden[sl]
+            z = h_c @ weight.t()
+            if bias is not None:
+                z = z + bias
+            ce_c, kl_c, g = _chunk_grad(
+                z, labels[sl], ids[sl],
+                None if logprobs is None else logprobs[sl],
+                None if tail is None else tail[sl],
+                None if counts is None else counts[sl],
+                want_grad=want_grad, mode=mode, ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
+                ignore_index=ignore_index, row_scale=row_scale)
+            ce_sum += ce_c
+            kl_sum += kl_c
+            del z
+            if not want_grad:
+                continue
+            g = g.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[sl])
+            if need_w:
+                grad_w.add_((g.t() @ h_c.to(weight.dtype)).float())
+            if need_b:
+                grad_b.add_(g.float().sum(0))
+            del g
+        ce = ce_sum * row_scale
+        kl = kl_sum * row_scale
+        total = ce_weight * ce + kl_weight * kl
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else empty,
+            grad_w.to(weight.dtype) if grad_w is not None else empty,
+            grad_b.to(bias.dtype) if grad_b is not None else empty)
+        ctx.flags = (need_h, need_w, need_b)
+        ctx.mark_non_differentiable(ce, kl, num)
+        return total, ce, kl, num
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        grads = []
+        for flag, g in zip(ctx.flags, ctx.saved_tensors):
+            if not flag:
+                grads.append(None)
+                continue
+            grads.append(g if bool(grad_total == 1) else g * grad_total.to(g.dtype))
+        return tuple(grads) + (None,) * 11
+
+
+def fused_linear_distill_loss(
+    hidden,
+    weight,
+    labels,
+    teacher_ids,
+    teacher_logprobs,
+    tail=None,
+    *,
+    bias=None,
+    counts=None,
+    mode: str = "tail",
+    ce_weight: float = 1.0,
+    kl_weight: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    validate: bool | None = None,
+) -> LossTerms:
+    """distill_loss(hidden @ weight.T + bias, ...) without ever holding the [N, V] logits."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise LossInputError(
+            f"fused_linear_distill_loss: hidden must be [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise LossInputError(f"fused_linear_distill_loss: bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    check_inputs((hidden.shape[0], weight.shape[0]), labels, teacher_ids, teacher_logprobs, tail, counts, mode,
+                 temperature, ignore_index, "fused_linear_distill_loss",
+                 check_values=(not hidden.is_cuda) if validate is None else validate)
+    total, ce, kl, num = FusedLinearDistillFunction.apply(
+        hidden, weight, bias, labels, teacher_ids, teacher_logprobs, tail, counts, mode, float(ce_weight),
+        float(kl_weight), float(temperature), int(ignore_index), chunk_size)
+    return LossTerms(total=total, ce=ce, kl=kl, hidden=torch.zeros((), device=hidden.device), num_tokens=num)

@@ -1,0 +1,162 @@
+"""`fastkd cache-teacher`: cached values against an independent recomputation, resume, refusal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.cache_stage import cache_teacher
+from fastkd.cli import main as cli_main
+from fastkd.errors import UserError
+
+K = 16
+
+
+def _records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["True", "False", "and", "or", "not", "(", ")", "step", "Take", "Yes", "No"]
+    recs = []
+    for i in range(n):
+        src = " ".join(rng.choice(words, size=rng.integers(2, 12)))
+        rat = " ".join(rng.choice(words, size=rng.integers(0, 20)))
+        recs.append({"source": src, "rationale": rat, "target": str(rng.choice(["True", "False"])), "task": f"t{i % 3}"})
+    return recs
+
+
+@pytest.fixture
+def records_file(tmp_path):
+    path = tmp_path / "recs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
+    return path
+
+
+def _recompute(model_dir, input_ids, loss_mask, layers):
+    """Independent: one unpadded sequence, float64 log-softmax, no batching."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor(input_ids, dtype=torch.long)[None], output_hidden_states=True)
+    pos = np.nonzero(np.asarray(loss_mask)[1:])[0]            # position t predicts token t+1
+    logp = torch.log_softmax(out.logits[0, pos].double(), -1)
+    hidden = {layer: out.hidden_states[layer][0, pos].double() for layer in layers}
+    return logp, hidden
+
+
+def test_cached_values_match_recomputation(tiny_qwen_dir, records_file, tmp_path):
+    out = tmp_path / "cache"
+    summary = cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=K, layers="1,-1", batch_size=5, progress=False)
+    from fastkd.cache_tools import CacheReader
+
+    reader = CacheReader(out)
+    assert len(reader) == 12 and summary.sequences_written == 12
+    assert reader.manifest["layers"] == [1, 2] and reader.manifest["k"] == K
+    seen = set()
+    for seq in reader:
+        seen.add(seq.record_index)
+        n = int(seq.loss_mask.sum())
+        assert seq.topk_ids.shape == (n, K) and seq.tail.shape == (n,)      # prompt positions absent
+        logp, hidden = _recompute(tiny_qwen_dir, seq.input_ids, seq.loss_mask, [1, 2])
+        ref_vals, ref_ids = logp.topk(K, dim=-1)
+        assert np.array_equal(np.sort(seq.topk_ids, 1), np.sort(ref_ids.numpy(), 1))
+        got = np.take_along_axis(logp.numpy(), seq.topk_ids, 1)
+        np.testing.assert_allclose(seq.topk_logprobs, got, rtol=2e-3, atol=2e-3)      # fp16 storage
+        ref_tail = 1.0 - ref_vals.exp().sum(-1).numpy()
+        np.testing.assert_allclose(seq.tail, ref_tail, rtol=1e-5, atol=1e-6)
+        for layer in (1, 2):
+            np.testing.assert_allclose(seq.hidden[layer], hidden[layer].numpy(), rtol=1e-2, atol=1e-2)  # bf16
+    assert seen == set(range(12))
+
+
+def test_sampled_mode_counts(tiny_qwen_dir, records_file, tmp_path):
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), sample_n=20, batch_size=4, progress=False)
+    from fastkd.cache_tools import CacheReader
+
+    reader = CacheReader(out)
+    assert reader.manifest["mode"] == "sample"
+    for seq in reader:
+        assert (seq.counts.sum(1) == 20).all()
+        valid = seq.topk_ids >= 0
+        assert ((seq.counts > 0) == valid).all()
+        for row in seq.topk_ids:                                   # unique ids per row
+            ids = row[row >= 0]
+            assert len(ids) == len(set(ids.tolist()))
+
+
+def test_no_cot_cache_masks_only_target(tiny_qwen_dir, tiny_tokenizer, records_file, tmp_path):
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, cot=False, progress=False)
+    from fastkd.cache_tools import CacheReader
+
+    recs = _records(12)
+    for seq in CacheReader(out):
+        response = [t for t, m in zip(seq.input_ids, seq.loss_mask) if m]
+        expected = tiny_tokenizer(" " + recs[seq.record_index]["target"], add_special_tokens=False)["input_ids"]
+        assert response == expected + [tiny_tokenizer.eos_token_id]
+
+
+def test_resume_with_other_settings_refused(tiny_qwen_dir, records_file, tmp_path):
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)
+    with pytest.raises(UserError, match="k"):
+        cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=8, progress=False)
+    again = cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)
+    assert again.sequences_written == 0 and again.sequences_resumed == 12
+
+
+def test_bad_inputs_clear_errors(tiny_qwen_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source": "a", "rationale": "b", "target": "c"}) + "\n" + json.dumps({"source": "a"}) + "\n")
+    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(bad), "--out", str(tmp_path / "c"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "record 1" in err and "'rationale'" in err and "Traceback" not in err
+    rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "nope"), "--data", str(bad), "--out", str(tmp_path / "c")])
+    assert rc == 2 and "cannot load" in capsys.readouterr().err
+    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(bad), "--out", str(tmp_path / "c"), "--layers", "7"])
+    assert rc == 2 and "out of range" in capsys.readouterr().err
+
+
+def _contents(path):
+    from fastkd.cache_tools import CacheReader
+
+    return {s.record_index: (s.input_ids.tolist(), s.topk_ids.tolist(), s.topk_logprobs.tolist(), s.tail.tolist())
+            for s in CacheReader(path)}
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path):
+    recs = tmp_path / "recs.jsonl"
+    recs.write_text("".join(json.dumps(r) + "\n" for r in _records(60, seed=3)))
+    args = ["--teacher", str(tiny_qwen_dir), "--data", str(recs), "--top-k", "8", "--batch-size", "2",
+            "--sequences-per-shard", "4", "--quiet"]
+    full = tmp_path / "full"
+    assert cli_main(["cache-teacher", *args, "--out", str(full)]) == 0
+    part = tmp_path / "part"
+    env = dict(os.environ, FASTKD_SLOW_WRITE_SECONDS="0.05")
+    proc = subprocess.Popen([sys.executable, "-m", "fastkd", "cache-teacher", *args, "--out", str(part)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        shards = list((part / "shards").glob("*.safetensors")) if (part / "shards").exists() else []
+        if len(shards) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from fastkd.cache_tools import CacheReader
+
+    done_before = len(CacheReader(part)) if (part / "manifest.json").exists() else 0
+    assert 0 < done_before < 60, "the kill should land part-way"
+    assert cli_main(["cache-teacher", *args, "--out", str(part)]) == 0
+    a, b = _contents(full), _contents(part)
+    assert sorted(a) == sorted(b) == list(range(60))
+    assert len(CacheReader(part)) == 60                          # nothing duplicated
+    for key in a:
+        assert a[key][0] == b[key][0] and a[key][1] == b[key][1]
+        np.testing.assert_allclose(a[key][2], b[key][2], atol=2e-3)
+        np.testing.assert_allclose(a[key][3], b[key][3], atol=1e-6)
