@@ -157,9 +157,9 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
     """Return {source, rationale, target, task} or raise DataError naming file, record, field."""
     if not isinstance(record, dict):
         raise DataError(f"{origin}: record {index}: expected an object, got {type(record).__name__}")
-    out = {}
+    out = {"cot": cot and record.get("cot", True) is not False}   # a record may ask for answer-only
     needed = [("source", fields.source), ("target", fields.target)]
-    if cot:
+    if out["cot"]:
         needed.append(("rationale", fields.rationale))
     for role, key in needed:
         if key not in record or record[key] is None:
@@ -200,8 +200,11 @@ def response_ids(tokenizer, template: Template, rationale: str | None, target: s
 
 def build_example(record: dict, index: int, tokenizer, template: Template, max_length: int | None = None,
                   overflow: str = "truncate") -> Example | None:
-    """Tokenise one validated record. Over-long: truncate the response end (`truncate`) or
+    """Tokenise one validated record (a record with `"cot": false` gets the answer-only
+    response even under a CoT template: mixed teacher training). Over-long: truncate the response end (`truncate`) or
     return None (`skip`). A prompt that leaves no room for one response token is skipped."""
+    if template.cot and record.get("cot") is False:
+        template = Template(cot=False, chat=template.chat)
     p = prompt_ids(tokenizer, template, record["source"])
     r = response_ids(tokenizer, template, record.get("rationale"), record["target"])
     ids, mask, truncated = p + r, [0] * len(p) + [1] * len(r), False

@@ -172,3 +172,10 @@ def test_tokenizer_reload_keeps_ids(tiny_qwen_dir, tiny_tokenizer):
     text = "Q: not ( True ) and ( False ) is\nA: Let's think. (Q) So the answer is False.<|endoftext|>"
     assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
     assert tokenizer_identity(loaded)["vocab_sha256"] == tokenizer_identity(tiny_tokenizer)["vocab_sha256"]
+
+
+def test_record_cot_false_gets_answer_only_response(tmp_path, tiny_tokenizer):
+    path = _write_jsonl(tmp_path / "r.jsonl", [dict(REC, cot=True), {"source": REC["source"], "target": "True", "rationale": "", "cot": False}])
+    cot, plain = build_examples(path, tiny_tokenizer, Template(cot=True))
+    assert cot.input_ids == build_example(REC, 0, tiny_tokenizer, Template(cot=True)).input_ids
+    assert plain.input_ids == build_example(REC, 1, tiny_tokenizer, Template(cot=False)).input_ids

@@ -21,11 +21,13 @@ from pathlib import Path
 
 from fastkd.synth import (boolean_expressions, dyck_languages, navigate, tracking_shuffled_objects,
                           web_of_lies)
-from fastkd.synth.common import (GRANULARITIES, SynthError, SynthShortfallWarning, load_real_items,
-                                 normalise, resolve_bbh_dir)
+from fastkd.synth.common import (GRANULARITIES, SynthError, SynthShortfallWarning, draw_unique,
+                                 load_real_items, normalise, resolve_bbh_dir)
 
-_MODULES = {m.NAME: m for m in (boolean_expressions, navigate, tracking_shuffled_objects, web_of_lies,
-                                dyck_languages)}
+# each task: a module (or object) with NAME, parse, solve, sample_input, rationale[, all_inputs]
+_MODULES = {m.NAME: m for m in (boolean_expressions, navigate, tracking_shuffled_objects.THREE,
+                                tracking_shuffled_objects.FIVE, tracking_shuffled_objects.SEVEN,
+                                web_of_lies, dyck_languages)}
 TASKS = list(_MODULES)
 
 __all__ = ["TASKS", "generate", "solve", "parse", "rationale", "real_inputs", "SynthError",
@@ -78,8 +80,6 @@ def generate(task: str, n: int, seed: int = 0, granularity: str = "fine", *, bbh
         raise SynthError(f"the number of records must be >= 0, not {n}")
     banned = real_inputs(task, bbh_dir) if exclude is None else {normalise(x) for x in exclude}
     rng = random.Random(f"fastkd-synth:{task}:{seed}")
-    from fastkd.synth.common import draw_unique
-
     inputs = draw_unique(task, n, rng, mod.sample_input, banned, getattr(mod, "all_inputs", None))
     answer_only = set(rng.sample(range(len(inputs)), round(answer_only_fraction * len(inputs))))
     records = []
@@ -110,7 +110,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
                              "boolean_expressions has 2,122 possible inputs, 250 of them BBH test items)")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="fine",
                         help="fine: one reduction step per line (each innermost sub-expression, each position, "
-                             "each swap, each person); coarse: a single summarising sentence")
+                             "the holdings after each swap, each person's truthfulness, the stack after each bracket); coarse: a single summarising sentence")
     parser.add_argument("--answer-only-fraction", type=float, default=0.0,
                         help="fraction of records (per task, chosen by the seed) written with an empty rationale and "
                              "\"cot\": false, to train a teacher/student that also has an answer-only mode "
@@ -118,8 +118,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file")
     parser.add_argument("--out", required=True, help="output JSONL file, one record per line")
     parser.add_argument("--bbh-dir", default=None,
-                        help=f"folder with the real BBH <task>.json files, whose inputs are never generated "
-                             f"(default: ${'FASTKD_BBH_DIR'}, else ../shared/bbh next to the repository)")
+                        help="folder with the real BBH <task>.json files, whose inputs are never generated "
+                             "(default: $FASTKD_BBH_DIR, else ../shared/bbh next to the repository)")
     parser.add_argument("--skip-overlap-check", action="store_true",
                         help="generate even without the BBH files; the output may then contain BBH test "
                              "inputs, so never train a model evaluated on BBH with it")

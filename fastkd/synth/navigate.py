@@ -26,7 +26,9 @@ LENGTHS = {
     "turning": {3: 5, 4: 24, 5: 25, 6: 15, 7: 24, 8: 14, 9: 7},
     "plain": {3: 8, 4: 3, 5: 1, 6: 1, 7: 1, 8: 1},
 }
-YES_SHARE = {"forward": 0.39, "turning": 0.5, "plain": 0.0}
+# the Yes shares are set a little above BBH's (39%, 50%) because short Yes items repeat more
+# often and duplicates are dropped; the generated sets then come out near BBH's 42% Yes overall
+YES_SHARE = {"forward": 0.42, "turning": 0.56, "plain": 0.0}
 TURN_WEIGHTS = {"around": 44, "left": 31, "right": 25}
 TURN_SHARE = 0.37  # share of turns among the instructions of a turning item
 # turn sequences whose net effect is facing the opposite way
@@ -190,7 +192,7 @@ def sample_input(rng: random.Random) -> str:
 
 def _where(pos: tuple[int, int], target: str) -> str:
     if target == "Yes":
-        return f"We end at {pos}, which is the starting point (0, 0)."
+        return f"We end at {pos}, the starting point."
     return f"We end at {pos}, which is not the starting point (0, 0)."
 
 
