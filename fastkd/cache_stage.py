@@ -72,12 +72,20 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
     if sample_n is not None and sample_n < 1:
         raise UserError(f"--sample must be >= 1, got {sample_n}")
     started = time.perf_counter()
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(teacher)
+    template = Template(cot=cot, chat=chat)
+    report = BuildReport()
+    examples = build_examples(data, tokenizer, template, fields, max_length, overflow, skip_bad, split, report)
+    if not examples:
+        raise UserError(f"{data}: no usable records ({report.as_dict()})")
     model = load_causal_lm(teacher, dtype=dtype, device=device)
     num_layers = int(getattr(model.config, "num_hidden_layers", 0))
     layer_list = parse_layers(layers, num_layers)
     vocab = len(tokenizer)
-    template = Template(cot=cot, chat=chat)
     settings = {
         "teacher": model_identity(model, teacher),
         "tokenizer": tokenizer_identity(tokenizer),
@@ -98,10 +106,6 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
     if logits_codec:
         settings["logits_codec"] = logits_codec
 
-    report = BuildReport()
-    examples = build_examples(data, tokenizer, template, fields, max_length, overflow, skip_bad, split, report)
-    if not examples:
-        raise UserError(f"{data}: no usable records ({report.as_dict()})")
     summary = CacheSummary(report=report.as_dict())
     writer = CacheWriter(out, settings, sequences_per_shard=sequences_per_shard, resume=True)
     try:
@@ -131,8 +135,10 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
                 time.sleep(throttle)
             bar.set_postfix(tok_s=f"{summary.loss_positions / max(summary.seconds_teacher + summary.seconds_write, 1e-9):.0f}")
         bar.close()
-        summary.seconds_total = time.perf_counter() - started
+        t_close = time.perf_counter()
         writer.close(summary=summary.as_dict())
+        summary.seconds_write += time.perf_counter() - t_close
+        summary.seconds_total = time.perf_counter() - started
     except BaseException:
         writer.abort() if hasattr(writer, "abort") else None
         raise
@@ -215,9 +221,11 @@ def format_summary(s: CacheSummary, out: str) -> str:
         f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written; {s.sequences_resumed} already cached",
         f"  total: {len(reader)} sequences, {counts.get('loss_positions', '?')} loss positions",
     ]
-    if "logits_bytes" in counts:
-        lines.append(f"  bytes per loss position: logits {counts['logits_bytes'] / positions:.1f}, "
-                     f"hidden {counts.get('hidden_bytes', 0) / positions:.1f}")
+    payload = counts.get("payload_bytes", {})
+    if payload:
+        logits = payload.get("topk", 0) + payload.get("counts", 0)
+        lines.append(f"  bytes per loss position: logits {logits / positions:.1f}, hidden {payload.get('hidden', 0) / positions:.1f}, "
+                     f"all files {counts.get('bytes', 0) / positions:.1f}")
     if s.seconds_write > 0:
         lines.append(f"  throughput: {s.loss_positions / max(s.seconds_total, 1e-9):.0f} positions/s overall, "
                      f"{s.loss_positions / s.seconds_write:.0f} positions/s cache write (teacher forward excluded)")
