@@ -60,7 +60,7 @@ def task_group(task: str) -> str:
 
 
 def select_tasks(spec: str) -> list[str]:
-    """`all`, `nlp`, `algorithmic` or a comma list of task names -> task names (file order)."""
+    """`all`, `nlp`, `algorithmic` (alphabetical) or a comma list of task names (as given, deduplicated)."""
     spec = (spec or "all").strip()
     if spec in GROUPS:
         return sorted(GROUPS[spec])
@@ -237,15 +237,16 @@ def lenient_answer(generation: str, target: str) -> str | None:
     or it is ambiguous (a hedge such as `(A) or (B)` earns nothing).
 
     Span: what follows the last case-insensitive `answer is` (optional colon); without that
-    phrase, the first line when it is an answer only (at most 5 words), else nothing (a
-    reasoning that never concludes is not a format failure). Then: choice -> the one `(X)`
-    in the span or a leading bare letter; number -> the last number, commas dropped; label
-    -> the one yes/no (true/false, valid/invalid) word; text -> lower case, whitespace
-    collapsed, one trailing `.` removed."""
+    phrase, the first line if it is an answer-only line (at most 5 words, starting with the
+    answer), else nothing: a reasoning that never concludes is not a format failure. Then:
+    choice -> the one `(X)` in the span or a leading bare letter; number -> the last number
+    after the phrase (the leading one on an answer-only line), commas dropped; label -> the
+    one yes/no (true/false, valid/invalid) word; text -> lower case, whitespace collapsed,
+    one trailing `.` removed."""
     matches = list(_LENIENT_PHRASE.finditer(generation))
     if matches:
         span = generation[matches[-1].end():].strip()
-    else:
+    else:  # an answer-only line: it must start with the answer
         lines = [ln.strip() for ln in generation.strip().splitlines() if ln.strip()]
         span = lines[0] if lines and len(lines[0].split()) <= 5 else ""
     if not span:
@@ -253,22 +254,33 @@ def lenient_answer(generation: str, target: str) -> str | None:
     kind = target_kind(target)
     if kind == "choice":
         letters = set(re.findall(r"\(([A-Z])\)", span))
+        bare = re.match(r"^\(?([A-Z])(?:[).:,]|$)", span)
+        if not matches and not bare:
+            return None
         if len(letters) == 1:
             return f"({letters.pop()})"
-        bare = re.match(r"^\(?([A-Z])\)?(?:[.:,\s]|$)", span)
         return f"({bare.group(1)})" if bare and not letters else None
     if kind == "number":
-        nums = _NUMBER.findall(span)
+        nums = list(_NUMBER.finditer(span))
+        if not nums or (not matches and nums[0].start() != 0):
+            return None
         try:
-            return _format_number(float(nums[-1].replace(",", ""))) if nums else None
+            return _format_number(float(nums[-1 if matches else 0].group().replace(",", "")))
         except ValueError:
             return None
     if kind == "label":
         group = next(g for g in LABELS if target.lower() in g)
-        hits = {w for w in re.findall(r"[A-Za-z]+", span.lower()) if w in group}
+        words = re.findall(r"[A-Za-z]+", span.lower())
+        hits = {w for w in words if w in group}
+        if not matches and (not words or words[0] not in group):
+            return None
         return hits.pop() if len(hits) == 1 else None
-    text = " ".join(span.split()).lower()
-    return text[:-1] if text.endswith(".") else text
+    return _normalise_text(span)
+
+
+def _normalise_text(text: str) -> str:
+    text = " ".join(text.split()).lower()
+    return (text[:-1] if text.endswith(".") else text).strip()
 
 
 def _format_number(x: float) -> str:
@@ -280,9 +292,10 @@ def normalise_target(target: str) -> str:
     kind = target_kind(target)
     if kind == "number":
         return _format_number(float(target))
-    if kind in ("label", "text"):
-        text = " ".join(target.split()).lower()
-        return text[:-1] if kind == "text" and text.endswith(".") else text
+    if kind == "label":
+        return target.lower()
+    if kind == "text":
+        return _normalise_text(target)
     return target
 
 

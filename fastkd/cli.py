@@ -30,6 +30,10 @@ GROUPS = [
 ]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, keep the stage docstring's own line breaks."""
+
+
 def _load(module: str):
     return importlib.import_module(module)
 
@@ -44,7 +48,7 @@ def _add(sub, name: str, module: str, help_text: str) -> None:
     adder = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
     runner = getattr(mod, f"run_{name.replace('-', '_')}", None) or mod.run
     p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     adder(p)
     p.set_defaults(_run=runner)
 

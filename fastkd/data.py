@@ -179,15 +179,20 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
 
 # ----------------------------------------------------------------------------- tokenising
 
-def prompt_ids(tokenizer, template: Template, source: str) -> list[int]:
-    """Token ids of the prompt (BOS included when the tokenizer adds one)."""
-    if template.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": source.strip()}],
-                                            tokenize=True, add_generation_prompt=True)
+def text_prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a ready prompt string: as is (BOS when the tokenizer adds one), or as one
+    user turn of the chat template followed by the generation prompt."""
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
-    return list(tokenizer(template.prompt(source), add_special_tokens=True)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def prompt_ids(tokenizer, template: Template, source: str) -> list[int]:
+    """Token ids of a record's prompt under the template (the chat template gets the bare source)."""
+    return text_prompt_ids(tokenizer, source.strip() if template.chat else template.prompt(source), template.chat)
 
 
 def response_ids(tokenizer, template: Template, rationale: str | None, target: str) -> list[int]:

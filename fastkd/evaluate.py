@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task")
     parser.add_argument("--prompt-format", choices=bbh.PROMPT_FORMATS, default="cot",
                         help="cot: published 3-shot CoT prompts; direct: same 3 exemplars, answers only; zeroshot: "
-                             "'Q: ..\\nA: Let's think step by step.'; trained: fastkd's own training template, zero-shot, stops at EOS")
+                             "'Q: ..\\nA: Let's think step by step.'; trained: fastkd's own training template (Q: ..\\nA:), zero-shot, "
+                             "stops at EOS. Every format also stops at '\\n\\nQ:'")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (user turn + generation prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per item")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (length-sorted, left-padded)")
@@ -157,20 +159,9 @@ def _text_prompts(task, task_items, root, fmt) -> list[str | None]:
 
 # ----------------------------------------------------------------------------- generation
 
-def prompt_token_ids(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a ready prompt string: as is (BOS when the tokenizer adds one), or as one
-    user turn of the chat template with the generation prompt. (Belongs in fastkd.data.)"""
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
 def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat: bool, root: str) -> list[tuple[str, list[int]]]:
     """(prompt text, prompt ids) for every item, tasks in order, through fastkd.data."""
-    from fastkd.data import Template, prompt_ids
+    from fastkd.data import Template, prompt_ids, text_prompt_ids
 
     out = []
     for task, task_items in items.items():
@@ -181,7 +172,7 @@ def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat
         few = bbh.load_cot_prompt(root, task) if fmt in ("cot", "direct") else None
         for it in task_items:
             text = bbh.build_prompt(fmt, it.input, few)
-            out.append((text, prompt_token_ids(tokenizer, text, chat)))
+            out.append((text, text_prompt_ids(tokenizer, text, chat)))
     return out
 
 
@@ -213,6 +204,11 @@ def generate_rows(args, items, root, config) -> tuple[list[dict], dict]:
     tokenizer, model, config["device"], config["dtype"] = load_model(args.model, args.tokenizer, args.device, args.dtype)
     prompts = build_prompts(items, tokenizer, args.prompt_format, args.chat, root)
     flat = [it for task_items in items.values() for it in task_items]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = sum(len(ids) + args.max_new_tokens > limit for _, ids in prompts) if limit else 0
+    if too_long:
+        print(f"eval-bbh: warning: {too_long} of {len(prompts)} prompts plus --max-new-tokens {args.max_new_tokens} "
+              f"exceed the model's {limit} positions; their generations may degrade", file=sys.stderr)
     start = time.perf_counter()
     with tqdm(total=len(flat), unit="item", desc="eval-bbh", dynamic_ncols=True) as bar:
         gens = greedy_generate(model, tokenizer, [ids for _, ids in prompts], args.max_new_tokens,
@@ -304,7 +300,7 @@ def plot_scores(results: dict, path: Path) -> None:
     tasks = _ordered(results["tasks"])[::-1]
     strict = [results["tasks"][t]["strict"] for t in tasks]
     lenient = [results["tasks"][t]["lenient"] for t in tasks]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.32 * len(tasks)))
     ys = range(len(tasks))
     ax.barh([y + 0.2 for y in ys], lenient, height=0.4, color="#9ecae1", label="lenient")
     ax.barh([y - 0.2 for y in ys], strict, height=0.4, color="#3182bd", label="strict")
@@ -314,8 +310,8 @@ def plot_scores(results: dict, path: Path) -> None:
     ax.set_yticklabels(tasks, fontsize=8)
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%)")
-    ax.set_title(f"BBH: {results['name']} ({results['config']['prompt_format']})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"BBH: {results['name']} ({results['config']['prompt_format']})", loc="left", fontsize=10)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

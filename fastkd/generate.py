@@ -3,7 +3,8 @@
 Prompts are grouped by length and padded on the left by fastkd.data (the same code the
 trainer batches with); position ids count real tokens only, so a padded row sees exactly
 what it would see alone. Each row stops at EOS or once its text contains a stop string
-(the text is then cut there), or after max_new_tokens.
+(the text is then cut there), or after max_new_tokens; finished rows leave the batch and
+its KV cache, so the rest run on a smaller batch.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     rows = len(prompts)
     generated: list[list[int]] = [[] for _ in range(rows)]
     finish: list[str | None] = [None] * rows
+    active = list(range(rows))  # the original row of each row still in the batch
     for step in range(max_new_tokens):
         tokens = out.logits[:, -1, :].argmax(-1)
-        for r, t in enumerate(tokens.tolist()):
+        for r, t in zip(active, tokens.tolist()):
             if finish[r]:
                 continue
             if t in stops:
@@ -76,7 +78,14 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                 finish[r] = "stop"
         if all(finish) or step == max_new_tokens - 1:
             break
-        done = torch.tensor([f is not None for f in finish], device=device)
+        keep = [b for b, r in enumerate(active) if finish[r] is None]
+        if len(keep) < len(active) and hasattr(cache, "batch_select_indices"):
+            # drop finished rows from the batch and the cache: the rest run on a smaller batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            tokens, attn, next_pos = tokens[index], attn[index], next_pos[index]
+            active = [active[b] for b in keep]
+        done = torch.tensor([finish[r] is not None for r in active], device=device)
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,

@@ -1,0 +1,155 @@
+"""Batched greedy generation against unbatched transformers generate, and eval-bbh end to end
+on a tiny random model (scores ~0; the check is that every output is written and consistent)."""
+
+import argparse
+import json
+from collections import defaultdict
+
+import pytest
+
+from fastkd import bbh, evaluate
+
+torch = pytest.importorskip("torch")
+
+BBH_DIR = bbh.default_bbh_dir()
+needs_bbh = pytest.mark.skipif(not (BBH_DIR / "bbh" / "navigate.json").is_file(),
+                               reason=f"BBH data not at {BBH_DIR} (see shared/README.md)")
+
+TEXTS = [
+    "Q: not ( True ) and ( True ) is\nA:",
+    "Q: Take 1 step. Take 2 steps. Turn around. Always face forward. Do you return to the starting point?\nA: Let's",
+    "True",
+    "Question: Fidel lies. Jerry says Fidel tells the truth.",
+    "Alice, Bob, and Claire are friends. First, Alice and Bob swap balls. Then Claire. So the answer is",
+]
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen_dir):
+    return _load(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, tiny_tokenizer):
+    """GPT-2 has learned absolute positions: a left-padded row with wrong position ids
+    changes its output (RoPE models are blind to a constant shift, so they cannot show it)."""
+    from fastkd.tiny import pin_tokenizer_class
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        initializer_range=0.3, eos_token_id=tiny_tokenizer.eos_token_id,
+                        bos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    pin_tokenizer_class(folder)
+    return _load(folder)
+
+
+def reference_greedy(model, tok, ids, n):
+    """transformers' own greedy generate on one unpadded prompt."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_gpt2"])
+def test_batched_left_padded_equals_unbatched_greedy(which, request):
+    from fastkd.generate import greedy_generate
+
+    tok, model = request.getfixturevalue(which)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row needs a different amount of padding
+    seen = []
+    gens = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=3, on_batch=seen.append)
+    assert seen == [3, 2]
+    for ids, gen in zip(prompts, gens):
+        ref = reference_greedy(model, tok, ids, 12)
+        eos = tok.eos_token_id
+        want = ref[:ref.index(eos)] if eos in ref else ref
+        assert gen.token_ids == want
+        assert gen.finish == ("eos" if eos in ref else "length")
+        assert gen.text == tok.decode(want, skip_special_tokens=True)
+
+
+def test_stop_string_cuts_each_row_where_it_appears(tiny):
+    from fastkd.generate import greedy_generate
+
+    tok, model = tiny
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    free = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=5)
+    # a stop string taken from inside row 0's own output: row 0 stops there, others are cut only if they contain it
+    text0 = free[0].text
+    stop = text0[len(text0) // 2: len(text0) // 2 + 3]
+    assert stop
+    stopped = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=5, stop_strings=(stop,))
+    for f, s in zip(free, stopped):
+        k = f.text.find(stop)
+        if k < 0:
+            assert s.text == f.text and s.token_ids == f.token_ids
+        else:
+            assert s.finish == "stop" and s.text == f.text[:k]
+            assert s.token_ids == f.token_ids[:len(s.token_ids)] and len(s.token_ids) <= len(f.token_ids)
+            assert stop in tok.decode(s.token_ids) and stop not in tok.decode(s.token_ids[:-1])
+
+
+@needs_bbh
+def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    out = tmp_path / "run"
+    args = parser.parse_args(["--model", str(tiny_qwen_dir), "--tasks", "sports_understanding,object_counting",
+                              "--limit", "3", "--max-new-tokens", "8", "--batch-size", "4", "--out", str(out)])
+    assert evaluate.run(args) == 0
+    for name in ("items.jsonl", "results.json", "report.md", "scores.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["idx"]) for r in rows] == [(t, i) for t in ("sports_understanding", "object_counting") for i in range(3)]
+    items, _ = bbh.load_tasks(["sports_understanding", "object_counting"], limit=3)
+    per = defaultdict(list)
+    for r in rows:
+        it = items[r["task"]][r["idx"]]
+        s = bbh.score(r["generation"], it.target)
+        assert (r["target"], r["answer"], r["correct"], r["lenient_correct"]) == (it.target, s.answer, s.correct, s.lenient_correct)
+        assert r["finish"] in ("stop", "eos", "length") and r["prompt_tokens"] > 0 and len(r["prompt_sha256"]) == 64
+        assert bbh.STOP_STRING not in r["generation"]
+        per[r["task"]].append(r)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == evaluate.SCHEMA and results["config"]["device"] == "cpu"
+    report = (out / "report.md").read_text()
+    for task, task_rows in per.items():
+        strict = 100 * sum(r["correct"] for r in task_rows) / len(task_rows)
+        lenient = 100 * sum(r["lenient_correct"] for r in task_rows) / len(task_rows)
+        assert results["tasks"][task]["n"] == 3
+        assert results["tasks"][task]["strict"] == pytest.approx(strict)
+        assert results["tasks"][task]["lenient"] == pytest.approx(lenient)
+        assert f"| {task} | {bbh.task_group(task)} | 3 | {strict:.2f} | {lenient:.2f} |" in report
+    micro = 100 * sum(r["correct"] for r in rows) / len(rows)
+    assert results["summary"]["strict"]["micro"] == pytest.approx(micro)
+    assert f"| micro (6 items) | {micro:.2f} |" in report
+    assert sum(results["finish"].values()) == 6 and results["timing"]["items_per_s"] > 0
+
+    # the same generations re-scored as a predictions file give the same results
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"task": r["task"], "idx": r["idx"], "prediction": r["generation"]}) + "\n" for r in rows))
+    again = parser.parse_args(["--predictions", str(preds), "--limit", "3", "--out", str(tmp_path / "again"), "--no-plot"])
+    assert evaluate.run(again) == 0
+    rescored = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert rescored["tasks"] == results["tasks"] and rescored["summary"] == results["summary"]
+    rescored_rows = [json.loads(line) for line in (tmp_path / "again" / "items.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["idx"]): r["prompt_sha256"] for r in rescored_rows} == \
+        {(r["task"], r["idx"]): r["prompt_sha256"] for r in rows}
+
+    table = evaluate.compare_runs([evaluate.load_results(out), evaluate.load_results(tmp_path / "again")])
+    assert "(+0.00)" in table
