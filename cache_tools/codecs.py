@@ -10,13 +10,15 @@ Hidden codecs: `encode(x float32 [n, d], **params) -> bytes` and
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import zstandard
 
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 3          # small parts (tokens, logits)
+HIDDEN_ZSTD_LEVEL = 1   # hidden states: near-random low bytes; level 1 is ~2.4x faster than 3 and no larger
 DEFAULT_TOPK_CODEC = {"name": "raw-zstd", "params": {}}
 DEFAULT_HIDDEN_CODEC = {"name": "bf16-zstd", "params": {}}
 # modules that may register more codecs when first needed (written separately)
@@ -61,6 +63,13 @@ def _load_plugins() -> None:
         hook = getattr(mod, "register_codecs", None)
         if callable(hook):
             hook(register_topk_codec, register_hidden_codec)
+            continue
+        # no hook: register the module's functions under fixed names (their payloads carry
+        # their own magic and version, so the names only pick the functions)
+        if callable(getattr(mod, "encode_topk", None)) and callable(getattr(mod, "decode_topk", None)):
+            _TOPK.setdefault("kt-zstd", Codec("kt-zstd", mod.encode_topk, mod.decode_topk))
+        if callable(getattr(mod, "encode_hidden", None)) and callable(getattr(mod, "decode_hidden", None)):
+            _HIDDEN.setdefault("kh-zstd", Codec("kh-zstd", mod.encode_hidden, mod.decode_hidden))
 
 
 def get_topk_codec(name: str) -> Codec:
@@ -86,9 +95,9 @@ def known_codecs() -> dict[str, list[str]]:
 
 # --- byte helpers --------------------------------------------------------------------------
 
-def zstd_compress(data: bytes) -> bytes:
+def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
     """One zstd frame with the content size and a content checksum (so corruption is caught)."""
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True).compress(data)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(data)
 
 
 def zstd_decompress(payload: bytes, expected_size: int) -> bytes:
@@ -111,8 +120,12 @@ def split_planes(a: np.ndarray) -> bytes:
 def join_planes(data: bytes, dtype, count: int) -> np.ndarray:
     """Inverse of split_planes: `count` elements of little-endian `dtype`."""
     dtype = np.dtype(dtype).newbyteorder("<")
-    planes = np.frombuffer(data, dtype=np.uint8, count=count * dtype.itemsize).reshape(dtype.itemsize, count)
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(count).astype(dtype.newbyteorder("="))
+    width = dtype.itemsize
+    planes = np.frombuffer(data, dtype=np.uint8, count=count * width).reshape(width, count)
+    out = np.empty((count, width), np.uint8)
+    for b in range(width):  # one strided copy per plane: far faster than a transposed copy
+        out[:, b] = planes[b]
+    return out.view(dtype).reshape(count).astype(dtype.newbyteorder("="), copy=False)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -125,17 +138,17 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 # --- raw-zstd: the default logits codec ----------------------------------------------------
 
-def encode_topk_raw(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int) -> bytes:
+def encode_topk_raw(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, level: int = ZSTD_LEVEL) -> bytes:
     """ids as the smallest unsigned type (-1 -> all ones), log-probs fp16, tail fp32; each
     byte-plane split, concatenated, one zstd frame."""
     dt = id_dtype(vocab_size)
     ids = np.asarray(ids)
     stored = np.where(ids < 0, np.iinfo(dt).max, ids).astype(dt)
     body = split_planes(stored) + split_planes(np.asarray(logprobs, np.float16)) + split_planes(np.asarray(tail, np.float32))
-    return zstd_compress(body)
+    return zstd_compress(body, level)
 
 
-def decode_topk_raw(payload: bytes, n: int, k: int, vocab_size: int):
+def decode_topk_raw(payload: bytes, n: int, k: int, vocab_size: int, **_params):
     dt = id_dtype(vocab_size)
     sizes = [n * k * dt.itemsize, n * k * 2, n * 4]
     body = zstd_decompress(payload, sum(sizes))
@@ -163,28 +176,28 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def encode_hidden_bf16(x: np.ndarray) -> bytes:
-    return zstd_compress(split_planes(float32_to_bf16_bits(np.asarray(x, np.float32))))
+def encode_hidden_bf16(x: np.ndarray, level: int = HIDDEN_ZSTD_LEVEL) -> bytes:
+    return zstd_compress(split_planes(float32_to_bf16_bits(np.asarray(x, np.float32))), level)
 
 
-def decode_hidden_bf16(payload: bytes, n: int, d: int) -> np.ndarray:
+def decode_hidden_bf16(payload: bytes, n: int, d: int, **_params) -> np.ndarray:
     bits = join_planes(zstd_decompress(payload, n * d * 2), np.uint16, n * d)
     return bf16_bits_to_float32(bits).reshape(n, d)
 
 
-def encode_hidden_fp32(x: np.ndarray) -> bytes:
-    return zstd_compress(split_planes(np.asarray(x, np.float32)))
+def encode_hidden_fp32(x: np.ndarray, level: int = HIDDEN_ZSTD_LEVEL) -> bytes:
+    return zstd_compress(split_planes(np.asarray(x, np.float32)), level)
 
 
-def decode_hidden_fp32(payload: bytes, n: int, d: int) -> np.ndarray:
+def decode_hidden_fp32(payload: bytes, n: int, d: int, **_params) -> np.ndarray:
     return join_planes(zstd_decompress(payload, n * d * 4), np.float32, n * d).reshape(n, d)
 
 
-def encode_hidden_fp16(x: np.ndarray) -> bytes:
-    return zstd_compress(split_planes(np.asarray(x, np.float32).astype(np.float16)))
+def encode_hidden_fp16(x: np.ndarray, level: int = HIDDEN_ZSTD_LEVEL) -> bytes:
+    return zstd_compress(split_planes(np.asarray(x, np.float32).astype(np.float16)), level)
 
 
-def decode_hidden_fp16(payload: bytes, n: int, d: int) -> np.ndarray:
+def decode_hidden_fp16(payload: bytes, n: int, d: int, **_params) -> np.ndarray:
     return join_planes(zstd_decompress(payload, n * d * 2), np.float16, n * d).reshape(n, d).astype(np.float32)
 
 
@@ -194,12 +207,39 @@ register_hidden_codec("fp16-zstd", encode_hidden_fp16, decode_hidden_fp16)
 register_hidden_codec("fp32-zstd", encode_hidden_fp32, decode_hidden_fp32)
 
 
-def normalize_codec(spec, default: dict) -> dict:
-    """'name' or {'name', 'params'} or None -> {'name': str, 'params': dict}."""
+# short names a user may type (e.g. `--hidden-codec int8`) -> registered name + params
+ALIASES = {
+    "topk": {"raw": {"name": "raw-zstd", "params": {}}, "kt": {"name": "kt-zstd", "params": {}},
+             "compact": {"name": "kt-zstd", "params": {}}},
+    "hidden": {"bf16": {"name": "bf16-zstd", "params": {}}, "fp16": {"name": "fp16-zstd", "params": {}},
+               "fp32": {"name": "fp32-zstd", "params": {}},
+               "int8": {"name": "kh-zstd", "params": {"method": "int8"}},
+               "fp8": {"name": "kh-zstd", "params": {"method": "fp8"}}},
+}
+
+
+def _param_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def normalize_codec(spec, default: dict, part: str = "topk") -> dict:
+    """None, 'name', 'name:key=value,key=value', an alias ('int8') or {'name', 'params'}
+    -> {'name': str, 'params': dict}."""
     if spec is None:
         return {"name": default["name"], "params": dict(default["params"])}
     if isinstance(spec, str):
-        return {"name": spec, "params": {}}
+        name, _, rest = spec.partition(":")
+        params = {}
+        for item in filter(None, (x.strip() for x in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"codec {spec!r}: expected name:key=value,key=value")
+            params[key.strip()] = _param_value(value.strip())
+        base = ALIASES.get(part, {}).get(name.strip(), {"name": name.strip(), "params": {}})
+        return {"name": base["name"], "params": {**base["params"], **params}}
     if isinstance(spec, dict) and isinstance(spec.get("name"), str):
         return {"name": spec["name"], "params": dict(spec.get("params") or {})}
     raise ValueError(f"codec must be a name or {{'name': ..., 'params': {{...}}}}, got {spec!r}")

@@ -47,7 +47,7 @@ class CacheReader:
         shards = self.manifest["shards"]
         if not shards:
             raise CacheError(f"cache {self.root}: holds no finished shard yet (manifest.json lists none)")
-        record, length, nloss, per_shard = [], [], [], []
+        record, length, nloss, per_shard, self._block_starts = [], [], [], [], []
         for j, entry in enumerate(shards):
             shard = open_shard(self.root, entry, j, self.format_version)
             if len(shard.record_index) != entry["num_sequences"]:
@@ -57,6 +57,7 @@ class CacheReader:
             length.append(shard.length)
             nloss.append(shard.num_loss)
             per_shard.append(len(shard.record_index))
+            self._block_starts.append(shard.block_start)
         self.record_indices = np.concatenate(record)
         self.lengths = np.concatenate(length)
         self.num_loss_positions = np.concatenate(nloss)
@@ -91,6 +92,22 @@ class CacheReader:
             raise IndexError(f"shard {shard} out of range (cache has {self.num_shards})")
         return range(int(self._starts[shard]), int(self._starts[shard + 1]))
 
+    def blocks(self) -> list[range]:
+        """Cache positions of every block, in order: a loader that shuffles whole blocks (then
+        within a buffer) decodes each block once per epoch instead of once per sequence."""
+        out = []
+        for number, starts in enumerate(self._block_starts):
+            base = int(self._starts[number])
+            out += [range(base + int(a), base + int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        return out
+
+    def __getstate__(self):
+        """Picklable for DataLoader workers: open handles and decoded blocks are not carried."""
+        state = dict(self.__dict__)
+        state["_open"] = None
+        state["_block"] = None
+        return state
+
     # --- decoding ------------------------------------------------------------------------
     def _shard(self, number: int):
         pid = os.getpid()  # a handle opened before a fork is reopened in the child
@@ -111,6 +128,12 @@ class CacheReader:
             raise CacheError(f"{shard.where}: block {block} cannot be decoded ({err}); "
                              f"run `fastkd cache verify {self.root}`") from None
         self._block = (number, block, seqs)
+        return seqs
+
+    def read_block(self, shard: int, block: int) -> list[CachedSequence]:
+        """Decode one block (the sequences of `blocks()`' matching range) without caching it."""
+        seqs = self._decode(shard, block)
+        self._block = None
         return seqs
 
     def locate(self, i: int) -> tuple[int, int, int]:

@@ -97,7 +97,25 @@ def part_kind(name: str) -> str:
     return name.split(".")[2]
 
 
+class EncodeError(ValueError):
+    """A codec refused a block; names the record it could not encode when one can be found."""
+
+
 def _encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]:
+    """All parts of one block; a codec failure is traced to the record that causes it."""
+    try:
+        return _encode_block_parts(layout, seqs)
+    except EncodeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the record named
+        if len(seqs) > 1:
+            for s in seqs:
+                _encode_block(layout, [s])  # raises EncodeError naming the record
+        records = ", ".join(str(s.record_index) for s in seqs[:4]) + (", ..." if len(seqs) > 4 else "")
+        raise EncodeError(f"record{'s' if len(seqs) > 1 else ''} {records}: {type(err).__name__}: {err}") from err
+
+
+def _encode_block_parts(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]:
     ids = [np.asarray(s.input_ids, np.int32) for s in seqs]
     masks = [np.asarray(s.loss_mask, np.uint8) for s in seqs]
     parts = {"tokens": zstd_compress(split_planes(np.concatenate(ids) if ids else np.zeros(0, np.int32))
@@ -130,7 +148,7 @@ def _encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes
 
 
 def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: int, *,
-                block_bytes: int = 1 << 20, max_block_sequences: int = 64) -> dict:
+                block_bytes: int = 1 << 20, max_block_sequences: int = 16) -> dict:
     """Encode `seqs` into one safetensors file at `path`; returns counts for the manifest."""
     lengths = [len(s.input_ids) for s in seqs]
     nloss = [s.num_loss_positions for s in seqs]

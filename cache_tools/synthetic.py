@@ -26,7 +26,8 @@ def random_sequence(rng: np.random.Generator, record_index: int, settings: dict,
     mask[L - n:] = 1  # the response is the end of the sequence
     logits = rng.standard_normal((n, vocab)) * 3.0
     logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    order = np.argsort(-logp, axis=1)[:, :k]
+    part = np.argpartition(-logp, min(k, vocab - 1), axis=1)[:, :k] if n else np.zeros((0, k), np.int64)
+    order = np.take_along_axis(part, np.argsort(-np.take_along_axis(logp, part, axis=1), axis=1), axis=1)
     top = np.take_along_axis(logp, order, axis=1)
     counts = None
     ids = order.astype(np.int64)

@@ -16,13 +16,16 @@ from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, RESERVED_KEYS,
                      CachedSequence, fsync_dir, jsonable, read_manifest, settings_differences, settings_of,
                      write_manifest)
 from .lock import acquire_lock, release_lock
-from .shard import Layout, write_shard
+from .shard import EncodeError, Layout, write_shard
 
 SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
 
 def shard_file(number: int) -> str:
     return f"{SHARD_DIR}/shard-{number:05d}.safetensors"
+
+
+CODEC_SETTING_ALIASES = (("logits_codec", "topk"), ("topk_codec", "topk"), ("hidden_codec", "hidden"))
 
 
 def normalize_settings(settings: dict) -> dict:
@@ -67,9 +70,18 @@ def normalize_settings(settings: dict) -> dict:
     codecs = s.get("codecs") or {}
     if not isinstance(codecs, dict):
         raise CacheError(f"cache settings: field codecs must be a dict with 'topk' and 'hidden' (got {codecs!r})")
+    codecs = dict(codecs)
+    for alias, part in CODEC_SETTING_ALIASES:  # flat spellings: settings["hidden_codec"] = "int8"
+        if alias in s:
+            value = s.pop(alias)
+            if value is None:
+                continue
+            if codecs.get(part) not in (None, value):
+                raise CacheError(f"cache settings: {alias}={value!r} contradicts codecs.{part}={codecs[part]!r}")
+            codecs[part] = value
     try:
-        s["codecs"] = dict(codecs, topk=normalize_codec(codecs.get("topk"), DEFAULT_TOPK_CODEC),
-                           hidden=normalize_codec(codecs.get("hidden"), DEFAULT_HIDDEN_CODEC))
+        s["codecs"] = dict(codecs, topk=normalize_codec(codecs.get("topk"), DEFAULT_TOPK_CODEC, "topk"),
+                           hidden=normalize_codec(codecs.get("hidden"), DEFAULT_HIDDEN_CODEC, "hidden"))
         get_topk_codec(s["codecs"]["topk"]["name"])
         get_hidden_codec(s["codecs"]["hidden"]["name"])
     except (KeyError, ValueError) as err:
@@ -117,7 +129,7 @@ class CacheWriter:
     skips them; a shard is written (temp file, fsync, rename) every `sequences_per_shard`."""
 
     def __init__(self, root, settings: dict, *, sequences_per_shard: int = 256, resume: bool = True,
-                 block_bytes: int = 1 << 20, max_block_sequences: int = 64):
+                 block_bytes: int = 1 << 20, max_block_sequences: int = 16):
         if sequences_per_shard < 1:
             raise CacheError(f"sequences_per_shard must be >= 1, got {sequences_per_shard}")
         self.root = Path(root)
@@ -128,7 +140,7 @@ class CacheWriter:
         self.layout = layout_of(self.settings)
         self._buffer: list[CachedSequence] = []
         self._buffered: set[int] = set()
-        self._closed = False
+        self._closed = True  # until the lock is ours: nothing to release
         self.done: set[int] = set()
         try:
             (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -141,11 +153,18 @@ class CacheWriter:
         except BaseException:
             release_lock(self._lock)
             raise
+        self._closed = False
 
     # --- opening / resuming --------------------------------------------------------------
     def _open_manifest(self, resume: bool) -> None:
         existing = None
-        if (self.root / MANIFEST).exists():
+        if not (self.root / MANIFEST).exists():
+            strays = [p.name for p in (self.root / SHARD_DIR).iterdir() if SHARD_NAME.match(p.name)]
+            if strays:  # never delete data that no manifest accounts for
+                raise CacheError(f"cache {self.root}: {SHARD_DIR}/ holds {len(strays)} shard file(s) "
+                                 f"({sorted(strays)[0]}, ...) but there is no manifest.json; restore it, "
+                                 f"or move the shards away to start a new cache")
+        else:
             existing = read_manifest(self.root)
             if existing["shards"] and not resume:
                 raise CacheError(f"cache {self.root}: already holds {len(existing['shards'])} shard(s); "
@@ -194,6 +213,11 @@ class CacheWriter:
                     path.unlink()
                 except OSError:
                     pass
+        for path in self.root.glob(f".{MANIFEST}.*.tmp"):  # a kill while the manifest was written
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     # --- writing -------------------------------------------------------------------------
     def add(self, seq: CachedSequence) -> None:
@@ -201,6 +225,7 @@ class CacheWriter:
         if self._closed:
             raise CacheError(f"cache {self.root}: writer already closed")
         self._check(seq)
+        seq = _owned_copy(seq)  # the caller may reuse its arrays before the shard is written
         self._buffer.append(seq)
         self._buffered.add(int(seq.record_index))
         if len(self._buffer) >= self.sequences_per_shard:
@@ -262,11 +287,16 @@ class CacheWriter:
             digest, size = _file_sha256(tmp)
             os.replace(tmp, final)
             fsync_dir(final.parent)
-        except BaseException:
+        except BaseException as err:
             try:
                 tmp.unlink()
             except OSError:
                 pass
+            if isinstance(err, EncodeError):
+                raise CacheError(f"cache {self.root}: shard {shard_file(number)}: cannot encode {err} "
+                                 f"(codecs {self.settings['codecs']})") from None
+            if isinstance(err, OSError):
+                raise CacheError(f"cache {self.root}: cannot write shard {shard_file(number)}: {err}") from None
             raise
         entry = {"file": shard_file(number), "sha256": digest, "bytes": size, **info,
                  "first_record": int(self._buffer[0].record_index), "last_record": int(self._buffer[-1].record_index)}
@@ -298,9 +328,15 @@ class CacheWriter:
 
     def abort(self) -> None:
         """Release the lock without writing the buffered (unfinished) shard; finished shards stay."""
-        if not self._closed:
+        if not getattr(self, "_closed", True):
             self._closed = True
             release_lock(self._lock)
+
+    def __del__(self):
+        try:  # a writer dropped without close() must not keep the cache locked
+            self.abort()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -314,6 +350,15 @@ class CacheWriter:
     @property
     def num_buffered(self) -> int:
         return len(self._buffer)
+
+
+def _owned_copy(seq: CachedSequence) -> CachedSequence:
+    return CachedSequence(
+        record_index=int(seq.record_index), task=str(seq.task), input_ids=np.array(seq.input_ids, np.int32),
+        loss_mask=np.array(seq.loss_mask, np.uint8), topk_ids=np.array(seq.topk_ids, np.int64),
+        topk_logprobs=np.array(seq.topk_logprobs, np.float32), tail=np.array(seq.tail, np.float32),
+        counts=None if seq.counts is None else np.array(seq.counts, np.int32),
+        hidden={int(layer): np.array(x, np.float32) for layer, x in seq.hidden.items()})
 
 
 def _version() -> str:

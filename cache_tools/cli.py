@@ -1,0 +1,153 @@
+"""`fastkd cache inspect | verify | stats`: look at a teacher cache without writing to it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .format import read_manifest
+from .stats import METRICS, QUANTILES, cache_stats
+from .verify import verify_cache
+
+
+def _add_cache(parser) -> None:
+    parser.add_argument("cache", help="cache folder (holds manifest.json and shards/)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+# --- inspect -------------------------------------------------------------------------------
+
+def add_inspect_arguments(parser) -> None:
+    _add_cache(parser)
+
+
+def cache_summary(root) -> dict:
+    """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache."""
+    root = Path(root)
+    m = read_manifest(root)
+    c = m.get("counts", {})
+    parts = c.get("payload_bytes", {})
+    positions = c.get("loss_positions", 0)
+    sequences = c.get("sequences", 0)
+    total = c.get("bytes", 0)
+    logits = parts.get("topk", 0) + parts.get("counts", 0)
+    hidden = parts.get("hidden", 0)
+
+    def per(x):
+        return x / positions if positions else None
+
+    return {
+        "cache": str(root), "format_version": m["format_version"], "complete": bool(m.get("complete")),
+        "teacher": m.get("teacher"), "tokenizer": m.get("tokenizer"), "template": m.get("template"),
+        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "layers": m.get("layers", []),
+        "hidden_widths": m.get("hidden_widths", []), "codecs": m.get("codecs"), "max_length": m.get("max_length"),
+        "shards": len(m["shards"]), "sequences": sequences, "tokens": c.get("tokens", 0), "loss_positions": positions,
+        "bytes": total,
+        "bytes_per_loss_position": {
+            "total": per(total), "logits": per(logits), "hidden": per(hidden),
+            "hidden_by_layer": {layer: per(v) for layer, v in c.get("hidden_bytes", {}).items()},
+            "tokens": per(parts.get("tokens", 0)), "index_and_headers": per(total - logits - hidden - parts.get("tokens", 0)),
+        },
+        "mean_loss_positions_per_sequence": positions / sequences if sequences else None,
+        "summary": m.get("summary"),
+    }
+
+
+def _fmt(x, digits=1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def run_inspect(args) -> int:
+    s = cache_summary(args.cache)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    b = s["bytes_per_loss_position"]
+    teacher = s["teacher"] if not isinstance(s["teacher"], dict) else s["teacher"].get("path", s["teacher"])
+    layers = ", ".join(f"{l} (width {w})" for l, w in zip(s["layers"], s["hidden_widths"])) or "none"
+    codecs = s["codecs"] or {}
+    lines = [
+        f"cache           {s['cache']}  (format {s['format_version']}, {'complete' if s['complete'] else 'INCOMPLETE'})",
+        f"teacher         {teacher}",
+        f"tokenizer       {json.dumps(s['tokenizer'])}",
+        f"template        {json.dumps(s['template'])}",
+        f"signal          mode {s['mode']}, k {s['k']}" + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else ""),
+        f"hidden layers   {layers}",
+        f"codecs          logits {json.dumps(codecs.get('topk'))}, hidden {json.dumps(codecs.get('hidden'))}",
+        f"shards          {s['shards']:,}",
+        f"sequences       {s['sequences']:,}",
+        f"tokens          {s['tokens']:,}",
+        f"loss positions  {s['loss_positions']:,}  ({_fmt(s['mean_loss_positions_per_sequence'])} per sequence)",
+        f"size            {_human(s['bytes'])}",
+        "bytes per loss position:",
+        f"  total         {_fmt(b['total'])}",
+        f"  logits        {_fmt(b['logits'])}",
+        f"  hidden        {_fmt(b['hidden'])}" + "".join(f"   [layer {l}: {_fmt(v)}]" for l, v in b["hidden_by_layer"].items()),
+        f"  tokens        {_fmt(b['tokens'])}",
+        f"  index/headers {_fmt(b['index_and_headers'])}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# --- verify --------------------------------------------------------------------------------
+
+def add_verify_arguments(parser) -> None:
+    _add_cache(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_verify(args) -> int:
+    progress = None if args.no_progress or args.json else (lambda xs: tqdm(xs, desc="verify", unit="shard", file=sys.stderr))
+    report = verify_cache(args.cache, progress=progress)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for p in report.problems:
+            print(f"BAD {args.cache}: {p}")
+        state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+        print(f"{state}: {report.shards} shards, {report.blocks} blocks, {report.sequences:,} sequences, "
+              f"{report.loss_positions:,} loss positions checked in {args.cache}")
+    return 0 if report.ok else 1
+
+
+# --- stats ---------------------------------------------------------------------------------
+
+def add_stats_arguments(parser) -> None:
+    _add_cache(parser)
+    parser.add_argument("--max-sequences", type=int, default=None,
+                        help="only the first N sequences (None: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_stats(args) -> int:
+    from .reader import CacheReader
+
+    reader = CacheReader(args.cache, layers=[])  # hidden states are not needed
+    progress = None if args.no_progress or args.json else (
+        lambda xs: tqdm(xs, desc="stats", unit="seq", file=sys.stderr))
+    s = cache_stats(reader, args.max_sequences, progress)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(f"{s['cache']}: {s['sequences']:,} sequences, {s['loss_positions']:,} loss positions, "
+          f"mode {s['mode']}, k {s['k']}, vocab {s['vocab_size']:,}; entropies in nats")
+    head = f"{'metric':<14}{'mean':>9}" + "".join(f"{'q' + format(q, 'g'):>9}" for q in QUANTILES)
+    print(head)
+    for name in METRICS:
+        row = s["metrics"][name]
+        print(f"{name:<14}{_fmt(row['mean'], 4):>9}" + "".join(f"{_fmt(row['quantiles'][str(q)], 4):>9}" for q in QUANTILES))
+    return 0

@@ -1,0 +1,80 @@
+"""Per-position teacher statistics from a cache: tail mass, top-1 probability, entropy bounds.
+
+The cache keeps only the top-k (or sampled) log-probs and the tail mass t, so the teacher's
+entropy is known only within bounds: H_K + the least and the most entropy t can carry over the
+V - m tokens not stored. Most: t spread evenly, t*log((V-m)/t). Least: t packed into as few
+tokens as possible, each at most the smallest stored probability (top-k mode; no cap in sampled
+mode, where stored ids need not be the most likely).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+METRICS = ("tail_mass", "top1_prob", "entropy_lower", "entropy_upper", "entropy_gap")
+
+
+def entropy_bounds(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int,
+                   capped: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) bounds in nats on each row's full-vocabulary entropy, float64 [n]."""
+    lp = np.asarray(logprobs, np.float64)
+    valid = (np.asarray(ids) >= 0) & np.isfinite(lp)
+    p = np.where(valid, np.exp(np.where(valid, lp, 0.0)), 0.0)
+    known = -(p * np.where(valid, lp, 0.0)).sum(axis=1)
+    t = np.clip(np.asarray(tail, np.float64), 0.0, 1.0)
+    rest = np.maximum(vocab_size - valid.sum(axis=1), 1)
+    pos = t > 0
+    safe_t = np.where(pos, t, 1.0)
+    upper_tail = np.where(pos, t * np.log(rest / safe_t), 0.0)
+    if capped:
+        cap = np.where(valid, p, np.inf).min(axis=1)
+        cap = np.where(np.isfinite(cap) & (cap > 0), cap, 1.0)
+    else:
+        cap = np.ones_like(t)
+    cap = np.maximum(cap, t / rest)  # a cap below the even spread means rounding: the spread is the floor
+    full = np.floor(t / cap)
+    rem = np.clip(t - full * cap, 0.0, None)
+    lower_tail = -full * cap * np.log(cap) - np.where(rem > 0, rem * np.log(np.where(rem > 0, rem, 1.0)), 0.0)
+    return known + lower_tail, known + np.maximum(upper_tail, lower_tail)
+
+
+def position_stats(seq, vocab_size: int, sampled: bool) -> dict[str, np.ndarray]:
+    """The per-position metrics of one CachedSequence."""
+    lp = np.asarray(seq.topk_logprobs, np.float64)
+    valid = (np.asarray(seq.topk_ids) >= 0) & np.isfinite(lp)
+    top1 = np.where(valid, np.exp(np.where(valid, lp, -np.inf)), 0.0).max(axis=1, initial=0.0)
+    lower, upper = entropy_bounds(seq.topk_ids, lp, seq.tail, vocab_size, capped=not sampled)
+    return {"tail_mass": np.asarray(seq.tail, np.float64), "top1_prob": top1, "entropy_lower": lower,
+            "entropy_upper": upper, "entropy_gap": upper - lower}
+
+
+def summarise(values: dict[str, list[np.ndarray]]) -> dict:
+    """mean, quantiles for each metric over all positions."""
+    out = {}
+    for name in METRICS:
+        x = np.concatenate(values[name]) if values[name] else np.zeros(0)
+        if x.size == 0:
+            out[name] = {"mean": None, "quantiles": {str(q): None for q in QUANTILES}}
+            continue
+        out[name] = {"mean": float(x.mean()), "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))}}
+    return out
+
+
+def cache_stats(reader, max_sequences: int | None = None, progress=None) -> dict:
+    """Statistics over the first `max_sequences` sequences of a CacheReader (all by default)."""
+    vocab = reader.manifest["tokenizer"]["vocab_size"]
+    sampled = reader.manifest.get("mode") == "sample"
+    values: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    total = len(reader) if max_sequences is None else min(max_sequences, len(reader))
+    seen = positions = 0
+    it = iter(reader)
+    for _ in (progress(range(total)) if progress else range(total)):
+        seq = next(it)
+        for name, v in position_stats(seq, vocab, sampled).items():
+            values[name].append(v)
+        seen += 1
+        positions += len(seq.tail)
+    return {"cache": str(reader.root), "sequences": seen, "loss_positions": positions, "vocab_size": vocab,
+            "k": reader.manifest["k"], "mode": reader.manifest.get("mode", "topk"), "units": "nats",
+            "metrics": summarise(values)}
