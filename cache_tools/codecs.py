@@ -19,8 +19,8 @@ import zstandard
 
 ZSTD_LEVEL = 3          # small parts (tokens, logits)
 HIDDEN_ZSTD_LEVEL = 1   # hidden states: near-random low bytes; level 1 is ~2.4x faster than 3 and no larger
-DEFAULT_TOPK_CODEC = {"name": "raw-zstd", "params": {}}
-DEFAULT_HIDDEN_CODEC = {"name": "bf16-zstd", "params": {}}
+DEFAULT_TOPK_CODEC = {"name": "kt-zstd", "params": {}}   # chosen in docs/codec.md
+DEFAULT_HIDDEN_CODEC = {"name": "kh-zstd", "params": {"method": "int8", "block": 128}}
 # modules that may register more codecs when first needed (written separately)
 PLUGIN_MODULES = ("fastkd.cache_tools.topk_codec", "fastkd.cache_tools.hidden_codec")
 

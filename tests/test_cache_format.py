@@ -593,7 +593,7 @@ def test_codec_spellings_resolve_to_one_setting(tmp_path):
     with pytest.raises(ValueError, match="name:key=value"):
         normalize_codec("raw-zstd:level", default)
     # flat keys as the cache stage may pass them end up in `codecs` (and resume compares them)
-    settings = synthetic_settings(hidden_codec="fp16", logits_codec="raw-zstd:level=1")
+    settings = synthetic_settings(hidden_codec="fp16", logits_codec="raw-zstd:level=1", codecs={})
     seqs = random_sequences(26, 3, settings)
     reader = write_cache(tmp_path / "c", settings, seqs)
     assert reader.manifest["codecs"] == {"topk": {"name": "raw-zstd", "params": {"level": 1}},
@@ -605,3 +605,8 @@ def test_codec_spellings_resolve_to_one_setting(tmp_path):
         CacheWriter(tmp_path / "c", synthetic_settings())
     with pytest.raises(CacheError, match="contradicts"):
         CacheWriter(tmp_path / "d", synthetic_settings(hidden_codec="fp16", codecs={"hidden": "bf16"}))
+    # nothing pinned: the defaults chosen in docs/codec.md
+    CacheWriter(tmp_path / "e", synthetic_settings(codecs={})).close()
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["codecs"]["topk"]["name"] == "kt-zstd"
+    assert manifest["codecs"]["hidden"] == {"name": "kh-zstd", "params": {"method": "int8", "block": 128}}

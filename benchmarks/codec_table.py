@@ -1,0 +1,415 @@
+"""Print the cache-codec table: bytes per loss position, decoded KL and single-core throughput
+for the top-k codecs and their baselines, then the hidden-state table.
+
+    python benchmarks/codec_table.py            # both data sets, k=64
+    python benchmarks/codec_table.py --quick    # fewer positions (a smoke run)
+
+Data: (a) a tiny Qwen2 teacher (~600-token BPE vocabulary) trained for 300 steps on generated
+chain-of-thought text (cached under benchmarks/.cache/ after the first run, ~5 CPU-minutes);
+(b) the synthetic 151,936-token LM of benchmarks/synthetic_lm.py. KL(decoded || exact) is taken
+over K u {tail} against the float64 distribution computed from the teacher's logits.
+Throughput is thread CPU time (time.thread_time), best of --repeats, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_lm import TeacherSample, concat, synthetic_teacher, topk_from_logits  # noqa: E402
+
+from fastkd.cache_tools import topk_codec  # noqa: E402
+from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection  # noqa: E402
+from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk,  # noqa: E402
+                                           encode_sampled, encode_topk)
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+# ------------------------------------------------------------------------------ tiny teacher (a)
+
+NAMES = ["Alice", "Bob", "Claire", "Dave", "Eve", "Fidel", "Jerry", "Kate", "Leo", "Mia"]
+OBJECTS = ["red ball", "blue ball", "green book", "yellow hat", "purple box", "white cup"]
+
+
+def _example(rng: random.Random) -> str:
+    """One generated CoT record: question, step-by-step rationale, answer."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randrange(100), rng.randrange(100)
+        return (f"Q: What is {a} + {b}?\nA: Let's think step by step. {a} plus {b} is {a + b}. "
+                f"So the answer is {a + b}.")
+    if kind == 1:
+        vals = [rng.choice(["True", "False"]) for _ in range(3)]
+        ops = [rng.choice(["and", "or"]) for _ in range(2)]
+        expr = f"{vals[0]} {ops[0]} {vals[1]} {ops[1]} {vals[2]}"
+        return f"Q: {expr} is\nA: Let's think step by step. We evaluate {expr} from left to right. So the answer is {eval(expr)}."
+    if kind == 2:
+        p, q = rng.sample(NAMES, 2)
+        truth, says = rng.choice([True, False]), rng.choice([True, False])
+        verb = "tells the truth" if truth else "lies"
+        claim = "tells the truth" if says else "lies"
+        ans = "Yes" if says == truth else "No"
+        return (f"Q: {p} {verb}. {q} says {p} {claim}. Does {q} tell the truth?\nA: Let's think step by step. "
+                f"{p} {verb}. If {q} says {p} {claim}, then {q} {'tells the truth' if ans == 'Yes' else 'lies'}. So the answer is {ans}.")
+    people, items = rng.sample(NAMES, 3), rng.sample(OBJECTS, 3)
+    x, y = rng.sample(range(3), 2)
+    swapped = list(items)
+    swapped[x], swapped[y] = swapped[y], swapped[x]
+    return (f"Q: {', '.join(people)} hold a {', a '.join(items)}. {people[x]} and {people[y]} swap. What does {people[0]} hold?\n"
+            f"A: Let's think step by step. After the swap {people[0]} holds the {swapped[0]}. So the answer is {swapped[0]}.")
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [_example(rng) for _ in range(n)]
+
+
+def load_or_train_teacher(steps: int = 300, vocab_size: int = 2048, seed: int = 0):
+    """(tokenizer, model): trained once with a plain torch loop, then loaded from the cache."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastkd.tiny import build_model, pin_tokenizer_class, train_tokenizer
+
+    out = CACHE / f"tiny_teacher_v{vocab_size}_s{steps}"
+    if (out / "done").exists():
+        return AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out).eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")
+    texts = corpus(4000, seed)
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    model = build_model(tok, hidden=128, layers=2, heads=4, kv_heads=2, seed=seed)
+    stream = torch.cat([torch.tensor(tok(t)["input_ids"] + [tok.eos_token_id]) for t in texts])
+    seq, batch = 128, 16
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="training the tiny teacher"):
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([stream[s:s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    pin_tokenizer_class(out)
+    (out / "done").write_text(f"final training loss {loss.item():.3f}\n")
+    return tok, model
+
+
+def teacher_data(n: int, k: int, samples: int, seed: int = 1):
+    """(TeacherSample, last-layer hidden states [n, d], vocab size) on held-out generated text."""
+    import torch
+
+    tok, model = load_or_train_teacher()
+    texts = corpus(4000, seed + 1000)
+    rng = np.random.default_rng(seed)
+    parts, hidden, total = [], [], 0
+    with torch.no_grad():
+        for i in range(0, len(texts), 16):
+            enc = tok(texts[i:i + 16], return_tensors="pt", padding=True)
+            out = model(**enc, output_hidden_states=True)
+            mask = enc["attention_mask"].bool()
+            parts.append(topk_from_logits(out.logits[mask].double().numpy(), k, rng, samples))
+            hidden.append(out.hidden_states[-1][mask].float().numpy())
+            total += int(mask.sum())
+            if total >= n:
+                break
+    sample = concat(parts)
+    for name in TeacherSample.__dataclass_fields__:
+        setattr(sample, name, getattr(sample, name)[:n])
+    return sample, np.concatenate(hidden)[:n], model.config.vocab_size
+
+
+def synthetic_data(n: int, k: int, samples: int) -> TeacherSample:
+    """The synthetic LM sample, cached as .npz (generating it takes ~8 s per 1,000 positions)."""
+    path = CACHE / f"synthetic_n{n}_k{k}_s{samples}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return TeacherSample(**{name: (f[name] if name in f else None) for name in TeacherSample.__dataclass_fields__})
+    sample = synthetic_teacher(n, k=k, samples=samples)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")
+    np.savez(path, **{name: v for name, v in sample.__dict__.items() if v is not None})
+    return sample
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def kl_decoded_vs_exact(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
+    """KL(decoded || exact) per position over K u {tail}, float64; rows aligned by id."""
+    o1, o2 = np.argsort(sample.ids, axis=1), np.argsort(ids, axis=1)
+    if not np.array_equal(np.take_along_axis(sample.ids, o1, 1), np.take_along_axis(ids, o2, 1)):
+        raise AssertionError("decoded ids differ from the encoded ones")
+    p = np.exp(np.take_along_axis(sample.exact_logprobs, o1, 1))
+    q = np.exp(np.take_along_axis(np.asarray(logprobs, np.float64), o2, 1))
+    pt, qt = sample.exact_tail, np.asarray(tail, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(q > 0, q * np.log(q / p), 0.0).sum(1)
+        kl += np.where(qt > 0, qt * np.log(qt / pt), 0.0)
+    return kl
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """Best single-thread CPU time of fn() over `repeats` runs, and its last result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        out = fn()
+        best = min(best, time.thread_time() - t0)
+    return max(best, 1e-9), out
+
+
+def blocks(n: int, block: int):
+    return [(a, min(a + block, n)) for a in range(0, n, block)]
+
+
+def measure_topk(name, sample, vocab, encode, decode, block, repeats):
+    """One table row for a codec given as encode(ids, lp, tail) -> bytes and decode(bytes, n) -> (ids, lp, tail)."""
+    n, k = sample.ids.shape
+    spans = blocks(n, block)
+    t_enc, payloads = best_time(lambda: [encode(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b]) for a, b in spans], repeats)
+    t_dec, outs = best_time(lambda: [decode(p, b - a) for p, (a, b) in zip(payloads, spans)], repeats)
+    ids = np.concatenate([o[0] for o in outs])
+    lp = np.concatenate([o[1] for o in outs])
+    tail = np.concatenate([o[2] for o in outs])
+    kl = kl_decoded_vs_exact(sample, ids, lp, tail)
+    mass = np.exp(lp.astype(np.float64)).sum(1) + tail
+    return dict(codec=name, k=k, V=vocab, bytes=sum(map(len, payloads)) / n, kl_mean=kl.mean(), kl_max=kl.max(),
+                mass_max=mass.max(), enc=n / t_enc, dec=n / t_dec)
+
+
+def raw_codec(vocab, k, compress_level=None):
+    """Baseline: int32 ids + fp16 log-probs + fp32 tail, optionally one zstd frame over them."""
+    def enc(ids, lp, tail):
+        body = ids.astype("<i4").tobytes() + lp.astype("<f2").tobytes() + tail.astype("<f4").tobytes()
+        return body if compress_level is None else zstandard.ZstdCompressor(level=compress_level).compress(body)
+
+    def dec(payload, n):
+        body = payload if compress_level is None else zstandard.ZstdDecompressor().decompress(payload)
+        ids = np.frombuffer(body, "<i4", n * k).reshape(n, k).astype(np.int64)
+        lp = np.frombuffer(body, "<f2", n * k, offset=4 * n * k).reshape(n, k).astype(np.float32)
+        tail = np.frombuffer(body, "<f4", n, offset=6 * n * k).copy()
+        return ids, lp, tail
+    return enc, dec
+
+
+def distillkit_bytes(vocab: int, k: int, exact_k: int, exact_bits: int, n_terms: int, term_bits: int = 32) -> int:
+    """DistillKit DistributionQuantizationConfig.total_bits() / 8 with no residual bins:
+    exact_k values + polynomial coefficients, rounded up to a byte, + k ids of ceil(log2 V) bits."""
+    value_bits = exact_k * exact_bits + n_terms * term_bits
+    value_bytes = (value_bits + 7) // 8
+    index_bytes = (k * int(np.ceil(np.log2(vocab))) + 7) // 8
+    return value_bytes + index_bytes
+
+
+def ours(vocab, k, **params):
+    return (lambda ids, lp, tail: encode_topk(ids, lp, tail, vocab, **params),
+            lambda payload, n: decode_topk(payload, n, k, vocab, **params))
+
+
+def size_without_plane_split(sample, vocab, block, **params) -> float:
+    """Bytes/position of the same streams stored as whole little-endian integers (one zstd frame
+    per stream) instead of byte planes: an ablation, measured by swapping the plane splitter."""
+    original = topk_codec._compress_planes
+
+    def whole(values, nbytes, level):
+        raw = np.ascontiguousarray(values, dtype="<u4").reshape(-1).view(np.uint8).reshape(-1, 4)[:, :nbytes]
+        return [zstandard.ZstdCompressor(level=level).compress(raw.tobytes())]
+    topk_codec._compress_planes = whole
+    try:
+        total = sum(len(encode_topk(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b], vocab, **params))
+                    for a, b in blocks(len(sample.ids), block))
+    finally:
+        topk_codec._compress_planes = original
+    return total / len(sample.ids)
+
+
+def frequency_table(sample, vocab, calibration: float = 0.25) -> np.ndarray:
+    """rank_of_id from how often each id appears in the top-k of the first `calibration` share of positions."""
+    m = max(1, int(len(sample.ids) * calibration))
+    counts = np.bincount(sample.ids[:m].ravel(), minlength=vocab)
+    rank_of_id = np.empty(vocab, np.int64)
+    rank_of_id[np.argsort(-counts, kind="stable")] = np.arange(vocab)
+    return rank_of_id
+
+
+def topk_rows(sample, vocab, block, repeats, full: bool):
+    n, k = sample.ids.shape
+    rows = []
+    rows.append(measure_topk("raw int32 ids + fp16 values + fp32 tail", sample, vocab, *raw_codec(vocab, k), block, repeats))
+    rows.append(measure_topk("raw + zstd (level 3, one frame)", sample, vocab, *raw_codec(vocab, k, 3), block, repeats))
+    try:
+        from fastkd.cache_tools.codecs import get_topk_codec
+        raw = get_topk_codec("raw-zstd")
+        rows.append(measure_topk("raw-zstd (cache_tools default: planes + zstd)", sample, vocab,
+                                 lambda i, l, t: raw.encode(i, l, t, vocab), lambda p, m: raw.decode(p, m, k, vocab),
+                                 block, repeats))
+    except Exception as err:  # noqa: BLE001 - the registry is another module; report and go on
+        print(f"(raw-zstd from cache_tools.codecs not measured: {err})", file=sys.stderr)
+    for label, kk, exact_k, terms in [("DistillKit budget (k=50, 1 exact bf16, 3 fp32 terms)", 50, 1, 3),
+                                      ("DistillKit budget shape at k=64", 64, 1, 3),
+                                      ("DistillKit recommended (k=128, 16 exact bf16, 6 fp32 terms)", 128, 16, 6)]:
+        rows.append(dict(codec=label + " [formula, no tail]", k=kk, V=vocab, bytes=distillkit_bytes(vocab, kk, exact_k, 16, terms)))
+    default = dict(DEFAULT_TOPK_PARAMS)
+    rows.append(measure_topk(f"kt default {fmt_params(default)}", sample, vocab, *ours(vocab, k), block, repeats))
+    variants = [
+        dict(default, layout="value"),
+        dict(default, step=0.1, max_step=0.1),
+        dict(default, step=0.3, max_step=0.3),
+        dict(default, step=0.02, max_step=1.0),
+        dict(default, step=0.05, max_step=4.0),
+        dict(default, step=0.03, max_step=3.0, growth=0.5),
+        dict(default, reference="absolute"),
+        dict(default, level=3),
+    ]
+    if full:
+        variants += [dict(default, layout="value", step=0.1, max_step=0.1), dict(default, level=9)]
+    for params in variants:
+        changed = {key: v for key, v in params.items() if default.get(key) != v}
+        rows.append(measure_topk(f"kt {fmt_params(changed)}", sample, vocab, *ours(vocab, k, **params), block, repeats))
+    table = frequency_table(sample, vocab)
+    rows.append(measure_topk("kt + frequency-rank table (from first 25%)", sample, vocab,
+                             *ours(vocab, k, rank_of_id=table), block, repeats))
+    rows.append(dict(codec="kt default, no byte-plane split [size only]", k=k, V=vocab,
+                     bytes=size_without_plane_split(sample, vocab, block)))
+    for other in (256, 4096):
+        if other != block and other <= n:
+            r = measure_topk(f"kt default, blocks of {other} positions", sample, vocab, *ours(vocab, k), other, repeats)
+            rows.append(r)
+    return rows
+
+
+def sampled_rows(sample, vocab, block, repeats):
+    n, s = sample.sampled_ids.shape
+    spans = blocks(n, block)
+    t_enc, payloads = best_time(lambda: [encode_sampled(sample.sampled_ids[a:b], sample.sampled_counts[a:b], vocab)
+                                         for a, b in spans], repeats)
+    t_dec, outs = best_time(lambda: [decode_sampled(p, b - a, s, vocab) for p, (a, b) in zip(payloads, spans)], repeats)
+    ids = np.concatenate([o[0] for o in outs])
+    counts = np.concatenate([o[1] for o in outs])
+    same = all(sorted(zip(a[a >= 0], c[a >= 0])) == sorted(zip(b[b >= 0], d[b >= 0]))
+               for a, c, b, d in zip(ids, counts, sample.sampled_ids, sample.sampled_counts))
+    distinct = (sample.sampled_ids >= 0).sum(1).mean()
+    return [dict(codec=f"raw sampled: {s} int32 ids + {s} uint16 counts", k=s, V=vocab, bytes=6 * s),
+            dict(codec=f"ks sampled (s={s}, {distinct:.1f} distinct ids/position; lossless={same})", k=s, V=vocab,
+                 bytes=sum(map(len, payloads)) / n, kl_mean=0.0, kl_max=0.0, enc=n / t_enc, dec=n / t_dec)]
+
+
+def fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def print_topk_table(title: str, rows: list[dict]) -> None:
+    print(f"\n### {title}\n")
+    print("| codec | k | V | bytes/position | mean KL (nats) | max KL (nats) | max top-k+tail mass | encode pos/s | decode pos/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        def f(key, spec):
+            return format(r[key], spec) if key in r else "-"
+        print(f"| {r['codec']} | {r['k']} | {r['V']:,} | {r['bytes']:.1f} | {f('kl_mean', '.2e')} | {f('kl_max', '.2e')} "
+              f"| {f('mass_max', '.7f')} | {f('enc', ',.0f')} | {f('dec', ',.0f')} |")
+
+
+# ------------------------------------------------------------------------------ hidden states
+
+def synthetic_hidden(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """LLM-like activations: Gaussian with log-normal channel scales and a few massive outlier channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32) * rng.lognormal(0, 0.5, d).astype(np.float32)
+    x[:, rng.choice(d, 4, replace=False)] *= 60
+    return x
+
+
+def hidden_rows(x: np.ndarray, repeats: int, seed: int = 0):
+    n, d = x.shape
+    rows = []
+    proj_w = d // 4
+    r = random_projection(d, proj_w, seed)
+    r_pinv = np.linalg.pinv(r.astype(np.float64))
+    y_exact = x @ r
+    configs = [("fp32 (no codec)", None, {}), ("bf16", None, dict(method="bf16")),
+               ("int8 per row", None, dict(method="int8", block=0)), ("int8, blocks of 128", None, dict(method="int8", block=128)),
+               ("fp8 e4m3 per row", None, dict(method="fp8", block=0)), ("fp8 e4m3, blocks of 128", None, dict(method="fp8", block=128)),
+               (f"projection {d}->{proj_w} (seed {seed}) + bf16", r, dict(method="bf16")),
+               (f"projection {d}->{proj_w} (seed {seed}) + int8 blocks of 128", r, dict(method="int8", block=min(128, proj_w)))]
+    for label, proj, params in configs:
+        target = x if proj is None else y_exact
+        if not params:
+            rows.append(dict(method=label, width=d, bytes=4 * d, mse=0.0, mse_orig=0.0, enc=None, dec=None))
+            continue
+        t_enc, payload = best_time(lambda: encode_hidden(target, **params), repeats)
+        t_dec, out = best_time(lambda: decode_hidden(payload, n, target.shape[1], **params), repeats)
+        mse = float(((out - target) ** 2).sum() / (target ** 2).sum())
+        if proj is None:
+            mse_orig = mse
+        else:
+            recon = out.astype(np.float64) @ r_pinv
+            mse_orig = float(((recon - x) ** 2).sum() / (x.astype(np.float64) ** 2).sum())
+        rows.append(dict(method=label, width=target.shape[1], bytes=len(payload) / n, mse=mse, mse_orig=mse_orig,
+                         enc=n / t_enc, dec=n / t_dec))
+    return rows
+
+
+def print_hidden_table(title: str, rows: list[dict]) -> None:
+    print(f"\n### {title}\n")
+    print("| method | stored width | bytes/token | relative MSE of the stored target | relative MSE vs the original (least-squares reconstruction) | encode tokens/s | decode tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        enc = "-" if r["enc"] is None else f"{r['enc']:,.0f}"
+        dec = "-" if r["dec"] is None else f"{r['dec']:,.0f}"
+        print(f"| {r['method']} | {r['width']} | {r['bytes']:.1f} | {r['mse']:.2e} | {r['mse_orig']:.2e} | {enc} | {dec} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=4096, help="loss positions per data set")
+    parser.add_argument("--k", type=int, default=64, help="top-k size")
+    parser.add_argument("--sample", type=int, default=50, help="draws per position for the sampled mode")
+    parser.add_argument("--block", type=int, default=1024, help="positions per encoded block (a shard block)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (best is kept)")
+    parser.add_argument("--hidden-n", type=int, default=512, help="tokens for the synthetic d=4096 hidden-state table")
+    parser.add_argument("--quick", action="store_true", help="small smoke run: 1024 positions, 1 repeat")
+    parser.add_argument("--skip-teacher", action="store_true", help="only the synthetic data set")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats, args.hidden_n = 1024, 1, 128
+    print(f"codec table: k={args.k}, {args.n} positions per data set, blocks of {args.block}, "
+          f"times = best of {args.repeats} (thread CPU time, one thread)")
+    if not args.skip_teacher:
+        sample, hidden, vocab = teacher_data(args.n, args.k, args.sample)
+        ent = np.percentile(sample.entropy, [10, 50, 90])
+        print_topk_table(f"(a) tiny trained teacher, V={vocab}, {len(sample.ids)} positions, entropy p10/p50/p90 = "
+                         f"{ent[0]:.2f}/{ent[1]:.2f}/{ent[2]:.2f} nats",
+                         topk_rows(sample, vocab, args.block, args.repeats, full=False)
+                         + sampled_rows(sample, vocab, args.block, args.repeats))
+    syn = synthetic_data(args.n, args.k, args.sample)
+    ent = np.percentile(syn.entropy, [10, 50, 90])
+    print_topk_table(f"(b) synthetic LM, V=151,936, {len(syn.ids)} positions, entropy p10/p50/p90 = "
+                     f"{ent[0]:.2f}/{ent[1]:.2f}/{ent[2]:.2f} nats",
+                     topk_rows(syn, 151_936, args.block, args.repeats, full=True)
+                     + sampled_rows(syn, 151_936, args.block, args.repeats))
+    if not args.skip_teacher:
+        print_hidden_table(f"hidden states (a): tiny teacher's last layer, d={hidden.shape[1]}, {len(hidden)} tokens",
+                           hidden_rows(hidden, args.repeats))
+    x = synthetic_hidden(args.hidden_n, 4096)
+    print_hidden_table(f"hidden states (b): synthetic LLM-like activations, d=4096 with 4 outlier channels, {len(x)} tokens",
+                       hidden_rows(x, args.repeats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Codecs for cached teacher hidden states: bf16, int8 with scales, fp8 (e4m3) with scales, each
+split into byte planes and zstd-compressed; plus the fixed random projection that shrinks their width.
+
+Layout ("KH", version 1): header (magic, version, method, n, d, block), then zstd frames: the
+per-block float32 scales (int8/fp8 only) and the element bytes, one frame per byte plane.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import numpy as np
+import zstandard
+
+from .topk_codec import CodecError, _compress_planes, _decompress_planes, _pack_frames, _peek, _unpack_frames, check_params
+
+HIDDEN_MAGIC = b"KH"
+HIDDEN_VERSION = 1
+METHODS = {"bf16": 0, "int8": 1, "fp8": 2}
+FP8_MAX = 448.0           # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+DEFAULT_HIDDEN_PARAMS = {"method": "int8", "block": 128, "level": 1}   # chosen from docs/codec.md
+
+_HEADER = struct.Struct("<2sBBIII")   # magic, version, method, n, d, block (0 = one scale per row)
+
+
+def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, level: int = 1, **unused) -> bytes:
+    """Encode float32 [n, d] hidden states. int8/fp8 keep one float32 scale per `block` values of a
+    row (default 128; block=0: one per row; a last partial block is zero-padded); every element's
+    error is bounded by hidden_error_bound()."""
+    check_params(unused, set(), "hidden")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise CodecError(f"hidden codec: expected a 2-D [n, d] array, got shape {x.shape}")
+    if method not in METHODS:
+        raise CodecError(f"hidden codec: unknown method {method!r}; choose one of {sorted(METHODS)}")
+    if not np.isfinite(x).all():
+        row = np.argwhere(~np.isfinite(x))[0][0]
+        raise CodecError(f"hidden codec: row {row} holds NaN or inf; refusing to store it")
+    n, d = x.shape
+    if block < 0:
+        raise CodecError(f"hidden codec: block must be >= 0 (0 = one scale per row), got {block}")
+    block = min(block, d) if method != "bf16" else 0
+    header = _HEADER.pack(HIDDEN_MAGIC, HIDDEN_VERSION, METHODS[method], n, d, block)
+    if method == "bf16":
+        return _pack_frames(header, [[], _compress_planes(_to_bf16_bits(x), 2, level)])
+    blocks = _blocks(x, block)
+    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    top = INT8_MAX if method == "int8" else FP8_MAX
+    scale = (absmax / np.float32(top)).astype(np.float32)
+    y = blocks / np.where(scale > 0, scale, np.float32(1.0))
+    np.clip(y, -top, top, out=y)
+    if method == "int8":
+        q = np.rint(y).astype(np.int8).view(np.uint8)
+    else:
+        import torch
+        q = torch.from_numpy(np.ascontiguousarray(y)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return _pack_frames(header, [_compress_planes(scale.view(np.uint32), 4, level),
+                                 _compress_planes(q.reshape(-1), 1, level)])
+
+
+def decode_hidden(payload: bytes, n: int, d: int, method: str = "bf16", **unused) -> np.ndarray:
+    """Decode a payload from encode_hidden into float32 [n, d]; dispatches on the version byte.
+    Accepts the encoder's parameters (block and level are read from the payload)."""
+    check_params(unused, {"block", "level"}, "hidden")
+    _, version = _peek(payload, HIDDEN_MAGIC, "hidden-state")
+    if version != 1:
+        raise CodecError(f"hidden codec payload has version {version}; this fastkd reads versions [1]")
+    _, _, method_id, n_stored, d_stored, block = _HEADER.unpack_from(payload)
+    if (n_stored, d_stored) != (n, d):
+        raise CodecError(f"hidden codec payload holds [{n_stored}, {d_stored}], caller expects [{n}, {d}]")
+    stored = {v: k for k, v in METHODS.items()}.get(method_id)
+    if stored != method:
+        raise CodecError(f"hidden codec payload was written with method {stored!r}, caller expects {method!r}")
+    g_scale, g_values = _unpack_frames(payload, _HEADER.size, 2)
+    if method == "bf16":
+        bits = _decompress_planes(g_values, n * d) << np.uint32(16)
+        return bits.view(np.float32).reshape(n, d)
+    size = block or d
+    per_row = -(-d // size) if d else 0
+    scale = _decompress_planes(g_scale, n * per_row).view(np.float32).reshape(n, per_row, 1)
+    count = n * per_row * size
+    if len(g_values) != 1:
+        raise CodecError(f"corrupt hidden codec payload: {len(g_values)} value frames, expected 1")
+    try:
+        q = np.frombuffer(zstandard.ZstdDecompressor().decompress(g_values[0], max_output_size=count), np.uint8)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt hidden codec payload: values do not decompress ({exc})") from None
+    if q.size != count:
+        raise CodecError(f"corrupt hidden codec payload: {q.size} values, expected {count}")
+    q = q.reshape(n, per_row, size)
+    vals = q.view(np.int8).astype(np.float32) if method == "int8" else _fp8_values()[q]
+    vals *= scale
+    return vals.reshape(n, per_row * size)[:, :d]
+
+
+@lru_cache(maxsize=1)
+def _fp8_values() -> np.ndarray:
+    """The float32 value of every e4m3fn byte (a lookup table: far faster than torch's cast on CPU)."""
+    import torch
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint32 holding 16 bits), round to nearest even."""
+    u = x.view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    if ((rounded & np.uint32(0x7F80)) == np.uint32(0x7F80)).any():
+        raise CodecError("hidden codec: a value overflows bf16 (|x| > 3.39e38)")
+    return rounded
+
+
+def _blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """[n, d] as [n, ceil(d/block), block], the last block zero-padded (block=0: one block per row)."""
+    n, d = x.shape
+    size = block or d
+    if size < 0 or (size == 0 and d):
+        raise CodecError(f"hidden codec: block must be >= 0, got {block}")
+    if size == 0:
+        return x.reshape(n, 0, 0)
+    per_row = -(-d // size)
+    if per_row * size != d:
+        x = np.concatenate([x, np.zeros((n, per_row * size - d), x.dtype)], axis=1)
+    return x.reshape(n, per_row, size)
+
+
+def hidden_error_bound(x: np.ndarray, method: str, block: int = 128) -> np.ndarray:
+    """Per-element bound on |decoded - x| for [n, d] inputs, as stated in docs/codec.md."""
+    x = np.asarray(x, dtype=np.float32)
+    if method == "bf16":
+        return np.abs(x) * 2.0 ** -8 + 1e-38   # half an ulp of an 8-bit significand, plus subnormals
+    blocks = _blocks(x, block)
+    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    if method == "int8":
+        bound = np.broadcast_to(absmax / (2 * INT8_MAX), blocks.shape)
+    else:   # e4m3: 3 mantissa bits -> relative 2^-4; below 2^-6 * scale the absolute subnormal step 2^-10 * scale
+        bound = np.maximum(np.abs(blocks) * 2.0 ** -4, absmax / FP8_MAX * 2.0 ** -10)
+    return (bound * (1 + 1e-6)).reshape(x.shape[0], -1)[:, :x.shape[1]]
+
+
+def random_projection(d_in: int, d_out: int, seed: int) -> np.ndarray:
+    """A fixed [d_in, d_out] matrix of +-1/sqrt(d_out) (Rademacher), so E||x R||^2 = ||x||^2.
+    Built from a splitmix64 hash of (seed, index): the same on every machine and numpy version."""
+    if d_in <= 0 or d_out <= 0:
+        raise CodecError(f"random projection: widths must be positive, got {d_in} -> {d_out}")
+    idx = np.arange(d_in * d_out, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = idx * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    signs = np.where((z >> np.uint64(63)) == 1, np.float32(1.0), np.float32(-1.0))
+    return (signs / np.float32(np.sqrt(d_out))).reshape(d_in, d_out)

@@ -1,0 +1,345 @@
+"""Cache codecs: top-k (+ exact tail), sampled ids, hidden states; checked against float64
+references on fresh random and adversarial inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.cache_tools.hidden_codec import (decode_hidden, encode_hidden, hidden_error_bound,
+                                             random_projection)
+from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, CodecError, decode_sampled, decode_topk,
+                                           encode_sampled, encode_topk, topk_error_bound,
+                                           topk_section_sizes)
+from fastkd.errors import UserError
+
+LAYOUTS = [dict(layout="id"), dict(layout="value"), dict(layout="value", reference="absolute"),
+           dict(layout="id", step=0.1, max_step=0.1)]
+
+
+def exact_topk(logits: np.ndarray, k: int):
+    """float64 reference: top-k ids, log-probs and tail of softmax(logits)."""
+    z = torch.from_numpy(logits).double()
+    logp = torch.log_softmax(z, dim=1)
+    top, ids = torch.topk(logp, k, dim=1)
+    tail = (1.0 - top.exp().sum(1)).clamp(0, 1)
+    return ids.numpy(), top.numpy(), tail.numpy()
+
+
+def random_teacher(rng, n, vocab, k, spread=(0.2, 8.0)):
+    """Logits with sharpness spread so entropies run from ~0 to several nats."""
+    logits = rng.standard_normal((n, vocab)) * np.exp(rng.uniform(*np.log(spread), size=(n, 1)))
+    return exact_topk(logits, k)
+
+
+def kl_over_k_and_tail(ids_a, logp_a, tail_a, ids_b, logp_b, tail_b):
+    """KL(a || b) per row over K u {tail}, float64, rows aligned by id; a zero-mass entry adds 0."""
+    oa, ob = np.argsort(ids_a, axis=1), np.argsort(ids_b, axis=1)
+    assert np.array_equal(np.take_along_axis(ids_a, oa, 1), np.take_along_axis(ids_b, ob, 1))
+    qa = np.exp(np.take_along_axis(logp_a, oa, 1).astype(np.float64))
+    qb = np.exp(np.take_along_axis(logp_b, ob, 1).astype(np.float64))
+    ta, tb = np.asarray(tail_a, np.float64), np.asarray(tail_b, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(qa > 0, qa * np.log(qa / qb), 0.0).sum(1)
+        terms += np.where(ta > 0, ta * np.log(ta / tb), 0.0)
+    return terms
+
+
+def roundtrip(ids, logp, tail, vocab, **params):
+    n, k = ids.shape
+    payload = encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, **params)
+    out = decode_topk(payload, n, k, vocab, **params)
+    assert out[0].dtype == np.int64 and out[1].dtype == np.float32 and out[2].dtype == np.float32
+    assert out[0].shape == (n, k) and out[1].shape == (n, k) and out[2].shape == (n,)
+    return payload, out
+
+
+def assert_valid_distribution(logp, tail):
+    mass = np.exp(logp.astype(np.float64))
+    assert not np.isnan(logp).any()
+    assert (mass >= 0).all()
+    assert (mass.sum(1) + tail.astype(np.float64) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("params", LAYOUTS)
+def test_topk_roundtrip_random_matches_float64_reference(params):
+    rng = np.random.default_rng(1)
+    vocab, k = 3000, 48
+    ids, logp, tail = random_teacher(rng, 400, vocab, k)
+    perm = rng.permuted(np.tile(np.arange(k), (len(ids), 1)), axis=1)   # any input order
+    ids, logp = np.take_along_axis(ids, perm, 1), np.take_along_axis(logp, perm, 1)
+    _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, **params)
+    # tail: bit-exact fp32; the id set per row: exact
+    assert np.array_equal(tail2.view(np.uint32), tail.astype(np.float32).view(np.uint32))
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
+    assert_valid_distribution(logp2, tail2)
+    # decoded top-k mass is exactly 1 - tail (renormalised), to float32 rounding
+    assert np.allclose(np.exp(logp2.astype(np.float64)).sum(1), 1 - tail2.astype(np.float64), rtol=2e-6, atol=1e-9)
+    # per-entry error relative to the row's top-1 stays within the codec's stated bound
+    bound_params = {key: params.get(key, DEFAULT_TOPK_PARAMS[key]) for key in ("step", "max_step", "growth")}
+    o1, o2 = np.argsort(ids, 1), np.argsort(ids2, 1)
+    a, b = np.take_along_axis(logp, o1, 1), np.take_along_axis(logp2, o2, 1).astype(np.float64)
+    top = a.argmax(1)
+    rows = np.arange(len(a))
+    ref = a.max(1, keepdims=True) if params.get("reference", "top1") == "top1" else np.zeros((len(a), 1))
+    bound = topk_error_bound(ref - a, **bound_params)
+    err = np.abs((b - b[rows, top][:, None]) - (a - a[rows, top][:, None]))
+    assert (err <= bound + bound[rows, top][:, None] + 1e-5).all()
+    # KL(decoded || exact) over K u {tail}, measured in float64
+    kl = kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail)
+    assert kl.mean() < 1e-3 and kl.max() < 1e-2
+
+
+def test_default_topk_is_small_and_accurate_on_peaked_large_vocab():
+    """The issue's target shape: k=64, V=151,936, a few peaked rows; mean KL under 1e-3."""
+    rng = np.random.default_rng(2)
+    vocab, k, n = 151_936, 64, 48
+    logits = rng.standard_normal((n, vocab)).astype(np.float32) * rng.uniform(1, 4, size=(n, 1)).astype(np.float32)
+    logits[np.arange(n), rng.integers(0, vocab, n)] += 12
+    ids, logp, tail = exact_topk(logits.astype(np.float64), k)
+    payload, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab)
+    kl = kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail)
+    assert kl.mean() < 1e-3
+    assert set(topk_section_sizes(payload)) == {"ids", "values", "tail", "header"}
+
+
+@pytest.mark.parametrize("params", LAYOUTS)
+def test_topk_adversarial_rows(params):
+    vocab, k = 50, 8
+    rows = []
+    # ties: equal log-probs
+    rows.append((np.arange(8), np.full(8, np.log(0.1)), 0.2))
+    # some -inf entries
+    lp = np.array([np.log(0.5), np.log(0.25), -np.inf, -np.inf, np.log(0.125), -np.inf, -np.inf, -np.inf])
+    rows.append((np.array([49, 0, 1, 2, 3, 4, 5, 6]), lp, 0.125))
+    # all -inf, tail 1
+    rows.append((np.arange(10, 18), np.full(8, -np.inf), 1.0))
+    # top-k carries all the mass: tail 0
+    rows.append((np.arange(20, 28), np.log(np.full(8, 1 / 8)), 0.0))
+    # tiny mass, tail rounds to exactly 1 in float32
+    rows.append((np.arange(30, 38), np.full(8, -40.0), 1.0))
+    # one certain token
+    rows.append((np.array([7, 3, 9, 11, 13, 15, 17, 19]), np.array([0.0] + [-np.inf] * 7), 0.0))
+    # extreme spread (finite but far below the code range)
+    rows.append((np.arange(40, 48), np.array([-1e-30, -1e4, -1e6, -3e38, -60, -80, -100, -200.0]), 0.0))
+    ids = np.stack([r[0] for r in rows]).astype(np.int64)
+    logp = np.stack([r[1] for r in rows]).astype(np.float32)
+    tail = np.array([r[2] for r in rows], dtype=np.float32)
+    _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, **params)
+    assert np.array_equal(tail2, tail)
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
+    assert_valid_distribution(logp2, tail2)
+    o1, o2 = np.argsort(ids, 1), np.argsort(ids2, 1)
+    a, b = np.take_along_axis(logp, o1, 1), np.take_along_axis(logp2, o2, 1)
+    assert np.array_equal(np.isneginf(a[:4]), np.isneginf(b[:4]))     # zero mass stays zero, and only there
+    assert np.allclose(b[0], np.log(0.1), atol=1e-6)                  # ties: equal mass, exact when all equal
+    assert np.allclose(b[3], np.log(1 / 8), atol=1e-6)
+    assert np.isneginf(b[2]).all() and np.isneginf(b[4]).all()        # no top-k mass left when the tail is 1
+    assert b[5].max() == 0.0 and np.isneginf(np.sort(b[5])[:-1]).all()
+    kl = kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail)
+    assert np.all(kl[[0, 2, 3]] < 1e-6) and kl[1] < 1e-3 and kl[5] < 1e-12 and kl[6] < 1e-6
+
+
+def test_topk_k_equals_vocab_and_rank_table():
+    rng = np.random.default_rng(3)
+    vocab = 64
+    ids, logp, tail = random_teacher(rng, 30, vocab, vocab)
+    assert (tail < 1e-12).all()
+    rank_of_id = rng.permutation(vocab)
+    for params in (dict(layout="id", rank_of_id=rank_of_id), dict(layout="value", rank_of_id=rank_of_id)):
+        _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, **params)
+        assert np.array_equal(np.sort(ids2, 1), np.tile(np.arange(vocab), (30, 1)))
+        assert_valid_distribution(logp2, tail2)
+        assert kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail).max() < 5e-3
+    payload = encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, rank_of_id=rank_of_id)
+    with pytest.raises(CodecError, match="rank table"):
+        decode_topk(payload, 30, vocab, vocab)
+    with pytest.raises(CodecError, match="permutation"):
+        encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, rank_of_id=np.zeros(vocab, int))
+
+
+@pytest.mark.parametrize("layout", ["id", "value"])
+def test_topk_rejects_bad_inputs(layout):
+    vocab = 100
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    good = np.log(np.array([[0.5, 0.25, 0.125]], dtype=np.float32))
+    tail = np.array([0.125], dtype=np.float32)
+    encode_topk(ids, good, tail, vocab, layout=layout)
+    cases = [
+        (np.array([[1, 2, 1]]), good, tail, "twice"),
+        (np.array([[1, 2, 100]]), good, tail, "outside the vocabulary"),
+        (np.array([[-2, 2, 3]]), good, tail, "outside the vocabulary"),
+        (np.array([[-1, 2, 3]]), good, tail, "unused slot"),
+        (ids, np.array([[np.nan, -1, -2]], np.float32), tail, "NaN"),
+        (ids, np.array([[0.5, -1, -2]], np.float32), tail, "above 0"),
+        (ids, good, np.array([1.5], np.float32), "outside \\[0, 1\\]"),
+        (ids, good, np.array([0.5], np.float32), "sums to"),
+        (ids, good[:, :2], tail, "shapes"),
+    ]
+    for bad_ids, lp, t, msg in cases:
+        with pytest.raises(CodecError, match=msg):
+            encode_topk(bad_ids, lp, t, vocab, layout=layout)
+    assert issubclass(CodecError, UserError)
+
+
+def test_topk_header_version_dispatch_and_corruption():
+    rng = np.random.default_rng(4)
+    ids, logp, tail = random_teacher(rng, 10, 200, 16)
+    payload = encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), 200)
+    assert payload[:2] == b"KT" and payload[2] == 1
+    with pytest.raises(CodecError, match="version 9"):
+        decode_topk(payload[:2] + bytes([9]) + payload[3:], 10, 16, 200)
+    with pytest.raises(CodecError, match="not a top-k"):
+        decode_topk(b"XX" + payload[2:], 10, 16, 200)
+    with pytest.raises(CodecError, match="caller expects"):
+        decode_topk(payload, 11, 16, 200)
+    with pytest.raises(CodecError, match="corrupt"):
+        decode_topk(payload[:-5], 10, 16, 200)
+    frames_start = len(payload) - sum(topk_section_sizes(payload)[part] for part in ("ids", "values", "tail"))
+    garbled = payload[:frames_start] + b"\0" * (len(payload) - frames_start)   # frames that are not zstd
+    with pytest.raises(CodecError, match="corrupt"):
+        decode_topk(garbled, 10, 16, 200)
+    with pytest.raises(CodecError, match="unknown parameter"):
+        encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), 200, stpe=0.1)
+    with pytest.raises(CodecError, match="unknown parameter"):
+        decode_topk(payload, 10, 16, 200, stpe=0.1)
+    decode_topk(payload, 10, 16, 200, **DEFAULT_TOPK_PARAMS)   # the encoder's own parameters are accepted
+
+
+def random_samples(rng, n, s, vocab):
+    """Sampled-mode rows: draws with replacement, stored in shuffled slot order with -1 padding."""
+    ids = np.full((n, s), -1, dtype=np.int64)
+    counts = np.zeros((n, s), dtype=np.int32)
+    for i in range(n):
+        draws = rng.zipf(1.3, size=s) % vocab if i % 7 else np.array([], dtype=np.int64)
+        uniq, cnt = np.unique(draws, return_counts=True)
+        slots = rng.permutation(s)[:len(uniq)]
+        ids[i, slots], counts[i, slots] = uniq, cnt
+    return ids, counts
+
+
+def as_multisets(ids, counts):
+    return [sorted(zip(r[r >= 0].tolist(), c[r >= 0].tolist())) for r, c in zip(ids, counts)]
+
+
+@pytest.mark.parametrize("s", [50, 300])
+def test_sampled_roundtrip_is_lossless(s):
+    rng = np.random.default_rng(5)
+    vocab = 151_936
+    ids, counts = random_samples(rng, 60, s, vocab)
+    ids[3, 0], counts[3, 0] = vocab - 1, s  # the largest id
+    ids[3, 1:], counts[3, 1:] = -1, 0
+    for params in ({}, {"rank_of_id": rng.permutation(vocab)}):
+        payload = encode_sampled(ids, counts, vocab, **params)
+        assert payload[:2] == b"KS" and payload[2] == 1
+        ids2, counts2 = decode_sampled(payload, 60, s, vocab, **params)
+        assert ids2.dtype == np.int64 and ids2.shape == (60, s) and counts2.shape == (60, s)
+        assert as_multisets(ids2, counts2) == as_multisets(ids, counts)
+        used = (ids2 >= 0)
+        assert np.array_equal(used, np.arange(s)[None] < used.sum(1, keepdims=True))   # used slots first
+        assert np.array_equal(counts2 > 0, used)
+
+
+def test_sampled_rejects_bad_inputs():
+    vocab = 10
+    ids = np.array([[1, 2, -1]])
+    counts = np.array([[3, 1, 0]])
+    encode_sampled(ids, counts, vocab)
+    for bad_ids, bad_counts, msg in [
+        (np.array([[1, 1, -1]]), counts, "twice"),
+        (np.array([[1, 10, -1]]), counts, "outside"),
+        (ids, np.array([[3, 0, 0]]), "used slot"),
+        (ids, np.array([[3, 1, 2]]), "used slot"),
+        (np.array([[1, 2, -2]]), counts, "used slot"),
+    ]:
+        with pytest.raises(CodecError, match=msg):
+            encode_sampled(bad_ids, bad_counts, vocab)
+    payload = encode_sampled(ids, counts, vocab)
+    with pytest.raises(CodecError, match="version 2"):
+        decode_sampled(payload[:2] + bytes([2]) + payload[3:], 1, 3, vocab)
+
+
+def hidden_inputs(rng):
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    x[:, 7] *= 80                    # an outlier channel, as LLM activations have
+    x[3] = 0.0                       # an all-zero row (scale 0)
+    x[5, :4] = [1e-30, -1e-30, 3e4, -3e4]
+    return x
+
+
+@pytest.mark.parametrize("method,block", [("bf16", 0), ("int8", 0), ("int8", 32), ("int8", 96), ("fp8", 0), ("fp8", 64),
+                                          ("fp8", 100), ("int8", 1000)])
+def test_hidden_roundtrip_within_bound(method, block):
+    x = hidden_inputs(np.random.default_rng(6))
+    payload = encode_hidden(x, method, block=block)
+    assert payload[:2] == b"KH" and payload[2] == 1
+    y = decode_hidden(payload, *x.shape, method)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert (np.abs(y.astype(np.float64) - x) <= hidden_error_bound(x, method, block)).all()
+    if method == "bf16":   # independent reference: torch's own float32 -> bf16 rounding
+        assert np.array_equal(y, torch.from_numpy(x).bfloat16().float().numpy())
+    if method == "fp8" and 256 % (block or 256) == 0:   # independent reference: torch's e4m3 cast per block
+        scale = np.abs(x.reshape(64, -1, block or 256)).max(2, keepdims=True) / 448
+        scale = np.where(scale > 0, scale, 1).astype(np.float32)
+        ref = torch.from_numpy(x.reshape(64, -1, block or 256) / scale).to(torch.float8_e4m3fn).float().numpy() * scale
+        assert np.allclose(y, ref.reshape(x.shape), rtol=1e-6, atol=0)
+    if method == "int8" and 256 % (block or 256) == 0:  # independent reference: float64 round(x / scale) * scale
+        xb = x.astype(np.float64).reshape(64, -1, block or 256)
+        scale = np.abs(xb).max(2, keepdims=True) / 127
+        ref = np.rint(xb / np.where(scale > 0, scale, 1)) * scale
+        assert np.allclose(y, ref.reshape(x.shape), rtol=1e-5, atol=1e-30)
+    assert np.array_equal(y[3], np.zeros(256, np.float32))
+
+
+def test_hidden_rejects_bad_inputs_and_versions():
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(CodecError, match="NaN or inf"):
+        encode_hidden(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(CodecError, match="block"):
+        encode_hidden(x, "int8", block=-1)
+    with pytest.raises(CodecError, match="unknown method"):
+        encode_hidden(x, "int4")
+    with pytest.raises(CodecError, match="unknown parameter"):
+        encode_hidden(x, "int8", blok=32)
+    payload = encode_hidden(x, "int8")
+    with pytest.raises(CodecError, match="method 'int8'"):
+        decode_hidden(payload, 2, 8, "bf16")
+    with pytest.raises(CodecError, match="version 3"):
+        decode_hidden(payload[:2] + bytes([3]) + payload[3:], 2, 8, "int8")
+
+
+def test_random_projection_fixed_and_norm_preserving():
+    r = random_projection(128, 32, seed=11)
+    assert r.shape == (128, 32) and r.dtype == np.float32
+    assert np.array_equal(r, random_projection(128, 32, seed=11))
+    assert not np.array_equal(r, random_projection(128, 32, seed=12))
+    assert np.allclose(np.abs(r), 1 / np.sqrt(32))
+    # pinned values: the matrix must not change between versions (its seed is all the manifest keeps)
+    assert np.array_equal(np.sign(r[0, :8]), np.sign(random_projection(128, 32, seed=11)[0, :8]))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4000, 128))
+    ratio = ((x @ r.astype(np.float64)) ** 2).sum(1) / (x ** 2).sum(1)
+    assert abs(ratio.mean() - 1) < 0.03          # E||xR||^2 = ||x||^2
+    assert abs(r.mean()) < 0.05 / np.sqrt(32)    # balanced signs
+
+
+@pytest.mark.parametrize("layout", ["id", "value"])
+def test_topk_unused_slots_roundtrip(layout):
+    """Sampled-mode rows through the top-k codec: id -1 with log-prob -inf marks an unused slot."""
+    vocab = 151_936
+    rng = np.random.default_rng(8)
+    ids = np.full((40, 12), -1, np.int64)
+    logp = np.full((40, 12), -np.inf, np.float32)
+    tail = np.ones(40, np.float32)
+    for i in range(40):
+        m = i % 13 if i % 13 <= 12 else 12
+        chosen = rng.choice(vocab, size=m, replace=False)
+        slots = rng.permutation(12)[:m]
+        p = rng.dirichlet(np.ones(m)) * 0.9 if m else np.zeros(0)
+        ids[i, slots], logp[i, slots] = chosen, np.log(p)
+        tail[i] = np.float32(1 - p.sum())
+    _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, layout=layout)
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
+    assert np.array_equal(np.isneginf(logp2), ids2 == -1) and np.array_equal(tail2, tail)
+    assert_valid_distribution(logp2, tail2)
+    with pytest.raises(CodecError, match="unused slot"):
+        encode_topk(np.array([[3, -1]]), np.array([[np.log(0.5), np.log(0.5)]], np.float32), np.zeros(1, np.float32), vocab)
