@@ -2,14 +2,13 @@
 
 One data module for training and evaluation: a *source* gives sequences by position (a cache
 reader, or records tokenised with fastkd.data), `epoch_plan` decides which positions go into
-which global batch for an epoch (seeded: shard order, a shuffle buffer, length groups), and
-`BatchStream` (a torch IterableDataset) turns the plan into padded `Batch`es in DataLoader
-worker processes, each rank taking its own disjoint slice of every global batch.
+which global batch for an epoch (seeded: order of cache blocks, a shuffle buffer, length
+groups), and `BatchStream` (a torch IterableDataset) turns the plan into padded `Batch`es in
+DataLoader worker processes, each rank taking its own disjoint slice of every global batch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -38,42 +37,55 @@ class RecordSequence:
 class CacheSource:
     """Sequences of a teacher cache, read through fastkd.cache_tools.CacheReader.
 
-    The reader is opened lazily so the source can be pickled into DataLoader workers, each of
-    which opens its own file handles.
+    `shards` are the cache's compressed blocks (the unit the plan shuffles first, so reads stay
+    local); recently decoded blocks are kept in a small LRU so a shuffle buffer spanning a few
+    blocks decodes each block about once per epoch. `layers=[]` skips decoding hidden states.
+    The reader is opened lazily so the source pickles into DataLoader workers.
     """
 
     has_teacher = True
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, layers: list[int] | None = None, cached_blocks: int = 8):
         self.path = str(path)
+        self.layers = layers
+        self.cached_blocks = max(1, int(cached_blocks))
         self._reader = None
+        self._blocks: dict = {}
         reader = self.reader
         self.manifest = reader.manifest
         self.lengths = np.asarray(reader.lengths, dtype=np.int64)
-        self.shards = [np.asarray(reader.shard_sequences(j), dtype=np.int64) for j in range(reader.num_shards)]
+        self.shards = [np.arange(r.start, r.stop, dtype=np.int64) for r in reader.blocks()]
         if len(self.lengths) == 0:
             from fastkd.cache_tools import CacheError
 
-            raise CacheError(f"{self.path}: the cache holds no sequences")
+            raise CacheError(f"cache {self.path}: holds no sequences")
 
     @property
     def reader(self):
         if self._reader is None:
             from fastkd.cache_tools import CacheReader
 
-            self._reader = CacheReader(self.path)
+            self._reader = CacheReader(self.path, layers=self.layers)
         return self._reader
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_reader"] = None
+        state["_reader"], state["_blocks"] = None, {}
         return state
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, position: int):
-        return self.reader[int(position)]
+        shard, block, inside = self.reader.locate(int(position))
+        key = (shard, block)
+        seqs = self._blocks.pop(key, None)
+        if seqs is None:
+            seqs = self.reader.read_block(shard, block)  # decoded once while it stays in the LRU
+        self._blocks[key] = seqs
+        while len(self._blocks) > self.cached_blocks:
+            self._blocks.pop(next(iter(self._blocks)))
+        return seqs[inside]
 
 
 class RecordSource:
@@ -143,8 +155,9 @@ def epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], global_batch: int,
                allowed: np.ndarray | None = None) -> list[np.ndarray]:
     """Global batches (arrays of source positions) for one epoch, a pure function of its inputs.
 
-    Shard order is shuffled per epoch; positions stream through a seeded shuffle buffer (reads
-    stay local to a few shards at a time); each window of `group_batches` batches is sorted by
+    `shards` are runs of consecutive positions (a cache's compressed blocks): their order is
+    shuffled per epoch, then positions stream through a seeded shuffle buffer (reads stay local
+    to a few blocks at a time); each window of `group_batches` batches is sorted by
     length and cut into batches (little padding), and the batches of a window are shuffled.
     Without shuffle: cache order, length-grouped windows, no shuffling (evaluation).
     """
@@ -263,43 +276,83 @@ def collate(sequences: list, pad_id: int) -> Batch:
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """One epoch of this rank's micro-batches, starting after `start` global batches.
+    """This rank's steps, epoch after epoch, from (epoch, start): items are (epoch, position after
+    the step, [micro-batches]). `plans(epoch)` gives the epoch's global batches (one per step).
 
-    With DataLoader workers, worker w builds global batches w, w+W, ...; the DataLoader reads
-    workers round-robin, so the order is the plan's order whatever the number of workers.
+    A global batch is split into `world` contiguous rank shares and each share into `accum`
+    micro-batches, so a step sees the same sequences whatever the process count or accumulation.
+    With DataLoader workers, worker w builds items w, w+W, ... and the DataLoader reads workers
+    round-robin, so the order is the plan's whatever the worker count; workers live for the run.
     """
 
-    def __init__(self, source, plan: list[np.ndarray], pad_id: int, *, rank: int = 0, world: int = 1, start: int = 0):
-        self.source, self.plan, self.pad_id = source, plan, pad_id
-        self.rank, self.world, self.start = rank, world, start
-
-    def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start)
+    def __init__(self, source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1,
+                 epoch: int = 0, start: int = 0, epochs: int | None = None):
+        self.source, self.plans, self.pad_id = source, plans, pad_id
+        self.rank, self.world, self.accum = rank, world, accum
+        self.epoch, self.start, self.epochs = epoch, start, epochs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(self.start + worker, len(self.plan), workers):
-            mine = rank_slice(self.plan[index], self.rank, self.world)
-            yield collate([self.source[p] for p in mine], self.pad_id)
+        item, epoch, start = 0, self.epoch, self.start
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            plan = self.plans(epoch)
+            if not plan:
+                raise UserError("the data source gives no batch for one step (too few sequences for the processes "
+                                "and micro-batches of one step)")
+            for index in range(start, len(plan)):
+                if item % workers == worker:
+                    mine = rank_slice(plan[index], self.rank, self.world)
+                    yield epoch, index + 1, [collate([self.source[p] for p in part], self.pad_id)
+                                             for part in np.array_split(mine, self.accum) if len(part)]
+                item += 1
+            epoch, start = epoch + 1, 0
 
 
-def make_loader(source, plan: list[np.ndarray], pad_id: int, *, rank: int = 0, world: int = 1, start: int = 0,
-                num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None)."""
-    stream = BatchStream(source, plan, pad_id, rank=rank, world=world, start=start)
-    workers = min(num_workers, max(len(stream), 0))
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
+                start: int = 0, epochs: int | None = None, num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None).
+    `plans` is a picklable callable epoch -> list of global batches (see `PlanMaker`) or a fixed list."""
+    if isinstance(plans, list):
+        plans = FixedPlan(plans)
+    stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
+                         epochs=epochs)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if num_workers else None, persistent_workers=False)
 
 
-def plan_for(source, global_batch: int, *, seed: int, epoch: int, world: int = 1, shuffle: bool = True,
-             shuffle_buffer: int = 1024, group_batches: int = 32, allowed: np.ndarray | None = None) -> list[np.ndarray]:
-    """`epoch_plan` for a source, dropping a last global batch too small to give every rank a sequence."""
-    plan = epoch_plan(source.lengths, source.shards, global_batch, seed=seed, epoch=epoch, shuffle=shuffle,
-                      shuffle_buffer=shuffle_buffer, group_batches=group_batches, allowed=allowed)
-    return [b for b in plan if len(b) >= world]
+@dataclass
+class FixedPlan:
+    """The same plan every epoch (evaluation)."""
+
+    plan: list
+
+    def __call__(self, epoch: int) -> list:
+        return self.plan
 
 
-def batches_per_epoch(num_sequences: int, global_batch: int) -> int:
-    return math.ceil(num_sequences / global_batch)
+@dataclass
+class PlanMaker:
+    """epoch -> that epoch's global batches for a source; picklable, so workers recompute it."""
+
+    lengths: np.ndarray
+    shards: list
+    global_batch: int
+    seed: int
+    min_size: int = 1
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    group_batches: int = 32
+    allowed: np.ndarray | None = None
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        plan = epoch_plan(self.lengths, self.shards, self.global_batch, seed=self.seed, epoch=epoch,
+                          shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=self.group_batches,
+                          allowed=self.allowed)
+        return [b for b in plan if len(b) >= self.min_size]
+
+
+def plan_for(source, global_batch: int, *, seed: int, epoch: int = 0, **options) -> list[np.ndarray]:
+    """One epoch's global batches for a source (see PlanMaker for the options)."""
+    return PlanMaker(source.lengths, source.shards, global_batch, seed, **options)(epoch)

@@ -30,7 +30,7 @@ class TrainConfig:
     # data
     cache: str | None = _opt(None, "teacher cache folder (from `fastkd cache-teacher`): offline KD")
     data: str | None = _opt(None, "records (.jsonl/.json/.parquet) used instead of a cache: online KD with --teacher, SFT without")
-    eval_cache: str | None = _opt(None, "held-out cache evaluated every --eval-every steps (default: --eval-sequences taken from the training source)")
+    eval_cache: str | None = _opt(None, "held-out cache evaluated every --eval-every steps; without one, --eval-sequences are held out of the training source")
     eval_data: str | None = _opt(None, "held-out records, when training from records")
     eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval cache/data is given")
     cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only anyway)")
@@ -73,7 +73,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # loader
     seed: int = _opt(0, "seed for data order, initialisation and sampling")
-    shuffle_buffer: int = _opt(1024, "shuffle-buffer size over the shard stream")
+    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory")
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness)")
     num_workers: int = _opt(0, "DataLoader worker processes decoding the cache")
     # run
@@ -102,6 +102,8 @@ class TrainConfig:
             raise UserError("--student-config needs --tokenizer (a from-scratch student has no tokenizer of its own)")
         if self.data and not self.teacher and (self.kl_weight or self.hidden_weight):
             raise UserError("--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give --teacher for online KD")
+        if self.teacher and self.mode == "sampled":
+            raise UserError("--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or renorm")
         if self.cache and self.teacher:
             raise UserError("--teacher is for online KD from --data; with --cache the teacher is already cached")
         for name in ("batch_size", "grad_accum"):
@@ -136,10 +138,38 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def make_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults < config file < overrides (values that are not None)."""
+    """Defaults < config file < overrides (values that are not None), each checked against its field's type."""
     values = dict(file_values or {})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig(**values).validate()
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}")
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def coerce(name: str, value):
+    """A config value as its field's type (YAML reads `1e-4` as a string, for one)."""
+    kind = _arg_type(_annotation(FIELDS[name]))
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if kind == "list[int]":
+            return [int(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option {name}: {value!r} is not a valid {_annotation(FIELDS[name])}") from None
+    choices = FIELDS[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"option {name}: {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -156,18 +186,20 @@ def _arg_type(annotation: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (default None = not given, so the config file wins)."""
-    p.add_argument("--config", default=None, help="YAML file with any of the options below; flags override it")
+    """One flag per TrainConfig field; a flag not given is absent from args, so the config file wins."""
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file with any of the options below; flags override it")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         kind = _arg_type(_annotation(f))
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
         elif kind == "list[int]":
-            p.add_argument(flag, dest=name, type=int, nargs="+", default=None, help=help_text)
+            p.add_argument(flag, dest=name, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
-            p.add_argument(flag, dest=name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+            p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                           help=help_text)
 
 
 def _annotation(f: dataclasses.Field) -> str:
