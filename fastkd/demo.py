@@ -1,0 +1,151 @@
+"""The whole loop on the embedded default, in minutes on a laptop CPU.
+
+1. generate BBH-format training records with step-by-step rationales (`fastkd data synth`);
+2. cache the embedded teacher over them twice: with rationales (KD+CoT) and answers only (KD);
+3. train three identical students from one initialisation: SFT on the records (CE only),
+   KD from the answer-only cache, KD+CoT from the rationale cache;
+4. score the teacher and the students on the REAL BIG-Bench Hard items of those tasks, in the
+   prompt format they were trained on, and print the comparison (also written as a plot).
+
+One seed and a few hundred steps: a smoke test of the method, not a measurement of it; the
+measured replication (5 seeds, confidence intervals) is `benchmarks/replication.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastkd.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_TEACHER = ASSETS / "teacher"
+DEMO_TASKS = ["boolean_expressions", "navigate", "web_of_lies", "tracking_shuffled_objects_three_objects"]
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work one demo run does."""
+
+    records_per_task: int
+    steps: int
+    eval_items_per_task: int
+    max_new_tokens: int
+
+
+FULL = DemoSize(records_per_task=400, steps=250, eval_items_per_task=60, max_new_tokens=320)
+QUICK = DemoSize(records_per_task=80, steps=40, eval_items_per_task=10, max_new_tokens=320)
+STUDENT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192)
+
+
+def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: str = "fine") -> Path:
+    """Synthetic records (BBH test inputs rejected) for the given tasks, as JSONL."""
+    from fastkd import synth
+
+    with path.open("w", encoding="utf-8") as fh:
+        for task in tasks:
+            for rec in synth.generate(task, n, seed=seed, granularity=granularity):
+                fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+def make_student_init(teacher: Path, out: Path, seed: int, shape: dict | None = None) -> Path:
+    """A randomly initialised small student sharing the teacher's tokenizer."""
+    from fastkd.teacher import load_tokenizer
+    from fastkd.tiny import pin_tokenizer_class, build_model
+
+    tokenizer = load_tokenizer(str(teacher))
+    model = build_model(tokenizer, arch="llama", seed=seed, max_positions=1024, **(shape or STUDENT_SHAPE))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    pin_tokenizer_class(out)
+    return out
+
+
+def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: int) -> dict[str, dict]:
+    """The three students' training configs, identical but for the signal they learn from."""
+    common = dict(student=str(init), max_steps=size.steps, batch_size=16, lr=3e-3, warmup_steps=max(size.steps // 10, 1),
+                  schedule="cosine", seed=seed, eval_sequences=32, log_every=10, progress=True, tensorboard=False,
+                  max_length=512)
+    return {
+        "SFT": dict(common, data=str(records), kl_weight=0.0, out=str(work / "student-sft")),
+        "KD": dict(common, cache=str(work / "cache-answers"), out=str(work / "student-kd")),
+        "KD+CoT": dict(common, cache=str(work / "cache-cot"), out=str(work / "student-kd-cot")),
+    }
+
+
+def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str | None = None, seed: int = 0,
+             bbh_dir: str | None = None) -> dict:
+    from fastkd.cache_stage import cache_teacher
+    from fastkd.cli import main as cli
+    from fastkd.trainer import train
+
+    size = QUICK if quick else FULL
+    teacher_dir = Path(teacher) if teacher else EMBEDDED_TEACHER
+    if not (teacher_dir / "config.json").exists():
+        raise UserError(f"no teacher at {teacher_dir}: pass --teacher DIR (a causal LM folder with its tokenizer)")
+    work = Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+
+    print(f"[1/4] records: {size.records_per_task} per task for {', '.join(DEMO_TASKS)}")
+    records = write_records(work / "records.jsonl", DEMO_TASKS, size.records_per_task, seed)
+    lap("records")
+    print("[2/4] caching the teacher (with rationales, then answers only)")
+    for name, cot in (("cache-cot", True), ("cache-answers", False)):
+        cache_teacher(str(teacher_dir), str(records), str(work / name), k=64, cot=cot, batch_size=16, max_length=512,
+                      sequences_per_shard=128)
+    lap("cache")
+    print("[3/4] training three students: SFT, KD, KD+CoT")
+    init = make_student_init(teacher_dir, work / "student-init", seed)
+    trained = {}
+    for name, config in student_runs(work, records, init, size, seed).items():
+        print(f"  -- {name}")
+        trained[name] = train(config)
+        print(trained[name].summary())
+    lap("train")
+    print(f"[4/4] scoring on real BIG-Bench Hard items ({size.eval_items_per_task} per task)")
+    runs = []
+    for name, model in [("teacher", teacher_dir)] + [(n, r.final_dir) for n, r in trained.items()]:
+        run_dir = work / "bbh" / name.lower().replace("+", "-")
+        argv = ["eval-bbh", "--model", str(model), "--prompt-format", "trained", "--tasks", ",".join(DEMO_TASKS),
+                "--limit", str(size.eval_items_per_task), "--max-new-tokens", str(size.max_new_tokens),
+                "--batch-size", "32", "--out", str(run_dir), "--name", name]
+        if bbh_dir:
+            argv += ["--bbh-dir", bbh_dir]
+        if cli(argv) != 0:
+            raise UserError(f"eval-bbh failed for {name}")
+        runs.append(str(run_dir))
+    lap("eval")
+    print("\nBBH accuracy (strict), students vs SFT:")
+    cli(["eval-bbh", "--compare", *runs[1:], runs[0]])
+    summary = {"work": str(work), "seconds": timings, "students": {n: {"before": r.before, "after": r.after} for n, r in trained.items()},
+               "runs": runs}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\nheld-out KL to the teacher / CE, before -> after training:")
+    for n, r in trained.items():
+        print(f"  {n:<8} KL {r.before.get('kl', float('nan')):.3f} -> {r.after.get('kl', float('nan')):.3f}   "
+              f"CE {r.before.get('ce', float('nan')):.3f} -> {r.after.get('ce', float('nan')):.3f}")
+    print(f"\nwall time: {sum(timings.values()):.0f} s {timings}; outputs in {work}")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes): fewer records, steps and BBH items")
+    p.add_argument("--out", default="runs/demo", help="work folder: records, caches, students, BBH runs, summary.json")
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the embedded teacher shipped with fastkd)")
+    p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
+    p.add_argument("--bbh-dir", default=None, help="BIG-Bench Hard folder (default: $FASTKD_BBH_DIR or ../shared/bbh)")
+
+
+def run(args: argparse.Namespace) -> int:
+    demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir)
+    return 0
