@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunk_loss_and_grad, default_chunk_rows
+from .chunked import batch_target, chunk_loss_and_grad
+from .sparse_target import slice_target
+
+FUSED_CHUNK_ELEMENTS = 1 << 25  # 128 MB of fp32 logits per chunk: skinny chunks make the dW matmuls slow
+
+
+def default_fused_rows(vocab: int, rows: int) -> int:
+    """Rows per chunk for the fused-linear loss (a multiple of 32 when there are enough rows)."""
+    r = max(1, FUSED_CHUNK_ELEMENTS // max(vocab, 1))
+    return max(1, min(rows, r - r % 32 if r >= 32 else r))
 from .terms import LossTerms
 from .validate import LossInputError, check_inputs
 
 
-def _chunk_grad(z, labels, ids, logprobs, tail, counts, *, want_grad, **kw):
+def _chunk_grad(z, labels, ids, logprobs, tail, counts, *, want_grad, target=None, **kw):
     """Loss sums and fp32-or-z-dtype gradient of one logits chunk, on whichever backend fits the device."""
     if z.is_cuda:
         from .triton_loss import triton_chunk_loss_and_grad
 
         return triton_chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, want_grad=want_grad, **kw)
-    return chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, want_grad=want_grad, may_overwrite=True, **kw)
+    return chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, want_grad=want_grad, may_overwrite=True,
+                               target=target, **kw)
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
@@ -37,35 +47,44 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
-        rows = chunk_size or default_chunk_rows(vocab, n)
+        rows = chunk_size or default_fused_rows(vocab, n)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        target = None if hidden.is_cuda else batch_target(
+            hidden.new_empty(0, vocab), labels, ids, logprobs, tail, counts, mode, temperature,
+            ignore_index)
+        # one logits buffer reused by every chunk: fresh [c, V] allocations page-fault on every chunk
+        z_buf = torch.empty(min(rows, n), vocab, dtype=torch.result_type(hidden, weight), device=hidden.device)
         for start in range(0, n, rows):
             sl = slice(start, min(n, start + rows))
             h_c = hidden[sl]
-            z = h_c @ weight.t()
+            z = z_buf[: h_c.shape[0]]
+            torch.mm(h_c, weight.t(), out=z)
             if bias is not None:
-                z = z + bias
+                z.add_(bias)
             ce_c, kl_c, g = _chunk_grad(
                 z, labels[sl], ids[sl],
                 None if logprobs is None else logprobs[sl],
                 None if tail is None else tail[sl],
                 None if counts is None else counts[sl],
                 want_grad=want_grad, mode=mode, ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
-                ignore_index=ignore_index, row_scale=row_scale)
+                ignore_index=ignore_index, row_scale=row_scale,
+                target=None if target is None else slice_target(target, sl))
             ce_sum += ce_c
             kl_sum += kl_c
-            del z
             if not want_grad:
                 continue
-            g = g.to(weight.dtype)
             if need_h:
-                torch.mm(g, weight, out=grad_h[sl])
-            if need_w:
-                grad_w.add_((g.t() @ h_c.to(weight.dtype)).float())
-            if need_b:
-                grad_b.add_(g.float().sum(0))
+                torch.mm(g.to(weight.dtype), weight, out=grad_h[sl])
+            if need_w or need_b:
+                g32 = g.float()  # no copy on the CPU path (already fp32); dW accumulates in fp32
+                if need_w:
+                    grad_w.addmm_(g32.t(), h_c.float())
+                if need_b:
+                    grad_b.add_(g32.sum(0))
+                del g32
             del g
+        del z_buf
         ce = ce_sum * row_scale
         kl = kl_sum * row_scale
         total = ce_weight * ce + kl_weight * kl

@@ -68,11 +68,11 @@ def reference_loss(
     counted = labels != ignore_index
     num = counted.sum()
     denom = num.clamp_min(1).double()
-    ids = torch.where(counted[:, None], teacher_ids, -1)
+    ids = torch.where(counted[:, None], teacher_ids.long(), -1)
     z = logits.double()
 
     logq = torch.log_softmax(z, dim=1)
-    y = torch.where(counted, labels, 0)
+    y = torch.where(counted, labels.long(), 0)
     ce_rows = -logq.gather(1, y[:, None])[:, 0]
     ce = torch.where(counted, ce_rows, 0.0).sum() / denom
 

@@ -20,6 +20,11 @@ class SparseTarget:
     log_tail: torch.Tensor    # [c]
 
 
+def slice_target(t: SparseTarget, rows: slice) -> SparseTarget:
+    """The target of a chunk of rows."""
+    return SparseTarget(t.weight[rows], t.log_weight[rows], t.first[rows], t.tail[rows], t.log_tail[rows])
+
+
 def merge_repeats(ids: torch.Tensor, values: torch.Tensor):
     """Per slot: the sum of values over slots with the same id, and whether the slot is the id's first."""
     valid = ids >= 0
@@ -67,4 +72,4 @@ def sparse_target(ids, logprobs, tail, counts, mode: str, temperature: float, vo
     )
 
 
-__all__ = ["SparseTarget", "sparse_target", "merge_repeats"]
+__all__ = ["SparseTarget", "sparse_target", "merge_repeats", "slice_target"]

@@ -1,0 +1,128 @@
+"""The Triton kernel under TRITON_INTERPRET=1 on CPU tensors, against the float64 reference.
+
+The interpreter must be switched on before triton is first imported (triton's own library
+functions are bound at import). When this module is imported first in a CPU-only session it
+sets TRITON_INTERPRET=1 and runs in process; otherwise (triton already imported, or a GPU
+machine where the flag would leak into other tests) one test re-runs this file in a subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_INNER = os.environ.get("FASTKD_TRITON_INNER") == "1"
+IN_PROCESS = _INNER or ("triton" not in sys.modules and not torch.cuda.is_available())
+if IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from fastkd.kernels import distill_loss, reference_loss  # noqa: E402
+from fastkd.kernels.chunked import chunk_loss_and_grad  # noqa: E402
+from test_kernels_cases import loss_and_grad, make_case  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
+MODES = ["tail", "renorm", "sampled"]
+
+
+@pytest.fixture(scope="module")
+def tri():
+    """The triton_loss module with its kernel interpreted on CPU."""
+    if not IN_PROCESS:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: covered by the subprocess test")
+    import fastkd.kernels.triton_loss as module
+
+    return module
+
+
+def test_triton_suite_in_subprocess():
+    """Re-run this file in a fresh interpreter-mode process when it cannot run in this one."""
+    if IN_PROCESS:
+        pytest.skip("running in process")
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTKD_TRITON_INNER="1", CUDA_VISIBLE_DEVICES="")
+    here = Path(__file__)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here)],
+                          cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def check(ours, grad, ref, ref_grad, dtype):
+    loss_tol, grad_tol = TOL[dtype]
+    for name in ("total", "ce", "kl"):
+        a, b = getattr(ours, name).item(), getattr(ref, name).item()
+        assert math.isfinite(a) and abs(a - b) <= loss_tol * max(1.0, abs(b)), (name, a, b)
+    assert int(ours.num_tokens) == int(ref.num_tokens)
+    scale = float(ref_grad.abs().max())
+    assert float((grad.double() - ref_grad.double()).abs().max()) <= grad_tol * scale
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 8, 128])
+def test_triton_matches_reference(tri, mode, dtype, k):
+    case = make_case(n=9, v=301, k=k, mode=mode, dtype=dtype, seed=k + 1)
+    kw = dict(mode=mode, ce_weight=0.8, kl_weight=1.2)
+    ref, ref_grad = loss_and_grad(reference_loss, case, **kw)
+    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    assert grad.dtype == dtype
+    check(ours, grad, ref, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_temperature_and_same_as_cpu_path(tri, mode):
+    case = make_case(n=8, v=203, k=16, mode=mode, seed=7)
+    kw = dict(mode=mode, temperature=2.0, kl_weight=0.9)
+    ref, ref_grad = loss_and_grad(reference_loss, case, **kw)
+    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    check(ours, grad, ref, ref_grad, torch.float32)
+    cpu, cpu_grad = loss_and_grad(distill_loss, case, **kw)  # dispatch: chunked PyTorch on CPU tensors
+    assert ours.total.item() == pytest.approx(cpu.total.item(), rel=1e-5)
+    torch.testing.assert_close(grad, cpu_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_triton_inplace_and_upstream_scale(tri):
+    case = make_case(n=6, v=150, k=5, dtype=torch.bfloat16, seed=3)
+    ref, ref_grad = loss_and_grad(reference_loss, case)
+    z = case["logits"].clone().requires_grad_(True)
+    buf = z.detach()
+    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
+                                    inplace=True)
+    (terms.total * 0.5).backward()
+    assert float((buf.double() - ref_grad.double()).abs().max()) <= 1.6e-2 * float(ref_grad.abs().max())
+    assert float((z.grad.double() - 0.5 * ref_grad.double()).abs().max()) <= 1.6e-2 * float(ref_grad.abs().max())
+
+
+def test_triton_all_rows_ignored_and_no_grad(tri):
+    case = make_case(n=4, v=64, k=4, seed=2)
+    case["labels"][:] = -100
+    terms, grad = loss_and_grad(tri.triton_distill_loss, case)
+    assert terms.total.item() == 0.0 and torch.all(grad == 0)
+    case = make_case(n=5, v=64, k=4, seed=2)
+    before = case["logits"].clone()
+    terms = tri.triton_distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"],
+                                    case["tail"], inplace=True)
+    ref = reference_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    assert terms.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
+    assert torch.equal(case["logits"], before)  # no gradient wanted: logits untouched
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_chunk_kernel_matches_cpu_chunk(tri, mode):
+    """The per-chunk entry the fused-linear variant uses on CUDA."""
+    case = make_case(n=7, v=130, k=6, mode=mode, seed=4)
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
+    kw = dict(mode=mode, ce_weight=1.0, kl_weight=1.0, temperature=1.0, ignore_index=-100,
+              row_scale=torch.tensor(0.25), want_grad=True)
+    ce_t, kl_t, g_t = tri.triton_chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
+    ce_c, kl_c, g_c = chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
+    assert ce_t.item() == pytest.approx(ce_c.item(), rel=1e-5)
+    assert kl_t.item() == pytest.approx(kl_c.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_t, g_c, rtol=1e-4, atol=1e-7)
