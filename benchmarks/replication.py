@@ -24,7 +24,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, make_student_init, write_records
+from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, PROMPT_FORMAT, make_student_init, write_records
 
 STUDENTS = {"0.25M": dict(hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
             "0.5M": dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=256),
@@ -51,10 +51,10 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None) -> dict:
+def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained") -> dict:
     from fastkd.cli import main as cli
 
-    argv = ["eval-bbh", "--model", str(model), "--prompt-format", "trained", "--tasks", ",".join(DEMO_TASKS),
+    argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
             "--max-new-tokens", "400", "--batch-size", "64", "--out", str(out), "--name", name]
     if bbh_dir:
         argv += ["--bbh-dir", bbh_dir]
@@ -89,7 +89,7 @@ def main_experiment(args) -> dict:
             tag = f"{method.lower().replace('+', '-')}-s{seed}"
             final = train_student(work / "students", tag, init, args.steps, seed, **source)
             for split, bbh_dir in (("bbh", args.bbh_dir), ("synthetic", str(synthetic / "bbh"))):
-                res = evaluate(final, work / "eval" / split / tag, tag, bbh_dir)
+                res = evaluate(final, work / "eval" / split / tag, tag, bbh_dir, PROMPT_FORMAT[method])
                 scores[split].setdefault(method, []).append({t: v["strict"] for t, v in res["tasks"].items()}
                                                             | {"micro": res["summary"]["strict"]["micro"]})
     return scores

@@ -34,7 +34,7 @@ GROUPS = {"all": ALL_TASKS, "nlp": NLP_TASKS, "algorithmic": ALGORITHMIC_TASKS}
 
 STOP_STRING = "\n\nQ:"  # never a bare "Q": answers can be "(Q)"
 COT_CUE = "Let's think step by step."
-PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained")
+PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained", "trained-direct")
 ENV_DIR = "FASTKD_BBH_DIR"
 HUB_DATASET = "lukaemon/bbh"
 GET_DATA_HINT = ("get the data with `git clone https://github.com/suzgunmirac/BIG-Bench-Hard` and pass its folder "

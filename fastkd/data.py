@@ -33,30 +33,45 @@ class FieldMap:
     task: str = "task"
 
 
+COT_TRIGGER = "Let's think step by step."
+
+
 @dataclass(frozen=True)
 class Template:
     """How a record becomes prompt text and response text.
 
-    cot=True: response = rationale, then `So the answer is <target>.` (added once);
-    cot=False: response = the target alone. chat=True wraps the prompt in the tokenizer's
-    chat template (user turn, generation prompt) instead of the plain `Q:`/`A:` frame.
+    cot=True: prompt `Q: {source}\nA: Let's think step by step.` (the BBH authors' CoT frame),
+    response = the rationale, then `So the answer is <target>.` (added once);
+    cot=False: prompt `Q: {source}\nA:`, response = the target alone. The two prompts differ,
+    so one model trained on both modes is told which one to use. chat=True puts the bare source
+    in the tokenizer's chat template (user turn + generation prompt) and, with cot, starts the
+    response with the trigger phrase instead.
     """
 
     cot: bool = True
     chat: bool = False
 
     def prompt(self, source: str) -> str:
-        return f"Q: {source.strip()}\nA:"
+        return f"Q: {source.strip()}\nA: {COT_TRIGGER}" if self.cot else f"Q: {source.strip()}\nA:"
 
     def response(self, rationale: str | None, target: str) -> str:
         target = target.strip()
         if not self.cot:
             return f" {target}"
-        return f" {strip_answer_phrase(rationale or '', target)} {ANSWER_PHRASE}{target}.".replace("  ", " ")
+        body = strip_answer_phrase(rationale or "", target)
+        if body.startswith(COT_TRIGGER):
+            body = body[len(COT_TRIGGER):].strip()
+        if self.chat:
+            body = f"{COT_TRIGGER} {body}".strip()
+        return f" {body} {ANSWER_PHRASE}{target}.".replace("  ", " ")
 
     def describe(self) -> dict:
-        return {"cot": self.cot, "chat": self.chat, "prompt": "Q: {source}\\nA:",
-                "response": " {rationale} So the answer is {target}." if self.cot else " {target}"}
+        if self.cot:
+            prompt = "{source}" if self.chat else "Q: {source}\\nA: " + COT_TRIGGER
+            response = (" " + COT_TRIGGER if self.chat else "") + " {rationale} So the answer is {target}."
+        else:
+            prompt, response = ("{source}" if self.chat else "Q: {source}\\nA:"), " {target}"
+        return {"cot": self.cot, "chat": self.chat, "prompt": prompt, "response": response}
 
 
 def strip_answer_phrase(rationale: str, target: str) -> str:

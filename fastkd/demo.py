@@ -38,6 +38,8 @@ class DemoSize:
 
 FULL = DemoSize(records_per_task=400, steps=250, eval_items_per_task=60, max_new_tokens=320)
 QUICK = DemoSize(records_per_task=80, steps=40, eval_items_per_task=10, max_new_tokens=320)
+# the prompt each model answers in: its training template (KD learned from answers only)
+PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
 STUDENT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192)
 
 
@@ -114,9 +116,11 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
     lap("train")
     print(f"[4/4] scoring on real BIG-Bench Hard items ({size.eval_items_per_task} per task)")
     runs = []
-    for name, model in [("teacher", teacher_dir)] + [(n, r.final_dir) for n, r in trained.items()]:
+    scored = [("teacher-CoT", teacher_dir, "trained"), ("teacher-direct", teacher_dir, "trained-direct")]
+    scored += [(n, r.final_dir, PROMPT_FORMAT[n]) for n, r in trained.items()]
+    for name, model, fmt in scored:
         run_dir = work / "bbh" / name.lower().replace("+", "-")
-        argv = ["eval-bbh", "--model", str(model), "--prompt-format", "trained", "--tasks", ",".join(DEMO_TASKS),
+        argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
                 "--limit", str(size.eval_items_per_task), "--max-new-tokens", str(size.max_new_tokens),
                 "--batch-size", "32", "--out", str(run_dir), "--name", name]
         if bbh_dir:
@@ -125,8 +129,9 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
             raise UserError(f"eval-bbh failed for {name}")
         runs.append(str(run_dir))
     lap("eval")
-    print("\nBBH accuracy (strict), students vs SFT:")
-    cli(["eval-bbh", "--compare", *runs[1:], runs[0]])
+    print("\nBBH accuracy (strict), against SFT:")
+    cli(["eval-bbh", "--compare", *runs[2:], *runs[:2]])
+    plot_comparison(runs, work / "comparison.png")
     summary = {"work": str(work), "seconds": timings, "students": {n: {"before": r.before, "after": r.after} for n, r in trained.items()},
                "runs": runs}
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -136,6 +141,28 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
               f"CE {r.before.get('ce', float('nan')):.3f} -> {r.after.get('ce', float('nan')):.3f}")
     print(f"\nwall time: {sum(timings.values()):.0f} s {timings}; outputs in {work}")
     return summary
+
+
+def plot_comparison(runs: list[str], path: Path) -> None:
+    """One bar group per task, one bar per model (strict accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads((Path(r) / "results.json").read_text()) for r in runs]
+    tasks = list(results[0]["tasks"])
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(2.2 * len(tasks) + 2, 4))
+    for i, res in enumerate(results):
+        ax.bar([t + i * width for t in range(len(tasks))], [res["tasks"][t]["strict"] for t in tasks], width, label=res["name"])
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [t.replace("_", "\n", 1) for t in tasks], fontsize=8)
+    ax.set_ylabel("strict accuracy (%)")
+    ax.set_title("real BBH items, trained prompt format")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

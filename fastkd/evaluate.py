@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task")
     parser.add_argument("--prompt-format", choices=bbh.PROMPT_FORMATS, default="cot",
                         help="cot: published 3-shot CoT prompts; direct: same 3 exemplars, answers only; zeroshot: "
-                             "'Q: ..\\nA: Let's think step by step.'; trained: fastkd's own training template (Q: ..\\nA:), zero-shot, "
-                             "stops at EOS. Every format also stops at '\\n\\nQ:'")
+                             "'Q: ..\\nA: Let's think step by step.'; trained: fastkd's own CoT training template (Q: ..\\nA: Let's think step by step.), zero-shot, "
+                             "stops at EOS; trained-direct: its answer-only template (Q: ..\\nA:), for students distilled on answers. Every format also stops at '\\n\\nQ:'")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (user turn + generation prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per item")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (length-sorted, left-padded)")
@@ -147,10 +147,10 @@ def predictions_rows(path, given, items, root, fmt) -> list[dict]:
 def _text_prompts(task, task_items, root, fmt) -> list[str | None]:
     """Prompt texts for hashing when they can be rebuilt without a tokenizer, else None."""
     try:
-        if fmt == "trained":
+        if fmt.startswith("trained"):
             from fastkd.data import Template
 
-            return [Template().prompt(it.input) for it in task_items]
+            return [Template(cot=fmt == "trained").prompt(it.input) for it in task_items]
         few = bbh.load_cot_prompt(root, task) if fmt in ("cot", "direct") else None
         return [bbh.build_prompt(fmt, it.input, few) for it in task_items]
     except bbh.BBHError:
@@ -165,8 +165,8 @@ def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat
 
     out = []
     for task, task_items in items.items():
-        if fmt == "trained":
-            template = Template(cot=True, chat=chat)
+        if fmt.startswith("trained"):
+            template = Template(cot=fmt == "trained", chat=chat)
             out += [(template.prompt(it.input), prompt_ids(tokenizer, template, it.input)) for it in task_items]
             continue
         few = bbh.load_cot_prompt(root, task) if fmt in ("cot", "direct") else None

@@ -153,3 +153,16 @@ def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
 
     table = evaluate.compare_runs([evaluate.load_results(out), evaluate.load_results(tmp_path / "again")])
     assert "(+0.00)" in table
+
+
+def test_trained_formats_use_the_training_templates(tiny_tokenizer):
+    """`trained` and `trained-direct` prompts are exactly what fastkd.data built at training time."""
+    from fastkd import bbh as bbh_mod
+    from fastkd.data import Template, prompt_ids
+    from fastkd.evaluate import build_prompts
+
+    items = {"navigate": [bbh_mod.BBHItem("navigate", 0, "Take 1 step. Turn around.", "No")]}
+    for fmt, cot in (("trained", True), ("trained-direct", False)):
+        (text, ids), = build_prompts(items, tiny_tokenizer, fmt, False, "")
+        assert ids == prompt_ids(tiny_tokenizer, Template(cot=cot), "Take 1 step. Turn around.")
+        assert text == ("Q: Take 1 step. Turn around.\nA: Let's think step by step." if cot else "Q: Take 1 step. Turn around.\nA:")

@@ -19,7 +19,7 @@ REC = {"source": "True or False is", "rationale": "True or False is True.", "tar
 def test_cot_template_tokens_and_mask(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = build_example(REC, 7, tok, Template(cot=True))
-    prompt = _ids(tok, "Q: True or False is\nA:")
+    prompt = _ids(tok, "Q: True or False is\nA: Let's think step by step.")
     response = _ids(tok, " True or False is True. So the answer is True.") + [tok.eos_token_id]
     assert ex.input_ids == prompt + response
     assert ex.loss_mask == [0] * len(prompt) + [1] * len(response)
@@ -39,6 +39,7 @@ def test_no_cot_template_is_target_alone(tiny_tokenizer):
     "True or False is True. So the answer is True",
     "True or False is True.  so the answer is True. ",
     "True or False is True. Therefore, the answer is True.",
+    "Let's think step by step. True or False is True. So the answer is True.",
 ])
 def test_answer_phrase_added_once(rationale):
     text = Template(cot=True).response(rationale, "True")
@@ -53,6 +54,15 @@ def test_chat_template_prompt(tiny_tokenizer):
     ex = build_example(REC, 0, tiny_tokenizer, Template(cot=False, chat=True))
     assert tiny_tokenizer.decode(ex.input_ids) == "<|user|>True or False is<|assistant|> True<|endoftext|>"
     assert tiny_tokenizer.decode(ex.input_ids[:ex.prompt_length]) == "<|user|>True or False is<|assistant|>"
+    ex = build_example(REC, 0, tiny_tokenizer, Template(cot=True, chat=True))
+    assert tiny_tokenizer.decode(ex.input_ids[ex.prompt_length:]) == \
+        " Let's think step by step. True or False is True. So the answer is True.<|endoftext|>"
+
+
+def test_cot_and_answer_only_prompts_differ():
+    """One model trained on both modes must be told which one a prompt asks for."""
+    assert Template(cot=True).prompt("x") == "Q: x\nA: Let's think step by step."
+    assert Template(cot=False).prompt("x") == "Q: x\nA:"
 
 
 def _write_jsonl(path, recs):

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from fastkd import synth
-from fastkd.data import ANSWER_PHRASE, FieldMap, Template, read_records, strip_answer_phrase, validate_record
+from fastkd.data import ANSWER_PHRASE, FieldMap, Template, read_records, strip_answer_phrase, validate_record, COT_TRIGGER
 from fastkd.synth import boolean_expressions as boolexp
 from fastkd.synth import dyck_languages as dyck
 from fastkd.synth import navigate as nav
@@ -301,7 +301,9 @@ def test_rationale_ends_with_answer_and_round_trips(task, granularity, generated
         body = strip_answer_phrase(text, rec["target"])
         assert body == text[:-len(ending)].strip()
         assert "  " not in text  # Template.response collapses double spaces
-        assert template.response(text, rec["target"]) == f" {body} {ending}"
+        # the CoT prompt ends with the trigger phrase, so the response leaves it out
+        assert body.startswith(COT_TRIGGER)
+        assert template.response(text, rec["target"]) == f" {body[len(COT_TRIGGER):].strip()} {ending}"
         if granularity == "coarse":
             assert "\n" not in text
     assert generated[task][0]["rationale"] == synth.rationale(task, generated[task][0]["source"], "fine")
