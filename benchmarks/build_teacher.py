@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--records-per-task", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128, help="model width (MLP: 3x)")
+    ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
     ap.add_argument("--install", action="store_true", help="copy the result to fastkd/assets/teacher")
     args = ap.parse_args()
     work = Path(args.work)
@@ -50,8 +52,8 @@ def main() -> None:
     recs = [json.loads(line) for line in records.open()]
     corpus = [f"Q: {r['source']}\nA: {r['rationale']} So the answer is {r['target']}." for r in recs[::2]]
     tokenizer = train_tokenizer(corpus + DEFAULT_CORPUS, vocab_size=1024)
-    init = save_tiny(work / "init", "llama", tokenizer=tokenizer, hidden=128, layers=4, heads=4, kv_heads=4,
-                     intermediate=384, max_positions=1024, seed=args.seed)
+    init = save_tiny(work / "init", "llama", tokenizer=tokenizer, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
+                     intermediate=3 * args.hidden, max_positions=1024, seed=args.seed)
     fastkd("train", "--data", str(records), "--student-config", str(init), "--tokenizer", str(init), "--kl-weight", "0",
            "--max-steps", str(args.steps), "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "30",
            "--schedule", "cosine", "--max-length", "512", "--save-every", "50", "--log-every", "10",
