@@ -36,11 +36,11 @@ class DemoSize:
     max_new_tokens: int
 
 
-FULL = DemoSize(records_per_task=400, steps=250, eval_items_per_task=60, max_new_tokens=320)
-QUICK = DemoSize(records_per_task=80, steps=40, eval_items_per_task=10, max_new_tokens=320)
+FULL = DemoSize(records_per_task=1000, steps=1500, eval_items_per_task=100, max_new_tokens=400)
+QUICK = DemoSize(records_per_task=150, steps=200, eval_items_per_task=20, max_new_tokens=400)
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
-STUDENT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192)
+STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters
 
 
 def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: str = "fine") -> Path:
