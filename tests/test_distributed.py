@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import build_teacher_and_cache, final_weights, max_weight_diff, quiet
+from test_train import build_teacher_and_cache, final_weights, max_weight_diff, one_thread, quiet  # noqa: F401 (fixture)
 
 from fastkd.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
