@@ -59,7 +59,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
                   dtype: str = "auto", device: str | None = None, sample_n: int | None = None, seed: int = 0,
                   fields: FieldMap = FieldMap(), skip_bad: bool = False, sequences_per_shard: int = 256,
                   hidden_codec: str | None = None, logits_codec: str | None = None, split: str = "train",
-                  progress: bool = True) -> CacheSummary:
+                  hidden_project: int | None = None, progress: bool = True) -> CacheSummary:
     """The whole stage as a function (the CLI and the demo call this)."""
     import torch
     from tqdm.auto import tqdm
@@ -95,12 +95,21 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
         "sample_n": sample_n,
         "seed": seed if sample_n else None,
         "layers": layer_list,
-        "hidden_widths": [int(model.config.hidden_size)] * len(layer_list),
+        "hidden_widths": [int(hidden_project or model.config.hidden_size)] * len(layer_list),
         "max_length": max_length,
         "overflow": overflow,
         "fields": fields.__dict__,
         "data": str(data),
     }
+    projection = None
+    if hidden_project:
+        from fastkd.cache_tools.hidden_codec import random_projection
+
+        if not layer_list:
+            raise UserError("--hidden-project needs --layers (there are no hidden states to project)")
+        d_in = int(model.config.hidden_size)
+        settings["hidden_projection"] = {"kind": "rademacher-splitmix64", "d_in": d_in, "d_out": hidden_project, "seed": seed}
+        projection = torch.from_numpy(random_projection(d_in, hidden_project, seed)).to(model.device)
     if hidden_codec:
         settings["hidden_codec"] = hidden_codec
     if logits_codec:
@@ -124,6 +133,8 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
             sig = teacher_signal(model, ids.to(model.device), attn.to(model.device), loss.to(model.device),
                                  k=k, layers=tuple(layer_list), sample_n=sample_n, vocab_size=vocab,
                                  generator=generator)
+            if projection is not None:       # fixed random projection: smaller hidden part, seed in the manifest
+                sig.hidden = {layer: h @ projection for layer, h in sig.hidden.items()}
             t1 = time.perf_counter()
             _write_batch(writer, chunk, sig, CachedSequence)
             summary.seconds_teacher += t1 - t0
@@ -192,6 +203,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-field", default="task", help="record key holding the task name (optional)")
     p.add_argument("--sequences-per-shard", type=int, default=256, help="sequences per shard file (a shard is the unit of resume)")
     p.add_argument("--hidden-codec", default=None, help="hidden-state codec (see `fastkd cache inspect`); default: the format's default")
+    p.add_argument("--hidden-project", type=int, default=None, metavar="D",
+                   help="store hidden states through a fixed random projection to width D (its seed, --seed, goes in the manifest; "
+                        "the student's learned projection then targets width D)")
     p.add_argument("--logits-codec", default=None, help="top-k codec; default: the format's default")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -203,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, dtype=args.dtype, device=args.device, sample_n=args.sample,
                       seed=args.seed, fields=fields, skip_bad=args.skip_bad,
                       sequences_per_shard=args.sequences_per_shard, hidden_codec=args.hidden_codec,
-                      logits_codec=args.logits_codec, split=args.split, progress=not args.quiet)
+                      logits_codec=args.logits_codec, split=args.split, hidden_project=args.hidden_project,
+                      progress=not args.quiet)
     print(format_summary(s, args.out))
     return 0
 

@@ -168,3 +168,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path):
         assert a[key][0] == b[key][0] and a[key][1] == b[key][1]
         np.testing.assert_array_equal(a[key][2], b[key][2])
         np.testing.assert_allclose(a[key][3], b[key][3], atol=1e-6)
+
+
+def test_hidden_projection_is_the_stored_fixed_matrix(tiny_qwen_dir, records_file, tmp_path):
+    from fastkd.cache_tools import CacheReader
+    from fastkd.cache_tools.hidden_codec import random_projection
+
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, layers="-1", hidden_project=16, seed=5, progress=False)
+    reader = CacheReader(out)
+    spec = reader.manifest["hidden_projection"]
+    assert spec["d_in"] == 64 and spec["d_out"] == 16 and reader.manifest["hidden_widths"] == [16]
+    matrix = random_projection(spec["d_in"], spec["d_out"], spec["seed"])
+    seq = reader[0]
+    _, hidden = _recompute(tiny_qwen_dir, seq.input_ids, seq.loss_mask, [2])
+    ref = hidden[2].numpy() @ matrix
+    assert seq.hidden[2].shape == ref.shape
+    assert np.abs(seq.hidden[2] - ref).max() <= np.abs(ref).max() / 127 + 1e-5
+    with pytest.raises(UserError, match="needs --layers"):
+        cache_teacher(str(tiny_qwen_dir), str(records_file), str(tmp_path / "c2"), k=4, hidden_project=16, progress=False)
