@@ -151,7 +151,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
         summary.seconds_write += time.perf_counter() - t_close
         summary.seconds_total = time.perf_counter() - started
     except BaseException:
-        writer.abort() if hasattr(writer, "abort") else None
+        writer.abort()          # finished shards stay; re-running the command resumes
         raise
     return summary
 

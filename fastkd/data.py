@@ -63,7 +63,7 @@ class Template:
             body = body[len(COT_TRIGGER):].strip()
         if self.chat:
             body = f"{COT_TRIGGER} {body}".strip()
-        return f" {body} {ANSWER_PHRASE}{target}.".replace("  ", " ")
+        return f" {body} {ANSWER_PHRASE}{target}." if body else f" {ANSWER_PHRASE}{target}."
 
     def describe(self) -> dict:
         if self.cot:
@@ -93,6 +93,7 @@ class Example:
     record_index: int
     task: str = ""
     truncated: bool = False
+    cot: bool = True          # built with the CoT template (False: answer-only response)
 
     @property
     def prompt_length(self) -> int:
@@ -232,7 +233,7 @@ def build_example(record: dict, index: int, tokenizer, template: Template, max_l
         if overflow == "skip" or len(p) >= max_length:
             return None
         ids, mask, truncated = ids[:max_length], mask[:max_length], True
-    return Example(ids, mask, index, record.get("task", ""), truncated)
+    return Example(ids, mask, index, record.get("task", ""), truncated, template.cot)
 
 
 def build_examples(source: str | Path, tokenizer, template: Template, fields: FieldMap = FieldMap(),

@@ -101,30 +101,15 @@ class RecordSource:
     def __init__(self, data: str | Path, tokenizer, *, cot: bool = True, chat: bool = False,
                  max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
                  split: str = "train"):
-        from fastkd.data import BuildReport, FieldMap, Template, build_example, read_records, validate_record
-        from fastkd.data import DataError, _reason
+        from fastkd.data import BuildReport, FieldMap, Template, build_examples
 
         self.path = str(data)
         self.report = BuildReport()
-        self.sequences: list[RecordSequence] = []
-        for index, raw in read_records(data, split):
-            use_cot = cot and not (isinstance(raw, dict) and raw.get("cot") is False)
-            template = Template(cot=use_cot, chat=chat)
-            try:
-                rec = validate_record(raw, index, FieldMap(), self.path, template.cot)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                self.report.skipped[_reason(str(err))] += 1
-                continue
-            ex = build_example(rec, index, tokenizer, template, max_length, overflow)
-            if ex is None:
-                self.report.skipped["too long"] += 1
-                continue
-            self.report.kept += 1
-            self.report.truncated += ex.truncated
-            self.sequences.append(RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
-                                                 np.asarray(ex.loss_mask, dtype=np.uint8), use_cot))
+        examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat), FieldMap(), max_length, overflow,
+                                  skip_bad, split, self.report)
+        self.sequences: list[RecordSequence] = [
+            RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
+                           np.asarray(ex.loss_mask, dtype=np.uint8), ex.cot) for ex in examples]
         if not self.sequences:
             raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
         self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)

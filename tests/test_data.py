@@ -189,3 +189,9 @@ def test_record_cot_false_gets_answer_only_response(tmp_path, tiny_tokenizer):
     cot, plain = build_examples(path, tiny_tokenizer, Template(cot=True))
     assert cot.input_ids == build_example(REC, 0, tiny_tokenizer, Template(cot=True)).input_ids
     assert plain.input_ids == build_example(REC, 1, tiny_tokenizer, Template(cot=False)).input_ids
+
+
+def test_response_keeps_the_rationale_text_as_written():
+    """Only the answer phrase is normalised; spacing inside the rationale is data and stays."""
+    assert Template(cot=True).response("a  b\n\nc", "d") == " a  b\n\nc So the answer is d."
+    assert Template(cot=True).response("", "d") == " So the answer is d."

@@ -300,7 +300,7 @@ def test_rationale_ends_with_answer_and_round_trips(task, granularity, generated
         assert text.count(ANSWER_PHRASE) == 1
         body = strip_answer_phrase(text, rec["target"])
         assert body == text[:-len(ending)].strip()
-        assert "  " not in text  # Template.response collapses double spaces
+        assert "  " not in text  # generated rationales are clean: single spaces only
         # the CoT prompt ends with the trigger phrase, so the response leaves it out
         assert body.startswith(COT_TRIGGER)
         assert template.response(text, rec["target"]) == f" {body[len(COT_TRIGGER):].strip()} {ending}"
