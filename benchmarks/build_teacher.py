@@ -34,30 +34,49 @@ def fastkd(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/teacher", help="work folder")
-    ap.add_argument("--records-per-task", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--records-per-task", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=int, default=128, help="model width (MLP: 3x)")
-    ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    ap.add_argument("--hidden", type=int, default=160, help="model width (MLP: 3x)")
+    ap.add_argument("--layers", type=int, default=6, help="transformer blocks")
+    ap.add_argument("--heads", type=int, default=5, help="attention heads (width / heads = head size)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--group-batches", type=int, default=1,
+                    help="length-grouping window in batches; 1 mixes the tasks in every batch (the tasks differ in length, "
+                         "so a wide window makes most batches single-task and the loss spiky)")
+    ap.add_argument("--oversample", default="boolean_expressions=3",
+                    help="TASK=K[,TASK=K]: repeat a task's records K times (boolean_expressions has only ~1,600 "
+                         "training inputs, a quarter of the others' count)")
     ap.add_argument("--install", action="store_true", help="copy the result to fastkd/assets/teacher")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    from fastkd.demo import write_held_out
+
+    held_out = work / "held-out"
+    write_held_out(held_out, TASKS.split(","))   # the synthetic test split: never trained on
     records = work / "train.jsonl"
     fastkd("data", "synth", "--tasks", TASKS, "--n", str(args.records_per_task), "--answer-only-fraction", "0.2",
-           "--seed", str(args.seed + 1), "--out", str(records))
+           "--seed", str(args.seed + 1), "--exclude", str(held_out), "--out", str(records))
 
     from fastkd.tiny import DEFAULT_CORPUS, save_tiny, train_tokenizer
 
     recs = [json.loads(line) for line in records.open()]
+    repeat = {t: int(k) for t, k in (item.split("=") for item in args.oversample.split(",") if item)}
+    mixed = work / "train-mixed.jsonl"
+    with mixed.open("w", encoding="utf-8") as fh:
+        for r in recs:
+            fh.write((json.dumps(r) + "\n") * repeat.get(r["task"], 1))
     corpus = [f"Q: {r['source']}\nA: {r['rationale']} So the answer is {r['target']}." for r in recs[::2]]
     tokenizer = train_tokenizer(corpus + DEFAULT_CORPUS, vocab_size=1024)
-    init = save_tiny(work / "init", "llama", tokenizer=tokenizer, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
-                     intermediate=3 * args.hidden, max_positions=1024, seed=args.seed)
-    fastkd("train", "--data", str(records), "--student-config", str(init), "--tokenizer", str(init), "--kl-weight", "0",
-           "--max-steps", str(args.steps), "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "30",
-           "--schedule", "cosine", "--max-length", "512", "--save-every", "50", "--log-every", "10",
-           "--seed", str(args.seed), "--out", str(work / "run"), "--no-progress")
+    init = save_tiny(work / "init", "llama", tokenizer=tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                     kv_heads=args.heads, intermediate=3 * args.hidden, max_positions=1024, seed=args.seed)
+    fastkd("train", "--data", str(mixed), "--student-config", str(init), "--tokenizer", str(init), "--kl-weight", "0",
+           "--max-steps", str(args.steps), "--batch-size", "32", "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
+           "--group-batches", str(args.group_batches),
+           "--schedule", "cosine", "--max-length", "512", "--save-every", "100", "--log-every", "10",
+           "--seed", str(args.seed), "--out", str(work / "run"), "--no-progress", *(["--resume"] if (work / "run" / "checkpoint").exists() else []))
     final = work / "run" / "final"
     if args.install:
         dest = ROOT / "fastkd" / "assets" / "teacher"

@@ -1,19 +1,29 @@
-"""The laptop-scale replication of KD vs KD+CoT (not a CI test: about two hours on 2 cores).
+"""The laptop-scale replication of KD vs KD+CoT (not a CI test: about 1.5 hours on 2 cores).
 
-    python benchmarks/replication.py --work runs/replication [--seeds 5] [--steps 800]
+    python benchmarks/replication.py --work runs/replication [--seeds 5] [--steps 800] [--threads 1]
     python benchmarks/replication.py --work runs/replication --granularity   # coarse vs fine rationales
 
-Main experiment: the teacher (fastkd/assets/teacher, or --teacher) is cached over the same
-synthetic records twice (with rationales; answers only); then for every seed, three students
-of one shape and one initialisation are trained (SFT on the records, KD from the answer-only
-cache, KD+CoT from the rationale cache) and scored on (a) every real BBH item of the tasks and
-(b) --synthetic-items fresh generated items per task (seed-disjoint from the training records,
-BBH inputs excluded), both in the trained prompt format. Written: results.json, table.md (mean
-and standard deviation per method and task, paired differences KD+CoT - KD and KD+CoT - SFT
-with 95% confidence intervals over seeds) and scores.png.
+The two experiments are separate processes; with `--threads 1` each, both run side by side on a
+2-core machine (tiny models use a second thread poorly).
 
-Granularity experiment (--granularity): coarse vs fine rationales, KD+CoT, students of about
-0.25M and 1M parameters, 3 seeds each.
+Main experiment: held-out synthetic items are drawn first (--synthetic-items per task, BBH
+inputs excluded); the training records exclude both BBH and those items. The teacher
+(fastkd/assets/teacher, or --teacher) is cached over the records twice (with rationales;
+answers only); then for every seed, three students of one shape and one initialisation are
+trained (SFT on the records, KD from the answer-only cache, KD+CoT from the rationale cache)
+and scored on (a) every real BBH item of the tasks and (b) the held-out synthetic items, each
+in the prompt format it was trained on. The teacher is scored the same way, in both formats.
+Written: results.json, table.md (mean and standard deviation per method and task, paired
+differences with 95% confidence intervals over seeds) and scores.png.
+
+Granularity experiment (--granularity), after "Unveiling the Key Factors for Distilling CoT
+Reasoning": students of about 0.25M and 1M parameters fine-tuned (SFT) on coarse or on fine
+rationales of the same inputs, 3 seeds each, scored on the real BBH items. SFT, not KD, because
+the embedded teacher was trained on fine rationales only: its distribution over a coarse
+rationale's tokens would not be a teacher of coarse reasoning.
+
+Every stage is resumable: rerun the same command after a kill and finished students and
+scores are reused.
 """
 
 from __future__ import annotations
@@ -22,26 +32,16 @@ import argparse
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
-from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, PROMPT_FORMAT, make_student_init, write_records
+from fastkd.demo import (DEMO_TASKS, EMBEDDED_TEACHER, PROMPT_FORMAT, STUDENT_SHAPE, make_student_init,
+                         write_held_out, write_records)
 
 STUDENTS = {"0.25M": dict(hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
-            "0.5M": dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=256),
+            "0.5M": STUDENT_SHAPE,   # the demo's student
             "1M": dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384)}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def synthetic_bbh_folder(out: Path, tasks: list[str], n: int, seed: int) -> Path:
-    """Fresh generated items written in BBH's own file layout, so eval-bbh scores them as-is."""
-    from fastkd import synth
-
-    folder = out / "bbh"
-    folder.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        items = [{"input": r["source"], "target": r["target"]} for r in synth.generate(task, n, seed=seed)]
-        (folder / f"{task}.json").write_text(json.dumps({"canary": "synthetic", "examples": items}))
-    return out
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -51,24 +51,33 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained") -> dict:
+def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained", limit: int = 0) -> dict:
+    """Strict accuracy per task and micro, from `eval-bbh` (reused when `out` already holds it)."""
     from fastkd.cli import main as cli
 
-    argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
-            "--max-new-tokens", "400", "--batch-size", "64", "--out", str(out), "--name", name]
-    if bbh_dir:
-        argv += ["--bbh-dir", bbh_dir]
-    if cli(argv) != 0:
-        raise SystemExit(f"eval-bbh failed for {model}")
-    return json.loads((out / "results.json").read_text())
+    if not (out / "results.json").exists():
+        argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
+                "--max-new-tokens", "400", "--batch-size", "64", "--out", str(out), "--name", name]
+        if bbh_dir:
+            argv += ["--bbh-dir", bbh_dir]
+        if limit:
+            argv += ["--limit", str(limit)]
+        if cli(argv) != 0:
+            raise SystemExit(f"eval-bbh failed for {model}")
+    res = json.loads((out / "results.json").read_text())
+    return {t: v["strict"] for t, v in res["tasks"].items()} | {"micro": res["summary"]["strict"]["micro"]}
 
 
 def train_student(work: Path, name: str, init: Path, steps: int, seed: int, **source) -> Path:
+    """One student run (reused when finished; resumed from its checkpoint when killed)."""
     from fastkd.trainer import train
 
+    out = work / name
+    if (out / "final" / "config.json").exists():
+        return out / "final"
     result = train(dict(student=str(init), max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=steps // 10,
                         schedule="cosine", seed=seed, progress=False, tensorboard=False, max_length=512,
-                        out=str(work / name), resume=(work / name / "checkpoint").exists(), **source))
+                        group_batches=1, out=str(out), resume=(out / "checkpoint").exists(), **source))
     return result.final_dir
 
 
@@ -76,42 +85,65 @@ def main_experiment(args) -> dict:
     from fastkd.cache_stage import cache_teacher
 
     work = Path(args.work)
-    records = write_records(work / "records.jsonl", DEMO_TASKS, args.records_per_task, seed=100)
+    work.mkdir(parents=True, exist_ok=True)
+    clock = {}
+    t0 = time.perf_counter()
+    synthetic = work / "synthetic-eval"
+    held_out = write_held_out(synthetic, DEMO_TASKS, args.synthetic_items)
+    records = write_records(work / "records.jsonl", DEMO_TASKS, args.records_per_task, seed=100, held_out=held_out)
     for name, cot in (("cache-cot", True), ("cache-answers", False)):
-        cache_teacher(str(args.teacher), str(records), str(work / name), k=64, cot=cot, batch_size=32, max_length=512)
-    synthetic = synthetic_bbh_folder(work / "synthetic-eval", DEMO_TASKS, args.synthetic_items, seed=200)
+        cache_teacher(str(args.teacher), str(records), str(work / name), k=64, cot=cot, batch_size=32, max_length=512,
+                      progress=False)   # resumes, or returns at once when complete
+    clock["records + caches"] = time.perf_counter() - t0
+    splits = (("bbh", args.bbh_dir), ("synthetic", str(synthetic)))
     scores: dict = {"bbh": {}, "synthetic": {}}
+    t0 = time.perf_counter()
+    for method, fmt in (("teacher CoT", "trained"), ("teacher direct", "trained-direct")):
+        for split, bbh_dir in splits:
+            tag = method.replace(" ", "-")
+            scores[split].setdefault(method, []).append(evaluate(args.teacher, work / "eval" / split / tag, tag, bbh_dir, fmt, args.limit))
+    clock["teacher eval"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     for seed in range(args.seeds):
-        init = make_student_init(args.teacher, work / f"init-{seed}", seed)
+        init = make_student_init(args.teacher, work / f"init-{seed}", seed, STUDENTS[args.student])
         for method, source in (("SFT", dict(data=str(records), kl_weight=0.0)),
                                ("KD", dict(cache=str(work / "cache-answers"))),
                                ("KD+CoT", dict(cache=str(work / "cache-cot")))):
             tag = f"{method.lower().replace('+', '-')}-s{seed}"
             final = train_student(work / "students", tag, init, args.steps, seed, **source)
-            for split, bbh_dir in (("bbh", args.bbh_dir), ("synthetic", str(synthetic / "bbh"))):
-                res = evaluate(final, work / "eval" / split / tag, tag, bbh_dir, PROMPT_FORMAT[method])
-                scores[split].setdefault(method, []).append({t: v["strict"] for t, v in res["tasks"].items()}
-                                                            | {"micro": res["summary"]["strict"]["micro"]})
-    return scores
+            for split, bbh_dir in splits:
+                scores[split].setdefault(method, []).append(
+                    evaluate(final, work / "eval" / split / tag, tag, bbh_dir, PROMPT_FORMAT[method], args.limit))
+            print(f"seed {seed} {method}: BBH micro {scores['bbh'][method][-1]['micro']:.1f}, "
+                  f"synthetic micro {scores['synthetic'][method][-1]['micro']:.1f}", flush=True)
+    clock["students: train + eval"] = time.perf_counter() - t0
+    return {"scores": scores, "seconds": {k: round(v) for k, v in clock.items()}, "args": vars(args)}
 
 
-def table(scores: dict) -> str:
+def table(scores: dict, pairs=(("KD+CoT", "KD"), ("KD+CoT", "SFT"), ("KD", "SFT"))) -> str:
+    """Markdown: mean ± standard deviation over seeds per method and task; paired differences."""
     lines = []
     for split, by_method in scores.items():
-        columns = DEMO_TASKS + ["micro"]
-        lines += [f"### {split}", "", "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        columns = [c for c in DEMO_TASKS + ["micro"] if any(c in r for runs in by_method.values() for r in runs)]
+        lines += [f"### {split}", "", "| method | runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
         for method, runs in by_method.items():
             cells = []
             for c in columns:
                 vals = [r[c] for r in runs if c in r]
                 cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        for a, b in (("KD+CoT", "KD"), ("KD+CoT", "SFT")):
-            if a in by_method and b in by_method:
-                diffs = [x["micro"] - y["micro"] for x, y in zip(by_method[a], by_method[b])]
-                m, h = mean_ci(diffs)
-                lines.append(f"\npaired {a} - {b} (micro): {m:+.1f} points, 95% CI [{m - h:+.1f}, {m + h:+.1f}] over {len(diffs)} seeds")
+            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
         lines.append("")
+        diffs_rows = []
+        for a, b in pairs:
+            if a in by_method and b in by_method:
+                row = []
+                for c in columns:
+                    m, h = mean_ci([x[c] - y[c] for x, y in zip(by_method[a], by_method[b])])
+                    row.append(f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}]")
+                diffs_rows.append(f"| {a} − {b} | " + " | ".join(row) + " |")
+        if diffs_rows:
+            lines += ["paired difference, mean [95% CI] over seeds (points):", "",
+                      "| pair | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|", *diffs_rows, ""]
     return "\n".join(lines)
 
 
@@ -121,35 +153,37 @@ def plot(scores: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4))
-    for ax, (split, by_method) in zip(axes if len(scores) > 1 else [axes], scores.items()):
+    fig, axes = plt.subplots(1, len(scores), figsize=(6 * len(scores), 4), squeeze=False)
+    for ax, (split, by_method) in zip(axes[0], scores.items()):
         names = list(by_method)
         means = [statistics.mean(r["micro"] for r in by_method[m]) for m in names]
         errs = [mean_ci([r["micro"] for r in by_method[m]])[1] for m in names]
         ax.bar(names, means, yerr=[0 if math.isnan(e) else e for e in errs], capsize=4)
-        ax.set_title(f"{split}: micro accuracy (95% CI)")
-        ax.set_ylabel("% correct")
+        ax.set_title(f"{split}: micro accuracy (95% CI over seeds)")
+        ax.set_ylabel("% correct (strict)")
+        ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def granularity_experiment(args) -> dict:
     work = Path(args.work) / "granularity"
-    from fastkd.cache_stage import cache_teacher
-
+    work.mkdir(parents=True, exist_ok=True)
     out: dict = {}
+    t0 = time.perf_counter()
     for granularity in ("coarse", "fine"):
+        # the same inputs (same seed) at both granularities
         records = write_records(work / f"records-{granularity}.jsonl", DEMO_TASKS, args.records_per_task, 100, granularity)
-        cache = work / f"cache-{granularity}"
-        cache_teacher(str(args.teacher), str(records), str(cache), k=64, cot=True, batch_size=32, max_length=512)
-        for size, shape in (("0.25M", STUDENTS["0.25M"]), ("1M", STUDENTS["1M"])):
+        for size in ("0.25M", "1M"):
             for seed in range(3):
-                init = make_student_init(args.teacher, work / f"init-{size}-{seed}", seed, shape)
-                final = train_student(work / "students", f"{granularity}-{size}-s{seed}", init, args.steps, seed, cache=str(cache))
-                res = evaluate(final, work / "eval" / f"{granularity}-{size}-s{seed}", f"{granularity}-{size}", args.bbh_dir)
-                out.setdefault(f"{size} {granularity}", []).append({t: v["strict"] for t, v in res["tasks"].items()}
-                                                                    | {"micro": res["summary"]["strict"]["micro"]})
-    return {"bbh": out}
+                init = make_student_init(args.teacher, work / f"init-{size}-{seed}", seed, STUDENTS[size])
+                tag = f"{granularity}-{size}-s{seed}"
+                final = train_student(work / "students", tag, init, args.steps, seed, data=str(records), kl_weight=0.0)
+                out.setdefault(f"SFT {size} {granularity}", []).append(
+                    evaluate(final, work / "eval" / tag, tag, args.bbh_dir, "trained", args.limit))
+                print(f"{tag}: BBH micro {out[f'SFT {size} {granularity}'][-1]['micro']:.1f}", flush=True)
+    return {"scores": {"bbh": out}, "seconds": {"all": round(time.perf_counter() - t0)}, "args": vars(args)}
 
 
 def main() -> None:
@@ -157,19 +191,29 @@ def main() -> None:
     ap.add_argument("--work", default="runs/replication")
     ap.add_argument("--teacher", type=Path, default=EMBEDDED_TEACHER)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=800, help="optimizer steps per student (batch 16)")
+    ap.add_argument("--student", default="0.5M", choices=list(STUDENTS), help="student shape (main experiment)")
     ap.add_argument("--records-per-task", type=int, default=2000)
-    ap.add_argument("--synthetic-items", type=int, default=2000)
+    ap.add_argument("--synthetic-items", type=int, default=None,
+                    help="cap on held-out generated items per task (default: the whole split build_teacher.py "
+                         "kept out of the embedded teacher's records: 2,000 per task, 250 for boolean_expressions)")
     ap.add_argument("--bbh-dir", default=None)
+    ap.add_argument("--limit", type=int, default=0, help="score only the first N items per task (0: all; for smoke runs)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--granularity", action="store_true", help="run the coarse-vs-fine experiment instead")
     args = ap.parse_args()
-    scores = granularity_experiment(args) if args.granularity else main_experiment(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = granularity_experiment(args) if args.granularity else main_experiment(args)
     work = Path(args.work) / ("granularity" if args.granularity else "")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps(scores, indent=2))
-    (work / "table.md").write_text(table(scores))
-    plot(scores, work / "scores.png")
-    print(table(scores))
+    result["args"] = {k: str(v) for k, v in result["args"].items()}
+    (work / "results.json").write_text(json.dumps(result, indent=2))
+    (work / "table.md").write_text(table(result["scores"]) + f"\nwall time (s): {result['seconds']}\n")
+    plot(result["scores"], work / "scores.png")
+    print(table(result["scores"]))
+    print("wall time (s):", result["seconds"])
 
 
 if __name__ == "__main__":

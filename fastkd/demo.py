@@ -41,15 +41,45 @@ QUICK = DemoSize(records_per_task=150, steps=200, eval_items_per_task=20, max_ne
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
 STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters
+# the synthetic test split: generated items no teacher or student trains on (build_teacher.py,
+# benchmarks/replication.py), scored beside the real BBH items
+# (2,000 per task; boolean_expressions has only 1,872 inputs outside BBH, so 250 of them)
+HELD_OUT_SEED, HELD_OUT_PER_TASK = 200, 2000
+HELD_OUT_SMALL_TASKS = {"boolean_expressions": 250}
 
 
-def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: str = "fine") -> Path:
-    """Synthetic records (BBH test inputs rejected) for the given tasks, as JSONL."""
+def held_out_size(task: str, n: int | None = None) -> int:
+    """Items of `task` in the held-out split (at most the default size: a prefix of the split)."""
+    default = HELD_OUT_SMALL_TASKS.get(task, HELD_OUT_PER_TASK)
+    return default if n is None else min(n, default)
+
+
+def write_held_out(folder: Path, tasks: list[str], n: int | None = None, seed: int = HELD_OUT_SEED) -> dict[str, list[str]]:
+    """Generated test items (BBH inputs rejected) written in BBH's own layout, `<folder>/<task>.json`,
+    so `eval-bbh --bbh-dir folder` scores them as is; returns their inputs per task. `n` caps the
+    count per task; the default split is what build_teacher.py keeps out of the teacher's records."""
+    from fastkd import synth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = {}
+    for task in tasks:
+        items = [{"input": r["source"], "target": r["target"]} for r in synth.generate(task, held_out_size(task, n), seed=seed)]
+        (folder / f"{task}.json").write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
+        inputs[task] = [item["input"] for item in items]
+    return inputs
+
+
+def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: str = "fine",
+                  held_out: dict[str, list[str]] | None = None) -> Path:
+    """Synthetic records (BBH test inputs, and any `held_out` inputs per task, rejected) as JSONL."""
     from fastkd import synth
 
     with path.open("w", encoding="utf-8") as fh:
         for task in tasks:
-            for rec in synth.generate(task, n, seed=seed, granularity=granularity):
+            exclude = None
+            if held_out is not None:
+                exclude = synth.real_inputs(task) | {synth.normalise(x) for x in held_out.get(task, [])}
+            for rec in synth.generate(task, n, seed=seed, granularity=granularity, exclude=exclude):
                 fh.write(json.dumps(rec) + "\n")
     return path
 
@@ -71,7 +101,7 @@ def make_student_init(teacher: Path, out: Path, seed: int, shape: dict | None = 
 def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: int) -> dict[str, dict]:
     """The three students' training configs, identical but for the signal they learn from."""
     common = dict(student=str(init), max_steps=size.steps, batch_size=16, lr=3e-3, warmup_steps=max(size.steps // 10, 1),
-                  schedule="cosine", seed=seed, eval_sequences=32, log_every=10, progress=True, tensorboard=False,
+                  schedule="cosine", seed=seed, eval_sequences=min(32, size.records_per_task * len(DEMO_TASKS) // 4), group_batches=1, log_every=10, progress=True, tensorboard=False,
                   max_length=512)
     return {
         "SFT": dict(common, data=str(records), kl_weight=0.0, out=str(work / "student-sft")),
@@ -81,12 +111,12 @@ def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: in
 
 
 def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str | None = None, seed: int = 0,
-             bbh_dir: str | None = None) -> dict:
+             bbh_dir: str | None = None, size: DemoSize | None = None) -> dict:
     from fastkd.cache_stage import cache_teacher
     from fastkd.cli import main as cli
     from fastkd.trainer import train
 
-    size = QUICK if quick else FULL
+    size = size or (QUICK if quick else FULL)
     teacher_dir = Path(teacher) if teacher else EMBEDDED_TEACHER
     if not (teacher_dir / "config.json").exists():
         raise UserError(f"no teacher at {teacher_dir}: pass --teacher DIR (a causal LM folder with its tokenizer)")

@@ -48,6 +48,12 @@ def cut_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def _kv_cache(output):
+    """The KV cache a forward returned (`cache` in newer transformers, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (), pad_id: int | None = None) -> list[Generation]:
@@ -58,9 +64,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     ids, attn = pad_batch(prompts, pad_id, side="left")
     ids, attn = ids.to(device), attn.to(device)
     position = (attn.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"   # transformers >= 5.2x renamed it
     out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, **extra)
-    cache, next_pos = out.past_key_values, position[:, -1:] + 1
+    cache, next_pos = _kv_cache(out), position[:, -1:] + 1
     rows = len(prompts)
     generated: list[list[int]] = [[] for _ in range(rows)]
     finish: list[str | None] = [None] * rows
@@ -89,8 +97,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, next_pos = out.past_key_values, next_pos + 1
+                    use_cache=True, **{cache_arg: cache})
+        cache, next_pos = _kv_cache(out), next_pos + 1
     results = []
     for r in range(rows):
         text, found = cut_text(tokenizer.decode(generated[r], skip_special_tokens=True), stop_strings)

@@ -430,3 +430,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["data", "synth", "--tasks", "navigate", "--n", "5", "--out", str(tmp_path / "x.jsonl"),
                "--bbh-dir", str(tmp_path / "missing")])
     assert rc == 2 and not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_exclude_keeps_a_held_out_split_out(tmp_path, bbh_dir, capsys):
+    """--exclude: the held-out split's inputs (a BBH-layout folder, or a records file) are never
+    generated; with the whole boolean universe asked for, exactly universe - BBH - held-out remain."""
+    from fastkd.cli import main
+    from fastkd.demo import write_held_out
+
+    held = write_held_out(tmp_path / "held", ["boolean_expressions", "web_of_lies"], n=40, seed=3)  # capped at 40 per task
+    held_keys = {normalise(x) for inputs in held.values() for x in inputs}
+    assert len(held_keys) == 80
+    out = tmp_path / "train.jsonl"
+    args = ["data", "synth", "--tasks", "boolean_expressions,web_of_lies", "--n", "3000", "--seed", "3",
+            "--exclude", str(tmp_path / "held"), "--out", str(out), "--bbh-dir", str(bbh_dir)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = {normalise(r["source"]) for r in records}
+    assert not keys & held_keys
+    assert not keys & (synth.real_inputs("boolean_expressions", bbh_dir) | synth.real_inputs("web_of_lies", bbh_dir))
+    assert sum(r["task"] == "boolean_expressions" for r in records) == BOOL_UNIVERSE - 250 - 40
+    assert "80 inputs of --exclude rejected" in capsys.readouterr().out
+    # a records file works too, and a bad one names its line
+    excl = tmp_path / "excl.jsonl"
+    excl.write_text(json.dumps({"source": records[0]["source"]}) + "\n")
+    assert main(args[:-4] + ["--exclude", str(excl), "--out", str(tmp_path / "b.jsonl"), "--bbh-dir", str(bbh_dir)]) == 0
+    again = {normalise(json.loads(line)["source"]) for line in (tmp_path / "b.jsonl").read_text().splitlines()}
+    assert normalise(records[0]["source"]) not in again
+    excl.write_text('{"source": "x"}\n{"target": "y"}\n')
+    assert main(args[:-4] + ["--exclude", str(excl), "--out", str(tmp_path / "c.jsonl"), "--bbh-dir", str(bbh_dir)]) == 2
+    assert "excl.jsonl: line 2: no string field 'source' or 'input'" in capsys.readouterr().err
+    assert not (tmp_path / "c.jsonl").exists()

@@ -30,7 +30,7 @@ _MODULES = {m.NAME: m for m in (boolean_expressions, navigate, tracking_shuffled
                                 web_of_lies, dyck_languages)}
 TASKS = list(_MODULES)
 
-__all__ = ["TASKS", "generate", "solve", "parse", "rationale", "real_inputs", "SynthError",
+__all__ = ["TASKS", "generate", "solve", "parse", "rationale", "real_inputs", "read_inputs", "SynthError",
            "SynthShortfallWarning", "add_synth_arguments", "run_synth"]
 
 
@@ -120,6 +120,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bbh-dir", default=None,
                         help="folder with the real BBH <task>.json files, whose inputs are never generated "
                              "(default: $FASTKD_BBH_DIR, else ../shared/bbh next to the repository)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                        help="never generate an input found here as well (repeatable): a JSONL/JSON file of "
+                             "records (field 'source' or 'input'), a BBH-format <task>.json, or a folder of those; "
+                             "use it to keep a held-out synthetic test set out of the training records")
     parser.add_argument("--skip-overlap-check", action="store_true",
                         help="generate even without the BBH files; the output may then contain BBH test "
                              "inputs, so never train a model evaluated on BBH with it")
@@ -137,8 +141,42 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def read_inputs(path: str | os.PathLike) -> set[str]:
+    """The normalised inputs held in a records file (JSONL, or a JSON list), a BBH-format task
+    file (`{"examples": [{"input": ...}]}`) or a folder of such files; errors name the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        if not files:
+            raise SynthError(f"{path}: no .json or .jsonl files to read excluded inputs from")
+        return set().union(*(read_inputs(f) for f in files))
+    if not path.is_file():
+        raise SynthError(f"{path}: no such file (given to --exclude)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        else:
+            data = json.loads(text)
+            items = data.get("examples") if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise SynthError(f"{path}: expected a list of records or an object with an 'examples' list")
+            rows = [(i, item) for i, item in enumerate(items)]
+    except json.JSONDecodeError as err:
+        raise SynthError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    out = set()
+    for where, row in rows:
+        value = row.get("source", row.get("input")) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            unit = "line" if path.suffix == ".jsonl" else "record"
+            raise SynthError(f"{path}: {unit} {where}: no string field 'source' or 'input'")
+        out.add(normalise(value))
+    return out
+
+
 def run_synth(args: argparse.Namespace) -> int:
     tasks = _task_list(args.tasks)
+    excluded = set().union(*(read_inputs(p) for p in getattr(args, "exclude", []) or []))
     if args.n < 0:
         raise SynthError(f"--n must be >= 0, not {args.n}")
     bbh_dir = resolve_bbh_dir(args.bbh_dir)
@@ -151,6 +189,8 @@ def run_synth(args: argparse.Namespace) -> int:
     rows = []
     for task in tqdm(tasks, desc="synth", unit="task", disable=len(tasks) < 2):
         exclude = set() if bbh_dir is None else None
+        if excluded:
+            exclude = (exclude if exclude is not None else real_inputs(task, bbh_dir)) | excluded
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SynthShortfallWarning)
             recs = generate(task, args.n, args.seed, args.granularity, bbh_dir=bbh_dir, exclude=exclude,
@@ -169,5 +209,7 @@ def run_synth(args: argparse.Namespace) -> int:
         print(f"{task:<{width}}  {count:>7}  {plain:>11}  {top}")
     print(f"{'total':<{width}}  {len(records):>7}  {sum(r[2] for r in rows):>11}")
     overlap = "none with BBH (checked)" if bbh_dir is not None else "NOT checked against BBH"
+    if excluded:
+        overlap += f"; {len(excluded)} inputs of --exclude rejected too"
     print(f"wrote {len(records)} records ({args.granularity} rationales, seed {args.seed}) to {out}; overlap: {overlap}")
     return 0
