@@ -113,7 +113,9 @@ class RecordSource:
         if not self.sequences:
             raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
         self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)
-        self.shards = [np.arange(len(self.sequences), dtype=np.int64)]
+        # records sit in memory, so each is its own shard: an epoch is a full permutation (files are
+        # often sorted by task, and a streaming shuffle buffer would train on one task at a time)
+        self.shards = list(np.arange(len(self.sequences), dtype=np.int64).reshape(-1, 1))
 
     def __len__(self) -> int:
         return len(self.sequences)

@@ -181,3 +181,22 @@ def test_cache_source_matches_the_reader_through_its_block_lru(tmp_path):
         assert np.array_equal(got.topk_ids, want.topk_ids) and np.array_equal(got.tail, want.tail)
         assert got.hidden == {} and set(want.hidden) == {1, 3}
     assert len(source._blocks) <= 2
+
+
+def test_records_sorted_by_task_are_mixed_from_the_first_step(tmp_path, tiny_tokenizer):
+    """A records file written task by task (as `fastkd data synth` writes it) must not train one
+    task at a time: with a shuffle buffer far smaller than the file, every stretch of the epoch
+    still draws from every part of the file."""
+    tasks = ["a", "b", "c", "d"]
+    recs = [{"source": f"{t} {i} is", "rationale": f"{t} then {i}.", "target": t, "task": t}
+            for t in tasks for i in range(150)]
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    src = RecordSource(path, tiny_tokenizer, max_length=64)
+    plan = PlanMaker(src.lengths, src.shards, 16, 0, shuffle_buffer=32, group_batches=1)(0)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(recs)))
+    for quarter in np.array_split(np.arange(len(plan)), 4):
+        seen = {src[p].task for b in quarter for p in plan[b]}
+        assert seen == set(tasks), f"batches {quarter[0]}-{quarter[-1]} drew only from {sorted(seen)}"
+    first = [src[p].task for p in plan[0]]
+    assert len(set(first)) >= 3, first
