@@ -1,26 +1,36 @@
 """The embedded default teacher (fastkd/assets/teacher): loads through plain transformers and
-knows something about the tasks it was trained on (greedy, deterministic)."""
+solves held-out generated items, better with its step-by-step rationale than answering
+directly (greedy, deterministic)."""
 
-import pytest
-
-from fastkd.demo import EMBEDDED_TEACHER
+from fastkd.demo import EMBEDDED_TEACHER, HELD_OUT_SEED
 
 
-def test_embedded_teacher_loads_and_answers_generated_items():
+def _answers(model, tok, items, cot: bool, max_new_tokens: int) -> int:
+    from fastkd.bbh import STOP_STRING, extract_answer
+    from fastkd.data import Template, prompt_ids
+    from fastkd.generate import greedy_generate
+
+    prompts = [prompt_ids(tok, Template(cot=cot), r["source"]) for r in items]
+    outputs = greedy_generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=len(items),
+                              stop_strings=[STOP_STRING])
+    return sum(extract_answer(o.text) == r["target"] for o, r in zip(outputs, items))
+
+
+def test_embedded_teacher_loads_and_reasons_on_held_out_items():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastkd import synth
-    from fastkd.data import Template, prompt_ids
-    from fastkd.generate import greedy_generate
 
     assert sum(f.stat().st_size for f in EMBEDDED_TEACHER.iterdir()) < 10 * 2**20
     tok = AutoTokenizer.from_pretrained(EMBEDDED_TEACHER)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_TEACHER).eval()
     text = "Q: not ( True ) and ( False ) is\nA:"
     assert tok.decode(tok(text)["input_ids"]) == text
-    items = synth.generate("boolean_expressions", 40, seed=1234)
-    prompts = [prompt_ids(tok, Template(cot=False), r["source"]) for r in items]
-    outputs = greedy_generate(model, tok, prompts, max_new_tokens=4, batch_size=40)
-    correct = sum(o.text.strip() == r["target"] for o, r in zip(outputs, items))
-    majority = max(sum(r["target"] == v for r in items) for v in ("True", "False"))
-    assert correct > majority, f"{correct}/40 correct, majority class {majority}/40"
+    # the held-out split (never trained on): 12 items each of two tasks where CoT should help
+    items = [r for task in ("boolean_expressions", "navigate") for r in synth.generate(task, 12, seed=HELD_OUT_SEED)]
+    majority = sum(max(sum(r["target"] == v for r in items[i:i + 12]) for v in ("True", "False", "Yes", "No"))
+                   for i in (0, 12))
+    cot = _answers(model, tok, items, cot=True, max_new_tokens=320)
+    direct = _answers(model, tok, items, cot=False, max_new_tokens=4)
+    print(f"CoT {cot}/24, direct {direct}/24, majority {majority}/24")
+    assert cot >= 20 and cot > direct and cot > majority, f"CoT {cot}/24, direct {direct}/24, majority {majority}/24"
