@@ -36,7 +36,7 @@ class DemoSize:
     max_new_tokens: int
 
 
-FULL = DemoSize(records_per_task=1000, steps=1500, eval_items_per_task=100, max_new_tokens=400)
+FULL = DemoSize(records_per_task=1000, steps=800, eval_items_per_task=100, max_new_tokens=400)
 QUICK = DemoSize(records_per_task=150, steps=200, eval_items_per_task=20, max_new_tokens=400)
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
