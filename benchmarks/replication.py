@@ -104,7 +104,7 @@ def main_experiment(args) -> dict:
             scores[split].setdefault(method, []).append(evaluate(args.teacher, work / "eval" / split / tag, tag, bbh_dir, fmt, args.limit))
     clock["teacher eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in (args.seeds_only or range(args.seeds)):
         init = make_student_init(args.teacher, work / f"init-{seed}", seed, STUDENTS[args.student])
         for method, source in (("SFT", dict(data=str(records), kl_weight=0.0)),
                                ("KD", dict(cache=str(work / "cache-answers"))),
@@ -196,6 +196,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/replication")
     ap.add_argument("--teacher", type=Path, default=EMBEDDED_TEACHER)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds-only", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                    help="train and score only these seeds (e.g. 3,4), to split the work over processes; a "
+                         "final run without it reuses every finished student and writes the whole table")
     ap.add_argument("--steps", type=int, default=800, help="optimizer steps per student (batch 16)")
     ap.add_argument("--student", default="0.5M", choices=list(STUDENTS), help="student shape (main experiment)")
     ap.add_argument("--records-per-task", type=int, default=2000)
@@ -215,8 +218,11 @@ def main() -> None:
     result = granularity_experiment(args) if args.granularity else main_experiment(args)
     work = Path(args.work) / ("granularity" if args.granularity else "")
     result["args"] = {k: str(v) for k, v in result["args"].items()}
-    (work / "results.json").write_text(json.dumps(result, indent=2))
     pairs = GRANULARITY_PAIRS if args.granularity else MAIN_PAIRS
+    if args.seeds_only:   # a part of the work: the whole table comes from a final run without --seeds-only
+        print(table(result["scores"], pairs))
+        return
+    (work / "results.json").write_text(json.dumps(result, indent=2))
     (work / "table.md").write_text(table(result["scores"], pairs) + f"\nwall time (s): {result['seconds']}\n")
     plot(result["scores"], work / "scores.png")
     print(table(result["scores"], pairs))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,23 +65,26 @@ def write_held_out(folder: Path, tasks: list[str], n: int | None = None, seed: i
     inputs = {}
     for task in tasks:
         items = [{"input": r["source"], "target": r["target"]} for r in synth.generate(task, held_out_size(task, n), seed=seed)]
-        (folder / f"{task}.json").write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
+        tmp = folder / f".{task}.json.tmp"
+        tmp.write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
+        os.replace(tmp, folder / f"{task}.json")
         inputs[task] = [item["input"] for item in items]
     return inputs
 
 
 def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: str = "fine",
                   held_out: dict[str, list[str]] | None = None) -> Path:
-    """Synthetic records (BBH test inputs, and any `held_out` inputs per task, rejected) as JSONL."""
+    """Synthetic records (BBH test inputs, and any `held_out` inputs per task, rejected) as JSONL,
+    written atomically (a run reading the file meanwhile keeps the complete old one)."""
     from fastkd import synth
 
-    with path.open("w", encoding="utf-8") as fh:
-        for task in tasks:
-            exclude = None
-            if held_out is not None:
-                exclude = synth.real_inputs(task) | {synth.normalise(x) for x in held_out.get(task, [])}
-            for rec in synth.generate(task, n, seed=seed, granularity=granularity, exclude=exclude):
-                fh.write(json.dumps(rec) + "\n")
+    records = []
+    for task in tasks:
+        exclude = None
+        if held_out is not None:
+            exclude = synth.real_inputs(task) | {synth.normalise(x) for x in held_out.get(task, [])}
+        records += synth.generate(task, n, seed=seed, granularity=granularity, exclude=exclude)
+    synth.write_jsonl(path, records)
     return path
 
 

@@ -73,8 +73,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # loader
     seed: int = _opt(0, "seed for data order, initialisation and sampling")
-    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory")
-    group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness)")
+    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory "
+                                     "(records from --data are always fully shuffled)")
+    group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
+                                    "tasks of different lengths then fill batches of their own: 1 mixes them)")
     num_workers: int = _opt(0, "DataLoader worker processes decoding the cache")
     # run
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")

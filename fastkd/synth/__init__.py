@@ -30,7 +30,7 @@ _MODULES = {m.NAME: m for m in (boolean_expressions, navigate, tracking_shuffled
                                 web_of_lies, dyck_languages)}
 TASKS = list(_MODULES)
 
-__all__ = ["TASKS", "generate", "solve", "parse", "rationale", "real_inputs", "read_inputs", "SynthError",
+__all__ = ["TASKS", "generate", "solve", "parse", "rationale", "real_inputs", "read_inputs", "write_jsonl", "SynthError",
            "SynthShortfallWarning", "add_synth_arguments", "run_synth"]
 
 
@@ -129,7 +129,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
                              "inputs, so never train a model evaluated on BBH with it")
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     """Write atomically: a temporary file next to the target, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -202,7 +202,7 @@ def run_synth(args: argparse.Namespace) -> int:
         top = ", ".join(f"{t} {c}" for t, c in targets.most_common(4)) + (" ..." if len(targets) > 4 else "")
         rows.append((task, len(recs), sum(not r["cot"] for r in recs), top))
     out = Path(args.out)
-    _write_jsonl(out, records)
+    write_jsonl(out, records)
     width = max(len(r[0]) for r in rows) if rows else 4
     print(f"{'task':<{width}}  records  answer-only  targets")
     for task, count, plain, top in rows:
