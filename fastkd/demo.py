@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastkd.errors import UserError
@@ -205,8 +205,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher folder (default: the embedded teacher shipped with fastkd)")
     p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
     p.add_argument("--bbh-dir", default=None, help="BIG-Bench Hard folder (default: $FASTKD_BBH_DIR or ../shared/bbh)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per student (default: {FULL.steps}, with --quick {QUICK.steps}); "
+                        "each student's training time grows in proportion")
 
 
 def run(args: argparse.Namespace) -> int:
-    demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir)
+    size = QUICK if args.quick else FULL
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be at least 1, not {args.steps}")
+        size = replace(size, steps=args.steps)
+    demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir, size=size)
     return 0
