@@ -1,4 +1,4 @@
-"""The laptop-scale replication of KD vs KD+CoT (not a CI test: about 1.5 hours on 2 cores).
+"""The laptop-scale replication of KD vs KD+CoT (not a CI test: about 1 h 45 min on 2 cores).
 
     python benchmarks/replication.py --work runs/replication [--seeds 5] [--steps 800] [--threads 1]
     python benchmarks/replication.py --work runs/replication --granularity   # coarse vs fine rationales
@@ -41,6 +41,7 @@ from fastkd.demo import (DEMO_TASKS, EMBEDDED_TEACHER, PROMPT_FORMAT, STUDENT_SH
 STUDENTS = {"0.25M": dict(hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
             "0.5M": STUDENT_SHAPE,   # the demo's student
             "1M": dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384)}
+METHODS = ("SFT", "KD", "KD+CoT")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -49,6 +50,15 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0] if values else float("nan")), float("nan")
     return statistics.mean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def methods_list(text: str) -> list[str]:
+    """`--methods KD,KD+CoT` -> ["KD", "KD+CoT"], in the table's order; unknown names are an error."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in names]
 
 
 def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained", limit: int = 0) -> dict:
@@ -106,9 +116,10 @@ def main_experiment(args) -> dict:
     t0 = time.perf_counter()
     for seed in (args.seeds_only or range(args.seeds)):
         init = make_student_init(args.teacher, work / f"init-{seed}", seed, STUDENTS[args.student])
-        for method, source in (("SFT", dict(data=str(records), kl_weight=0.0)),
-                               ("KD", dict(cache=str(work / "cache-answers"))),
-                               ("KD+CoT", dict(cache=str(work / "cache-cot")))):
+        sources = {"SFT": dict(data=str(records), kl_weight=0.0), "KD": dict(cache=str(work / "cache-answers")),
+                   "KD+CoT": dict(cache=str(work / "cache-cot"))}
+        for method in args.methods:
+            source = sources[method]
             tag = f"{method.lower().replace('+', '-')}-s{seed}"
             final = train_student(work / "students", tag, init, args.steps, seed, **source)
             for split, bbh_dir in splits:
@@ -200,12 +211,14 @@ def main() -> None:
                     help="train and score only these seeds (e.g. 3,4), to split the work over processes; a "
                          "final run without it reuses every finished student and writes the whole table")
     ap.add_argument("--steps", type=int, default=800, help="optimizer steps per student (batch 16)")
+    ap.add_argument("--methods", type=methods_list, default=list(METHODS),
+                    help="students to train per seed, comma-separated (default: SFT,KD,KD+CoT)")
     ap.add_argument("--student", default="0.5M", choices=list(STUDENTS), help="student shape (main experiment)")
     ap.add_argument("--records-per-task", type=int, default=2000)
     ap.add_argument("--synthetic-items", type=int, default=500,
                     help="held-out generated items per task, a prefix of the split build_teacher.py kept out of the "
                          "embedded teacher's records (at most 2,000 per task, 250 for boolean_expressions); "
-                         "the full 2,000 adds about 1.5 hours of scoring")
+                         "the full 2,000 adds about 35 minutes of scoring")
     ap.add_argument("--bbh-dir", default=None)
     ap.add_argument("--limit", type=int, default=0, help="score only the first N items per task (0: all; for smoke runs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

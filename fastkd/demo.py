@@ -38,7 +38,7 @@ class DemoSize:
 
 
 FULL = DemoSize(records_per_task=1000, steps=800, eval_items_per_task=100, max_new_tokens=400)
-QUICK = DemoSize(records_per_task=150, steps=200, eval_items_per_task=20, max_new_tokens=400)
+QUICK = DemoSize(records_per_task=150, steps=160, eval_items_per_task=20, max_new_tokens=400)
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
 STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters
@@ -170,9 +170,11 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
                "runs": runs}
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print("\nheld-out KL to the teacher / CE, before -> after training:")
+    def change(r, key: str) -> str:   # SFT has no teacher, so no KL
+        return f"{r.before[key]:.3f} -> {r.after[key]:.3f}" if key in r.before and key in r.after else "-"
+
     for n, r in trained.items():
-        print(f"  {n:<8} KL {r.before.get('kl', float('nan')):.3f} -> {r.after.get('kl', float('nan')):.3f}   "
-              f"CE {r.before.get('ce', float('nan')):.3f} -> {r.after.get('ce', float('nan')):.3f}")
+        print(f"  {n:<8} KL {change(r, 'kl'):<16} CE {change(r, 'ce')}")
     print(f"\nwall time: {sum(timings.values()):.0f} s {timings}; outputs in {work}")
     return summary
 
