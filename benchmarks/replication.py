@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -61,11 +62,24 @@ def methods_list(text: str) -> list[str]:
     return [m for m in METHODS if m in names]
 
 
-def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained", limit: int = 0) -> dict:
-    """Strict accuracy per task and micro, from `eval-bbh` (reused when `out` already holds it)."""
-    from fastkd.cli import main as cli
+def scored_already(results_file: Path, items_per_task: dict[str, int]) -> bool:
+    """True when an earlier eval-bbh run scored exactly these items' counts (a rerun with another
+    --synthetic-items or --limit must score again, not reuse the old figures)."""
+    if not results_file.exists():
+        return False
+    scored = json.loads(results_file.read_text()).get("tasks", {})
+    return {task: v.get("n") for task, v in scored.items()} == items_per_task
 
-    if not (out / "results.json").exists():
+
+def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained", limit: int = 0) -> dict:
+    """Strict accuracy per task and micro, from `eval-bbh` (reused when `out` already holds the same items)."""
+    from fastkd.cli import main as cli
+    from fastkd.synth.common import load_real_items
+
+    counts = {task: len(load_real_items(task, bbh_dir)) for task in DEMO_TASKS}
+    if limit:
+        counts = {task: min(n, limit) for task, n in counts.items()}
+    if not scored_already(out / "results.json", counts):
         argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
                 "--max-new-tokens", "400", "--batch-size", "64", "--out", str(out), "--name", name]
         if bbh_dir:
@@ -84,11 +98,28 @@ def train_student(work: Path, name: str, init: Path, steps: int, seed: int, **so
 
     out = work / name
     if (out / "final" / "config.json").exists():
+        trained_steps = json.loads((out / "final" / "fastkd_train.json").read_text())["config"]["max_steps"]
+        if trained_steps != steps:
+            raise SystemExit(f"{out}: this student was trained for {trained_steps} steps, this run asks for {steps}; "
+                             f"use another --work folder (or delete {out})")
         return out / "final"
     result = train(dict(student=str(init), max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=steps // 10,
                         schedule="cosine", seed=seed, progress=False, tensorboard=False, max_length=512,
                         group_batches=1, out=str(out), resume=(out / "checkpoint").exists(), **source))
     return result.final_dir
+
+
+def write_records_once(path: Path, per_task: int, held_out: dict[str, list[str]]) -> Path:
+    """The students' records; a work folder whose caches and students came from other records
+    (another --records-per-task or --synthetic-items: the records exclude the scored items) is
+    refused, and its records file is left as it was."""
+    fresh = write_records(path.with_name(".records.new.jsonl"), DEMO_TASKS, per_task, seed=100, held_out=held_out)
+    if path.exists() and path.read_bytes() != fresh.read_bytes():
+        fresh.unlink()
+        raise SystemExit(f"{path}: this work folder was made with other records (was --records-per-task or "
+                         f"--synthetic-items changed?); its caches and students belong to them: use another --work")
+    os.replace(fresh, path)
+    return path
 
 
 def main_experiment(args) -> dict:
@@ -100,7 +131,7 @@ def main_experiment(args) -> dict:
     t0 = time.perf_counter()
     synthetic = work / "synthetic-eval"
     held_out = write_held_out(synthetic, DEMO_TASKS, args.synthetic_items)
-    records = write_records(work / "records.jsonl", DEMO_TASKS, args.records_per_task, seed=100, held_out=held_out)
+    records = write_records_once(work / "records.jsonl", args.records_per_task, held_out)
     for name, cot in (("cache-cot", True), ("cache-answers", False)):
         cache_teacher(str(args.teacher), str(records), str(work / name), k=64, cot=cot, batch_size=32, max_length=512,
                       progress=False)   # resumes, or returns at once when complete
@@ -218,7 +249,8 @@ def main() -> None:
     ap.add_argument("--synthetic-items", type=int, default=500,
                     help="held-out generated items per task, a prefix of the split build_teacher.py kept out of the "
                          "embedded teacher's records (at most 2,000 per task, 250 for boolean_expressions); "
-                         "the full 2,000 adds about 35 minutes of scoring")
+                         "the full 2,000 adds about 35 minutes of scoring; the records exclude these items, so a "
+                         "new count needs a new --work folder")
     ap.add_argument("--bbh-dir", default=None)
     ap.add_argument("--limit", type=int, default=0, help="score only the first N items per task (0: all; for smoke runs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

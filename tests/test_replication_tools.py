@@ -62,3 +62,34 @@ def test_a_step_that_changes_the_value_or_breaks_the_expression_is_caught():
     assert not rationale_check.chain_is_valid(question, good.replace("so Z = False and True", "so Z = False and ( True"))
     assert not rationale_check.chain_is_valid(question, good.replace("Z = not ( True ) and", "Z = ( True ) and"))
     assert not rationale_check.chain_is_valid(question, " So the answer is False.")
+
+
+def test_scores_are_reused_only_for_the_same_items(tmp_path):
+    results = tmp_path / "results.json"
+    assert not replication.scored_already(results, {"navigate": 500})
+    results.write_text('{"tasks": {"navigate": {"n": 500, "strict": 60.0}}}')
+    assert replication.scored_already(results, {"navigate": 500})
+    assert not replication.scored_already(results, {"navigate": 2000})            # --synthetic-items changed
+    assert not replication.scored_already(results, {"navigate": 500, "web_of_lies": 500})
+
+
+def test_a_finished_student_of_another_length_is_refused_not_reused(tmp_path):
+    final = tmp_path / "kd-s0" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "fastkd_train.json").write_text('{"config": {"max_steps": 800}}')
+    assert replication.train_student(tmp_path, "kd-s0", tmp_path / "init", 800, 0) == final
+    with pytest.raises(SystemExit, match="trained for 800 steps, this run asks for 2000"):
+        replication.train_student(tmp_path, "kd-s0", tmp_path / "init", 2000, 0)
+
+
+def test_a_work_folder_made_from_other_records_is_refused_and_kept(tmp_path):
+    records = tmp_path / "records.jsonl"
+    held_out = {"navigate": []}
+    replication.write_records_once(records, 3, held_out)
+    before = records.read_bytes()
+    replication.write_records_once(records, 3, held_out)                  # same settings: reused
+    assert records.read_bytes() == before
+    with pytest.raises(SystemExit, match="made with other records"):
+        replication.write_records_once(records, 4, held_out)
+    assert records.read_bytes() == before and not (tmp_path / ".records.new.jsonl").exists()
