@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+import fastkd  # noqa: F401  (first: keeps the checkout's kernels/ from hiding the Hugging Face `kernels` package)
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
