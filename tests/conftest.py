@@ -49,3 +49,15 @@ def records_jsonl(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
+
+
+@pytest.fixture(scope="session")
+def bbh_dir():
+    """The real BBH items of the generated tasks (../shared/bbh or $FASTKD_BBH_DIR); skips when absent."""
+    from fastkd import synth
+    from fastkd.synth.common import resolve_bbh_dir
+
+    folder = resolve_bbh_dir()
+    if folder is None or not all((folder / f"{t}.json").exists() for t in synth.TASKS):
+        pytest.skip("real BBH items not found (set FASTKD_BBH_DIR to the folder with <task>.json)")
+    return folder

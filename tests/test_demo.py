@@ -3,9 +3,12 @@ what the README promises (caches that verify, three students, BBH runs, table, p
 
 import json
 
+import pytest
+
 from fastkd.demo import DEMO_TASKS, DemoSize, demo_loop
 
 
+@pytest.mark.usefixtures("bbh_dir")
 def test_demo_loop_runs_every_stage(tmp_path, capsys):
     from fastkd.cache_tools.verify import verify_cache
 

@@ -2,6 +2,8 @@
 solves held-out generated items, better with its step-by-step rationale than answering
 directly (greedy, deterministic)."""
 
+import pytest
+
 from fastkd.demo import EMBEDDED_TEACHER, HELD_OUT_SEED
 
 
@@ -16,6 +18,7 @@ def _answers(model, tok, items, cot: bool, max_new_tokens: int) -> int:
     return sum(extract_answer(o.text) == r["target"] for o, r in zip(outputs, items))
 
 
+@pytest.mark.usefixtures("bbh_dir")
 def test_embedded_teacher_loads_and_reasons_on_held_out_items():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -83,6 +83,7 @@ def test_a_finished_student_of_another_length_is_refused_not_reused(tmp_path):
         replication.train_student(tmp_path, "kd-s0", tmp_path / "init", 2000, 0)
 
 
+@pytest.mark.usefixtures("bbh_dir")
 def test_a_work_folder_made_from_other_records_is_refused_and_kept(tmp_path):
     records = tmp_path / "records.jsonl"
     held_out = {"navigate": []}

@@ -20,18 +20,10 @@ from fastkd.synth import boolean_expressions as boolexp
 from fastkd.synth import dyck_languages as dyck
 from fastkd.synth import navigate as nav
 from fastkd.synth import web_of_lies as wol
-from fastkd.synth.common import SynthShortfallWarning, load_real_items, normalise, resolve_bbh_dir
+from fastkd.synth.common import SynthShortfallWarning, load_real_items, normalise
 
 N = 2000
 BOOL_UNIVERSE = 2122  # grammatical 8-token expressions
-
-
-@pytest.fixture(scope="module")
-def bbh_dir():
-    folder = resolve_bbh_dir()
-    if folder is None or not all((folder / f"{t}.json").exists() for t in synth.TASKS):
-        pytest.skip("real BBH items not found (set FASTKD_BBH_DIR to the folder with <task>.json)")
-    return folder
 
 
 @pytest.fixture(scope="module")
