@@ -245,7 +245,9 @@ def main() -> None:
     ap.add_argument("--seeds-only", type=lambda text: [int(x) for x in text.split(",")], default=None,
                     help="train and score only these seeds (e.g. 3,4), to split the work over processes; a "
                          "final run without it reuses every finished student and writes the whole table")
-    ap.add_argument("--steps", type=int, default=800, help="optimizer steps per student (batch 16; 2000: where KD+CoT pulls ahead of KD, see docs/replication.md)")
+    ap.add_argument("--steps", type=int, default=800,
+                    help="optimizer steps per student (batch 16; 2000: where KD+CoT pulls ahead of KD, "
+                         "see docs/replication.md)")
     ap.add_argument("--methods", type=methods_list, default=list(METHODS),
                     help="students to train per seed, comma-separated (default: SFT,KD,KD+CoT)")
     ap.add_argument("--student", default="0.5M", choices=list(STUDENTS), help="student shape (main experiment)")
@@ -268,12 +270,10 @@ def main() -> None:
     work = Path(args.work) / ("granularity" if args.granularity else "")
     result["args"] = {k: str(v) for k, v in result["args"].items()}
     pairs = GRANULARITY_PAIRS if args.granularity else MAIN_PAIRS
-    if args.seeds_only:   # a part of the work: the whole table comes from a final run without --seeds-only
-        print(table(result["scores"], pairs))
-        return
-    (work / "results.json").write_text(json.dumps(result, indent=2))
-    (work / "table.md").write_text(table(result["scores"], pairs) + f"\nwall time (s): {result['seconds']}\n")
-    plot(result["scores"], work / "scores.png")
+    if not args.seeds_only:   # a --seeds-only run is a part: the files come from a final run without it
+        (work / "results.json").write_text(json.dumps(result, indent=2))
+        (work / "table.md").write_text(table(result["scores"], pairs) + f"\nwall time (s): {result['seconds']}\n")
+        plot(result["scores"], work / "scores.png")
     print(table(result["scores"], pairs))
     print("wall time (s):", result["seconds"])
 
