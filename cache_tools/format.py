@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fastkd.errors import UserError
+from fastkd.integrity import SEAL_KEY, is_hex_digest, seal, seal_matches
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "fastkd-teacher-cache"
@@ -19,11 +21,31 @@ SHARD_DIR = "shards"
 LOCK = ".lock"
 # manifest keys the writer owns; a caller's settings may not use them
 RESERVED_KEYS = ("format", "format_version", "fastkd_version", "complete", "shards", "counts", "summary",
-                 "created", "updated")
+                 "created", "updated", SEAL_KEY)
+# the only shard paths a manifest may name (no `..`, no absolute paths, nothing outside shards/)
+SHARD_PATH = re.compile(r"^shards/shard-\d{5,9}\.safetensors$")
+# sanity bounds on numbers a manifest or shard index may hold (far above any real cache)
+MAX_VOCAB = 1 << 31
+MAX_K = 1 << 20
+MAX_WIDTH = 1 << 20
+MAX_LAYERS = 4096
+MAX_COUNT = 1 << 48
 
 
 class CacheError(UserError):
     """A cache that cannot be read or written; the message names the cache path, shard, block, field."""
+
+
+class CorruptCacheError(CacheError):
+    """Bytes of a cache that fail their digest (or decode to something impossible): never used."""
+
+    def __init__(self, message: str, shard: str | None = None, block: int | None = None):
+        super().__init__(message)
+        self.shard = shard
+        self.block = block
+
+    def __reduce__(self):  # crosses DataLoader worker boundaries whole
+        return (type(self), (str(self), self.shard, self.block))
 
 
 @dataclass
@@ -61,7 +83,15 @@ def jsonable(value):
         if isinstance(obj, (set, frozenset)):
             return sorted(obj)
         raise TypeError(f"value {obj!r} of type {type(obj).__name__} cannot be stored in the manifest")
-    return json.loads(json.dumps(value, default=default, sort_keys=True))
+    def finite(obj):
+        if isinstance(obj, float) and not np.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {k: finite(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [finite(v) for v in obj]
+        return obj
+    return finite(json.loads(json.dumps(value, default=default, sort_keys=True)))
 
 
 def settings_differences(old, new, path: str = "") -> list[tuple[str, object, object]]:
@@ -120,11 +150,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
+    """Atomically write the manifest, sealed with the digest of its own content."""
+    text = json.dumps(seal(manifest), indent=1, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(Path(root) / MANIFEST, (text + "\n").encode())
 
 
 def read_manifest(root: Path) -> dict:
-    """The manifest as a dict; CacheError naming the path when it is missing or not valid."""
+    """The manifest as a dict, every field the readers use checked; CacheError naming the path and
+    field when it is missing, corrupt or holds impossible values."""
     root = Path(root)
     path = root / MANIFEST
     if not root.exists():
@@ -134,30 +167,108 @@ def read_manifest(root: Path) -> dict:
     if not path.exists():
         raise CacheError(f"cache {root}: no manifest.json (not a cache, or a run that never finished a shard)")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise CacheError(f"cache {root}: cannot read manifest.json: {err}") from None
+    except UnicodeDecodeError as err:
+        raise CacheError(f"cache {root}: manifest.json is not UTF-8 text (byte {err.start}): corrupted") from None
     if not text.strip():
         raise CacheError(f"cache {root}: manifest.json is empty")
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CacheError(f"cache {root}: manifest.json is not valid JSON ({err})") from None
+        manifest = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as err:
+        raise CacheError(f"cache {root}: manifest.json is not valid JSON ({err}); it is corrupted") from None
     if not isinstance(manifest, dict):
         raise CacheError(f"cache {root}: manifest.json must hold a JSON object, found {type(manifest).__name__}")
+    where = f"cache {root}: manifest.json"
     if manifest.get("format") != FORMAT_NAME:
-        raise CacheError(f"cache {root}: manifest.json field 'format' is {manifest.get('format')!r}, "
-                         f"expected {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise CacheError(f"cache {root}: manifest.json field 'format_version' is missing or not an integer")
-    if not isinstance(manifest.get("shards"), list):
-        raise CacheError(f"cache {root}: manifest.json field 'shards' is missing or not a list")
-    for j, entry in enumerate(manifest["shards"]):
-        for key in ("file", "sha256", "bytes", "num_sequences"):
-            if not isinstance(entry, dict) or key not in entry:
-                raise CacheError(f"cache {root}: manifest.json shards[{j}] lacks field {key!r}")
+        raise CacheError(f"{where} field 'format' is {_short(manifest.get('format'))}, expected {FORMAT_NAME!r}")
+    check_manifest_fields(manifest, where)
+    sealed = seal_matches(manifest)
+    if sealed is None and any("header_sha256" in entry for entry in manifest["shards"]):
+        sealed = False  # written by a sealing writer (its shards have header digests): the seal was lost
+    if sealed is False:
+        raise CacheError(f"{where}: its content does not match its digest (field {SEAL_KEY!r}): the file was "
+                         f"corrupted or edited by hand after the writer sealed it. Nothing was read from the shards; "
+                         f"restore manifest.json from a copy (the shards themselves are untouched)")
     return manifest
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_manifest_fields(m: dict, where: str) -> None:
+    """Types and ranges of every manifest field a reader relies on; CacheError naming the field."""
+    def bad(field_name: str, want: str):
+        value = m
+        for part in field_name.replace("]", "").replace("[", ".").split("."):
+            value = value[int(part)] if isinstance(value, list) else value.get(part) if isinstance(value, dict) else None
+        raise CacheError(f"{where} field {field_name!r} is {_short(value)}: expected {want}")
+
+    if not _int(m.get("format_version"), 0, 1 << 16):
+        bad("format_version", "a non-negative integer")
+    if "complete" in m and not isinstance(m["complete"], bool):
+        bad("complete", "true or false")
+    if not isinstance(m.get("tokenizer"), dict):
+        bad("tokenizer", "an object with the tokenizer identity")
+    if not _int(m["tokenizer"].get("vocab_size"), 1, MAX_VOCAB):
+        bad("tokenizer.vocab_size", f"an integer in [1, {MAX_VOCAB}]")
+    if m.get("mode", "topk") not in ("topk", "sample"):
+        bad("mode", "'topk' or 'sample'")
+    if not _int(m.get("k"), 1, min(MAX_K, m["tokenizer"]["vocab_size"])):
+        bad("k", f"an integer in [1, min({MAX_K}, tokenizer.vocab_size)]")
+    layers, widths = m.get("layers", []), m.get("hidden_widths", [])
+    if not isinstance(layers, list) or len(layers) > MAX_LAYERS or not all(_int(x, 0, MAX_LAYERS) for x in layers) \
+            or len(set(layers)) != len(layers):
+        bad("layers", "a list of distinct layer indices")
+    if not isinstance(widths, list) or len(widths) != len(layers) or not all(_int(x, 1, MAX_WIDTH) for x in widths):
+        bad("hidden_widths", f"one width in [1, {MAX_WIDTH}] per layer")
+    teacher = m.get("teacher")
+    if teacher is not None and not isinstance(teacher, dict):
+        bad("teacher", "an object")
+    if isinstance(teacher, dict) and teacher.get("num_hidden_layers") is not None \
+            and not _int(teacher["num_hidden_layers"], 0, MAX_LAYERS):
+        bad("teacher.num_hidden_layers", "a layer count")
+    if "codecs" in m and not isinstance(m["codecs"], dict):
+        bad("codecs", "an object")
+    if "counts" in m and not isinstance(m["counts"], dict):
+        bad("counts", "an object")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        bad("shards", "a list")
+    files = set()
+    for j, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            bad(f"shards[{j}]", "an object")
+        for key in ("file", "sha256", "bytes", "num_sequences"):
+            if key not in entry:
+                raise CacheError(f"{where} shards[{j}] lacks field {key!r}")
+        if not isinstance(entry["file"], str) or not SHARD_PATH.match(entry["file"]):
+            bad(f"shards[{j}].file", "a path shards/shard-NNNNN.safetensors inside the cache")
+        if entry["file"] in files:
+            bad(f"shards[{j}].file", "a shard not listed twice")
+        files.add(entry["file"])
+        if not is_hex_digest(entry["sha256"]):
+            bad(f"shards[{j}].sha256", "64 lowercase hex digits")
+        if "header_sha256" in entry and not is_hex_digest(entry["header_sha256"]):
+            bad(f"shards[{j}].header_sha256", "64 lowercase hex digits")
+        if not _int(entry["bytes"], 8, MAX_COUNT):
+            bad(f"shards[{j}].bytes", "a file size in bytes")
+        if not _int(entry["num_sequences"], 0, MAX_COUNT):
+            bad(f"shards[{j}].num_sequences", "a count")
+        for key in ("num_loss_positions", "num_tokens", "num_blocks"):
+            if key in entry and not _int(entry[key], 0, MAX_COUNT):
+                bad(f"shards[{j}].{key}", "a count")
 
 
 def settings_of(manifest: dict) -> dict:

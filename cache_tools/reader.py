@@ -9,35 +9,84 @@ from typing import Iterator
 import numpy as np
 from safetensors import safe_open
 
-from .format import CacheError, CachedSequence, read_manifest, settings_of
-from .shard import SHARD_READERS
+from fastkd.integrity import digest_bytes, file_digest
+
+from .format import CacheError, CachedSequence, CorruptCacheError, read_manifest, settings_of
+from .shard import SHARD_READERS, CorruptShard, Layout
+
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on the JSON header
+OPEN_SHARDS = 16               # shard handles a reader keeps open (a shuffled plan hops between shards)
 
 
-def open_shard(root: Path, entry: dict, number: int, version: int):
-    """Open one shard with the reader class for `version`; CacheError naming the shard."""
+def shard_header(path: Path) -> bytes:
+    """The first bytes of a safetensors file: 8-byte little-endian length, then the JSON header."""
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise CorruptShard("file is shorter than a safetensors header")
+        size = int.from_bytes(prefix, "little")
+        if size > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise CorruptShard(f"header length {size} is impossible for this file")
+        body = fh.read(size)
+    return prefix + body
+
+
+def open_shard(root: Path, entry: dict, number: int, version: int, *, verify: bool = True,
+               checked_whole: set | None = None):
+    """Open one shard with the reader class for `version`; CacheError naming the shard.
+
+    verify=True: the file size must match the manifest, and the header (which holds the digest
+    of every tensor) must match the manifest's header_sha256; a shard written before header
+    digests existed is checked whole against its sha256 instead (one read of the file; the files
+    already checked, by (name, size, mtime), are kept in `checked_whole` so a reopen skips it).
+    """
     path = Path(root) / entry["file"]
     where = f"cache {root}: shard {entry['file']}"
-    if not path.exists():
+    if not path.is_file():
         raise CacheError(f"{where} (shards[{number}] in manifest.json) is missing")
     reader_class = SHARD_READERS.get(version)
     if reader_class is None:
         raise CacheError(f"cache {root}: format version {version} is not known to this fastkd "
                          f"(knows {sorted(SHARD_READERS)}); upgrade fastkd")
+    hint = f"Run `fastkd cache verify {root}` to list every damaged shard and block"
     try:
+        if verify:
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise CorruptShard(f"file has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
+            if "header_sha256" in entry:
+                if digest_bytes(shard_header(path)) != entry["header_sha256"]:
+                    raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
+            else:
+                key = (entry["file"], size, path.stat().st_mtime_ns)
+                if checked_whole is None or key not in checked_whole:
+                    if file_digest(path)[0] != entry["sha256"]:
+                        raise CorruptShard("file fails its sha256 check against manifest.json (corrupted bytes)")
+                    if checked_whole is not None:
+                        checked_whole.add(key)
         handle = safe_open(str(path), "numpy")
-        return reader_class(handle, where)
+        return reader_class(handle, where, verify=verify)
+    except CorruptShard as err:
+        raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", entry["file"]) from None
     except CacheError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable shard
-        raise CacheError(f"{where}: cannot read the shard header or index ({err}); run `fastkd cache verify`") from None
+        raise CorruptCacheError(f"{where}: cannot read the shard header or index ({err}). {hint}",
+                                entry["file"]) from None
 
 
 class CacheReader:
     """Reads a finished (or partially written) cache: `reader[i]` decodes only the block that
-    holds sequence i; iteration streams shard by shard, block by block."""
+    holds sequence i; iteration streams shard by shard, block by block.
 
-    def __init__(self, root, *, layers=None):
+    verify=True (the default): every byte is checked against its digest before it is decoded
+    (manifest seal, shard header, index and block tensors); a failure raises CorruptCacheError
+    naming the shard and block. verify=False skips the digests (not the sanity checks).
+    """
+
+    def __init__(self, root, *, layers=None, verify: bool = True):
         self.root = Path(root)
+        self.verify = verify
         self.manifest = read_manifest(self.root)
         self.format_version = self.manifest["format_version"]
         if self.format_version not in SHARD_READERS:
@@ -48,11 +97,11 @@ class CacheReader:
         if not shards:
             raise CacheError(f"cache {self.root}: holds no finished shard yet (manifest.json lists none)")
         record, length, nloss, per_shard, self._block_starts = [], [], [], [], []
+        self._checked_whole: set = set()      # pre-digest shards already checked whole
         for j, entry in enumerate(shards):
-            shard = open_shard(self.root, entry, j, self.format_version)
-            if len(shard.record_index) != entry["num_sequences"]:
-                raise CacheError(f"cache {self.root}: shard {entry['file']} holds {len(shard.record_index)} "
-                                 f"sequences, manifest.json says {entry['num_sequences']}")
+            shard = open_shard(self.root, entry, j, self.format_version, verify=verify,
+                               checked_whole=self._checked_whole)
+            check_shard_matches(self.root, self.manifest, entry, shard)
             record.append(shard.record_index)
             length.append(shard.length)
             nloss.append(shard.num_loss)
@@ -62,7 +111,8 @@ class CacheReader:
         self.lengths = np.concatenate(length)
         self.num_loss_positions = np.concatenate(nloss)
         self._starts = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-        self._open: tuple[int, int, object] | None = None  # (pid, shard number, shard)
+        self._handles: dict[int, object] = {}  # shard number -> open shard (most recent last), this pid's
+        self._handles_pid = os.getpid()
         self._block: tuple[int, int, list[CachedSequence]] | None = None  # (shard, block, sequences)
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(self.manifest.get("layers", [])))
@@ -92,29 +142,52 @@ class CacheReader:
             raise IndexError(f"shard {shard} out of range (cache has {self.num_shards})")
         return range(int(self._starts[shard]), int(self._starts[shard + 1]))
 
-    def blocks(self) -> list[range]:
-        """Cache positions of every block, in order: a loader that shuffles whole blocks (then
-        within a buffer) decodes each block once per epoch instead of once per sequence."""
+    def block_table(self) -> list[tuple[int, int, range]]:
+        """(shard, block, cache positions) of every block, in order."""
         out = []
         for number, starts in enumerate(self._block_starts):
             base = int(self._starts[number])
-            out += [range(base + int(a), base + int(b)) for a, b in zip(starts[:-1], starts[1:])]
+            out += [(number, b, range(base + int(lo), base + int(hi)))
+                    for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
         return out
+
+    def blocks(self) -> list[range]:
+        """Cache positions of every block, in order: a loader that shuffles whole blocks (then
+        within a buffer) decodes each block once per epoch instead of once per sequence."""
+        return [positions for _, _, positions in self.block_table()]
+
+    def find_corrupt_blocks(self, progress=None) -> list[tuple[range, str]]:
+        """(cache positions, message) of every block whose bytes fail their digests (reads every
+        block once, decodes none); `progress` wraps the block iterable (e.g. tqdm)."""
+        table = self.block_table()
+        bad = []
+        for shard, block, positions in (progress(table) if progress else table):
+            try:
+                self.check_block(shard, block)
+            except CacheError as err:
+                bad.append((positions, str(err)))
+        return bad
 
     def __getstate__(self):
         """Picklable for DataLoader workers: open handles and decoded blocks are not carried."""
         state = dict(self.__dict__)
-        state["_open"] = None
+        state["_handles"] = {}
         state["_block"] = None
         return state
 
     # --- decoding ------------------------------------------------------------------------
     def _shard(self, number: int):
-        pid = os.getpid()  # a handle opened before a fork is reopened in the child
-        if self._open is None or self._open[0] != pid or self._open[1] != number:
-            self._open = (pid, number, open_shard(self.root, self.manifest["shards"][number], number,
-                                                  self.format_version))
-        return self._open[2]
+        if self._handles_pid != os.getpid():  # handles opened before a fork are reopened in the child
+            self._handles, self._handles_pid = {}, os.getpid()
+        shard = self._handles.pop(number, None)
+        if shard is None:
+            shard = open_shard(self.root, self.manifest["shards"][number], number, self.format_version,
+                               verify=self.verify, checked_whole=self._checked_whole)
+            check_shard_matches(self.root, self.manifest, self.manifest["shards"][number], shard)
+        self._handles[number] = shard
+        while len(self._handles) > OPEN_SHARDS:
+            self._handles.pop(next(iter(self._handles)))
+        return shard
 
     def _decode(self, number: int, block: int) -> list[CachedSequence]:
         if self._block is not None and self._block[:2] == (number, block):
@@ -124,11 +197,24 @@ class CacheReader:
             seqs = shard.decode_block(block, layers=self.layers)
         except CacheError:
             raise
-        except Exception as err:  # noqa: BLE001 - codec / safetensors errors mean a corrupt block
-            raise CacheError(f"{shard.where}: block {block} cannot be decoded ({err}); "
-                             f"run `fastkd cache verify {self.root}`") from None
+        except Exception as err:  # noqa: BLE001 - digest, codec or safetensors errors mean a corrupt block
+            raise self._corrupt(number, block, err) from None
         self._block = (number, block, seqs)
         return seqs
+
+    def _corrupt(self, number: int, block: int, err: Exception) -> CorruptCacheError:
+        entry = self.manifest["shards"][number]
+        what = "fails its digest" if isinstance(err, CorruptShard) and "check" in str(err) else "cannot be decoded"
+        return CorruptCacheError(f"cache {self.root}: shard {entry['file']} block {block} {what} ({err}); its "
+                                 f"sequences are not used. Run `fastkd cache verify {self.root}` to list every "
+                                 f"damaged block", entry["file"], block)
+
+    def check_block(self, shard: int, block: int) -> None:
+        """Check a block's bytes against their digests without decoding (CorruptCacheError if bad)."""
+        try:
+            self._shard(shard).check_block(block)
+        except CorruptShard as err:
+            raise self._corrupt(shard, block, err) from None
 
     def read_block(self, shard: int, block: int) -> list[CachedSequence]:
         """Decode one block (the sequences of `blocks()`' matching range) without caching it."""
@@ -164,3 +250,20 @@ class CacheReader:
     def __iter__(self) -> Iterator[CachedSequence]:
         for number in range(self.num_shards):
             yield from self.iter_shard(number)
+
+
+def check_shard_matches(root: Path, manifest: dict, entry: dict, shard) -> None:
+    """A shard must hold what the manifest says: sequence count and the layout of the settings."""
+    where = f"cache {root}: shard {entry['file']}"
+    if len(shard.record_index) != entry["num_sequences"]:
+        raise CorruptCacheError(f"{where} holds {len(shard.record_index)} sequences, manifest.json says "
+                                f"{entry['num_sequences']}", entry["file"])
+    lay: Layout = shard.layout
+    expected = {"k": manifest["k"], "vocab_size": manifest["tokenizer"]["vocab_size"],
+                "mode": manifest.get("mode", "topk"), "layers": tuple(manifest.get("layers", [])),
+                "widths": tuple(manifest.get("hidden_widths", []))}
+    for key, value in expected.items():
+        if getattr(lay, key) != value:
+            field = {"vocab_size": "tokenizer.vocab_size", "widths": "hidden_widths"}.get(key, key)
+            raise CorruptCacheError(f"{where}: its metadata says {key} {getattr(lay, key)!r}, manifest.json field "
+                                    f"{field!r} says {value!r}; one of them is corrupt", entry["file"])

@@ -3,7 +3,9 @@
 Tensors: `index.record_index` int64 [S], `index.length` int32 [S], `index.num_loss` int32 [S],
 `index.task` int32 [S] (into the `tasks` metadata list), `index.block_start` int64 [B+1];
 per block b: `block.{b:05d}.tokens`, `.topk`, `.counts` (sampled mode), `.hidden.{layer}`,
-all uint8. docs/cache-format.md is the full specification.
+all uint8. The metadata's `digests` holds the sha256 of every tensor's bytes, and the manifest
+holds the sha256 of the header, so every byte is checked before use. docs/cache-format.md is
+the full specification.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from safetensors.numpy import save_file
 
 from .codecs import (get_hidden_codec, get_topk_codec, id_dtype, join_planes, split_planes, zstd_compress,
                      zstd_decompress)
-from .format import FORMAT_NAME, CachedSequence
+from fastkd.integrity import digest_bytes, is_hex_digest
+
+from .format import FORMAT_NAME, MAX_COUNT, MAX_K, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, CachedSequence
 
 SHARD_FORMAT_VERSION = 1
 TOKENS_CODEC = "int32-planes+uint8-zstd"
 COUNTS_CODEC = "uint16-planes-zstd"
+INDEX_DTYPES = {"index.record_index": np.int64, "index.length": np.int32, "index.num_loss": np.int32,
+                "index.task": np.int32, "index.block_start": np.int64}
+MAX_BLOCK_RAW_BYTES = 1 << 34  # a block decoding to more than 16 GiB is taken for a corrupt index
+
+
+class CorruptShard(ValueError):
+    """Bytes of a shard that fail their digest or describe something impossible."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,12 @@ class EncodeError(ValueError):
     """A codec refused a block; names the record it could not encode when one can be found."""
 
 
+def _le_bytes(a: np.ndarray) -> bytes:
+    """The bytes safetensors stores for an array: C order, little endian."""
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def _encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]:
     """All parts of one block; a codec failure is traced to the record that causes it."""
     try:
@@ -162,40 +179,68 @@ def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: 
         "index.task": np.array([task_ids[s.task] for s in seqs], np.int32),
         "index.block_start": np.array(starts, np.int64),
     }
-    crc = {}
     part_bytes = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0}
     hidden_bytes = {str(layer): 0 for layer in layout.layers}
     for b in range(len(starts) - 1):
         for kind, payload in _encode_block(layout, seqs[starts[b]: starts[b + 1]]).items():
             name = f"block.{b:05d}.{kind}"
             tensors[name] = np.frombuffer(payload, np.uint8)
-            crc[name] = zlib.crc32(payload)
             part_bytes[part_kind(name)] += len(payload)
             if kind.startswith("hidden."):
                 hidden_bytes[kind.split(".", 1)[1]] += len(payload)
     meta = layout.metadata()
     meta.update({"shard": str(shard_number), "num_sequences": str(len(seqs)), "num_blocks": str(len(starts) - 1),
-                 "tasks": json.dumps(tasks), "crc32": json.dumps(crc, sort_keys=True)})
+                 "tasks": json.dumps(tasks), "digest": "sha256",
+                 "digests": json.dumps({name: digest_bytes(_le_bytes(t)) for name, t in tensors.items()}, sort_keys=True)})
     save_file(tensors, str(path), metadata=meta)
     return {"num_sequences": len(seqs), "num_loss_positions": int(sum(nloss)), "num_tokens": int(sum(lengths)),
             "num_blocks": len(starts) - 1, "payload_bytes": part_bytes, "hidden_bytes": hidden_bytes}
 
 
 class ShardV1:
-    """Read side of one version-1 shard: the index at open, one block at a time on demand."""
+    """Read side of one version-1 shard: the index at open, one block at a time on demand.
 
-    def __init__(self, handle, where: str):
+    verify=True (the default) checks every tensor's bytes against the `digests` metadata before
+    they are used (shards written before digests existed carry crc32s of their block tensors
+    only; the reader then checks the whole file's sha256 at open, see reader.open_shard). The
+    index is checked for impossible values either way.
+    """
+
+    def __init__(self, handle, where: str, *, verify: bool = True):
         self.handle = handle
         self.where = where
+        self.verify = verify
         self.meta = handle.metadata() or {}
-        self.layout = Layout.from_metadata(self.meta)
-        self.record_index = handle.get_tensor("index.record_index").astype(np.int64)
-        self.length = handle.get_tensor("index.length").astype(np.int64)
-        self.num_loss = handle.get_tensor("index.num_loss").astype(np.int64)
-        self.task = handle.get_tensor("index.task").astype(np.int64)
-        self.block_start = handle.get_tensor("index.block_start").astype(np.int64)
-        self.tasks = json.loads(self.meta.get("tasks", "[]"))
-        self.crc32 = json.loads(self.meta.get("crc32", "{}"))
+        try:
+            self.layout = Layout.from_metadata(self.meta)
+            self.tasks = json.loads(self.meta.get("tasks", "[]"))
+            self.digests = json.loads(self.meta.get("digests", "{}"))
+            self.crc32 = json.loads(self.meta.get("crc32", "{}"))
+        except (KeyError, ValueError, TypeError) as err:
+            raise CorruptShard(f"metadata field {err} is missing or not valid") from None
+        check_layout(self.layout)
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
+            raise CorruptShard("metadata field 'tasks' is not a list of names")
+        if not isinstance(self.digests, dict) or not all(is_hex_digest(v) for v in self.digests.values()):
+            raise CorruptShard("metadata field 'digests' is not a map of tensor names to sha256 digests")
+        if self.digests and set(self.digests) != set(handle.keys()):
+            extra = sorted(set(handle.keys()) ^ set(self.digests))[:3]
+            raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
+        index = {}
+        for name, dtype in INDEX_DTYPES.items():
+            try:
+                array = handle.get_tensor(name)
+            except Exception as err:  # noqa: BLE001 - a missing or unreadable index tensor
+                raise CorruptShard(f"index tensor {name} cannot be read ({err})") from None
+            self._check_digest(name, _le_bytes(array))
+            if array.dtype != dtype or array.ndim != 1:
+                raise CorruptShard(f"index tensor {name} has dtype {array.dtype} and {array.ndim} dimensions, "
+                                   f"expected 1-D {np.dtype(dtype)}")
+            index[name] = array.astype(np.int64)
+        self.record_index, self.length = index["index.record_index"], index["index.length"]
+        self.num_loss, self.task = index["index.num_loss"], index["index.task"]
+        self.block_start = index["index.block_start"]
+        check_index(self)
 
     @property
     def num_blocks(self) -> int:
@@ -207,20 +252,40 @@ class ShardV1:
     def part_names(self, block: int) -> list[str]:
         return part_names(self.layout, block)
 
-    def raw_part(self, name: str, check_crc: bool = False) -> bytes:
-        data = self.handle.get_tensor(name).tobytes()
-        if check_crc and name in self.crc32 and zlib.crc32(data) != self.crc32[name]:
-            raise ValueError(f"crc32 mismatch in tensor {name}")
+    def _check_digest(self, name: str, data: bytes) -> None:
+        if not self.verify:
+            return
+        if name in self.digests:
+            if digest_bytes(data) != self.digests[name]:
+                raise CorruptShard(f"tensor {name} fails its sha256 check (corrupted bytes)")
+        elif name in self.crc32:
+            if zlib.crc32(data) != self.crc32[name]:
+                raise CorruptShard(f"tensor {name} fails its crc32 check (corrupted bytes)")
+        elif self.digests:
+            raise CorruptShard(f"tensor {name} has no digest in the shard metadata")
+
+    def raw_part(self, name: str) -> bytes:
+        """One block tensor's bytes, checked against its digest (when verify is on)."""
+        try:
+            data = self.handle.get_tensor(name).tobytes()
+        except Exception as err:  # noqa: BLE001 - a missing tensor or unreadable bytes
+            raise CorruptShard(f"tensor {name} cannot be read ({err})") from None
+        self._check_digest(name, data)
         return data
 
-    def decode_block(self, block: int, layers=None, check_crc: bool = False) -> list[CachedSequence]:
+    def check_block(self, block: int) -> None:
+        """Check every tensor of a block against its digest without decoding it."""
+        for name in self.part_names(block):
+            self.raw_part(name)
+
+    def decode_block(self, block: int, layers=None) -> list[CachedSequence]:
         """The sequences of one block; `layers` limits which hidden layers are decoded (None: all)."""
         lay = self.layout
         lo, hi = int(self.block_start[block]), int(self.block_start[block + 1])
         lengths, nloss = self.length[lo:hi], self.num_loss[lo:hi]
         total_len, n, k = int(lengths.sum()), int(nloss.sum()), lay.k
         prefix = f"block.{block:05d}."
-        body = zstd_decompress(self.raw_part(prefix + "tokens", check_crc), total_len * 5)
+        body = zstd_decompress(self.raw_part(prefix + "tokens"), total_len * 5)
         all_ids = join_planes(body[: 4 * total_len], np.int32, total_len)
         all_mask = np.frombuffer(body[4 * total_len:], np.uint8).copy()
         if np.any(all_mask > 1):
@@ -232,14 +297,14 @@ class ShardV1:
             counts = np.zeros((0, k), np.int32) if lay.sampled else None
         else:
             codec = get_topk_codec(lay.topk_codec["name"])
-            ids, lp, tail = codec.decode(self.raw_part(prefix + "topk", check_crc), n, k, lay.vocab_size,
+            ids, lp, tail = codec.decode(self.raw_part(prefix + "topk"), n, k, lay.vocab_size,
                                          **lay.topk_codec["params"])
             ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
             if ids.shape != (n, k) or lp.shape != (n, k) or tail.shape != (n,):
                 raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
             counts = None
             if lay.sampled:
-                counts = join_planes(zstd_decompress(self.raw_part(prefix + "counts", check_crc), n * k * 2),
+                counts = join_planes(zstd_decompress(self.raw_part(prefix + "counts"), n * k * 2),
                                      np.uint16, n * k).reshape(n, k).astype(np.int32)
         hidden = {}
         wanted = lay.layers if layers is None else [l for l in lay.layers if l in set(layers)]
@@ -249,7 +314,7 @@ class ShardV1:
                 hidden[layer] = np.zeros((0, width), np.float32)
                 continue
             hcodec = get_hidden_codec(lay.hidden_codec["name"])
-            x = np.asarray(hcodec.decode(self.raw_part(f"{prefix}hidden.{layer}", check_crc), n, width,
+            x = np.asarray(hcodec.decode(self.raw_part(f"{prefix}hidden.{layer}"), n, width,
                                          **lay.hidden_codec["params"]), np.float32)
             if x.shape != (n, width):
                 raise ValueError(f"tensor {prefix}hidden.{layer} decoded to shape {x.shape}, expected {(n, width)}")
@@ -271,6 +336,43 @@ class ShardV1:
             tok += L
             row += m
         return out
+
+
+def check_layout(lay: Layout) -> None:
+    """Impossible layouts (hostile or corrupt metadata) are refused before any size is computed."""
+    if not 1 <= lay.vocab_size <= MAX_VOCAB or not 1 <= lay.k <= min(MAX_K, lay.vocab_size):
+        raise CorruptShard(f"metadata k={lay.k}, vocab_size={lay.vocab_size} out of range")
+    if lay.mode not in ("topk", "sample"):
+        raise CorruptShard(f"metadata mode {lay.mode!r} is not 'topk' or 'sample'")
+    if len(lay.layers) != len(lay.widths) or len(lay.layers) > MAX_LAYERS \
+            or not all(isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in lay.widths) \
+            or not all(isinstance(x, int) for x in lay.layers):
+        raise CorruptShard(f"metadata layers {list(lay.layers)[:4]} / hidden_widths {list(lay.widths)[:4]} are not valid")
+    for part, codec in (("topk_codec", lay.topk_codec), ("hidden_codec", lay.hidden_codec)):
+        if not isinstance(codec, dict) or not isinstance(codec.get("name"), str) or not isinstance(codec.get("params", {}), dict):
+            raise CorruptShard(f"metadata {part} {codec!r} is not {{name, params}}")
+
+
+def check_index(shard) -> None:
+    """The index must describe a possible shard: counts, block table, tasks, block sizes."""
+    count = len(shard.record_index)
+    if not (len(shard.length) == len(shard.num_loss) == len(shard.task) == count) or count > MAX_COUNT:
+        raise CorruptShard("index tensors have different lengths")
+    starts = shard.block_start
+    if len(starts) < 2 or starts[0] != 0 or starts[-1] != count or np.any(np.diff(starts) < 0) \
+            or (count and np.any(np.diff(starts) == 0)):
+        raise CorruptShard(f"index.block_start {starts.tolist()[:8]} is not a block table for {count} sequences")
+    if count and (shard.length.min() < 0 or shard.num_loss.min() < 0 or np.any(shard.num_loss > shard.length)):
+        raise CorruptShard("index.num_loss / index.length hold negative counts or more loss positions than tokens")
+    if count and (shard.record_index.min() < 0 or len(np.unique(shard.record_index)) != count):
+        raise CorruptShard("index.record_index holds negative or repeated record numbers")
+    if count and (shard.task.min() < 0 or shard.task.max() >= max(len(shard.tasks), 1) or not shard.tasks):
+        raise CorruptShard("index.task points outside the metadata's tasks list")
+    tokens = np.add.reduceat(shard.length, starts[:-1]) if count else np.zeros(0, np.int64)
+    rows = np.add.reduceat(shard.num_loss, starts[:-1]) if count else np.zeros(0, np.int64)
+    for b, (t, n) in enumerate(zip(tokens.tolist(), rows.tolist())):
+        if shard.layout.raw_bytes(t, n) > MAX_BLOCK_RAW_BYTES:
+            raise CorruptShard(f"block {b} would decode to {shard.layout.raw_bytes(t, n)} bytes (index values too large)")
 
 
 # format_version (from the manifest / shard metadata) -> shard reader class

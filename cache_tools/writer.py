@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from fastkd.integrity import digest_bytes, file_digest
 
 from .codecs import DEFAULT_HIDDEN_CODEC, DEFAULT_TOPK_CODEC, get_hidden_codec, get_topk_codec, normalize_codec
 from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, RESERVED_KEYS, SHARD_DIR, CacheError,
                      CachedSequence, fsync_dir, jsonable, read_manifest, settings_differences, settings_of,
                      write_manifest)
 from .lock import acquire_lock, release_lock
+from .reader import check_shard_matches, open_shard, shard_header
 from .shard import EncodeError, Layout, write_shard
 
 SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
@@ -99,16 +99,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def totals(shards: list[dict]) -> dict:
     """The manifest's `counts`: sums over the shard entries."""
     parts = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0}
@@ -188,19 +178,10 @@ class CacheWriter:
             raise CacheError(f"cache {self.root}: cannot resume, settings differ from manifest.json: {lines}{more}; "
                              f"use the same settings or a new cache folder")
         self.manifest = existing
-        for j, entry in enumerate(existing["shards"]):
-            path = self.root / entry["file"]
-            if not path.exists():
-                raise CacheError(f"cache {self.root}: shard {entry['file']} (shards[{j}] in manifest.json) is missing")
-            if path.stat().st_size != entry["bytes"]:
-                raise CacheError(f"cache {self.root}: shard {entry['file']} has {path.stat().st_size} bytes, "
-                                 f"manifest.json says {entry['bytes']}; run `fastkd cache verify`")
-            try:
-                with safe_open(str(path), "numpy") as fh:
-                    records = fh.get_tensor("index.record_index")
-            except Exception as err:  # noqa: BLE001 - any read failure is a corrupt shard
-                raise CacheError(f"cache {self.root}: shard {entry['file']}: cannot read index.record_index: {err}") from None
-            self.done.update(int(r) for r in records)
+        for j, entry in enumerate(existing["shards"]):  # every finished shard is checked before it counts as done
+            shard = open_shard(self.root, entry, j, FORMAT_VERSION)
+            check_shard_matches(self.root, existing, entry, shard)
+            self.done.update(int(r) for r in shard.record_index)
         self._cleanup(len(existing["shards"]))
 
     def _cleanup(self, next_number: int) -> None:
@@ -252,6 +233,16 @@ class CacheWriter:
             if np.shape(arr) != shape:
                 raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
                                  f"({n} loss positions, k={k})")
+        lp = np.asarray(seq.topk_logprobs, np.float64)
+        if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and np.isneginf(lp).all(axis=1).any()):
+            raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
+                             f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
+                             f"produced NaN; nothing of this record was written (try --dtype float32)")
+        tail = np.asarray(seq.tail, np.float64)
+        if not np.isfinite(tail).all() or (tail < -1e-3).any() or (tail > 1 + 1e-3).any():
+            raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row "
+                             f"{_first_bad(~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3))}); the teacher's "
+                             f"output is not a distribution (try --dtype float32)")
         tids = np.asarray(seq.topk_ids)
         low = -1 if lay.sampled else 0
         if tids.size and (tids.min() < low or tids.max() >= lay.vocab_size):
@@ -272,6 +263,9 @@ class CacheWriter:
             if np.shape(seq.hidden[layer]) != (n, width):
                 raise CacheError(f"{where}: field hidden[{layer}] has shape {np.shape(seq.hidden[layer])}, "
                                  f"expected {(n, width)}")
+            if not np.isfinite(np.asarray(seq.hidden[layer], np.float32)).all():
+                raise CacheError(f"{where}: field hidden[{layer}] holds NaN or infinite values: the teacher's "
+                                 f"forward overflowed; nothing of this record was written (try --dtype float32)")
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -284,7 +278,8 @@ class CacheWriter:
                                max_block_sequences=self.max_block_sequences)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-            digest, size = _file_sha256(tmp)
+            digest, size = file_digest(tmp)
+            header_digest = digest_bytes(shard_header(tmp))
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except BaseException as err:
@@ -298,7 +293,7 @@ class CacheWriter:
             if isinstance(err, OSError):
                 raise CacheError(f"cache {self.root}: cannot write shard {shard_file(number)}: {err}") from None
             raise
-        entry = {"file": shard_file(number), "sha256": digest, "bytes": size, **info,
+        entry = {"file": shard_file(number), "sha256": digest, "header_sha256": header_digest, "bytes": size, **info,
                  "first_record": int(self._buffer[0].record_index), "last_record": int(self._buffer[-1].record_index)}
         self.manifest["shards"].append(entry)
         self.manifest["counts"] = totals(self.manifest["shards"])
@@ -350,6 +345,11 @@ class CacheWriter:
     @property
     def num_buffered(self) -> int:
         return len(self._buffer)
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)) if mask.size else []
+    return int(rows[0]) if len(rows) else -1
 
 
 def _owned_copy(seq: CachedSequence) -> CachedSequence:

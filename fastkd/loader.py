@@ -40,14 +40,17 @@ class CacheSource:
     `shards` are the cache's compressed blocks (the unit the plan shuffles first, so reads stay
     local); recently decoded blocks are kept in a small LRU so a shuffle buffer spanning a few
     blocks decodes each block about once per epoch. `layers=[]` skips decoding hidden states.
-    The reader is opened lazily so the source pickles into DataLoader workers.
+    The reader is opened lazily so the source pickles into DataLoader workers. verify=True (the
+    default) checks every block against its digests before decoding it (see CacheReader).
     """
 
     has_teacher = True
 
-    def __init__(self, path: str | Path, *, layers: list[int] | None = None, cached_blocks: int = 8):
+    def __init__(self, path: str | Path, *, layers: list[int] | None = None, cached_blocks: int = 8,
+                 verify: bool = True):
         self.path = str(path)
         self.layers = layers
+        self.verify = verify
         self.cached_blocks = max(1, int(cached_blocks))
         self._reader = None
         self._blocks: dict = {}
@@ -65,7 +68,7 @@ class CacheSource:
         if self._reader is None:
             from fastkd.cache_tools import CacheReader
 
-            self._reader = CacheReader(self.path, layers=self.layers)
+            self._reader = CacheReader(self.path, layers=self.layers, verify=self.verify)
         return self._reader
 
     def __getstate__(self):
@@ -86,6 +89,13 @@ class CacheSource:
         while len(self._blocks) > self.cached_blocks:
             self._blocks.pop(next(iter(self._blocks)))
         return seqs[inside]
+
+
+    def corrupt_positions(self, progress=None) -> tuple[np.ndarray, list[str]]:
+        """Positions held by blocks that fail their digests, and one message per such block."""
+        bad = self.reader.find_corrupt_blocks(progress)
+        positions = np.concatenate([np.arange(r.start, r.stop) for r, _ in bad]) if bad else np.zeros(0, np.int64)
+        return positions.astype(np.int64), [message for _, message in bad]
 
 
 class RecordSource:
@@ -290,23 +300,49 @@ class BatchStream(torch.utils.data.IterableDataset):
             for index in range(start, len(plan)):
                 if item % workers == worker:
                     mine = rank_slice(plan[index], self.rank, self.world)
-                    yield epoch, index + 1, [collate([self.source[p] for p in part], self.pad_id)
-                                             for part in np.array_split(mine, self.accum) if len(part)]
+                    try:
+                        micro = [collate([self.source[p] for p in part], self.pad_id)
+                                 for part in np.array_split(mine, self.accum) if len(part)]
+                    except UserError as err:  # crosses the worker boundary as a message, not a traceback
+                        yield StreamFailure(err)
+                        return
+                    yield epoch, index + 1, micro
                 item += 1
             epoch, start = epoch + 1, 0
 
 
+@dataclass
+class StreamFailure:
+    """A UserError raised while building a batch (e.g. a corrupt cache block), carried out of a
+    DataLoader worker so the main process raises it with its own message, not a worker traceback."""
+
+    error: UserError
+
+
+@dataclass
+class Loader:
+    """A DataLoader whose iteration raises the error a StreamFailure carries (with its message)."""
+
+    dataloader: torch.utils.data.DataLoader
+
+    def __iter__(self):
+        for item in self.dataloader:
+            if isinstance(item, StreamFailure):
+                raise item.error
+            yield item
+
+
 def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
                 start: int = 0, epochs: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False) -> Loader:
     """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None).
     `plans` is a picklable callable epoch -> list of global batches (see `PlanMaker`) or a fixed list."""
     if isinstance(plans, list):
         plans = FixedPlan(plans)
     stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
                          epochs=epochs)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    return Loader(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                              prefetch_factor=4 if num_workers else None, persistent_workers=False))
 
 
 @dataclass

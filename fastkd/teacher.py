@@ -47,8 +47,8 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
         torch_dtype = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the {role} model {path!r}: {err}".splitlines()[0]) from None
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing files, bad config, size mismatches
+        raise UserError(f"cannot load the {role} model {path!r}: {type(err).__name__}: {err}".splitlines()[0]) from None
     return model.to(dev).eval()
 
 

@@ -78,6 +78,10 @@ class TrainConfig:
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
                                     "tasks of different lengths then fill batches of their own: 1 mixes them)")
     num_workers: int = _opt(0, "DataLoader worker processes decoding the cache")
+    verify_cache: bool = _opt(True, "check every cache block against its sha256 before decoding it (cost: see benchmarks/cache_io.py); "
+                                    "--no-verify-cache trains on bytes nobody checked (a warning says so)")
+    skip_corrupt_blocks: bool = _opt(False, "before training, check every cache block and leave out the ones that fail their digests "
+                                            "(counted and named); without it a corrupt block stops training")
     # run
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")
     resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
@@ -111,6 +115,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.skip_corrupt_blocks and not self.verify_cache:
+            raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
         if self.max_steps is not None and self.max_steps < 0:
             raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
         return self

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import random
-import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastkd.checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastkd.errors import UserError
 from fastkd.loader import IGNORE_INDEX, Batch, CacheSource, RecordSource, make_loader, plan_for, split_holdout
 from fastkd.train import TrainConfig, save_config
-
-CHECKPOINT = "checkpoint"
 
 
 # ----------------------------------------------------------------------------- the loss module
@@ -142,19 +141,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_student(config: TrainConfig, device: torch.device) -> nn.Module:
-    """From a folder/hub id, or freshly initialised from a config (seeded) for from-scratch runs."""
+def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0) -> nn.Module:
+    """From a folder/hub id, or freshly initialised from a config (seeded) for from-scratch runs.
+    A config whose vocabulary is smaller than the tokenizer's (or the cache's ids) is refused
+    before any weight is loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    source = config.student or config.student_config
+    flag = "--student" if config.student else "--student-config"
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {source}: {str(err).splitlines()[0]}") from None
+    rows = getattr(model_config, "vocab_size", None) or getattr(getattr(model_config, "text_config", None), "vocab_size", None)
+    if isinstance(rows, int) and rows < vocab_size:
+        raise UserError(f"{flag} {source}: its config has vocab_size {rows}, fewer than the {vocab_size} token ids the "
+                        f"tokenizer and teacher cache use; the student cannot score them. Use a student made for this "
+                        f"tokenizer (or resize its embeddings and save it first)")
     if config.student:
         from fastkd.teacher import load_causal_lm
 
         model = load_causal_lm(config.student, dtype="float32", device=str(device), role="student")
     else:
-        try:
-            model_config = AutoConfig.from_pretrained(config.student_config)
-        except (OSError, ValueError) as err:
-            raise UserError(f"--student-config {config.student_config}: {str(err).splitlines()[0]}") from None
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config).to(device)
     if config.gradient_checkpointing:
@@ -165,6 +173,12 @@ def load_student(config: TrainConfig, device: torch.device) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()
+
+
+def cache_vocab(data: "DataSide") -> int:
+    """The vocabulary size the cache's ids were drawn from (0 without a cache)."""
+    manifest = getattr(data.train, "manifest", None) or {}
+    return int((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
 
 
 def check_vocab(model: nn.Module, vocab_size: int, where: str) -> None:
@@ -217,15 +231,22 @@ class DataSide:
     teacher_widths: list[int]
     teacher_depth: int
     teacher: nn.Module | None = None
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # corrupt blocks' positions
 
 
 def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
     """Open the cache (checking tokenizer and mode) or tokenise the records (+ load a live teacher)."""
     from fastkd.data import check_tokenizer, tokenizer_identity
 
+    excluded = np.zeros(0, dtype=np.int64)
     if config.cache:
         layers = None if config.hidden_weight else []          # skip decoding hidden states nobody uses
-        train = CacheSource(config.cache, layers=layers)
+        if not config.verify_cache and env.is_main:
+            warnings.warn(f"--no-verify-cache: blocks of cache {config.cache} are decoded without checking their "
+                          f"digests; corrupt bytes would be trained on", stacklevel=2)
+        train = CacheSource(config.cache, layers=layers, verify=config.verify_cache)
+        if config.skip_corrupt_blocks:
+            excluded = skip_corrupt(train, config.cache, config, env)
         span = config.shuffle_buffer + config.group_batches * config.batch_size * env.world * config.grad_accum
         train.cached_blocks = 2 + math.ceil(span / max(1.0, len(train) / max(1, len(train.shards))))
         manifest = train.manifest
@@ -244,7 +265,7 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         teacher = None
         evaluation = None
         if config.eval_cache:
-            evaluation = CacheSource(config.eval_cache, layers=layers)
+            evaluation = CacheSource(config.eval_cache, layers=layers, verify=config.verify_cache)
             check_tokenizer(evaluation.manifest.get("tokenizer", {}), tokenizer, f"eval cache {config.eval_cache}")
     else:
         rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length)
@@ -265,7 +286,33 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
     if evaluation is None and config.eval_sequences:
         train_positions, eval_positions = split_holdout(len(train), config.eval_sequences, config.seed)
         evaluation = train
-    return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher)
+    if len(excluded):
+        keep = lambda positions: np.setdiff1d(positions, excluded)  # noqa: E731
+        train_positions = keep(np.arange(len(train)) if train_positions is None else train_positions)
+        eval_positions = None if eval_positions is None else keep(eval_positions)
+        if not len(train_positions):
+            raise UserError(f"cache {config.cache}: every block fails its digests; nothing is left to train on")
+    return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher,
+                    excluded=excluded)
+
+
+def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) -> np.ndarray:
+    """--skip-corrupt-blocks: check every block's digests once; the positions of the bad ones."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = config.progress and env.is_main
+    positions, messages = source.corrupt_positions(
+        progress=(lambda xs: tqdm(xs, desc="check cache", unit="block", file=sys.stderr)) if show else None)
+    if messages and env.is_main:
+        print(f"--skip-corrupt-blocks: {len(messages)} of {len(source.shards)} blocks of cache {path} fail their "
+              f"digests; their {len(positions)} sequences are left out of training:", file=sys.stderr)
+        for message in messages[:10]:
+            print(f"  {message.split('; its sequences')[0]}", file=sys.stderr)
+        if len(messages) > 10:
+            print(f"  ... and {len(messages) - 10} more (`fastkd cache verify {path}` lists them all)", file=sys.stderr)
+    return positions
 
 
 def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_size: int) -> Batch:
@@ -337,64 +384,6 @@ def autocast(config: TrainConfig, env: Env):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Write <run>/checkpoint atomically: a temporary folder, fsync, then rename over the old one."""
-    final = run_dir / CHECKPOINT
-    tmp = run_dir / f".{CHECKPOINT}.tmp"
-    old = run_dir / f".{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / "state.pt", "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    (tmp / "progress.json").write_text(json.dumps({"step": state["step"], "epoch": state["epoch"],
-                                                   "position": state["position"]}))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(run_dir: Path) -> dict:
-    """The latest complete checkpoint (a crash between the two renames leaves the previous one as .old)."""
-    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
-        path = run_dir / name / "state.pt"
-        if path.exists():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as err:  # noqa: BLE001 - a truncated file: say which
-                raise UserError(f"--resume: {path} cannot be read ({type(err).__name__}: {err})") from None
-    raise UserError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT}/state.pt); "
-                    f"run without --resume to start from the beginning")
-
 
 def full_state(module: nn.Module, optimizer, config: TrainConfig, env: Env) -> tuple[dict, dict | None]:
     """Unsharded model (and optimizer) state; under FSDP every rank takes part in gathering it."""
@@ -543,7 +532,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
     tokenizer = load_tokenizer(config.tokenizer or config.student)
     vocab_size = len(tokenizer)
     data = build_data(config, tokenizer, env)
-    student = load_student(config, env.device)
+    student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
     check_vocab(student, vocab_size, config.student or config.student_config)
     projector = None
     student_layers = []

@@ -18,6 +18,7 @@ from fastkd.cache_tools import FORMAT_VERSION, CacheError, CachedSequence, Cache
 from fastkd.cache_tools.codecs import id_dtype, register_hidden_codec, register_topk_codec
 from fastkd.cache_tools.synthetic import random_sequence, random_sequences, synthetic_settings
 from fastkd.errors import UserError
+from fastkd.integrity import seal
 
 
 def bf16_reference(x):
@@ -66,7 +67,7 @@ def test_round_trip_every_field(tmp_path, mode):
     seqs = [random_sequence(rng, i, settings) for i in range(40)]
     seqs += [random_sequence(rng, 40, settings, length=5, num_loss=0),  # empty response: stored, n = 0
              random_sequence(rng, 41, settings, length=7, num_loss=7)]
-    seqs[3].hidden[1][0, :3] = [np.nan, np.inf, -0.0]  # special values survive bf16
+    seqs[3].hidden[1][0, :3] = [1e30, -1e-30, -0.0]  # extreme finite values and -0 survive bf16 (NaN is refused)
     reader = write_cache(tmp_path / "c", settings, seqs, sequences_per_shard=16, max_block_sequences=3)
     assert len(reader) == len(seqs) and reader.num_shards == 3
     for s, got in zip(seqs, reader):
@@ -372,7 +373,7 @@ def test_unknown_format_version_refused(tmp_path):
     write_cache(tmp_path / "c", settings, random_sequences(16, 2, settings))
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     m["format_version"] = 99
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(seal(m)))  # as a newer fastkd would write it
     with pytest.raises(CacheError, match="format version 99 is not known"):
         CacheReader(tmp_path / "c")
 
@@ -443,13 +444,13 @@ def test_format_version_picks_the_shard_decoder(tmp_path, monkeypatch):
     write_cache(tmp_path / "c", settings, seqs)
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     m["format_version"] = 0
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(seal(m)))
     used = []
 
     class OldShard(shard_mod.ShardV1):
-        def decode_block(self, block, layers=None, check_crc=False):
+        def decode_block(self, block, layers=None):
             used.append(block)
-            return super().decode_block(block, layers, check_crc)
+            return super().decode_block(block, layers)
 
     monkeypatch.setitem(shard_mod.SHARD_READERS, 0, OldShard)
     reader = CacheReader(tmp_path / "c")

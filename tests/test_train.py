@@ -94,7 +94,8 @@ def test_offline_kd_halves_heldout_kl_and_saves_a_loadable_student(kd, tiny_llam
     assert "hidden_weight: 0.5" in saved and "max_steps: 30" in saved
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_kl" in x and x["step"] == 15 for x in lines) and any("loss" in x for x in lines)
-    assert (out / "checkpoint" / "state.pt").exists()
+    assert (out / "checkpoint" / "checkpoint.json").exists() and (out / "checkpoint" / "state.safetensors").exists()
+    assert not list((out / "checkpoint").glob("*.pt")), "checkpoints hold no pickle"
     assert (out / "final" / "projector.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")

@@ -1,0 +1,234 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in sealed JSON.
+
+A checkpoint is a folder `<run>/checkpoint/` with `state.safetensors` (every tensor of the
+state: model, optimizer moments, RNG states) and `checkpoint.json` (the state's structure with
+references to those tensors, the file's sha256, and a seal over the JSON itself). Loading checks
+both digests before anything is used and runs no code from the files. Checkpoints written by
+fastkd <= 0.1 (`state.pt`) are read with `torch.load(weights_only=True)`, which refuses any
+object that is not plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.errors import UserError
+from fastkd.integrity import file_digest, seal, seal_matches
+
+CHECKPOINT = "checkpoint"
+TENSORS = "state.safetensors"
+INDEX = "checkpoint.json"
+FORMAT = "fastkd-checkpoint"
+FORMAT_VERSION = 1
+LEGACY = "state.pt"
+
+
+# ----------------------------------------------------------------------------- state tree <-> JSON
+
+def encode_tree(obj, tensors: dict[str, torch.Tensor], seen: dict, path: str = "state"):
+    """JSON for a nested state (dicts, lists, tuples, numbers, strings, None, tensors, numpy
+    arrays); tensors go into `tensors` under generated names. Raises TypeError naming the path
+    of anything else, so a state that cannot be stored fails when saved, not when resumed."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        key = (obj.device, obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.data_ptr())
+        if key not in seen:  # tied weights are stored once
+            seen[key] = f"t{len(tensors)}"
+            t = obj.detach().to("cpu").contiguous()
+            storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if storage in seen or t.numel() * t.element_size() != storage[1]:
+                t = t.clone()  # safetensors stores each tensor in storage of its own
+            seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = True
+            tensors[seen[key]] = t
+        return {"__tensor__": seen[key]}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise TypeError(f"{path}: numpy array of dtype {obj.dtype} cannot be stored")
+        return {"__ndarray__": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
+    if isinstance(obj, np.generic):
+        return encode_tree(obj.item(), tensors, seen, path)
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, seen, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, tensors, seen, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_tree(v, tensors, seen, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[encode_tree(k, tensors, seen, f"{path} key"), encode_tree(v, tensors, seen, f"{path}[{k!r}]")]
+                              for k, v in obj.items()]}
+    raise TypeError(f"{path}: a {type(obj).__name__} cannot be stored in a checkpoint")
+
+
+def decode_tree(obj, tensors: dict[str, torch.Tensor], path: str = "state"):
+    """Inverse of encode_tree; ValueError naming the path for anything malformed."""
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        name = obj["__tensor__"]
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is not in {TENSORS}")
+        return tensors[name]
+    if "__float__" in obj:
+        if obj["__float__"] not in ("nan", "inf", "-inf"):
+            raise ValueError(f"{path}: {obj['__float__']!r} is not a special float")
+        return float(obj["__float__"])
+    if "__ndarray__" in obj:
+        dtype = np.dtype(obj["__ndarray__"])
+        if dtype.kind not in "biuf":
+            raise ValueError(f"{path}: numpy dtype {dtype} is not allowed")
+        return np.asarray(obj["data"], dtype=dtype).reshape(obj["shape"])
+    if "__tuple__" in obj:
+        return tuple(decode_tree(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj["__tuple__"]))
+    if "__items__" in obj:
+        return {_hashable(decode_tree(k, tensors, path)): decode_tree(v, tensors, f"{path}[{k!r}]")
+                for k, v in obj["__items__"]}
+    return {k: decode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+
+
+def _hashable(key):
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_checkpoint(run_dir: Path, state: dict) -> Path:
+    """Write <run>/checkpoint atomically: a temporary folder (files fsynced), then a rename over
+    the old one; a kill at any moment leaves the old or the new checkpoint, whole."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.tmp", run_dir / f".{CHECKPOINT}.old"
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode_tree(state, tensors, {})
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / TENSORS))
+    _fsync_file(tmp / TENSORS)
+    digest, size = file_digest(tmp / TENSORS)
+    index = seal({"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "files": {TENSORS: {"sha256": digest, "bytes": size}}, "state": tree})
+    _write_synced(tmp / INDEX, json.dumps(index, allow_nan=False).encode())
+    _write_synced(tmp / "progress.json", json.dumps({"step": state.get("step"), "epoch": state.get("epoch"),
+                                                     "position": state.get("position")}).encode())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    """The latest complete checkpoint (a crash between the two renames leaves the previous one as
+    .old), every file checked against its digest first; UserError saying what is wrong."""
+    run_dir = Path(run_dir)
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        folder = run_dir / name
+        if (folder / INDEX).exists():
+            return _load_folder(folder)
+        if (folder / LEGACY).exists():
+            return _load_legacy(folder / LEGACY)
+    raise UserError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT}/{INDEX}); "
+                    f"run without --resume to start from the beginning")
+
+
+def _load_folder(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    where = f"--resume: checkpoint {folder}"
+    try:
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"), parse_constant=_refuse)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"{where}: {INDEX} cannot be read ({err}); it is corrupt") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{where}: {INDEX} is not a fastkd checkpoint index (field 'format')")
+    if seal_matches(index) is not True:
+        raise UserError(f"{where}: {INDEX} does not match its digest (corrupted or edited); resume from an "
+                        f"earlier copy or start a new run folder")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{where}: format version {index.get('format_version')!r}, this fastkd reads {FORMAT_VERSION}")
+    try:
+        expected = index["files"][TENSORS]
+        digest, size = file_digest(folder / TENSORS)
+    except (OSError, KeyError, TypeError) as err:
+        raise UserError(f"{where}: {TENSORS} cannot be read ({err})") from None
+    if size != expected.get("bytes") or digest != expected.get("sha256"):
+        raise UserError(f"{where}: {TENSORS} fails its sha256 check against {INDEX} (truncated or corrupted); "
+                        f"resume from an earlier copy or start a new run folder")
+    try:
+        return decode_tree(index["state"], load_file(str(folder / TENSORS)))
+    except Exception as err:  # noqa: BLE001 - a digest-checked but malformed state
+        raise UserError(f"{where}: the state cannot be rebuilt ({err})") from None
+
+
+def _load_legacy(path: Path) -> dict:
+    """A checkpoint from fastkd <= 0.1: restricted unpickling (plain data and tensors only; the
+    numpy RNG state's arrays are the one allowed class)."""
+    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    reconstruct = getattr(getattr(np, "_core", np.core).multiarray, "_reconstruct")
+    try:
+        with torch.serialization.safe_globals([reconstruct, *allowed]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - refused objects, truncation: say which
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--resume: {path} was refused ({text}); it holds objects other than tensors and plain "
+                        f"data, which fastkd never unpickles (that could run code). Start a new run folder, or "
+                        f"start from its weights with --student") from None
+
+
+def _refuse(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
