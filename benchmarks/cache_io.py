@@ -3,10 +3,13 @@
     python benchmarks/cache_io.py [--sequences 32] [--width 2048]
 
 Each sequence: 700 tokens with 500 loss positions, k=64, V=151,936, one hidden layer stored
-as bf16 (random data: an upper bound on hidden bytes, real activations compress better).
+with the format's default codecs (random data: an upper bound on hidden bytes, real activations
+compress better). Every read runs with the digests checked (the default) and unchecked
+(verify=False), alternating, median of --reps; the last column is checked / unchecked time.
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -33,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--width", type=int, default=2048, help="hidden width (0: no hidden states)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each read (median)")
     args = ap.parse_args()
     seqs = make_sequences(args.sequences, args.width)
     settings = {"tokenizer": {"vocab_size": 151_936}, "k": 64, "layers": [10] if args.width else [],
@@ -44,19 +48,29 @@ def main() -> None:
         for s in seqs:
             writer.add(s)
     write_s = time.perf_counter() - t
-    print(f"{'what':<28}{'positions/s':>14}")
+    print(f"{'what':<28}{'positions/s':>14}{'unchecked':>14}{'time ratio':>12}")
     print(f"{'write':<28}{positions / write_s:>14,.0f}")
-    for layers, label in [(None, "stream read, with hidden"), ([], "stream read, logits only")]:
-        reader = CacheReader(root, layers=layers)
-        t = time.perf_counter()
-        for _ in reader:
+
+    def stream(layers, verify):
+        for _ in CacheReader(root, layers=layers, verify=verify):
             pass
-        print(f"{label:<28}{positions / (time.perf_counter() - t):>14,.0f}")
+
+    def random_reads(layers, verify):
+        reader = CacheReader(root, layers=layers, verify=verify)
+        for i in np.random.default_rng(1).permutation(len(reader)):
+            reader[int(i)]
+
+    for run, layers, label in [(stream, None, "stream read, with hidden"), (stream, [], "stream read, logits only"),
+                               (random_reads, None, "random read, with hidden")]:
+        times = {True: [], False: []}
+        for _ in range(args.reps):
+            for verify in (True, False):
+                t = time.perf_counter()
+                run(layers, verify)
+                times[verify].append(time.perf_counter() - t)
+        checked, unchecked = statistics.median(times[True]), statistics.median(times[False])
+        print(f"{label:<28}{positions / checked:>14,.0f}{positions / unchecked:>14,.0f}{checked / unchecked:>12.3f}")
     reader = CacheReader(root)
-    t = time.perf_counter()
-    for i in np.random.default_rng(1).permutation(len(reader)):
-        reader[int(i)]
-    print(f"{'random read, with hidden':<28}{positions / (time.perf_counter() - t):>14,.0f}")
     print(f"bytes per loss position: {reader.manifest['counts']['bytes'] / positions:,.1f}")
 
 

@@ -3,8 +3,9 @@
 Tensors: `index.record_index` int64 [S], `index.length` int32 [S], `index.num_loss` int32 [S],
 `index.task` int32 [S] (into the `tasks` metadata list), `index.block_start` int64 [B+1];
 per block b: `block.{b:05d}.tokens`, `.topk`, `.counts` (sampled mode), `.hidden.{layer}`,
-all uint8. The metadata's `digests` holds the sha256 of every tensor's bytes, and the manifest
-holds the sha256 of the header, so every byte is checked before use. docs/cache-format.md is
+all uint8. The metadata's `digests` holds the xxh3-128 digest of every tensor's bytes (`digest`
+names the algorithm), and the manifest holds the sha256 of the header (which holds those), so
+every byte is checked before use. docs/cache-format.md is
 the full specification.
 """
 
@@ -19,7 +20,7 @@ from safetensors.numpy import save_file
 
 from .codecs import (get_hidden_codec, get_topk_codec, id_dtype, join_planes, split_planes, zstd_compress,
                      zstd_decompress)
-from fastkd.integrity import digest_bytes, is_hex_digest
+from fastkd.integrity import BLOCK_DIGEST, digest_bytes, is_hex_digest
 
 from .format import FORMAT_NAME, MAX_COUNT, MAX_K, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, CachedSequence
 
@@ -190,8 +191,9 @@ def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: 
                 hidden_bytes[kind.split(".", 1)[1]] += len(payload)
     meta = layout.metadata()
     meta.update({"shard": str(shard_number), "num_sequences": str(len(seqs)), "num_blocks": str(len(starts) - 1),
-                 "tasks": json.dumps(tasks), "digest": "sha256",
-                 "digests": json.dumps({name: digest_bytes(_le_bytes(t)) for name, t in tensors.items()}, sort_keys=True)})
+                 "tasks": json.dumps(tasks), "digest": BLOCK_DIGEST,
+                 "digests": json.dumps({name: digest_bytes(_le_bytes(t), BLOCK_DIGEST) for name, t in tensors.items()},
+                                       sort_keys=True)})
     save_file(tensors, str(path), metadata=meta)
     return {"num_sequences": len(seqs), "num_loss_positions": int(sum(nloss)), "num_tokens": int(sum(lengths)),
             "num_blocks": len(starts) - 1, "payload_bytes": part_bytes, "hidden_bytes": hidden_bytes}
@@ -215,14 +217,15 @@ class ShardV1:
             self.layout = Layout.from_metadata(self.meta)
             self.tasks = json.loads(self.meta.get("tasks", "[]"))
             self.digests = json.loads(self.meta.get("digests", "{}"))
+            self.digest = self.meta.get("digest", BLOCK_DIGEST)
             self.crc32 = json.loads(self.meta.get("crc32", "{}"))
         except (KeyError, ValueError, TypeError) as err:
             raise CorruptShard(f"metadata field {err} is missing or not valid") from None
         check_layout(self.layout)
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
             raise CorruptShard("metadata field 'tasks' is not a list of names")
-        if not isinstance(self.digests, dict) or not all(is_hex_digest(v) for v in self.digests.values()):
-            raise CorruptShard("metadata field 'digests' is not a map of tensor names to sha256 digests")
+        if not isinstance(self.digests, dict) or not all(is_hex_digest(v, self.digest) for v in self.digests.values()):
+            raise CorruptShard(f"metadata field 'digests' is not a map of tensor names to {self.digest} digests")
         if self.digests and set(self.digests) != set(handle.keys()):
             extra = sorted(set(handle.keys()) ^ set(self.digests))[:3]
             raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
@@ -256,8 +259,8 @@ class ShardV1:
         if not self.verify:
             return
         if name in self.digests:
-            if digest_bytes(data) != self.digests[name]:
-                raise CorruptShard(f"tensor {name} fails its sha256 check (corrupted bytes)")
+            if digest_bytes(data, self.digest) != self.digests[name]:
+                raise CorruptShard(f"tensor {name} fails its {self.digest} check (corrupted bytes)")
         elif name in self.crc32:
             if zlib.crc32(data) != self.crc32[name]:
                 raise CorruptShard(f"tensor {name} fails its crc32 check (corrupted bytes)")

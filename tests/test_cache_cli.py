@@ -77,7 +77,7 @@ def test_verify_ok_then_flipped_byte_names_shard_and_block(capsys, cache):
     code, out, _ = run_cli(capsys, "verify", cache, "--no-progress")
     assert code == 1
     assert "shard shards/shard-00001.safetensors: sha256" in out
-    assert "shard shards/shard-00001.safetensors block 2: tensor block.00002.topk fails its sha256 check" in out
+    assert "shard shards/shard-00001.safetensors block 2: tensor block.00002.topk fails its xxh3-128 check" in out
     assert "shard-00000" not in out and "shard-00002" not in out
     code, out, _ = run_cli(capsys, "verify", cache, "--json")
     report = json.loads(out)

@@ -468,18 +468,31 @@ def _spec_read(root):
         w = np.dtype(dtype).itemsize
         return np.frombuffer(data, np.uint8).reshape(w, count).T.copy().view(np.dtype(dtype).newbyteorder("<")).ravel()
 
+    import hashlib
+
+    import xxhash
+
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["format"] == "fastkd-teacher-cache" and manifest["format_version"] == 1
+    body = {key: v for key, v in manifest.items() if key != "self_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert hashlib.sha256(canonical).hexdigest() == manifest["self_sha256"]
     V, k = manifest["tokenizer"]["vocab_size"], manifest["k"]
     W = np.uint8 if V <= 255 else np.uint16 if V <= 65535 else np.uint32
     out = []
     for entry in manifest["shards"]:
         raw = (root / entry["file"]).read_bytes()
-        import hashlib
         assert hashlib.sha256(raw).hexdigest() == entry["sha256"]
         hlen = int.from_bytes(raw[:8], "little")
+        assert hashlib.sha256(raw[: 8 + hlen]).hexdigest() == entry["header_sha256"]
         header = json.loads(raw[8: 8 + hlen])
         meta = header.pop("__metadata__")
+        assert meta["digest"] == "xxh3-128"
+        digests = json.loads(meta["digests"])
+        assert set(digests) == set(header)
+        for name, spec in header.items():
+            a, b = spec["data_offsets"]
+            assert xxhash.xxh3_128_hexdigest(raw[8 + hlen + a: 8 + hlen + b]) == digests[name], name
         layers, widths = json.loads(meta["layers"]), json.loads(meta["hidden_widths"])
 
         def tensor(name, dtype):

@@ -245,7 +245,7 @@ def test_hostile_index_with_valid_digests_is_refused_without_allocating(cache):
     tensors["index.length"] = tensors["index.length"].copy()
     tensors["index.num_loss"] = tensors["index.num_loss"].copy()
     tensors["index.length"][0] = tensors["index.num_loss"][0] = 2 ** 31 - 1
-    meta["digests"] = json.dumps({k: digest_bytes(v.tobytes()) for k, v in tensors.items()})
+    meta["digests"] = json.dumps({k: digest_bytes(v.tobytes(), "xxh3-128") for k, v in tensors.items()})
     save_file(tensors, str(path), metadata=meta)
     manifest = json.loads((cache / "manifest.json").read_text())
     data = path.read_bytes()
