@@ -56,12 +56,33 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _pinned_tokenizer(path) or AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from {path!r}: {err}".splitlines()[0]) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _pinned_tokenizer(path: str):
+    """A folder whose tokenizer_config.json pins the generic class (fastkd.tiny.pin_tokenizer_class)
+    is loaded from its tokenizer.json as saved: transformers 5 otherwise re-derives a model
+    family's own normalizer and pre-tokenizer (Qwen2: NFC + its split regex), ids change."""
+    import json
+    from pathlib import Path
+
+    cfg, tok_json = Path(path) / "tokenizer_config.json", Path(path) / "tokenizer.json"
+    if not (cfg.is_file() and tok_json.is_file()):
+        return None
+    try:
+        pinned = json.loads(cfg.read_text()).get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    except (OSError, ValueError):
+        return None
+    if not pinned:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def model_identity(model, path: str) -> dict:

@@ -195,3 +195,206 @@ def test_response_keeps_the_rationale_text_as_written():
     """Only the answer phrase is normalised; spacing inside the rationale is data and stays."""
     assert Template(cot=True).response("a  b\n\nc", "d") == " a  b\n\nc So the answer is d."
     assert Template(cot=True).response("", "d") == " So the answer is d."
+
+
+# ----------------------------------------------------------------------------- tokenizer identity
+
+def _variant(tok, edit=None, **special):
+    """The tokenizer rebuilt from its own tokenizer.json, after `edit(spec)` changes the parsed JSON."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if edit is not None:
+        edit(spec)
+    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=4096)
+    kwargs.update(special)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **kwargs)
+
+
+def _refusal(ident, tok) -> str:
+    with pytest.raises(DataError) as err:
+        check_tokenizer(ident, tok, "cache /c")
+    return str(err.value)
+
+
+def _drop_last_merge(spec):
+    spec["model"]["merges"].pop()
+
+
+def _prefix_space(spec):
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+
+
+def _lowercase(spec):
+    spec["normalizer"] = {"type": "Lowercase"}
+
+
+def _bos_template(spec):
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+
+
+def _vocab_word_as_added_token(spec):   # "True" is in the vocabulary already: same vocab, one more added token
+    spec["added_tokens"].append({"id": spec["model"]["vocab"]["True"], "content": "True", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": True, "special": False})
+
+
+def _added_token_flag(spec):
+    spec["added_tokens"][2]["lstrip"] = True
+
+
+def test_identical_tokenizer_accepted_and_identity_deterministic(tiny_tokenizer):
+    import warnings
+
+    from fastkd.tiny import train_tokenizer
+
+    ident = tokenizer_identity(tiny_tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tokenizer(ident, tiny_tokenizer, "cache /c")
+        check_tokenizer(ident, _variant(tiny_tokenizer), "cache /c")      # rebuilt from its tokenizer.json
+        check_tokenizer(ident, train_tokenizer(), "cache /c")             # trained again
+    assert tokenizer_identity(_variant(tiny_tokenizer)) == ident
+    assert json.loads(json.dumps(ident)) == ident                          # stored in a JSON manifest as is
+
+
+@pytest.mark.parametrize("edit, special, part", [
+    (_drop_last_merge, {}, "merges differ"),
+    (_prefix_space, {}, "pre-tokenizer differs"),
+    (_lowercase, {}, "normalizer differs"),
+    (_bos_template, {}, "post-processor differs"),
+    (_vocab_word_as_added_token, {}, "added tokens differ"),
+    (_added_token_flag, {}, "added tokens differ"),
+    (None, {"bos_token": "<|user|>"}, "special tokens differ: bos_token None vs '<|user|>'"),
+    (None, {"pad_token": "<|assistant|>"}, "special tokens differ: pad_token '<|pad|>' vs '<|assistant|>', pad_token_id 1 vs 3"),
+], ids=["merges", "pre_tokenizer", "normalizer", "post_processor", "added_token", "added_token_flag", "bos", "pad"])
+def test_same_vocab_other_tokenisation_refused_naming_the_part(tiny_tokenizer, edit, special, part):
+    """Each of these keeps vocabulary, size and EOS id (what the first identity hashed) and was accepted."""
+    other = _variant(tiny_tokenizer, edit, **special)
+    old = tokenizer_identity(tiny_tokenizer)
+    new = tokenizer_identity(other)
+    assert (new["vocab_sha256"], new["vocab_size"], new["eos_token_id"]) == (old["vocab_sha256"], old["vocab_size"], old["eos_token_id"])
+    message = _refusal(old, other)
+    assert part in message and "cache /c" in message, message
+    name = {"merges differ": "merges", "pre-tokenizer differs": "pre_tokenizer", "normalizer differs": "normalizer",
+            "post-processor differs": "post_processor", "added tokens differ": "added_tokens"}.get(part, "special_tokens")
+    assert f"({name}: cache {old['components'][name][:12]}..., student {new['components'][name][:12]}...)" in message
+
+
+def test_the_edits_do_change_tokenisation(tiny_tokenizer):
+    """The parts the identity refuses on really change ids (so refusing is right)."""
+    text = "Q: not ( True ) and ( True ) is\nA: So the answer is False. <|user|>"
+    base = tiny_tokenizer(text)["input_ids"]
+    for edit in (_drop_last_merge, _prefix_space, _lowercase, _bos_template, _vocab_word_as_added_token):
+        merged = dict(json.loads(tiny_tokenizer.backend_tokenizer.to_str())["model"])
+        probe = text if edit is not _drop_last_merge else "".join(merged["merges"][-1]).replace("\u0120", " ")
+        assert _variant(tiny_tokenizer, edit)(probe)["input_ids"] != tiny_tokenizer(probe)["input_ids"], edit.__name__
+    assert base == _variant(tiny_tokenizer)(text)["input_ids"]
+
+
+def test_old_manifest_identity_compares_what_it_has_and_warns(tiny_tokenizer):
+    import fastkd.data as data
+
+    ident = tokenizer_identity(tiny_tokenizer)
+    old = {key: ident[key] for key in ("vocab_size", "vocab_sha256", "eos_token_id", "pad_token_id", "class")}
+    with pytest.warns(data.TokenizerIdentityWarning, match="predates.*merges, model settings, normalizer, pre-tokenizer"):
+        check_tokenizer(old, _variant(tiny_tokenizer, _drop_last_merge), "cache /c")   # cannot tell: accepted
+    from fastkd.tiny import train_tokenizer
+
+    with pytest.raises(DataError, match="vocab_size: cache has"):
+        check_tokenizer(old, train_tokenizer(["a completely different corpus of words"] * 3, vocab_size=300), "cache /c")
+    with pytest.raises(DataError, match="eos_token_id: cache has 0, tokenizer has 2"):
+        check_tokenizer(old, _variant(tiny_tokenizer, eos_token="<|user|>"), "cache /c")
+
+
+def test_round_trip_keeps_identity(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path / "plain")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert tokenizer_identity(loaded) == tokenizer_identity(tiny_tokenizer)
+    loaded.save_pretrained(tmp_path / "again")
+    assert tokenizer_identity(AutoTokenizer.from_pretrained(tmp_path / "again")) == tokenizer_identity(tiny_tokenizer)
+
+
+def test_identity_of_what_autotokenizer_loads_beside_a_qwen2_config(tiny_qwen_dir, tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """transformers may load a tokenizers-trained tokenizer.json beside a Qwen2 config.json as its
+    own Qwen2 tokenizer, which re-derives normalizer and pre-tokenizer: test what was loaded."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    ident = tokenizer_identity(loaded)
+    (tmp_path / "q").mkdir()
+    shutil.copy(tiny_qwen_dir / "config.json", tmp_path / "q")
+    loaded.save_pretrained(tmp_path / "q")
+    again = AutoTokenizer.from_pretrained(tmp_path / "q")
+    assert type(again) is type(loaded) and tokenizer_identity(again) == ident   # its own round trip is stable
+    mine, theirs = (json.loads(t.backend_tokenizer.to_str()) for t in (tiny_tokenizer, loaded))
+    changed = [key for key in ("normalizer", "pre_tokenizer", "post_processor", "added_tokens") if mine[key] != theirs[key]]
+    if not changed and mine["model"]["merges"] == theirs["model"]["merges"] and \
+            tokenizer_identity(tiny_tokenizer)["special_tokens"] == ident["special_tokens"]:
+        check_tokenizer(tokenizer_identity(tiny_tokenizer), loaded, "cache /c")
+    else:
+        message = _refusal(tokenizer_identity(tiny_tokenizer), loaded)
+        labels = {"normalizer": "normalizer differs", "pre_tokenizer": "pre-tokenizer differs",
+                  "post_processor": "post-processor differs", "added_tokens": "added tokens differ"}
+        assert all(labels[key] in message for key in changed), (changed, message)
+        if "normalizer" in changed:   # and the difference is real: NFC composes "a" + combining acute
+            assert loaded("a\u0301")["input_ids"] != tiny_tokenizer("a\u0301")["input_ids"]
+    llama = AutoTokenizer.from_pretrained(tiny_llama_dir)   # beside a Llama config: loaded as saved
+    if llama.backend_tokenizer.to_str() == tiny_tokenizer.backend_tokenizer.to_str():
+        check_tokenizer(tokenizer_identity(tiny_tokenizer), llama, "cache /c")
+
+
+class _SlowTokenizer:
+    """A tokenizer without a `tokenizers` backend: a word-level vocabulary in Python."""
+
+    def __init__(self, vocab, lower=False):
+        self.vocab, self.do_lower_case = dict(vocab), lower
+        self.eos_token, self.eos_token_id, self.pad_token, self.pad_token_id = "</s>", self.vocab["</s>"], "</s>", self.vocab["</s>"]
+        self.bos_token = self.unk_token = None
+        self.bos_token_id = self.unk_token_id = None
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __call__(self, text, add_special_tokens=True):
+        words = (text.lower() if self.do_lower_case else text).split()
+        return {"input_ids": [self.vocab.get(w, 0) for w in words]}
+
+
+def test_slow_tokenizer_gets_a_partial_identity(tiny_tokenizer):
+    import fastkd.data as data
+
+    vocab = {"</s>": 0, "hello": 1, "Hello": 2, "world": 3}
+    slow = _SlowTokenizer(vocab)
+    ident = tokenizer_identity(slow)
+    assert ident["partial"] and ident["unchecked"] == ["merges", "model", "normalizer", "pre_tokenizer", "post_processor"]
+    check_tokenizer(ident, _SlowTokenizer(vocab), "cache /c")
+    message = _refusal(ident, _SlowTokenizer(vocab, lower=True))
+    assert "tokenizer class or its tokenisation flags differ" in message and "probe texts tokenise differently" in message
+    with pytest.warns(data.TokenizerIdentityWarning, match="could not be checked"):   # full cache, slow student: the rest still compared
+        full = dict(tokenizer_identity(tiny_tokenizer))
+        full.update(vocab_size=ident["vocab_size"], vocab_sha256=ident["vocab_sha256"], eos_token_id=0,
+                    components={k: v for k, v in ident["components"].items() if k in ("special_tokens", "probe")}
+                    | {"merges": "0" * 64})
+        check_tokenizer(full, _SlowTokenizer(vocab), "cache /c")
+
+
+def test_merges_spellings_and_empty_affixes_hash_the_same(tiny_tokenizer):
+    from fastkd.data import _canonical_merges
+
+    assert _canonical_merges(["a b", "ab c"]) == _canonical_merges([["a", "b"], ["ab", "c"]])
+
+    def empty_affixes(spec):
+        spec["model"]["continuing_subword_prefix"] = ""
+        spec["model"]["end_of_word_suffix"] = ""
+    check_tokenizer(tokenizer_identity(tiny_tokenizer), _variant(tiny_tokenizer, empty_affixes), "cache /c")
