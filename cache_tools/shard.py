@@ -282,13 +282,19 @@ class ShardV1:
             self.raw_part(name)
 
     def decode_block(self, block: int, layers=None) -> list[CachedSequence]:
-        """The sequences of one block; `layers` limits which hidden layers are decoded (None: all)."""
+        """The sequences of one block; `layers` limits which hidden layers are decoded (None: all).
+        With verify on, every tensor of the block is checked first, decoded or not: a block is
+        used whole or not at all."""
         lay = self.layout
+        wanted = lay.layers if layers is None else [l for l in lay.layers if l in set(layers)]
+        names = self.part_names(block) if self.verify else \
+            [n for n in self.part_names(block) if part_kind(n) != "hidden" or int(n.rsplit(".", 1)[1]) in wanted]
+        raw = {name: self.raw_part(name) for name in names}
         lo, hi = int(self.block_start[block]), int(self.block_start[block + 1])
         lengths, nloss = self.length[lo:hi], self.num_loss[lo:hi]
         total_len, n, k = int(lengths.sum()), int(nloss.sum()), lay.k
         prefix = f"block.{block:05d}."
-        body = zstd_decompress(self.raw_part(prefix + "tokens"), total_len * 5)
+        body = zstd_decompress(raw[prefix + "tokens"], total_len * 5)
         all_ids = join_planes(body[: 4 * total_len], np.int32, total_len)
         all_mask = np.frombuffer(body[4 * total_len:], np.uint8).copy()
         if np.any(all_mask > 1):
@@ -300,24 +306,23 @@ class ShardV1:
             counts = np.zeros((0, k), np.int32) if lay.sampled else None
         else:
             codec = get_topk_codec(lay.topk_codec["name"])
-            ids, lp, tail = codec.decode(self.raw_part(prefix + "topk"), n, k, lay.vocab_size,
+            ids, lp, tail = codec.decode(raw[prefix + "topk"], n, k, lay.vocab_size,
                                          **lay.topk_codec["params"])
             ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
             if ids.shape != (n, k) or lp.shape != (n, k) or tail.shape != (n,):
                 raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
             counts = None
             if lay.sampled:
-                counts = join_planes(zstd_decompress(self.raw_part(prefix + "counts"), n * k * 2),
+                counts = join_planes(zstd_decompress(raw[prefix + "counts"], n * k * 2),
                                      np.uint16, n * k).reshape(n, k).astype(np.int32)
         hidden = {}
-        wanted = lay.layers if layers is None else [l for l in lay.layers if l in set(layers)]
         for layer in wanted:
             width = lay.widths[lay.layers.index(layer)]
             if n == 0:
                 hidden[layer] = np.zeros((0, width), np.float32)
                 continue
             hcodec = get_hidden_codec(lay.hidden_codec["name"])
-            x = np.asarray(hcodec.decode(self.raw_part(f"{prefix}hidden.{layer}"), n, width,
+            x = np.asarray(hcodec.decode(raw[f"{prefix}hidden.{layer}"], n, width,
                                          **lay.hidden_codec["params"]), np.float32)
             if x.shape != (n, width):
                 raise ValueError(f"tensor {prefix}hidden.{layer} decoded to shape {x.shape}, expected {(n, width)}")

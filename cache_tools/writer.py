@@ -171,6 +171,11 @@ class CacheWriter:
         if existing["format_version"] != FORMAT_VERSION:
             raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
                              f"fastkd writes version {FORMAT_VERSION}; it can be read but not extended")
+        old_tokenizer = existing.get("tokenizer") or {}
+        if "identity_version" not in old_tokenizer and isinstance(self.settings.get("tokenizer"), dict):
+            # a cache begun before the tokenizer identity covered merges, normaliser etc.: compare what it holds
+            # and keep its identity, so upgrading fastkd mid-cache does not strand a partial cache
+            self.settings["tokenizer"] = {k: self.settings["tokenizer"].get(k, "<absent>") for k in old_tokenizer}
         diffs = settings_differences(settings_of(existing), self.settings)
         if diffs:
             lines = "; ".join(f"{path}: cache has {old!r}, this run has {new!r}" for path, old, new in diffs[:5])
@@ -290,8 +295,10 @@ class CacheWriter:
             if isinstance(err, EncodeError):
                 raise CacheError(f"cache {self.root}: shard {shard_file(number)}: cannot encode {err} "
                                  f"(codecs {self.settings['codecs']})") from None
-            if isinstance(err, OSError):
-                raise CacheError(f"cache {self.root}: cannot write shard {shard_file(number)}: {err}") from None
+            if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
+                raise CacheError(f"cache {self.root}: cannot write shard {shard_file(number)}: {err}; the "
+                                 f"{len(self.manifest['shards'])} finished shard(s) are kept: free space and re-run "
+                                 f"the same command to resume") from None
             raise
         entry = {"file": shard_file(number), "sha256": digest, "header_sha256": header_digest, "bytes": size, **info,
                  "first_record": int(self._buffer[0].record_index), "last_record": int(self._buffer[-1].record_index)}
@@ -299,7 +306,14 @@ class CacheWriter:
         self.manifest["counts"] = totals(self.manifest["shards"])
         self.manifest["complete"] = False
         self.manifest["updated"] = _now()
-        write_manifest(self.root, self.manifest)
+        try:
+            write_manifest(self.root, self.manifest)
+        except OSError as err:  # the new shard file stays unlisted: a resumed run removes and rewrites it
+            self.manifest["shards"].pop()
+            self.manifest["counts"] = totals(self.manifest["shards"])
+            raise CacheError(f"cache {self.root}: cannot update manifest.json: {err}; the previous manifest is kept "
+                             f"with its {len(self.manifest['shards'])} shard(s): free space and re-run the same command "
+                             f"to resume") from None
         self.done.update(self._buffered)
         self._buffer, self._buffered = [], set()
 

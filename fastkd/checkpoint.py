@@ -133,16 +133,21 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_tree(state, tensors, {})
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / TENSORS))
-    _fsync_file(tmp / TENSORS)
-    digest, size = file_digest(tmp / TENSORS)
-    index = seal({"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "files": {TENSORS: {"sha256": digest, "bytes": size}}, "state": tree})
-    _write_synced(tmp / INDEX, json.dumps(index, allow_nan=False).encode())
-    _write_synced(tmp / "progress.json", json.dumps({"step": state.get("step"), "epoch": state.get("epoch"),
-                                                     "position": state.get("position")}).encode())
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / TENSORS))
+        _fsync_file(tmp / TENSORS)
+        digest, size = file_digest(tmp / TENSORS)
+        index = seal({"format": FORMAT, "format_version": FORMAT_VERSION,
+                      "files": {TENSORS: {"sha256": digest, "bytes": size}}, "state": tree})
+        _write_synced(tmp / INDEX, json.dumps(index, allow_nan=False).encode())
+        _write_synced(tmp / "progress.json", json.dumps({"step": state.get("step"), "epoch": state.get("epoch"),
+                                                         "position": state.get("position")}).encode())
+        _fsync_dir(tmp)
+    except Exception as err:  # noqa: BLE001 - disk full (OSError or safetensors' own error), permissions
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint is kept" if final.exists() else "no earlier checkpoint exists"
+        raise UserError(f"cannot write checkpoint {final}: {err}; {kept}. Free space and re-run with --resume") from None
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

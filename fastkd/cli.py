@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"fastkd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, file too large, permissions: the system's words, then what to do
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"fastkd {args.command}: error: {err.strerror or err}{where}. What was finished before is kept; "
+              f"fix this and re-run the same command to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fastkd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -187,3 +187,26 @@ def test_hidden_projection_is_the_stored_fixed_matrix(tiny_qwen_dir, records_fil
     assert np.abs(seq.hidden[2] - ref).max() <= np.abs(ref).max() / 127 + 1e-5
     with pytest.raises(UserError, match="needs --layers"):
         cache_teacher(str(tiny_qwen_dir), str(records_file), str(tmp_path / "c2"), k=4, hidden_project=16, progress=False)
+
+
+def test_a_cache_begun_before_the_full_tokenizer_identity_resumes(tiny_qwen_dir, tmp_path):
+    """A partial cache whose manifest holds the old five-key tokenizer identity: the new fastkd
+    finishes it (comparing what the old identity holds) instead of refusing it."""
+    from fastkd.cache_tools import CacheReader
+    from fastkd.integrity import seal
+
+    recs = tmp_path / "recs.jsonl"
+    recs.write_text("".join(json.dumps(r) + "\n" for r in _records(20, seed=4)))
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=4, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    old_keys = ("vocab_size", "vocab_sha256", "eos_token_id", "pad_token_id", "class")
+    manifest["tokenizer"] = {key: manifest["tokenizer"][key] for key in old_keys}
+    manifest["shards"] = manifest["shards"][:2]            # as if killed after two shards
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(seal(manifest)))
+    summary = cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=4, progress=False)
+    assert summary.sequences_resumed == 8 and summary.sequences_written == 12
+    reader = CacheReader(out)
+    assert sorted(reader.record_indices.tolist()) == list(range(20))
+    assert set(reader.manifest["tokenizer"]) == set(old_keys)
