@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # disk full, file too large, permissions: the system's words, then what to do
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        again = "re-run with --resume" if args.command == "train" else "re-run the same command to resume"
         print(f"fastkd {args.command}: error: {err.strerror or err}{where}. What was finished before is kept; "
-              f"fix this and re-run the same command to resume", file=sys.stderr)
+              f"fix this and {again}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastkd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
