@@ -1,7 +1,7 @@
 """Chunked PyTorch loss for CPU training: at most one [chunk x V] fp32 working copy at a time.
 
-The gradient is computed in the forward pass (it is a row constant times q plus sparse
-fix-ups, see docs/kernels.md) and stored in the logits' dtype, optionally into the logits
+The gradient is computed in the forward pass (a row constant times q outside K plus the k
+entries of K written in full, see docs/kernels.md) and stored in the logits' dtype, optionally into the logits
 buffer itself (inplace=True), so backward is a single scale.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from .sparse_target import SparseTarget, slice_target, sparse_target
 from .terms import LossTerms
-from .validate import TAIL_FLOOR, check_inputs
+from .validate import check_inputs
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 per working chunk
 
@@ -49,12 +49,14 @@ def chunk_loss_and_grad(
     """
     vocab = z.shape[1]
     tau = float(temperature)
+    inv_t = 1.0 / tau
     counted = labels != ignore_index
     ids = torch.where(counted[:, None], ids.long(), -1)
     y = torch.where(counted, labels.long(), 0)
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     if target is None:
         target = sparse_target(ids, logprobs, tail, counts, mode, tau, vocab, dtype=work)
+    row_scale = row_scale.to(work)
 
     if want_grad and out is not None and out.dtype == work and out.data_ptr() != z.data_ptr():
         buf = out.copy_(z)  # work directly in the gradient buffer: no extra chunk copy
@@ -62,55 +64,74 @@ def chunk_loss_and_grad(
         buf = z.clone()
     else:
         buf = z.to(work)  # a copy for fp16/bf16; z itself when fp32 and overwriting is allowed
+    valid = ids >= 0
+    uniq = target.uniq  # each id of K once
     slot = ids.clamp_min(0)
     z_k = buf.gather(1, slot)
     z_y = buf.gather(1, y[:, None])[:, 0]
-    row_max = buf.amax(1, keepdim=True)
+    # The dense work is done on the complement of K only: its entries are set to -inf (so exp gives 0
+    # there; their gradient is written in full below). Invalid slots point at column 0 with +inf: a no-op
+    # under amin, whatever else points there.
+    buf.scatter_reduce_(1, slot, torch.where(valid, float("-inf"), float("inf")).to(work).expand_as(slot),
+                        reduce="amin", include_self=True)
+    neg_inf = torch.tensor(float("-inf"), dtype=work, device=z.device)
+    max_k = torch.where(uniq, z_k, neg_inf).amax(1)
+    max_c = buf.amax(1)  # the complement's max: -inf when k = V
+    row_max = torch.maximum(max_c, max_k)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    buf.sub_(row_max)
+    shift = torch.where(torch.isfinite(max_c), max_c, row_max)  # the dense pass is relative to the complement's max
+    buf.sub_(shift[:, None])
+    tempered = None
     if tau != 1.0:
-        tempered = (buf * (1.0 / tau)).exp_()
-        sum_t = tempered.sum(1)
-        buf.exp_()
-        sum_1 = buf.sum(1)
-        lse_t = row_max[:, 0] / tau + sum_t.log()
-    else:
-        tempered = None
-        buf.exp_()
-        sum_1 = buf.sum(1)
-        sum_t = sum_1
-    lse_1 = row_max[:, 0] + sum_1.log()
+        tempered = (buf * inv_t).exp_()
+        sum_ct = tempered.sum(1)  # sum over the complement of exp((z - shift)/tau): >= 1 unless empty
+    buf.exp_()
+    sum_c1 = buf.sum(1)
     if tau == 1.0:
-        lse_t = lse_1
+        sum_ct = sum_c1
+    # full sums relative to the row max: complement part + the top-k part (a sum of positive terms)
+    e_k = torch.where(uniq, (z_k - row_max[:, None]).exp(), 0.0)
+    sum_1 = (shift - row_max).exp() * sum_c1 + e_k.sum(1)
+    lse_1 = row_max + sum_1.log()
+    if tau == 1.0:
+        sum_t, lse_t = sum_1, lse_1
+    else:
+        et_k = torch.where(uniq, ((z_k - row_max[:, None]) * inv_t).exp(), 0.0)
+        sum_t = ((shift - row_max) * inv_t).exp() * sum_ct + et_k.sum(1)
+        lse_t = row_max * inv_t + sum_t.log()
 
     ce_rows = lse_1 - z_y
-    logq_k = z_k / tau - lse_t[:, None]
+    logq_k = z_k * inv_t - lse_t[:, None]
     q_k = logq_k.exp()
     w = target.weight
     kl_rows = torch.where(w > 0, w * (target.log_weight - logq_k), 0.0).sum(1)
+    has_comp = sum_ct > 0
     if mode == "tail":
-        q_tail = (1.0 - torch.where(target.first, q_k, 0.0).sum(1)).clamp_min(TAIL_FLOOR)
-        kl_rows = kl_rows + torch.where(target.tail > 0, target.tail * (target.log_tail - q_tail.log()), 0.0)
-        c_row = 1.0 - target.tail / q_tail
-    else:
-        c_row = torch.ones_like(kl_rows)
+        # log q^tau_tail from the complement's own sum: exact, finite even when q_tail underflows to 0
+        log_q_tail = shift * inv_t + torch.where(has_comp, sum_ct, 1.0).log() - lse_t
+        kl_rows = kl_rows + torch.where(target.tail > 0, target.tail * (target.log_tail - log_q_tail), 0.0)
     kl_rows = kl_rows * (tau * tau)
     ce_sum = torch.where(counted, ce_rows, 0.0).sum()
     kl_sum = torch.where(counted, kl_rows, 0.0).sum()
     if not want_grad:
         return ce_sum, kl_sum, None
 
+    # outside K: g_j = ce_w q_j + kl_w tau (q^tau_j - t_tail q^tau_j / q^tau_tail), with
+    # q_j = e_j exp(shift - lse_1) and q^tau_j / q^tau_tail = e^tau_j / sum_ct (e = exp(z - shift)): no division by q_tail
     scale = torch.where(counted, row_scale, 0.0)
-    a = scale * ce_weight / sum_1  # multiplies exp(z - max)  -> ce_weight * q_1
-    b = scale * kl_weight * tau * c_row / sum_t  # multiplies exp((z - max)/tau) -> kl part outside K
+    tail_part = torch.where(has_comp, target.tail / torch.where(has_comp, sum_ct, 1.0), 0.0) if mode == "tail" else 0.0
+    a = scale * ce_weight * (shift - lse_1).exp()  # multiplies exp(z - shift)
+    b = scale * kl_weight * tau * ((shift * inv_t - lse_t).exp() - tail_part)  # multiplies exp((z - shift)/tau)
     if tempered is None:
         buf.mul_((a + b)[:, None])
     else:
         buf.mul_(a[:, None]).add_(tempered.mul_(b[:, None]))
         del tempered
-    # fix-ups: inside K the KL gradient is tau*(q_j - w_j), not tau*c*q_j; at the label CE adds -1
-    fix_k = (scale * kl_weight * tau)[:, None] * (torch.where(target.first, (1.0 - c_row)[:, None] * q_k, 0.0) - w)
-    buf.scatter_add_(1, slot, torch.where(ids >= 0, fix_k, 0.0))
+    # inside K (entries are 0 in buf): the full value ce_w q_j + kl_w tau (q^tau_j - t_j), once per id;
+    # at the label CE adds -ce_w
+    q1_k = (z_k - lse_1[:, None]).exp()
+    g_k = scale[:, None] * (ce_weight * q1_k + (kl_weight * tau) * (q_k - w))
+    buf.scatter_add_(1, slot, torch.where(uniq, g_k, 0.0))
     buf.scatter_add_(1, y[:, None], (-scale * ce_weight)[:, None])
     return ce_sum, kl_sum, buf
 

@@ -41,20 +41,22 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         vocab = weight.shape[0]
         counted = labels != ignore_index
         num = counted.sum()
-        row_scale = 1.0 / num.clamp_min(1).float()
+        z_dtype = torch.result_type(hidden, weight)
+        acc = torch.float64 if z_dtype == torch.float64 else torch.float32  # accumulation / work dtype
+        row_scale = 1.0 / num.clamp_min(1).to(acc)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         want_grad = need_h or need_w or need_b
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         rows = chunk_size or default_fused_rows(vocab, n)
-        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        kl_sum = torch.zeros((), dtype=acc, device=hidden.device)
         target = None if hidden.is_cuda else batch_target(
-            hidden.new_empty(0, vocab), labels, ids, logprobs, tail, counts, mode, temperature,
+            hidden.new_empty(0, vocab, dtype=z_dtype), labels, ids, logprobs, tail, counts, mode, temperature,
             ignore_index)
         # one logits buffer reused by every chunk: fresh [c, V] allocations page-fault on every chunk
-        z_buf = torch.empty(min(rows, n), vocab, dtype=torch.result_type(hidden, weight), device=hidden.device)
+        z_buf = torch.empty(min(rows, n), vocab, dtype=z_dtype, device=hidden.device)
         for start in range(0, n, rows):
             sl = slice(start, min(n, start + rows))
             h_c = hidden[sl]
@@ -77,12 +79,12 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             if need_h:
                 torch.mm(g.to(weight.dtype), weight, out=grad_h[sl])
             if need_w or need_b:
-                g32 = g.float()  # no copy on the CPU path (already fp32); dW accumulates in fp32
+                g_acc = g.to(acc)  # no copy on the CPU path (already in acc); dW accumulates in fp32 (fp64 for fp64)
                 if need_w:
-                    grad_w.addmm_(g32.t(), h_c.float())
+                    grad_w.addmm_(g_acc.t(), h_c.to(acc))
                 if need_b:
-                    grad_b.add_(g32.sum(0))
-                del g32
+                    grad_b.add_(g_acc.sum(0))
+                del g_acc
             del g
         del z_buf
         ce = ce_sum * row_scale

@@ -1,7 +1,10 @@
 """Float64 reference of the distillation loss, written straight from the formulas in DESIGN.md.
 
 Dense and slow ([N, V] float64 tensors): it is the specification the fast paths are tested
-against, not something to train with. Gradients come from autograd through it.
+against, not something to train with. Gradients come from autograd through it. The student's
+tail is the softmax mass of the complement of K, taken as a logsumexp over the complement's
+logits (never 1 - sum_K q_i): exact however small it is, and its log stays finite unless the
+complement is empty (k = V, where the tail bucket is dropped).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .terms import LossTerms
-from .validate import TAIL_FLOOR, check_inputs
+from .validate import check_inputs
 
 
 def _dense_target(ids: torch.Tensor, values: torch.Tensor, v: int) -> torch.Tensor:
@@ -26,6 +29,7 @@ def teacher_target(teacher_ids, teacher_logprobs, tail, counts, mode: str, tempe
 
     tau != 1: top-k entries become p_i^(1/tau); the tail is assumed spread evenly over the
     V - k ids outside the top-k, so it becomes (V-k) * (p_tail/(V-k))^(1/tau); then all renormalised.
+    k = V (no id outside the top-k): no tail bucket, the top-k is renormalised.
     """
     inv_t = 1.0 / temperature
     valid = teacher_ids >= 0
@@ -39,9 +43,9 @@ def teacher_target(teacher_ids, teacher_logprobs, tail, counts, mode: str, tempe
         weight = _dense_target(teacher_ids, p, v)
         weight = torch.where(weight > 0, weight.clamp_min(1e-300) ** inv_t, 0.0)
         if mode == "tail":
-            p_tail = tail.double().clamp(0.0, 1.0)
-            outside = (v - valid.sum(1)).clamp_min(1).double()
-            tail_t = outside ** (1.0 - inv_t) * p_tail ** inv_t
+            p_tail = torch.nan_to_num(tail.double(), nan=0.0).clamp(0.0, 1.0)
+            outside = (v - valid.sum(1)).double()
+            tail_t = torch.where(outside > 0, outside.clamp_min(1.0) ** (1.0 - inv_t) * p_tail ** inv_t, 0.0)
     z = weight.sum(1) + tail_t
     z = torch.where(z > 0, z, 1.0)
     return weight / z[:, None], tail_t / z
@@ -76,13 +80,20 @@ def reference_loss(
     ce_rows = -logq.gather(1, y[:, None])[:, 0]
     ce = torch.where(counted, ce_rows, 0.0).sum() / denom
 
+    if tail is not None:
+        tail = torch.where(counted, tail.double(), 0.0)  # padding rows may hold anything (NaN included)
     target, tail_target = teacher_target(ids, teacher_logprobs, tail, counts, mode, temperature, v)
-    logq_t = torch.log_softmax(z / temperature, dim=1)
+    z_t = z / temperature
+    lse_t = torch.logsumexp(z_t, dim=1)
+    logq_t = z_t - lse_t[:, None]
     kl_rows = torch.where(target > 0, torch.xlogy(target, target) - target * logq_t, 0.0).sum(1)
     if mode == "tail":
+        # log q^tau_tail = logsumexp of z/tau over the complement of K - logsumexp(z/tau): no subtraction of masses
         in_k = _dense_target(ids, torch.ones_like(ids, dtype=torch.float64), v) > 0
-        q_tail = (1.0 - torch.where(in_k, logq_t.exp(), 0.0).sum(1)).clamp_min(TAIL_FLOOR)
-        kl_rows = kl_rows + torch.xlogy(tail_target, tail_target) - tail_target * q_tail.log()
+        empty = in_k.all(1, keepdim=True)  # k = V: no tail (tail_target is 0); a finite stand-in keeps autograd clean
+        comp = torch.where(empty, 0.0, torch.where(in_k, float("-inf"), z_t))
+        log_q_tail = torch.logsumexp(comp, dim=1) - lse_t
+        kl_rows = kl_rows + torch.xlogy(tail_target, tail_target) - tail_target * log_q_tail
     kl_rows = torch.where(counted, kl_rows, 0.0) * temperature**2
     kl = kl_rows.sum() / denom
 

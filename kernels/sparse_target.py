@@ -1,7 +1,10 @@
 """The teacher's target as k sparse weights per row (+ a tail bucket), in fp32: shared by the fast paths.
 
 Repeated ids (sampled mode) are merged: the first slot of each id carries the merged weight,
-later slots carry 0, so scatter-adds and sums over slots stay correct.
+later slots carry 0, so scatter-adds and sums over slots stay correct. `uniq` marks the first
+slot of every valid id (whatever its weight): the set K whose complement is the tail.
+k = V in mode tail (no id outside K): the tail bucket is empty, its mass is dropped and the
+top-k renormalised (the mass can only be rounding noise in the cache there).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ class SparseTarget:
     first: torch.Tensor       # [c, k] bool: slot holds an id seen for the first time in its row
     tail: torch.Tensor        # [c] tail-bucket mass (0 unless mode == "tail")
     log_tail: torch.Tensor    # [c]
+    uniq: torch.Tensor        # [c, k] bool: slot holds a valid id seen for the first time in its row (weight or not)
 
 
 def slice_target(t: SparseTarget, rows: slice) -> SparseTarget:
     """The target of a chunk of rows."""
-    return SparseTarget(t.weight[rows], t.log_weight[rows], t.first[rows], t.tail[rows], t.log_tail[rows])
+    return SparseTarget(t.weight[rows], t.log_weight[rows], t.first[rows], t.tail[rows], t.log_tail[rows],
+                        t.uniq[rows])
 
 
 def merge_repeats(ids: torch.Tensor, values: torch.Tensor):
@@ -44,17 +49,19 @@ def sparse_target(ids, logprobs, tail, counts, mode: str, temperature: float, vo
     c = ids.shape[0]
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=ids.device)
     if mode == "sampled":
-        merged, first = merge_repeats(ids, torch.where(valid, counts.to(dtype), 0.0))
-        first = first & (merged > 0)
+        merged, uniq = merge_repeats(ids, torch.where(valid, counts.to(dtype), 0.0))
+        first = uniq & (merged > 0)
         scores = torch.where(first, merged.clamp_min(1e-30).log() * inv_t, neg_inf)
     else:
-        first = valid
+        first = uniq = valid  # top-k ids are unique (checked by validate.check_inputs)
         lp = logprobs.to(dtype)
         scores = torch.where(valid, lp * inv_t if inv_t != 1.0 else lp, neg_inf)
     if mode == "tail":
-        p_tail = tail.to(dtype).clamp(0.0, 1.0)
-        outside = (vocab - valid.sum(1)).clamp_min(1).to(dtype)
-        tail_score = torch.where(p_tail > 0, p_tail.clamp_min(1e-30).log() * inv_t + (1.0 - inv_t) * outside.log(), neg_inf)
+        p_tail = torch.nan_to_num(tail.to(dtype), nan=0.0).clamp(0.0, 1.0)  # NaN only in padding rows
+        outside = vocab - valid.sum(1)
+        log_out = outside.clamp_min(1).to(dtype).log()
+        tail_score = torch.where((p_tail > 0) & (outside > 0), p_tail.clamp_min(1e-30).log() * inv_t + (1.0 - inv_t) * log_out,
+                                 neg_inf)
         log_z = torch.logaddexp(torch.logsumexp(scores, 1), tail_score)
     else:
         tail_score = torch.full((c,), float("-inf"), dtype=dtype, device=ids.device)
@@ -69,6 +76,7 @@ def sparse_target(ids, logprobs, tail, counts, mode: str, temperature: float, vo
         first=first,
         tail=log_tail.exp(),
         log_tail=torch.where(torch.isfinite(log_tail), log_tail, 0.0),
+        uniq=uniq,
     )
 
 

@@ -1,11 +1,14 @@
 """Triton kernel: CE + sparse KL per row in two passes over the logits, gradient written in place.
 
-One program per row. Pass 1 reads z once for the online log-sum-exp (at tau = 1 and at tau).
-Between the passes the <= k+1 sparse entries (top-k ids, label) are gathered and the row's
-loss and gradient constant c are computed in fp32. Pass 2 writes g_j = a*exp(z_j - m) +
-b*exp((z_j - m)/tau) over the whole row (into the logits buffer when inplace), then the sparse
-entries are overwritten with their exact fp32 values. Losses go to per-row fp32 buffers and
-are summed on the device: no host synchronisation. Row offsets are int64.
+One program per row. First the <= k+1 sparse entries (top-k ids, label) are gathered and -inf is
+written at the k ids, so pass 1 reads only the complement of K: its online max and sums (at
+tau = 1 and at tau) are the student's tail, exact (never 1 - sum_K q). The row's full sums add
+the k gathered terms (positive terms only). The loss and the row constants are computed in
+fp32, then pass 2 writes g_j = a*exp(z_j - m_c) + b*exp((z_j - m_c)/tau) over the row (0 at the
+masked K entries; into the logits buffer when inplace), and the K entries and the label are
+overwritten with their exact fp32 values. Unless the gradient overwrote z, the k logits are then
+restored bit for bit, so the caller's logits are unchanged when the kernel ends. Losses go to
+per-row fp32 buffers and are summed on the device: no host synchronisation. Row offsets are int64.
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (tests): values are cast to fp32 right after
 tl.load, there is no tl.dot and no autotune (block sizes come from a heuristic).
@@ -18,7 +21,6 @@ import triton
 import triton.language as tl
 
 from .terms import LossTerms
-from .validate import TAIL_FLOOR
 
 MODE_IDS = {"tail": 0, "renorm": 1, "sampled": 2}
 
@@ -29,8 +31,8 @@ def _distill_rows_kernel(
     z_ptr, z_stride, g_ptr, g_stride,
     labels_ptr, ids_ptr, ids_stride, lp_ptr, lp_stride, tail_ptr, counts_ptr, counts_stride,
     ce_out_ptr, kl_out_ptr, scale_ptr,
-    V, K, ignore_index, ce_weight, kl_weight, tau, inv_tau, tail_floor,
-    MODE: tl.constexpr, HAS_GRAD: tl.constexpr, TEMPERED: tl.constexpr,
+    V, K, ignore_index, ce_weight, kl_weight, tau, inv_tau,
+    MODE: tl.constexpr, HAS_GRAD: tl.constexpr, TEMPERED: tl.constexpr, INPLACE: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -39,44 +41,59 @@ def _distill_rows_kernel(
     counted = label != ignore_index
     y = tl.where(counted, label, 0)
 
-    # ---- pass 1: online max and sums of exp(z - m) and exp((z - m)/tau)
-    m = tl.full((), -3.0e38, tl.float32)  # finite, so exp(m_old - m_new) never sees inf - inf
-    s1 = tl.full((), 0.0, tl.float32)
-    st = tl.full((), 0.0, tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        if TEMPERED:
-            st = st * tl.exp((m - m_new) * inv_tau) + tl.sum(tl.exp((x - m_new) * inv_tau), 0)
-        m = m_new
-    if not TEMPERED:
-        st = s1
-
-    # ---- the sparse entries: top-k ids and the label
+    # ---- the sparse entries first: top-k ids and the label (read before K is masked)
     koffs = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_ptr + row * ids_stride + koffs, mask=koffs < K, other=-1)
     ids = tl.where(counted, ids, -1)  # padding rows read no teacher data
     valid = ids >= 0
-    z_k = tl.load(z_row + ids, mask=valid, other=0.0).to(tl.float32)
+    z_k_raw = tl.load(z_row + ids, mask=valid, other=0.0)
+    z_k = z_k_raw.to(tl.float32)
     z_y = tl.load(z_row + y).to(tl.float32)
+    # ---- mask K: -inf at the k ids, so both passes see only the complement of K (its sums are the
+    # student's tail, exact, no 1 - sum_K q). Restored from z_k_raw at the end unless z is overwritten.
+    tl.debug_barrier()  # every gather above (repeated ids included) happens before any -inf lands
+    tl.store(z_row + ids, tl.full([BLOCK_K], float("-inf"), tl.float32).to(z_ptr.dtype.element_ty), mask=valid)
+    tl.debug_barrier()
+
+    # ---- pass 1 over the complement: online max and sums of exp(z - m_c) and exp((z - m_c)/tau)
+    m_c = tl.full((), -1.0e30, tl.float32)  # finite (and /tau stays finite), so exp(m_old - m_new) never sees inf - inf
+    s_c1 = tl.full((), 0.0, tl.float32)
+    s_ct = tl.full((), 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_c, tl.max(x, 0))
+        s_c1 = s_c1 * tl.exp(m_c - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        if TEMPERED:
+            s_ct = s_ct * tl.exp((m_c - m_new) * inv_tau) + tl.sum(tl.exp((x - m_new) * inv_tau), 0)
+        m_c = m_new
+    if not TEMPERED:
+        s_ct = s_c1
+    has_comp = s_ct > 0  # false when k = V (or every logit outside K is -inf)
+
+    # ---- the teacher's weights in log space (repeated sampled ids merged)
     if MODE == 2:
         cnt = tl.load(counts_ptr + row * counts_stride + koffs, mask=valid, other=0).to(tl.float32)
         same = (ids[:, None] == ids[None, :]) & valid[:, None] & valid[None, :]
         merged = tl.sum(tl.where(same, cnt[None, :], 0.0), 1)
         earlier = tl.sum((same & (koffs[None, :] < koffs[:, None])).to(tl.int32), 1)
-        first = valid & (earlier == 0) & (merged > 0)
+        uniq = valid & (earlier == 0)
+        first = uniq & (merged > 0)
         score = tl.where(first, tl.log(tl.maximum(merged, 1e-30)) * inv_tau, float("-inf"))
     else:
+        uniq = valid
         first = valid
         lp = tl.load(lp_ptr + row * lp_stride + koffs, mask=valid, other=0.0).to(tl.float32)
         score = tl.where(valid, lp * inv_tau, float("-inf"))
     top = tl.max(score, 0)
     if MODE == 0:
-        p_tail = tl.minimum(tl.maximum(tl.load(tail_ptr + row).to(tl.float32), 0.0), 1.0)
-        outside = tl.maximum(V - tl.sum(valid.to(tl.int32), 0), 1).to(tl.float32)
-        tail_score = tl.where(p_tail > 0, tl.log(tl.maximum(p_tail, 1e-30)) * inv_tau + (1.0 - inv_tau) * tl.log(outside),
+        p_tail = tl.load(tail_ptr + row).to(tl.float32)
+        p_tail = tl.where(counted & (p_tail == p_tail), p_tail, 0.0)  # NaN / padding -> no tail
+        p_tail = tl.minimum(tl.maximum(p_tail, 0.0), 1.0)
+        n_out = V - tl.sum(valid.to(tl.int32), 0)
+        outside = tl.maximum(n_out, 1).to(tl.float32)
+        tail_score = tl.where((p_tail > 0) & (n_out > 0),
+                              tl.log(tl.maximum(p_tail, 1e-30)) * inv_tau + (1.0 - inv_tau) * tl.log(outside),
                               float("-inf"))
         top = tl.maximum(top, tail_score)
     top = tl.where(top == float("-inf"), 0.0, top)
@@ -87,38 +104,49 @@ def _distill_rows_kernel(
     w = tl.where(first, tl.exp(score - log_z), 0.0)
     log_w = tl.where(w > 0, score - log_z, 0.0)
 
-    # ---- losses (fp32)
+    # ---- the row's sums: complement part + top-k part (positive terms only: no cancellation)
+    m = tl.maximum(m_c, tl.max(tl.where(uniq, z_k, -1.0e30), 0))
+    e1_k = tl.where(uniq, tl.exp(z_k - m), 0.0)
+    s1 = tl.exp(m_c - m) * s_c1 + tl.sum(e1_k, 0)
+    if TEMPERED:
+        st = tl.exp((m_c - m) * inv_tau) * s_ct + tl.sum(tl.where(uniq, tl.exp((z_k - m) * inv_tau), 0.0), 0)
+    else:
+        st = s1
     log_st = tl.log(st)
+
+    # ---- losses (fp32)
     log_q_k = (z_k - m) * inv_tau - log_st
-    q_k = tl.exp((z_k - m) * inv_tau) / st
+    q_k = tl.exp(log_q_k)
     kl = tl.sum(tl.where(w > 0, w * (log_w - log_q_k), 0.0), 0)
-    c = 1.0
+    w_tail = 0.0
     if MODE == 0:
-        q_tail = tl.maximum(1.0 - tl.sum(tl.where(first, q_k, 0.0), 0), tail_floor)
+        # log q^tau_tail = log of the complement's own sum - log of the row's: finite even if q_tail underflows
+        log_q_tail = (m_c - m) * inv_tau + tl.log(tl.where(has_comp, s_ct, 1.0)) - log_st
         w_tail = tl.where(tail_score == float("-inf"), 0.0, tl.exp(tail_score - log_z))
-        kl += tl.where(w_tail > 0, w_tail * (tl.log(tl.maximum(w_tail, 1e-38)) - tl.log(q_tail)), 0.0)
-        c = 1.0 - w_tail / q_tail
+        kl += tl.where(w_tail > 0, w_tail * (tl.log(tl.maximum(w_tail, 1e-38)) - log_q_tail), 0.0)
     kl = kl * tau * tau
     ce = m + tl.log(s1) - z_y
     tl.store(ce_out_ptr + row, tl.where(counted, ce, 0.0))
     tl.store(kl_out_ptr + row, tl.where(counted, kl, 0.0))
 
     if HAS_GRAD:
-        # ---- pass 2: g = scale*(ce_w*q1 + kl_w*tau*c*q_tau) everywhere
+        # ---- pass 2, outside K: g = a*exp(z - m_c) + b*exp((z - m_c)/tau) (K entries read -inf: 0 there), with
+        # a = scale*ce_w*exp(m_c - m)/s1 and b = scale*kl_w*tau*(exp((m_c - m)/tau)/st - t_tail/s_ct):
+        # ce_w q_j + kl_w tau (q^tau_j - t_tail q^tau_j/q^tau_tail), never dividing by q_tail itself
         scale = tl.where(counted, tl.load(scale_ptr).to(tl.float32), 0.0)
-        a = scale * ce_weight / s1
-        b = scale * kl_weight * tau * c / st
+        a = scale * ce_weight * tl.exp(m_c - m) / s1
+        b = scale * kl_weight * tau * (tl.exp((m_c - m) * inv_tau) / st - tl.where(has_comp, w_tail / tl.where(has_comp, s_ct, 1.0), 0.0))
         g_row = g_ptr + row * g_stride
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(z_row + offs, mask=offs < V, other=0.0).to(tl.float32)
+            x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             if TEMPERED:
-                g = a * tl.exp(x - m) + b * tl.exp((x - m) * inv_tau)
+                g = a * tl.exp(x - m_c) + b * tl.exp((x - m_c) * inv_tau)
             else:
-                g = (a + b) * tl.exp(x - m)
+                g = (a + b) * tl.exp(x - m_c)
             tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
-        tl.debug_barrier()  # the fix-ups below overwrite entries written above
-        # ---- fix-ups in fp32: inside K the KL part is tau*(q_j - w_j); the label gets -ce_w
+        tl.debug_barrier()  # the stores below overwrite entries written (and z entries read) above
+        # ---- K entries in full, in fp32: ce_w (q_j - [j=y]) + kl_w tau (q^tau_j - t_j); then the label if outside K
         if MODE == 2:
             w_all = tl.sum(tl.where(same, w[None, :], 0.0), 1)  # repeated ids all carry the merged weight
         else:
@@ -127,12 +155,20 @@ def _distill_rows_kernel(
         q1_k = tl.exp(z_k - m) / s1
         g_k = scale * (ce_weight * (q1_k - is_y.to(tl.float32)) + kl_weight * tau * (q_k - w_all))
         tl.store(g_row + ids, g_k.to(g_ptr.dtype.element_ty), mask=valid)
-        y_in_k = tl.sum(is_y.to(tl.int32), 0) > 0
-        w_y = tl.sum(tl.where(is_y, w, 0.0), 0)
-        q1_y = tl.exp(z_y - m) / s1
-        qt_y = tl.exp((z_y - m) * inv_tau) / st
-        g_y = scale * (ce_weight * (q1_y - 1.0) + kl_weight * tau * (qt_y * tl.where(y_in_k, 1.0, c) - w_y))
-        tl.store(g_row + y, g_y.to(g_ptr.dtype.element_ty), mask=counted)
+        y_out_k = tl.sum(is_y.to(tl.int32), 0) == 0  # y in K: its entry was written just above
+        d_y = tl.minimum(z_y - m_c, 0.0)  # y outside K is in the complement: z_y <= m_c (the clamp only spares
+        g_y = a * tl.exp(d_y) + b * tl.exp(d_y * inv_tau) - scale * ce_weight  # an unused overflow when y in K)
+        tl.store(g_row + y, g_y.to(g_ptr.dtype.element_ty), mask=counted & y_out_k)
+    if not INPLACE:
+        if not HAS_GRAD:
+            tl.debug_barrier()  # pass 1's reads are done
+        tl.store(z_row + ids, z_k_raw, mask=valid)  # the caller's logits, bit for bit
+
+
+def _rows_are_separate(z: torch.Tensor) -> bool:
+    """Unit column stride and rows that do not overlap: the kernel writes (and restores) -inf at each row's
+    k ids while other programs run, so rows must not share memory (an expand()ed [N, V] would)."""
+    return z.stride(1) == 1 and (z.shape[0] <= 1 or z.stride(0) >= z.shape[1])
 
 
 def _blocks(vocab: int, k: int, interpret: bool) -> tuple[int, int, int]:
@@ -168,8 +204,9 @@ def launch_rows(z, grad, labels, ids, logprobs, tail, counts, *, mode, ce_weight
         labels.contiguous(), ids, ids.stride(0), lp, lp.stride(0) if lp is not dummy else 0, tl_,
         cn, cn.stride(0), ce_rows, kl_rows, scale,
         vocab, k, int(ignore_index), float(ce_weight), float(kl_weight), float(temperature),
-        1.0 / float(temperature), TAIL_FLOOR,
+        1.0 / float(temperature),
         MODE=MODE_IDS[mode], HAS_GRAD=grad is not None, TEMPERED=float(temperature) != 1.0,
+        INPLACE=grad is not None and grad.data_ptr() == z.data_ptr(),
         BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
     )
     return ce_rows, kl_rows
@@ -178,7 +215,7 @@ def launch_rows(z, grad, labels, ids, logprobs, tail, counts, *, mode, ce_weight
 def triton_chunk_loss_and_grad(z, labels, ids, logprobs, tail, counts, *, mode, ce_weight, kl_weight, temperature,
                                ignore_index, row_scale, want_grad):
     """Same contract as chunked.chunk_loss_and_grad, but the gradient overwrites z (z's dtype)."""
-    z = z if z.stride(1) == 1 else z.contiguous()
+    z = z if _rows_are_separate(z) else z.contiguous()
     ce_rows, kl_rows = launch_rows(z, z if want_grad else None, labels, ids, logprobs, tail, counts, mode=mode,
                                    ce_weight=ce_weight, kl_weight=kl_weight, temperature=temperature,
                                    ignore_index=ignore_index, row_scale=row_scale)
@@ -192,7 +229,7 @@ class TritonDistillFunction(torch.autograd.Function):
         num = (labels != ignore_index).sum()
         row_scale = 1.0 / num.clamp_min(1).float()
         want_grad = ctx.needs_input_grad[0]
-        z = logits if logits.stride(1) == 1 else logits.contiguous()
+        z = logits if _rows_are_separate(logits) else logits.contiguous()
         grad = None
         if want_grad:
             grad = z if (inplace and z is logits) else torch.empty_like(z)

@@ -7,9 +7,6 @@ import torch
 from fastkd.errors import UserError
 
 MODES = ("tail", "renorm", "sampled")
-# q_tail = 1 - sum_K q_i is computed by subtraction; below this floor it is rounding noise
-# (fp32 lse and sums carry ~1e-7 relative error), so it is clamped here in every implementation.
-TAIL_FLOOR = 1e-6
 
 
 class LossInputError(UserError):

@@ -17,7 +17,14 @@ from fastkd.kernels import (
     reference_loss,
 )
 from fastkd.kernels.validate import LossInputError
-from test_kernels_cases import loss_and_grad, make_case
+from test_kernels_cases import (
+    hand_tail_case,
+    hard_tail_case,
+    independent_loss,
+    loss_and_grad,
+    make_case,
+    student_tail,
+)
 
 # loss: relative tolerance; gradient: absolute tolerance relative to the largest gradient entry
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
@@ -344,3 +351,181 @@ def test_int32_labels_and_ids_are_accepted():
     case["teacher_ids"] = case["teacher_ids"].int()
     ours, grad = loss_and_grad(distill_loss, case)
     assert_matches(ours, grad, ref, ref_grad, torch.float32)
+
+
+# ---------------------------------------------------------------- the student's tail: exact complement, no floor
+# Every check below compares with tests/test_kernels_cases.independent_loss (float64, row by row,
+# the tail as a logsumexp over the complement), never with code from fastkd.kernels.
+
+def assert_independent(ours, grad, case, dtype, loss_rel=1e-5, **kw):
+    """Loss terms and the full [N, V] gradient (inside and outside K) against the independent float64 loss."""
+    z = case["logits"].double().requires_grad_(True)
+    ref = independent_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
+                           case["counts"], **kw)
+    ref_grad, = torch.autograd.grad(ref.total, z)
+    for name in ("total", "ce", "kl"):
+        a, b = float(getattr(ours, name).detach()), float(getattr(ref, name))
+        assert math.isfinite(a) and abs(a - b) <= loss_rel * max(1.0, abs(b)), (name, a, b)
+    assert int(ours.num_tokens) == ref.num_tokens
+    assert torch.isfinite(grad).all()
+    grad_tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (grad.double() - ref_grad).abs()
+    assert float(err.max()) <= grad_tol * float(ref_grad.abs().max()), (float(err.max()), float(ref_grad.abs().max()))
+    # outside the top-k, row by row: the sum (q_tail - t_tail, the term the floor used to zero) and each entry
+    outside = torch.ones_like(grad, dtype=torch.bool)
+    for r in range(grad.shape[0]):
+        outside[r, case["teacher_ids"][r][case["teacher_ids"][r] >= 0]] = False
+    for r in range(grad.shape[0]):
+        o = outside[r]
+        got, want = grad[r, o].double(), ref_grad[r, o]
+        assert abs(float(got.sum() - want.sum())) <= grad_tol * max(float(want.abs().sum()), 1e-6), (r, got.sum(), want.sum())
+    return ref, ref_grad
+
+
+CPU_PATHS = ["reference", "chunked", "fused_linear"]
+
+
+def run_path(path, case, **kw):
+    """(terms, dL/dlogits) from one CPU implementation. fused_linear: hidden = logits, weight = I (so dL/dh = dL/dz)."""
+    if path == "reference":
+        return loss_and_grad(reference_loss, case, **kw)
+    if path == "chunked":
+        return loss_and_grad(distill_loss, case, chunk_size=kw.pop("chunk_size", 2), **kw)
+    kw.pop("chunk_size", None)
+    h = case["logits"].clone().requires_grad_(True)
+    eye = torch.eye(h.shape[1], dtype=h.dtype)
+    terms = fused_linear_distill_loss(h, eye, case["labels"], case["teacher_ids"], case["teacher_logprobs"],
+                                      case["tail"], counts=case["counts"], chunk_size=4, **kw)
+    terms.total.backward()
+    return terms, h.grad
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_hand_computed_tail_case(path):
+    """q_tail ~ 2e-9 (< the old 1e-6 floor), teacher tail 0.3: loss and gradient from math only."""
+    case, want = hand_tail_case(torch.float64 if path == "reference" else torch.float32)
+    terms, grad = run_path(path, case, ce_weight=0.0)
+    assert float(terms.kl) == pytest.approx(want["kl"], rel=1e-6)
+    assert float(terms.ce) == pytest.approx(want["ce"], rel=1e-6)
+    torch.testing.assert_close(grad[0].double(), torch.tensor(want["grad_kl"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert float(grad[0, 2:].sum()) == pytest.approx(-0.3, rel=1e-5)  # q_tail - p_tail outside K
+    terms, grad = run_path(path, case, kl_weight=0.0)
+    torch.testing.assert_close(grad[0].double(), torch.tensor(want["grad_ce"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_hard_tail_matches_independent(path, temperature):
+    """Student top-k mass > 1 - 1e-6 (down to q_tail = 0 in fp32), teacher tail 0.3, padding row, labels in/out of K."""
+    case = hard_tail_case()
+    kw = dict(ce_weight=0.7, kl_weight=1.3, temperature=temperature)
+    ours, grad = run_path(path, case, **kw)
+    assert_independent(ours, grad, case, torch.float32, **kw)
+    assert torch.all(grad[4] == 0)  # padding row
+
+
+def test_hard_tail_exercises_the_old_floor():
+    """The case is hard: the student's tail is below 1e-6 (and 0 in fp32 in row 2), and the loss sees it."""
+    case = hard_tail_case()
+    log_q_tail = student_tail(case["logits"], case["teacher_ids"])
+    assert float(log_q_tail[1].exp()) < 1e-6 and float(log_q_tail[2]) < -150
+    q32 = torch.softmax(case["logits"], 1).gather(1, case["teacher_ids"]).sum(1)
+    assert float(1 - q32[2]) == 0.0  # by subtraction in fp32 the tail is exactly 0
+    ours = distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    floored = 0.3 * (log_q_tail[:4].clamp_min(math.log(1e-6)) - log_q_tail[:4]).sum() / 5  # what the floor drops
+    assert float(floored) > 10
+    ref = independent_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    assert float(ours.total) == pytest.approx(float(ref.total), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["chunked", "fused_linear"])
+def test_hard_tail_dtypes(path, dtype):
+    case = hard_tail_case(dtype=dtype)
+    ours, grad = run_path(path, case, temperature=1.5)
+    assert grad.dtype == dtype
+    assert_independent(ours, grad, case, dtype, loss_rel=1e-4 if dtype == torch.bfloat16 else 1e-5, temperature=1.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("which", ["random", "hard"])
+def test_every_row_gradient_sums_to_zero(mode, temperature, which):
+    """CE and KL gradients each sum to 0 over a row's V entries (softmax invariance), so their sum does."""
+    case = hard_tail_case() if which == "hard" else make_case(n=12, v=301, k=8, mode=mode, seed=3)
+    if which == "hard" and mode != "tail":
+        case["counts"] = torch.randint(1, 4, case["teacher_ids"].shape)
+    for path in ("chunked", "fused_linear"):
+        _, grad = run_path(path, case, mode=mode, temperature=temperature, ce_weight=0.6, kl_weight=1.4)
+        sums = grad.double().sum(1).abs()
+        assert float(sums.max()) <= 1e-6 * max(1.0, float(grad.abs().sum(1).max())), (path, sums)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_tail_underflow_is_finite_and_exact(path):
+    """q_tail underflows to 0 in fp32 (logit margin 200): log q_tail comes from the complement's logsumexp (~ -200)."""
+    case = hard_tail_case()
+    rows = torch.tensor([2])
+    sub = {key: (val[rows] if val is not None else None) for key, val in case.items()}
+    if path == "reference":
+        sub["logits"] = sub["logits"].double()
+    ours, grad = run_path(path, sub, ce_weight=0.0)
+    assert math.isfinite(float(ours.total)) and torch.isfinite(grad).all()
+    assert float(ours.kl) > 50  # 0.3 * (log 0.3 + ~200) - the top-k's small terms
+    assert_independent(ours, grad, sub, torch.float64 if path == "reference" else torch.float32, ce_weight=0.0)
+    outside = torch.ones(grad.shape[1], dtype=torch.bool)
+    outside[sub["teacher_ids"][0]] = False
+    assert float(grad[0, outside].sum()) == pytest.approx(-0.3, rel=1e-5)  # q_tail - t_tail with q_tail ~ 1e-87
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("tail", [0.3, 1e-7])
+def test_topk_covering_the_vocabulary_drops_the_tail(path, tail):
+    """k = V: the complement is empty; the tail bucket is dropped (top-k renormalised), loss and gradient finite."""
+    case = make_case(n=6, v=16, k=16, seed=2)
+    missing = sorted(set(range(16)) - set(case["teacher_ids"][2].tolist()))
+    case["teacher_ids"][2, -1] = missing[0]  # make_case left one slot unused: every id valid, all 16 in K
+    case["tail"] = torch.full((6,), tail)
+    if path == "reference":
+        case["logits"] = case["logits"].double()
+    ours, grad = run_path(path, case)
+    assert math.isfinite(float(ours.total)) and torch.isfinite(grad).all()
+    assert_independent(ours, grad, case, torch.float64 if path == "reference" else torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_chunked_matches_independent_on_random_cases(mode, temperature):
+    case = make_case(n=12, v=211, k=8, mode=mode, seed=17)
+    kw = dict(mode=mode, temperature=temperature, ce_weight=0.8, kl_weight=1.1)
+    for path in CPU_PATHS:
+        if path == "reference":
+            c = dict(case, logits=case["logits"].double())
+            ours, grad = run_path(path, c, **kw)
+            assert_independent(ours, grad, c, torch.float64, **kw)
+        else:
+            ours, grad = run_path(path, case, **kw)
+            assert_independent(ours, grad, case, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_linear_dtypes_match_independent(dtype, mode):
+    """float64 hidden/weight used to raise a scatter dtype error; fp32 and bf16 must keep working."""
+    g = torch.Generator().manual_seed(31)
+    case = make_case(n=10, v=97, k=6, mode=mode, seed=31)
+    h = torch.randn(10, 16, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    w = (torch.randn(97, 16, generator=g, dtype=torch.float64) * 0.4).to(dtype).requires_grad_(True)
+    b = torch.randn(97, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    kw = dict(mode=mode, temperature=1.3, ce_weight=0.9, kl_weight=1.2)
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    ours = fused_linear_distill_loss(h, w, *args, bias=b, counts=case["counts"], chunk_size=3, **kw)
+    grads = torch.autograd.grad(ours.total, (h, w, b))
+    leaves = [t.detach().double().requires_grad_(True) for t in (h, w, b)]
+    ref = independent_loss(leaves[0] @ leaves[1].t() + leaves[2], *args, case["counts"], **kw)
+    ref_grads = torch.autograd.grad(ref.total, leaves)
+    rel = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert float(ours.total) == pytest.approx(float(ref.total), rel=rel)
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == dtype
+        assert float((a.double() - r).abs().max()) <= (rel if dtype != torch.bfloat16 else 3e-2) * 10 * float(r.abs().max())

@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 
 from fastkd.kernels import distill_loss, reference_loss  # noqa: E402
 from fastkd.kernels.chunked import chunk_loss_and_grad  # noqa: E402
-from test_kernels_cases import loss_and_grad, make_case  # noqa: E402
+from test_kernels_cases import hand_tail_case, hard_tail_case, independent_loss, loss_and_grad, make_case  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
@@ -126,3 +126,82 @@ def test_triton_chunk_kernel_matches_cpu_chunk(tri, mode):
     assert ce_t.item() == pytest.approx(ce_c.item(), rel=1e-5)
     assert kl_t.item() == pytest.approx(kl_c.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(g_t, g_c, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the student's tail: exact complement, no floor
+
+def against_independent(ours, grad, case, dtype, **kw):
+    """Loss terms and the full [N, V] gradient vs the tests' own float64 loss (tail = complement logsumexp)."""
+    z = case["logits"].double().requires_grad_(True)
+    ref = independent_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
+                           case["counts"], **kw)
+    ref_grad, = torch.autograd.grad(ref.total, z)
+    loss_tol, grad_tol = TOL[dtype]
+    for name in ("total", "ce", "kl"):
+        a, b = getattr(ours, name).item(), float(getattr(ref, name))
+        assert math.isfinite(a) and abs(a - b) <= loss_tol * max(1.0, abs(b)), (name, a, b)
+    assert torch.isfinite(grad).all()
+    assert float((grad.double() - ref_grad).abs().max()) <= grad_tol * float(ref_grad.abs().max())
+    for r in range(grad.shape[0]):  # the mass outside the top-k, row by row (what the floor zeroed)
+        out = torch.ones(grad.shape[1], dtype=torch.bool)
+        out[case["teacher_ids"][r][case["teacher_ids"][r] >= 0]] = False
+        want = ref_grad[r, out]
+        assert abs(float(grad[r, out].double().sum() - want.sum())) <= grad_tol * max(float(want.abs().sum()), 1e-6)
+    sums = grad.double().sum(1).abs()  # every row's gradient sums to 0
+    assert float(sums.max()) <= max(grad_tol, 1e-6) * max(1.0, float(grad.double().abs().sum(1).max()))
+
+
+def test_triton_hand_computed_tail_case(tri):
+    case, want = hand_tail_case()
+    terms, grad = loss_and_grad(tri.triton_distill_loss, case, ce_weight=0.0)
+    assert terms.kl.item() == pytest.approx(want["kl"], rel=1e-6)
+    torch.testing.assert_close(grad[0].double(), torch.tensor(want["grad_kl"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert grad[0, 2:].sum().item() == pytest.approx(-0.3, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_triton_hard_tail_matches_independent(tri, temperature, dtype, inplace):
+    """Student top-k mass > 1 - 1e-6 down to q_tail = 0 in fp32, teacher tail 0.3, padding row, labels in/out of K."""
+    case = hard_tail_case(dtype=dtype)
+    kw = dict(ce_weight=0.7, kl_weight=1.3, temperature=temperature)
+    z = case["logits"].clone().requires_grad_(True)
+    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
+                                    inplace=inplace, **kw)
+    terms.total.backward()
+    assert z.grad.dtype == dtype
+    against_independent(terms, z.grad, case, dtype, **kw)
+    assert torch.all(z.grad[4] == 0)
+    if not inplace:
+        assert torch.equal(z.detach(), case["logits"])  # the caller's logits are left exactly as they were
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_triton_random_cases_match_independent(tri, mode, temperature):
+    case = make_case(n=9, v=150, k=8, mode=mode, seed=5)
+    kw = dict(mode=mode, temperature=temperature, ce_weight=0.8, kl_weight=1.1)
+    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    against_independent(ours, grad, case, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("tail", [0.3, 1e-7])
+def test_triton_topk_covering_the_vocabulary_drops_the_tail(tri, tail):
+    case = make_case(n=4, v=16, k=16, seed=2)
+    case["tail"] = torch.full((4,), tail)
+    ours, grad = loss_and_grad(tri.triton_distill_loss, case)
+    against_independent(ours, grad, case, torch.float32)
+
+
+def test_triton_chunk_kernel_hard_tail(tri):
+    """The per-chunk entry the fused-linear variant uses on CUDA, on the hard case, vs the independent loss."""
+    case = hard_tail_case()
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
+    kw = dict(mode="tail", ce_weight=1.0, kl_weight=1.0, temperature=1.0, ignore_index=-100,
+              row_scale=torch.tensor(1 / 5), want_grad=True)
+    ce_t, kl_t, g_t = tri.triton_chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
+    terms = type("T", (), {})()
+    terms.ce, terms.kl = ce_t / 5, kl_t / 5
+    terms.total = terms.ce + terms.kl
+    against_independent(terms, g_t, case, torch.float32)
