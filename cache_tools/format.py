@@ -167,9 +167,17 @@ def read_manifest(root: Path) -> dict:
     if not path.exists():
         raise CacheError(f"cache {root}: no manifest.json (not a cache, or a run that never finished a shard)")
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise CacheError(f"cache {root}: cannot read manifest.json: {err}") from None
+    return parse_manifest(data, root)
+
+
+def parse_manifest(data: bytes, root) -> dict:
+    """The manifest from its bytes (read from a folder or object storage), checked as read_manifest
+    says; `root` (path or URL) names the cache in the messages."""
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise CacheError(f"cache {root}: manifest.json is not UTF-8 text (byte {err.start}): corrupted") from None
     if not text.strip():

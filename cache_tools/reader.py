@@ -1,8 +1,10 @@
-"""CacheReader: random access by cache position and streaming iteration over a cache folder."""
+"""CacheReader: random access by cache position and streaming iteration over a cache folder or
+an fsspec URL (s3://, gs://, hf://, file://, memory://; see storage.py)."""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -11,11 +13,14 @@ from safetensors import safe_open
 
 from fastkd.integrity import digest_bytes, file_digest
 
-from .format import CacheError, CachedSequence, CorruptCacheError, read_manifest, settings_of
-from .shard import SHARD_READERS, CorruptShard, Layout
+from .format import MANIFEST, CacheError, CachedSequence, CorruptCacheError, parse_manifest, read_manifest, settings_of
+from .shard import SHARD_READERS, CorruptShard, Layout, part_kind
+from .storage import (LocalStorage, RangeShardFile, ReadAhead, RemoteStorage, open_storage, read_ahead_bytes,
+                      remote_file_digest, remote_shard_head)
 
 MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on the JSON header
 OPEN_SHARDS = 16               # shard handles a reader keeps open (a shuffled plan hops between shards)
+OPEN_THREADS = 8               # remote shards opened (header + index fetched) at once
 
 
 def shard_header(path: Path) -> bytes:
@@ -39,7 +44,12 @@ def open_shard(root: Path, entry: dict, number: int, version: int, *, verify: bo
     of every tensor) must match the manifest's header_sha256; a shard written before header
     digests existed is checked whole against its sha256 instead (one read of the file; the files
     already checked, by (name, size, mtime), are kept in `checked_whole` so a reopen skips it).
+    `root` may be a RemoteStorage: the same checks on bytes fetched by range (storage.py).
     """
+    if isinstance(root, RemoteStorage):
+        return _open_remote_shard(root, entry, number, version, verify=verify, checked_whole=checked_whole)
+    if isinstance(root, LocalStorage):
+        root = root.root
     path = Path(root) / entry["file"]
     where = f"cache {root}: shard {entry['file']}"
     if not path.is_file():
@@ -75,6 +85,42 @@ def open_shard(root: Path, entry: dict, number: int, version: int, *, verify: bo
                                 entry["file"]) from None
 
 
+def _open_remote_shard(storage: RemoteStorage, entry: dict, number: int, version: int, *, verify: bool = True,
+                       checked_whole: set | None = None):
+    """open_shard for a cache under a URL: size, header digest (or whole-file sha256), index digests."""
+    name = entry["file"]
+    where = f"cache {storage.label}: shard {name}"
+    try:
+        size = storage.size(name)
+    except FileNotFoundError:
+        raise CacheError(f"{where} (shards[{number}] in manifest.json) is missing") from None
+    reader_class = SHARD_READERS.get(version)
+    if reader_class is None:
+        raise CacheError(f"cache {storage.label}: format version {version} is not known to this fastkd "
+                         f"(knows {sorted(SHARD_READERS)}); upgrade fastkd")
+    hint = f"Run `fastkd cache verify` on a local copy to list every damaged shard and block"
+    try:
+        if verify and size != entry["bytes"]:
+            raise CorruptShard(f"file has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
+        head = remote_shard_head(storage, name, size)
+        if verify:
+            if "header_sha256" in entry:
+                if digest_bytes(head[:8 + int.from_bytes(head[:8], "little")]) != entry["header_sha256"]:
+                    raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
+            elif checked_whole is None or (name, size) not in checked_whole:
+                if remote_file_digest(storage, name, size) != entry["sha256"]:
+                    raise CorruptShard("file fails its sha256 check against manifest.json (corrupted bytes)")
+                if checked_whole is not None:
+                    checked_whole.add((name, size))
+        return reader_class(RangeShardFile(storage, name, size, head), where, verify=verify)
+    except CorruptShard as err:
+        raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", name) from None
+    except CacheError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable shard
+        raise CorruptCacheError(f"{where}: cannot read the shard header or index ({err}). {hint}", name) from None
+
+
 class CacheReader:
     """Reads a finished (or partially written) cache: `reader[i]` decodes only the block that
     holds sequence i; iteration streams shard by shard, block by block.
@@ -82,12 +128,20 @@ class CacheReader:
     verify=True (the default): every byte is checked against its digest before it is decoded
     (manifest seal, shard header, index and block tensors); a failure raises CorruptCacheError
     naming the shard and block. verify=False skips the digests (not the sanity checks).
+
+    `root` is a folder (shards are mmapped) or an fsspec URL (blocks are fetched by byte range,
+    checked the same way; `storage_options` go to fsspec): a remote reader keeps up to
+    `read_ahead` bytes (default $FASTKD_CACHE_READ_AHEAD, else 64 MiB) of the next blocks when it
+    reads in cache order, or of the blocks named by `expect()`.
     """
 
-    def __init__(self, root, *, layers=None, verify: bool = True):
-        self.root = Path(root)
+    def __init__(self, root, *, layers=None, verify: bool = True, storage_options: dict | None = None,
+                 read_ahead=None):
+        self.storage = open_storage(root, storage_options)
+        self.remote = not self.storage.local
+        self.root = self.storage.label if self.remote else Path(root)
         self.verify = verify
-        self.manifest = read_manifest(self.root)
+        self.manifest = self._read_manifest()
         self.format_version = self.manifest["format_version"]
         if self.format_version not in SHARD_READERS:
             raise CacheError(f"cache {self.root}: format version {self.format_version} is not known to this fastkd "
@@ -98,10 +152,12 @@ class CacheReader:
             raise CacheError(f"cache {self.root}: holds no finished shard yet (manifest.json lists none)")
         record, length, nloss, per_shard, self._block_starts = [], [], [], [], []
         self._checked_whole: set = set()      # pre-digest shards already checked whole
-        for j, entry in enumerate(shards):
-            shard = open_shard(self.root, entry, j, self.format_version, verify=verify,
-                               checked_whole=self._checked_whole)
-            check_shard_matches(self.root, self.manifest, entry, shard)
+        self._handles: dict[int, object] = {}  # shard number -> open shard (most recent last), this pid's
+        self._handles_pid = os.getpid()
+        for j, shard in enumerate(self._open_all(shards)):
+            check_shard_matches(self.root, self.manifest, shards[j], shard)
+            if self.remote:  # a remote shard holds no OS resource: keep it (its header was fetched once)
+                self._handles[j] = shard
             record.append(shard.record_index)
             length.append(shard.length)
             nloss.append(shard.num_loss)
@@ -111,14 +167,35 @@ class CacheReader:
         self.lengths = np.concatenate(length)
         self.num_loss_positions = np.concatenate(nloss)
         self._starts = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-        self._handles: dict[int, object] = {}  # shard number -> open shard (most recent last), this pid's
-        self._handles_pid = os.getpid()
+        self._block_offsets = np.concatenate([[0], np.cumsum([len(b) - 1 for b in self._block_starts])]).astype(np.int64)
         self._block: tuple[int, int, list[CachedSequence]] | None = None  # (shard, block, sequences)
+        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead)) if self.remote else None
+        self._recent = (-3, -3)                # global numbers of the last two blocks fetched (streak detection)
+        self._expected: list[tuple[int, int]] = []  # blocks announced by expect(), in order
         if self.layers is not None:
             missing = sorted(set(self.layers) - set(self.manifest.get("layers", [])))
             if missing:
                 raise CacheError(f"cache {self.root}: layers {missing} requested, the cache stores "
                                  f"{self.manifest.get('layers', [])}")
+
+    def _read_manifest(self) -> dict:
+        if not self.remote:
+            return read_manifest(self.root)
+        try:
+            data = self.storage.read_bytes(MANIFEST)
+        except FileNotFoundError:
+            raise CacheError(f"cache {self.root}: no manifest.json (not a cache, a mistyped URL, or a copy still "
+                             f"being uploaded: upload manifest.json last)") from None
+        return parse_manifest(data, self.root)
+
+    def _open_all(self, shards: list[dict]) -> list:
+        def one(j):
+            return open_shard(self.storage if self.remote else self.root, shards[j], j, self.format_version,
+                              verify=self.verify, checked_whole=self._checked_whole)
+        if not self.remote or len(shards) == 1:
+            return [one(j) for j in range(len(shards))]
+        with ThreadPoolExecutor(min(OPEN_THREADS, len(shards))) as pool:  # latency-bound: fetch headers at once
+            return list(pool.map(one, range(len(shards))))
 
     # --- what the manifest says ----------------------------------------------------------
     @property
@@ -171,28 +248,99 @@ class CacheReader:
     def __getstate__(self):
         """Picklable for DataLoader workers: open handles and decoded blocks are not carried."""
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        if not self.remote:  # remote shards are plain data (header + index): workers keep them
+            state["_handles"] = {}
         state["_block"] = None
         return state
 
     # --- decoding ------------------------------------------------------------------------
     def _shard(self, number: int):
-        if self._handles_pid != os.getpid():  # handles opened before a fork are reopened in the child
+        if self.remote:
+            shard = self._handles.get(number)
+            if shard is not None:
+                return shard
+        elif self._handles_pid != os.getpid():  # handles opened before a fork are reopened in the child
             self._handles, self._handles_pid = {}, os.getpid()
         shard = self._handles.pop(number, None)
         if shard is None:
-            shard = open_shard(self.root, self.manifest["shards"][number], number, self.format_version,
-                               verify=self.verify, checked_whole=self._checked_whole)
+            shard = open_shard(self.storage if self.remote else self.root, self.manifest["shards"][number], number,
+                               self.format_version, verify=self.verify, checked_whole=self._checked_whole)
             check_shard_matches(self.root, self.manifest, self.manifest["shards"][number], shard)
         self._handles[number] = shard
+        if self.remote:
+            return shard
         while len(self._handles) > OPEN_SHARDS:
             self._handles.pop(next(iter(self._handles)))
         return shard
 
-    def _decode(self, number: int, block: int) -> list[CachedSequence]:
+    # --- remote blocks: one range read per block, through the read-ahead ----------------------
+    def _wanted_parts(self, shard, block: int) -> list[str]:
+        """The tensors of a block that decode_block reads (all of them when verifying)."""
+        names = shard.part_names(block)
+        if self.verify or self.layers is None:
+            return names
+        keep = set(self.layers)
+        return [n for n in names if part_kind(n) != "hidden" or int(n.rsplit(".", 1)[1]) in keep]
+
+    def _block_item(self, number: int, block: int):
+        shard = self._shard(number)
+        names = self._wanted_parts(shard, block)
+        size = sum(length for _, length, _ in shard.handle.ranges(names))
+        return (number, block), size, lambda: shard.handle.fetch(names)
+
+    def _fetch(self, number: int, block: int, sequential: bool = False) -> None:
+        """Stage a remote block's bytes in its shard handle (fetched ahead or now), then plan the next
+        fetches: the blocks given to expect(), or the next ones in cache order while reads are in order."""
+        key, _, load = self._block_item(number, block)
+        try:
+            parts = self._read_ahead.take(key, load)
+        except CorruptShard as err:
+            raise self._corrupt(number, block, err) from None
+        self._shard(number).handle.stage(parts)
+        here = int(self._block_offsets[number]) + block
+        if key in self._expected:
+            self._expected = self._expected[self._expected.index(key) + 1:]
+            upcoming = iter(self._expected)
+        elif sequential or self._recent == (here - 2, here - 1):
+            self._expected = []
+            upcoming = (self._global_block(g) for g in range(here + 1, int(self._block_offsets[-1])))
+        else:
+            self._expected, upcoming = [], iter(())
+        self._recent = (self._recent[1], here)
+        self._read_ahead.want(self._within_budget(upcoming))
+
+    def _within_budget(self, blocks):
+        items, total = [], 0
+        for number, block in blocks:
+            item = self._block_item(number, block)
+            total += item[1]
+            if total > self._read_ahead.budget:
+                break
+            items.append(item)
+        return items
+
+    def _global_block(self, g: int) -> tuple[int, int]:
+        number = int(np.searchsorted(self._block_offsets, g, side="right") - 1)
+        return number, g - int(self._block_offsets[number])
+
+    def expect(self, blocks) -> None:
+        """Announce the (shard, block) pairs about to be read, in order: a remote reader fetches
+        them ahead within its read-ahead budget (a local one ignores this)."""
+        if self.remote:
+            self._expected = [(int(s), int(b)) for s, b in blocks]
+            self._read_ahead.want(self._within_budget(self._expected))
+
+    @property
+    def read_ahead(self) -> ReadAhead | None:
+        """The remote reader's read-ahead (budget, held, peak, hits, misses); None for a folder."""
+        return self._read_ahead
+
+    def _decode(self, number: int, block: int, sequential: bool = False) -> list[CachedSequence]:
         if self._block is not None and self._block[:2] == (number, block):
             return self._block[2]
         shard = self._shard(number)
+        if self.remote:
+            self._fetch(number, block, sequential)
         try:
             seqs = shard.decode_block(block, layers=self.layers)
         except CacheError:
@@ -212,6 +360,8 @@ class CacheReader:
     def check_block(self, shard: int, block: int) -> None:
         """Check a block's bytes against their digests without decoding (CorruptCacheError if bad)."""
         try:
+            if self.remote:
+                self._fetch(shard, block, sequential=True)
             self._shard(shard).check_block(block)
         except CorruptShard as err:
             raise self._corrupt(shard, block, err) from None
@@ -243,7 +393,7 @@ class CacheReader:
         """The sequences of one shard in order, decoding one block at a time."""
         shard = self._shard(number)
         for block in range(shard.num_blocks):
-            seqs = self._decode(number, block)
+            seqs = self._decode(number, block, sequential=True)
             self._block = None  # streaming: do not keep the block alive
             yield from seqs
 
