@@ -9,6 +9,8 @@ DataLoader worker processes, each rank taking its own disjoint slice of every gl
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -220,9 +222,12 @@ class Batch:
     counts: torch.Tensor | None = None          # int [M, k]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> float [M, d]
     record_indices: list[int] = field(default_factory=list)
+    loss_index: torch.Tensor | None = None      # long [M]: flat (b*T + t) index of each loss row, made on the host
 
     @property
     def num_rows(self) -> int:
+        if self.loss_index is not None:
+            return int(self.loss_index.numel())  # shape metadata: no read of the tensor
         return int((self.labels != IGNORE_INDEX).sum())
 
     @property
@@ -253,7 +258,10 @@ def collate(sequences: list, pad_id: int) -> Batch:
     ids, attn, loss = pad_batch([s.input_ids.tolist() for s in sequences], pad_id, "right",
                                 [s.loss_mask.tolist() for s in sequences])
     labels = labels_from_mask(ids, loss, IGNORE_INDEX)
-    batch = Batch(ids, attn, loss, labels, record_indices=[int(s.record_index) for s in sequences])
+    # the loss rows as indices, found here on the host: a boolean mask on the device would sync every step
+    loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
+    batch = Batch(ids, attn, loss, labels, record_indices=[int(s.record_index) for s in sequences],
+                  loss_index=loss_index)
     if getattr(sequences[0], "topk_ids", None) is None:
         return batch
     for s in sequences:
@@ -321,28 +329,91 @@ class StreamFailure:
 
 @dataclass
 class Loader:
-    """A DataLoader whose iteration raises the error a StreamFailure carries (with its message)."""
+    """A DataLoader whose iteration raises the error a StreamFailure carries (with its message).
+
+    prefetch > 0: a background thread builds up to `prefetch` items ahead into a bounded queue
+    (decoding, collation and pinning leave the training thread); items keep their plan order and
+    their (epoch, position), so a resume is exact whatever was read ahead.
+    """
 
     dataloader: torch.utils.data.DataLoader
+    prefetch: int = 0
 
-    def __iter__(self):
+    def _items(self):
         for item in self.dataloader:
             if isinstance(item, StreamFailure):
                 raise item.error
             yield item
 
+    def __iter__(self):
+        return read_ahead(self._items(), self.prefetch) if self.prefetch > 0 else self._items()
+
+
+_END = object()
+
+
+def read_ahead(items, depth: int):
+    """Iterate `items` in a daemon thread, at most `depth` items ahead of the consumer.
+
+    An exception in the thread is raised in the consumer (the same object, so a UserError keeps its
+    message); closing the consumer (or dropping it) stops the thread at its next item.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((True, _END))
+        except BaseException as err:  # noqa: BLE001 - carried to the consumer and raised there
+            offer((False, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="fastkd-read-ahead", daemon=True)
+    worker.start()
+
+    def consume():
+        try:
+            while True:
+                ok, item = slots.get()
+                if not ok:
+                    raise item
+                if item is _END:
+                    return
+                yield item
+        finally:
+            stop.set()
+
+    return consume()
+
 
 def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
                 start: int = 0, epochs: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False) -> Loader:
+                pin_memory: bool = False, prefetch: int = 0) -> Loader:
     """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None).
-    `plans` is a picklable callable epoch -> list of global batches (see `PlanMaker`) or a fixed list."""
+    `plans` is a picklable callable epoch -> list of global batches (see `PlanMaker`) or a fixed list.
+    prefetch > 0 builds that many steps ahead in a background thread (see Loader)."""
     if isinstance(plans, list):
         plans = FixedPlan(plans)
     stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
                          epochs=epochs)
     return Loader(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                              prefetch_factor=4 if num_workers else None, persistent_workers=False))
+                                              prefetch_factor=4 if num_workers else None, persistent_workers=False),
+                  prefetch=prefetch)
 
 
 @dataclass

@@ -52,7 +52,9 @@ class TrainConfig:
     kl_weight: float = _opt(1.0, "weight of the KL to the teacher (0 = SFT baseline)")
     hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE through learned projections (saved with the student)")
     temperature: float = _opt(1.0, "distillation temperature")
-    loss_impl: str = _opt("auto", "logits: materialise [rows, V] logits; fused: fused linear + loss (no full logits); auto: fused on CUDA",
+    loss_impl: str = _opt("auto", "fused: fused linear + loss, no [rows, V] logits; logits: materialise the logits and write the "
+                                  "gradient over them; auto: fused (the lightest on CPU and CUDA) unless the student's logits "
+                                  "are not lm_head(hidden); the choice is printed",
                           choices=["auto", "logits", "fused"])
     chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
     # optimisation
@@ -77,7 +79,9 @@ class TrainConfig:
                                      "(records from --data are always fully shuffled)")
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
                                     "tasks of different lengths then fill batches of their own: 1 mixes them)")
-    num_workers: int = _opt(0, "DataLoader worker processes decoding the cache")
+    num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)")
+    prefetch: int = _opt(4, "steps built ahead by a background thread (decode, collate, pin) in a bounded queue; "
+                            "0 = decode on the training thread")
     verify_cache: bool = _opt(True, "check every cache block against its sha256 before decoding it (cost: see benchmarks/cache_io.py); "
                                     "--no-verify-cache trains on bytes nobody checked (a warning says so)")
     skip_corrupt_blocks: bool = _opt(False, "before training, check every cache block and leave out the ones that fail their digests "
@@ -119,6 +123,9 @@ class TrainConfig:
             raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
         if self.max_steps is not None and self.max_steps < 0:
             raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
+        for name in ("num_workers", "prefetch"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         return self
 
 

@@ -9,6 +9,7 @@ checkpoint. Checkpoints hold everything needed to continue bit for bit.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,22 +50,29 @@ class StudentWithLoss(nn.Module):
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
                                  or not isinstance(student.get_output_embeddings(), nn.Linear))
 
+    @property
+    def loss_path(self) -> str:
+        """The loss implementation this module runs: the lightest correct one unless --loss-impl chose."""
+        return choose_loss_path(self.cfg.loss_impl, self.full_forward)
+
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
-                teacher_hidden=None):
+                teacher_hidden=None, loss_index=None):
         from fastkd.kernels import LossTerms, distill_loss
 
         cfg = self.cfg
-        rows = labels != IGNORE_INDEX
-        y = labels[rows]
+        if loss_index is None:  # callers without a collated Batch: found here (a host sync on a GPU)
+            loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
+        pick = lambda x: x.flatten(0, 1).index_select(0, loss_index)  # noqa: E731 - the loss rows, row-major
+        y = pick(labels)
         want_hidden = bool(self.projector is not None and cfg.hidden_weight)
         if self.full_forward:
             out = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                output_hidden_states=want_hidden)
-            logits, h, hidden_states = out.logits[rows][:, :self.vocab_size], None, out.hidden_states
+            logits, h, hidden_states = pick(out.logits)[:, :self.vocab_size], None, out.hidden_states
         else:
             out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                           output_hidden_states=want_hidden)
-            h, logits, hidden_states = out.last_hidden_state[rows], None, out.hidden_states
+            h, logits, hidden_states = pick(out.last_hidden_state), None, out.hidden_states
         head = self.student.get_output_embeddings()
         if topk_ids is None:  # SFT: no teacher signal
             if logits is None:
@@ -75,8 +83,7 @@ class StudentWithLoss(nn.Module):
         else:
             common = dict(counts=counts, mode=cfg.mode, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
                           temperature=cfg.temperature, chunk_size=cfg.chunk_size)
-            use_fused = logits is None and (cfg.loss_impl == "fused" or (cfg.loss_impl == "auto" and h.is_cuda))
-            if use_fused:
+            if self.loss_path == "fused":
                 from fastkd.kernels import fused_linear_distill_loss
 
                 weight = head.weight[:self.vocab_size]
@@ -85,20 +92,43 @@ class StudentWithLoss(nn.Module):
             else:
                 if logits is None:
                     logits = head(h)[:, :self.vocab_size]
-                terms = distill_loss(logits.float(), y, topk_ids, topk_logprobs, tail, **common)
+                # the logits are this step's own intermediate (nothing else reads them): the gradient may
+                # overwrite them, saving one [rows, V] buffer
+                terms = distill_loss(logits.float(), y, topk_ids, topk_logprobs, tail, inplace=True, **common)
         if want_hidden:
-            student_hidden = [hidden_states[layer][rows] for layer in self.student_layers]
+            student_hidden = [pick(hidden_states[layer]) for layer in self.student_layers]
             hidden = self.projector(student_hidden, teacher_hidden)
             terms.total = terms.total + cfg.hidden_weight * hidden.to(terms.total.dtype)
             terms.hidden = hidden.detach()
         return terms
 
 
+def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
+    """auto: the fused linear + loss (no [rows, V] logits: the lightest in time and memory on CPU and CUDA,
+    see benchmarks/train_step_table.py) unless the model's logits are not lm_head(hidden)."""
+    if loss_impl == "auto":
+        return "logits" if full_forward else "fused"
+    if loss_impl == "fused" and full_forward:
+        return "logits"  # soft-capped / scaled logits: the fused path would compute other logits
+    return loss_impl
+
+
+def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
+    path = module.loss_path
+    what = {"fused": "fused linear + loss, chunked over rows (no [rows, V] logits)",
+            "logits": "logits [rows, V], loss gradient written over them"}[path]
+    why = "auto: the lightest on " + device.type if module.cfg.loss_impl == "auto" else f"--loss-impl {module.cfg.loss_impl}"
+    if module.full_forward and module.cfg.loss_impl != "logits":
+        why = "the student's logits are not lm_head(hidden) (soft-capping or a logit scale)"
+    return f"loss: {path} ({what}; {why}; --loss-impl fused|logits overrides)"
+
+
 def batch_inputs(batch: Batch, teacher_layers: list[int]) -> dict:
     """The keyword arguments StudentWithLoss takes, from a batch."""
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                 topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, tail=batch.tail, counts=batch.counts,
-                teacher_hidden=[batch.hidden[layer] for layer in teacher_layers] if batch.hidden else None)
+                teacher_hidden=[batch.hidden[layer] for layer in teacher_layers] if batch.hidden else None,
+                loss_index=batch.loss_index)
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -285,7 +315,8 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
     train_positions = eval_positions = None
     if evaluation is None and config.eval_sequences:
         train_positions, eval_positions = split_holdout(len(train), config.eval_sequences, config.seed)
-        evaluation = train
+        # its own reader and block cache: the training stream decodes in a background thread meanwhile
+        evaluation = copy.copy(train) if isinstance(train, CacheSource) else train
     if len(excluded):
         keep = lambda positions: np.setdiff1d(positions, excluded)  # noqa: E731
         train_positions = keep(np.arange(len(train)) if train_positions is None else train_positions)
@@ -341,7 +372,37 @@ def step_stream(data: DataSide, config: TrainConfig, env: Env, pad_id: int, epoc
     """Endless (epoch, position-after, micro-batches) over the training source from a saved position."""
     return iter(make_loader(data.train, train_plans(data, config, env), pad_id, rank=env.rank, world=env.world,
                             accum=config.grad_accum, epoch=epoch, start=position, num_workers=config.num_workers,
-                            pin_memory=env.device.type == "cuda"))
+                            pin_memory=env.device.type == "cuda", prefetch=config.prefetch))
+
+
+def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: list[Batch], data: DataSide,
+               config: TrainConfig, env: Env, vocab_size: int, window: torch.Tensor):
+    """One optimizer step over the step's micro-batches, each weighted by its share of the step's loss rows
+    (all ranks), with no host synchronisation: returns (the step's loss rows, clamped to >= 1: a host
+    float in one process, a device scalar across ranks; the gradient norm before clipping, a device
+    scalar or None) and adds rows and row-weighted loss terms to `window` on the device."""
+    counts = [b.num_rows for b in micro]                  # on the host, before the copy: no device sync
+    if env.world > 1:  # the global row count stays on the device
+        rows = torch.tensor([float(sum(counts))], dtype=torch.float64, device=env.device)  # NCCL: device tensors
+        dist.all_reduce(rows)
+        step_rows = rows[0].clamp_min(1.0)
+        divisor = step_rows.float()
+    else:
+        step_rows = divisor = max(float(sum(counts)), 1.0)
+    for i, (batch, n) in enumerate(zip(micro, counts)):
+        batch = add_teacher_signal(batch.to(env.device, non_blocking=True), data, config, vocab_size)
+        last = i == len(micro) - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(config, env):
+                terms = model(**batch_inputs(batch, data.teacher_layers))
+            (terms.total * (n * env.world / divisor)).backward()
+        window += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=env.device)] +
+                              [t.detach().double() * n for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
+    grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                 if config.max_grad_norm else None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_rows, grad_norm
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -572,7 +633,14 @@ def train(config: TrainConfig | dict) -> TrainResult:
         if before:
             log.write(0, {f"eval_{k}": v for k, v in before.items()})
 
+    def settle_tokens() -> None:  # fold the device-side token count into the host one (a sync: log/save only)
+        nonlocal tokens
+        if env.world > 1:
+            tokens += int(round(float(pending_tokens)))
+            pending_tokens.zero_()
+
     def checkpoint() -> None:
+        settle_tokens()
         model_state, optim_state = full_state(module, optimizer, config, env)
         if env.is_main:
             save_checkpoint(run_dir, {"model": model_state, "optimizer": optim_state,
@@ -582,7 +650,12 @@ def train(config: TrainConfig | dict) -> TrainResult:
         if env.world > 1:
             dist.barrier()
 
+    if env.is_main and config.progress:
+        import sys
+
+        print(describe_loss_path(module, env.device), file=sys.stderr)
     stream = step_stream(data, config, env, pad_id, epoch, position)
+    pending_tokens = torch.zeros((), dtype=torch.float64, device=env.device)  # other ranks' rows, not yet read back
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (config.progress and env.is_main))
     window = torch.zeros(5, dtype=torch.float64, device=env.device)  # rows, then row-weighted total, ce, kl, hidden
     window_start = time.perf_counter()
@@ -590,27 +663,13 @@ def train(config: TrainConfig | dict) -> TrainResult:
     while step < total_steps:
         # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
         epoch, position, micro = next(stream)
-        counts = [b.num_rows for b in micro]                  # on the host, before the copy: no device sync
-        rows = torch.tensor([float(sum(counts))], dtype=torch.float64, device=env.device)  # NCCL: device tensors
+        step_rows, grad_norm = train_step(model, module, optimizer, micro, data, config, env, vocab_size, window)
         if env.world > 1:
-            dist.all_reduce(rows)
-        step_rows = max(rows.item(), 1.0)
-        for i, (batch, n) in enumerate(zip(micro, counts)):
-            batch = add_teacher_signal(batch.to(env.device, non_blocking=True), data, config, vocab_size)
-            last = i == len(micro) - 1
-            with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
-                with autocast(config, env):
-                    terms = model(**batch_inputs(batch, data.teacher_layers))
-                (terms.total * (n * env.world / step_rows)).backward()
-            window += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=env.device)] +
-                                  [t.detach().double() * n for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
-        grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-                     if config.max_grad_norm else None)
-        optimizer.step()
+            pending_tokens += step_rows
+        else:
+            tokens += int(step_rows)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens += int(step_rows)
         bar.update(1)
         if step % max(1, config.log_every) == 0 or step == total_steps:
             # loss terms averaged over the loss rows of every step since the last line, all ranks
@@ -633,6 +692,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
         if config.save_every and step % config.save_every == 0 and step < total_steps:
             checkpoint()
     bar.close()
+    stream.close()  # stops the read-ahead thread
+    settle_tokens()
 
     after = evaluate(module, data, config, env, pad_id)
     if after:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .sparse_target import SparseTarget, slice_target, sparse_target
-from .terms import LossTerms
+from .terms import LossTerms, keep_gradients, scaled_gradient
 from .validate import check_inputs
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 per working chunk
@@ -181,18 +181,15 @@ class ChunkedDistillFunction(torch.autograd.Function):
         ce = ce_sum * row_scale
         kl = kl_sum * row_scale
         total = ce_weight * ce + kl_weight * kl
-        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        keep_gradients(ctx, grad)
         ctx.mark_non_differentiable(ce, kl, num)
         return total, ce, kl, num
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
+        if ctx.grads[0] is None:
             return (None,) * 13
-        if not bool(grad_total == 1):
-            grad = grad * grad_total.to(grad.dtype)
-        return (grad.view_as(grad),) + (None,) * 12  # a fresh alias: autograd can adopt it without a copy
+        return (scaled_gradient(ctx, 0, grad_total),) + (None,) * 12
 
 
 def chunked_distill_loss(

@@ -19,7 +19,7 @@ def default_fused_rows(vocab: int, rows: int) -> int:
     """Rows per chunk for the fused-linear loss (a multiple of 32 when there are enough rows)."""
     r = max(1, FUSED_CHUNK_ELEMENTS // max(vocab, 1))
     return max(1, min(rows, r - r % 32 if r >= 32 else r))
-from .terms import LossTerms
+from .terms import LossTerms, keep_gradients, scaled_gradient
 from .validate import LossInputError, check_inputs
 
 
@@ -90,23 +90,15 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         ce = ce_sum * row_scale
         kl = kl_sum * row_scale
         total = ce_weight * ce + kl_weight * kl
-        empty = torch.empty(0)
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else empty,
-            grad_w.to(weight.dtype) if grad_w is not None else empty,
-            grad_b.to(bias.dtype) if grad_b is not None else empty)
+        keep_gradients(ctx, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                       grad_b.to(bias.dtype) if grad_b is not None else None)
         ctx.flags = (need_h, need_w, need_b)
         ctx.mark_non_differentiable(ce, kl, num)
         return total, ce, kl, num
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
-        grads = []
-        for flag, g in zip(ctx.flags, ctx.saved_tensors):
-            if not flag:
-                grads.append(None)
-                continue
-            grads.append(g if bool(grad_total == 1) else g * grad_total.to(g.dtype))
+        grads = [scaled_gradient(ctx, slot, grad_total) if flag else None for slot, flag in enumerate(ctx.flags)]
         return tuple(grads) + (None,) * 11
 
 

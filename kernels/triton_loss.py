@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .terms import LossTerms
+from .terms import LossTerms, keep_gradients, scaled_gradient
 
 MODE_IDS = {"tail": 0, "renorm": 1, "sampled": 2}
 
@@ -239,18 +239,15 @@ class TritonDistillFunction(torch.autograd.Function):
         ce = ce_rows.sum() * row_scale
         kl = kl_rows.sum() * row_scale
         total = ce_weight * ce + kl_weight * kl
-        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        keep_gradients(ctx, grad)
         ctx.mark_non_differentiable(ce, kl, num)
         return total, ce, kl, num
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
+        if ctx.grads[0] is None:
             return (None,) * 12
-        if not bool(grad_total == 1):  # one scalar sync in backward, saves a full pass when it is 1
-            grad = grad * grad_total.to(grad.dtype)
-        return (grad.view_as(grad),) + (None,) * 11  # a fresh alias: autograd can adopt it without a copy
+        return (scaled_gradient(ctx, 0, grad_total),) + (None,) * 11
 
 
 def triton_distill_loss(logits, labels, teacher_ids, teacher_logprobs, tail=None, *, counts=None, mode="tail",

@@ -529,3 +529,24 @@ def test_fused_linear_dtypes_match_independent(dtype, mode):
     for a, r in zip(grads, ref_grads):
         assert a.dtype == dtype
         assert float((a.double() - r).abs().max()) <= (rel if dtype != torch.bfloat16 else 3e-2) * 10 * float(r.abs().max())
+
+
+@pytest.mark.parametrize("path", ["chunked", "fused_linear"])
+def test_upstream_gradient_scales_without_a_second_buffer_and_survives_retain_graph(path):
+    """The stored gradient is scaled in place by the first backward (no host sync on a GPU); a second
+    backward through the same graph (retain_graph) with another factor still gives factor x gradient."""
+    case = make_case(n=10, v=97, k=6, seed=41)
+    z = case["logits"].double().requires_grad_(True)
+    ref = reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    want, = torch.autograd.grad(ref.total, z)
+    x = case["logits"].clone().requires_grad_(True)
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    if path == "chunked":
+        terms = distill_loss(x, *args, chunk_size=3)
+    else:
+        terms = fused_linear_distill_loss(x, torch.eye(97), *args, chunk_size=4)
+    (terms.total * 0.25).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad.double(), 0.25 * want, rtol=1e-5, atol=1e-7)
+    x.grad = None
+    (terms.total * 3.0).backward()
+    torch.testing.assert_close(x.grad.double(), 3.0 * want, rtol=1e-5, atol=1e-7)
