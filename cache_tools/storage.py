@@ -26,7 +26,7 @@ PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "h
             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs", "http": "aiohttp", "https": "aiohttp"}
 READ_AHEAD_ENV = "FASTKD_CACHE_READ_AHEAD"
 DEFAULT_READ_AHEAD = 64 << 20      # bytes of upcoming blocks a remote reader may hold (per process)
-FIRST_READ = 256 << 10             # first range read of a shard: the header and the index, usually whole
+FIRST_READ = 64 << 10              # first range read of a shard: its header and usually its index
 MAX_HEADER_BYTES = 100 << 20       # safetensors' own limit on the JSON header
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
 
@@ -283,6 +283,13 @@ class RangeShardFile:
             position = end
         if self.data_start + position != size:
             raise CorruptShard(f"header describes {self.data_start + position} bytes, the file has {size}")
+        index_end = self.data_start + max([e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")],
+                                          default=0)
+        if index_end > len(head):  # the index tensors (first in the file) did not fit the first read
+            more = storage.read_range(name, len(head), index_end - len(head))
+            if len(more) != index_end - len(head):
+                raise CorruptShard(f"file ended after {len(head) + len(more)} of {size} bytes (truncated)")
+            head += more
         self._head = head
         self._staged: dict[str, bytes] = {}
 
