@@ -84,3 +84,23 @@ def release_lock(path: Path) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def clear_stale_lock(path: Path, what: str) -> None:
+    """Remove a lock left by a dead process; CacheError naming `what` if its holder may still run."""
+    path = Path(path)
+    holder = _holder(path)
+    if holder is not None:
+        pid, host = int(holder.get("pid", -1)), holder.get("host")
+        if host != socket.gethostname():
+            raise CacheError(f"cache lock {path}: {what} (pid {pid} on host {host}) may still be writing this cache; "
+                             f"if no run is, delete the lock file")
+        if pid_alive(pid):
+            raise CacheError(f"cache lock {path}: {what} (pid {pid}) is still writing this cache; wait for it, or "
+                             f"stop it and re-run to resume")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise CacheError(f"cache lock {path}: cannot remove stale lock: {err}") from None

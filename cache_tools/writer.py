@@ -114,6 +114,112 @@ def totals(shards: list[dict]) -> dict:
             "payload_bytes": parts, "hidden_bytes": hidden}
 
 
+def check_sequence(root, lay: Layout, seq: CachedSequence) -> None:
+    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution."""
+    where = f"cache {root}: record {seq.record_index}"
+    ids = np.asarray(seq.input_ids)
+    mask = np.asarray(seq.loss_mask)
+    if ids.ndim != 1 or mask.shape != ids.shape:
+        raise CacheError(f"{where}: input_ids {ids.shape} and loss_mask {mask.shape} must be 1-D, same length")
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise CacheError(f"{where}: field input_ids has values outside int32 range")
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        raise CacheError(f"{where}: field loss_mask must hold only 0 and 1")
+    n = int(mask.sum())
+    k = lay.k
+    for name, arr, shape in (("topk_ids", seq.topk_ids, (n, k)), ("topk_logprobs", seq.topk_logprobs, (n, k)),
+                             ("tail", seq.tail, (n,))):
+        if np.shape(arr) != shape:
+            raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
+                             f"({n} loss positions, k={k})")
+    lp = np.asarray(seq.topk_logprobs, np.float64)
+    if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and np.isneginf(lp).all(axis=1).any()):
+        raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
+                         f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
+                         f"produced NaN; nothing of this record was written (try --dtype float32)")
+    tail = np.asarray(seq.tail, np.float64)
+    if not np.isfinite(tail).all() or (tail < -1e-3).any() or (tail > 1 + 1e-3).any():
+        raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row "
+                         f"{_first_bad(~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3))}); the teacher's "
+                         f"output is not a distribution (try --dtype float32)")
+    tids = np.asarray(seq.topk_ids)
+    low = -1 if lay.sampled else 0
+    if tids.size and (tids.min() < low or tids.max() >= lay.vocab_size):
+        raise CacheError(f"{where}: field topk_ids has ids outside [{low}, {lay.vocab_size}) "
+                         f"(tokenizer.vocab_size {lay.vocab_size})")
+    if lay.sampled:
+        if seq.counts is None or np.shape(seq.counts) != (n, k):
+            raise CacheError(f"{where}: field counts must have shape {(n, k)} in sampled mode, "
+                             f"got {None if seq.counts is None else np.shape(seq.counts)}")
+        c = np.asarray(seq.counts)
+        if c.size and (c.min() < 0 or c.max() > 65535):
+            raise CacheError(f"{where}: field counts must lie in [0, 65535]")
+    elif seq.counts is not None:
+        raise CacheError(f"{where}: field counts must be None in topk mode")
+    if set(seq.hidden) != set(lay.layers):
+        raise CacheError(f"{where}: field hidden has layers {sorted(seq.hidden)}, the cache stores {list(lay.layers)}")
+    for layer, width in zip(lay.layers, lay.widths):
+        if np.shape(seq.hidden[layer]) != (n, width):
+            raise CacheError(f"{where}: field hidden[{layer}] has shape {np.shape(seq.hidden[layer])}, "
+                             f"expected {(n, width)}")
+        if not np.isfinite(np.asarray(seq.hidden[layer], np.float32)).all():
+            raise CacheError(f"{where}: field hidden[{layer}] holds NaN or infinite values: the teacher's "
+                             f"forward overflowed; nothing of this record was written (try --dtype float32)")
+
+
+def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Layout, settings: dict, *,
+                     block_bytes: int, max_block_sequences: int, kept: int | None = None) -> dict:
+    """Write one shard atomically (temp file, fsync, rename, fsync the folder); its manifest entry.
+    `kept` is how many finished shards the error message says are kept (None: unknown)."""
+    final = Path(root) / name
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        info = write_shard(tmp, seqs, layout, number, block_bytes=block_bytes, max_block_sequences=max_block_sequences)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest, size = file_digest(tmp)
+        header_digest = digest_bytes(shard_header(tmp))
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(err, EncodeError):
+            raise CacheError(f"cache {root}: shard {name}: cannot encode {err} (codecs {settings['codecs']})") from None
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
+            what = "the finished shards are" if kept is None else f"the {kept} finished shard(s) are"
+            raise CacheError(f"cache {root}: cannot write shard {name}: {err}; {what} kept: free space and re-run "
+                             f"the same command to resume") from None
+        raise
+    return {"file": name, "sha256": digest, "header_sha256": header_digest, "bytes": size, **info,
+            "first_record": int(seqs[0].record_index), "last_record": int(seqs[-1].record_index)}
+
+
+def resume_settings(root: Path, existing: dict, settings: dict) -> dict:
+    """The run's settings checked against a cache's manifest (CacheError naming what differs); an
+    old tokenizer identity is compared on what it holds and kept. Returns the settings to keep."""
+    old_tokenizer = existing.get("tokenizer") or {}
+    if "identity_version" not in old_tokenizer and isinstance(settings.get("tokenizer"), dict):
+        # a cache begun before the tokenizer identity covered merges, normaliser etc.: compare what it holds
+        # and keep its identity, so upgrading fastkd mid-cache does not strand a partial cache
+        settings = dict(settings, tokenizer={k: settings["tokenizer"].get(k, "<absent>") for k in old_tokenizer})
+    diffs = settings_differences(settings_of(existing), settings)
+    if diffs and all(path.startswith("records") for path, _, _ in diffs):
+        old, new = existing.get("records") or {}, settings.get("records") or {}
+        raise CacheError(f"cache {root}: cannot resume on other data: the records differ from those the cache was "
+                         f"begun on ({old.get('count')} records, sha256 {str(old.get('sha256'))[:12]}...; this run: "
+                         f"{new.get('count')} records, sha256 {str(new.get('sha256'))[:12]}...); resume with the "
+                         f"same --data file contents, or write to a new cache folder")
+    if diffs:
+        lines = "; ".join(f"{path}: cache has {old!r}, this run has {new!r}" for path, old, new in diffs[:5])
+        more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+        raise CacheError(f"cache {root}: cannot resume, settings differ from manifest.json: {lines}{more}; "
+                         f"use the same settings or a new cache folder")
+    return settings
+
+
 class CacheWriter:
     """Writes a cache folder. `done` holds the record indices already stored, so a resumed run
     skips them; a shard is written (temp file, fsync, rename) every `sequences_per_shard`."""
@@ -171,17 +277,7 @@ class CacheWriter:
         if existing["format_version"] != FORMAT_VERSION:
             raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
                              f"fastkd writes version {FORMAT_VERSION}; it can be read but not extended")
-        old_tokenizer = existing.get("tokenizer") or {}
-        if "identity_version" not in old_tokenizer and isinstance(self.settings.get("tokenizer"), dict):
-            # a cache begun before the tokenizer identity covered merges, normaliser etc.: compare what it holds
-            # and keep its identity, so upgrading fastkd mid-cache does not strand a partial cache
-            self.settings["tokenizer"] = {k: self.settings["tokenizer"].get(k, "<absent>") for k in old_tokenizer}
-        diffs = settings_differences(settings_of(existing), self.settings)
-        if diffs:
-            lines = "; ".join(f"{path}: cache has {old!r}, this run has {new!r}" for path, old, new in diffs[:5])
-            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
-            raise CacheError(f"cache {self.root}: cannot resume, settings differ from manifest.json: {lines}{more}; "
-                             f"use the same settings or a new cache folder")
+        self.settings = resume_settings(self.root, existing, self.settings)
         self.manifest = existing
         for j, entry in enumerate(existing["shards"]):  # every finished shard is checked before it counts as done
             shard = open_shard(self.root, entry, j, FORMAT_VERSION)
@@ -218,90 +314,19 @@ class CacheWriter:
             self._flush()
 
     def _check(self, seq: CachedSequence) -> None:
-        lay = self.layout
-        where = f"cache {self.root}: record {seq.record_index}"
         r = int(seq.record_index)
         if r in self.done or r in self._buffered:
-            raise CacheError(f"{where}: already in the cache (skip the indices in writer.done when resuming)")
-        ids = np.asarray(seq.input_ids)
-        mask = np.asarray(seq.loss_mask)
-        if ids.ndim != 1 or mask.shape != ids.shape:
-            raise CacheError(f"{where}: input_ids {ids.shape} and loss_mask {mask.shape} must be 1-D, same length")
-        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
-            raise CacheError(f"{where}: field input_ids has values outside int32 range")
-        if mask.size and not np.isin(mask, (0, 1)).all():
-            raise CacheError(f"{where}: field loss_mask must hold only 0 and 1")
-        n = int(mask.sum())
-        k = lay.k
-        for name, arr, shape in (("topk_ids", seq.topk_ids, (n, k)), ("topk_logprobs", seq.topk_logprobs, (n, k)),
-                                 ("tail", seq.tail, (n,))):
-            if np.shape(arr) != shape:
-                raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
-                                 f"({n} loss positions, k={k})")
-        lp = np.asarray(seq.topk_logprobs, np.float64)
-        if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and np.isneginf(lp).all(axis=1).any()):
-            raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
-                             f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
-                             f"produced NaN; nothing of this record was written (try --dtype float32)")
-        tail = np.asarray(seq.tail, np.float64)
-        if not np.isfinite(tail).all() or (tail < -1e-3).any() or (tail > 1 + 1e-3).any():
-            raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row "
-                             f"{_first_bad(~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3))}); the teacher's "
-                             f"output is not a distribution (try --dtype float32)")
-        tids = np.asarray(seq.topk_ids)
-        low = -1 if lay.sampled else 0
-        if tids.size and (tids.min() < low or tids.max() >= lay.vocab_size):
-            raise CacheError(f"{where}: field topk_ids has ids outside [{low}, {lay.vocab_size}) "
-                             f"(tokenizer.vocab_size {lay.vocab_size})")
-        if lay.sampled:
-            if seq.counts is None or np.shape(seq.counts) != (n, k):
-                raise CacheError(f"{where}: field counts must have shape {(n, k)} in sampled mode, "
-                                 f"got {None if seq.counts is None else np.shape(seq.counts)}")
-            c = np.asarray(seq.counts)
-            if c.size and (c.min() < 0 or c.max() > 65535):
-                raise CacheError(f"{where}: field counts must lie in [0, 65535]")
-        elif seq.counts is not None:
-            raise CacheError(f"{where}: field counts must be None in topk mode")
-        if set(seq.hidden) != set(lay.layers):
-            raise CacheError(f"{where}: field hidden has layers {sorted(seq.hidden)}, the cache stores {list(lay.layers)}")
-        for layer, width in zip(lay.layers, lay.widths):
-            if np.shape(seq.hidden[layer]) != (n, width):
-                raise CacheError(f"{where}: field hidden[{layer}] has shape {np.shape(seq.hidden[layer])}, "
-                                 f"expected {(n, width)}")
-            if not np.isfinite(np.asarray(seq.hidden[layer], np.float32)).all():
-                raise CacheError(f"{where}: field hidden[{layer}] holds NaN or infinite values: the teacher's "
-                                 f"forward overflowed; nothing of this record was written (try --dtype float32)")
+            raise CacheError(f"cache {self.root}: record {seq.record_index}: already in the cache (skip the indices in "
+                             f"writer.done when resuming)")
+        check_sequence(self.root, self.layout, seq)
 
     def _flush(self) -> None:
         if not self._buffer:
             return
         number = len(self.manifest["shards"])
-        final = self.root / shard_file(number)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            info = write_shard(tmp, self._buffer, self.layout, number, block_bytes=self.block_bytes,
-                               max_block_sequences=self.max_block_sequences)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            digest, size = file_digest(tmp)
-            header_digest = digest_bytes(shard_header(tmp))
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException as err:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            if isinstance(err, EncodeError):
-                raise CacheError(f"cache {self.root}: shard {shard_file(number)}: cannot encode {err} "
-                                 f"(codecs {self.settings['codecs']})") from None
-            if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
-                raise CacheError(f"cache {self.root}: cannot write shard {shard_file(number)}: {err}; the "
-                                 f"{len(self.manifest['shards'])} finished shard(s) are kept: free space and re-run "
-                                 f"the same command to resume") from None
-            raise
-        entry = {"file": shard_file(number), "sha256": digest, "header_sha256": header_digest, "bytes": size, **info,
-                 "first_record": int(self._buffer[0].record_index), "last_record": int(self._buffer[-1].record_index)}
+        entry = write_shard_file(self.root, shard_file(number), number, self._buffer, self.layout, self.settings,
+                                 block_bytes=self.block_bytes, max_block_sequences=self.max_block_sequences,
+                                 kept=len(self.manifest["shards"]))
         self.manifest["shards"].append(entry)
         self.manifest["counts"] = totals(self.manifest["shards"])
         self.manifest["complete"] = False

@@ -30,6 +30,8 @@ class CacheSummary:
     seconds_total: float = 0.0
     seconds_teacher: float = 0.0
     seconds_write: float = 0.0
+    world_size: int = 1
+    per_rank: list = field(default_factory=list)   # rank 0 of a torchrun: each rank's counts and seconds
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -54,53 +56,188 @@ def parse_layers(text: str | None, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+class _Ranks:
+    """This process's place among torchrun's ranks (WORLD_SIZE, RANK, LOCAL_RANK); gloo collectives
+    for the few small messages the cache stage exchanges (the forward itself needs none)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started = False
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():   # ranks wait for each other only at the start and the end
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+                self.started = True
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.started = False
+
+
+def records_digest(examples) -> dict:
+    """Count and sha256 of the tokenised records (what a resume must be given again)."""
+    from fastkd.cache_tools.units import make_units
+
+    return make_units(examples, max(len(examples), 1))[1]
+
+
 def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str | None = None, cot: bool = True,
                   chat: bool = False, max_length: int = 2048, overflow: str = "truncate", batch_size: int = 8,
                   dtype: str = "auto", device: str | None = None, sample_n: int | None = None, seed: int = 0,
                   fields: FieldMap = FieldMap(), skip_bad: bool = False, sequences_per_shard: int = 256,
                   hidden_codec: str | None = None, logits_codec: str | None = None, split: str = "train",
-                  hidden_project: int | None = None, progress: bool = True) -> CacheSummary:
-    """The whole stage as a function (the CLI and the demo call this)."""
+                  hidden_project: int | None = None, progress: bool = True, device_map=None, max_memory=None,
+                  offload_folder: str | None = None, backend: str = "hf", vllm_max_logprobs: int | None = None,
+                  vllm_tensor_parallel: int = 1, vllm_engine=None) -> CacheSummary:
+    """The whole stage as a function (the CLI and the demo call this). Under torchrun every rank
+    calls it: each writes its own work units, rank 0 merges them into the manifest at the end."""
     import torch
-    from tqdm.auto import tqdm
 
-    from fastkd.cache_tools import CachedSequence, CacheWriter
-    from fastkd.teacher import load_causal_lm, load_tokenizer, model_identity, teacher_signal
+    from fastkd.cache_tools.format import MANIFEST, read_manifest
+    from fastkd.cache_tools.units import make_units
 
     if k < 1 and not sample_n:
         raise UserError(f"--top-k must be >= 1, got {k}")
     if sample_n is not None and sample_n < 1:
         raise UserError(f"--sample must be >= 1, got {sample_n}")
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"--backend {backend}: choose hf (transformers) or vllm")
+    if sequences_per_shard < 1:
+        raise UserError(f"--sequences-per-shard must be >= 1, got {sequences_per_shard}")
     started = time.perf_counter()
-    if not progress:
-        from transformers.utils import logging as hf_logging
+    ranks = _Ranks()
+    try:
+        if not progress or ranks.rank > 0:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    tokenizer = load_tokenizer(teacher)
-    template = Template(cot=cot, chat=chat)
-    report = BuildReport()
-    examples = build_examples(data, tokenizer, template, fields, max_length, overflow, skip_bad, split, report)
-    if not examples:
-        raise UserError(f"{data}: no usable records ({report.as_dict()})")
-    model = load_causal_lm(teacher, dtype=dtype, device=device)
+            hf_logging.disable_progress_bar()
+        tokenizer = load_tokenizer_for(teacher)
+        template = Template(cot=cot, chat=chat)
+        report = BuildReport()
+        examples = build_examples(data, tokenizer, template, fields, max_length, overflow, skip_bad, split, report)
+        if not examples:
+            raise UserError(f"{data}: no usable records ({report.as_dict()})")
+        vocab = len(tokenizer)
+        forward, settings = _teacher_and_settings(
+            teacher, tokenizer, template, ranks, k=k, layers=layers, max_length=max_length, overflow=overflow,
+            dtype=dtype, device=device, sample_n=sample_n, seed=seed, fields=fields, data=data,
+            hidden_codec=hidden_codec, logits_codec=logits_codec, hidden_project=hidden_project,
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, backend=backend,
+            vllm_max_logprobs=vllm_max_logprobs, vllm_tensor_parallel=vllm_tensor_parallel, vllm_engine=vllm_engine,
+            vocab=vocab)
+        summary = CacheSummary(report=report.as_dict())
+        existing = read_manifest(Path(out)) if (Path(out) / MANIFEST).exists() else None
+        if existing is not None and existing["shards"] and "work_unit" not in existing:
+            if ranks.world > 1:
+                raise UserError(f"cache {out}: begun by a fastkd without work units (one writer, shards in write "
+                                f"order); finish it with one process (no torchrun), then add ranks for new caches")
+            _cache_sequential(out, settings, examples, forward, tokenizer, summary, batch_size=batch_size,
+                              sequences_per_shard=sequences_per_shard, seed=seed, sample_n=sample_n, progress=progress)
+        else:
+            work_unit = int(existing["work_unit"]) if existing is not None and "work_unit" in existing \
+                else sequences_per_shard       # the cut into units belongs to the cache, not to this run
+            units, records = make_units(examples, work_unit)
+            settings = dict(settings, records=records, work_unit=work_unit)
+            _cache_units(out, settings, examples, units, forward, tokenizer, summary, ranks, batch_size=batch_size,
+                         seed=seed, sample_n=sample_n, progress=progress)
+        summary.seconds_total = time.perf_counter() - started
+        return summary
+    finally:
+        ranks.close()
+
+
+def load_tokenizer_for(teacher: str):
+    from fastkd.teacher import load_tokenizer
+
+    return load_tokenizer(teacher)
+
+
+def _teacher_and_settings(teacher, tokenizer, template, ranks, *, k, layers, max_length, overflow, dtype, device,
+                          sample_n, seed, fields, data, hidden_codec, logits_codec, hidden_project, device_map,
+                          max_memory, offload_folder, backend, vllm_max_logprobs, vllm_tensor_parallel, vllm_engine,
+                          vocab):
+    """Load the teacher (transformers or vLLM) and the cache settings; returns (forward(chunk, generator), settings)."""
+    import torch
+
+    from fastkd.teacher import config_identity, input_device, load_causal_lm, model_identity, teacher_signal
+
+    if backend == "vllm":
+        from transformers import AutoConfig
+
+        from fastkd.teacher_vllm import VllmTeacher, check_vllm_request
+
+        check_vllm_request(bool(layers), sample_n, ranks.world)
+        if hidden_project:
+            raise UserError("--backend vllm: --hidden-project needs hidden states, which vLLM does not return")
+        if vllm_engine is not None:
+            vt = VllmTeacher(vllm_engine, k, int(vllm_max_logprobs or k))
+        else:
+            vt = VllmTeacher.load(teacher, k, dtype=dtype, max_logprobs=vllm_max_logprobs,
+                                  tensor_parallel_size=vllm_tensor_parallel, max_length=max_length, seed=seed)
+        try:
+            config = AutoConfig.from_pretrained(teacher)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the teacher config {teacher!r}: {err}".splitlines()[0]) from None
+        ident = dict(config_identity(config, teacher), backend="vllm", dtype=dtype)
+        settings = _settings(ident, tokenizer, template, k=k, sample_n=None, seed=seed, layer_list=[], widths=[],
+                             max_length=max_length, overflow=overflow, fields=fields, data=data)
+        if hidden_codec:
+            settings["hidden_codec"] = hidden_codec
+        if logits_codec:
+            settings["logits_codec"] = logits_codec
+        return (lambda chunk, generator: vt.signal(chunk, vocab)), settings
+
+    if ranks.world > 1 and device_map is None:   # one device per rank
+        dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda":
+            device = f"cuda:{ranks.local_rank}"
+    if ranks.world > 1 and device_map == "auto" and max_memory is None and torch.cuda.is_available():
+        per = max(torch.cuda.device_count() // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)), 1)
+        mine = range(ranks.local_rank * per, ranks.local_rank * per + per)   # this rank's share of the GPUs
+        max_memory = {i: (torch.cuda.get_device_properties(i).total_memory if i in mine else 0)
+                      for i in range(torch.cuda.device_count())}
+        max_memory["cpu"] = "0GiB"
+    model = load_causal_lm(teacher, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                           offload_folder=offload_folder)
     num_layers = int(getattr(model.config, "num_hidden_layers", 0))
     layer_list = parse_layers(layers, num_layers)
-    vocab = len(tokenizer)
-    settings = {
-        "teacher": model_identity(model, teacher),
-        "tokenizer": tokenizer_identity(tokenizer),
-        "template": template.describe(),
-        "mode": "sample" if sample_n else "topk",
-        "k": int(sample_n or k),
-        "sample_n": sample_n,
-        "seed": seed if sample_n else None,
-        "layers": layer_list,
-        "hidden_widths": [int(hidden_project or model.config.hidden_size)] * len(layer_list),
-        "max_length": max_length,
-        "overflow": overflow,
-        "fields": fields.__dict__,
-        "data": str(data),
-    }
+    widths = [int(hidden_project or model.config.hidden_size)] * len(layer_list)
+    settings = _settings(model_identity(model, teacher), tokenizer, template, k=k, sample_n=sample_n, seed=seed,
+                         layer_list=layer_list, widths=widths, max_length=max_length, overflow=overflow,
+                         fields=fields, data=data)
+    where = input_device(model)
     projection = None
     if hidden_project:
         from fastkd.cache_tools.hidden_codec import random_projection
@@ -109,55 +246,172 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
             raise UserError("--hidden-project needs --layers (there are no hidden states to project)")
         d_in = int(model.config.hidden_size)
         settings["hidden_projection"] = {"kind": "rademacher-splitmix64", "d_in": d_in, "d_out": hidden_project, "seed": seed}
-        projection = torch.from_numpy(random_projection(d_in, hidden_project, seed)).to(model.device)
+        projection = torch.from_numpy(random_projection(d_in, hidden_project, seed))
     if hidden_codec:
         settings["hidden_codec"] = hidden_codec
     if logits_codec:
         settings["logits_codec"] = logits_codec
 
-    summary = CacheSummary(report=report.as_dict())
+    def forward(chunk, generator):
+        ids, attn, loss = pad_batch([ex.input_ids for ex in chunk], tokenizer.pad_token_id, "right",
+                                    [ex.loss_mask for ex in chunk])
+        sig = teacher_signal(model, ids.to(where), attn.to(where), loss.to(where), k=k, layers=tuple(layer_list),
+                             sample_n=sample_n, vocab_size=vocab, generator=generator)
+        if projection is not None:       # fixed random projection: smaller hidden part, seed in the manifest
+            sig.hidden = {layer: h @ projection.to(h.device) for layer, h in sig.hidden.items()}
+        return sig
+
+    forward.device = where
+    return forward, settings
+
+
+def _settings(identity, tokenizer, template, *, k, sample_n, seed, layer_list, widths, max_length, overflow, fields,
+              data) -> dict:
+    return {
+        "teacher": identity,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "template": template.describe(),
+        "mode": "sample" if sample_n else "topk",
+        "k": int(sample_n or k),
+        "sample_n": sample_n,
+        "seed": seed if sample_n else None,
+        "layers": layer_list,
+        "hidden_widths": widths,
+        "max_length": max_length,
+        "overflow": overflow,
+        "fields": fields.__dict__,
+        "data": str(data),
+    }
+
+
+def _generator(forward, seed: int, sample_n):
+    import torch
+
+    if not sample_n:
+        return None
+    return torch.Generator(device=getattr(forward, "device", "cpu")).manual_seed(seed)
+
+
+def _run_batches(todo, forward, generator, batch_size: int, summary: CacheSummary, bar, throttle: float):
+    """Teacher forward over `todo` in length-sorted batches; yields (chunk, signal)."""
+    for batch in length_sorted_batches([len(ex.input_ids) for ex in todo], batch_size):
+        chunk = [todo[i] for i in batch]
+        t0 = time.perf_counter()
+        sig = forward(chunk, generator)
+        summary.seconds_teacher += time.perf_counter() - t0
+        yield chunk, sig
+        summary.sequences_written += len(chunk)
+        summary.loss_positions += sum(sig.rows_per_sequence)
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{summary.loss_positions / max(summary.seconds_teacher + summary.seconds_write, 1e-9):.0f}")
+        if throttle:
+            time.sleep(throttle)
+
+
+def _cache_units(out, settings, examples, units, forward, tokenizer, summary, ranks, *, batch_size, seed, sample_n,
+                 progress) -> None:
+    """Work-unit caching: rank 0 opens and merges, every rank writes its share of the unfinished units."""
+    from tqdm.auto import tqdm
+
+    from fastkd.cache_tools import CachedSequence
+    from fastkd.cache_tools.units import UnitWriter
+
+    writer, state = None, None
+    if ranks.rank == 0:
+        try:
+            writer = UnitWriter.open(out, settings, units)
+            state = {"error": None, "done": sorted(writer.done_units), "settings_sha256": writer.settings_sha256,
+                     "settings": writer.settings, "warnings": writer.warnings}
+        except UserError as err:
+            state = {"error": str(err)}
+            ranks.broadcast(state)
+            raise
+    state = ranks.broadcast(state)
+    if state["error"]:
+        raise UserError(state["error"])
+    try:
+        if writer is None:
+            writer = UnitWriter.join(out, state["settings"], units, state["settings_sha256"], ranks.rank)
+        if progress and ranks.rank == 0:
+            for warning in state["warnings"]:
+                print(f"fastkd cache-teacher: note: {warning}")
+        done = set(state["done"])
+        todo = [u for u in units if u.number not in done]
+        mine = todo[ranks.rank::ranks.world]           # deterministic, disjoint; any N finishes the same units
+        work_unit = settings["work_unit"]
+        summary.sequences_resumed = sum(len(u.records) for u in units if u.number in done)
+        throttle = float(os.environ.get("FASTKD_SLOW_WRITE_SECONDS", "0"))  # tests: make a kill land mid-run
+        bar = tqdm(total=sum(len(u.records) for u in mine), unit="seq", desc="cache-teacher",
+                   disable=not progress or ranks.rank > 0, postfix={"resumed": summary.sequences_resumed})
+        for unit in mine:
+            todo_examples = examples[unit.number * work_unit: unit.number * work_unit + len(unit.records)]
+            generator = _generator(forward, seed * 1_000_003 + unit.number, sample_n)   # per unit: N-independent
+            seqs = {}
+            for chunk, sig in _run_batches(todo_examples, forward, generator, batch_size, summary, bar, 0.0):
+                t1 = time.perf_counter()
+                for seq in _sequences(chunk, sig, CachedSequence):
+                    seqs[seq.record_index] = seq
+                summary.seconds_write += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            writer.write_unit(unit.number, [seqs[r] for r in unit.records])
+            if ranks.rank == 0:
+                writer.merge(clean=False)              # the partial cache stays readable while ranks run
+            summary.seconds_write += time.perf_counter() - t1
+            if throttle:
+                time.sleep(throttle)
+        bar.close()
+        ranks.barrier()                                 # every rank's units are on disk with their receipts
+        keys = ("sequences_written", "loss_positions", "seconds_teacher", "seconds_write")
+        parts = ranks.gather({key: getattr(summary, key) for key in keys})
+        if ranks.rank == 0:
+            summary.world_size = ranks.world
+            if ranks.world > 1:
+                summary.per_rank = parts
+                summary.sequences_written = sum(p["sequences_written"] for p in parts)
+                summary.loss_positions = sum(p["loss_positions"] for p in parts)
+            t_close = time.perf_counter()
+            writer.finish(summary=summary.as_dict())
+            summary.seconds_write += time.perf_counter() - t_close
+        else:
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()          # finished units stay with their receipts; re-running the command resumes
+        raise
+
+
+def _cache_sequential(out, settings, examples, forward, tokenizer, summary, *, batch_size, sequences_per_shard, seed,
+                      sample_n, progress) -> None:
+    """A cache begun before work units: one writer, shards in write order (as that fastkd wrote them)."""
+    from tqdm.auto import tqdm
+
+    from fastkd.cache_tools import CachedSequence, CacheWriter
+
     writer = CacheWriter(out, settings, sequences_per_shard=sequences_per_shard, resume=True)
     try:
         todo = [ex for ex in examples if ex.record_index not in writer.done]
         summary.sequences_resumed = len(examples) - len(todo)
-        batches = length_sorted_batches([len(ex.input_ids) for ex in todo], batch_size)
-        generator = torch.Generator(device=model.device).manual_seed(seed) if sample_n else None
-        throttle = float(os.environ.get("FASTKD_SLOW_WRITE_SECONDS", "0"))  # tests: make a kill land mid-run
+        throttle = float(os.environ.get("FASTKD_SLOW_WRITE_SECONDS", "0"))
         bar = tqdm(total=len(todo), unit="seq", desc="cache-teacher", disable=not progress,
-                   initial=0, postfix={"resumed": summary.sequences_resumed})
-        for batch in batches:
-            chunk = [todo[i] for i in batch]
-            ids, attn, loss = pad_batch([ex.input_ids for ex in chunk], tokenizer.pad_token_id, "right",
-                                        [ex.loss_mask for ex in chunk])
-            t0 = time.perf_counter()
-            sig = teacher_signal(model, ids.to(model.device), attn.to(model.device), loss.to(model.device),
-                                 k=k, layers=tuple(layer_list), sample_n=sample_n, vocab_size=vocab,
-                                 generator=generator)
-            if projection is not None:       # fixed random projection: smaller hidden part, seed in the manifest
-                sig.hidden = {layer: h @ projection for layer, h in sig.hidden.items()}
+                   postfix={"resumed": summary.sequences_resumed})
+        for chunk, sig in _run_batches(todo, forward, _generator(forward, seed, sample_n), batch_size, summary, bar,
+                                       throttle):
             t1 = time.perf_counter()
-            _write_batch(writer, chunk, sig, CachedSequence)
-            summary.seconds_teacher += t1 - t0
+            for seq in _sequences(chunk, sig, CachedSequence):
+                writer.add(seq)
             summary.seconds_write += time.perf_counter() - t1
-            summary.sequences_written += len(chunk)
-            summary.loss_positions += sum(sig.rows_per_sequence)
-            bar.update(len(chunk))
-            if throttle:
-                time.sleep(throttle)
-            bar.set_postfix(tok_s=f"{summary.loss_positions / max(summary.seconds_teacher + summary.seconds_write, 1e-9):.0f}")
         bar.close()
         t_close = time.perf_counter()
         writer.close(summary=summary.as_dict())
         summary.seconds_write += time.perf_counter() - t_close
-        summary.seconds_total = time.perf_counter() - started
     except BaseException:
         writer.abort()          # finished shards stay; re-running the command resumes
         raise
-    return summary
 
 
-def _write_batch(writer, chunk, sig, CachedSequence) -> None:
-    """Split a batch's rows back into sequences (row-major order) and hand them to the writer."""
+def _sequences(chunk, sig, CachedSequence):
+    """Split a batch's rows back into sequences (row-major order)."""
     import numpy as np
 
     ids = sig.topk_ids.cpu().numpy()
@@ -166,15 +420,17 @@ def _write_batch(writer, chunk, sig, CachedSequence) -> None:
     counts = sig.counts.cpu().numpy() if sig.counts is not None else None
     hidden = {layer: h.cpu().numpy() for layer, h in sig.hidden.items()}
     start = 0
+    out = []
     for ex, rows in zip(chunk, sig.rows_per_sequence):
         end = start + rows
-        writer.add(CachedSequence(
+        out.append(CachedSequence(
             record_index=ex.record_index, task=ex.task,
             input_ids=np.asarray(ex.input_ids, dtype=np.int32), loss_mask=np.asarray(ex.loss_mask, dtype=np.uint8),
             topk_ids=ids[start:end], topk_logprobs=logprobs[start:end], tail=tail[start:end],
             counts=counts[start:end] if counts is not None else None,
             hidden={layer: h[start:end] for layer, h in hidden.items()}))
         start = end
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,7 +449,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overflow", choices=["truncate", "skip"], default="truncate", help="what to do with longer records (counted in the report)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (length-sorted)")
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (under torchrun: each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a teacher bigger than one device (needs accelerate: pip install 'fastkd[scale]'): auto, "
+                        "balanced, sequential, or a JSON object module -> device such as '{\"model.layers.0\": 0, \"lm_head\": 1}'")
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: folder for weights offloaded to disk")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="teacher engine: hf (transformers; hidden states, --sample) or vllm (prompt log-probs only; "
+                        "pip install vllm)")
+    p.add_argument("--vllm-max-logprobs", type=int, default=None, metavar="N",
+                   help="--backend vllm: the engine's max_logprobs (default: --top-k); --top-k above it is refused")
+    p.add_argument("--vllm-tensor-parallel", type=int, default=1, metavar="N",
+                   help="--backend vllm: GPUs per engine (tensor parallel)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted per reason) instead of stopping at the first")
     p.add_argument("--split", default="train", help="dataset split, for hub datasets")
@@ -218,8 +487,11 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, fields=fields, skip_bad=args.skip_bad,
                       sequences_per_shard=args.sequences_per_shard, hidden_codec=args.hidden_codec,
                       logits_codec=args.logits_codec, split=args.split, hidden_project=args.hidden_project,
-                      progress=not args.quiet)
-    print(format_summary(s, args.out))
+                      progress=not args.quiet, device_map=args.device_map, max_memory=args.max_memory,
+                      offload_folder=args.offload_folder, backend=args.backend,
+                      vllm_max_logprobs=args.vllm_max_logprobs, vllm_tensor_parallel=args.vllm_tensor_parallel)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(s, args.out))
     return 0
 
 
@@ -233,7 +505,8 @@ def format_summary(s: CacheSummary, out: str) -> str:
     lines = [
         f"cache: {Path(out)}",
         f"  records: {s.report.get('kept', 0)} kept, {s.report.get('truncated', 0)} truncated, skipped {s.report.get('skipped', {}) or 'none'}",
-        f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written; {s.sequences_resumed} already cached",
+        f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written"
+        f"{f' by {s.world_size} ranks' if s.world_size > 1 else ''}; {s.sequences_resumed} already cached",
         f"  total: {len(reader)} sequences, {counts.get('loss_positions', '?')} loss positions",
     ]
     payload = counts.get("payload_bytes", {})

@@ -35,21 +35,92 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, role: str = "teacher"):
-    """Load a causal LM from a local folder or a hub id, in eval mode, with a clear error."""
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, role: str = "teacher", *,
+                   device_map=None, max_memory=None, offload_folder: str | None = None):
+    """Load a causal LM from a local folder or a hub id, in eval mode, with a clear error.
+
+    device_map (auto, balanced, sequential, or a dict module -> device) spreads a model bigger than
+    one device over several (accelerate), max_memory caps each ({0: "70GiB", "cpu": "200GiB"})."""
     from transformers import AutoModelForCausalLM
 
-    dev = resolve_device(device)
     torch_dtype = "auto" if dtype == "auto" else DTYPES.get(dtype)
     if torch_dtype is None:
         raise UserError(f"--dtype {dtype}: choose one of auto, {', '.join(sorted(DTYPES))}")
-    if dtype == "auto" and dev.type == "cpu":
-        torch_dtype = torch.float32
+    kwargs = {}
+    if device_map is not None or max_memory is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise UserError("--device-map needs the accelerate package: pip install 'fastkd[scale]' "
+                            "(or pip install accelerate)") from None
+        device_map = parse_device_map(device_map if device_map is not None else "auto")
+        on_gpu = torch.cuda.is_available() and (not isinstance(device_map, dict) or any(
+            isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
+        if dtype == "auto" and not on_gpu:
+            torch_dtype = torch.float32
+        kwargs = {"device_map": device_map}
+        if max_memory is not None:
+            kwargs["max_memory"] = parse_max_memory(max_memory)
+        if offload_folder:
+            kwargs["offload_folder"] = str(offload_folder)
+    else:
+        dev = resolve_device(device)
+        if dtype == "auto" and dev.type == "cpu":
+            torch_dtype = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing files, bad config, size mismatches
         raise UserError(f"cannot load the {role} model {path!r}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    if kwargs:
+        return model.eval()
     return model.to(dev).eval()
+
+
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value):
+    """--device-map: a strategy name, or a JSON object module name -> device (0, "cpu", "disk")."""
+    if isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if text in DEVICE_MAP_NAMES:
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not parsed:
+        raise UserError(f"--device-map {value!r}: use one of {', '.join(DEVICE_MAP_NAMES)} or a JSON object "
+                        f"module -> device, e.g. '{{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}'")
+    return parsed
+
+
+def parse_max_memory(value) -> dict:
+    """--max-memory "0=70GiB,1=70GiB,cpu=200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}."""
+    if isinstance(value, dict):
+        return value
+    out = {}
+    for part in str(value).split(","):
+        key, sep, amount = part.partition("=")
+        key, amount = key.strip(), amount.strip()
+        if not sep or not key or not amount:
+            raise UserError(f"--max-memory {value!r}: write device=amount pairs, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        out[int(key) if key.isdigit() else key] = int(amount) if amount.isdigit() else amount
+    return out
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the first device of its device map (its embeddings), else its device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if str(first) in ("cpu", "disk", "meta"):
+            return torch.device("cpu")
+        return torch.device(str(first))
+    return model.device
 
 
 def load_tokenizer(path: str):
@@ -87,15 +158,22 @@ def _pinned_tokenizer(path: str):
 
 def model_identity(model, path: str) -> dict:
     """Teacher identity for the manifest: path, a hash of its config, dtype, size."""
-    cfg = model.config.to_dict()
+    ident = config_identity(model.config, path)
+    ident.update(dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                 num_parameters=sum(p.numel() for p in model.parameters()))
+    return {key: ident[key] for key in ("path", "config_sha256", "model_type", "dtype", "num_parameters",
+                                        "num_hidden_layers", "hidden_size")}
+
+
+def config_identity(config, path: str) -> dict:
+    """The config part of a teacher's identity (for backends without a torch model, e.g. vLLM)."""
+    cfg = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
         cfg.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     return {"path": str(path), "config_sha256": digest, "model_type": cfg.get("model_type"),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "num_hidden_layers": getattr(model.config, "num_hidden_layers", None),
-            "hidden_size": getattr(model.config, "hidden_size", None)}
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None)}
 
 
 @torch.no_grad()
@@ -111,12 +189,15 @@ def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), use_cache=False)
     predicts_loss = loss_mask[:, 1:].bool()                      # position t predicts token t+1
-    logits = out.logits[:, :-1][predicts_loss]                   # [M, V_model]
+    logits = out.logits[:, :-1][predicts_loss.to(out.logits.device)]   # [M, V_model]
     if vocab_size is not None:
         logits = logits[:, :vocab_size]                          # drop padded embedding rows
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     rows = predicts_loss.sum(dim=1).tolist()
-    hidden = {layer: out.hidden_states[layer][:, :-1][predicts_loss].float() for layer in layers}
+    hidden = {}                                                  # a device map may leave layers on other devices
+    for layer in layers:
+        h = out.hidden_states[layer]
+        hidden[layer] = h[:, :-1][predicts_loss.to(h.device)].float().to(logprobs.device)
     if sample_n:
         ids, counts = _sample(logprobs, sample_n, generator)
         picked = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
