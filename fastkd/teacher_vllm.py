@@ -33,7 +33,8 @@ def exact_tail(topk_logprobs: np.ndarray) -> np.ndarray:
     lp = np.asarray(topk_logprobs, np.float64)
     top = np.max(lp, axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    lse = (top[:, 0] + np.log(np.exp(lp - top).sum(axis=1))) if lp.shape[1] else np.full(lp.shape[0], -np.inf)
+    with np.errstate(divide="ignore"):       # a row of only -inf: log(0) = -inf, tail 1
+        lse = (top[:, 0] + np.log(np.exp(lp - top).sum(axis=1))) if lp.shape[1] else np.full(lp.shape[0], -np.inf)
     return np.clip(-np.expm1(np.minimum(lse, 0.0)), 0.0, 1.0)
 
 
