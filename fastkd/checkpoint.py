@@ -14,13 +14,22 @@ import json
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fastkd.errors import UserError
 from fastkd.integrity import file_digest, seal, seal_matches
+
+if TYPE_CHECKING:  # type names only: the run's pieces import this module, not the other way round
+    from torch import nn
+
+    from fastkd.runtime import Env
+    from fastkd.student import StudentWithLoss
+    from fastkd.train_config import TrainConfig
 
 CHECKPOINT = "checkpoint"
 TENSORS = "state.safetensors"
@@ -237,3 +246,68 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def full_state(module: nn.Module, optimizer, config: TrainConfig, env: Env) -> tuple[dict, dict | None]:
+    """Unsharded model (and optimizer) state; under FSDP every rank takes part in gathering it."""
+    if env.world > 1 and config.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if optimizer is None:
+            return get_model_state_dict(module, options=options), None
+        return get_state_dict(module, optimizer, options=options)
+    if not env.is_main:
+        return {}, None
+    return module.state_dict(), optimizer.state_dict() if optimizer is not None else None
+
+
+
+def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state: dict, config: TrainConfig,
+                    env: Env) -> None:
+    if env.world > 1 and config.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    module.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+
+# settings that decide which sequences each step sees: a resumed run must keep them
+DATA_ORDER_KEYS = ("cache", "data", "seed", "batch_size", "grad_accum", "shuffle_buffer", "group_batches",
+                   "eval_sequences", "max_length", "cot")
+
+
+
+def check_resumable(state: dict, config: TrainConfig, env: Env, run_dir: Path) -> None:
+    """Refuse to resume with settings that change the data order (the saved position would mean other data)."""
+    saved = dict(state.get("config", {}), world=state.get("world", 1))
+    now = dict(asdict(config), world=env.world)
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}" for key in DATA_ORDER_KEYS + ("world",)
+             if key in saved and saved.get(key) != now[key]]
+    if diffs:
+        raise UserError(f"--resume {run_dir}: the checkpoint was made with other data-order settings "
+                        f"({'; '.join(diffs)}); resume with the same ones or start a new run folder")
+
+
+
+def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model_state: dict | None = None) -> Path:
+    """save_pretrained the student + its tokenizer (loadable by plain transformers), and the projector."""
+    from safetensors.torch import save_file
+
+    model_state = model_state if model_state is not None else module.state_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    student_state = {k[len("student."):]: v for k, v in model_state.items() if k.startswith("student.")}
+    module.student.save_pretrained(out, state_dict=student_state)
+    tokenizer.save_pretrained(out)
+    projector = {k[len("projector."):]: v.detach().cpu().contiguous() for k, v in model_state.items()
+                 if k.startswith("projector.")}
+    if projector:
+        save_file(projector, str(out / "projector.safetensors"))
+    (out / "fastkd_train.json").write_text(json.dumps(extra, indent=2, default=str))
+    return out

@@ -396,7 +396,8 @@ def read_ahead(items, depth: int):
                     return
                 yield item
         finally:
-            stop.set()
+            stop.set()  # the producer stops at its next item; wait for it, so no thread outlives the run
+            worker.join(timeout=60)
 
     return consume()
 

@@ -81,13 +81,13 @@ def test_a_training_step_reads_nothing_back_to_the_host(kd, tiny_llama_dir, monk
     one-rank stand-in for all_reduce) through the same device-side path."""
     import fastkd.kernels.chunked as chunked
     import fastkd.kernels.fused_linear as fused_linear
-    import fastkd.trainer as trainer
+    import fastkd.train_step as step_module
     from fastkd.trainer import train_step
 
     for module in (chunked, fused_linear):
         real = module.check_inputs
         monkeypatch.setattr(module, "check_inputs", lambda *a, _real=real, **k: _real(*a, **{**k, "check_values": False}))
-    monkeypatch.setattr(trainer.dist, "all_reduce", lambda tensor, *a, **k: tensor)
+    monkeypatch.setattr(step_module.dist, "all_reduce", lambda tensor, *a, **k: tensor)
     config, env, data, module, optimizer, stream, vocab = _step_parts(kd, tiny_llama_dir, loss_impl=loss_impl)
     env.world = world
     window = torch.zeros(5, dtype=torch.float64)

@@ -1,0 +1,195 @@
+"""Every option of `fastkd train` as one dataclass (TrainConfig), read from YAML and flags, checked.
+
+The one source of truth for the CLI (fastkd/train.py builds its flags from the fields) and for the
+library API (`fastkd.train_config.make_config(overrides={...})`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastkd.errors import UserError
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `fastkd train`, with its default; the one source of truth for the CLI."""
+
+    # data
+    cache: str | None = _opt(None, "teacher cache folder (from `fastkd cache-teacher`): offline KD")
+    data: str | None = _opt(None, "records (.jsonl/.json/.parquet) used instead of a cache: online KD with --teacher, SFT without")
+    eval_cache: str | None = _opt(None, "held-out cache evaluated every --eval-every steps; without one, --eval-sequences are held out of the training source")
+    eval_data: str | None = _opt(None, "held-out records, when training from records")
+    eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval cache/data is given")
+    cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only anyway)")
+    chat_template: bool = _opt(False, "records: wrap the prompt in the tokenizer's chat template")
+    max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated)")
+    # models
+    student: str | None = _opt(None, "student: a local folder or hub id (AutoModelForCausalLM)")
+    student_config: str | None = _opt(None, "train from scratch: a config.json (or folder holding one) for AutoConfig")
+    tokenizer: str | None = _opt(None, "tokenizer folder or hub id (default: the student's)")
+    teacher: str | None = _opt(None, "live teacher for online KD (with --data, no cache)")
+    teacher_dtype: str = _opt("auto", "online teacher dtype: auto, bfloat16, float16, float32")
+    top_k: int = _opt(64, "online KD: teacher log-probs kept per position (as a cache would)")
+    teacher_layers: list[int] | None = _opt(None, "online KD: teacher hidden-state indices for the hidden loss (0 = embeddings)")
+    student_layers: list[int] | None = _opt(None, "student hidden-state indices paired with the teacher layers (default: proportional depth)")
+    # loss
+    mode: str = _opt("tail", "KL mode: tail (top-k + exact tail bucket), renorm (top-k renormalised), sampled (cache made with --sample)",
+                     choices=["tail", "renorm", "sampled"])
+    ce_weight: float = _opt(1.0, "weight of the cross-entropy on the data tokens")
+    kl_weight: float = _opt(1.0, "weight of the KL to the teacher (0 = SFT baseline)")
+    hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE through learned projections (saved with the student)")
+    temperature: float = _opt(1.0, "distillation temperature")
+    loss_impl: str = _opt("auto", "fused: fused linear + loss, no [rows, V] logits; logits: materialise the logits and write the "
+                                  "gradient over them; auto: fused (the lightest on CPU and CUDA) unless the student's logits "
+                                  "are not lm_head(hidden); the choice is printed",
+                          choices=["auto", "logits", "fused"])
+    chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
+    # optimisation
+    lr: float = _opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.95, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=["cosine", "linear", "constant"])
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
+    max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)")
+    epochs: float = _opt(1.0, "epochs over the training source, when --max-steps is not given")
+    batch_size: int = _opt(8, "sequences per micro-batch on each process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (global batch = batch_size x processes x grad_accum)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    precision: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "bf16", "fp32"])
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
+    # loader
+    seed: int = _opt(0, "seed for data order, initialisation and sampling")
+    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory "
+                                     "(records from --data are always fully shuffled)")
+    group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
+                                    "tasks of different lengths then fill batches of their own: 1 mixes them)")
+    num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)")
+    prefetch: int = _opt(4, "steps built ahead by a background thread (decode, collate, pin) in a bounded queue; "
+                            "0 = decode on the training thread")
+    verify_cache: bool = _opt(True, "check every cache block against its sha256 before decoding it (cost: see benchmarks/cache_io.py); "
+                                    "--no-verify-cache trains on bytes nobody checked (a warning says so)")
+    skip_corrupt_blocks: bool = _opt(False, "before training, check every cache block and leave out the ones that fail their digests "
+                                            "(counted and named); without it a corrupt block stops training")
+    # run
+    out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")
+    resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    distributed: str = _opt("ddp", "engine under torchrun", choices=["ddp", "fsdp"])
+    log_every: int = _opt(10, "steps between metric lines")
+    eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)")
+    eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)")
+    save_every: int = _opt(0, "steps between checkpoints (0 = only at the end)")
+    save_final: bool = _opt(True, "save the final student with save_pretrained (+ tokenizer, projector) in <out>/final")
+    progress: bool = _opt(True, "show a progress bar")
+    tensorboard: bool = _opt(True, "write TensorBoard events when tensorboard is installed")
+
+    def validate(self) -> "TrainConfig":
+        if not (self.cache or self.data):
+            raise UserError("give --cache (offline KD) or --data (online KD with --teacher, or SFT)")
+        if self.cache and self.data:
+            raise UserError("give either --cache or --data, not both")
+        if not (self.student or self.student_config):
+            raise UserError("give --student (a model folder or hub id) or --student-config (from scratch)")
+        if self.student and self.student_config:
+            raise UserError("give either --student or --student-config, not both")
+        if self.student_config and not self.tokenizer:
+            raise UserError("--student-config needs --tokenizer (a from-scratch student has no tokenizer of its own)")
+        if self.data and not self.teacher and (self.kl_weight or self.hidden_weight):
+            raise UserError("--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give --teacher for online KD")
+        if self.teacher and self.mode == "sampled":
+            raise UserError("--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or renorm")
+        if self.cache and self.teacher:
+            raise UserError("--teacher is for online KD from --data; with --cache the teacher is already cached")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.skip_corrupt_blocks and not self.verify_cache:
+            raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
+        for name in ("num_workers", "prefetch"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Options from a YAML file (keys as in TrainConfig, dashes or underscores)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: invalid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def make_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < config file < overrides (values that are not None), each checked against its field's type."""
+    values = dict(file_values or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}")
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def coerce(name: str, value):
+    """A config value as its field's type (YAML reads `1e-4` as a string, for one)."""
+    kind = _arg_type(_annotation(FIELDS[name]))
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if kind == "list[int]":
+            return [int(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option {name}: {value!r} is not a valid {_annotation(FIELDS[name])}") from None
+    choices = FIELDS[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"option {name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def _arg_type(annotation: str):
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]"}[base]
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

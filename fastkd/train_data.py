@@ -1,0 +1,155 @@
+"""The data side of training: the cache (or records + a live teacher) opened and checked against the
+tokenizer, the held-out split, and the endless step stream a run resumes from a saved position."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from fastkd.errors import UserError
+from fastkd.loader import Batch, CacheSource, RecordSource, make_loader, split_holdout
+from fastkd.runtime import Env
+from fastkd.train_config import TrainConfig
+
+
+@dataclass
+class DataSide:
+    """Training source + positions, held-out source + positions, and what the loss needs from them."""
+
+    train: object
+    train_positions: np.ndarray | None
+    eval: object | None
+    eval_positions: np.ndarray | None
+    teacher_layers: list[int]
+    teacher_widths: list[int]
+    teacher_depth: int
+    teacher: nn.Module | None = None
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # corrupt blocks' positions
+
+
+
+def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
+    """Open the cache (checking tokenizer and mode) or tokenise the records (+ load a live teacher)."""
+    from fastkd.data import check_tokenizer, tokenizer_identity
+
+    excluded = np.zeros(0, dtype=np.int64)
+    if config.cache:
+        layers = None if config.hidden_weight else []          # skip decoding hidden states nobody uses
+        if not config.verify_cache and env.is_main:
+            warnings.warn(f"--no-verify-cache: blocks of cache {config.cache} are decoded without checking their "
+                          f"digests; corrupt bytes would be trained on", stacklevel=2)
+        train = CacheSource(config.cache, layers=layers, verify=config.verify_cache)
+        if config.skip_corrupt_blocks:
+            excluded = skip_corrupt(train, config.cache, config, env)
+        span = config.shuffle_buffer + config.group_batches * config.batch_size * env.world * config.grad_accum
+        train.cached_blocks = 2 + math.ceil(span / max(1.0, len(train) / max(1, len(train.shards))))
+        manifest = train.manifest
+        check_tokenizer(manifest.get("tokenizer", {}), tokenizer, f"cache {config.cache}")
+        cached_mode = manifest.get("mode", "topk")
+        if (cached_mode == "sample") != (config.mode == "sampled"):
+            hint = "--mode sampled" if cached_mode == "sample" else "--mode tail or --mode renorm"
+            raise UserError(f"cache {config.cache} holds {'sampled ids with counts' if cached_mode == 'sample' else 'top-k log-probs'} "
+                            f"(manifest mode {cached_mode!r}) but --mode is {config.mode!r}; use {hint}")
+        layers = [int(x) for x in manifest.get("layers", [])]
+        widths = [int(x) for x in manifest.get("hidden_widths", [])]
+        depth = int(manifest.get("teacher", {}).get("num_hidden_layers") or 0)
+        if config.hidden_weight and not layers:
+            raise UserError(f"--hidden-weight {config.hidden_weight}: cache {config.cache} holds no hidden states "
+                            f"(make it with `fastkd cache-teacher --layers ...`)")
+        teacher = None
+        evaluation = None
+        if config.eval_cache:
+            evaluation = CacheSource(config.eval_cache, layers=layers, verify=config.verify_cache)
+            check_tokenizer(evaluation.manifest.get("tokenizer", {}), tokenizer, f"eval cache {config.eval_cache}")
+    else:
+        rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length)
+        train = RecordSource(config.data, tokenizer, **rec)
+        evaluation = RecordSource(config.eval_data, tokenizer, **rec) if config.eval_data else None
+        teacher, layers, widths, depth = None, [], [], 0
+        if config.teacher:
+            from fastkd.teacher import load_causal_lm, load_tokenizer
+
+            check_tokenizer(tokenizer_identity(load_tokenizer(config.teacher)), tokenizer, f"teacher {config.teacher}")
+            teacher = load_causal_lm(config.teacher, dtype=config.teacher_dtype, device=str(env.device))
+            depth = int(teacher.config.num_hidden_layers)
+            layers = list(config.teacher_layers or [])
+            widths = [int(teacher.config.hidden_size)] * len(layers)
+    if config.hidden_weight == 0:
+        layers, widths = [], []
+    train_positions = eval_positions = None
+    if evaluation is None and config.eval_sequences:
+        train_positions, eval_positions = split_holdout(len(train), config.eval_sequences, config.seed)
+        # its own reader and block cache: the training stream decodes in a background thread meanwhile
+        evaluation = copy.copy(train) if isinstance(train, CacheSource) else train
+    if len(excluded):
+        keep = lambda positions: np.setdiff1d(positions, excluded)  # noqa: E731
+        train_positions = keep(np.arange(len(train)) if train_positions is None else train_positions)
+        eval_positions = None if eval_positions is None else keep(eval_positions)
+        if not len(train_positions):
+            raise UserError(f"cache {config.cache}: every block fails its digests; nothing is left to train on")
+    return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher,
+                    excluded=excluded)
+
+
+
+def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) -> np.ndarray:
+    """--skip-corrupt-blocks: check every block's digests once; the positions of the bad ones."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    show = config.progress and env.is_main
+    positions, messages = source.corrupt_positions(
+        progress=(lambda xs: tqdm(xs, desc="check cache", unit="block", file=sys.stderr)) if show else None)
+    if messages and env.is_main:
+        print(f"--skip-corrupt-blocks: {len(messages)} of {len(source.shards)} blocks of cache {path} fail their "
+              f"digests; their {len(positions)} sequences are left out of training:", file=sys.stderr)
+        for message in messages[:10]:
+            print(f"  {message.split('; its sequences')[0]}", file=sys.stderr)
+        if len(messages) > 10:
+            print(f"  ... and {len(messages) - 10} more (`fastkd cache verify {path}` lists them all)", file=sys.stderr)
+    return positions
+
+
+
+def cache_vocab(data: "DataSide") -> int:
+    """The vocabulary size the cache's ids were drawn from (0 without a cache)."""
+    manifest = getattr(data.train, "manifest", None) or {}
+    return int((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
+
+
+
+def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_size: int) -> Batch:
+    """Online KD: run the live teacher on the batch and attach the same signal a cache would hold."""
+    if data.teacher is None or batch.topk_ids is not None:
+        return batch
+    from fastkd.teacher import teacher_signal
+
+    sig = teacher_signal(data.teacher, batch.input_ids, batch.attention_mask, batch.loss_mask, k=config.top_k,
+                         layers=tuple(data.teacher_layers), vocab_size=vocab_size)
+    batch.topk_ids, batch.topk_logprobs, batch.tail = sig.topk_ids, sig.topk_logprobs, sig.tail
+    batch.hidden = dict(sig.hidden)
+    return batch
+
+
+
+def train_plans(data: DataSide, config: TrainConfig, env: Env):
+    """epoch -> the epoch's global batches; one global batch = one optimizer step."""
+    from fastkd.loader import PlanMaker
+
+    return PlanMaker(data.train.lengths, data.train.shards, config.batch_size * env.world * config.grad_accum,
+                     config.seed, min_size=env.world * config.grad_accum, shuffle_buffer=config.shuffle_buffer,
+                     group_batches=config.group_batches, allowed=data.train_positions)
+
+
+
+def step_stream(data: DataSide, config: TrainConfig, env: Env, pad_id: int, epoch: int, position: int):
+    """Endless (epoch, position-after, micro-batches) over the training source from a saved position."""
+    return iter(make_loader(data.train, train_plans(data, config, env), pad_id, rank=env.rank, world=env.world,
+                            accum=config.grad_accum, epoch=epoch, start=position, num_workers=config.num_workers,
+                            pin_memory=env.device.type == "cuda", prefetch=config.prefetch))

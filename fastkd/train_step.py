@@ -1,0 +1,84 @@
+"""One optimizer step over a step's micro-batches, and the held-out evaluation: the loss step's one home."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastkd.loader import Batch, make_loader, plan_for
+from fastkd.runtime import Env
+from fastkd.student import StudentWithLoss, batch_inputs
+from fastkd.train_config import TrainConfig
+from fastkd.train_data import DataSide, add_teacher_signal
+
+
+def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: list[Batch], data: DataSide,
+               config: TrainConfig, env: Env, vocab_size: int, window: torch.Tensor):
+    """One optimizer step over the step's micro-batches, each weighted by its share of the step's loss rows
+    (all ranks), with no host synchronisation: returns (the step's loss rows, clamped to >= 1: a host
+    float in one process, a device scalar across ranks; the gradient norm before clipping, a device
+    scalar or None) and adds rows and row-weighted loss terms to `window` on the device."""
+    counts = [b.num_rows for b in micro]                  # on the host, before the copy: no device sync
+    if env.world > 1:  # the global row count stays on the device
+        rows = torch.tensor([float(sum(counts))], dtype=torch.float64, device=env.device)  # NCCL: device tensors
+        dist.all_reduce(rows)
+        step_rows = rows[0].clamp_min(1.0)
+        divisor = step_rows.float()
+    else:
+        step_rows = divisor = max(float(sum(counts)), 1.0)
+    for i, (batch, n) in enumerate(zip(micro, counts)):
+        batch = add_teacher_signal(batch.to(env.device, non_blocking=True), data, config, vocab_size)
+        last = i == len(micro) - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(config, env):
+                terms = model(**batch_inputs(batch, data.teacher_layers))
+            (terms.total * (n * env.world / divisor)).backward()
+        window += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=env.device)] +
+                              [t.detach().double() * n for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
+    grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                 if config.max_grad_norm else None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_rows, grad_norm
+
+
+
+@torch.no_grad()
+def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: Env, pad_id: int) -> dict:
+    """Row-weighted CE and KL to the teacher (in the loss's KL mode) over the held-out sequences."""
+    if data.eval is None:
+        return {}
+    plan = plan_for(data.eval, config.batch_size * env.world, seed=config.seed, epoch=0, min_size=env.world,
+                    shuffle=False, group_batches=1 << 20, allowed=data.eval_positions)
+    if config.eval_batches:
+        plan = plan[:config.eval_batches]
+    if not plan:
+        return {}
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # rows, ce*rows, kl*rows
+    has_teacher = data.eval.has_teacher or data.teacher is not None
+    for _, _, (batch,) in make_loader(data.eval, plan, pad_id, rank=env.rank, world=env.world, epochs=1):
+        n = float(batch.num_rows)                                   # counted on the host
+        batch = add_teacher_signal(batch.to(env.device), data, config, module.vocab_size)
+        with autocast(config, env):
+            terms = module(**batch_inputs(batch, data.teacher_layers))
+        sums += torch.stack([torch.tensor(n, dtype=torch.float64, device=env.device),
+                             terms.ce.double() * n, terms.kl.double() * n])
+    if env.world > 1:
+        dist.all_reduce(sums)
+    module.train(was_training)
+    total_rows, ce, kl = sums.tolist()
+    result = {"ce": ce / max(total_rows, 1.0), "rows": int(total_rows)}
+    if has_teacher:
+        result["kl"] = kl / max(total_rows, 1.0)
+    return result
+
+
+
+def autocast(config: TrainConfig, env: Env):
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
