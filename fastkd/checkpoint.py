@@ -302,8 +302,11 @@ def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model
 
     model_state = model_state if model_state is not None else module.state_dict()
     out.mkdir(parents=True, exist_ok=True)
-    student_state = {k[len("student."):]: v for k, v in model_state.items() if k.startswith("student.")}
-    module.student.save_pretrained(out, state_dict=student_state)
+    if hasattr(module.student, "peft_config"):  # LoRA: the adapter (peft), and the merged model beside it
+        save_lora(module.student, tokenizer, out)
+    else:
+        student_state = {k[len("student."):]: v for k, v in model_state.items() if k.startswith("student.")}
+        module.student.save_pretrained(out, state_dict=student_state)
     tokenizer.save_pretrained(out)
     projector = {k[len("projector."):]: v.detach().cpu().contiguous() for k, v in model_state.items()
                  if k.startswith("projector.")}
@@ -311,3 +314,14 @@ def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model
         save_file(projector, str(out / "projector.safetensors"))
     (out / "fastkd_train.json").write_text(json.dumps(extra, indent=2, default=str))
     return out
+
+
+def save_lora(peft_model, tokenizer, out: Path) -> None:
+    """<out>: the LoRA adapter (PeftModel.from_pretrained(base, out) loads it; merge_and_unload merges it);
+    <out>/merged: adapter merged into the base weights, a plain transformers model (+ tokenizer)."""
+    import copy
+
+    peft_model.save_pretrained(out)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    tokenizer.save_pretrained(out / "merged")

@@ -26,7 +26,7 @@ class StudentWithLoss(nn.Module):
         cfg = student.config
         # models whose logits are not lm_head(last hidden) (soft-capping, logit scale) take the full forward
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
-                                 or not isinstance(student.get_output_embeddings(), nn.Linear))
+                                 or not isinstance(causal_lm(student).get_output_embeddings(), nn.Linear))
 
     @property
     def loss_path(self) -> str:
@@ -34,7 +34,9 @@ class StudentWithLoss(nn.Module):
         return choose_loss_path(self.cfg.loss_impl, self.full_forward)
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
-                teacher_hidden=None, loss_index=None):
+                teacher_hidden=None, loss_index=None, runner: nn.Module | None = None):
+        """The loss terms of a batch. `runner`: a wrapper of the student (e.g. DDP made by another trainer)
+        to run the full forward through, so its gradient hooks fire; logits then come from its output."""
         from fastkd.kernels import LossTerms, distill_loss
 
         cfg = self.cfg
@@ -43,15 +45,16 @@ class StudentWithLoss(nn.Module):
         pick = lambda x: x.flatten(0, 1).index_select(0, loss_index)  # noqa: E731 - the loss rows, row-major
         y = pick(labels)
         want_hidden = bool(self.projector is not None and cfg.hidden_weight)
-        if self.full_forward:
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               output_hidden_states=want_hidden)
+        lm = causal_lm(self.student)
+        if self.full_forward or runner is not None:
+            out = (runner or self.student)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           output_hidden_states=want_hidden)
             logits, h, hidden_states = pick(out.logits)[:, :self.vocab_size], None, out.hidden_states
         else:
-            out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                          output_hidden_states=want_hidden)
+            out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                output_hidden_states=want_hidden)
             h, logits, hidden_states = pick(out.last_hidden_state), None, out.hidden_states
-        head = self.student.get_output_embeddings()
+        head = lm.get_output_embeddings()
         if topk_ids is None:  # SFT: no teacher signal
             if logits is None:
                 logits = head(h)[:, :self.vocab_size]
@@ -81,6 +84,27 @@ class StudentWithLoss(nn.Module):
         return terms
 
 
+def causal_lm(student: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a student (a peft model wraps it: LoRA layers are injected in place)."""
+    get_base = getattr(student, "get_base_model", None)
+    return get_base() if callable(get_base) else student
+
+
+def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """--lora-rank r: freeze the student and train rank-r LoRA adapters on --lora-targets (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora-rank needs peft: pip install 'fastkd[lora]' (or pip install peft)") from None
+    targets = config.lora_targets.strip()
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+                      lora_dropout=config.lora_dropout, target_modules=modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise UserError(f"--lora-targets {targets}: {str(err).splitlines()[0]}") from None
+
 
 def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
     """auto: the fused linear + loss (no [rows, V] logits: the lightest in time and memory on CPU and CUDA,
@@ -90,7 +114,6 @@ def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
     if loss_impl == "fused" and full_forward:
         return "logits"  # soft-capped / scaled logits: the fused path would compute other logits
     return loss_impl
-
 
 
 def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
@@ -103,14 +126,12 @@ def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
     return f"loss: {path} ({what}; {why}; --loss-impl fused|logits overrides)"
 
 
-
 def batch_inputs(batch: Batch, teacher_layers: list[int]) -> dict:
     """The keyword arguments StudentWithLoss takes, from a batch."""
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                 topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, tail=batch.tail, counts=batch.counts,
                 teacher_hidden=[batch.hidden[layer] for layer in teacher_layers] if batch.hidden else None,
                 loss_index=batch.loss_index)
-
 
 
 def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0) -> nn.Module:
@@ -137,6 +158,8 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
     else:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config).to(device)
+    if config.lora_rank:
+        model = add_lora(model, config)
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)     # transformers >= 5.x name
         if enable is not None:
@@ -147,13 +170,11 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
     return model.train()
 
 
-
 def check_vocab(model: nn.Module, vocab_size: int, where: str) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise UserError(f"{where}: the student's output layer has {rows} rows, fewer than the tokenizer's "
                         f"{vocab_size} tokens; student and tokenizer do not belong together")
-
 
 
 def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int, given: list[int] | None) -> list[int]:

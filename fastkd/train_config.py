@@ -50,6 +50,12 @@ class TrainConfig:
                                   "are not lm_head(hidden); the choice is printed",
                           choices=["auto", "logits", "fused"])
     chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
+    # LoRA (peft)
+    lora_rank: int = _opt(0, "train rank-r LoRA adapters on a frozen student instead of every weight (0 = full training; needs peft)")
+    lora_alpha: float | None = _opt(None, "LoRA scaling alpha (default: 2 x --lora-rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA inputs")
+    lora_targets: str = _opt("all-linear", "modules that get adapters: all-linear (every linear layer but the output head) or "
+                                           "a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
     # optimisation
     lr: float = _opt(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -87,6 +93,11 @@ class TrainConfig:
     log_every: int = _opt(10, "steps between metric lines")
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)")
     eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)")
+    eval_bbh_tasks: str | None = _opt(None, "also score the student on these BBH tasks at every evaluation (comma list or a group, "
+                                            "as in eval-bbh --tasks), logged as eval_bbh_strict / eval_bbh_lenient")
+    eval_bbh_limit: int = _opt(20, "BBH items per task for --eval-bbh-tasks (the first ones of each task)")
+    eval_bbh_max_new_tokens: int = _opt(256, "generation budget per BBH item for --eval-bbh-tasks")
+    bbh_dir: str | None = _opt(None, "BBH data folder for --eval-bbh-tasks (default: $FASTKD_BBH_DIR, ../shared/bbh, then the hub)")
     save_every: int = _opt(0, "steps between checkpoints (0 = only at the end)")
     save_final: bool = _opt(True, "save the final student with save_pretrained (+ tokenizer, projector) in <out>/final")
     progress: bool = _opt(True, "show a progress bar")
@@ -116,6 +127,12 @@ class TrainConfig:
             raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
         if self.max_steps is not None and self.max_steps < 0:
             raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and self.distributed == "fsdp":
+            raise UserError("--lora-rank with --distributed fsdp is not supported; use --distributed ddp")
+        if self.eval_bbh_limit < 1 or self.eval_bbh_max_new_tokens < 1:
+            raise UserError("--eval-bbh-limit and --eval-bbh-max-new-tokens must be >= 1")
         for name in ("num_workers", "prefetch"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

@@ -82,3 +82,43 @@ def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: 
 def autocast(config: TrainConfig, env: Env):
     bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
     return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+class BBHProbe:
+    """--eval-bbh-tasks: a BBH subset scored by greedy generation at every evaluation (main process only),
+    with the prompts eval-bbh builds for a trained student (`--prompt-format trained`, same template)."""
+
+    def __init__(self, config: TrainConfig, tokenizer):
+        from fastkd import bbh
+        from fastkd.evaluate import build_prompts
+
+        tasks = bbh.select_tasks(config.eval_bbh_tasks)
+        self.items, root = bbh.load_tasks(tasks, config.bbh_dir, config.eval_bbh_limit)
+        fmt = "trained" if config.cot else "trained-direct"
+        self.prompts = [ids for _, ids in build_prompts(self.items, tokenizer, fmt, config.chat_template, root)]
+        self.tokenizer = tokenizer
+        self.max_new_tokens = config.eval_bbh_max_new_tokens
+        self.batch_size = config.batch_size
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> dict:
+        from fastkd import bbh
+        from fastkd.generate import greedy_generate
+
+        was_training = student.training
+        student.eval()
+        try:
+            gens = greedy_generate(student, self.tokenizer, self.prompts, self.max_new_tokens,
+                                   stop_strings=(bbh.STOP_STRING,), batch_size=self.batch_size)
+        finally:
+            student.train(was_training)
+        flat = [it for task_items in self.items.values() for it in task_items]
+        per_task: dict[str, dict[str, list[bool]]] = {}
+        for item, gen in zip(flat, gens):
+            score = bbh.score(gen.text, item.target)
+            slot = per_task.setdefault(item.task, {"strict": [], "lenient": []})
+            slot["strict"].append(bool(score.correct))
+            slot["lenient"].append(bool(score.lenient_correct))
+        summary = bbh.summarise(per_task)["summary"]
+        return {"bbh_strict": summary["strict"]["micro"], "bbh_lenient": summary["lenient"]["micro"],
+                "bbh_items": summary["n_items"]}

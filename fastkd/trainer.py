@@ -23,12 +23,12 @@ import torch.distributed as dist
 from fastkd.checkpoint import (CHECKPOINT, check_resumable, full_state, load_checkpoint, load_full_state, rng_state,
                                save_checkpoint, save_final, set_rng_state)
 from fastkd.runtime import Env, seed_everything, setup_env, wrap_distributed
-from fastkd.student import (StudentWithLoss, batch_inputs, check_vocab, choose_loss_path, describe_loss_path,
-                            load_student, map_layers)
+from fastkd.student import (StudentWithLoss, batch_inputs, causal_lm, check_vocab, choose_loss_path,
+                            describe_loss_path, load_student, map_layers)
 from fastkd.train_config import TrainConfig, save_config
 from fastkd.train_data import (DataSide, add_teacher_signal, build_data, cache_vocab, skip_corrupt, step_stream,
                                train_plans)
-from fastkd.train_step import autocast, evaluate, train_step
+from fastkd.train_step import BBHProbe, autocast, evaluate, train_step
 
 __all__ = ["train", "TrainResult", "MetricsLog", "make_schedule",
            # the stages' pieces, importable from here as before the split
@@ -111,7 +111,7 @@ class TrainResult:
 
     def summary(self) -> str:
         def fmt(d):
-            return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if k != "rows") or "n/a"
+            return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if k not in ("rows", "bbh_items") and v is not None) or "n/a"
         lines = [f"run: {self.run_dir}  ({self.steps} steps, {self.tokens} loss tokens, {self.seconds:.1f} s)",
                  f"  held-out before: {fmt(self.before)}", f"  held-out after:  {fmt(self.after)}"]
         if self.final_dir:
@@ -174,8 +174,16 @@ def train(config: TrainConfig | dict) -> TrainResult:
         save_config(config, run_dir / "config.yaml")
     log = MetricsLog(run_dir, env.is_main, config.tensorboard, step if config.resume else None)
     pad_id = tokenizer.pad_token_id
+    probe = BBHProbe(config, tokenizer) if config.eval_bbh_tasks and env.is_main else None
+
+    def evaluate_all() -> dict:  # held-out CE/KL on every rank together, then the BBH subset on the main one
+        result = evaluate(module, data, config, env, pad_id)
+        if probe is not None:
+            result.update(probe(causal_lm(module.student)))
+        return result
+
     if before is None:
-        before = evaluate(module, data, config, env, pad_id)
+        before = evaluate_all()
         if before:
             log.write(0, {f"eval_{k}": v for k, v in before.items()})
 
@@ -232,7 +240,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             window.zero_()
             window_start = time.perf_counter()
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-            result = evaluate(module, data, config, env, pad_id)
+            result = evaluate_all()
             if result:
                 log.write(step, {f"eval_{k}": v for k, v in result.items()})
         if config.save_every and step % config.save_every == 0 and step < total_steps:
@@ -241,7 +249,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
     stream.close()  # stops the read-ahead thread
     settle_tokens()
 
-    after = evaluate(module, data, config, env, pad_id)
+    after = evaluate_all()
     if after:
         log.write(step, {f"eval_{k}": v for k, v in after.items()})
     checkpoint()

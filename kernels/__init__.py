@@ -30,7 +30,7 @@ else:
     from .chunked import chunked_distill_loss
     from .fused_linear import fused_linear_distill_loss
     from .hidden import HiddenProjector
-    from .loss import DistillLoss, distill_loss
+    from .loss import DistillLoss, LinearDistillLoss, distill_loss
     from .reference import reference_loss
     from .terms import LossTerms
     from .validate import LossInputError
@@ -39,6 +39,7 @@ else:
         "LossTerms",
         "distill_loss",
         "DistillLoss",
+        "LinearDistillLoss",
         "fused_linear_distill_loss",
         "HiddenProjector",
         "reference_loss",

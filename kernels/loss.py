@@ -77,3 +77,27 @@ class DistillLoss(nn.Module):
             terms.total = terms.total + self.hidden_weight * hidden.to(terms.total.dtype)
             terms.hidden = hidden.detach()
         return terms
+
+
+class LinearDistillLoss(nn.Module):
+    """The same loss from hidden states and the output layer's weight (`lm_head.weight`, + bias): the
+    fused linear path, which never holds the [N, V] logits. forward(hidden [N, H], weight [V, H], labels, ...)."""
+
+    def __init__(self, mode: str = "tail", ce_weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 1.0,
+                 ignore_index: int = -100, chunk_size: int | None = None):
+        super().__init__()
+        self.mode = mode
+        self.ce_weight = ce_weight
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden, weight, labels, teacher_ids, teacher_logprobs, tail=None, counts=None,
+                bias=None) -> LossTerms:
+        from .fused_linear import fused_linear_distill_loss
+
+        return fused_linear_distill_loss(hidden, weight, labels, teacher_ids, teacher_logprobs, tail, bias=bias,
+                                         counts=counts, mode=self.mode, ce_weight=self.ce_weight,
+                                         kl_weight=self.kl_weight, temperature=self.temperature,
+                                         ignore_index=self.ignore_index, chunk_size=self.chunk_size)

@@ -1,0 +1,181 @@
+"""fastkd in other training loops: a cache as a torch Dataset / IterableDataset, a collator that pads
+the teacher targets beside input_ids/labels, and a `transformers.Trainer` subclass whose compute_loss
+is fastkd's (the same StudentWithLoss `fastkd train` runs). See docs/library.md and examples/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from fastkd.errors import UserError
+from fastkd.loader import CacheSource, collate, epoch_plan
+from fastkd.student import StudentWithLoss, batch_inputs, causal_lm
+from fastkd.train_config import TrainConfig
+
+
+def check_cache_tokenizer(manifest: dict, tokenizer, path: str) -> None:
+    """Refuse a student tokenizer that tokenises differently from the one the cache was made with."""
+    from fastkd.data import check_tokenizer
+
+    check_tokenizer(manifest.get("tokenizer", {}), tokenizer, f"cache {path}")
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """A teacher cache (folder or fsspec URL) as a map-style Dataset: item i is the i-th cached sequence,
+    every block checked against its digests before it is decoded. `layers=[]` skips hidden states."""
+
+    def __init__(self, path: str, *, layers: list[int] | None = None, verify: bool = True, cached_blocks: int = 8,
+                 tokenizer=None):
+        self.source = CacheSource(path, layers=layers, verify=verify, cached_blocks=cached_blocks)
+        self.manifest = self.source.manifest
+        if tokenizer is not None:  # the cache's ids must mean what the student's tokenizer means
+            check_cache_tokenizer(self.manifest, tokenizer, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "CacheDataset":
+        """transformers-style constructor (a folder or URL, not a hub id)."""
+        return cls(path, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        return self.source[int(i)]
+
+
+class CacheIterableDataset(torch.utils.data.IterableDataset):
+    """A cache streamed in a seeded, block-local order (shuffle buffer over cache blocks, as `fastkd train`
+    reads it), each sequence to one (rank, worker) only, resumable from a position without re-reading:
+    `state_dict()` after n items consumed gives the place to continue (`load_state_dict`, or start=)."""
+
+    def __init__(self, path: str, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 epoch: int = 0, start: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
+                 layers: list[int] | None = None, verify: bool = True, tokenizer=None):
+        self.source = CacheSource(path, layers=layers, verify=verify)
+        if tokenizer is not None:
+            check_cache_tokenizer(self.source.manifest, tokenizer, path)
+        self.seed, self.epoch, self.start = seed, epoch, start
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        if not 0 <= rank < world_size:
+            raise UserError(f"CacheIterableDataset: rank {rank} is outside 0..{world_size - 1}")
+        self.rank, self.world = rank, world_size
+        self.consumed = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Every position of the cache once, in this epoch's seeded order (the same on every rank)."""
+        plan = epoch_plan(self.source.lengths, self.source.shards, 1, seed=self.seed, epoch=epoch,
+                          shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=1)
+        return np.concatenate(plan) if plan else np.zeros(0, np.int64)
+
+    def mine(self, epoch: int) -> np.ndarray:
+        """This rank's share of the epoch, from the global order: items rank, rank + world, ..."""
+        return self.order(epoch)[self.rank::self.world]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        positions = self.mine(self.epoch)[self.start:]
+        for i, position in enumerate(positions):
+            if i % workers == worker:  # the DataLoader reads workers round robin: plan order is kept
+                yield self.source[int(position)]
+
+    def __len__(self) -> int:
+        return max(0, len(self.mine(self.epoch)) - self.start)
+
+    def state_dict(self, consumed: int) -> dict:
+        """Where to continue after `consumed` items of this epoch were trained on."""
+        return {"epoch": self.epoch, "start": self.start + int(consumed), "seed": self.seed, "rank": self.rank,
+                "world_size": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("rank"), state.get("world_size")) != (self.seed, self.rank, self.world):
+            raise UserError(f"CacheIterableDataset.load_state_dict: the state is for seed/rank/world "
+                            f"{state.get('seed')}/{state.get('rank')}/{state.get('world_size')}, this dataset is "
+                            f"{self.seed}/{self.rank}/{self.world}")
+        self.epoch, self.start = int(state["epoch"]), int(state["start"])
+
+
+@dataclass
+class DistillCollator:
+    """Cached sequences -> the keyword arguments of fastkd's loss module: input_ids, attention_mask,
+    labels (-100 off the response), the teacher's top-k ids/log-probs/tail for the loss rows in
+    row-major order, counts (sampled caches), teacher_hidden (for `teacher_layers`) and loss_index."""
+
+    pad_token_id: int
+    teacher_layers: tuple[int, ...] = ()
+
+    def __call__(self, sequences: list) -> dict:
+        if not sequences:
+            raise UserError("DistillCollator: got an empty batch")
+        return batch_inputs(collate(list(sequences), self.pad_token_id), list(self.teacher_layers))
+
+
+def loss_settings(**overrides) -> TrainConfig:
+    """The loss options of `fastkd train` (mode, ce_weight, kl_weight, temperature, hidden_weight, loss_impl,
+    chunk_size), as the TrainConfig the loss module reads; everything else keeps its default."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown fastkd option(s) {', '.join(unknown)}")
+    return TrainConfig(**overrides)
+
+
+def _trainer_base():
+    try:
+        from transformers import Trainer
+    except ImportError as err:  # transformers is a dependency: only a broken install lands here
+        raise UserError(f"transformers.Trainer cannot be imported: {err}") from None
+    return Trainer
+
+
+class DistillTrainer(_trainer_base()):
+    """`transformers.Trainer` whose loss is fastkd's CE + sparse KL (+ hidden MSE) from cached teacher
+    targets. Give it a CacheDataset/CacheIterableDataset and a DistillCollator; `fastkd_config` holds the
+    loss options (see `loss_settings`). The mean is over the micro-batch's loss rows, as `fastkd train`
+    with --grad-accum 1. Under DDP the forward runs through the Trainer's wrapper so gradients sync."""
+
+    def __init__(self, *args, fastkd_config: TrainConfig | dict | None = None, vocab_size: int | None = None,
+                 **kwargs):
+        args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        if args_obj is not None and getattr(args_obj, "remove_unused_columns", False):
+            args_obj.remove_unused_columns = False  # the teacher columns are not the model's arguments
+        super().__init__(*args, **kwargs)
+        config = fastkd_config if isinstance(fastkd_config, TrainConfig) else loss_settings(**(fastkd_config or {}))
+        self.fastkd_config = config
+        tokenizer = getattr(self, "processing_class", None)
+        self.fastkd_vocab = vocab_size or (len(tokenizer) if tokenizer is not None else None) or \
+            causal_lm(self.model).get_output_embeddings().weight.shape[0]
+        self._loss_module = None
+        self.last_terms = None
+
+    def loss_module(self, model) -> StudentWithLoss:
+        core = self.accelerator.unwrap_model(model)
+        if self._loss_module is None or self._loss_module.student is not core:
+            self._loss_module = StudentWithLoss(core, self.fastkd_vocab, self.fastkd_config)
+        return self._loss_module
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        module = self.loss_module(model)
+        core = module.student
+        runner = None if model is core else model
+        terms = module(**inputs, runner=runner)
+        self.last_terms = {name: float(getattr(terms, name)) for name in ("ce", "kl", "hidden")}
+        return (terms.total, {"terms": terms}) if return_outputs else terms.total
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Held-out loss with fastkd's loss (no logits are gathered: they are never materialised)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs).detach()
+        return loss, None, None
+
+
+__all__ = ["CacheDataset", "CacheIterableDataset", "DistillCollator", "DistillTrainer", "loss_settings"]

@@ -1,0 +1,246 @@
+"""fastkd as a library (issue 17): the cache as Dataset/IterableDataset, the collator, the loss modules,
+the Hugging Face Trainer subclass and its example, LoRA students, eval during training."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import build_teacher_and_cache, one_thread, quiet  # noqa: F401 (fixture)
+
+from fastkd.errors import UserError
+from fastkd.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kd(tmp_path_factory, tiny_qwen_dir):
+    return build_teacher_and_cache(tmp_path_factory.mktemp("kd_lib"), tiny_qwen_dir)
+
+
+# ----------------------------------------------------------------------------- datasets and collator
+
+def test_cache_dataset_items_equal_the_reader(kd):
+    from fastkd.cache_tools import CacheReader
+    from fastkd.hf import CacheDataset
+
+    ds = CacheDataset.from_pretrained(str(kd["cache"]))
+    reader = CacheReader(kd["cache"])
+    assert len(ds) == len(reader)
+    for i in (0, 7, len(ds) - 1):
+        a, b = ds[i], reader[i]
+        assert a.record_index == b.record_index
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_cache_dataset_refuses_another_tokenizer(kd, tmp_path):
+    from fastkd.hf import CacheDataset
+    from fastkd.tiny import train_tokenizer
+
+    other = train_tokenizer(["completely different words here"] * 50, vocab_size=300)
+    with pytest.raises(UserError, match="cache"):
+        CacheDataset(str(kd["cache"]), tokenizer=other)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_iterable_dataset_shards_over_ranks_and_workers_and_resumes(kd, world):
+    """Ranks (and DataLoader workers within a rank) see disjoint sequences that together make up the
+    epoch once; a resumed dataset continues exactly after the consumed items."""
+    from fastkd.hf import CacheIterableDataset
+
+    def records(ds, workers=0):
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                             collate_fn=lambda s: s)
+        return [s.record_index for s in loader]
+
+    per_rank = [records(CacheIterableDataset(str(kd["cache"]), seed=3, rank=r, world_size=world), workers=2 if r == 0 else 0)
+                for r in range(world)]
+    flat = [x for part in per_rank for x in part]
+    ds = CacheIterableDataset(str(kd["cache"]), seed=3, rank=0, world_size=1)
+    assert sorted(flat) == sorted(s.record_index for s in ds) and len(flat) == len(set(flat)) == len(ds.source)
+    # rank 0 with 2 workers keeps the order of rank 0 without workers
+    assert per_rank[0] == records(CacheIterableDataset(str(kd["cache"]), seed=3, rank=0, world_size=world))
+    # resume: after 5 items, the rest, and nothing else
+    first = CacheIterableDataset(str(kd["cache"]), seed=3, rank=0, world_size=world)
+    state = first.state_dict(consumed=5)
+    again = CacheIterableDataset(str(kd["cache"]), seed=3, rank=0, world_size=world)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert records(again) == per_rank[0][5:]
+    with pytest.raises(UserError, match="seed/rank/world"):
+        CacheIterableDataset(str(kd["cache"]), seed=4, rank=0, world_size=world).load_state_dict(state)
+
+
+def test_collator_rows_follow_the_labels(kd, tiny_llama_dir):
+    """Row r of the teacher tensors belongs to the r-th label != -100, padding included."""
+    from fastkd.hf import CacheDataset, DistillCollator
+    from fastkd.teacher import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    ds = CacheDataset(str(kd["cache"]))
+    seqs = [ds[i] for i in (0, 3, 11)]
+    out = DistillCollator(tok.pad_token_id, teacher_layers=(1,))(seqs)
+    counted = out["labels"] != -100
+    assert int(counted.sum()) == out["topk_ids"].shape[0] == out["loss_index"].numel()
+    assert torch.equal(out["labels"].reshape(-1)[out["loss_index"]], out["labels"][counted])
+    row = 0
+    for b, s in enumerate(seqs):
+        n = len(s.topk_ids)
+        np.testing.assert_array_equal(out["topk_ids"][row:row + n].numpy(), s.topk_ids)
+        np.testing.assert_allclose(out["teacher_hidden"][0][row:row + n].numpy(), s.hidden[1])
+        row += n
+        assert int(counted[b].sum()) == n
+    with pytest.raises(UserError, match="empty batch"):
+        DistillCollator(tok.pad_token_id)([])
+
+
+def test_linear_loss_module_equals_the_logits_loss():
+    from fastkd.kernels import DistillLoss, LinearDistillLoss
+    from test_kernels_cases import make_case
+
+    g = torch.Generator().manual_seed(5)
+    case = make_case(n=12, v=97, k=6, seed=5)
+    h = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(97, 16, generator=g, dtype=torch.float64) * 0.3
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ours = LinearDistillLoss(temperature=1.5, kl_weight=0.7)(hl, wl, *args)
+    ours.total.backward()
+    hz, wz = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = DistillLoss(temperature=1.5, kl_weight=0.7)(hz @ wz.t(), *args)
+    ref.total.backward()
+    assert float(ours.total.detach()) == pytest.approx(float(ref.total.detach()), rel=1e-10)
+    torch.testing.assert_close(hl.grad, hz.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(wl.grad, wz.grad, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the Hugging Face Trainer
+
+def test_distill_trainer_loss_equals_fastkd_train_on_the_same_batch(kd, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from fastkd.hf import CacheDataset, DistillCollator, DistillTrainer
+    from fastkd.loader import CacheSource, collate
+    from fastkd.student import StudentWithLoss, batch_inputs
+    from fastkd.teacher import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    ds = CacheDataset(str(kd["cache"]), layers=[])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    trainer = DistillTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                             train_dataset=ds, data_collator=DistillCollator(tok.pad_token_id), processing_class=tok,
+                             fastkd_config={"kl_weight": 0.8, "temperature": 1.5})
+    positions = [0, 4, 9, 13]
+    hf_loss = trainer.compute_loss(model, DistillCollator(tok.pad_token_id)([ds[i] for i in positions]))
+    # fastkd train's module on the same batch, with the options parsed the way `fastkd train` parses them
+    cfg = quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), kl_weight=0.8, temperature=1.5)
+    source = CacheSource(kd["cache"], layers=[])
+    module = StudentWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), len(tok), cfg)
+    terms = module(**batch_inputs(collate([source[i] for i in positions], tok.pad_token_id), []))
+    assert float(hf_loss) == pytest.approx(float(terms.total), rel=1e-6)
+    assert trainer.last_terms["kl"] > 0
+
+
+def test_the_hf_trainer_example_trains_and_its_loss_falls(kd, tiny_llama_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import hf_trainer
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    out = hf_trainer.main(["--cache", str(kd["cache"]), "--student", str(tiny_llama_dir), "--out", str(tmp_path / "hf"),
+                           "--max-steps", "12", "--batch-size", "8", "--lr", "3e-3"])
+    losses = out["losses"]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out["final"])) is not None
+
+
+# ----------------------------------------------------------------------------- LoRA students
+
+def test_lora_student_trains_adapters_only_saves_a_peft_adapter_that_merges(kd, tiny_llama_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    result = train(quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(tmp_path / "lora"), max_steps=6,
+                         batch_size=8, lr=1e-2, lora_rank=4, lora_targets="q_proj,v_proj", eval_sequences=8))
+    final = result.final_dir
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    merged = peft.PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    plain = AutoModelForCausalLM.from_pretrained(str(final / "merged"))
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        a, b, c = merged(ids).logits, plain(ids).logits, original(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert float((a - c).abs().max()) > 1e-4  # the adapters changed the model
+    # everything but the adapters stayed frozen: the merged model differs only in q_proj / v_proj
+    changed = {k for k, v in plain.state_dict().items() if not torch.equal(v, original.state_dict()[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert result.after["kl"] < result.before["kl"]
+
+
+def test_lora_resume_is_exact(kd, tiny_llama_dir, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    common = dict(cache=str(kd["cache"]), student=str(tiny_llama_dir), batch_size=8, lr=1e-2, lora_rank=2,
+                  schedule="constant", seed=1)
+    train(quiet(out=str(tmp_path / "straight"), max_steps=4, **common))
+    train(quiet(out=str(tmp_path / "split"), max_steps=2, **common))
+    train(quiet(out=str(tmp_path / "split"), max_steps=4, resume=True, **common))
+    a = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_errors_are_clear(kd, tiny_llama_dir, tmp_path):
+    pytest.importorskip("peft")
+    with pytest.raises(UserError, match="--lora-targets"):
+        train(quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(tmp_path / "bad"), max_steps=1,
+                    lora_rank=2, lora_targets="no_such_module"))
+    with pytest.raises(UserError, match="fsdp"):
+        quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), lora_rank=2, distributed="fsdp")
+
+
+# ----------------------------------------------------------------------------- eval during training
+
+def test_eval_during_training_logs_heldout_and_bbh_scores_to_jsonl_and_tensorboard(kd, tiny_llama_dir, tmp_path):
+    from fastkd.bbh import resolve_bbh_dir
+
+    if resolve_bbh_dir(None, ["boolean_expressions"]) is None:
+        pytest.skip("BBH data not found (../shared/bbh)")
+    run = tmp_path / "evals"
+    tb = pytest.importorskip("tensorboard")  # noqa: F841
+    result = train(make_quiet_with_tb(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(run), max_steps=4,
+                                      batch_size=8, eval_sequences=8, eval_every=2, eval_bbh_tasks="boolean_expressions",
+                                      eval_bbh_limit=3, eval_bbh_max_new_tokens=8, gradient_checkpointing=True))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval_kl" in line]
+    assert [line["step"] for line in evals] == [0, 2, 4]
+    for line in evals:
+        assert line["eval_bbh_items"] == 3 and 0.0 <= line["eval_bbh_strict"] <= 100.0
+    assert "bbh_strict" in result.after
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "eval_kl", "eval_bbh_strict"} <= set(tags)
+    assert [e.step for e in acc.Scalars("eval_kl")] == [0, 2, 4]
+
+
+def make_quiet_with_tb(**overrides):
+    return quiet(**{**overrides, "tensorboard": True})
