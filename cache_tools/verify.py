@@ -115,6 +115,12 @@ def verify_cache(root, progress=None) -> VerifyReport:
             if (SHARD_NAME.match(path.name) or path.name.endswith(".tmp")) and rel not in listed:
                 report.warnings.append(f"{rel} is not listed in manifest.json (left by an interrupted run; "
                                        f"a resumed run removes it)")
+    units = root / "units"
+    if units.is_dir():
+        pending = sorted(p.name for p in units.iterdir() if p.name.startswith("unit-") and p.name.endswith(".json"))
+        if pending:
+            report.warnings.append(f"units/ holds {len(pending)} finished unit(s) not yet in manifest.json "
+                                   f"({pending[0]}, ...): re-run the same cache-teacher command to merge them")
     if not manifest.get("complete"):
         report.warnings.append("manifest.json says the cache is not complete (the writing run has not closed it)")
     return report

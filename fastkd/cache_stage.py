@@ -4,7 +4,11 @@ For every record: template (with or without the rationale) -> token ids -> teach
 length-sorted batches -> top-k log-probs with the exact tail mass (or, with --sample N, N ids
 drawn from the teacher with their counts) and the hidden states of the chosen layers, at loss
 positions only -> compressed safetensors shards + manifest.json. Re-running the same command
-on a partial cache resumes it; a cache made with other settings is refused.
+on a partial cache resumes it; a cache made with other settings or other records is refused.
+
+Many processes: `torchrun --nproc-per-node N -m fastkd cache-teacher ...` (gloo between ranks,
+one GPU per rank); the records are cut into fixed work units (--sequences-per-shard), each rank
+writes its share, rank 0 merges them; any N can resume a cache begun with any other N.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class CacheSummary:
     seconds_total: float = 0.0
     seconds_teacher: float = 0.0
     seconds_write: float = 0.0
+    seconds_units: float = 0.0     # wall time from the first unit to the last rank's end (rank 0; startup excluded)
     world_size: int = 1
     per_rank: list = field(default_factory=list)   # rank 0 of a torchrun: each rank's counts and seconds
 
@@ -337,6 +342,7 @@ def _cache_units(out, settings, examples, units, forward, tokenizer, summary, ra
             for warning in state["warnings"]:
                 print(f"fastkd cache-teacher: note: {warning}")
         done = set(state["done"])
+        t_units = time.perf_counter()
         todo = [u for u in units if u.number not in done]
         mine = todo[ranks.rank::ranks.world]           # deterministic, disjoint; any N finishes the same units
         work_unit = settings["work_unit"]
@@ -362,6 +368,7 @@ def _cache_units(out, settings, examples, units, forward, tokenizer, summary, ra
                 time.sleep(throttle)
         bar.close()
         ranks.barrier()                                 # every rank's units are on disk with their receipts
+        summary.seconds_units = time.perf_counter() - t_units
         keys = ("sequences_written", "loss_positions", "seconds_teacher", "seconds_write")
         parts = ranks.gather({key: getattr(summary, key) for key in keys})
         if ranks.rank == 0:
@@ -470,7 +477,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rationale-field", default="rationale", help="record key holding the rationale")
     p.add_argument("--target-field", default="target", help="record key holding the answer")
     p.add_argument("--task-field", default="task", help="record key holding the task name (optional)")
-    p.add_argument("--sequences-per-shard", type=int, default=256, help="sequences per shard file (a shard is the unit of resume)")
+    p.add_argument("--sequences-per-shard", type=int, default=256, help="sequences per shard file: the work unit, the unit of resume and of the split across ranks "
+                        "(fixed when the cache is created; a resume uses the cache's value)")
     p.add_argument("--hidden-codec", default=None, help="hidden-state codec (see `fastkd cache inspect`); default: the format's default")
     p.add_argument("--hidden-project", type=int, default=None, metavar="D",
                    help="store hidden states through a fixed random projection to width D (its seed, --seed, goes in the manifest; "
