@@ -13,6 +13,7 @@ import sys
 
 # (command, module, one-line help); nested groups list their own subcommands
 COMMANDS = [
+    ("generate-rationales", "fastkd.rationales", "have the teacher write n chains of thought per record, keep those reaching the target"),
     ("cache-teacher", "fastkd.cache_stage", "run the teacher once over a dataset and cache its top-k log-probs, tail mass and hidden states"),
     ("train", "fastkd.train", "train a student from a teacher cache (or online / SFT baselines)"),
     ("eval-bbh", "fastkd.evaluate", "score a model (or saved predictions) on BIG-Bench Hard with the published recipe"),

@@ -1,4 +1,5 @@
-"""Batched greedy generation with the KV cache, left padding and stop strings.
+"""Batched generation (greedy, or sampled with one seeded generator per row) with the KV cache, left
+padding and stop strings.
 
 Prompts are grouped by length and padded on the left by fastkd.data (the same code the
 trainer batches with); position ids count real tokens only, so a padded row sees exactly
@@ -54,10 +55,48 @@ def _kv_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings: temperature, nucleus (top_p) and top_k (0 = off). Each row draws from its own
+    generator seeded by the caller, so a row's text does not depend on which rows share its batch
+    (up to the batch's float rounding)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got {self}")
+
+    def draw(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """One token per row of logits [rows, V], row r drawn with generators[r]."""
+        z = logits.float() / self.temperature
+        if self.top_k:
+            kth = z.topk(min(self.top_k, z.shape[-1]), dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        probs = torch.softmax(z, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        cpu = probs.cpu()
+        return torch.stack([torch.multinomial(cpu[r], 1, generator=g)[0] for r, g in enumerate(generators)]).to(
+            logits.device)
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                   stop_strings: Sequence[str] = (), pad_id: int | None = None) -> list[Generation]:
-    """Greedy-decode one batch of prompt token lists together (left padded, one KV cache)."""
+                   stop_strings: Sequence[str] = (), pad_id: int | None = None,
+                   sampling: Sampling | None = None, seeds: Sequence[int] | None = None) -> list[Generation]:
+    """Decode one batch of prompt token lists together (left padded, one KV cache): greedy, or with
+    `sampling` (then `seeds` gives each row's generator seed)."""
+    generators = row_generators(seeds if seeds is not None else range(len(prompts))) if sampling else None
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer) if pad_id is None else pad_id
     stops = eos_ids(model, tokenizer)
@@ -74,7 +113,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     finish: list[str | None] = [None] * rows
     active = list(range(rows))  # the original row of each row still in the batch
     for step in range(max_new_tokens):
-        tokens = out.logits[:, -1, :].argmax(-1)
+        last = out.logits[:, -1, :]
+        tokens = last.argmax(-1) if sampling is None else sampling.draw(last, [generators[r] for r in active])
         for r, t in zip(active, tokens.tolist()):
             if finish[r]:
                 continue
@@ -108,15 +148,20 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 512,
                     stop_strings: Sequence[str] = (), batch_size: int = 8,
-                    on_batch: Callable[[int], None] | None = None) -> list[Generation]:
-    """Greedy-decode every prompt in length-sorted batches; results in the prompts' order.
-    on_batch(n) is called after each batch with its size (for a progress bar)."""
+                    on_batch: Callable[[int], None] | None = None, sampling: Sampling | None = None,
+                    seeds: Sequence[int] | None = None) -> list[Generation]:
+    """Decode every prompt in length-sorted batches (greedy unless `sampling`; `seeds`: one per prompt);
+    results in the prompts' order. on_batch(n) is called after each batch with its size (progress bar)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if sampling is not None and seeds is not None and len(seeds) != len(prompts):
+        raise ValueError("seeds must give one seed per prompt")
     results: list[Generation | None] = [None] * len(prompts)
     for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+        row_seeds = [seeds[i] for i in batch] if seeds is not None else list(batch)
         for i, gen in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                                max_new_tokens, stop_strings)):
+                                                max_new_tokens, stop_strings, sampling=sampling,
+                                                seeds=row_seeds)):
             results[i] = gen
         if on_batch:
             on_batch(len(batch))

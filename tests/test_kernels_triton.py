@@ -96,7 +96,8 @@ def test_triton_inplace_and_upstream_scale(tri):
     terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
                                     inplace=True)
     (terms.total * 0.5).backward()
-    assert float((buf.double() - ref_grad.double()).abs().max()) <= 1.6e-2 * float(ref_grad.abs().max())
+    # the gradient was written over the logits and scaled there by the upstream 0.5: no second [N, V] buffer
+    assert z.grad.data_ptr() == buf.data_ptr()
     assert float((z.grad.double() - 0.5 * ref_grad.double()).abs().max()) <= 1.6e-2 * float(ref_grad.abs().max())
 
 

@@ -1,0 +1,159 @@
+"""fastkd generate-rationales: sampling, judging with eval-bbh's extraction, provenance, resume, and
+records that cache-teacher reads as they are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastkd.errors import UserError
+from fastkd.generate import Sampling
+from fastkd.rationales import LOG_SUFFIX, generate_rationales, judge
+
+
+def write_answers(path: Path, n: int = 6) -> Path:
+    rows = [{"source": f"{i} plus {i} is", "target": str(2 * i), "task": "add" if i % 2 else "double"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class FakeEngine:
+    """vLLM's generate() shape: one RequestOutput per prompt, .outputs[0].text and .finish_reason. Its text
+    depends on the prompt and the request's seed only (as a seeded engine's would)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        outs = []
+        for prompt, p in zip(prompts, params):
+            seed = p["seed"] if isinstance(p, dict) else p.seed
+            x = int(prompt.split("Q: ")[1].split(" ")[0])
+            right = seed % 3 != 0
+            text = f" {x} and {x} make {2 * x if right else 2 * x + 1}. So the answer is {2 * x if right else 2 * x + 1}."
+            if seed % 7 == 0:
+                text, reason = " I am not sure", "length"
+            else:
+                reason = "stop"
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=text, finish_reason=reason)]))
+        return outs
+
+
+def test_judge_uses_the_eval_extraction():
+    assert judge(" 2 and 2. So the answer is 4.", "4", "stop") == (True, "answer matches the target")
+    assert judge(" So the answer is 5.", "4", "stop")[1].startswith("wrong answer")
+    assert judge(" thinking...", "4", "length") == (False, "no final answer (hit --max-new-tokens)")
+    assert judge("   ", "4", "eos") == (False, "empty generation")
+    # the LAST answer phrase counts, as in eval-bbh
+    assert judge(" So the answer is 3. No wait. So the answer is 4.", "4", "stop")[0]
+
+
+def test_rationales_are_judged_logged_and_summarised(tmp_path):
+    data = write_answers(tmp_path / "answers.jsonl")
+    out = tmp_path / "records.jsonl"
+    summary = generate_rationales("fake-teacher", str(data), str(out), n=5, engine=FakeEngine(), progress=False)
+    log = [json.loads(line) for line in (tmp_path / ("records.jsonl" + LOG_SUFFIX)).read_text().splitlines()]
+    assert log[0]["settings"]["n"] == 5 and len(log) == 1 + 6 * 5
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(kept) == sum(e["kept"] for e in log[1:]) == summary["kept"]
+    for rec in kept:
+        assert rec["rationale"].endswith(f"So the answer is {rec['target']}.")
+        assert set(rec["provenance"]) == {"teacher", "record_index", "sample"}
+    for e in log[1:]:
+        assert e["kept"] == e["record"]["rationale"].endswith(f"is {e['record']['target']}.")
+    assert summary["tasks"]["add"]["samples"] == 15 and 0 < summary["keep_rate"] < 1
+    reasons = {e["reason"].split(":")[0] for e in log[1:] if not e["kept"]}
+    assert reasons <= {"wrong answer", "no final answer (hit --max-new-tokens)"} and reasons
+
+
+def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused(tmp_path, monkeypatch):
+    import fastkd.rationales as rationales
+
+    data = write_answers(tmp_path / "answers.jsonl", n=12)
+    whole = tmp_path / "whole.jsonl"
+    generate_rationales("fake-teacher", str(data), str(whole), n=3, batch_size=2, engine=FakeEngine(), progress=False)
+
+    killed = tmp_path / "killed.jsonl"
+    real_append = rationales.append_lines
+    calls = {"n": 0}
+
+    def dying_append(path, entries):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second chunk: half a line reaches the disk, then the process dies
+            with path.open("a") as fh:
+                fh.write(json.dumps(entries[0])[:25])
+            raise KeyboardInterrupt
+        real_append(path, entries)
+
+    monkeypatch.setattr(rationales, "append_lines", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        generate_rationales("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=FakeEngine(),
+                            progress=False)
+    monkeypatch.setattr(rationales, "append_lines", real_append)
+    engine = FakeEngine()
+    generate_rationales("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=engine, progress=False)
+    assert killed.read_text() == whole.read_text()
+    log = [json.loads(x) for x in (tmp_path / ("killed.jsonl" + LOG_SUFFIX)).read_text().splitlines()]
+    assert len(log) == 1 + 12 * 3  # every sample once, the partial line gone
+    with pytest.raises(UserError, match="other settings.*temperature"):
+        generate_rationales("fake-teacher", str(data), str(killed), n=3, temperature=1.3, engine=FakeEngine(),
+                            progress=False)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        generate_rationales("t", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), engine=FakeEngine())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "x is"}\n')
+    with pytest.raises(UserError, match="bad.jsonl: record 0: field 'target' is missing"):
+        generate_rationales("t", str(bad), str(tmp_path / "o.jsonl"), engine=FakeEngine(), progress=False)
+    data = write_answers(tmp_path / "a.jsonl")
+    with pytest.raises(UserError, match="is the input"):
+        generate_rationales("t", str(data), str(data), engine=FakeEngine())
+
+
+def test_sampling_draws_follow_the_settings():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert torch.equal(Sampling(top_k=1).draw(logits, gens), logits.argmax(-1))
+    assert torch.equal(Sampling(top_p=1e-6).draw(logits, gens), logits.argmax(-1))
+    # nucleus: every draw lies in the smallest top set reaching top_p (brute force)
+    probs = torch.softmax(logits, -1)
+    for _ in range(20):
+        draws = Sampling(top_p=0.6).draw(logits, gens)
+        for r in range(3):
+            order = probs[r].argsort(descending=True).tolist()
+            mass, allowed = 0.0, set()
+            for i in order:
+                allowed.add(i)
+                mass += float(probs[r, i])
+                if mass >= 0.6:
+                    break
+            assert int(draws[r]) in allowed
+    with pytest.raises(ValueError):
+        Sampling(temperature=0)
+
+
+def test_hf_backend_output_feeds_cache_teacher(tmp_path, tiny_qwen_dir):
+    """The real path on a tiny teacher: sampled rationales written, then cached as they are."""
+    from fastkd.cache_stage import cache_teacher
+    from fastkd.cache_tools import CacheReader
+
+    data = write_answers(tmp_path / "answers.jsonl", n=4)
+    out = tmp_path / "records.jsonl"
+    summary = generate_rationales(str(tiny_qwen_dir), str(data), str(out), n=2, max_new_tokens=12, batch_size=3,
+                                  temperature=1.0, progress=False, device="cpu")
+    assert summary["samples"] == 8
+    # a random tiny teacher rarely reaches the target: keep everything it wrote, as a stand-in set of records
+    log = [json.loads(x) for x in (tmp_path / ("records.jsonl" + LOG_SUFFIX)).read_text().splitlines()[1:]]
+    assert all(e["finish"] in ("eos", "stop", "length") for e in log)
+    records = tmp_path / "all.jsonl"
+    records.write_text("".join(json.dumps(e["record"]) + "\n" for e in log))
+    cache_teacher(str(tiny_qwen_dir), str(records), str(tmp_path / "cache"), k=4, progress=False)
+    assert len(CacheReader(tmp_path / "cache")) == 8
