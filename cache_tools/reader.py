@@ -131,7 +131,7 @@ class CacheReader:
 
     `root` is a folder (shards are mmapped) or an fsspec URL (blocks are fetched by byte range,
     checked the same way; `storage_options` go to fsspec): a remote reader keeps up to
-    `read_ahead` bytes (default $FASTKD_CACHE_READ_AHEAD, else 64 MiB) of the next blocks when it
+    `read_ahead` bytes (default $FASTKD_CACHE_READ_AHEAD, else 16 MiB; 0 for file://, memory://) of the next blocks when it
     reads in cache order, or of the blocks named by `expect()`.
     """
 
@@ -169,7 +169,7 @@ class CacheReader:
         self._starts = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
         self._block_offsets = np.concatenate([[0], np.cumsum([len(b) - 1 for b in self._block_starts])]).astype(np.int64)
         self._block: tuple[int, int, list[CachedSequence]] | None = None  # (shard, block, sequences)
-        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead)) if self.remote else None
+        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead, self.storage.scheme)) if self.remote else None
         self._recent = (-3, -3)                # global numbers of the last two blocks fetched (streak detection)
         self._expected: list[tuple[int, int]] = []  # blocks announced by expect(), in order
         if self.layers is not None:

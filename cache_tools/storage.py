@@ -25,7 +25,8 @@ URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs", "http": "aiohttp", "https": "aiohttp"}
 READ_AHEAD_ENV = "FASTKD_CACHE_READ_AHEAD"
-DEFAULT_READ_AHEAD = 64 << 20      # bytes of upcoming blocks a remote reader may hold (per process)
+DEFAULT_READ_AHEAD = 16 << 20      # bytes of upcoming blocks a remote reader may hold (per process)
+NO_LATENCY = ("file", "local", "memory")  # schemes with no latency to hide: read-ahead off unless asked
 FIRST_READ = 64 << 10              # first range read of a shard: its header and usually its index
 MAX_HEADER_BYTES = 100 << 20       # safetensors' own limit on the JSON header
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
@@ -50,12 +51,13 @@ def refuse_url_for_writing(root, what: str = "cache-teacher --out") -> None:
                          f"copy the folder up (e.g. `aws s3 sync DIR {root}`) and read it with `fastkd train --cache {root}`")
 
 
-def read_ahead_bytes(value=None) -> int:
-    """The read-ahead budget: `value`, else $FASTKD_CACHE_READ_AHEAD (bytes, or with K/M/G/KiB/MiB/GiB), else 64 MiB."""
+def read_ahead_bytes(value=None, scheme: str | None = None) -> int:
+    """The read-ahead budget: `value`, else $FASTKD_CACHE_READ_AHEAD (bytes, or with K/M/G/KiB/MiB/GiB),
+    else 16 MiB (0 for file:// and memory://, where fetching ahead only competes with decoding)."""
     if value is None:
         value = os.environ.get(READ_AHEAD_ENV)
         if value is None or not value.strip():
-            return DEFAULT_READ_AHEAD
+            return 0 if scheme in NO_LATENCY else DEFAULT_READ_AHEAD
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         number = int(value)
     else:
