@@ -164,6 +164,10 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
             vocab=vocab)
         summary = CacheSummary(report=report.as_dict())
         existing = read_manifest(Path(out)) if (Path(out) / MANIFEST).exists() else None
+        # the teacher tokenizer inside the cache (its files' sha256 in the manifest): cross-tokenizer students
+        from fastkd.cross_tokenizer import with_teacher_tokenizer
+
+        settings = with_teacher_tokenizer(settings, tokenizer, out, existing, write=ranks.rank == 0)
         if existing is not None and existing["shards"] and "work_unit" not in existing:
             if ranks.world > 1:
                 raise UserError(f"cache {out}: begun by a fastkd without work units (one writer, shards in write "

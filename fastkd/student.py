@@ -61,6 +61,13 @@ class StudentWithLoss(nn.Module):
             ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
             zero = torch.zeros((), device=ce.device)
             terms = LossTerms(total=cfg.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero, num_tokens=int(y.numel()))
+        elif getattr(cfg, "cross_tokenizer", None) == "uld":  # sorted-probability L1 (kernels/uld.py); terms.kl holds it
+            from fastkd.kernels.uld import uld_loss
+
+            if logits is None:
+                logits = head(h)[:, :self.vocab_size]
+            terms = uld_loss(logits, y, topk_logprobs, tail, teacher_ids=topk_ids, ce_weight=cfg.ce_weight,
+                             uld_weight=cfg.kl_weight, chunk_size=cfg.chunk_size)
         else:
             common = dict(counts=counts, mode=cfg.mode, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
                           temperature=cfg.temperature, chunk_size=cfg.chunk_size)

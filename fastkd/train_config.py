@@ -50,6 +50,12 @@ class TrainConfig:
                                   "are not lm_head(hidden); the choice is printed",
                           choices=["auto", "logits", "fused"])
     chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
+    cross_tokenizer: str | None = _opt(None, "a student whose tokenizer differs from the cache's: uld (CE + --kl-weight x the "
+                                             "sorted-probability L1, rows aligned by index) or exact (top-k ids mapped to "
+                                             "identical student strings where both tokens start at the same character)",
+                                       choices=["uld", "exact"])
+    teacher_tokenizer: str | None = _opt(None, "--cross-tokenizer with a cache made before fastkd saved the teacher "
+                                               "tokenizer in it: the teacher tokenizer (checked against the cache's identity)")
     # LoRA (peft)
     lora_rank: int = _opt(0, "train rank-r LoRA adapters on a frozen student instead of every weight (0 = full training; needs peft)")
     lora_alpha: float | None = _opt(None, "LoRA scaling alpha (default: 2 x --lora-rank)")
@@ -133,6 +139,18 @@ class TrainConfig:
             raise UserError("--lora-rank with --distributed fsdp is not supported; use --distributed ddp")
         if self.eval_bbh_limit < 1 or self.eval_bbh_max_new_tokens < 1:
             raise UserError("--eval-bbh-limit and --eval-bbh-max-new-tokens must be >= 1")
+        if self.cross_tokenizer:
+            if not self.cache:
+                raise UserError(f"--cross-tokenizer {self.cross_tokenizer} distils from a teacher cache: give --cache")
+            if self.hidden_weight:
+                raise UserError("--cross-tokenizer: hidden states are not aligned across tokenizers; set --hidden-weight 0")
+            if self.mode != "tail":
+                raise UserError(f"--cross-tokenizer {self.cross_tokenizer} uses the top-k values and the exact tail: "
+                                f"use --mode tail (not {self.mode})")
+            if self.cross_tokenizer == "uld" and self.temperature != 1.0:
+                raise UserError("--cross-tokenizer uld compares the cached (temperature 1) probabilities: use --temperature 1")
+        elif self.teacher_tokenizer:
+            raise UserError("--teacher-tokenizer is read only with --cross-tokenizer uld|exact")
         for name in ("num_workers", "prefetch"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

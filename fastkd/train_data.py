@@ -49,7 +49,12 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         span = config.shuffle_buffer + config.group_batches * config.batch_size * env.world * config.grad_accum
         train.cached_blocks = 2 + math.ceil(span / max(1.0, len(train) / max(1, len(train.shards))))
         manifest = train.manifest
-        check_tokenizer(manifest.get("tokenizer", {}), tokenizer, f"cache {config.cache}")
+        if config.cross_tokenizer:    # the student's own tokens: re-tokenised from the cache (fastkd/cross_tokenizer.py)
+            from fastkd.cross_tokenizer import wrap_cache
+
+            train = wrap_cache(train, tokenizer, config, f"cache {config.cache}")
+        else:
+            check_cache_tokenizer(manifest, tokenizer, f"cache {config.cache}")
         cached_mode = manifest.get("mode", "topk")
         if (cached_mode == "sample") != (config.mode == "sampled"):
             hint = "--mode sampled" if cached_mode == "sample" else "--mode tail or --mode renorm"
@@ -65,7 +70,12 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         evaluation = None
         if config.eval_cache:
             evaluation = CacheSource(config.eval_cache, layers=layers, verify=config.verify_cache)
-            check_tokenizer(evaluation.manifest.get("tokenizer", {}), tokenizer, f"eval cache {config.eval_cache}")
+            if config.cross_tokenizer:
+                from fastkd.cross_tokenizer import wrap_cache
+
+                evaluation = wrap_cache(evaluation, tokenizer, config, f"eval cache {config.eval_cache}")
+            else:
+                check_cache_tokenizer(evaluation.manifest, tokenizer, f"eval cache {config.eval_cache}")
     else:
         rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length)
         train = RecordSource(config.data, tokenizer, **rec)
@@ -97,6 +107,18 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
 
 
 
+def check_cache_tokenizer(manifest: dict, tokenizer, where: str) -> None:
+    """The cache's tokenizer identity against the student's; a mismatch names --cross-tokenizer."""
+    from fastkd.data import DataError, check_tokenizer
+
+    try:
+        check_tokenizer(manifest.get("tokenizer", {}), tokenizer, where)
+    except DataError as err:
+        raise DataError(f"{err}; to distil into a student with its own tokenizer, add --cross-tokenizer uld "
+                        f"(or exact)", reason=err.reason) from None
+
+
+
 def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) -> np.ndarray:
     """--skip-corrupt-blocks: check every block's digests once; the positions of the bad ones."""
     import sys
@@ -119,6 +141,8 @@ def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) 
 
 def cache_vocab(data: "DataSide") -> int:
     """The vocabulary size the cache's ids were drawn from (0 without a cache)."""
+    if getattr(data.train, "method", None) in ("uld", "exact"):   # --cross-tokenizer: ids are the student's own
+        return 0
     manifest = getattr(data.train, "manifest", None) or {}
     return int((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
 

@@ -1,0 +1,336 @@
+"""Cross-tokenizer distillation from a teacher cache: a student whose tokenizer differs from the cache's.
+
+The cache holds teacher-tokenised sequences. `CrossTokenizerSource` wraps a CacheSource and gives each
+sequence in the student's own tokens: the teacher's prompt part and response part (loss_mask) are decoded
+with the teacher tokenizer saved in the cache (`<cache>/teacher_tokenizer/`, its files' sha256 in the sealed
+manifest) and re-tokenised with the student's (prompt as `fastkd.data.text_prompt_ids`, response + EOS as
+`fastkd.data.response_ids`), so the student's loss rows cover the same response text. Teacher rows per
+student loss row, by method:
+
+- `uld`: row i of the student's response gets row i of the teacher's (sorted values + tail), up to the
+  shorter; later rows get no teacher (ids -1). The loss is `fastkd.kernels.uld.uld_loss`.
+- `exact`: a student row whose next token starts at the same character offset of the response text as a
+  teacher row's gets that row, its top-k ids mapped to the student ids of identical decoded strings (teacher
+  EOS -> student EOS; duplicates merged, unmapped mass joins the tail): a sparse student-vocabulary target
+  for the existing fused loss (mode tail). Other rows: ids -1, tail 1 (KL 0, gradient 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastkd.errors import UserError
+
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
+METHODS = ("uld", "exact")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+# ----------------------------------------------------------------------------- the teacher tokenizer in the cache
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> dict:
+    """save_pretrained the tokenizer into `<out>/teacher_tokenizer/` (staged, then renamed into place);
+    returns the manifest entry {dir, files: name -> sha256}. write=False only computes the entry."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="fastkd-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: _sha256(p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        bad = [name for name in files if not _FILE_NAME.match(name)]
+        if bad:
+            raise UserError(f"the teacher tokenizer saves a file named {bad[0]!r}, which a cache cannot list; "
+                            f"rename it or save the tokenizer differently")
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            staging = out / f".{TEACHER_TOKENIZER_DIR}.{os.getpid()}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            for name in files:
+                data = (Path(tmp) / name).read_bytes()
+                with open(staging / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            dest = out / TEACHER_TOKENIZER_DIR
+            if dest.exists():       # no manifest names it yet (checked by the caller): an earlier attempt's
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+    return {"dir": TEACHER_TOKENIZER_DIR, "files": files}
+
+
+def with_teacher_tokenizer(settings: dict, tokenizer, out: str | Path, existing: dict | None, write: bool) -> dict:
+    """The cache settings with the `teacher_tokenizer` entry: kept from an existing manifest that has one,
+    left out for a cache begun by a fastkd that did not save it (so it still resumes), else saved now."""
+    if existing is not None and (existing.get("shards") or "records" in existing):
+        if "teacher_tokenizer" in existing:
+            return dict(settings, teacher_tokenizer=existing["teacher_tokenizer"])
+        return settings
+    return dict(settings, teacher_tokenizer=save_teacher_tokenizer(tokenizer, out, write))
+
+
+def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None):
+    """The teacher tokenizer for a cache: the one saved inside it (every file checked against its sha256 in
+    the manifest before use, then its identity against the manifest's), or `given` (--teacher-tokenizer),
+    checked against the manifest's identity. None when the cache has none and none is given."""
+    from fastkd.data import check_tokenizer
+    from fastkd.teacher import load_tokenizer
+
+    identity = manifest.get("tokenizer") or {}
+    if given:
+        tok = load_tokenizer(given)
+        check_tokenizer(identity, tok, f"cache {cache}: --teacher-tokenizer {given}")
+        return tok
+    entry = manifest.get("teacher_tokenizer")
+    if entry is None:
+        return None
+    field = "manifest.json field 'teacher_tokenizer'"
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or entry.get("dir") != TEACHER_TOKENIZER_DIR or not isinstance(files, dict) or not files \
+            or not all(isinstance(n, str) and _FILE_NAME.match(n) and isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
+                       for n, d in files.items()):
+        raise UserError(f"cache {cache}: {field} is malformed (expected dir {TEACHER_TOKENIZER_DIR!r} and files: "
+                        f"name -> sha256); re-create the cache with `fastkd cache-teacher`")
+    from fastkd.cache_tools.storage import open_storage
+
+    storage = open_storage(cache)
+    with tempfile.TemporaryDirectory(prefix="fastkd-teacher-tok-") as tmp:
+        for name, digest in files.items():
+            where = f"{TEACHER_TOKENIZER_DIR}/{name}"
+            try:
+                data = storage.read_bytes(where)
+            except (OSError, UserError) as err:
+                raise UserError(f"cache {cache}: cannot read {where} ({str(err).splitlines()[0]}), listed in {field}; "
+                                f"restore the folder or re-create the cache") from None
+            if _sha256(data) != digest:
+                raise UserError(f"cache {cache}: {where} does not match its sha256 in {field}: corrupted or edited; "
+                                f"nothing of it was used; restore it or re-create the cache")
+            (Path(tmp) / name).write_bytes(data)       # loaded from the checked bytes only
+        tok = load_tokenizer(tmp)
+        _ = tok.get_vocab()
+    check_tokenizer(identity, tok, f"cache {cache}: {TEACHER_TOKENIZER_DIR}/")
+    return tok
+
+
+# ----------------------------------------------------------------------------- token strings and offsets
+
+def token_strings(tokenizer) -> list[str]:
+    """The decoded text of every id as it reads inside a text (decoded after an anchor token, so decoders
+    that drop a leading space at the start of a text do not change it). None where it is not whole text."""
+    n = len(tokenizer)
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    anchor = anchor if len(anchor) == 1 else []
+    head = tokenizer.decode(anchor, clean_up_tokenization_spaces=False) if anchor else ""
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(n)], clean_up_tokenization_spaces=False)
+    out = []
+    for text in texts:
+        s = text[len(head):] if text.startswith(head) else None
+        out.append(None if not s or "\ufffd" in s else s)
+    return out
+
+
+def vocab_map(teacher_tok, student_tok) -> np.ndarray:
+    """teacher id -> the student id with the identical decoded string (-1: none); teacher EOS -> student EOS."""
+    by_string: dict[str, int] = {}
+    for sid, s in enumerate(token_strings(student_tok)):
+        if s is not None and s not in by_string:
+            by_string[s] = sid
+    mapped = np.array([by_string.get(s, -1) if s is not None else -1 for s in token_strings(teacher_tok)], dtype=np.int64)
+    if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
+        mapped[teacher_tok.eos_token_id] = student_tok.eos_token_id
+    return mapped
+
+
+def response_offsets(tokenizer, body: list[int], text: str, eos: bool) -> np.ndarray:
+    """Start offsets of a response's tokens in its text, plus the EOS row (at the end of the text)."""
+    return np.concatenate([start_offsets(tokenizer, body, text), [len(text)] if eos else []]).astype(np.int64)
+
+
+def start_offsets(tokenizer, ids: list[int], text: str) -> np.ndarray:
+    """Character offset in `text` where each token starts (-1 where the tokens before it do not decode to a
+    prefix of `text`, e.g. inside a multi-byte character)."""
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], clean_up_tokenization_spaces=False)
+    return np.array([len(p) if text.startswith(p) else -1 for p in prefixes], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- re-tokenisation
+
+@dataclass
+class Retokenized:
+    """One cached sequence's text in student tokens."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]     # ends with the student's EOS when the teacher's ended with its own (and it fits)
+    prompt_text: str
+    response_text: str          # the response without EOS
+    eos: bool                   # the teacher's response ended with EOS
+    student_eos: bool           # response_ids ends with the EOS appended for it
+
+
+def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int | None = None) -> Retokenized:
+    """Decode the teacher's prompt and response parts and tokenise each with the student tokenizer (prompt
+    with the student's BOS where it adds one; response + EOS as fastkd.data.response_ids); the response end
+    is cut at max_length like fastkd.data.build_example."""
+    from fastkd.data import text_prompt_ids
+
+    ids = [int(x) for x in np.asarray(input_ids)]
+    mask = np.asarray(loss_mask).astype(bool)
+    prompt = [t for t, m in zip(ids, mask) if not m]
+    response = [t for t, m in zip(ids, mask) if m]
+    eos = bool(response) and response[-1] == teacher_tok.eos_token_id
+    if eos:
+        response = response[:-1]
+    prompt_text = teacher_tok.decode(prompt, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    response_text = teacher_tok.decode(response, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    p = text_prompt_ids(student_tok, prompt_text)
+    r = list(student_tok(response_text, add_special_tokens=False)["input_ids"]) if response_text else []
+    if eos:
+        if student_tok.eos_token_id is None:
+            raise UserError("--cross-tokenizer: the student tokenizer has no EOS token; set tokenizer.eos_token")
+        r.append(int(student_tok.eos_token_id))
+    student_eos = eos
+    if max_length is not None and len(p) + len(r) > max_length:
+        r = r[:max(1, max_length - len(p))]
+        student_eos = False
+    return Retokenized(p, r, prompt_text, response_text, eos, student_eos)
+
+
+# ----------------------------------------------------------------------------- teacher rows per student row
+
+def uld_rows(topk_ids, topk_logprobs, tail, n_student: int):
+    """Row i of the student's response gets the teacher's row i (up to the shorter); later rows: ids -1."""
+    k = topk_ids.shape[1]
+    m = min(n_student, len(topk_ids))
+    ids = np.full((n_student, k), -1, dtype=np.int64)
+    lp = np.full((n_student, k), -np.inf, dtype=np.float32)
+    tl = np.ones(n_student, dtype=np.float32)
+    ids[:m], lp[:m], tl[:m] = topk_ids[:m], topk_logprobs[:m], tail[:m]
+    return ids, lp, tl
+
+
+def exact_rows(teacher_offsets: np.ndarray, student_offsets: np.ndarray, topk_ids, topk_logprobs, tail,
+               id_map: np.ndarray, width: int):
+    """Student row j gets teacher row i where both next tokens start at the same offset (>= 0, unique on both
+    sides): teacher ids mapped through id_map, repeats merged, unmapped mass (and what does not fit `width`
+    slots) added to the tail. Other rows: ids -1, log-prob -inf, tail 1."""
+    n_s = len(student_offsets)
+    ids = np.full((n_s, width), -1, dtype=np.int64)
+    lp = np.full((n_s, width), -np.inf, dtype=np.float32)
+    tl = np.ones(n_s, dtype=np.float32)
+    teacher_at = _unique_positions(teacher_offsets[:len(topk_ids)])
+    student_at = _unique_positions(student_offsets)
+    for off, j in student_at.items():
+        i = teacher_at.get(off)
+        if i is None:
+            continue
+        t_ids = np.asarray(topk_ids[i], dtype=np.int64)
+        p = np.exp(np.asarray(topk_logprobs[i], dtype=np.float64))
+        ok = (t_ids >= 0) & (t_ids < len(id_map)) & (p > 0)
+        sid = id_map[t_ids[ok]]
+        q = p[ok][sid >= 0]
+        sid = sid[sid >= 0]
+        if not len(sid):
+            continue                                      # nothing maps: all mass in the tail, as unaligned
+        uniq, inverse = np.unique(sid, return_inverse=True)
+        merged = np.bincount(inverse, weights=q)
+        order = np.argsort(-merged, kind="stable")[:width]
+        ids[j, :len(order)] = uniq[order]
+        lp[j, :len(order)] = np.log(merged[order])
+        tl[j] = float(np.clip(tail[i] + p[p > 0].sum() - merged[order].sum(), 0.0, 1.0))   # + unmapped, dropped
+    return ids, lp, tl
+
+
+def _unique_positions(offsets: np.ndarray) -> dict[int, int]:
+    """offset -> row for offsets (>= 0) that occur exactly once."""
+    values, counts = np.unique(offsets[offsets >= 0], return_counts=True)
+    once = set(values[counts == 1].tolist())
+    return {int(o): i for i, o in enumerate(offsets.tolist()) if o in once}
+
+
+# ----------------------------------------------------------------------------- the source
+
+class CrossTokenizerSource:
+    """A CacheSource seen in the student's tokens, with teacher rows per student loss row (see the module
+    notes). Positions, lengths (the teacher's, used for length grouping) and blocks are the cache's."""
+
+    has_teacher = True
+
+    def __init__(self, base, teacher_tok, student_tok, method: str, max_length: int | None = None):
+        if method not in METHODS:
+            raise UserError(f"--cross-tokenizer {method!r}: choose one of {', '.join(METHODS)}")
+        self.base, self.teacher_tok, self.student_tok = base, teacher_tok, student_tok
+        self.method, self.max_length = method, max_length
+        self.manifest = base.manifest
+        self.path = base.path
+        self.lengths, self.shards = base.lengths, base.shards
+        self.k = int(self.manifest.get("k") or 0)
+        self.width = min(self.k, len(student_tok) - 1)        # a student-vocabulary target leaves a tail bucket
+        self.id_map = vocab_map(teacher_tok, student_tok) if method == "exact" else None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __copy__(self):
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.base = copy.copy(self.base)             # its own reader and block cache
+        return other
+
+    def corrupt_positions(self, progress=None):
+        return self.base.corrupt_positions(progress)
+
+    def __getitem__(self, position: int):
+        from fastkd.cache_tools import CachedSequence
+
+        seq = self.base[position]
+        rt = retokenize(seq.input_ids, seq.loss_mask, self.teacher_tok, self.student_tok, self.max_length)
+        n_s = len(rt.response_ids) if rt.prompt_ids else max(len(rt.response_ids) - 1, 0)
+        if self.method == "uld":
+            ids, lp, tl = uld_rows(np.asarray(seq.topk_ids), np.asarray(seq.topk_logprobs), np.asarray(seq.tail), n_s)
+        else:
+            mask = np.asarray(seq.loss_mask).astype(bool)
+            t_resp = [int(t) for t in np.asarray(seq.input_ids)[mask]]
+            t_off = response_offsets(self.teacher_tok, t_resp[:-1] if rt.eos else t_resp, rt.response_text, rt.eos)
+            s_resp = rt.response_ids
+            s_off = response_offsets(self.student_tok, s_resp[:-1] if rt.student_eos else s_resp, rt.response_text,
+                                     rt.student_eos)[len(s_resp) - n_s:]
+            ids, lp, tl = exact_rows(t_off, s_off, np.asarray(seq.topk_ids), np.asarray(seq.topk_logprobs),
+                                     np.asarray(seq.tail), self.id_map, self.width)
+        input_ids = np.asarray(rt.prompt_ids + rt.response_ids, dtype=np.int32)
+        loss_mask = np.asarray([0] * len(rt.prompt_ids) + [1] * len(rt.response_ids), dtype=np.uint8)
+        return CachedSequence(record_index=seq.record_index, task=seq.task, input_ids=input_ids, loss_mask=loss_mask,
+                              topk_ids=ids, topk_logprobs=lp, tail=tl, counts=None, hidden={})
+
+
+def wrap_cache(source, student_tok, config, where: str):
+    """--cross-tokenizer: the cache source seen in the student's tokens (refusals name what to do)."""
+    method = config.cross_tokenizer
+    manifest = source.manifest
+    if manifest.get("mode", "topk") != "topk":
+        raise UserError(f"{where}: --cross-tokenizer {method} needs a top-k cache; this one holds sampled ids "
+                        f"(made with --sample): re-create it without --sample")
+    if (manifest.get("template") or {}).get("chat"):
+        raise UserError(f"{where}: --cross-tokenizer does not support caches made with --chat-template (the chat "
+                        f"markup is the teacher's); re-create the cache without --chat-template")
+    teacher_tok = load_teacher_tokenizer(source.path, manifest, config.teacher_tokenizer)
+    if teacher_tok is None:
+        need = ("the teacher's token strings (to map its top-k ids to student ids)" if method == "exact"
+                else "only the cached values for its loss, but the teacher tokenizer to decode the cached text")
+        raise UserError(f"{where}: made before fastkd saved the teacher tokenizer in the cache (manifest.json has "
+                        f"no 'teacher_tokenizer'); --cross-tokenizer {method} needs {need}: re-create the cache with "
+                        f"this version's `fastkd cache-teacher`, or give --teacher-tokenizer DIR (checked against "
+                        f"the cache's tokenizer identity)")
+    return CrossTokenizerSource(source, teacher_tok, student_tok, method, config.max_length)
