@@ -93,4 +93,4 @@ def uld_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logprobs: torch
     total, ce, uld = _ULDLoss.apply(logits, labels, teacher_logprobs, tail, has_teacher.bool(), float(ce_weight),
                                     float(uld_weight), int(ignore_index), chunk_size)
     zero = torch.zeros((), device=logits.device)
-    return LossTerms(total=total, ce=ce, kl=uld, hidden=zero, num_tokens=counted)
+    return LossTerms(total=total, ce=ce.detach(), kl=uld.detach(), hidden=zero, num_tokens=counted)
