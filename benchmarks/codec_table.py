@@ -28,8 +28,8 @@ from synthetic_lm import TeacherSample, concat, synthetic_teacher, topk_from_log
 
 from fastkd.cache_tools import topk_codec  # noqa: E402
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection  # noqa: E402
-from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk,  # noqa: E402
-                                           encode_sampled, encode_topk)
+from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK2_PARAMS, DEFAULT_TOPK_PARAMS, decode_sampled,  # noqa: E402
+                                           decode_topk, decode_topk2, encode_sampled, encode_topk, encode_topk2)
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -134,6 +134,64 @@ def teacher_data(n: int, k: int, samples: int, seed: int = 1):
     return sample, np.concatenate(hidden)[:n], model.config.vocab_size
 
 
+def embedded_teacher_data(n: int, k: int, seed: int = 200):
+    """(TeacherSample, next-token labels, V) of the embedded teacher (fastkd/assets/teacher, V=1,024) over
+    generated held-out CoT records of its four demo tasks, through fastkd's own template and tokenizer:
+    the rows `fastkd cache-teacher` would store (the distribution at t predicts token t+1 of the response)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastkd import synth
+    from fastkd.data import Template, build_example
+    from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER
+
+    path = CACHE / f"embedded_n{n}_k{k}_s{seed}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            sample = TeacherSample(**{name: (f[name] if name in f else None) for name in TeacherSample.__dataclass_fields__})
+            return sample, f["labels"], int(f["vocab"])
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_TEACHER)
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_TEACHER).eval()
+    vocab = model.config.vocab_size
+    per_task = [synth.generate(task, 60, seed=seed) for task in DEMO_TASKS]    # seed 200: the held-out split
+    records = [dict(r, task=task) for group in zip(*per_task) for task, r in zip(DEMO_TASKS, group)]
+    rng = np.random.default_rng(seed)
+    parts, labels, total = [], [], 0
+    with torch.no_grad():
+        for j, record in enumerate(records):
+            ex = build_example(record, j, tok, Template(cot=True), max_length=512)
+            if ex is None:
+                continue
+            ids = torch.tensor([ex.input_ids])
+            mask = np.asarray(ex.loss_mask, bool)
+            logits = model(input_ids=ids).logits[0, :-1].double().numpy()[mask[1:]]
+            parts.append(topk_from_logits(logits[:, :vocab], k, rng, 0))
+            labels.append(np.asarray(ex.input_ids)[1:][mask[1:]])
+            total += len(logits)
+            if total >= n:
+                break
+    sample = concat(parts)
+    for name in TeacherSample.__dataclass_fields__:
+        if getattr(sample, name) is not None:
+            setattr(sample, name, getattr(sample, name)[:n])
+    labels = np.concatenate(labels)[:n].astype(np.int64)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")
+    np.savez(path, labels=labels, vocab=vocab, **{name: v for name, v in sample.__dict__.items() if v is not None})
+    return sample, labels, vocab
+
+
+def sampled_labels(sample: TeacherSample, vocab: int, seed: int = 5) -> np.ndarray:
+    """Next tokens for a teacher without text (the synthetic LM): drawn from its exact distribution,
+    a top-k id with its probability, else a uniform id outside the top-k's bucket."""
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(np.exp(sample.exact_logprobs), axis=1)
+    slot = (cdf < rng.random(len(cdf))[:, None]).sum(1)
+    inside = slot < sample.ids.shape[1]
+    return np.where(inside, sample.ids[np.arange(len(slot)), np.minimum(slot, sample.ids.shape[1] - 1)],
+                    rng.integers(0, vocab, len(slot))).astype(np.int64)
+
+
 def synthetic_data(n: int, k: int, samples: int) -> TeacherSample:
     """The synthetic LM sample, cached as .npz (generating it takes ~8 s per 1,000 positions)."""
     path = CACHE / f"synthetic_n{n}_k{k}_s{samples}.npz"
@@ -148,6 +206,21 @@ def synthetic_data(n: int, k: int, samples: int) -> TeacherSample:
 
 
 # ------------------------------------------------------------------------------ measuring
+
+def kl_exact_vs_decoded(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
+    """KL(exact || decoded) per position over K u {tail} (the tail bucket as the loss uses it: with the
+    tail exact, spreading it over the V-k other ids adds nothing), float64; rows aligned by id."""
+    o1, o2 = np.argsort(sample.ids, axis=1), np.argsort(ids, axis=1)
+    if not np.array_equal(np.take_along_axis(sample.ids, o1, 1), np.take_along_axis(ids, o2, 1)):
+        raise AssertionError("decoded ids differ from the encoded ones")
+    p = np.exp(np.take_along_axis(sample.exact_logprobs, o1, 1))
+    q = np.exp(np.take_along_axis(np.asarray(logprobs, np.float64), o2, 1))
+    pt, qt = sample.exact_tail, np.asarray(tail, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * np.log(p / q), 0.0).sum(1)
+        kl += np.where(pt > 0, pt * np.log(pt / qt), 0.0)
+    return kl
+
 
 def kl_decoded_vs_exact(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
     """KL(decoded || exact) per position over K u {tail}, float64; rows aligned by id."""
@@ -177,19 +250,27 @@ def blocks(n: int, block: int):
     return [(a, min(a + block, n)) for a in range(0, n, block)]
 
 
-def measure_topk(name, sample, vocab, encode, decode, block, repeats):
-    """One table row for a codec given as encode(ids, lp, tail) -> bytes and decode(bytes, n) -> (ids, lp, tail)."""
+def measure_topk(name, sample, vocab, encode, decode, block, repeats, labels=None):
+    """One table row for a codec given as encode(ids, lp, tail) -> bytes and decode(bytes, n) -> (ids, lp, tail);
+    with `labels`, encode(ids, lp, tail, labels) and decode(bytes, n, labels) get each block's next tokens."""
     n, k = sample.ids.shape
     spans = blocks(n, block)
-    t_enc, payloads = best_time(lambda: [encode(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b]) for a, b in spans], repeats)
-    t_dec, outs = best_time(lambda: [decode(p, b - a) for p, (a, b) in zip(payloads, spans)], repeats)
+    if labels is None:
+        t_enc, payloads = best_time(lambda: [encode(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b])
+                                             for a, b in spans], repeats)
+        t_dec, outs = best_time(lambda: [decode(p, b - a) for p, (a, b) in zip(payloads, spans)], repeats)
+    else:
+        t_enc, payloads = best_time(lambda: [encode(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b], labels[a:b])
+                                             for a, b in spans], repeats)
+        t_dec, outs = best_time(lambda: [decode(p, b - a, labels[a:b]) for p, (a, b) in zip(payloads, spans)], repeats)
     ids = np.concatenate([o[0] for o in outs])
     lp = np.concatenate([o[1] for o in outs])
     tail = np.concatenate([o[2] for o in outs])
     kl = kl_decoded_vs_exact(sample, ids, lp, tail)
+    kl_x = kl_exact_vs_decoded(sample, ids, lp, tail)
     mass = np.exp(lp.astype(np.float64)).sum(1) + tail
     return dict(codec=name, k=k, V=vocab, bytes=sum(map(len, payloads)) / n, kl_mean=kl.mean(), kl_max=kl.max(),
-                mass_max=mass.max(), enc=n / t_enc, dec=n / t_dec)
+                klx_mean=kl_x.mean(), klx_max=kl_x.max(), mass_max=mass.max(), enc=n / t_enc, dec=n / t_dec)
 
 
 def raw_codec(vocab, k, compress_level=None):
@@ -245,6 +326,30 @@ def frequency_table(sample, vocab, calibration: float = 0.25) -> np.ndarray:
     rank_of_id = np.empty(vocab, np.int64)
     rank_of_id[np.argsort(-counts, kind="stable")] = np.arange(vocab)
     return rank_of_id
+
+
+def ours2(vocab, k, **params):
+    return (lambda ids, lp, tail, labels: encode_topk2(ids, lp, tail, vocab, labels=labels, **params),
+            lambda payload, n, labels: decode_topk2(payload, n, k, vocab, labels=labels, **params))
+
+
+def topk2_rows(sample, vocab, labels, block, repeats):
+    """kt2-zstd (format version 2): the default, without labels, and parameter variants; bytes are the
+    whole payload (its per-block id table included) over all positions."""
+    n, k = sample.ids.shape
+    default = dict(DEFAULT_TOPK2_PARAMS)
+    rows = [measure_topk(f"kt2 default {fmt_params(default)}", sample, vocab, *ours2(vocab, k), block, repeats, labels),
+            measure_topk("kt2 default, no labels", sample, vocab,
+                         lambda i, l, t: encode_topk2(i, l, t, vocab), lambda p, m: decode_topk2(p, m, k, vocab),
+                         block, repeats)]
+    for params in (dict(step=0.12), dict(step=0.07), dict(level=1), dict(reference="absolute", step=0.03, growth=0.5)):
+        rows.append(measure_topk(f"kt2 {fmt_params(params)}", sample, vocab, *ours2(vocab, k, **params), block, repeats,
+                                 labels))
+    for other in (256, 4096):
+        if other != block and other <= n:
+            rows.append(measure_topk(f"kt2 default, blocks of {other} positions", sample, vocab, *ours2(vocab, k), other,
+                                     repeats, labels))
+    return rows
 
 
 def topk_rows(sample, vocab, block, repeats, full: bool):
@@ -315,13 +420,14 @@ def fmt_params(params: dict) -> str:
 
 def print_topk_table(title: str, rows: list[dict]) -> None:
     print(f"\n### {title}\n")
-    print("| codec | k | V | bytes/position | mean KL (nats) | max KL (nats) | max top-k+tail mass | encode pos/s | decode pos/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| codec | k | V | bytes/position | mean KL(dec\\|\\|exact) | max KL(dec\\|\\|exact) | mean KL(exact\\|\\|dec) "
+          "| max KL(exact\\|\\|dec) | max top-k+tail mass | encode pos/s | decode pos/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         def f(key, spec):
             return format(r[key], spec) if key in r else "-"
         print(f"| {r['codec']} | {r['k']} | {r['V']:,} | {r['bytes']:.1f} | {f('kl_mean', '.2e')} | {f('kl_max', '.2e')} "
-              f"| {f('mass_max', '.7f')} | {f('enc', ',.0f')} | {f('dec', ',.0f')} |")
+              f"| {f('klx_mean', '.2e')} | {f('klx_max', '.2e')} | {f('mass_max', '.7f')} | {f('enc', ',.0f')} | {f('dec', ',.0f')} |")
 
 
 # ------------------------------------------------------------------------------ hidden states
@@ -384,11 +490,32 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-n", type=int, default=512, help="tokens for the synthetic d=4096 hidden-state table")
     parser.add_argument("--quick", action="store_true", help="small smoke run: 1024 positions, 1 repeat")
     parser.add_argument("--skip-teacher", action="store_true", help="only the synthetic data set")
+    parser.add_argument("--kt2-only", action="store_true",
+                        help="only the kt2 rows (beside kt default) on the embedded teacher and the synthetic LM")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.hidden_n = 1024, 1, 128
     print(f"codec table: k={args.k}, {args.n} positions per data set, blocks of {args.block}, "
           f"times = best of {args.repeats} (thread CPU time, one thread)")
+    emb, emb_labels, emb_vocab = embedded_teacher_data(args.n, args.k)
+    ent = np.percentile(emb.entropy, [10, 50, 90])
+    hits = (emb.ids[:, 0] == emb_labels).mean()
+    print_topk_table(f"(c) embedded teacher (fastkd/assets/teacher), V={emb_vocab:,}, {len(emb.ids)} positions of generated "
+                     f"held-out CoT records, entropy p10/p50/p90 = {ent[0]:.2f}/{ent[1]:.2f}/{ent[2]:.2f} nats, "
+                     f"top-1 = next token at {hits:.0%}",
+                     [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", emb, emb_vocab, *ours(emb_vocab, args.k),
+                                   args.block, args.repeats)]
+                     + topk2_rows(emb, emb_vocab, emb_labels, args.block, args.repeats))
+    syn = synthetic_data(args.n, args.k, args.sample)
+    syn_labels = sampled_labels(syn, 151_936)
+    ent = np.percentile(syn.entropy, [10, 50, 90])
+    print_topk_table(f"(b2) synthetic LM, V=151,936, {len(syn.ids)} positions, next tokens drawn from the teacher "
+                     f"(top-1 = next token at {(syn.ids[:, 0] == syn_labels).mean():.0%})",
+                     [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", syn, 151_936, *ours(151_936, args.k),
+                                   args.block, args.repeats)]
+                     + topk2_rows(syn, 151_936, syn_labels, args.block, args.repeats))
+    if args.kt2_only:
+        return 0
     if not args.skip_teacher:
         sample, hidden, vocab = teacher_data(args.n, args.k, args.sample)
         ent = np.percentile(sample.entropy, [10, 50, 90])

@@ -19,7 +19,9 @@ import zstandard
 
 ZSTD_LEVEL = 3          # small parts (tokens, logits)
 HIDDEN_ZSTD_LEVEL = 1   # hidden states: near-random low bytes; level 1 is ~2.4x faster than 3 and no larger
-DEFAULT_TOPK_CODEC = {"name": "kt-zstd", "params": {}}   # chosen in docs/codec.md
+DEFAULT_TOPK_CODEC = {"name": "kt-zstd", "params": {}}   # chosen in docs/codec.md (kt2-zstd misses its 64 B bound)
+# codecs that need format version 2 (cache_tools/shard.py: format_version_for)
+VERSION2_TOPK_CODECS = ("kt2-zstd", "ks-zstd")
 DEFAULT_HIDDEN_CODEC = {"name": "kh-zstd", "params": {"method": "int8", "block": 128}}
 # modules that may register more codecs when first needed (written separately)
 PLUGIN_MODULES = ("fastkd.cache_tools.topk_codec", "fastkd.cache_tools.hidden_codec")
@@ -27,11 +29,15 @@ PLUGIN_MODULES = ("fastkd.cache_tools.topk_codec", "fastkd.cache_tools.hidden_co
 
 @dataclass(frozen=True)
 class Codec:
-    """One registered codec: its name and its two functions."""
+    """One registered codec: its name and its two functions. `labels`: the shard passes the
+    block's next-token ids (`labels=`) to both; `sampled`: a sampled-mode codec of ids + counts
+    (`encode(ids, counts, vocab_size)`, `decode(payload, n, k, vocab_size) -> (ids, counts)`)."""
 
     name: str
     encode: Callable
     decode: Callable
+    labels: bool = False
+    sampled: bool = False
 
 
 _TOPK: dict[str, Codec] = {}
@@ -39,9 +45,10 @@ _HIDDEN: dict[str, Codec] = {}
 _plugins_loaded = False
 
 
-def register_topk_codec(name: str, encode: Callable, decode: Callable) -> None:
+def register_topk_codec(name: str, encode: Callable, decode: Callable, *, labels: bool = False,
+                        sampled: bool = False) -> None:
     """Make a logits codec available under `name` (shards store the name, so never reuse one)."""
-    _TOPK[name] = Codec(name, encode, decode)
+    _TOPK[name] = Codec(name, encode, decode, labels, sampled)
 
 
 def register_hidden_codec(name: str, encode: Callable, decode: Callable) -> None:
@@ -68,6 +75,10 @@ def _load_plugins() -> None:
         # their own magic and version, so the names only pick the functions)
         if callable(getattr(mod, "encode_topk", None)) and callable(getattr(mod, "decode_topk", None)):
             _TOPK.setdefault("kt-zstd", Codec("kt-zstd", mod.encode_topk, mod.decode_topk))
+        if callable(getattr(mod, "encode_topk2", None)) and callable(getattr(mod, "decode_topk2", None)):
+            _TOPK.setdefault("kt2-zstd", Codec("kt2-zstd", mod.encode_topk2, mod.decode_topk2, labels=True))
+        if callable(getattr(mod, "encode_sampled", None)) and callable(getattr(mod, "decode_sampled", None)):
+            _TOPK.setdefault("ks-zstd", Codec("ks-zstd", mod.encode_sampled, mod.decode_sampled, sampled=True))
         if callable(getattr(mod, "encode_hidden", None)) and callable(getattr(mod, "decode_hidden", None)):
             _HIDDEN.setdefault("kh-zstd", Codec("kh-zstd", mod.encode_hidden, mod.decode_hidden))
 
@@ -210,6 +221,7 @@ register_hidden_codec("fp32-zstd", encode_hidden_fp32, decode_hidden_fp32)
 # short names a user may type (e.g. `--hidden-codec int8`) -> registered name + params
 ALIASES = {
     "topk": {"raw": {"name": "raw-zstd", "params": {}}, "kt": {"name": "kt-zstd", "params": {}},
+             "kt2": {"name": "kt2-zstd", "params": {}}, "ks": {"name": "ks-zstd", "params": {}},
              "compact": {"name": "kt-zstd", "params": {}}},
     "hidden": {"bf16": {"name": "bf16-zstd", "params": {}}, "fp16": {"name": "fp16-zstd", "params": {}},
                "fp32": {"name": "fp32-zstd", "params": {}},

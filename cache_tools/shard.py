@@ -1,12 +1,13 @@
-"""Shard layout, format version 1: one safetensors file, an index plus zstd byte blocks.
+"""Shard layout, format versions 1 and 2: one safetensors file, an index plus zstd byte blocks.
 
 Tensors: `index.record_index` int64 [S], `index.length` int32 [S], `index.num_loss` int32 [S],
 `index.task` int32 [S] (into the `tasks` metadata list), `index.block_start` int64 [B+1];
 per block b: `block.{b:05d}.tokens`, `.topk`, `.counts` (sampled mode), `.hidden.{layer}`,
 all uint8. The metadata's `digests` holds the xxh3-128 digest of every tensor's bytes (`digest`
 names the algorithm), and the manifest holds the sha256 of the header (which holds those), so
-every byte is checked before use. docs/cache-format.md is
-the full specification.
+every byte is checked before use. Version 2 = version 1 plus the codecs that need it
+(`kt2-zstd`: its decoder takes the block's next-token ids from `tokens`; `ks-zstd`: sampled ids +
+counts in `topk`, no `counts` tensor). docs/cache-format.md is the full specification.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from safetensors.numpy import save_file
 
-from .codecs import (get_hidden_codec, get_topk_codec, id_dtype, join_planes, split_planes, zstd_compress,
-                     zstd_decompress)
+from .codecs import (VERSION2_TOPK_CODECS, get_hidden_codec, get_topk_codec, id_dtype, join_planes, split_planes,
+                     zstd_compress, zstd_decompress)
 from fastkd.integrity import BLOCK_DIGEST, digest_bytes, is_hex_digest
 
 from .format import FORMAT_NAME, MAX_COUNT, MAX_K, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, CachedSequence
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 1   # the version of a layout without version-2 codecs (format_version_for)
 TOKENS_CODEC = "int32-planes+uint8-zstd"
 COUNTS_CODEC = "uint16-planes-zstd"
 INDEX_DTYPES = {"index.record_index": np.int64, "index.length": np.int32, "index.num_loss": np.int32,
@@ -52,6 +53,20 @@ class Layout:
     def sampled(self) -> bool:
         return self.mode == "sample"
 
+    @property
+    def counts_tensor(self) -> bool:
+        """Sampled mode stores counts in their own tensor unless the codec holds them (ks-zstd)."""
+        if not self.sampled:
+            return False
+        try:
+            return not get_topk_codec(self.topk_codec["name"]).sampled
+        except KeyError:   # an unknown codec: decoding it fails later, naming it
+            return True
+
+    @property
+    def format_version(self) -> int:
+        return format_version_for(self.topk_codec)
+
     def raw_bytes(self, length: int, n: int) -> int:
         """Uncompressed size of one sequence (used to size blocks)."""
         per_row = self.k * (id_dtype(self.vocab_size).itemsize + 2 + (2 if self.sampled else 0)) + 4
@@ -60,7 +75,7 @@ class Layout:
     def metadata(self) -> dict:
         return {
             "format": FORMAT_NAME + "-shard",
-            "format_version": str(SHARD_FORMAT_VERSION),
+            "format_version": str(self.format_version),
             "k": str(self.k),
             "vocab_size": str(self.vocab_size),
             "mode": self.mode,
@@ -68,7 +83,7 @@ class Layout:
             "hidden_widths": json.dumps(list(self.widths)),
             "tokens_codec": TOKENS_CODEC,
             "topk_codec": json.dumps(self.topk_codec, sort_keys=True),
-            "counts_codec": COUNTS_CODEC if self.sampled else "",
+            "counts_codec": COUNTS_CODEC if self.counts_tensor else "",
             "hidden_codec": json.dumps(self.hidden_codec, sort_keys=True),
         }
 
@@ -77,6 +92,21 @@ class Layout:
         return cls(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]), mode=meta["mode"],
                    layers=tuple(json.loads(meta["layers"])), widths=tuple(json.loads(meta["hidden_widths"])),
                    topk_codec=json.loads(meta["topk_codec"]), hidden_codec=json.loads(meta["hidden_codec"]))
+
+
+def format_version_for(topk_codec: dict) -> int:
+    """2 for a cache whose logits codec needs format version 2 (kt2-zstd, ks-zstd), else 1: a cache
+    that needs nothing new stays readable by older fastkd."""
+    return 2 if topk_codec.get("name") in VERSION2_TOPK_CODECS else 1
+
+
+def check_codec_mode(lay: "Layout") -> None:
+    """A sampled-mode codec (ids + counts) only in mode sample, a top-k codec with labels only in mode topk."""
+    codec = get_topk_codec(lay.topk_codec["name"])
+    if codec.sampled and not lay.sampled:
+        raise ValueError(f"logits codec {codec.name} stores sampled ids with counts: it needs mode 'sample'")
+    if codec.labels and lay.sampled:
+        raise ValueError(f"logits codec {codec.name} is for mode 'topk'; mode 'sample' uses ks-zstd (or raw-zstd)")
 
 
 def plan_blocks(raw_sizes: list[int], block_bytes: int, max_block_sequences: int) -> list[int]:
@@ -98,7 +128,7 @@ def plan_blocks(raw_sizes: list[int], block_bytes: int, max_block_sequences: int
 
 def part_names(layout: Layout, block: int) -> list[str]:
     names = [f"block.{block:05d}.tokens", f"block.{block:05d}.topk"]
-    if layout.sampled:
+    if layout.counts_tensor:
         names.append(f"block.{block:05d}.counts")
     names += [f"block.{block:05d}.hidden.{layer}" for layer in layout.layers]
     return names
@@ -148,21 +178,37 @@ def _encode_block_parts(layout: Layout, seqs: list[CachedSequence]) -> dict[str,
 
     if n == 0:  # nothing to encode: empty payloads (the codecs are never called with n=0)
         parts["topk"] = b""
-        if layout.sampled:
+        if layout.counts_tensor:
             parts["counts"] = b""
         for layer in layout.layers:
             parts[f"hidden.{layer}"] = b""
         return parts
     codec = get_topk_codec(layout.topk_codec["name"])
-    parts["topk"] = codec.encode(rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.topk_logprobs, np.float32, k),
-                                 rows(lambda s: s.tail, np.float32, 0), layout.vocab_size, **layout.topk_codec["params"])
-    if layout.sampled:
+    if codec.sampled:   # ids + counts in one payload; the log-probs and tail are not stored (section 4.2)
+        parts["topk"] = codec.encode(rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.counts, np.int64, k),
+                                     layout.vocab_size, **layout.topk_codec["params"])
+        extra = {}
+    else:
+        extra = {"labels": block_labels(ids, masks)} if codec.labels else {}
+        parts["topk"] = codec.encode(rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.topk_logprobs, np.float32, k),
+                                     rows(lambda s: s.tail, np.float32, 0), layout.vocab_size,
+                                     **layout.topk_codec["params"], **extra)
+    if layout.counts_tensor:
         parts["counts"] = zstd_compress(split_planes(rows(lambda s: s.counts, np.uint16, k)))
     hcodec = get_hidden_codec(layout.hidden_codec["name"])
     for layer, width in zip(layout.layers, layout.widths):
         x = rows(lambda s: s.hidden[layer], np.float32, width)
         parts[f"hidden.{layer}"] = hcodec.encode(x, **layout.hidden_codec["params"])
     return parts
+
+
+def block_labels(ids: list, masks: list) -> np.ndarray:
+    """The token at each loss position of a block, in row order: row j is the teacher's distribution
+    for the j-th masked token, so these are the labels kt2-zstd codes its ids against."""
+    if not ids:
+        return np.zeros(0, np.int64)
+    flat, mask = np.concatenate(ids), np.concatenate(masks)
+    return flat[mask.astype(bool)].astype(np.int64)
 
 
 def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: int, *,
@@ -200,13 +246,15 @@ def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: 
 
 
 class ShardV1:
-    """Read side of one version-1 shard: the index at open, one block at a time on demand.
+    """Read side of one version-1 (or, as ShardV2, version-2) shard: the index at open, one block at a time on demand.
 
     verify=True (the default) checks every tensor's bytes against the `digests` metadata before
     they are used (shards written before digests existed carry crc32s of their block tensors
     only; the reader then checks the whole file's sha256 at open, see reader.open_shard). The
     index is checked for impossible values either way.
     """
+
+    version = 1
 
     def __init__(self, handle, where: str, *, verify: bool = True):
         self.handle = handle
@@ -222,6 +270,11 @@ class ShardV1:
         except (KeyError, ValueError, TypeError) as err:
             raise CorruptShard(f"metadata field {err} is missing or not valid") from None
         check_layout(self.layout)
+        if self.meta.get("format_version", str(self.version)) != str(self.version):
+            raise CorruptShard(f"metadata format_version {self.meta.get('format_version')!r}, the manifest says {self.version}")
+        if format_version_for(self.layout.topk_codec) > self.version:
+            raise CorruptShard(f"metadata topk_codec {self.layout.topk_codec['name']} needs format version 2, "
+                               f"the shard says {self.version}")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
             raise CorruptShard("metadata field 'tasks' is not a list of names")
         if not isinstance(self.digests, dict) or not all(is_hex_digest(v, self.digest) for v in self.digests.values()):
@@ -306,13 +359,21 @@ class ShardV1:
             counts = np.zeros((0, k), np.int32) if lay.sampled else None
         else:
             codec = get_topk_codec(lay.topk_codec["name"])
-            ids, lp, tail = codec.decode(raw[prefix + "topk"], n, k, lay.vocab_size,
-                                         **lay.topk_codec["params"])
-            ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
+            counts = None
+            if codec.sampled:
+                ids, counts = codec.decode(raw[prefix + "topk"], n, k, lay.vocab_size, **lay.topk_codec["params"])
+                ids, counts = np.asarray(ids, np.int64), np.asarray(counts, np.int32)
+                if ids.shape != (n, k) or counts.shape != (n, k):
+                    raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {counts.shape}")
+                lp, tail = empirical_logprobs(counts)
+            else:
+                extra = {"labels": all_ids[all_mask.astype(bool)].astype(np.int64)} if codec.labels else {}
+                ids, lp, tail = codec.decode(raw[prefix + "topk"], n, k, lay.vocab_size,
+                                             **lay.topk_codec["params"], **extra)
+                ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
             if ids.shape != (n, k) or lp.shape != (n, k) or tail.shape != (n,):
                 raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
-            counts = None
-            if lay.sampled:
+            if lay.counts_tensor:
                 counts = join_planes(zstd_decompress(raw[prefix + "counts"], n * k * 2),
                                      np.uint16, n * k).reshape(n, k).astype(np.int32)
         hidden = {}
@@ -344,6 +405,15 @@ class ShardV1:
             tok += L
             row += m
         return out
+
+
+def empirical_logprobs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a sampled-mode codec without log-probs (ks-zstd) decodes to: log(count / draws) per used
+    slot (-inf for unused ones) and tail 0, the target the sampled-mode loss trains on."""
+    total = counts.sum(axis=1, keepdims=True, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lp = np.where(counts > 0, np.log(counts / np.maximum(total, 1)), -np.inf).astype(np.float32)
+    return lp, np.zeros(len(counts), np.float32)
 
 
 def check_layout(lay: Layout) -> None:
@@ -383,5 +453,11 @@ def check_index(shard) -> None:
             raise CorruptShard(f"block {b} would decode to {shard.layout.raw_bytes(t, n)} bytes (index values too large)")
 
 
+class ShardV2(ShardV1):
+    """A version-2 shard: the same tensors; its codecs may be kt2-zstd and ks-zstd (module doc)."""
+
+    version = 2
+
+
 # format_version (from the manifest / shard metadata) -> shard reader class
-SHARD_READERS = {1: ShardV1}
+SHARD_READERS = {1: ShardV1, 2: ShardV2}

@@ -343,3 +343,315 @@ def test_topk_unused_slots_roundtrip(layout):
     assert_valid_distribution(logp2, tail2)
     with pytest.raises(CodecError, match="unused slot"):
         encode_topk(np.array([[3, -1]]), np.array([[np.log(0.5), np.log(0.5)]], np.float32), np.zeros(1, np.float32), vocab)
+
+
+# ---------------------------------------------------------------------------- top-k version 2 (kt2-zstd)
+
+from fastkd.cache_tools.topk_codec import DEFAULT_TOPK2_PARAMS, decode_topk2, encode_topk2  # noqa: E402
+
+
+def labels_from(rng, ids, logp, tail, vocab):
+    """Next tokens drawn from the teacher: a top-k id with its probability, else an id outside K."""
+    cdf = np.cumsum(np.exp(logp.astype(np.float64)), axis=1)
+    slot = (cdf < rng.random(len(ids))[:, None]).sum(1)
+    inside = slot < ids.shape[1]
+    out = rng.integers(0, vocab, len(ids))
+    return np.where(inside, ids[np.arange(len(ids)), np.minimum(slot, ids.shape[1] - 1)], out)
+
+
+def roundtrip2(ids, logp, tail, vocab, labels=None, **params):
+    n, k = ids.shape
+    payload = encode_topk2(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, labels=labels, **params)
+    out = decode_topk2(payload, n, k, vocab, labels=labels, **params)
+    assert out[0].dtype == np.int64 and out[1].dtype == np.float32 and out[2].dtype == np.float32
+    assert out[0].shape == (n, k) and out[1].shape == (n, k) and out[2].shape == (n,)
+    return payload, out
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("params", [{}, dict(reference="absolute", step=0.03), dict(step=0.05, growth=0.5, max_step=3.0)])
+def test_topk2_roundtrip_exact_ids_and_tail_kl_within_bounds(with_labels, params):
+    rng = np.random.default_rng(11)
+    vocab, k = 3000, 48
+    ids, logp, tail = random_teacher(rng, 400, vocab, k)
+    perm = rng.permuted(np.tile(np.arange(k), (len(ids), 1)), axis=1)
+    ids, logp = np.take_along_axis(ids, perm, 1), np.take_along_axis(logp, perm, 1)
+    labels = labels_from(rng, ids, logp, tail, vocab) if with_labels else None
+    _, (ids2, logp2, tail2) = roundtrip2(ids, logp, tail, vocab, labels, **params)
+    assert np.array_equal(tail2.view(np.uint32), tail.astype(np.float32).view(np.uint32))
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
+    assert_valid_distribution(logp2, tail2)
+    assert np.allclose(np.exp(logp2.astype(np.float64)).sum(1), 1 - tail2.astype(np.float64), rtol=2e-6, atol=1e-9)
+    kl = kl_over_k_and_tail(ids, logp, tail, ids2, logp2, tail2)     # KL(exact || decoded)
+    assert kl.mean() < 1e-3 and kl.max() < 5e-3
+
+
+def test_topk2_is_smaller_than_v1_within_the_kl_bounds_on_an_lm_like_teacher():
+    """benchmarks/synthetic_lm.py at a small size (k=64, V=151,936): fewer bytes than KT v1 with the
+    next tokens as labels, mean KL(exact || decoded) <= 1e-3 and max <= 5e-3."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synthetic_lm import synthetic_teacher
+
+    vocab = 151_936
+    s = synthetic_teacher(512, k=64, vocab_size=vocab, seed=3)
+    labels = labels_from(np.random.default_rng(3), s.ids, s.logprobs, s.tail, vocab)
+    payload, (ids2, logp2, tail2) = roundtrip2(s.ids, s.logprobs, s.tail, vocab, labels)
+    v1 = encode_topk(s.ids, s.logprobs, s.tail, vocab)
+    kl = kl_over_k_and_tail(s.ids, s.exact_logprobs, s.exact_tail, ids2, logp2, tail2)
+    print(f"kt2 {len(payload) / 512:.1f} B/position, kt {len(v1) / 512:.1f}; KL mean {kl.mean():.2e} max {kl.max():.2e}")
+    assert len(payload) < 0.95 * len(v1)
+    assert kl.mean() <= 1e-3 and kl.max() <= 5e-3
+
+
+def adversarial_rows():
+    vocab, k = 50, 8
+    rows = [
+        (np.arange(8), np.full(8, np.log(0.1)), 0.2, 3),                                    # ties
+        (np.array([49, 0, 1, 2, 3, 4, 5, 6]),
+         np.array([np.log(0.5), np.log(0.25), -np.inf, -np.inf, np.log(0.125), -np.inf, -np.inf, -np.inf]), 0.125, 49),
+        (np.arange(10, 18), np.full(8, -np.inf), 1.0, 12),                                  # all -inf, tail 1
+        (np.arange(20, 28), np.log(np.full(8, 1 / 8)), 0.0, 40),                            # tail 0
+        (np.arange(30, 38), np.full(8, -40.0), 1.0, 30),                                    # tail 1 in float32
+        (np.array([42, 43, 44, 45, 46, 47, 48, 49]), np.array([0.0] + [-np.inf] * 7), 0.0, 42),   # certain, V-1 present
+        (np.array([49, 48, 47, 46, 45, 44, 43, 42]),
+         np.log(np.array([0.3, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])), 0.1, 49),         # label = V-1 = top-1
+    ]
+    ids = np.stack([r[0] for r in rows])
+    lp = np.stack([r[1] for r in rows]).astype(np.float32)
+    tail = np.array([r[2] for r in rows], np.float32)
+    labels = np.array([r[3] for r in rows])
+    return vocab, k, ids, lp, tail, labels
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_topk2_adversarial_rows(with_labels):
+    vocab, k, ids, lp, tail, labels = adversarial_rows()
+    labels = labels if with_labels else None
+    _, (ids2, lp2, tail2) = roundtrip2(ids, lp, tail, vocab, labels)
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
+    assert np.array_equal(tail2, tail)
+    assert_valid_distribution(lp2, tail2)
+    o1, o2 = np.argsort(ids, 1), np.argsort(ids2, 1)
+    a, b = np.take_along_axis(lp, o1, 1), np.take_along_axis(lp2, o2, 1)
+    assert np.array_equal(np.isneginf(a[[1, 2, 5]]), np.isneginf(b[[1, 2, 5]]))   # zero mass stays zero
+    assert np.ptp(b[0]) == 0                                                        # ties decode equal
+    assert np.isneginf(b[4]).all()                                                  # tail exactly 1
+    assert b[5].max() == 0.0
+    for j in range(len(ids)):                                                       # sorted by value = same order
+        assert np.array_equal(np.argsort(-a[j], kind="stable")[:1], np.argsort(-b[j], kind="stable")[:1]) or np.ptp(a[j]) == 0
+
+
+def test_topk2_k_equals_vocab_one_position_and_empty():
+    rng = np.random.default_rng(5)
+    vocab = 40
+    ids, logp, tail = random_teacher(rng, 30, vocab, vocab)
+    labels = rng.integers(0, vocab, 30)
+    _, (ids2, logp2, tail2) = roundtrip2(ids, logp, tail, vocab, labels)
+    assert np.array_equal(np.sort(ids2, 1), np.tile(np.arange(vocab), (30, 1)))
+    assert kl_over_k_and_tail(ids, logp, tail, ids2, logp2, tail2).max() < 5e-3
+    _, (i1, l1, t1) = roundtrip2(ids[:1], logp[:1], tail[:1], vocab, labels[:1])      # a sequence of one position
+    assert np.array_equal(np.sort(i1, 1), np.sort(ids[:1], 1))
+    empty = encode_topk2(np.zeros((0, 8), np.int64), np.zeros((0, 8), np.float32), np.zeros(0, np.float32), vocab,
+                         labels=np.zeros(0, np.int64))
+    i0, l0, t0 = decode_topk2(empty, 0, 8, vocab, labels=np.zeros(0, np.int64))
+    assert i0.shape == (0, 8) and l0.shape == (0, 8) and t0.shape == (0,)
+
+
+def test_topk2_unused_slots_roundtrip():
+    vocab, k = 100, 6
+    ids = np.array([[5, -1, 7, -1, 99, -1], [-1] * 6])
+    lp = np.array([[np.log(0.5), -np.inf, np.log(0.3), -np.inf, np.log(0.1), -np.inf], [-np.inf] * 6], np.float32)
+    tail = np.array([0.1, 1.0], np.float32)
+    _, (ids2, lp2, tail2) = roundtrip2(ids, lp, tail, vocab, np.array([7, 3]))
+    assert sorted(ids2[0][ids2[0] >= 0].tolist()) == [5, 7, 99] and (ids2[0] == -1).sum() == 3
+    assert (ids2[1] == -1).all() and np.isneginf(lp2[1]).all()
+
+
+def test_topk2_rejects_bad_inputs_and_corrupt_payloads():
+    rng = np.random.default_rng(6)
+    vocab, k = 200, 16
+    ids, logp, tail = random_teacher(rng, 20, vocab, k)
+    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
+    labels = labels_from(rng, ids, logp, tail, vocab)
+    for bad_ids in (np.where(np.arange(k) == 3, vocab, ids), np.where(np.arange(k) == 3, ids[:, :1], ids)):
+        with pytest.raises(CodecError):
+            encode_topk2(bad_ids, lp32, t32, vocab, labels=labels)
+    with pytest.raises(CodecError, match="labels"):
+        encode_topk2(ids, lp32, t32, vocab, labels=labels[:-1])
+    with pytest.raises(CodecError, match="labels"):
+        encode_topk2(ids, lp32, t32, vocab, labels=np.full(20, vocab))
+    with pytest.raises(CodecError, match="unknown parameter"):
+        encode_topk2(ids, lp32, t32, vocab, stpe=0.1)
+    payload = encode_topk2(ids, lp32, t32, vocab, labels=labels)
+    assert payload[:3] == b"KT\x02"
+    with pytest.raises(CodecError, match="labels"):
+        decode_topk2(payload, 20, k, vocab)
+    with pytest.raises(CodecError, match="caller expects"):
+        decode_topk2(payload, 21, k, vocab, labels=np.zeros(21, np.int64))
+    with pytest.raises(CodecError, match="caller expects"):
+        decode_topk2(payload, 20, k, vocab + 1, labels=labels)
+    with pytest.raises(CodecError, match="version"):
+        decode_topk2(payload[:2] + bytes([7]) + payload[3:], 20, k, vocab, labels=labels)
+    decode_topk2(payload, 20, k, vocab, labels=labels, **DEFAULT_TOPK2_PARAMS)
+    # every truncation and many byte flips: a CodecError or a valid decode, never another exception
+    outcomes = {"error": 0, "decoded": 0}
+    for cut in range(0, len(payload), 7):
+        with pytest.raises(CodecError):
+            decode_topk2(payload[:cut], 20, k, vocab, labels=labels)
+    for offset in range(len(payload)):
+        data = bytearray(payload)
+        data[offset] ^= 0x5A
+        try:
+            out_ids, out_lp, out_tail = decode_topk2(bytes(data), 20, k, vocab, labels=labels)
+        except CodecError:
+            outcomes["error"] += 1
+            continue
+        outcomes["decoded"] += 1
+        assert out_ids.shape == (20, k) and ((out_ids >= -1) & (out_ids < vocab)).all()
+    assert outcomes["error"] > 0
+    # a header announcing a huge table or block is refused, not allocated
+    huge = bytearray(payload)
+    huge[4:8] = (2**31).to_bytes(4, "little")
+    with pytest.raises(CodecError):
+        decode_topk2(bytes(huge), 20, k, vocab, labels=labels)
+
+
+# ---------------------------------------------------------------------------- format version 2 in a cache
+
+import json as _json  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+from fastkd.cache_tools import CacheError, CacheReader, CacheWriter  # noqa: E402
+from fastkd.cache_tools.format import CorruptCacheError  # noqa: E402
+from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings  # noqa: E402
+
+FIXTURES = _Path(__file__).parent / "fixtures"
+
+
+def _cache(root, settings, count=14, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [random_sequence(rng, i, settings) for i in range(count)]
+    seqs += [random_sequence(rng, count, settings, length=4, num_loss=0),     # empty response
+             random_sequence(rng, count + 1, settings, length=3, num_loss=1)]  # one position
+    with CacheWriter(root, settings, sequences_per_shard=6, max_block_sequences=3) as writer:
+        for s in seqs:
+            writer.add(s)
+    return seqs
+
+
+def _shard_meta(root):
+    from safetensors import safe_open
+    with safe_open(str(sorted((root / "shards").iterdir())[0]), "numpy") as f:
+        return f.metadata(), set(f.keys())
+
+
+def test_kt2_cache_is_format_2_and_reads_back(tmp_path):
+    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
+    seqs = _cache(tmp_path / "c", settings)
+    reader = CacheReader(tmp_path / "c")
+    assert reader.manifest["format_version"] == 2 and reader.manifest["codecs"]["topk"]["name"] == "kt2-zstd"
+    meta, _ = _shard_meta(tmp_path / "c")
+    assert meta["format_version"] == "2"
+    for s, got in zip(seqs, reader):
+        np.testing.assert_array_equal(got.input_ids, s.input_ids)
+        np.testing.assert_array_equal(np.sort(got.topk_ids, 1), np.sort(s.topk_ids, 1))
+        np.testing.assert_array_equal(got.tail, s.tail)
+        if len(s.tail):
+            kl = kl_over_k_and_tail(s.topk_ids, s.topk_logprobs, s.tail, got.topk_ids, got.topk_logprobs, got.tail)
+            assert kl.max() < 5e-3
+    from fastkd.cache_tools.verify import verify_cache
+    report = verify_cache(tmp_path / "c")
+    assert report.ok, report.problems
+
+
+def test_ks_sampled_cache_is_format_2_without_a_counts_tensor(tmp_path):
+    settings = synthetic_settings(vocab_size=300, mode="sample", codecs={"topk": "ks", "hidden": "bf16"})
+    seqs = _cache(tmp_path / "c", settings)
+    reader = CacheReader(tmp_path / "c")
+    assert reader.manifest["format_version"] == 2
+    meta, keys = _shard_meta(tmp_path / "c")
+    assert meta["format_version"] == "2" and meta["counts_codec"] == "" and not any(k.endswith(".counts") for k in keys)
+    for s, got in zip(seqs, reader):
+        assert as_multisets(got.topk_ids, got.counts) == as_multisets(s.topk_ids, s.counts)
+        used = got.counts > 0
+        np.testing.assert_allclose(np.exp(got.topk_logprobs[used]), (got.counts / got.counts.sum(1, keepdims=True))[used],
+                                   rtol=1e-6)
+        assert np.isneginf(got.topk_logprobs[~used]).all() and (got.tail == 0).all()
+
+
+def test_version_2_codecs_need_their_mode():
+    from fastkd.cache_tools.writer import normalize_settings
+    with pytest.raises(CacheError, match="needs mode 'sample'"):
+        normalize_settings(synthetic_settings(codecs={"topk": "ks"}))
+    with pytest.raises(CacheError, match="for mode 'topk'"):
+        normalize_settings(synthetic_settings(mode="sample", codecs={"topk": "kt2"}))
+
+
+def test_v2_blocks_keep_every_integrity_check(tmp_path):
+    """Digests apply to v2 as to v1: a flipped byte of a topk block, the header or the manifest is refused."""
+    import struct
+    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
+    _cache(tmp_path / "c", settings)
+    shard = tmp_path / "c" / "shards" / "shard-00000.safetensors"
+    original = shard.read_bytes()
+    size = struct.unpack("<Q", original[:8])[0]
+    header = _json.loads(original[8:8 + size])
+    lo = 8 + size + header["block.00000.topk"]["data_offsets"][0]
+    data = bytearray(original)
+    data[lo + 5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match="block 0"):
+        CacheReader(tmp_path / "c")[0]
+    data = bytearray(original)
+    data[20] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError):
+        CacheReader(tmp_path / "c")[0]
+    shard.write_bytes(original)
+    manifest = tmp_path / "c" / "manifest.json"
+    m = _json.loads(manifest.read_text())
+    m["format_version"] = 1      # claims version 1 (a v1 reader does not know kt2-zstd): refused by the seal
+    manifest.write_text(_json.dumps(m))
+    with pytest.raises(CacheError, match="does not match its digest"):
+        CacheReader(tmp_path / "c")
+
+
+def test_v1_shard_naming_a_v2_codec_is_refused(tmp_path, monkeypatch):
+    from fastkd.cache_tools import shard as shard_mod
+    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
+    _cache(tmp_path / "c", settings)
+    monkeypatch.setitem(shard_mod.SHARD_READERS, 2, shard_mod.ShardV1)   # read as if it said version 1
+    with pytest.raises(CacheError, match="format_version|needs format version 2"):
+        CacheReader(tmp_path / "c")[0]
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_version_1_cache_made_before_version_2_reads_unchanged(mode):
+    """tests/fixtures/cache_v1_<mode>: written by the code before format 2 (make_cache_v1.py); every
+    sequence decodes bit for bit to the values stored beside it."""
+    root = FIXTURES / f"cache_v1_{mode}"
+    expected = _json.loads((FIXTURES / f"cache_v1_{mode}.expected.json").read_text())
+    reader = CacheReader(root)
+    assert reader.manifest["format_version"] == 1 and "header_sha256" in reader.manifest["shards"][0]
+    got = list(reader)
+    assert [s.record_index for s in got] == [e["record_index"] for e in expected]
+    for s, e in zip(got, expected):
+        assert s.task == e["task"]
+        np.testing.assert_array_equal(s.input_ids, e["input_ids"])
+        np.testing.assert_array_equal(s.loss_mask, e["loss_mask"])
+        n = len(e["tail_f32_bits"])
+        np.testing.assert_array_equal(s.topk_ids, np.asarray(e["topk_ids"], np.int64).reshape(n, 8))
+        np.testing.assert_array_equal(np.asarray(s.topk_logprobs, np.float32).view(np.uint32),
+                                      np.asarray(e["topk_logprobs_f32_bits"], np.uint32).reshape(n, 8))
+        np.testing.assert_array_equal(np.asarray(s.tail, np.float32).view(np.uint32), np.asarray(e["tail_f32_bits"], np.uint32))
+        np.testing.assert_array_equal(np.asarray(s.hidden[1], np.float32).view(np.uint32),
+                                      np.asarray(e["hidden_1_f32_bits"], np.uint32).reshape(n, 8))
+        if mode == "sample":
+            np.testing.assert_array_equal(s.counts, np.asarray(e["counts"]).reshape(n, 8))
+        else:
+            assert s.counts is None
+    from fastkd.cache_tools.verify import verify_cache
+    report = verify_cache(root)
+    assert report.ok, report.problems
