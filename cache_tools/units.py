@@ -149,14 +149,14 @@ class UnitWriter:
             if strays:  # never delete data that no manifest accounts for
                 raise CacheError(f"cache {self.root}: holds {len(strays)} shard or unit file(s) ({sorted(strays)[0]}, "
                                  f"...) but no manifest.json; restore it, or move them away to start a new cache")
-            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fastkd_version": _version(),
+            self.manifest = {"format": FORMAT_NAME, "format_version": self.layout.format_version, "fastkd_version": _version(),
                              "complete": False, "created": _now(), "updated": _now(), **self.settings,
                              "shards": [], "counts": totals([]), "summary": None}
             write_manifest(self.root, self.manifest)
             return
-        if existing["format_version"] != FORMAT_VERSION:
+        if existing["format_version"] != self.layout.format_version:
             raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
-                             f"fastkd writes version {FORMAT_VERSION}; it can be read but not extended")
+                             f"fastkd writes version {self.layout.format_version} with these settings; it can be read but not extended")
         if "work_unit" not in existing:
             raise CacheError(f"cache {self.root}: begun by a fastkd without work units (one writer, shards in write "
                              f"order); finish it with one process (no torchrun), or write to a new cache folder")
@@ -169,7 +169,7 @@ class UnitWriter:
                 raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
                                  f"{entry.get('unit')}) was written from other records than this run's unit; resume "
                                  f"with the same --data file contents, or write to a new cache folder")
-            shard = open_shard(self.root, entry, j, FORMAT_VERSION)
+            shard = open_shard(self.root, entry, j, self.layout.format_version)
             check_shard_matches(self.root, existing, entry, shard)
         self.manifest = existing
 
@@ -240,7 +240,7 @@ class UnitWriter:
                 or entry.get("file") != shard_file(unit.number):
             return "written from other records (stale)", None
         try:
-            shard = open_shard(self.root, entry, unit.number, FORMAT_VERSION)
+            shard = open_shard(self.root, entry, unit.number, self.layout.format_version)
             check_shard_matches(self.root, self.manifest, entry, shard)
         except CacheError as err:
             return f"its shard fails its checks ({err})", None

@@ -16,7 +16,7 @@ from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, RESERVED_KEYS,
                      write_manifest)
 from .lock import acquire_lock, release_lock
 from .reader import check_shard_matches, open_shard, shard_header
-from .shard import EncodeError, Layout, write_shard
+from .shard import EncodeError, Layout, check_codec_mode, write_shard
 
 SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
@@ -84,6 +84,7 @@ def normalize_settings(settings: dict) -> dict:
                            hidden=normalize_codec(codecs.get("hidden"), DEFAULT_HIDDEN_CODEC, "hidden"))
         get_topk_codec(s["codecs"]["topk"]["name"])
         get_hidden_codec(s["codecs"]["hidden"]["name"])
+        check_codec_mode(layout_of(s))
     except (KeyError, ValueError) as err:
         raise CacheError(f"cache settings: field codecs: {err.args[0]}") from None
     return s
@@ -268,19 +269,20 @@ class CacheWriter:
             if not existing["shards"]:
                 existing = None
         if existing is None:
-            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fastkd_version": _version(),
+            self.manifest = {"format": FORMAT_NAME, "format_version": self.layout.format_version, "fastkd_version": _version(),
                              "complete": False, "created": _now(), "updated": _now(), **self.settings,
                              "shards": [], "counts": totals([]), "summary": None}
             self._cleanup(0)
             write_manifest(self.root, self.manifest)
             return
-        if existing["format_version"] != FORMAT_VERSION:
+        if existing["format_version"] != self.layout.format_version:
             raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
-                             f"fastkd writes version {FORMAT_VERSION}; it can be read but not extended")
+                             f"fastkd writes version {self.layout.format_version} with these settings; it can be read but "
+                             f"not extended")
         self.settings = resume_settings(self.root, existing, self.settings)
         self.manifest = existing
         for j, entry in enumerate(existing["shards"]):  # every finished shard is checked before it counts as done
-            shard = open_shard(self.root, entry, j, FORMAT_VERSION)
+            shard = open_shard(self.root, entry, j, self.layout.format_version)
             check_shard_matches(self.root, existing, entry, shard)
             self.done.update(int(r) for r in shard.record_index)
         self._cleanup(len(existing["shards"]))
