@@ -352,6 +352,25 @@ def topk2_rows(sample, vocab, labels, block, repeats):
     return rows
 
 
+def topk2_parts(sample, vocab, labels, block) -> str:
+    """kt2 default bytes per position by part, and the ideal cost of the id sets alone (an arithmetic
+    coder with each id's inclusion probability taken from the other half of the positions)."""
+    from fastkd.cache_tools.topk_codec import topk2_section_sizes
+    n = len(sample.ids)
+    totals: dict[str, float] = {}
+    for a, b in blocks(n, block):
+        p = encode_topk2(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b], vocab, labels=labels[a:b])
+        for key, v in topk2_section_sizes(p).items():
+            totals[key] = totals.get(key, 0) + v / n
+    half = n // 2
+    cost = 0.0
+    for train, test in ((sample.ids[:half], sample.ids[half:]), (sample.ids[half:], sample.ids[:half])):
+        f = np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
+        cost += (-np.log2(1 - f).sum() + (-np.log2(f[test]) + np.log2(1 - f[test])).sum(1)).sum()
+    return (", ".join(f"{key} {v:.2f}" for key, v in totals.items())
+            + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position")
+
+
 def topk_rows(sample, vocab, block, repeats, full: bool):
     n, k = sample.ids.shape
     rows = []
@@ -506,6 +525,7 @@ def main(argv=None) -> int:
                      [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", emb, emb_vocab, *ours(emb_vocab, args.k),
                                    args.block, args.repeats)]
                      + topk2_rows(emb, emb_vocab, emb_labels, args.block, args.repeats))
+    print(f"\nkt2 default, bytes/position by part: {topk2_parts(emb, emb_vocab, emb_labels, args.block)}")
     syn = synthetic_data(args.n, args.k, args.sample)
     syn_labels = sampled_labels(syn, 151_936)
     ent = np.percentile(syn.entropy, [10, 50, 90])
@@ -514,6 +534,7 @@ def main(argv=None) -> int:
                      [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", syn, 151_936, *ours(151_936, args.k),
                                    args.block, args.repeats)]
                      + topk2_rows(syn, 151_936, syn_labels, args.block, args.repeats))
+    print(f"\nkt2 default, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
     if args.kt2_only:
         return 0
     if not args.skip_teacher:

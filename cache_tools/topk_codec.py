@@ -605,3 +605,12 @@ def _decompress_frames_any(frames: list[bytes], limit: int) -> np.ndarray:
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt codec payload: table plane does not decompress ({exc})") from None
     return _decompress_planes(frames, count)
+
+
+def topk2_section_sizes(payload: bytes) -> dict[str, int]:
+    """Bytes spent on each part of a KT version-2 payload, for reports."""
+    _peek(payload, TOPK_MAGIC, "top-k")
+    groups = _unpack_frames(payload, _TOPK2_HEADER.size, 5)
+    parts = dict(zip(("table_ids", "table_counts", "ids", "values", "tail"), (sum(map(len, g)) for g in groups)))
+    parts["header"] = len(payload) - sum(parts.values())
+    return parts
