@@ -15,6 +15,7 @@ from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, RESERVED_KEYS,
                      CachedSequence, fsync_dir, jsonable, read_manifest, settings_differences, settings_of,
                      write_manifest)
 from .lock import acquire_lock, release_lock
+from .storage import refuse_url_for_writing
 from .reader import check_shard_matches, open_shard, shard_header
 from .shard import EncodeError, Layout, check_codec_mode, write_shard
 
@@ -229,6 +230,7 @@ class CacheWriter:
                  block_bytes: int = 1 << 20, max_block_sequences: int = 16):
         if sequences_per_shard < 1:
             raise CacheError(f"sequences_per_shard must be >= 1, got {sequences_per_shard}")
+        refuse_url_for_writing(root)
         self.root = Path(root)
         self.sequences_per_shard = sequences_per_shard
         self.block_bytes = block_bytes

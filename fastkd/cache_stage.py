@@ -131,6 +131,9 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
     import torch
 
     from fastkd.cache_tools.format import MANIFEST, read_manifest
+    from fastkd.cache_tools.storage import refuse_url_for_writing
+
+    refuse_url_for_writing(out)  # before any model is loaded: a URL would become a local folder named s3:
     from fastkd.cache_tools.units import make_units
 
     if k < 1 and not sample_n:

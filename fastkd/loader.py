@@ -93,6 +93,20 @@ class CacheSource:
         return seqs[inside]
 
 
+    def expect(self, positions) -> None:
+        """The positions about to be read, in order: a reader of a URL fetches their blocks ahead (a folder's
+        reader needs no notice)."""
+        reader = self.reader
+        if not getattr(reader, "remote", False):
+            return
+        order, seen = [], set()
+        for position in positions:
+            key = reader.locate(int(position))[:2]
+            if key not in seen:
+                seen.add(key)
+                order.append(key)
+        reader.expect(order)
+
     def corrupt_positions(self, progress=None) -> tuple[np.ndarray, list[str]]:
         """Positions held by blocks that fail their digests, and one message per such block."""
         bad = self.reader.find_corrupt_blocks(progress)
@@ -305,6 +319,10 @@ class BatchStream(torch.utils.data.IterableDataset):
             if not plan:
                 raise UserError("the data source gives no batch for one step (too few sequences for the processes "
                                 "and micro-batches of one step)")
+            expect = getattr(self.source, "expect", None)
+            if expect is not None:  # a remote cache fetches this worker's blocks ahead, in the order they come
+                expect([p for index in range(start, len(plan)) if (item + index - start) % workers == worker
+                        for p in rank_slice(plan[index], self.rank, self.world)])
             for index in range(start, len(plan)):
                 if item % workers == worker:
                     mine = rank_slice(plan[index], self.rank, self.world)

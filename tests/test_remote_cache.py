@@ -266,10 +266,35 @@ def test_a_scheme_without_its_package_names_the_package(monkeypatch):
         CacheReader(f"memory://nothing-{uuid.uuid4().hex[:6]}/here")
 
 
-def test_writers_refuse_a_url():
+def test_writers_refuse_a_url(tmp_path, monkeypatch):
+    from fastkd.cache_stage import cache_teacher
+    from fastkd.cache_tools import CacheWriter
+    from fastkd.cache_tools.synthetic import synthetic_settings
+
     refuse_url_for_writing("runs/cache")
     with pytest.raises(CacheError, match="cache-teacher --out s3://b/c: a cache is written to a local folder"):
         refuse_url_for_writing("s3://b/c")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CacheError, match="not a URL"):
+        CacheWriter("s3://bucket/cache", synthetic_settings())
+    with pytest.raises(CacheError, match="not a URL"):  # before any model or data is opened
+        cache_teacher("no-such-teacher", "no-such-data.jsonl", "gs://bucket/cache", progress=False)
+    assert not any(tmp_path.iterdir())  # no local folder named after the URL
+
+
+def test_a_shuffled_training_epoch_is_fetched_ahead(cache, memory_url):
+    """The loader announces each epoch's block order to a remote reader, so shuffled plans are read ahead too."""
+    from fastkd.loader import CacheSource, PlanMaker, make_loader
+
+    source = CacheSource(memory_url)
+    source.reader._read_ahead.budget = 1 << 30  # room for every block
+    plans = PlanMaker(source.lengths, source.shards, 4, seed=5, shuffle_buffer=8)
+    got = [r for _, _, micro in make_loader(source, plans, 0, epochs=1) for b in micro for r in b.record_indices]
+    local = CacheSource(cache)
+    want = [r for _, _, micro in make_loader(local, plans, 0, epochs=1) for b in micro for r in b.record_indices]
+    assert got == want
+    ahead = source.reader.read_ahead
+    assert ahead.hits >= len(source.shards) - 1 and ahead.misses <= 1
 
 
 # ----------------------------------------------------------------------------- training from a URL
