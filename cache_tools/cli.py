@@ -14,7 +14,7 @@ from .verify import verify_cache
 
 
 def _add_cache(parser) -> None:
-    parser.add_argument("cache", help="cache folder (holds manifest.json and shards/)")
+    parser.add_argument("cache", help="cache folder (holds manifest.json and shards/), or an fsspec URL (s3://, gs://, hf://, file://)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
 
@@ -26,8 +26,15 @@ def add_inspect_arguments(parser) -> None:
 
 def cache_summary(root) -> dict:
     """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache."""
-    root = Path(root)
-    m = read_manifest(root)
+    from .storage import is_url
+
+    if is_url(root):
+        from .reader import CacheReader
+
+        m = CacheReader(str(root), layers=[]).manifest  # the sealed manifest, checked as for training
+    else:
+        root = Path(root)
+        m = read_manifest(root)
     c = m.get("counts", {})
     parts = c.get("payload_bytes", {})
     positions = c.get("loss_positions", 0)

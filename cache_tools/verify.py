@@ -90,8 +90,39 @@ def verify_shard(root: Path, manifest: dict, number: int, report: VerifyReport, 
             bad(block, f"{err}" if isinstance(err, CorruptShard) else f"does not decode: {err}")
 
 
+def verify_url(url: str, progress=None) -> VerifyReport:
+    """A cache at an fsspec URL: the sealed manifest, every shard's size and header digest (opening the
+    reader checks them), then every block's digests and decoding, one range request per block."""
+    from .reader import CacheReader
+
+    report = VerifyReport(url)
+    try:
+        reader = CacheReader(url)
+    except CacheError as err:  # the manifest, or a shard's size/header: named in the message
+        report.problems.append(Problem("manifest.json" if "manifest" in str(err) else "?", None, str(err)))
+        return report
+    table = reader.block_table()
+    report.shards = reader.num_shards
+    for shard, block, positions in (progress(table) if progress else table):
+        report.blocks += 1
+        try:
+            sequences = reader.read_block(shard, block)
+        except CacheError as err:
+            report.problems.append(Problem(reader.manifest["shards"][shard]["file"], block, str(err)))
+            continue
+        report.sequences += len(sequences)
+        report.loss_positions += sum(len(s.tail) for s in sequences)
+    if not reader.manifest.get("complete"):
+        report.warnings.append("manifest.json says the cache is not complete (the writing run has not closed it)")
+    return report
+
+
 def verify_cache(root, progress=None) -> VerifyReport:
     """Verify every shard the manifest lists; `progress` wraps the shard iterable (e.g. tqdm)."""
+    from .storage import is_url
+
+    if is_url(root):
+        return verify_url(str(root), progress)
     root = Path(root)
     manifest = read_manifest(root)
     report = VerifyReport(str(root))

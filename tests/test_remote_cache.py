@@ -105,6 +105,23 @@ def test_flipped_block_byte_on_the_memory_fs_is_refused_naming_shard_and_block(c
         list(make_loader(CacheSource(memory_url), PlanMaker(*_plan_args(memory_url)), 0, epochs=1))
 
 
+def test_cache_verify_and_inspect_take_a_url(cache, memory_url, capsys):
+    from fastkd.cli import main
+
+    assert main(["cache", "verify", memory_url]) == 0
+    assert main(["cache", "inspect", memory_url]) == 0
+    assert "30" in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    name = "shards/shard-00001.safetensors"
+    lo, hi = tensor_ranges(cache / name)["block.00001.topk"]
+    data = bytearray(fs.cat_file(memory_path(memory_url, name)))
+    data[lo + 3] ^= 0x01
+    fs.pipe_file(memory_path(memory_url, name), bytes(data))
+    assert main(["cache", "verify", memory_url]) == 1
+    out = capsys.readouterr()
+    assert "shards/shard-00001.safetensors block 1" in out.out + out.err
+
+
 def _plan_args(url):
     source = CacheSource(url)
     return source.lengths, source.shards, 4, 0
