@@ -45,6 +45,17 @@ def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> di
     """save_pretrained the tokenizer into `<out>/teacher_tokenizer/` (staged, then renamed into place);
     returns the manifest entry {dir, files: name -> sha256}. write=False only computes the entry."""
     out = Path(out)
+    try:
+        return _save_teacher_tokenizer(tokenizer, out, write)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for OS errors (disk full)
+        raise UserError(f"cache {out}: cannot save the teacher tokenizer into the cache ({str(err).splitlines()[0]}); "
+                        f"free space (or fix the folder's permissions) and re-run the same command: nothing "
+                        f"written is lost") from None
+
+
+def _save_teacher_tokenizer(tokenizer, out: Path, write: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fastkd-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         files = {p.name: _sha256(p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()}
