@@ -124,6 +124,8 @@ def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
 
 
 def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
+    if getattr(module.cfg, "cross_tokenizer", None) == "uld":
+        return "loss: uld (logits [rows, V], CE + the L1 distance of sorted probabilities; --cross-tokenizer uld)"
     path = module.loss_path
     what = {"fused": "fused linear + loss, chunked over rows (no [rows, V] logits)",
             "logits": "logits [rows, V], loss gradient written over them"}[path]
