@@ -167,6 +167,11 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
             vocab=vocab)
         summary = CacheSummary(report=report.as_dict())
         existing = read_manifest(Path(out)) if (Path(out) / MANIFEST).exists() else None
+        if existing is not None:  # a codec not asked for is the cache's own: a newer default must not strand it
+            kept = {part: existing["codecs"][part] for flag, part in (("logits_codec", "topk"), ("hidden_codec", "hidden"))
+                    if flag not in settings and part in (existing.get("codecs") or {})}
+            if kept:
+                settings["codecs"] = {**(settings.get("codecs") or {}), **kept}
         # the teacher tokenizer inside the cache (its files' sha256 in the manifest): cross-tokenizer students
         from fastkd.cross_tokenizer import with_teacher_tokenizer
 

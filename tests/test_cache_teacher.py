@@ -210,3 +210,28 @@ def test_a_cache_begun_before_the_full_tokenizer_identity_resumes(tiny_qwen_dir,
     reader = CacheReader(out)
     assert sorted(reader.record_indices.tolist()) == list(range(20))
     assert set(reader.manifest["tokenizer"]) == set(old_keys)
+
+
+def test_a_resume_keeps_the_cache_codec_when_none_is_asked(tiny_qwen_dir, records_file, tmp_path, monkeypatch):
+    """A cache begun with one default codec resumes after the default changed (a fastkd upgrade mid-cache):
+    the codec not asked for is the cache's own; asking for another one is still refused."""
+    import fastkd.cache_tools.codecs as codecs
+    import fastkd.cache_tools.writer as writer
+    from fastkd.cache_tools import CacheError, CacheReader
+
+    out = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False, logits_codec="raw-zstd")
+    before = [s.topk_ids.copy() for s in CacheReader(out)]
+    monkeypatch.setattr(writer, "DEFAULT_TOPK_CODEC", "kt-zstd")
+    monkeypatch.setattr(codecs, "DEFAULT_TOPK_CODEC", "kt-zstd", raising=False)
+    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)  # no codec asked: resumes
+    assert read_manifest_codec(out) == "raw-zstd"
+    assert all((a == s.topk_ids).all() for a, s in zip(before, CacheReader(out)))
+    with pytest.raises(CacheError, match="codecs.topk"):
+        cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False, logits_codec="kt-zstd")
+
+
+def read_manifest_codec(root):
+    import json
+
+    return json.loads((root / "manifest.json").read_text())["codecs"]["topk"]["name"]
