@@ -207,15 +207,20 @@ def synthetic_data(n: int, k: int, samples: int) -> TeacherSample:
 
 # ------------------------------------------------------------------------------ measuring
 
-def kl_exact_vs_decoded(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
-    """KL(exact || decoded) per position over K u {tail} (the tail bucket as the loss uses it: with the
-    tail exact, spreading it over the V-k other ids adds nothing), float64; rows aligned by id."""
+def aligned_probabilities(sample: TeacherSample, ids, logprobs, tail):
+    """(exact p, decoded q) over K with rows aligned by id, and the two tails, float64."""
     o1, o2 = np.argsort(sample.ids, axis=1), np.argsort(ids, axis=1)
     if not np.array_equal(np.take_along_axis(sample.ids, o1, 1), np.take_along_axis(ids, o2, 1)):
         raise AssertionError("decoded ids differ from the encoded ones")
     p = np.exp(np.take_along_axis(sample.exact_logprobs, o1, 1))
     q = np.exp(np.take_along_axis(np.asarray(logprobs, np.float64), o2, 1))
-    pt, qt = sample.exact_tail, np.asarray(tail, np.float64)
+    return p, q, sample.exact_tail, np.asarray(tail, np.float64)
+
+
+def kl_exact_vs_decoded(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
+    """KL(exact || decoded) per position over K u {tail} (the tail bucket as the loss uses it: with the
+    tail exact, spreading it over the V-k other ids adds nothing), float64; rows aligned by id."""
+    p, q, pt, qt = aligned_probabilities(sample, ids, logprobs, tail)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(p > 0, p * np.log(p / q), 0.0).sum(1)
         kl += np.where(pt > 0, pt * np.log(pt / qt), 0.0)
@@ -224,12 +229,7 @@ def kl_exact_vs_decoded(sample: TeacherSample, ids, logprobs, tail) -> np.ndarra
 
 def kl_decoded_vs_exact(sample: TeacherSample, ids, logprobs, tail) -> np.ndarray:
     """KL(decoded || exact) per position over K u {tail}, float64; rows aligned by id."""
-    o1, o2 = np.argsort(sample.ids, axis=1), np.argsort(ids, axis=1)
-    if not np.array_equal(np.take_along_axis(sample.ids, o1, 1), np.take_along_axis(ids, o2, 1)):
-        raise AssertionError("decoded ids differ from the encoded ones")
-    p = np.exp(np.take_along_axis(sample.exact_logprobs, o1, 1))
-    q = np.exp(np.take_along_axis(np.asarray(logprobs, np.float64), o2, 1))
-    pt, qt = sample.exact_tail, np.asarray(tail, np.float64)
+    p, q, pt, qt = aligned_probabilities(sample, ids, logprobs, tail)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(q > 0, q * np.log(q / p), 0.0).sum(1)
         kl += np.where(qt > 0, qt * np.log(qt / pt), 0.0)

@@ -133,6 +133,22 @@ def _to_code(x: np.ndarray, step: float, max_step: float, growth: float) -> np.n
     return np.minimum(t, np.float32(MAX_FINITE_CODE)).astype(np.int64)
 
 
+def _value_codes(logprobs: np.ndarray, reference: str, step, max_step, growth) -> np.ndarray:
+    """Quantised distances below the row's top-1 (reference "top1") or below 0, -inf as NEG_INF_CODE."""
+    n = logprobs.shape[0]
+    finite = None if np.isfinite(logprobs).all() else np.isfinite(logprobs)
+    if finite is None:       # the common case: one subtraction
+        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" else np.maximum(-logprobs, np.float32(0))
+        return _to_code(x, step, max_step, growth)
+    ref = (np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True) if reference == "top1"
+           else np.zeros((n, 1), dtype=np.float32))
+    with np.errstate(invalid="ignore"):
+        x = np.maximum(np.where(finite, ref - logprobs, np.float32(0)), np.float32(0))
+    codes = _to_code(x, step, max_step, growth)
+    codes[~finite] = NEG_INF_CODE
+    return codes
+
+
 @lru_cache(maxsize=16)
 def _code_table(step: float, max_step: float, growth: float) -> tuple[np.ndarray, np.ndarray]:
     """Per code: nats below the reference and the relative weight exp(-x) (0 for -inf), float32."""
@@ -250,17 +266,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_s
     if unused is not None:   # unused slots (sampled mode) get keys V, V+1, ... so they sort last and cost ~nothing
         keys = np.where(unused, vocab_size + np.cumsum(unused, axis=1) - 1, keys)
 
-    finite = None if np.isfinite(logprobs).all() else np.isfinite(logprobs)
-    if finite is None:       # the common case: one subtraction
-        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" else np.maximum(-logprobs, np.float32(0))
-        codes = _to_code(x, step, max_step, growth)
-    else:
-        ref = (np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True) if reference == "top1"
-               else np.zeros((n, 1), dtype=np.float32))
-        with np.errstate(invalid="ignore"):
-            x = np.maximum(np.where(finite, ref - logprobs, np.float32(0)), np.float32(0))
-        codes = _to_code(x, step, max_step, growth)
-        codes[~finite] = NEG_INF_CODE
+    codes = _value_codes(logprobs, reference, step, max_step, growth)
 
     id_bits = max(1, int(vocab_size + k - 1).bit_length())
     if layout == "value":
@@ -503,17 +509,7 @@ def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_
     if unused_slots is not None:   # unused slots (sampled mode) sort last with keys d+1, d+2, ...
         keys = np.where(unused_slots, d + np.cumsum(unused_slots, axis=1), keys)
 
-    finite = None if np.isfinite(logprobs).all() else np.isfinite(logprobs)
-    if finite is None:
-        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" else np.maximum(-logprobs, np.float32(0))
-        codes = _to_code(x, step, max_step, growth)
-    else:
-        ref = (np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True) if reference == "top1"
-               else np.zeros((n, 1), dtype=np.float32))
-        with np.errstate(invalid="ignore"):
-            x = np.maximum(np.where(finite, ref - logprobs, np.float32(0)), np.float32(0))
-        codes = _to_code(x, step, max_step, growth)
-        codes[~finite] = NEG_INF_CODE
+    codes = _value_codes(logprobs, reference, step, max_step, growth)
     packed = np.sort((keys << 16) | codes, axis=1)
     keys, codes = packed >> 16, packed & 0xFFFF
     _check_distinct(keys, "top-k codec field 'ids'")

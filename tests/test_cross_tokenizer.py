@@ -15,18 +15,10 @@ import torch
 from fastkd.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import build_teacher_and_cache, quiet  # noqa: E402
+from test_train import build_teacher_and_cache, one_thread, quiet  # noqa: E402,F401 (one_thread: fixture)
 
 STUDENT_CORPUS = [f"{a} plus {b} is {a + b}. So the answer is {a + b}." for a in range(10) for b in range(10)] + [
     "Q: 3 + 4 is\nA: Let's think step by step.", "zebra quilt vexing jumps (A) (B) [x] {y}"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
