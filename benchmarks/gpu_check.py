@@ -364,6 +364,21 @@ class Timer:
         return torch.cuda.max_memory_allocated() - base
 
 
+def measure_variant(torch, timer, dev, leaf: dict, name: str, step, setup, **timing) -> dict:
+    """One table row: peak memory, then the median time, of `step` after `setup`; an error becomes the row."""
+    try:
+        peak = timer.peak_bytes(step, setup)
+        leaf.clear()
+        ms = timer.median_ms(step, setup, **timing)
+        return dict(name=name, ms=ms, peak=peak)
+    except Exception as exc:  # one variant failing (e.g. out of memory) must not stop the others
+        return dict(name=name, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        leaf.clear()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def copy_bandwidth(torch, dev, timer) -> float | None:
     if dev.type != "cuda":
         return None
@@ -420,13 +435,11 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         g = torch.Generator(device=dev)
         g.manual_seed(0)
         logits0 = (torch.randn(n, v, generator=g, device=dev) * 3).to(dtype)
-        case = big_case(torch, n, 16, 1, "tail", torch.float32, 0, dev)  # labels only; the teacher comes next
         labels = torch.randint(0, v, (n,), generator=g, device=dev)
         labels[torch.rand(n, generator=g, device=dev) < 0.05] = -100
         ids = (torch.randint(0, v, (n, 1), generator=g, device=dev) + torch.arange(k, device=dev) * 7919) % v
         tail = torch.rand(n, generator=g, device=dev) * 0.5
         lp = (torch.softmax(torch.randn(n, k, generator=g, device=dev) * 2, 1) * (1 - tail)[:, None]).log()
-        del case
         teach = (labels, ids, lp, tail)
         buf = logits0.clone()
         leaf = {}
@@ -446,17 +459,7 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         }
         rows = []
         for name, (step, setup) in variants.items():
-            try:
-                peak = timer.peak_bytes(step, setup)
-                leaf.clear()
-                ms = timer.median_ms(step, setup)
-                leaf.clear()
-                rows.append(dict(name=name, ms=ms, peak=peak))
-            except Exception as exc:
-                leaf.clear()
-                rows.append(dict(name=name, error=f"{type(exc).__name__}: {exc}"))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            rows.append(measure_variant(torch, timer, dev, leaf, name, step, setup))
         b = logits0.element_size()
         print_rows(rows, "naive", floor_bytes=2 * n * v * b,
                    traffic={"triton": 3 * n * v * b, "triton_inplace": 3 * n * v * b}, nominal=nominal, copy_bw=copy_bw)
@@ -511,17 +514,7 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         if elapsed() > budget + 60:
             rows.append(dict(name=name, error="time budget spent"))
             continue
-        try:
-            peak = timer.peak_bytes(step, fresh)
-            leaf.clear()
-            ms = timer.median_ms(step, fresh, reps=5, warmup=2)
-            leaf.clear()
-            rows.append(dict(name=name, ms=ms, peak=peak))
-        except Exception as exc:
-            leaf.clear()
-            rows.append(dict(name=name, error=f"{type(exc).__name__}: {exc}"))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        rows.append(measure_variant(torch, timer, dev, leaf, name, step, fresh, reps=5, warmup=2))
     print_rows(rows, "naive")
     say(f"  note: {liger_note}")
 

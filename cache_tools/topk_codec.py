@@ -133,6 +133,16 @@ def _to_code(x: np.ndarray, step: float, max_step: float, growth: float) -> np.n
     return np.minimum(t, np.float32(MAX_FINITE_CODE)).astype(np.int64)
 
 
+
+def _decoded_logprobs(codes: np.ndarray, tail: np.ndarray, step, max_step, growth) -> np.ndarray:
+    """Codes -> log-probs, the row's top-k mass rescaled to exactly 1 - tail (the tail is stored exact)."""
+    x, weight = _code_table(float(step), float(max_step), float(growth))
+    row_sum = weight[codes].sum(axis=1, dtype=np.float64)
+    mass = np.maximum(1.0 - tail.astype(np.float64), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where((row_sum > 0) & (mass > 0), np.log(mass) - np.log(row_sum), -np.inf).astype(np.float32)
+        return shift[:, None] - x[codes]
+
 def _value_codes(logprobs: np.ndarray, reference: str, step, max_step, growth) -> np.ndarray:
     """Quantised distances below the row's top-1 (reference "top1") or below 0, -inf as NEG_INF_CODE."""
     n = logprobs.shape[0]
@@ -339,13 +349,7 @@ def _decode_topk_v1(payload, n, k, vocab_size, rank_of_id):
         ids = keys
     if unused is not None:
         ids = np.where(unused, -1, ids)
-    x, weight = _code_table(float(step), float(max_step), float(growth))
-    row_sum = weight[codes].sum(axis=1, dtype=np.float64)
-    mass = np.maximum(1.0 - tail.astype(np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where((row_sum > 0) & (mass > 0), np.log(mass) - np.log(row_sum), -np.inf).astype(np.float32)
-        logprobs = shift[:, None] - x[codes]
-    return ids, logprobs, tail
+    return ids, _decoded_logprobs(codes, tail, step, max_step, growth), tail
 
 
 def topk_error_bound(x: np.ndarray, step: float = DEFAULT_TOPK_PARAMS["step"],
@@ -583,13 +587,7 @@ def _decode_topk_v2(payload, n, k, vocab_size, labels):
             raise CodecError("corrupt top-k codec payload: a label key without labels")
         ids_cm[0] = np.where(first, labels, ids_cm[0])
     ids = np.ascontiguousarray(ids_cm.T)
-    x, weight = _code_table(float(step), float(max_step), float(growth))
-    row_sum = weight[codes].sum(axis=1, dtype=np.float64)
-    mass = np.maximum(1.0 - tail.astype(np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where((row_sum > 0) & (mass > 0), np.log(mass) - np.log(row_sum), -np.inf).astype(np.float32)
-        logprobs = shift[:, None] - x[codes]
-    return ids, logprobs, tail
+    return ids, _decoded_logprobs(codes, tail, step, max_step, growth), tail
 
 
 def _decompress_frames_any(frames: list[bytes], limit: int) -> np.ndarray:

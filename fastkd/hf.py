@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+from transformers import Trainer
 
 from fastkd.errors import UserError
 from fastkd.loader import CacheSource, collate, epoch_plan
@@ -128,15 +129,7 @@ def loss_settings(**overrides) -> TrainConfig:
     return TrainConfig(**overrides)
 
 
-def _trainer_base():
-    try:
-        from transformers import Trainer
-    except ImportError as err:  # transformers is a dependency: only a broken install lands here
-        raise UserError(f"transformers.Trainer cannot be imported: {err}") from None
-    return Trainer
-
-
-class DistillTrainer(_trainer_base()):
+class DistillTrainer(Trainer):
     """`transformers.Trainer` whose loss is fastkd's CE + sparse KL (+ hidden MSE) from cached teacher
     targets. Give it a CacheDataset/CacheIterableDataset and a DistillCollator; `fastkd_config` holds the
     loss options (see `loss_settings`). The mean is over the micro-batch's loss rows, as `fastkd train`

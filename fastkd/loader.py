@@ -94,8 +94,8 @@ class CacheSource:
 
 
     def expect(self, positions) -> None:
-        """The positions about to be read, in order: a reader of a URL fetches their blocks ahead (a folder's
-        reader needs no notice)."""
+        """The positions about to be read, in order (an iterable, consumed only by a reader of a URL, which
+        fetches their blocks ahead; a folder's reader needs no notice)."""
         reader = self.reader
         if not getattr(reader, "remote", False):
             return
@@ -321,8 +321,8 @@ class BatchStream(torch.utils.data.IterableDataset):
                                 "and micro-batches of one step)")
             expect = getattr(self.source, "expect", None)
             if expect is not None:  # a remote cache fetches this worker's blocks ahead, in the order they come
-                expect([p for index in range(start, len(plan)) if (item + index - start) % workers == worker
-                        for p in rank_slice(plan[index], self.rank, self.world)])
+                expect(p for index in range(start, len(plan)) if (item + index - start) % workers == worker
+                       for p in rank_slice(plan[index], self.rank, self.world))
             for index in range(start, len(plan)):
                 if item % workers == worker:
                     mine = rank_slice(plan[index], self.rank, self.world)

@@ -42,8 +42,10 @@ class RationaleSettings:
     backend: str = "hf"
 
 
-def data_digest(data: str, file_digest) -> str:
-    """sha256 of the records file (a hub dataset name is recorded by name)."""
+def data_digest(data: str) -> str:
+    """sha256 of the records file."""
+    from fastkd.integrity import file_digest
+
     path = Path(data)
     if not path.exists():
         raise UserError(f"--data {data}: no such file")
@@ -123,14 +125,10 @@ def append_lines(path: Path, entries: list[dict]) -> None:
 
 def write_records(out: Path, done: dict[tuple[int, int], dict]) -> int:
     """The kept samples as records (in record, then sample order), written atomically."""
+    from fastkd.synth import write_jsonl
+
     kept = [done[key]["record"] for key in sorted(done) if done[key]["kept"]]
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in kept:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    write_jsonl(out, kept)
     return len(kept)
 
 
@@ -141,8 +139,7 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
                         seed: int = 0, chat: bool = False, device: str = "auto", dtype: str = "auto",
                         backend: str = "hf", skip_bad: bool = False, progress: bool = True, engine=None) -> dict:
     """Sample, judge and log; returns the per-task summary. `engine`: a vLLM-like engine (tests, vllm)."""
-    from fastkd.data import FieldMap, Template, prompt_ids, read_records, validate_record
-    from fastkd.integrity import file_digest
+    from fastkd.data import FieldMap, Template, read_records, validate_record
 
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise UserError("--n, --batch-size and --max-new-tokens must be >= 1")
@@ -150,7 +147,7 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
     log_path = out_path.with_name(out_path.name + LOG_SUFFIX)
     if out_path.resolve() == Path(data).resolve():
         raise UserError(f"--out {out} is the input --data file; write the records somewhere else")
-    settings = RationaleSettings(teacher=str(teacher), data_sha256=data_digest(data, file_digest), n=n, temperature=temperature,
+    settings = RationaleSettings(teacher=str(teacher), data_sha256=data_digest(data), n=n, temperature=temperature,
                                  top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                                  backend=backend)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +186,7 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
     with tqdm(total=len(todo), unit="sample", desc="rationales", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            texts = _sample(part, template, settings, batch_size, tok, model, engine, prompt_ids)
+            texts = _sample(part, template, settings, batch_size, tok, model, engine)
             entries = []
             for (index, rec, k), (text, finish) in zip(part, texts):
                 kept, reason = judge(text, rec["target"], finish)
@@ -208,7 +205,7 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
     return summary
 
 
-def _sample(part, template, settings: RationaleSettings, batch_size, tok, model, engine, prompt_ids):
+def _sample(part, template, settings: RationaleSettings, batch_size, tok, model, engine):
     """(text, finish) per (record, sample) of `part`."""
     from fastkd import bbh
 
@@ -216,6 +213,7 @@ def _sample(part, template, settings: RationaleSettings, batch_size, tok, model,
     if engine is not None:
         prompts = [template.prompt(rec["source"]) for _, rec, _ in part]
         return engine_samples(engine, prompts, seeds, settings)
+    from fastkd.data import prompt_ids
     from fastkd.generate import Sampling, greedy_generate
 
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k)

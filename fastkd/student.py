@@ -30,7 +30,10 @@ class StudentWithLoss(nn.Module):
 
     @property
     def loss_path(self) -> str:
-        """The loss implementation this module runs: the lightest correct one unless --loss-impl chose."""
+        """The loss implementation this module runs: uld under --cross-tokenizer uld, else the lightest
+        correct one unless --loss-impl chose."""
+        if getattr(self.cfg, "cross_tokenizer", None) == "uld":
+            return "uld"
         return choose_loss_path(self.cfg.loss_impl, self.full_forward)
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
@@ -61,7 +64,7 @@ class StudentWithLoss(nn.Module):
             ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
             zero = torch.zeros((), device=ce.device)
             terms = LossTerms(total=cfg.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero, num_tokens=int(y.numel()))
-        elif getattr(cfg, "cross_tokenizer", None) == "uld":  # sorted-probability L1 (kernels/uld.py); terms.kl holds it
+        elif self.loss_path == "uld":  # sorted-probability L1 (kernels/uld.py); terms.kl holds it
             from fastkd.kernels.uld import uld_loss
 
             if logits is None:
@@ -124,9 +127,9 @@ def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
 
 
 def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
-    if getattr(module.cfg, "cross_tokenizer", None) == "uld":
-        return "loss: uld (logits [rows, V], CE + the L1 distance of sorted probabilities; --cross-tokenizer uld)"
     path = module.loss_path
+    if path == "uld":
+        return "loss: uld (logits [rows, V], CE + the L1 distance of sorted probabilities; --cross-tokenizer uld)"
     what = {"fused": "fused linear + loss, chunked over rows (no [rows, V] logits)",
             "logits": "logits [rows, V], loss gradient written over them"}[path]
     why = "auto: the lightest on " + device.type if module.cfg.loss_impl == "auto" else f"--loss-impl {module.cfg.loss_impl}"

@@ -112,13 +112,10 @@ class BBHProbe:
                                    stop_strings=(bbh.STOP_STRING,), batch_size=self.batch_size)
         finally:
             student.train(was_training)
+        from fastkd.evaluate import _item_row, results_from_rows
+
         flat = [it for task_items in self.items.values() for it in task_items]
-        per_task: dict[str, dict[str, list[bool]]] = {}
-        for item, gen in zip(flat, gens):
-            score = bbh.score(gen.text, item.target)
-            slot = per_task.setdefault(item.task, {"strict": [], "lenient": []})
-            slot["strict"].append(bool(score.correct))
-            slot["lenient"].append(bool(score.lenient_correct))
-        summary = bbh.summarise(per_task)["summary"]
+        summary = results_from_rows([_item_row(item, None, None, gen.text, gen.finish)
+                                     for item, gen in zip(flat, gens)])["summary"]
         return {"bbh_strict": summary["strict"]["micro"], "bbh_lenient": summary["lenient"]["micro"],
                 "bbh_items": summary["n_items"]}

@@ -116,7 +116,7 @@ def test_scaled_gradient_never_reads_a_device_value():
     assert out.shape == (4, 7) and out.device.type == "meta"
 
 
-def test_the_old_step_synced_and_the_check_sees_it(kd, tiny_llama_dir):
+def test_the_old_step_synced_and_the_check_sees_it():
     """The detector is not blind: a boolean-mask row selection and an .item() are both caught."""
     syncs = HostSyncs()
     labels = torch.tensor([[1, -100, 3]])

@@ -223,8 +223,8 @@ def test_eval_during_training_logs_heldout_and_bbh_scores_to_jsonl_and_tensorboa
     if resolve_bbh_dir(None, ["boolean_expressions"]) is None:
         pytest.skip("BBH data not found (../shared/bbh)")
     run = tmp_path / "evals"
-    tb = pytest.importorskip("tensorboard")  # noqa: F841
-    result = train(make_quiet_with_tb(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(run), max_steps=4,
+    pytest.importorskip("tensorboard")
+    result = train(quiet(tensorboard=True, cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(run), max_steps=4,
                                       batch_size=8, eval_sequences=8, eval_every=2, eval_bbh_tasks="boolean_expressions",
                                       eval_bbh_limit=3, eval_bbh_max_new_tokens=8, gradient_checkpointing=True))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -241,6 +241,3 @@ def test_eval_during_training_logs_heldout_and_bbh_scores_to_jsonl_and_tensorboa
     assert {"loss", "eval_kl", "eval_bbh_strict"} <= set(tags)
     assert [e.step for e in acc.Scalars("eval_kl")] == [0, 2, 4]
 
-
-def make_quiet_with_tb(**overrides):
-    return quiet(**{**overrides, "tensorboard": True})

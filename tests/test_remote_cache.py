@@ -16,7 +16,7 @@ from fastkd.cache_tools.format import CorruptCacheError
 from fastkd.cache_tools.storage import FIRST_READ, refuse_url_for_writing, read_ahead_bytes
 from fastkd.loader import CacheSource, PlanMaker, make_loader
 
-from test_integrity import tensor_ranges, write_cache
+from test_integrity import student, tensor_ranges, write_cache  # noqa: F401 (student: a fixture)
 
 
 def same_sequences(a, b) -> None:
@@ -315,14 +315,6 @@ def test_a_shuffled_training_epoch_is_fetched_ahead(cache, memory_url):
 
 
 # ----------------------------------------------------------------------------- training from a URL
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, tiny_tokenizer):
-    from fastkd.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("student"), "llama", tokenizer=tiny_tokenizer, hidden=32, layers=1,
-                     heads=4, kv_heads=2, seed=1)
-
 
 def _train(**overrides):
     from fastkd.train import make_config
