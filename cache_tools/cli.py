@@ -40,7 +40,7 @@ def cache_summary(root) -> dict:
     positions = c.get("loss_positions", 0)
     sequences = c.get("sequences", 0)
     total = c.get("bytes", 0)
-    logits = parts.get("topk", 0) + parts.get("counts", 0)
+    logits = parts.get("topk", 0) + parts.get("counts", 0) + parts.get("rows", 0)
     hidden = parts.get("hidden", 0)
 
     def per(x):
@@ -49,7 +49,7 @@ def cache_summary(root) -> dict:
     return {
         "cache": str(root), "format_version": m["format_version"], "complete": bool(m.get("complete")),
         "teacher": m.get("teacher"), "tokenizer": m.get("tokenizer"), "template": m.get("template"),
-        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "layers": m.get("layers", []),
+        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "capture": m.get("capture"), "layers": m.get("layers", []),
         "hidden_widths": m.get("hidden_widths", []), "codecs": m.get("codecs"), "max_length": m.get("max_length"),
         "shards": len(m["shards"]), "sequences": sequences, "tokens": c.get("tokens", 0), "loss_positions": positions,
         "bytes": total,
@@ -89,7 +89,8 @@ def run_inspect(args) -> int:
         f"teacher         {teacher}",
         f"tokenizer       {json.dumps(s['tokenizer'])}",
         f"template        {json.dumps(s['template'])}",
-        f"signal          mode {s['mode']}, k {s['k']}" + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else ""),
+        f"signal          mode {s['mode']}, k {s['k']}" + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else "")
+        + (f", teacher kept at {s['capture']['share']:.0%} of loss positions (by {s['capture']['by']})" if s["capture"] else ""),
         f"hidden layers   {layers}",
         f"codecs          logits {json.dumps(codecs.get('topk'))}, hidden {json.dumps(codecs.get('hidden'))}",
         f"shards          {s['shards']:,}",

@@ -48,6 +48,7 @@ class Layout:
     widths: tuple[int, ...] = ()
     topk_codec: dict = field(default_factory=lambda: {"name": "raw-zstd", "params": {}})
     hidden_codec: dict = field(default_factory=lambda: {"name": "bf16-zstd", "params": {}})
+    captured: bool = False   # selective capture: a `rows` tensor per block says which rows hold the teacher
 
     @property
     def sampled(self) -> bool:
@@ -65,7 +66,7 @@ class Layout:
 
     @property
     def format_version(self) -> int:
-        return format_version_for(self.topk_codec)
+        return 2 if self.captured else format_version_for(self.topk_codec)
 
     def raw_bytes(self, length: int, n: int) -> int:
         """Uncompressed size of one sequence (used to size blocks)."""
@@ -85,13 +86,15 @@ class Layout:
             "topk_codec": json.dumps(self.topk_codec, sort_keys=True),
             "counts_codec": COUNTS_CODEC if self.counts_tensor else "",
             "hidden_codec": json.dumps(self.hidden_codec, sort_keys=True),
+            **({"captured": "1"} if self.captured else {}),
         }
 
     @classmethod
     def from_metadata(cls, meta: dict) -> "Layout":
         return cls(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]), mode=meta["mode"],
                    layers=tuple(json.loads(meta["layers"])), widths=tuple(json.loads(meta["hidden_widths"])),
-                   topk_codec=json.loads(meta["topk_codec"]), hidden_codec=json.loads(meta["hidden_codec"]))
+                   topk_codec=json.loads(meta["topk_codec"]), hidden_codec=json.loads(meta["hidden_codec"]),
+                   captured=meta.get("captured", "") == "1")
 
 
 def format_version_for(topk_codec: dict) -> int:
@@ -128,6 +131,8 @@ def plan_blocks(raw_sizes: list[int], block_bytes: int, max_block_sequences: int
 
 def part_names(layout: Layout, block: int) -> list[str]:
     names = [f"block.{block:05d}.tokens", f"block.{block:05d}.topk"]
+    if layout.captured:
+        names.append(f"block.{block:05d}.rows")
     if layout.counts_tensor:
         names.append(f"block.{block:05d}.counts")
     names += [f"block.{block:05d}.hidden.{layer}" for layer in layout.layers]
@@ -135,7 +140,7 @@ def part_names(layout: Layout, block: int) -> list[str]:
 
 
 def part_kind(name: str) -> str:
-    """'tokens', 'topk', 'counts' or 'hidden' for a block tensor name."""
+    """'tokens', 'topk', 'rows', 'counts' or 'hidden' for a block tensor name."""
     return name.split(".")[2]
 
 
@@ -178,6 +183,8 @@ def _encode_block_parts(layout: Layout, seqs: list[CachedSequence]) -> dict[str,
 
     if n == 0:  # nothing to encode: empty payloads (the codecs are never called with n=0)
         parts["topk"] = b""
+        if layout.captured:
+            parts["rows"] = b""
         if layout.counts_tensor:
             parts["counts"] = b""
         for layer in layout.layers:
@@ -189,10 +196,17 @@ def _encode_block_parts(layout: Layout, seqs: list[CachedSequence]) -> dict[str,
                                      layout.vocab_size, **layout.topk_codec["params"])
         extra = {}
     else:
-        extra = {"labels": block_labels(ids, masks)} if codec.labels else {}
-        parts["topk"] = codec.encode(rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.topk_logprobs, np.float32, k),
-                                     rows(lambda s: s.tail, np.float32, 0), layout.vocab_size,
-                                     **layout.topk_codec["params"], **extra)
+        top_ids, top_lp, tail = rows(lambda s: s.topk_ids, np.int64, k), rows(lambda s: s.topk_logprobs, np.float32, k), \
+            rows(lambda s: s.tail, np.float32, 0)
+        labels = block_labels(ids, masks) if codec.labels else None
+        if layout.captured:   # only the rows that hold the teacher go to the codec; a bit per row says which
+            kept = ~((top_ids == -1).all(axis=1) & np.isneginf(top_lp).all(axis=1) & (tail == 1.0))
+            parts["rows"] = zstd_compress(np.packbits(kept).tobytes())
+            top_ids, top_lp, tail = top_ids[kept], top_lp[kept], tail[kept]
+            labels = None if labels is None else labels[kept]
+        extra = {"labels": labels} if codec.labels else {}
+        parts["topk"] = codec.encode(top_ids, top_lp, tail, layout.vocab_size, **layout.topk_codec["params"],
+                                     **extra) if len(tail) else b""
     if layout.counts_tensor:
         parts["counts"] = zstd_compress(split_planes(rows(lambda s: s.counts, np.uint16, k)))
     hcodec = get_hidden_codec(layout.hidden_codec["name"])
@@ -226,7 +240,7 @@ def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: 
         "index.task": np.array([task_ids[s.task] for s in seqs], np.int32),
         "index.block_start": np.array(starts, np.int64),
     }
-    part_bytes = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0}
+    part_bytes = {"tokens": 0, "topk": 0, "counts": 0, "hidden": 0, **({"rows": 0} if layout.captured else {})}
     hidden_bytes = {str(layer): 0 for layer in layout.layers}
     for b in range(len(starts) - 1):
         for kind, payload in _encode_block(layout, seqs[starts[b]: starts[b + 1]]).items():
@@ -272,9 +286,9 @@ class ShardV1:
         check_layout(self.layout)
         if self.meta.get("format_version", str(self.version)) != str(self.version):
             raise CorruptShard(f"metadata format_version {self.meta.get('format_version')!r}, the manifest says {self.version}")
-        if format_version_for(self.layout.topk_codec) > self.version:
-            raise CorruptShard(f"metadata topk_codec {self.layout.topk_codec['name']} needs format version 2, "
-                               f"the shard says {self.version}")
+        if self.layout.format_version > self.version:
+            raise CorruptShard(f"metadata {'captured' if self.layout.captured else 'topk_codec ' + self.layout.topk_codec['name']}"
+                               f" needs format version 2, the shard says {self.version}")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
             raise CorruptShard("metadata field 'tasks' is not a list of names")
         if not isinstance(self.digests, dict) or not all(is_hex_digest(v, self.digest) for v in self.digests.values()):
@@ -334,6 +348,14 @@ class ShardV1:
         for name in self.part_names(block):
             self.raw_part(name)
 
+    @staticmethod
+    def _kept_rows(payload: bytes, n: int, prefix: str) -> np.ndarray:
+        """The `rows` tensor of a selective-capture block: one bit per loss row (1 = holds the teacher)."""
+        bits = np.frombuffer(zstd_decompress(payload, (n + 7) // 8), np.uint8)
+        if len(bits) != (n + 7) // 8 or (n % 8 and bits[-1] & ((1 << (8 - n % 8)) - 1)):
+            raise ValueError(f"tensor {prefix}rows does not hold {n} row bits")
+        return np.unpackbits(bits, count=n).astype(bool)
+
     def decode_block(self, block: int, layers=None) -> list[CachedSequence]:
         """The sequences of one block; `layers` limits which hidden layers are decoded (None: all).
         With verify on, every tensor of the block is checked first, decoded or not: a block is
@@ -367,10 +389,26 @@ class ShardV1:
                     raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {counts.shape}")
                 lp, tail = empirical_logprobs(counts)
             else:
-                extra = {"labels": all_ids[all_mask.astype(bool)].astype(np.int64)} if codec.labels else {}
-                ids, lp, tail = codec.decode(raw[prefix + "topk"], n, k, lay.vocab_size,
-                                             **lay.topk_codec["params"], **extra)
-                ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
+                labels = all_ids[all_mask.astype(bool)].astype(np.int64)
+                kept = self._kept_rows(raw[prefix + "rows"], n, prefix) if lay.captured else None
+                m = n if kept is None else int(kept.sum())
+                if kept is not None:
+                    labels = labels[kept]
+                extra = {"labels": labels} if codec.labels else {}
+                if m:
+                    ids, lp, tail = codec.decode(raw[prefix + "topk"], m, k, lay.vocab_size,
+                                                 **lay.topk_codec["params"], **extra)
+                    ids, lp, tail = np.asarray(ids, np.int64), np.asarray(lp, np.float32), np.asarray(tail, np.float32)
+                    if ids.shape != (m, k) or lp.shape != (m, k) or tail.shape != (m,):
+                        raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
+                elif raw[prefix + "topk"]:
+                    raise ValueError(f"tensor {prefix}topk holds bytes but {prefix}rows keeps no row")
+                if kept is not None:   # the rows without the teacher: ids -1, log-probs -inf, tail 1
+                    full_ids, full_lp = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
+                    full_tail = np.ones(n, np.float32)
+                    if m:
+                        full_ids[kept], full_lp[kept], full_tail[kept] = ids, lp, tail
+                    ids, lp, tail = full_ids, full_lp, full_tail
             if ids.shape != (n, k) or lp.shape != (n, k) or tail.shape != (n,):
                 raise ValueError(f"tensor {prefix}topk decoded to shapes {ids.shape}, {lp.shape}, {tail.shape}")
             if lay.counts_tensor:

@@ -285,7 +285,7 @@ class UnitWriter:
         if got != unit.records:
             raise CacheError(f"cache {self.root}: unit {number} must hold records {unit.records[:4]}..., got {got[:4]}...")
         for seq in seqs:
-            check_sequence(self.root, self.layout, seq)
+            check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
         seqs = [_owned_copy(s) for s in seqs]
         name = shard_file(number)
         entry = write_shard_file(self.root, name, number, seqs, self.layout, self.settings,

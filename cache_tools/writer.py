@@ -94,7 +94,8 @@ def normalize_settings(settings: dict) -> dict:
 def layout_of(settings: dict) -> Layout:
     return Layout(k=settings["k"], vocab_size=settings["tokenizer"]["vocab_size"], mode=settings["mode"],
                   layers=tuple(settings["layers"]), widths=tuple(settings["hidden_widths"]),
-                  topk_codec=settings["codecs"]["topk"], hidden_codec=settings["codecs"]["hidden"])
+                  topk_codec=settings["codecs"]["topk"], hidden_codec=settings["codecs"]["hidden"],
+                  captured="capture" in settings)
 
 
 def _now() -> str:
@@ -116,8 +117,17 @@ def totals(shards: list[dict]) -> dict:
             "payload_bytes": parts, "hidden_bytes": hidden}
 
 
-def check_sequence(root, lay: Layout, seq: CachedSequence) -> None:
-    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution."""
+def empty_rows(seq: CachedSequence) -> np.ndarray:
+    """Rows a selective-capture cache stores without the teacher (bool [n]): every id -1, every
+    log-prob -inf, tail exactly 1."""
+    ids = np.asarray(seq.topk_ids)
+    return ((ids == -1).all(axis=1) & np.isneginf(np.asarray(seq.topk_logprobs, np.float64)).all(axis=1)
+            & (np.asarray(seq.tail) == 1.0))
+
+
+def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = False) -> None:
+    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution.
+    `captured`: a selective-capture cache, whose topk mode also holds empty rows (see `empty_rows`)."""
     where = f"cache {root}: record {seq.record_index}"
     ids = np.asarray(seq.input_ids)
     mask = np.asarray(seq.loss_mask)
@@ -135,7 +145,8 @@ def check_sequence(root, lay: Layout, seq: CachedSequence) -> None:
             raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
                              f"({n} loss positions, k={k})")
     lp = np.asarray(seq.topk_logprobs, np.float64)
-    if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and np.isneginf(lp).all(axis=1).any()):
+    empty = empty_rows(seq) if captured and not lay.sampled else np.zeros(n, bool)
+    if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and (np.isneginf(lp).all(axis=1) & ~empty).any()):
         raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
                          f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
                          f"produced NaN; nothing of this record was written (try --dtype float32)")
@@ -146,7 +157,7 @@ def check_sequence(root, lay: Layout, seq: CachedSequence) -> None:
                          f"output is not a distribution (try --dtype float32)")
     tids = np.asarray(seq.topk_ids)
     low = -1 if lay.sampled else 0
-    if tids.size and (tids.min() < low or tids.max() >= lay.vocab_size):
+    if tids[~empty].size and (tids[~empty].min() < low or tids.max() >= lay.vocab_size):
         raise CacheError(f"{where}: field topk_ids has ids outside [{low}, {lay.vocab_size}) "
                          f"(tokenizer.vocab_size {lay.vocab_size})")
     if lay.sampled:
@@ -322,7 +333,7 @@ class CacheWriter:
         if r in self.done or r in self._buffered:
             raise CacheError(f"cache {self.root}: record {seq.record_index}: already in the cache (skip the indices in "
                              f"writer.done when resuming)")
-        check_sequence(self.root, self.layout, seq)
+        check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
 
     def _flush(self) -> None:
         if not self._buffer:

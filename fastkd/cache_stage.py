@@ -125,7 +125,8 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
                   hidden_codec: str | None = None, logits_codec: str | None = None, split: str = "train",
                   hidden_project: int | None = None, progress: bool = True, device_map=None, max_memory=None,
                   offload_folder: str | None = None, backend: str = "hf", vllm_max_logprobs: int | None = None,
-                  vllm_tensor_parallel: int = 1, vllm_engine=None) -> CacheSummary:
+                  vllm_tensor_parallel: int = 1, vllm_engine=None, capture_share: float = 1.0,
+                  capture_by: str = "entropy") -> CacheSummary:
     """The whole stage as a function (the CLI and the demo call this). Under torchrun every rank
     calls it: each writes its own work units, rank 0 merges them into the manifest at the end."""
     import torch
@@ -144,6 +145,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
         raise UserError(f"--backend {backend}: choose hf (transformers) or vllm")
     if sequences_per_shard < 1:
         raise UserError(f"--sequences-per-shard must be >= 1, got {sequences_per_shard}")
+    _check_capture(capture_share, capture_by, sample_n)
     started = time.perf_counter()
     ranks = _Ranks()
     try:
@@ -165,6 +167,8 @@ def cache_teacher(teacher: str, data: str, out: str, *, k: int = 64, layers: str
             device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, backend=backend,
             vllm_max_logprobs=vllm_max_logprobs, vllm_tensor_parallel=vllm_tensor_parallel, vllm_engine=vllm_engine,
             vocab=vocab)
+        if capture_share < 1.0:
+            forward, settings = _capturing(forward, settings, capture_share, capture_by, seed)
         summary = CacheSummary(report=report.as_dict())
         existing = read_manifest(Path(out)) if (Path(out) / MANIFEST).exists() else None
         if existing is not None:  # a codec not asked for is the cache's own: a newer default must not strand it
@@ -280,6 +284,27 @@ def _teacher_and_settings(teacher, tokenizer, template, ranks, *, k, layers, max
 
     forward.device = where
     return forward, settings
+
+
+def _check_capture(share: float, by: str, sample_n) -> None:
+    from fastkd.teacher import check_capture
+
+    check_capture(share, by)
+    if share < 1.0 and sample_n:
+        raise UserError("--capture-share < 1 works with top-k caches only (not with --sample)")
+
+
+def _capturing(forward, settings: dict, share: float, by: str, seed: int):
+    """Selective capture: the teacher's top-k kept at `share` of each sequence's loss positions,
+    empty rows elsewhere (CE alone there); the choice is recorded in the manifest's settings."""
+    from fastkd.teacher import capture_rows, drop_rows
+
+    def captured(chunk, generator):
+        sig = forward(chunk, generator)
+        return drop_rows(sig, capture_rows(sig, [ex.record_index for ex in chunk], share, by, seed))
+
+    captured.device = getattr(forward, "device", "cpu")
+    return captured, dict(settings, capture={"share": float(share), "by": by, "seed": int(seed) if by == "random" else None})
 
 
 def _settings(identity, tokenizer, template, *, k, sample_n, seed, layer_list, widths, max_length, overflow, fields,
@@ -496,6 +521,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store hidden states through a fixed random projection to width D (its seed, --seed, goes in the manifest; "
                         "the student's learned projection then targets width D)")
     p.add_argument("--logits-codec", default=None, help="top-k codec; default: the format's default")
+    p.add_argument("--capture-share", type=float, default=1.0, metavar="F",
+                   help="selective capture: keep the teacher's top-k at this share of each sequence's loss positions "
+                        "(e.g. 0.2); the other positions are stored empty and train on CE alone. Default 1 (all)")
+    p.add_argument("--capture-by", choices=["entropy", "random"], default="entropy",
+                   help="with --capture-share < 1: keep the highest-entropy positions (teacher top-k + tail entropy), or a "
+                        "random choice seeded by --seed and the record")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -509,7 +540,8 @@ def run(args: argparse.Namespace) -> int:
                       logits_codec=args.logits_codec, split=args.split, hidden_project=args.hidden_project,
                       progress=not args.quiet, device_map=args.device_map, max_memory=args.max_memory,
                       offload_folder=args.offload_folder, backend=args.backend,
-                      vllm_max_logprobs=args.vllm_max_logprobs, vllm_tensor_parallel=args.vllm_tensor_parallel)
+                      vllm_max_logprobs=args.vllm_max_logprobs, vllm_tensor_parallel=args.vllm_tensor_parallel,
+                      capture_share=args.capture_share, capture_by=args.capture_by)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(s, args.out))
     return 0
@@ -531,7 +563,7 @@ def format_summary(s: CacheSummary, out: str) -> str:
     ]
     payload = counts.get("payload_bytes", {})
     if payload:
-        logits = payload.get("topk", 0) + payload.get("counts", 0)
+        logits = payload.get("topk", 0) + payload.get("counts", 0) + payload.get("rows", 0)
         lines.append(f"  bytes per loss position: logits {logits / positions:.1f}, hidden {payload.get('hidden', 0) / positions:.1f}, "
                      f"all files {counts.get('bytes', 0) / positions:.1f}")
     if s.seconds_write > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -220,3 +221,50 @@ def _sample(logprobs: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, to
     ids = torch.full_like(draws, -1).scatter(1, slot, draws)
     counts = torch.zeros_like(draws, dtype=torch.int32).scatter_add(1, slot, torch.ones_like(draws, dtype=torch.int32))
     return ids, counts
+
+
+CAPTURE_BY = ("entropy", "random")
+
+
+def check_capture(share: float, by: str) -> None:
+    if not 0.0 < share <= 1.0:
+        raise UserError(f"--capture-share must be in (0, 1] (the share of loss positions that keep the teacher), got {share}")
+    if by not in CAPTURE_BY:
+        raise UserError(f"--capture-by {by!r}: choose one of {', '.join(CAPTURE_BY)}")
+
+
+def capture_entropy(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's top-k + tail-bucket distribution: a lower bound of the full
+    entropy that both backends can compute (vLLM returns only the top-k)."""
+    p = logprobs.double().exp()
+    t = tail.double()
+    return -(torch.special.xlogy(p, p).sum(dim=1) + torch.special.xlogy(t, t))
+
+
+def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by: str, seed: int) -> torch.Tensor:
+    """Selective capture: which rows keep the teacher (bool [M]). Per sequence, ceil(share * rows)
+    of its loss positions: the highest-entropy ones (ties: the earlier position) or a random choice
+    seeded by (seed, record), so a resumed or re-split run picks the same rows."""
+    check_capture(share, by)
+    keep = torch.zeros(sig.tail.shape[0], dtype=torch.bool)
+    score = capture_entropy(sig.topk_logprobs, sig.tail).cpu() if by == "entropy" else None
+    start = 0
+    for record, rows in zip(record_indices, sig.rows_per_sequence):
+        chosen = min(rows, math.ceil(share * rows - 1e-9))
+        if by == "entropy":
+            order = torch.sort(-score[start:start + rows], stable=True).indices
+        else:
+            order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(record)))
+        keep[start + order[:chosen]] = True
+        start += rows
+    return keep
+
+
+def drop_rows(sig: TeacherSignal, keep: torch.Tensor) -> TeacherSignal:
+    """Empty the rows not kept: ids -1, log-probs -inf, tail 1 (the whole mass outside an empty
+    top-k), which every loss path reads as KL 0 with no gradient: CE alone there. Hidden states stay."""
+    drop = ~keep.to(sig.tail.device)
+    sig.topk_ids = sig.topk_ids.masked_fill(drop[:, None], -1)
+    sig.topk_logprobs = sig.topk_logprobs.masked_fill(drop[:, None], float("-inf"))
+    sig.tail = sig.tail.masked_fill(drop, 1.0)
+    return sig

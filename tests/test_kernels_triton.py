@@ -206,3 +206,23 @@ def test_triton_chunk_kernel_hard_tail(tri):
     terms.ce, terms.kl = ce_t / 5, kl_t / 5
     terms.total = terms.ce + terms.kl
     against_independent(terms, g_t, case, torch.float32)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_triton_empty_rows_of_a_selective_capture_cache(tri, temperature):
+    """Rows with every id -1, log-prob -inf and tail 1 (cache-teacher --capture-share): CE alone there."""
+    case = make_case(n=9, v=97, k=6, seed=11)
+    empty = torch.tensor([i % 3 != 0 for i in range(9)])
+    case["teacher_ids"][empty] = -1
+    case["teacher_logprobs"][empty] = float("-inf")
+    case["tail"][empty] = 1.0
+    kw = dict(ce_weight=0.6, kl_weight=1.4, temperature=temperature)
+    z = case["logits"].clone().requires_grad_(True)
+    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], **kw)
+    terms.total.backward()
+    against_independent(terms, z.grad, case, torch.float32, **kw)
+    rows = int((case["labels"] != -100).sum())
+    for r in torch.nonzero(empty & (case["labels"] != -100)).flatten().tolist():
+        want = torch.softmax(case["logits"][r].double(), -1)
+        want[case["labels"][r]] -= 1
+        torch.testing.assert_close(z.grad[r].double(), 0.6 * want / rows, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,156 @@
+"""Selective capture (`cache-teacher --capture-share`): which rows keep the teacher, what the
+others hold, and what the loss makes of them, against brute-force references."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.cache_stage import cache_teacher
+from fastkd.cache_tools import CacheReader
+from fastkd.errors import UserError
+from fastkd.kernels.chunked import chunked_distill_loss
+from fastkd.kernels.fused_linear import fused_linear_distill_loss
+from fastkd.kernels.reference import reference_loss
+
+K = 8
+
+
+@pytest.fixture
+def records(tmp_path):
+    rng = np.random.default_rng(3)
+    words = ["True", "False", "and", "or", "not", "(", ")", "step", "Take", "Yes", "No"]
+    rows = [{"source": " ".join(rng.choice(words, size=rng.integers(2, 10))),
+             "rationale": " ".join(rng.choice(words, size=rng.integers(0, 25))),
+             "target": str(rng.choice(["True", "False"]))} for _ in range(10)]
+    path = tmp_path / "recs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _by_record(path):
+    return {s.record_index: s for s in CacheReader(path)}
+
+
+def _entropy64(logprobs, tail):
+    """Brute force, float64: entropy of the top-k + tail-bucket distribution, one row at a time."""
+    out = []
+    for lp, t in zip(logprobs.astype(np.float64), tail.astype(np.float64)):
+        probs = [math.exp(v) for v in lp] + [t]
+        out.append(-sum(p * math.log(p) for p in probs if p > 0))
+    return np.array(out)
+
+
+def test_entropy_capture_keeps_the_highest_entropy_rows_and_empties_the_rest(tiny_qwen_dir, records, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    cache_teacher(str(tiny_qwen_dir), str(records), str(full), k=K, batch_size=4, progress=False, logits_codec="raw-zstd")
+    cache_teacher(str(tiny_qwen_dir), str(records), str(part), k=K, batch_size=3, progress=False, logits_codec="raw-zstd",
+                  capture_share=0.25)
+    assert CacheReader(part).manifest["capture"] == {"share": 0.25, "by": "entropy", "seed": None}
+    assert "capture" not in CacheReader(full).manifest
+    a, b = _by_record(full), _by_record(part)
+    assert a.keys() == b.keys()
+    for r, seq in a.items():
+        got = b[r]
+        n = len(seq.tail)
+        assert np.array_equal(got.input_ids, seq.input_ids) and np.array_equal(got.loss_mask, seq.loss_mask)
+        kept = (got.topk_ids >= 0).any(axis=1)
+        assert kept.sum() == math.ceil(0.25 * n)
+        ent = _entropy64(seq.topk_logprobs, seq.tail)
+        # every kept row has at least the entropy of every dropped row (ties may go either way)
+        if kept.any() and (~kept).any():
+            assert ent[kept].min() >= ent[~kept].max() - 1e-6
+        assert np.array_equal(got.topk_ids[kept], seq.topk_ids[kept])            # kept rows: the full cache's
+        assert np.array_equal(got.topk_logprobs[kept], seq.topk_logprobs[kept])
+        assert np.array_equal(got.tail[kept], seq.tail[kept])
+        assert (got.topk_ids[~kept] == -1).all() and np.isneginf(got.topk_logprobs[~kept]).all()
+        assert (got.tail[~kept] == 1.0).all()
+
+
+def test_random_capture_is_the_same_for_any_batching_and_depends_on_the_seed(tiny_qwen_dir, records, tmp_path):
+    def kept(out, batch, seed):
+        cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, batch_size=batch, progress=False,
+                      capture_share=0.5, capture_by="random", seed=seed, sequences_per_shard=3)
+        return {r: (s.topk_ids >= 0).any(axis=1) for r, s in _by_record(out).items()}
+
+    one, two, other = kept(tmp_path / "a", 2, 7), kept(tmp_path / "b", 5, 7), kept(tmp_path / "c", 5, 8)
+    assert all(np.array_equal(one[r], two[r]) for r in one)
+    assert all(m.sum() == math.ceil(0.5 * len(m)) for m in one.values())
+    assert any(not np.array_equal(one[r], other[r]) for r in one)
+
+
+def test_a_resume_with_another_share_is_refused_and_bad_values_are_clear(tiny_qwen_dir, records, tmp_path):
+    out = tmp_path / "c"
+    cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, progress=False, capture_share=0.5)
+    with pytest.raises(UserError, match="capture"):
+        cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, progress=False, capture_share=0.2)
+    for kwargs, message in ((dict(capture_share=0.0), "capture-share"), (dict(capture_share=1.5), "capture-share"),
+                            (dict(capture_share=0.5, capture_by="loss"), "capture-by"),
+                            (dict(capture_share=0.5, sample_n=4), "top-k caches only")):
+        with pytest.raises(UserError, match=message):
+            cache_teacher(str(tiny_qwen_dir), str(records), str(tmp_path / "bad"), k=K, progress=False, **kwargs)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def _random_batch(n=12, v=40, k=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[1] = -100                                               # a padding row
+    teacher = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, -1)
+    lp, ids = teacher.topk(k, dim=-1)
+    tail = 1 - lp.exp().sum(-1)
+    keep = torch.rand(n, generator=g) < 0.4
+    keep[0], keep[2] = True, False
+    ids = ids.masked_fill(~keep[:, None], -1)
+    lp = lp.masked_fill(~keep[:, None], float("-inf"))
+    tail = tail.masked_fill(~keep, 1.0)
+    return logits, labels, ids, lp, tail, keep
+
+
+def _brute_force(logits, labels, ids, lp, tail, keep, kl_weight):
+    """CE on every counted row, KL(teacher || student) over K u {tail} on the kept rows only, mean over counted rows."""
+    total, rows = 0.0, 0
+    for r in range(len(labels)):
+        if labels[r] == -100:
+            continue
+        rows += 1
+        logq = torch.log_softmax(logits[r], -1)
+        total += float(-logq[labels[r]])
+        if keep[r]:
+            p = torch.cat([lp[r].exp(), tail[r:r + 1]])
+            q_k = logq[ids[r]].exp()
+            q = torch.cat([q_k, (1 - q_k.sum()).clamp_min(1e-300)[None]])
+            total += kl_weight * float((p * (p.clamp_min(1e-300).log() - q.log())).sum())
+    return total / rows
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "fused_linear"])
+def test_empty_rows_train_on_ce_alone_in_every_loss_path(impl):
+    logits, labels, ids, lp, tail, keep = _random_batch()
+    kw = dict(mode="tail", ce_weight=1.0, kl_weight=0.7)
+    if impl == "fused_linear":
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(len(labels), 16, generator=g, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(logits.shape[1], 16, generator=g, dtype=torch.float64)
+        terms = fused_linear_distill_loss(hidden, weight, labels, ids, lp.float(), tail.float(), **kw)
+        expected = _brute_force((hidden @ weight.T).detach(), labels, ids, lp, tail, keep, 0.7)
+        z = hidden
+    else:
+        z = logits.clone().float().requires_grad_(True)
+        expected = _brute_force(z.detach().double(), labels, ids, lp, tail, keep, 0.7)
+        fn = reference_loss if impl == "reference" else chunked_distill_loss
+        terms = fn(z, labels, ids, lp.float(), tail.float(), **kw)
+    assert abs(float(terms.total.detach()) - expected) < 1e-5 * max(1.0, abs(expected))
+    terms.total.backward()
+    if impl != "fused_linear":   # the gradient of an empty row is the CE gradient alone (softmax - onehot) / rows
+        rows = int((labels != -100).sum())
+        for r in torch.nonzero(~keep).flatten().tolist():
+            if labels[r] == -100:
+                assert torch.all(z.grad[r] == 0)
+                continue
+            ce = torch.softmax(z.detach()[r].double(), -1)
+            ce[labels[r]] -= 1
+            torch.testing.assert_close(z.grad[r].double(), ce / rows, atol=1e-6, rtol=1e-4)
