@@ -151,7 +151,9 @@ def run_stats(args) -> int:
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
-    print(f"{s['cache']}: {s['sequences']:,} sequences, {s['loss_positions']:,} loss positions, "
+    kept = "" if s["loss_positions_with_teacher"] == s["loss_positions"] else \
+        f" ({s['loss_positions_with_teacher']:,} hold the teacher: the metrics are over those)"
+    print(f"{s['cache']}: {s['sequences']:,} sequences, {s['loss_positions']:,} loss positions{kept}, "
           f"mode {s['mode']}, k {s['k']}, vocab {s['vocab_size']:,}; entropies in nats")
     head = f"{'metric':<14}{'mean':>9}" + "".join(f"{'q' + format(q, 'g'):>9}" for q in QUANTILES)
     print(head)

@@ -39,13 +39,19 @@ def entropy_bounds(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, voca
     return known + lower_tail, known + np.maximum(upper_tail, lower_tail)
 
 
+def teacher_rows(seq) -> np.ndarray:
+    """Rows that hold the teacher (bool [n]): all but a selective-capture cache's empty rows."""
+    return (np.asarray(seq.topk_ids) >= 0).any(axis=1)
+
+
 def position_stats(seq, vocab_size: int, sampled: bool) -> dict[str, np.ndarray]:
-    """The per-position metrics of one CachedSequence."""
-    lp = np.asarray(seq.topk_logprobs, np.float64)
-    valid = (np.asarray(seq.topk_ids) >= 0) & np.isfinite(lp)
+    """The per-position metrics of one CachedSequence, over the rows that hold the teacher."""
+    keep = teacher_rows(seq)
+    ids, lp, tail = np.asarray(seq.topk_ids)[keep], np.asarray(seq.topk_logprobs, np.float64)[keep], np.asarray(seq.tail)[keep]
+    valid = (ids >= 0) & np.isfinite(lp)
     top1 = np.where(valid, np.exp(np.where(valid, lp, -np.inf)), 0.0).max(axis=1, initial=0.0)
-    lower, upper = entropy_bounds(seq.topk_ids, lp, seq.tail, vocab_size, capped=not sampled)
-    return {"tail_mass": np.asarray(seq.tail, np.float64), "top1_prob": top1, "entropy_lower": lower,
+    lower, upper = entropy_bounds(ids, lp, tail, vocab_size, capped=not sampled)
+    return {"tail_mass": np.asarray(tail, np.float64), "top1_prob": top1, "entropy_lower": lower,
             "entropy_upper": upper, "entropy_gap": upper - lower}
 
 
@@ -67,7 +73,7 @@ def cache_stats(reader, max_sequences: int | None = None, progress=None) -> dict
     sampled = reader.manifest.get("mode") == "sample"
     values: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
     total = len(reader) if max_sequences is None else min(max_sequences, len(reader))
-    seen = positions = 0
+    seen = positions = with_teacher = 0
     it = iter(reader)
     for _ in (progress(range(total)) if progress else range(total)):
         seq = next(it)
@@ -75,6 +81,8 @@ def cache_stats(reader, max_sequences: int | None = None, progress=None) -> dict
             values[name].append(v)
         seen += 1
         positions += len(seq.tail)
-    return {"cache": str(reader.root), "sequences": seen, "loss_positions": positions, "vocab_size": vocab,
+        with_teacher += int(teacher_rows(seq).sum())
+    return {"cache": str(reader.root), "sequences": seen, "loss_positions": positions,
+            "loss_positions_with_teacher": with_teacher, "vocab_size": vocab,
             "k": reader.manifest["k"], "mode": reader.manifest.get("mode", "topk"), "units": "nats",
             "metrics": summarise(values)}

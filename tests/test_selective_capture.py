@@ -154,3 +154,80 @@ def test_empty_rows_train_on_ce_alone_in_every_loss_path(impl):
             ce = torch.softmax(z.detach()[r].double(), -1)
             ce[labels[r]] -= 1
             torch.testing.assert_close(z.grad[r].double(), ce / rows, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the format: a bit per row, only kept rows coded
+
+def _captured_sequences(settings, seed, share):
+    from fastkd.cache_tools.synthetic import random_sequences
+
+    rng = np.random.default_rng(seed)
+    seqs = random_sequences(seed, 24, settings)
+    for j, s in enumerate(seqs):
+        n = len(s.tail)
+        drop = rng.random(n) >= share
+        if j % 5 == 0:
+            drop[:] = True                   # sequences with no kept row at all
+        s.topk_ids[drop] = -1
+        s.topk_logprobs[drop] = -np.inf
+        s.tail[drop] = 1.0
+    return seqs
+
+
+@pytest.mark.parametrize("codec,share", [("raw-zstd", 0.3), ("kt-zstd", 0.3), ("kt2-zstd", 0.3), ("kt-zstd", 0.0)])
+def test_captured_cache_round_trip_and_rows_tensor(tmp_path, codec, share):
+    from fastkd.cache_tools import CacheWriter
+    from fastkd.cache_tools.synthetic import synthetic_settings
+    from safetensors import safe_open
+
+    settings = synthetic_settings(vocab_size=300, k=8, layers=(1,), widths=(16,),
+                                  codecs={"topk": {"name": codec, "params": {}}, "hidden": {"name": "bf16-zstd", "params": {}}},
+                                  capture={"share": 0.3, "by": "entropy", "seed": None})
+    seqs = _captured_sequences(settings, 5, share)   # share 0: every row of every block empty
+    root = tmp_path / "c"
+    with CacheWriter(root, settings, sequences_per_shard=10) as w:
+        for s in seqs:
+            w.add(s)
+    reader = CacheReader(root)
+    assert reader.manifest["format_version"] == 2
+    assert reader.manifest["counts"]["payload_bytes"]["rows"] > 0
+    by = _by_record(root)
+    for s in seqs:
+        got = by[s.record_index]
+        kept = ~(s.topk_ids == -1).all(axis=1)
+        assert np.array_equal(got.topk_ids == -1, s.topk_ids == -1)      # empty rows come back empty, others whole
+        assert (got.tail[~kept] == 1.0).all() and np.isneginf(got.topk_logprobs[~kept]).all()
+        assert np.array_equal(np.sort(got.topk_ids[kept], 1), np.sort(s.topk_ids[kept], 1))
+        np.testing.assert_allclose(got.tail[kept], s.tail[kept], rtol=1e-6, atol=0)
+        assert got.hidden[1].shape == s.hidden[1].shape                  # hidden states at every row
+    with safe_open(str(root / "shards" / "shard-00000.safetensors"), "np") as f:
+        names = list(f.keys())
+        assert f.metadata()["captured"] == "1" and f.metadata()["format_version"] == "2"
+    assert {n for n in names if n.endswith(".rows")} == {n.replace(".tokens", ".rows") for n in names if n.endswith(".tokens")}
+
+
+def test_empty_rows_are_refused_without_capture_and_a_flipped_row_bit_is_caught(tmp_path):
+    from fastkd.cache_tools import CacheWriter
+    from fastkd.cache_tools.format import CacheError
+    from fastkd.cache_tools.synthetic import synthetic_settings
+
+    plain = synthetic_settings(vocab_size=300, k=8, layers=(), widths=())
+    seqs = _captured_sequences(plain, 6, 0.5)
+    with pytest.raises(CacheError, match="topk_logprobs"):
+        with CacheWriter(tmp_path / "plain", plain) as w:
+            for s in seqs:
+                w.add(s)
+    captured = dict(plain, capture={"share": 0.5, "by": "random", "seed": 0})
+    root = tmp_path / "c"
+    with CacheWriter(root, captured) as w:
+        for s in seqs:
+            w.add(s)
+    shard = root / "shards" / "shard-00000.safetensors"
+    from test_cache_format import _tensor_ranges
+
+    a, b = _tensor_ranges(shard)["block.00000.rows"]
+    data = bytearray(shard.read_bytes())
+    data[(a + b) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="block 0"):
+        list(CacheReader(root))
