@@ -208,6 +208,10 @@ def train(config: TrainConfig | dict) -> TrainResult:
         import sys
 
         print(describe_loss_path(module, env.device), file=sys.stderr)
+        capture = (getattr(data.train, "manifest", None) or {}).get("capture")
+        if capture:
+            print(f"cache: selective capture, the teacher at {capture['share']:.0%} of loss positions (by {capture['by']}): "
+                  f"CE + KL there, CE alone elsewhere", file=sys.stderr)
     stream = step_stream(data, config, env, pad_id, epoch, position)
     pending_tokens = torch.zeros((), dtype=torch.float64, device=env.device)  # other ranks' rows, not yet read back
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (config.progress and env.is_main))

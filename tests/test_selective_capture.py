@@ -231,3 +231,18 @@ def test_empty_rows_are_refused_without_capture_and_a_flipped_row_bit_is_caught(
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="block 0"):
         list(CacheReader(root))
+
+
+def test_fastkd_train_on_a_captured_cache_says_so_and_its_kl_counts_only_kept_rows(tiny_qwen_dir, tiny_llama_dir,
+                                                                                 records, tmp_path, capsys):
+    from fastkd.cli import main
+
+    cache = tmp_path / "cache"
+    cache_teacher(str(tiny_qwen_dir), str(records), str(cache), k=K, progress=False, capture_share=0.2)
+    rc = main(["train", "--cache", str(cache), "--student", str(tiny_llama_dir), "--out", str(tmp_path / "run"),
+               "--max-steps", "2", "--batch-size", "4", "--eval-cache", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 0 and "teacher at 20% of loss positions (by entropy)" in err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[0]
+    assert first["eval_kl"] > 0 and first["eval_kl"] < first["eval_ce"]   # KL summed over 20% of rows, mean over all
