@@ -367,8 +367,34 @@ def topk2_parts(sample, vocab, labels, block) -> str:
     for train, test in ((sample.ids[:half], sample.ids[half:]), (sample.ids[half:], sample.ids[:half])):
         f = np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
         cost += (-np.log2(1 - f).sum() + (-np.log2(f[test]) + np.log2(1 - f[test])).sum(1)).sum()
+    values, values_given_scale = value_floors(sample)
     return (", ".join(f"{key} {v:.2f}" for key, v in totals.items())
-            + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position")
+            + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position"
+            + f"; value codes (kt2 default steps) at their zeroth-order entropy {values:.1f} B, given a 16-class row scale "
+            + f"(its 0.5 B counted) {values_given_scale:.1f} B")
+
+
+def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> float:
+    """Total bits an ideal entropy coder needs for `symbols` with the empirical (plug-in) distribution,
+    per context value when one is given: an optimistic floor for any coder with that model."""
+    symbols = np.asarray(symbols, np.int64).ravel()
+    if context is not None:
+        joint = np.asarray(context, np.int64).ravel() * (int(symbols.max(initial=0)) + 1) + symbols
+        return plug_in_bits(joint) - plug_in_bits(context)
+    counts = np.unique(symbols, return_counts=True)[1]
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+
+def value_floors(sample) -> tuple[float, float]:
+    """B/position an ideal coder needs for kt2's value codes at the default steps: with one distribution
+    for all entries, and with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row)."""
+    n = len(sample.ids)
+    p = DEFAULT_TOPK2_PARAMS
+    codes = topk_codec._value_codes(sample.logprobs, p["reference"], p["step"], p["max_step"], p["growth"])
+    scale = np.minimum(codes, 2000).mean(axis=1)
+    scale_class = np.searchsorted(np.quantile(scale, np.linspace(0, 1, 17)[1:-1]), scale)
+    given_scale = plug_in_bits(codes, np.broadcast_to(scale_class[:, None], codes.shape)) + 4 * n
+    return plug_in_bits(codes) / n / 8, given_scale / n / 8
 
 
 def topk_rows(sample, vocab, block, repeats, full: bool):
