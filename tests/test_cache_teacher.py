@@ -138,11 +138,13 @@ def _contents(path):
             for s in CacheReader(path)}
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--capture-share", "0.3", "--capture-by", "random", "--logits-codec", "kt2"]],
+                         ids=["full", "selective-capture"])
+def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path, extra):
     recs = tmp_path / "recs.jsonl"
     recs.write_text("".join(json.dumps(r) + "\n" for r in _records(60, seed=3)))
     args = ["--teacher", str(tiny_qwen_dir), "--data", str(recs), "--top-k", "8", "--batch-size", "2",
-            "--sequences-per-shard", "4", "--quiet"]
+            "--sequences-per-shard", "4", "--quiet", *extra]
     full = tmp_path / "full"
     assert cli_main(["cache-teacher", *args, "--out", str(full)]) == 0
     part = tmp_path / "part"
@@ -168,6 +170,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path):
         assert a[key][0] == b[key][0] and a[key][1] == b[key][1]
         np.testing.assert_array_equal(a[key][2], b[key][2])
         np.testing.assert_allclose(a[key][3], b[key][3], atol=1e-6)
+    empty_rows = sum(row[0] == -1 for v in b.values() for row in v[1])
+    assert (empty_rows > 0) == bool(extra)                       # the captured run really left rows empty
 
 
 def test_hidden_projection_is_the_stored_fixed_matrix(tiny_qwen_dir, records_file, tmp_path):
