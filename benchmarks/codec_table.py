@@ -387,11 +387,12 @@ def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> floa
 
 def value_floors(sample) -> tuple[float, float]:
     """B/position an ideal coder needs for kt2's value codes at the default steps: with one distribution
-    for all entries, and with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row)."""
+    for all entries, and with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row).
+    The distributions are fitted on the same codes (in-sample), so both figures flatter the coder."""
     n = len(sample.ids)
     p = DEFAULT_TOPK2_PARAMS
     codes = topk_codec._value_codes(sample.logprobs, p["reference"], p["step"], p["max_step"], p["growth"])
-    scale = np.minimum(codes, 2000).mean(axis=1)
+    scale = np.minimum(codes, 2000).mean(axis=1)          # clipped so -inf codes (65535) do not set a row's class
     scale_class = np.searchsorted(np.quantile(scale, np.linspace(0, 1, 17)[1:-1]), scale)
     given_scale = plug_in_bits(codes, np.broadcast_to(scale_class[:, None], codes.shape)) + 4 * n
     return plug_in_bits(codes) / n / 8, given_scale / n / 8

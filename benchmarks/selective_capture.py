@@ -55,7 +55,7 @@ def cache_arm(teacher: Path, records: Path, out: Path, share: float, by: str) ->
     payload = counts["payload_bytes"]
     return {"positions": positions, "all_files_B": counts["bytes"] / positions,
             "logits_B": (payload.get("topk", 0) + payload.get("counts", 0) + payload.get("rows", 0)) / positions,
-            "tokens_B": payload.get("tokens", 0) / positions}
+            "tokens_B": payload.get("tokens", 0) / positions, "rows_B": payload.get("rows", 0) / positions}
 
 
 def train_arm(work: Path, name: str, init: Path, cache: Path, heldout_cache: Path, steps: int, seed: int) -> dict:
@@ -147,8 +147,9 @@ def main() -> None:
         share, by = ARMS[arm]
         path = work / f"cache-{arm.replace('%', 'pc').replace(' ', '-')}"
         caches[arm] = dict(cache_arm(args.teacher, records, path, share, by), path=str(path), kept_share=kept_share(path))
-        print(f"cache {arm}: {caches[arm]['all_files_B']:.1f} B/position all files, logits {caches[arm]['logits_B']:.1f}, "
-              f"kept {caches[arm]['kept_share']:.1%}", flush=True)
+        c = caches[arm]
+        print(f"cache {arm}: {c['all_files_B']:.1f} B/position all files, logits {c['logits_B']:.1f} (rows bits "
+              f"{c['rows_B']:.2f}), tokens {c['tokens_B']:.2f}, kept {c['kept_share']:.1%}", flush=True)
     seconds_cache = time.perf_counter() - t0
     students: dict = {arm: [] for arm in arms}
     for seed in range(args.seeds):
