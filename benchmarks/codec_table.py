@@ -363,15 +363,30 @@ def topk2_parts(sample, vocab, labels, block) -> str:
         for key, v in topk2_section_sizes(p).items():
             totals[key] = totals.get(key, 0) + v / n
     half = n // 2
-    cost = 0.0
-    for train, test in ((sample.ids[:half], sample.ids[half:]), (sample.ids[half:], sample.ids[:half])):
-        f = np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
-        cost += (-np.log2(1 - f).sum() + (-np.log2(f[test]) + np.log2(1 - f[test])).sum(1)).sum()
+    cost = held_out_set_bits(sample.ids[:half], sample.ids[half:], vocab) + held_out_set_bits(
+        sample.ids[half:], sample.ids[:half], vocab)
     values, values_given_scale = value_floors(sample)
     return (", ".join(f"{key} {v:.2f}" for key, v in totals.items())
             + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position"
             + f"; value codes (kt2 default steps) at their zeroth-order entropy {values:.1f} B, given a 16-class row scale "
             + f"(its 0.5 B counted) {values_given_scale:.1f} B")
+
+
+def held_out_set_bits(train: np.ndarray, test: np.ndarray, vocab: int) -> float:
+    """Bits an arithmetic coder needs for the id sets of `test` with each id in or out independently,
+    its inclusion probability counted on `train` (rows of ids; -1 = unused slot is not expected)."""
+    f = np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
+    return float((-np.log2(1 - f).sum() + (-np.log2(f[test]) + np.log2(1 - f[test])).sum(1)).sum())
+
+
+def table_size_floors(k: int, test: int = 4096, sizes=(2048, 4096, 8192, 16384)) -> str:
+    """The id-set floor of topk2_parts as the frequency table is counted on more positions of the
+    synthetic LM (a shard-level table instead of a per-block one): test on the first `test` positions
+    of a fresh sample, count on the next 2k..16k. Generates 20,480 positions once (~3 min, cached)."""
+    sample = synthetic_data(test + max(sizes), k, 0)
+    rest = sample.ids[test:]
+    return ", ".join(f"table from {m:,} positions {held_out_set_bits(rest[:m], sample.ids[:test], 151_936) / test / 8:.1f} B"
+                     for m in sizes)
 
 
 def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> float:
@@ -538,6 +553,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-teacher", action="store_true", help="only the synthetic data set")
     parser.add_argument("--kt2-only", action="store_true",
                         help="only the kt2 rows (beside kt default) on the embedded teacher and the synthetic LM")
+    parser.add_argument("--table-floor", action="store_true",
+                        help="also print the synthetic LM's ideal id-set cost as the frequency table grows to 16k "
+                             "positions (generates 20,480 positions once, ~3 min)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.hidden_n = 1024, 1, 128
@@ -562,6 +580,8 @@ def main(argv=None) -> int:
                                    args.block, args.repeats)]
                      + topk2_rows(syn, 151_936, syn_labels, args.block, args.repeats))
     print(f"\nkt2 default, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
+    if args.table_floor:
+        print(f"\nsynthetic LM, ideal id-set cost (held-out per-id frequencies) by table size: {table_size_floors(args.k)}")
     if args.kt2_only:
         return 0
     if not args.skip_teacher:
