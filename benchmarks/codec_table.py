@@ -365,11 +365,12 @@ def topk2_parts(sample, vocab, labels, block) -> str:
     half = n // 2
     cost = held_out_set_bits(sample.ids[:half], sample.ids[half:], vocab) + held_out_set_bits(
         sample.ids[half:], sample.ids[:half], vocab)
-    values, values_given_scale = value_floors(sample)
+    values, values_given_scale, values_given_both = value_floors(sample)
     return (", ".join(f"{key} {v:.2f}" for key, v in totals.items())
             + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position"
             + f"; value codes (kt2 default steps) at their zeroth-order entropy {values:.1f} B, given a 16-class row scale "
-            + f"(its 0.5 B counted) {values_given_scale:.1f} B")
+            + f"(its 0.5 B counted) {values_given_scale:.1f} B, given the row scale and the id's frequency class "
+            + f"{values_given_both:.1f} B")
 
 
 def held_out_set_bits(train: np.ndarray, test: np.ndarray, vocab: int) -> float:
@@ -400,17 +401,23 @@ def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> floa
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-def value_floors(sample) -> tuple[float, float]:
+def value_floors(sample) -> tuple[float, float, float]:
     """B/position an ideal coder needs for kt2's value codes at the default steps: with one distribution
-    for all entries, and with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row).
-    The distributions are fitted on the same codes (in-sample), so both figures flatter the coder."""
+    for all entries, with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row), and
+    with one per (row-scale class, the id's frequency class: bit length of its rank in a table counted on
+    all rows). Fitted on the same codes (in-sample), so all three figures flatter the coder."""
     n = len(sample.ids)
     p = DEFAULT_TOPK2_PARAMS
     codes = topk_codec._value_codes(sample.logprobs, p["reference"], p["step"], p["max_step"], p["growth"])
     scale = np.minimum(codes, 2000).mean(axis=1)          # clipped so -inf codes (65535) do not set a row's class
     scale_class = np.searchsorted(np.quantile(scale, np.linspace(0, 1, 17)[1:-1]), scale)
     given_scale = plug_in_bits(codes, np.broadcast_to(scale_class[:, None], codes.shape)) + 4 * n
-    return plug_in_bits(codes) / n / 8, given_scale / n / 8
+    ids = np.maximum(sample.ids, 0)
+    rank = np.empty(int(ids.max()) + 1, np.int64)
+    rank[np.argsort(-np.bincount(ids.ravel(), minlength=len(rank)), kind="stable")] = np.arange(len(rank))
+    id_class = np.frexp(rank[ids] + 1)[1]          # bit length of the id's frequency rank (+1)
+    given_both = plug_in_bits(codes, scale_class[:, None] * 64 + id_class) + 4 * n
+    return plug_in_bits(codes) / n / 8, given_scale / n / 8, given_both / n / 8
 
 
 def topk_rows(sample, vocab, block, repeats, full: bool):
