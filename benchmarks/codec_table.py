@@ -24,7 +24,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_lm import TeacherSample, concat, synthetic_teacher, topk_from_logits  # noqa: E402
+from synthetic_lm import TeacherSample, concat, synthetic_contexts, synthetic_teacher, topk_from_logits  # noqa: E402
 
 from fastkd.cache_tools import topk_codec  # noqa: E402
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection  # noqa: E402
@@ -373,21 +373,86 @@ def topk2_parts(sample, vocab, labels, block) -> str:
             + f"{values_given_both:.1f} B")
 
 
+def _set_bits(f: np.ndarray, test: np.ndarray, group: np.ndarray) -> float:
+    """Bits for the id sets `test` (rows of ids) with each id in or out independently, row i's inclusion
+    probabilities taken from row group[i] of the table f [groups, vocab]."""
+    return float(-np.log2(1 - f).sum(1)[group].sum() + (-np.log2(f[group[:, None], test]) + np.log2(1 - f[group[:, None], test])).sum())
+
+
+def _frequencies(train: np.ndarray, vocab: int) -> np.ndarray:
+    return np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
+
+
 def held_out_set_bits(train: np.ndarray, test: np.ndarray, vocab: int) -> float:
     """Bits an arithmetic coder needs for the id sets of `test` with each id in or out independently,
     its inclusion probability counted on `train` (rows of ids; -1 = unused slot is not expected)."""
-    f = np.clip((np.bincount(train.ravel(), minlength=vocab) + 0.005) / len(train), 1e-9, 0.999)
-    return float((-np.log2(1 - f).sum() + (-np.log2(f[test]) + np.log2(1 - f[test])).sum(1)).sum())
+    return _set_bits(_frequencies(train, vocab)[None], test, np.zeros(len(test), np.int64))
 
 
-def table_size_floors(k: int, test: int = 4096, sizes=(2048, 4096, 8192, 16384)) -> str:
+def _kmeans(x: np.ndarray, clusters: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means centroids [clusters, d] (a deterministic start from `seed`)."""
+    centroids = x[np.random.default_rng(seed).choice(len(x), clusters, replace=False)].copy()
+    for _ in range(iterations):
+        nearest = _nearest(x, centroids)
+        for c in range(clusters):
+            if (nearest == c).any():
+                centroids[c] = x[nearest == c].mean(0)
+    return centroids
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return np.argmin((x * x).sum(1)[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None], axis=1)
+
+
+def oracle_cluster_set_bits(train: np.ndarray, test: np.ndarray, train_h: np.ndarray, test_h: np.ndarray,
+                            vocab: int, clusters: int, pseudo: float = 100.0) -> tuple[float, float]:
+    """(set bits, cluster-label bits) for `test` with one inclusion table per cluster of the TRUE context
+    vectors h (k-means on train_h): counted on that cluster's train rows plus `pseudo` rows of the
+    all-rows table. No coder sees h, so this flatters any mixture-of-tables coder."""
+    centroids = _kmeans(train_h, clusters)
+    train_c, test_c = _nearest(train_h, centroids), _nearest(test_h, centroids)
+    counts = np.zeros((clusters, vocab))
+    np.add.at(counts, (np.repeat(train_c, train.shape[1]), train.ravel()), 1)
+    rows = np.bincount(train_c, minlength=clusters)[:, None]
+    f = np.clip((counts + pseudo * _frequencies(train, vocab)[None]) / (rows + pseudo), 1e-9, 0.999)
+    share = np.bincount(test_c, minlength=clusters) / len(test_c)
+    label_bits = -(share[share > 0] * np.log2(share[share > 0])).sum() * len(test_c)
+    return _set_bits(f, test, test_c), float(label_bits)
+
+
+FLOOR_TEST, FLOOR_TRAIN = 4096, 65536   # the floors' sample: test on the first 4,096 positions, count on the rest
+
+
+def table_size_floors(k: int, sizes=(2048, 4096, 8192, 16384, 65536)) -> str:
     """The id-set floor of topk2_parts as the frequency table is counted on more positions of the
-    synthetic LM (a shard-level table instead of a per-block one): test on the first `test` positions
-    of a fresh sample, count on the next 2k..16k. Generates 20,480 positions once (~3 min, cached)."""
-    sample = synthetic_data(test + max(sizes), k, 0)
+    synthetic LM (a shard-level table instead of a per-block one): test on the first FLOOR_TEST positions
+    of a fresh sample, count on the next 2k..64k. Generates 69,632 positions once (~10 min, cached)."""
+    test = FLOOR_TEST
+    sample = synthetic_data(test + FLOOR_TRAIN, k, 0)
     rest = sample.ids[test:]
-    return ", ".join(f"table from {m:,} positions {held_out_set_bits(rest[:m], sample.ids[:test], 151_936) / test / 8:.1f} B"
-                     for m in sizes)
+    floors = ", ".join(f"table from {m:,} positions {held_out_set_bits(rest[:m], sample.ids[:test], 151_936) / test / 8:.1f} B"
+                       for m in sizes)
+    rank = np.empty(151_936, np.int64)
+    rank[np.argsort(-np.bincount(rest.ravel(), minlength=151_936), kind="stable")] = np.arange(151_936)
+    held = ", ".join(f"{m:,}: {(rank[sample.ids[:test]] < m).mean():.0%}" for m in (1000, 2500, 10_000, 40_000))
+    return f"{floors}; share of the test slots held by the m most frequent ids of the 65,536: {held}"
+
+
+def cluster_floors(k: int, trains=(16384, 65536), clusters=(16, 64, 256, 1024)) -> str:
+    """The id-set floor with one table per cluster of the synthetic LM's true context vectors
+    (oracle_cluster_set_bits), on the sample of table_size_floors: about the most a fast mixture-of-tables
+    model of which ids appear together could save over per-id frequencies."""
+    test = FLOOR_TEST
+    sample = synthetic_data(test + FLOOR_TRAIN, k, 0)
+    h = synthetic_contexts(test + FLOOR_TRAIN)
+    out = []
+    for train in trains:
+        for c in clusters:
+            rows = slice(test, test + train)
+            sets, labels = oracle_cluster_set_bits(sample.ids[rows], sample.ids[:test], h[rows], h[:test], 151_936, c)
+            out.append(f"tables from {train:,} positions, {c} clusters: {sets / test / 8:.1f} + "
+                       f"{labels / test / 8:.2f} (labels) = {(sets + labels) / test / 8:.1f} B")
+    return "; ".join(out)
 
 
 def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> float:
@@ -561,8 +626,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kt2-only", action="store_true",
                         help="only the kt2 rows (beside kt default) on the embedded teacher and the synthetic LM")
     parser.add_argument("--table-floor", action="store_true",
-                        help="also print the synthetic LM's ideal id-set cost as the frequency table grows to 16k "
-                             "positions (generates 20,480 positions once, ~3 min)")
+                        help="also print the synthetic LM's ideal id-set cost as the frequency table grows to 64k "
+                             "positions, and with one table per cluster of the true contexts (generates 69,632 "
+                             "positions once, ~10 min)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.hidden_n = 1024, 1, 128
@@ -589,6 +655,8 @@ def main(argv=None) -> int:
     print(f"\nkt2 default, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
     if args.table_floor:
         print(f"\nsynthetic LM, ideal id-set cost (held-out per-id frequencies) by table size: {table_size_floors(args.k)}")
+        print(f"synthetic LM, ideal id-set cost with one table per cluster of the true context vectors (oracle; "
+              f"k-means on h): {cluster_floors(args.k)}")
     if args.kt2_only:
         return 0
     if not args.skip_teacher:

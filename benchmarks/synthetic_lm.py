@@ -74,10 +74,8 @@ def _counts(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, counts
 
 
-def synthetic_teacher(n: int = 4096, k: int = 64, vocab_size: int = 151_936, seed: int = 0,
-                      samples: int = 0, rank_dim: int = 32, chunk: int = 256) -> TeacherSample:
-    """n positions of the synthetic LM described in the module docstring."""
-    rng = np.random.default_rng(seed)
+def _vocabulary(rng: np.random.Generator, vocab_size: int, rank_dim: int):
+    """The parts shared by every position: Zipf prior (float32), its CDF and the token embeddings."""
     rank = np.arange(1, vocab_size + 1, dtype=np.float64)
     id_of_rank = np.argsort(rank * rng.lognormal(0.0, 1.0, vocab_size), kind="stable")
     zipf = np.empty(vocab_size, dtype=np.float64)
@@ -86,17 +84,41 @@ def synthetic_teacher(n: int = 4096, k: int = 64, vocab_size: int = 151_936, see
     prior_cdf = np.cumsum(np.exp(zipf.astype(np.float64)))
     prior_cdf /= prior_cdf[-1]
     emb = rng.standard_normal((vocab_size, rank_dim), dtype=np.float32)
+    return zipf, prior_cdf, emb
+
+
+def _chunk_draws(rng: np.random.Generator, m: int, rank_dim: int, prior_cdf: np.ndarray):
+    """One chunk's random draws, in the generator's order: contexts h, spike ids, spike boosts, sharpness."""
+    h = rng.standard_normal((m, rank_dim), dtype=np.float32)
+    spikes = np.minimum(np.searchsorted(prior_cdf, rng.random((m, 4))), len(prior_cdf) - 1)
+    boost = rng.uniform(4.0, 12.0, size=(m, 4)) * (np.arange(4) < rng.integers(1, 5, size=(m, 1)))
+    sharp = np.exp(rng.uniform(np.log(0.8), np.log(5.0), size=(m, 1))).astype(np.float32)
+    return h, spikes, boost, sharp
+
+
+def synthetic_teacher(n: int = 4096, k: int = 64, vocab_size: int = 151_936, seed: int = 0,
+                      samples: int = 0, rank_dim: int = 32, chunk: int = 256) -> TeacherSample:
+    """n positions of the synthetic LM described in the module docstring."""
+    rng = np.random.default_rng(seed)
+    zipf, prior_cdf, emb = _vocabulary(rng, vocab_size, rank_dim)
     parts = []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        h = rng.standard_normal((m, rank_dim), dtype=np.float32)
+        h, spikes, boost, sharp = _chunk_draws(rng, m, rank_dim, prior_cdf)
         logits = zipf[None, :] + (2.5 / np.sqrt(rank_dim)) * (h @ emb.T)
-        spikes = np.minimum(np.searchsorted(prior_cdf, rng.random((m, 4))), vocab_size - 1)
-        boost = rng.uniform(4.0, 12.0, size=(m, 4)) * (np.arange(4) < rng.integers(1, 5, size=(m, 1)))
         np.add.at(logits, (np.repeat(np.arange(m), 4), spikes.ravel()), boost.ravel().astype(np.float32))
-        sharp = np.exp(rng.uniform(np.log(0.8), np.log(5.0), size=(m, 1))).astype(np.float32)
         parts.append(topk_from_logits(logits * sharp, k, rng, samples))
     return concat(parts)
+
+
+def synthetic_contexts(n: int = 4096, vocab_size: int = 151_936, seed: int = 0, rank_dim: int = 32,
+                       chunk: int = 256) -> np.ndarray:
+    """The context vectors h [n, rank_dim] behind synthetic_teacher(n, ..., samples=0) with the same
+    arguments, replayed from the random stream without computing logits (for oracle measurements)."""
+    rng = np.random.default_rng(seed)
+    prior_cdf = _vocabulary(rng, vocab_size, rank_dim)[1]
+    return np.concatenate([_chunk_draws(rng, min(chunk, n - start), rank_dim, prior_cdf)[0]
+                           for start in range(0, n, chunk)])
 
 
 def concat(parts: list[TeacherSample]) -> TeacherSample:
