@@ -376,7 +376,8 @@ def topk2_parts(sample, vocab, labels, block) -> str:
 def _set_bits(f: np.ndarray, test: np.ndarray, group: np.ndarray) -> float:
     """Bits for the id sets `test` (rows of ids) with each id in or out independently, row i's inclusion
     probabilities taken from row group[i] of the table f [groups, vocab]."""
-    return float(-np.log2(1 - f).sum(1)[group].sum() + (-np.log2(f[group[:, None], test]) + np.log2(1 - f[group[:, None], test])).sum())
+    f_in = f[group[:, None], test]
+    return float(-np.log2(1 - f).sum(1)[group].sum() + (np.log2(1 - f_in) - np.log2(f_in)).sum())
 
 
 def _frequencies(train: np.ndarray, vocab: int) -> np.ndarray:
@@ -391,12 +392,13 @@ def held_out_set_bits(train: np.ndarray, test: np.ndarray, vocab: int) -> float:
 
 def _kmeans(x: np.ndarray, clusters: int, iterations: int = 25, seed: int = 0) -> np.ndarray:
     """Lloyd's k-means centroids [clusters, d] (a deterministic start from `seed`)."""
-    centroids = x[np.random.default_rng(seed).choice(len(x), clusters, replace=False)].copy()
+    centroids = x[np.random.default_rng(seed).choice(len(x), clusters, replace=False)].astype(np.float64)
     for _ in range(iterations):
         nearest = _nearest(x, centroids)
-        for c in range(clusters):
-            if (nearest == c).any():
-                centroids[c] = x[nearest == c].mean(0)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, nearest, x)
+        members = np.bincount(nearest, minlength=clusters)
+        centroids[members > 0] = sums[members > 0] / members[members > 0, None]   # an empty cluster keeps its centroid
     return centroids
 
 
@@ -423,28 +425,31 @@ def oracle_cluster_set_bits(train: np.ndarray, test: np.ndarray, train_h: np.nda
 FLOOR_TEST, FLOOR_TRAIN = 4096, 65536   # the floors' sample: test on the first 4,096 positions, count on the rest
 
 
-def table_size_floors(k: int, sizes=(2048, 4096, 8192, 16384, 65536)) -> str:
+def floor_sample(k: int) -> TeacherSample:
+    """The floors' synthetic-LM sample: FLOOR_TEST + FLOOR_TRAIN positions (generated once, ~8 min, cached)."""
+    return synthetic_data(FLOOR_TEST + FLOOR_TRAIN, k, 0)
+
+
+def table_size_floors(sample: TeacherSample, sizes=(2048, 4096, 8192, 16384, 65536)) -> str:
     """The id-set floor of topk2_parts as the frequency table is counted on more positions of the
     synthetic LM (a shard-level table instead of a per-block one): test on the first FLOOR_TEST positions
-    of a fresh sample, count on the next 2k..64k. Generates 69,632 positions once (~10 min, cached)."""
+    of floor_sample, count on the next 2k..64k."""
     test = FLOOR_TEST
-    sample = synthetic_data(test + FLOOR_TRAIN, k, 0)
     rest = sample.ids[test:]
     floors = ", ".join(f"table from {m:,} positions {held_out_set_bits(rest[:m], sample.ids[:test], 151_936) / test / 8:.1f} B"
                        for m in sizes)
     rank = np.empty(151_936, np.int64)
     rank[np.argsort(-np.bincount(rest.ravel(), minlength=151_936), kind="stable")] = np.arange(151_936)
     held = ", ".join(f"{m:,}: {(rank[sample.ids[:test]] < m).mean():.0%}" for m in (1000, 2500, 10_000, 40_000))
-    return f"{floors}; share of the test slots held by the m most frequent ids of the 65,536: {held}"
+    return f"{floors}; share of the test slots held by the m most frequent ids of the {len(rest):,}: {held}"
 
 
-def cluster_floors(k: int, trains=(16384, 65536), clusters=(16, 64, 256, 1024)) -> str:
+def cluster_floors(sample: TeacherSample, trains=(16384, 65536), clusters=(16, 64, 256, 1024)) -> str:
     """The id-set floor with one table per cluster of the synthetic LM's true context vectors
     (oracle_cluster_set_bits), on the sample of table_size_floors: about the most a fast mixture-of-tables
     model of which ids appear together could save over per-id frequencies."""
     test = FLOOR_TEST
-    sample = synthetic_data(test + FLOOR_TRAIN, k, 0)
-    h = synthetic_contexts(test + FLOOR_TRAIN)
+    h = synthetic_contexts(len(sample.ids))
     out = []
     for train in trains:
         for c in clusters:
@@ -628,7 +633,7 @@ def main(argv=None) -> int:
     parser.add_argument("--table-floor", action="store_true",
                         help="also print the synthetic LM's ideal id-set cost as the frequency table grows to 64k "
                              "positions, and with one table per cluster of the true contexts (generates 69,632 "
-                             "positions once, ~10 min)")
+                             "positions once, ~8 min)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.hidden_n = 1024, 1, 128
@@ -654,9 +659,10 @@ def main(argv=None) -> int:
                      + topk2_rows(syn, 151_936, syn_labels, args.block, args.repeats))
     print(f"\nkt2 default, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
     if args.table_floor:
-        print(f"\nsynthetic LM, ideal id-set cost (held-out per-id frequencies) by table size: {table_size_floors(args.k)}")
+        floors = floor_sample(args.k)
+        print(f"\nsynthetic LM, ideal id-set cost (held-out per-id frequencies) by table size: {table_size_floors(floors)}")
         print(f"synthetic LM, ideal id-set cost with one table per cluster of the true context vectors (oracle; "
-              f"k-means on h): {cluster_floors(args.k)}")
+              f"k-means on h): {cluster_floors(floors)}")
     if args.kt2_only:
         return 0
     if not args.skip_teacher:
