@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from fastkd.checkpoint import (CHECKPOINT, check_resumable, full_state, load_checkpoint, load_full_state, rng_state,
                                save_checkpoint, save_final, set_rng_state)
+from fastkd.errors import UserError
 from fastkd.runtime import Env, seed_everything, setup_env, wrap_distributed
 from fastkd.student import (StudentWithLoss, batch_inputs, causal_lm, check_vocab, choose_loss_path,
                             describe_loss_path, load_student, map_layers)
@@ -193,7 +194,28 @@ def train(config: TrainConfig | dict) -> TrainResult:
             tokens += int(round(float(pending_tokens)))
             pending_tokens.zero_()
 
+    last_saved = step  # the newest step whose weights are on disk (or the start)
+    window_from = step + 1  # first step whose loss terms are in `window`
+
+    def check_finite(totals: list[float] | None = None) -> None:
+        """Stop at the first non-finite loss (bad data, or divergence) before it reaches a log line or a checkpoint:
+        its optimizer step has already spoilt the weights, and saving them would overwrite the last good ones."""
+        if totals is None:
+            bad = (~torch.isfinite(window)).any().double()
+            if env.world > 1:
+                dist.all_reduce(bad)
+            finite = not bool(bad)
+        else:
+            finite = all(math.isfinite(x) for x in totals)
+        if not finite:
+            raise UserError(f"training loss became NaN or inf in steps {window_from}..{step}; stopped before saving, "
+                            f"so {run_dir / CHECKPOINT} still holds step {last_saved} (if any). Check the data "
+                            "(`fastkd cache verify`; a label or teacher id outside the student's vocabulary makes its rows NaN "
+                            "on CUDA), or lower --lr, then resume with --resume")
+
     def checkpoint() -> None:
+        nonlocal last_saved
+        check_finite()
         settle_tokens()
         model_state, optim_state = full_state(module, optimizer, config, env)
         if env.is_main:
@@ -201,6 +223,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
                                       "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
                                       "epoch": epoch, "position": position, "tokens": tokens, "before": before,
                                       "config": asdict(config), "world": env.world})
+        last_saved = step
         if env.world > 1:
             dist.barrier()
 
@@ -234,6 +257,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             if env.world > 1:
                 dist.all_reduce(window)
             totals = window.tolist()
+            check_finite(totals)
             values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
             lr = scheduler.get_last_lr()[0]
             rate = totals[0] / max(time.perf_counter() - window_start, 1e-9)
@@ -242,6 +266,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
             bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
                             tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
             window.zero_()
+            window_from = step + 1
             window_start = time.perf_counter()
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
             result = evaluate_all()

@@ -126,6 +126,10 @@ def fused_linear_distill_loss(
             f"fused_linear_distill_loss: hidden must be [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise LossInputError(f"fused_linear_distill_loss: bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    tensors = [hidden, weight] + ([] if bias is None else [bias])
+    if any(not t.dtype.is_floating_point for t in tensors) or len({t.dtype for t in tensors}) > 1:
+        raise LossInputError("fused_linear_distill_loss: hidden, weight and bias must share one floating-point dtype, "
+                             f"got {', '.join(str(t.dtype) for t in tensors)} (cast them, e.g. hidden.to(weight.dtype))")
     check_inputs((hidden.shape[0], weight.shape[0]), labels, teacher_ids, teacher_logprobs, tail, counts, mode,
                  temperature, ignore_index, "fused_linear_distill_loss",
                  check_values=(not hidden.is_cuda) if validate is None else validate)

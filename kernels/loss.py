@@ -35,6 +35,8 @@ def distill_loss(
     """
     if logits.dim() != 2:
         raise LossInputError(f"distill_loss: logits must be [N, V], got shape {list(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise LossInputError(f"distill_loss: logits must be a floating-point tensor, got {logits.dtype}")
     if logits.is_cuda:
         from .triton_loss import triton_distill_loss
 

@@ -23,16 +23,26 @@ def scaled_gradient(ctx, slot: int, grad_total: torch.Tensor) -> torch.Tensor:
 
     The first backward scales the stored buffer in place (no second [N, V] buffer, no comparison with 1
     on the device); on CPU a factor of exactly 1 is skipped (free to test there). A later backward
-    through the same graph (retain_graph=True) rescales a copy by the ratio to the factor already applied.
+    through the same graph (retain_graph=True) rescales a copy by the ratio to the factor already applied,
+    and refuses when the buffer changed after the first backward: autograd may have adopted it as a
+    leaf's `.grad` and accumulated into it, and reading it again would silently give a wrong gradient.
     """
     grad = ctx.grads[slot]
     applied = ctx.applied[slot]
     if applied is None:
         if grad_total.device.type == "cpu" and bool(grad_total == 1):
             ctx.applied[slot] = grad_total.new_ones(())
-            return grad.view_as(grad)  # a fresh alias: autograd can adopt it without a copy
-        ctx.applied[slot] = grad_total.detach().clone()
-        return grad.mul_(grad_total.to(grad.dtype)).view_as(grad)
+            out = grad.view_as(grad)  # a fresh alias: autograd can adopt it without a copy
+        else:
+            ctx.applied[slot] = grad_total.detach().clone()
+            out = grad.mul_(grad_total.to(grad.dtype)).view_as(grad)
+        ctx.versions[slot] = grad._version
+        return out
+    if grad._version != ctx.versions[slot]:
+        raise RuntimeError("fastkd loss: a later backward through the same graph (retain_graph=True) after the first "
+                           "one's gradient was accumulated into or modified in place (e.g. a third backward, or "
+                           "zero_grad(set_to_none=False)) cannot be computed from the stored buffer; recompute the "
+                           "loss, or backward once through the sum of the losses")
     if bool(applied == 0):  # a later backward only (retain_graph): one sync there is fine
         raise RuntimeError("fastkd loss: a second backward through a graph whose first backward had a zero upstream "
                            "gradient cannot be rescaled (the stored gradient was zeroed in place)")
@@ -44,3 +54,4 @@ def keep_gradients(ctx, *grads) -> None:
     which save_for_backward's version check would refuse on a second backward)."""
     ctx.grads = list(grads)
     ctx.applied = [None] * len(grads)
+    ctx.versions = [None] * len(grads)

@@ -39,12 +39,18 @@ def _distill_rows_kernel(
     z_row = z_ptr + row * z_stride
     label = tl.load(labels_ptr + row)
     counted = label != ignore_index
-    y = tl.where(counted, label, 0)
+    label_bad = (label < 0) | (label >= V)
+    y = tl.where(counted & (label_bad == 0), label, 0)
 
     # ---- the sparse entries first: top-k ids and the label (read before K is masked)
     koffs = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_ptr + row * ids_stride + koffs, mask=koffs < K, other=-1)
     ids = tl.where(counted, ids, -1)  # padding rows read no teacher data
+    # unchecked input (validate=False on CUDA): an id or label outside [0, V) never touches memory outside
+    # the row; the row's loss and gradient become NaN instead, so the error shows instead of training on
+    ids_bad = tl.sum(((ids >= V) | (ids < -1)).to(tl.int32), 0) > 0
+    bad_row = counted & (label_bad | ids_bad)
+    ids = tl.where(ids < V, ids, -1)
     valid = ids >= 0
     z_k_raw = tl.load(z_row + ids, mask=valid, other=0.0)
     z_k = z_k_raw.to(tl.float32)
@@ -126,6 +132,7 @@ def _distill_rows_kernel(
         kl += tl.where(w_tail > 0, w_tail * (tl.log(tl.maximum(w_tail, 1e-38)) - log_q_tail), 0.0)
     kl = kl * tau * tau
     ce = m + tl.log(s1) - z_y
+    ce = tl.where(bad_row, float("nan"), ce)
     tl.store(ce_out_ptr + row, tl.where(counted, ce, 0.0))
     tl.store(kl_out_ptr + row, tl.where(counted, kl, 0.0))
 
@@ -134,6 +141,7 @@ def _distill_rows_kernel(
         # a = scale*ce_w*exp(m_c - m)/s1 and b = scale*kl_w*tau*(exp((m_c - m)/tau)/st - t_tail/s_ct):
         # ce_w q_j + kl_w tau (q^tau_j - t_tail q^tau_j/q^tau_tail), never dividing by q_tail itself
         scale = tl.where(counted, tl.load(scale_ptr).to(tl.float32), 0.0)
+        scale = tl.where(bad_row, float("nan"), scale)
         a = scale * ce_weight * tl.exp(m_c - m) / s1
         b = scale * kl_weight * tau * (tl.exp((m_c - m) * inv_tau) / st - tl.where(has_comp, w_tail / tl.where(has_comp, s_ct, 1.0), 0.0))
         g_row = g_ptr + row * g_stride

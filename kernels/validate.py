@@ -7,6 +7,7 @@ import torch
 from fastkd.errors import UserError
 
 MODES = ("tail", "renorm", "sampled")
+MASS_SLACK = 1e-2  # top-k + tail may exceed 1 by rounding (bf16 log-probs: about 1e-3), never by more
 
 
 class LossInputError(UserError):
@@ -38,8 +39,10 @@ def check_inputs(
     n, v = logits_shape
     if mode not in MODES:
         raise LossInputError(f"{where}: mode must be one of {MODES}, got {mode!r}")
-    if not temperature > 0:
-        raise LossInputError(f"{where}: temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise LossInputError(f"{where}: temperature must be finite and > 0, got {temperature}")
+    if v < 1:
+        raise LossInputError(f"{where}: the vocabulary is empty (logits have V={v} columns)")
     if labels.shape != (n,):
         raise LossInputError(f"{where}: labels must have shape [{n}], got {list(labels.shape)}")
     if teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
@@ -76,10 +79,10 @@ def check_inputs(
         raise LossInputError(f"{where}: teacher_ids row {r} has an id outside [-1, {v}) (-1 marks an unused slot)")
     valid = counted & (teacher_ids >= 0)
     if mode == "sampled":
-        c_bad = valid & ((counts < 0) | torch.isnan(counts.double()))
+        c_bad = valid & ((counts < 0) | ~torch.isfinite(counts.double()))
         if c_bad.any():
             r = _first_bad_row(c_bad)
-            raise LossInputError(f"{where}: counts row {r} has a negative or NaN count")
+            raise LossInputError(f"{where}: counts row {r} has a negative, infinite or NaN count")
         return
     lp_bad = valid & (torch.isnan(teacher_logprobs) | (teacher_logprobs > 1e-4))
     if lp_bad.any():
@@ -95,3 +98,14 @@ def check_inputs(
     if dup.any():
         r = _first_bad_row(dup)
         raise LossInputError(f"{where}: teacher_ids row {r} repeats an id; top-k ids must be unique in mode={mode!r}")
+    mass = torch.where(valid, teacher_logprobs.double().exp(), 0.0).sum(dim=1)
+    with_tail = valid.sum(dim=1) < v if mode == "tail" else None  # all V ids in K: no tail bucket (docs/kernels.md)
+    if mode == "tail":
+        mass = mass + torch.where(with_tail, tail.double(), 0.0)
+    m_bad = counted[:, 0] & (mass > 1 + MASS_SLACK)
+    if m_bad.any():
+        r = _first_bad_row(m_bad)
+        parts = "top-k + tail" if mode == "tail" and bool(with_tail[r]) else "top-k"
+        raise LossInputError(f"{where}: row {r}'s teacher probabilities ({parts}) sum to {float(mass[r]):.4g} > 1: "
+                             "teacher_logprobs must be log-probabilities over the full vocabulary (log_softmax), "
+                             "not logits")

@@ -212,6 +212,48 @@ def test_nan_in_teacher_values_is_a_clear_error(field):
         distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
 
 
+@pytest.mark.parametrize("bad", ["temperature_inf", "count_inf", "mass_over_one", "int_logits", "empty_vocab",
+                                 "fused_mixed_dtype"])
+def test_more_bad_inputs_are_clear_errors(bad):
+    """Inputs that used to give NaN, a silently renormalised target or a raw torch error deep inside."""
+    case = make_case(n=6, v=40, k=4, seed=1)
+    args = [case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"]]
+    kw, match = {}, None
+    if bad == "temperature_inf":
+        kw, match = dict(temperature=float("inf")), "temperature"
+    elif bad == "count_inf":
+        cases = make_case(n=6, v=40, k=4, mode="sampled", seed=1)
+        counts = cases["counts"].clone().float()
+        counts[0, 0] = float("inf")
+        args = [cases["logits"], cases["labels"], cases["teacher_ids"], None, None]
+        kw, match = dict(mode="sampled", counts=counts), "counts row 0"
+    elif bad == "mass_over_one":
+        args[3] = torch.zeros_like(case["teacher_logprobs"])  # logits of 0, not log-probs: the mass sums to k
+        match = "sum to 4 > 1"
+    elif bad == "int_logits":
+        args[0] = case["logits"].long()
+        match = "floating-point"
+    elif bad == "empty_vocab":
+        args[0] = torch.zeros(6, 0)
+        args[2] = torch.full((6, 0), -1)
+        args[3] = torch.zeros(6, 0)
+        match = "vocabulary is empty"
+    if bad == "fused_mixed_dtype":
+        with pytest.raises(LossInputError, match="dtype"):
+            fused_linear_distill_loss(torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(40, 8), *args[1:])
+        return
+    with pytest.raises(LossInputError, match=match):
+        distill_loss(*args, **kw)
+
+
+def test_teacher_mass_slightly_over_one_from_rounding_is_accepted():
+    """bf16-rounded log-probs (top-k + tail about 1 + 1e-3) are a normal cache, not an error."""
+    case = make_case(n=6, v=40, k=4, seed=3)
+    lp = case["teacher_logprobs"].to(torch.bfloat16).float()
+    lp[:, 0] += 2e-3
+    distill_loss(case["logits"], case["labels"], case["teacher_ids"], lp, case["tail"])
+
+
 @pytest.mark.parametrize("bad", ["label", "id", "dup", "mode", "missing_tail", "missing_counts"])
 def test_bad_inputs_are_clear_errors(bad):
     case = make_case(n=6, v=40, k=4, seed=1)
@@ -550,3 +592,31 @@ def test_upstream_gradient_scales_without_a_second_buffer_and_survives_retain_gr
     x.grad = None
     (terms.total * 3.0).backward()
     torch.testing.assert_close(x.grad.double(), 3.0 * want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["chunked", "fused_linear"])
+@pytest.mark.parametrize("first", [1.0, 0.5])
+def test_repeated_backward_accumulates_exactly_or_refuses(path, first):
+    """Backwards through one graph (retain_graph) into a leaf that keeps its .grad: autograd may adopt the
+    stored buffer as .grad and accumulate into it, so each later backward gives the summed factors times
+    the gradient, or a clear refusal; never a silently wrong sum (a third backward once gave 4x for 3x)."""
+    case = make_case(n=8, v=61, k=5, seed=43)
+    z = case["logits"].double().requires_grad_(True)
+    ref = reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    want, = torch.autograd.grad(ref.total, z)
+    x = case["logits"].clone().requires_grad_(True)
+    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    if path == "chunked":
+        terms = distill_loss(x, *args, chunk_size=3)
+    else:
+        terms = fused_linear_distill_loss(x, torch.eye(61), *args, chunk_size=4)
+    applied = 0.0
+    for factor in (first, 2.0, 1.0, 3.0):
+        try:
+            (terms.total * factor).backward(retain_graph=True)
+        except RuntimeError as err:
+            assert "later backward" in str(err) and applied > 0
+            break
+        applied += factor
+        torch.testing.assert_close(x.grad.double(), applied * want, rtol=1e-5, atol=1e-7)
+    assert applied >= first + 2.0  # the second backward, the common case, is always served

@@ -28,7 +28,8 @@ from fastkd.kernels import distill_loss, reference_loss  # noqa: E402
 from fastkd.kernels.chunked import chunk_loss_and_grad  # noqa: E402
 from test_kernels_cases import hand_tail_case, hard_tail_case, independent_loss, loss_and_grad, make_case  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered")]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
 MODES = ["tail", "renorm", "sampled"]
 
@@ -226,3 +227,25 @@ def test_triton_empty_rows_of_a_selective_capture_cache(tri, temperature):
         want = torch.softmax(case["logits"][r].double(), -1)
         want[case["labels"][r]] -= 1
         torch.testing.assert_close(z.grad[r].double(), 0.6 * want / rows, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("field", ["label", "teacher_id"])
+def test_triton_unchecked_out_of_range_input_poisons_its_row_only(tri, field):
+    """On CUDA the value checks are off by default (no host sync): a label or teacher id >= V must not read or
+    write the next row's memory; its row's loss and gradient are NaN instead, so the error cannot train on."""
+    case = make_case(n=4, v=64, k=4, seed=5)
+    case["labels"][1] = 7 if field == "teacher_id" else 64
+    if field == "teacher_id":
+        case["teacher_ids"][1, 0] = 64
+    z = case["logits"].clone().requires_grad_(True)
+    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    terms.total.backward()
+    grad = z.grad
+    assert math.isnan(terms.total.item())
+    assert torch.isnan(grad[1]).all()
+    clean = dict(case, labels=case["labels"].clone())
+    clean["labels"][1] = -100
+    _, want = loss_and_grad(tri.triton_distill_loss, clean)
+    others = [0, 2, 3]
+    torch.testing.assert_close(grad[others] * 4, want[others] * 3, rtol=1e-5, atol=1e-7)  # 4 counted rows vs 3
+    assert torch.equal(z.detach(), case["logits"])  # no -inf left in, or written into, another row

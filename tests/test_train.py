@@ -336,3 +336,27 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, kd, tiny_llama_dir
     assert max_weight_diff(a, b) <= 1e-6
     logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert logged == list(range(1, steps + 1))          # every step once: nothing lost, nothing repeated
+
+
+def test_a_nan_loss_stops_the_run_before_it_overwrites_the_checkpoint(kd, tiny_llama_dir, tmp_path, monkeypatch):
+    """No GradScaler, bf16 at most: a non-finite loss is bad data or divergence. The run stops with a clear error
+    at the next log line or checkpoint, and the checkpoint on disk keeps the last finite step."""
+    import fastkd.trainer as trainer
+
+    real, calls = trainer.train_step, []
+
+    def nan_on_the_fourth_step(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 4:
+            args[-1][1] = float("nan")  # the row-weighted loss in `window`, as a NaN loss leaves it
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", nan_on_the_fourth_step)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"NaN or inf in steps 4\.\.4.* still holds step 2"):
+        train(quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(out), lr=3e-3, max_steps=8,
+                    batch_size=4, save_every=2, log_every=3, seed=0))
+    from fastkd.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)["step"] == 2
