@@ -14,7 +14,7 @@ results.json (schema "fastkd-bbh-results/1"; --compare reads it):
   tasks: {task: {n: int, group: "nlp"|"algorithmic", strict: float, lenient: float}}   (percent)
   summary: {n_items, n_tasks, strict: {micro, macro, nlp, algorithmic}, lenient: {same}}
            (percent; a group average is null when none of its tasks ran)
-  finish: {stop|eos|length|given: count}; timing: {seconds, items_per_s, new_tokens} | null
+  finish: {stop|eos|length|given|given-cut (a saved prediction cut at the stop string): count}; timing: {seconds, items_per_s, new_tokens} | null
 """
 
 from __future__ import annotations
@@ -106,8 +106,12 @@ def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
     if not path.is_file():
         raise EvalError(f"{path}: no such predictions file")
     found: dict[str, dict[int, dict]] = defaultdict(dict)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EvalError(f"{path}: line {lineno}: invalid UTF-8 (byte {err.start} of the line: {err.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -140,7 +144,10 @@ def predictions_rows(path, given, items, root, fmt) -> list[dict]:
             if "target" in row and row["target"] != it.target:
                 raise EvalError(f"{path}: line {row['line']}: field 'target' {row['target']!r} differs from "
                                 f"{task} idx {it.idx} in the BBH data ({it.target!r}); wrong data version?")
-            rows.append(_item_row(it, prompt, None, row["prediction"], "given"))
+            # the recipe's stop string applies to saved predictions too (a raw continuation from a server without
+            # stop strings would otherwise be scored on the next, hallucinated question); cutting twice changes nothing
+            cut = bbh.cut_at_stop(row["prediction"])
+            rows.append(_item_row(it, prompt, None, cut, "given" if cut == row["prediction"] else "given-cut"))
     return rows
 
 

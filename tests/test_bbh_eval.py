@@ -166,3 +166,27 @@ def test_trained_formats_use_the_training_templates(tiny_tokenizer):
         (text, ids), = build_prompts(items, tiny_tokenizer, fmt, False, "")
         assert ids == prompt_ids(tiny_tokenizer, Template(cot=cot), "Take 1 step. Turn around.")
         assert text == ("Q: Take 1 step. Turn around.\nA: Let's think step by step." if cot else "Q: Take 1 step. Turn around.\nA:")
+
+
+def test_saved_predictions_are_cut_at_the_stop_string_and_bad_bytes_are_named(tmp_path):
+    """A raw continuation (a server run without stop strings) is scored on its own answer, not on the
+    next, hallucinated question's; a predictions file with bad UTF-8 is an error naming file and line."""
+    items, _ = bbh.load_tasks(["navigate"], limit=2)
+    rows = []
+    for it in items["navigate"]:
+        wrong = "No" if it.target == "Yes" else "Yes"
+        rows.append({"task": "navigate", "idx": it.idx, "prediction":
+                     f"Step one. So the answer is {it.target}.\n\nQ: Take 3 steps.\nA: So the answer is {wrong}."})
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--predictions", str(preds), "--tasks", "navigate", "--limit", "2",
+                              "--out", str(tmp_path / "run"), "--no-plot"])
+    assert evaluate.run(args) == 0
+    scored = [json.loads(x) for x in (tmp_path / "run" / "items.jsonl").read_text().splitlines()]
+    assert all(r["correct"] and r["finish"] == "given-cut" and "\n\nQ:" not in r["generation"] for r in scored)
+
+    preds.write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"task": "navigate", "idx": 1, "prediction": "\xff"}\n')
+    with pytest.raises(evaluate.EvalError, match=r"p\.jsonl: line 2: invalid UTF-8"):
+        evaluate.read_predictions(preds)
