@@ -214,7 +214,8 @@ def extract_answer(generation: str) -> str:
     return answer[:-1] if answer.endswith(".") else answer
 
 
-_LENIENT_PHRASE = re.compile(r"answer is\s*:?\s*", re.IGNORECASE)
+_LENIENT_PHRASE = re.compile(r"\banswer is(?![\w'’])\s*:?\s*", re.IGNORECASE)  # not "answer isn't"
+NEGATIONS = {"not", "never", "isn", "isnt"}
 _CHOICE_TARGET = re.compile(r"^\(([A-Z])\)$")
 _NUMBER_TARGET = re.compile(r"^-?\d+(\.\d+)?$")
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
@@ -239,9 +240,10 @@ def lenient_answer(generation: str, target: str) -> str | None:
     Span: what follows the last case-insensitive `answer is` (optional colon); without that
     phrase, the first line if it is an answer-only line (at most 5 words, starting with the
     answer), else nothing: a reasoning that never concludes is not a format failure. Then:
-    choice -> the one `(X)` in the span or a leading bare letter; number -> the last number
-    after the phrase (the leading one on an answer-only line), commas dropped; label -> the
-    one yes/no (true/false, valid/invalid) word; text -> lower case, whitespace collapsed,
+    choice -> the one `(X)` in the span (`(x)` too) or a leading bare letter; number -> the last
+    number after the phrase (the leading one on an answer-only line), commas dropped, a typographic
+    minus read as `-`; label -> the one yes/no (true/false, valid/invalid) word, none when a label
+    word follows a negation (`not valid`); text -> lower case, whitespace collapsed,
     one trailing `.` removed."""
     matches = list(_LENIENT_PHRASE.finditer(generation))
     if matches:
@@ -253,7 +255,7 @@ def lenient_answer(generation: str, target: str) -> str | None:
         return None
     kind = target_kind(target)
     if kind == "choice":
-        letters = set(re.findall(r"\(([A-Z])\)", span))
+        letters = {x.upper() for x in re.findall(r"\(([A-Za-z])\)", span)}
         bare = re.match(r"^\(?([A-Z])(?:[).:,]|$)", span)
         if not matches and not bare:
             return None
@@ -261,6 +263,7 @@ def lenient_answer(generation: str, target: str) -> str | None:
             return f"({letters.pop()})"
         return f"({bare.group(1)})" if bare and not letters else None
     if kind == "number":
+        span = span.replace("\u2212", "-")  # a typographic minus keeps its sign
         nums = list(_NUMBER.finditer(span))
         if not nums or (not matches and nums[0].start() != 0):
             return None
@@ -271,6 +274,8 @@ def lenient_answer(generation: str, target: str) -> str | None:
     if kind == "label":
         group = next(g for g in LABELS if target.lower() in g)
         words = re.findall(r"[A-Za-z]+", span.lower())
+        if any(w in group and i and words[i - 1] in NEGATIONS for i, w in enumerate(words)):
+            return None  # "not valid", "not True": the opposite, or unclear; lenient forgives format, not content
         hits = {w for w in words if w in group}
         if not matches and (not words or words[0] not in group):
             return None

@@ -38,6 +38,16 @@ class EvalError(UserError):
     """A predictions file or run folder that cannot be used as asked."""
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model folder or hub name to generate with (loaded with from_pretrained)")
@@ -46,14 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or name, if not the model's")
     parser.add_argument("--bbh-dir", help=f"BBH folder (with bbh/<task>.json and cot-prompts/); default ${bbh.ENV_DIR}, then <project>/../shared/bbh, then the hub when online")
     parser.add_argument("--tasks", default="all", help="all | nlp (12 natural-language tasks) | algorithmic (15) | comma list of task names")
-    parser.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="first N items of each task")
     parser.add_argument("--prompt-format", choices=bbh.PROMPT_FORMATS, default="cot",
                         help="cot: published 3-shot CoT prompts; direct: same 3 exemplars, answers only; zeroshot: "
                              "'Q: ..\\nA: Let's think step by step.'; trained: fastkd's own CoT training template (Q: ..\\nA: Let's think step by step.), zero-shot, "
                              "stops at EOS; trained-direct: its answer-only template (Q: ..\\nA:), for students distilled on answers. Every format also stops at '\\n\\nQ:'")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (user turn + generation prompt)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per item")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (length-sorted, left-padded)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024,
+                        help="generation budget per item (1024, as lm-eval's bbh_cot_fewshot: the longest published CoT "
+                             "answers, geometric_shapes and formal_fallacies, run past 512)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation batch (length-sorted, left-padded)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="model weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", help="run folder for the outputs (default runs/eval-bbh/<name>-<format>-<time>); with --compare, where compare.md goes")
@@ -76,18 +88,26 @@ def run(args: argparse.Namespace) -> int:
     if args.predictions:
         given = read_predictions(args.predictions)
         if args.tasks in bbh.GROUPS:
+            absent = [t for t in tasks if t not in given]
             tasks = [t for t in tasks if t in given]
+            if absent and tasks:
+                print(f"eval-bbh: warning: {args.predictions} has no predictions for {len(absent)} task(s) of "
+                      f"{args.tasks!r} ({', '.join(absent)}): the averages cover the other {len(tasks)} only",
+                      file=sys.stderr)
         missing = [t for t in tasks if t not in given]
         if missing or not tasks:
             raise EvalError(f"{args.predictions}: no predictions for task(s) {', '.join(missing) or args.tasks}")
     items, root = bbh.load_tasks(tasks, args.bbh_dir, args.limit)
     name = args.name or Path(args.model or args.predictions).name.removesuffix(".jsonl")
     out = Path(args.out) if args.out else Path("runs") / "eval-bbh" / f"{name}-{args.prompt_format}-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder (eval-bbh writes items.jsonl, results.json, "
+                        "report.md into a folder)")
     config = {"prompt_format": args.prompt_format, "chat": args.chat, "tasks": tasks, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "stop": bbh.STOP_STRING,
               "bbh_dir": root, "device": None, "dtype": None}
     if args.predictions:
-        rows, timing = predictions_rows(args.predictions, given, items, root, args.prompt_format), None
+        rows, timing = predictions_rows(args.predictions, given, items, root, args.prompt_format, args.limit), None
     else:
         rows, timing = generate_rows(args, items, root, config)
     results = write_run(out, rows, name, config, {"model": args.model, "predictions": args.predictions}, timing,
@@ -109,7 +129,7 @@ def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not an error
             except UnicodeDecodeError as err:
                 raise EvalError(f"{path}: line {lineno}: invalid UTF-8 (byte {err.start} of the line: {err.reason})") from None
             if not line.strip():
@@ -129,7 +149,7 @@ def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
     return dict(found)
 
 
-def predictions_rows(path, given, items, root, fmt) -> list[dict]:
+def predictions_rows(path, given, items, root, fmt, limit: int | None = None) -> list[dict]:
     """Per-item rows for saved predictions; every asked-for item must have one."""
     rows = []
     for task, task_items in items.items():
@@ -138,6 +158,13 @@ def predictions_rows(path, given, items, root, fmt) -> list[dict]:
         if missing:
             raise EvalError(f"{path}: task {task}: no prediction for {len(missing)} of {len(task_items)} items "
                             f"(first idx {missing[0]}); pass --limit N when the file covers the first N items")
+        known = {it.idx for it in task_items}
+        # beyond the items read: fine under --limit when idx >= 0 (the rest of the task), otherwise not BBH items
+        stray = [row for idx, row in preds.items() if idx < 0 or (idx not in known and limit is None)]
+        if stray:
+            row = min(stray, key=lambda r: r["line"])
+            raise EvalError(f"{path}: line {row['line']}: field 'idx' {row['idx']} is not an item of {task} "
+                            f"(idx 0..{len(task_items) - 1}): a 1-based file, or another data version?")
         prompts = _text_prompts(task, task_items, root, fmt)
         for it, prompt in zip(task_items, prompts):
             row = preds[it.idx]
@@ -339,6 +366,9 @@ def load_results(run: str | Path) -> dict:
     if not isinstance(results, dict) or results.get("schema") != SCHEMA:
         raise EvalError(f"{path}: field 'schema' is {results.get('schema') if isinstance(results, dict) else None!r}, "
                         f"not {SCHEMA!r}")
+    absent = [key for key in ("tasks", "summary") if not isinstance(results.get(key), dict)]
+    if absent:
+        raise EvalError(f"{path}: field(s) {', '.join(absent)} missing or not objects: not a finished eval-bbh run")
     results.setdefault("name", path.parent.name)
     return results
 

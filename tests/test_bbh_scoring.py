@@ -85,6 +85,13 @@ def test_extract_answer_edge_cases(generation, answer):
     ("So the answer is valid.", "invalid", False, False),             # valid is not invalid
     ("So the answer is invalid.", "invalid", True, True),
     ("True and False is False. So the answer is False.", "False", True, True),
+    ("So the answer is not valid.", "valid", False, False),          # a negated label is not the label
+    ("So the answer is Not True.", "True", False, False),
+    ("So the answer is No, he does not.", "No", False, True),         # a later negation is not the label's
+    ("So the answer is \u221212.", "12", False, False),               # typographic minus keeps the sign
+    ("So the answer is \u221212.", "-12", False, True),
+    ("The answer isn't (A).", "(A)", False, False),                   # "isn't" is not "is"
+    ("So the answer is (b).", "(B)", False, True),                    # lower-case choice letter
 ])
 def test_strict_and_lenient(generation, target, strict, lenient):
     s = bbh.score(generation, target)
@@ -227,6 +234,24 @@ def test_predictions_file_errors(tmp_path):
         run_cli("--predictions", path, "--limit", "1", "--out", tmp_path / "o")
     with pytest.raises(evaluate.EvalError, match="navigate"):
         run_cli("--predictions", path, "--tasks", "navigate", "--limit", "1", "--out", tmp_path / "o")
+    # an idx that is no item of the task: a 1-based file or another data version (fine beyond --limit)
+    path.write_text("".join(json.dumps({"task": "snarks", "idx": i, "prediction": "x"}) + "\n" for i in (0, 1, -1)))
+    with pytest.raises(evaluate.EvalError, match="line 3: field 'idx' -1 is not an item of snarks"):
+        run_cli("--predictions", path, "--limit", "2", "--out", tmp_path / "o")
+    path.write_text("\ufeff" + "".join(json.dumps({"task": "snarks", "idx": i, "prediction": "x"}) + "\n" for i in (0, 1, 5)))
+    assert run_cli("--predictions", path, "--limit", "2", "--out", tmp_path / "o") == 0  # BOM, idx 5 past the limit
+    (tmp_path / "file").write_text("")
+    with pytest.raises(evaluate.EvalError, match="not a folder"):
+        run_cli("--predictions", path, "--limit", "2", "--out", tmp_path / "file")
+    with pytest.raises(evaluate.EvalError, match="summary"):
+        evaluate.load_results(_write(tmp_path / "r.json", {"schema": evaluate.SCHEMA, "tasks": {}}))
+    with pytest.raises(SystemExit):
+        run_cli("--predictions", path, "--batch-size", "0", "--out", tmp_path / "o")
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
 
 
 def _fake_results(name, scores):
