@@ -573,20 +573,24 @@ def test_fused_linear_dtypes_match_independent(dtype, mode):
         assert float((a.double() - r).abs().max()) <= (rel if dtype != torch.bfloat16 else 3e-2) * 10 * float(r.abs().max())
 
 
-@pytest.mark.parametrize("path", ["chunked", "fused_linear"])
-def test_upstream_gradient_scales_without_a_second_buffer_and_survives_retain_graph(path):
-    """The stored gradient is scaled in place by the first backward (no host sync on a GPU); a second
-    backward through the same graph (retain_graph) with another factor still gives factor x gradient."""
-    case = make_case(n=10, v=97, k=6, seed=41)
+def _graph_and_reference(path: str, **shape):
+    """(leaf logits, the loss terms of one graph through `path`, the float64 reference gradient)."""
+    case = make_case(**shape)
     z = case["logits"].double().requires_grad_(True)
     ref = reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
     want, = torch.autograd.grad(ref.total, z)
     x = case["logits"].clone().requires_grad_(True)
     args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
     if path == "chunked":
-        terms = distill_loss(x, *args, chunk_size=3)
-    else:
-        terms = fused_linear_distill_loss(x, torch.eye(97), *args, chunk_size=4)
+        return x, distill_loss(x, *args, chunk_size=3), want
+    return x, fused_linear_distill_loss(x, torch.eye(shape["v"]), *args, chunk_size=4), want
+
+
+@pytest.mark.parametrize("path", ["chunked", "fused_linear"])
+def test_upstream_gradient_scales_without_a_second_buffer_and_survives_retain_graph(path):
+    """The stored gradient is scaled in place by the first backward (no host sync on a GPU); a second
+    backward through the same graph (retain_graph) with another factor still gives factor x gradient."""
+    x, terms, want = _graph_and_reference(path, n=10, v=97, k=6, seed=41)
     (terms.total * 0.25).backward(retain_graph=True)
     torch.testing.assert_close(x.grad.double(), 0.25 * want, rtol=1e-5, atol=1e-7)
     x.grad = None
@@ -600,16 +604,7 @@ def test_repeated_backward_accumulates_exactly_or_refuses(path, first):
     """Backwards through one graph (retain_graph) into a leaf that keeps its .grad: autograd may adopt the
     stored buffer as .grad and accumulate into it, so each later backward gives the summed factors times
     the gradient, or a clear refusal; never a silently wrong sum (a third backward once gave 4x for 3x)."""
-    case = make_case(n=8, v=61, k=5, seed=43)
-    z = case["logits"].double().requires_grad_(True)
-    ref = reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
-    want, = torch.autograd.grad(ref.total, z)
-    x = case["logits"].clone().requires_grad_(True)
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
-    if path == "chunked":
-        terms = distill_loss(x, *args, chunk_size=3)
-    else:
-        terms = fused_linear_distill_loss(x, torch.eye(61), *args, chunk_size=4)
+    x, terms, want = _graph_and_reference(path, n=8, v=61, k=5, seed=43)
     applied = 0.0
     for factor in (first, 2.0, 1.0, 3.0):
         try:
