@@ -14,7 +14,8 @@ results.json (schema "fastkd-bbh-results/1"; --compare reads it):
   tasks: {task: {n: int, group: "nlp"|"algorithmic", strict: float, lenient: float}}   (percent)
   summary: {n_items, n_tasks, strict: {micro, macro, nlp, algorithmic}, lenient: {same}}
            (percent; a group average is null when none of its tasks ran)
-  finish: {stop|eos|length|given|given-cut (a saved prediction cut at the stop string): count}; timing: {seconds, items_per_s, new_tokens} | null
+  finish: {stop|eos|length|given|given-cut (a saved prediction cut at the stop string): count};
+  timing: {seconds, items_per_s, new_tokens} | null
 """
 
 from __future__ import annotations

@@ -210,8 +210,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
         if not finite:
             raise UserError(f"training loss became NaN or inf in steps {window_from}..{step}; stopped before saving, "
                             f"so {run_dir / CHECKPOINT} still holds step {last_saved} (if any). Check the data "
-                            "(`fastkd cache verify`; a label or teacher id outside the student's vocabulary makes its rows NaN "
-                            "on CUDA), or lower --lr, then resume with --resume")
+                            "(`fastkd cache verify`; a label or teacher id outside the student's vocabulary makes "
+                            "its rows NaN on CUDA), or lower --lr, then resume with --resume")
 
     def checkpoint() -> None:
         nonlocal last_saved
