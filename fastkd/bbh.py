@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd.data import ANSWER_PHRASE, DataError, read_records
+from fastkd import paths
 from fastkd.errors import UserError
 
 NLP_TASKS = (
@@ -35,10 +36,6 @@ GROUPS = {"all": ALL_TASKS, "nlp": NLP_TASKS, "algorithmic": ALGORITHMIC_TASKS}
 STOP_STRING = "\n\nQ:"  # never a bare "Q": answers can be "(Q)"
 COT_CUE = "Let's think step by step."
 PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained", "trained-direct")
-ENV_DIR = "FASTKD_BBH_DIR"
-HUB_DATASET = "lukaemon/bbh"
-GET_DATA_HINT = ("get the data with `git clone https://github.com/suzgunmirac/BIG-Bench-Hard` and pass its folder "
-                 f"with --bbh-dir or ${ENV_DIR}, or go online so the hub copy ({HUB_DATASET}) can load")
 
 
 class BBHError(UserError):
@@ -74,55 +71,28 @@ def select_tasks(spec: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- locating and loading
 
-def default_bbh_dir() -> Path:
-    """<project root>/../shared/bbh, the project root being the folder above the fastkd package."""
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "bbh"
-
-
-def candidate_dirs(explicit: str | Path | None = None) -> list[Path]:
-    """Folders to look in, first wins: the option, then $FASTKD_BBH_DIR, then ../shared/bbh."""
-    found = [Path(explicit)] if explicit else []
-    if os.environ.get(ENV_DIR):
-        found.append(Path(os.environ[ENV_DIR]))
-    found.append(default_bbh_dir())
-    return found
-
-
-def _task_file(root: Path, task: str) -> Path | None:
-    """The BBH repo keeps task files in bbh/<task>.json; accept the folder itself too."""
-    for p in (root / "bbh" / f"{task}.json", root / f"{task}.json"):
-        if p.is_file():
-            return p
-    return None
-
-
 def resolve_bbh_dir(explicit: str | Path | None = None, tasks: list[str] | tuple[str, ...] = ALL_TASKS) -> Path | None:
-    """The first candidate folder holding every asked-for task file; an explicit folder that
-    lacks them is an error (a typo must not fall through to another copy)."""
-    for i, root in enumerate(candidate_dirs(explicit)):
-        missing = [t for t in tasks if _task_file(root, t) is None]
-        if not missing:
-            return root
-        if i == 0 and explicit:
-            raise BBHError(f"{root}: no BBH task file for {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''} (looked for {root}/bbh/<task>.json); {GET_DATA_HINT}")
-    return None
+    """The first folder holding every asked-for task file (fastkd.paths.bbh_candidates says where it looks)."""
+    try:
+        return paths.resolve_bbh_dir(explicit, tasks)
+    except UserError as err:
+        raise BBHError(str(err)) from None
 
 
 def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None, limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
-    """{task: items} (the first `limit` of each) and where they came from."""
+    """{task: items} (the first `limit` of each) and where they came from: a folder, else the hub when online."""
     root = resolve_bbh_dir(bbh_dir, tasks)
     if root is not None:
-        return {t: _load_file(_task_file(root, t), t, limit) for t in tasks}, str(root)
-    tried = [str(p) for p in candidate_dirs(bbh_dir)]
+        return {t: _load_file(paths.bbh_task_file(root, t), t, limit) for t in tasks}, str(root)
+    tried = [str(p) for p in paths.bbh_candidates(bbh_dir)]
     if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
         raise BBHError(f"BBH data not found (looked in {', '.join(tried)}; the hub is off since HF_DATASETS_OFFLINE "
-                       f"is set); {GET_DATA_HINT}")
+                       f"is set); {paths.bbh_get_hint()}")
     try:
-        return {t: _load_hub(t, limit) for t in tasks}, f"hub:{HUB_DATASET}"
+        return {t: _load_hub(t, limit) for t in tasks}, f"hub:{paths.BBH_HUB_DATASET}"
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; one clear message
-        raise BBHError(f"BBH data not found (looked in {', '.join(tried)}) and loading {HUB_DATASET} from the hub "
-                       f"failed ({type(err).__name__}: {err}); {GET_DATA_HINT}") from None
+        raise BBHError(f"BBH data not found (looked in {', '.join(tried)}) and loading {paths.BBH_HUB_DATASET} from "
+                       f"the hub failed ({type(err).__name__}: {err}); {paths.bbh_get_hint()}") from None
 
 
 def _load_file(path: Path, task: str, limit: int | None) -> list[BBHItem]:
@@ -141,7 +111,7 @@ def _load_file(path: Path, task: str, limit: int | None) -> list[BBHItem]:
 def _load_hub(task: str, limit: int | None) -> list[BBHItem]:
     import datasets
 
-    ds = datasets.load_dataset(HUB_DATASET, task, split="test")
+    ds = datasets.load_dataset(paths.BBH_HUB_DATASET, task, split="test")
     rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
     return [BBHItem(task, i, r["input"], r["target"]) for i, r in enumerate(rows)]
 
@@ -163,7 +133,7 @@ def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
     path = Path(root) / "cot-prompts" / f"{task}.txt" if root and not str(root).startswith("hub:") else None
     if path is None or not path.is_file():
         raise BBHError(f"{path or 'cot-prompts/' + task + '.txt'}: no CoT prompt file; the few-shot prompt formats "
-                       f"need the BBH folder's cot-prompts/ (or use --prompt-format zeroshot or trained); {GET_DATA_HINT}")
+                       f"need the BBH folder's cot-prompts/ (or use --prompt-format zeroshot or trained); {paths.bbh_get_hint()}")
     raw = path.read_text(encoding="utf-8")
     head, sep, text = raw.partition("\n-----\n")
     if not sep:

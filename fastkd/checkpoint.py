@@ -278,6 +278,38 @@ def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state
 
 
 
+# what a run writes into its folder: a folder holding any of them holds a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "final",
+             "tensorboard")
+
+
+def existing_run(run_dir: Path, config: TrainConfig) -> list[Path]:
+    """The run files already in --out, checked against --resume / --overwrite before anything is loaded:
+    a run is continued (--resume), deleted first (--overwrite), or refused, never mixed with a new one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; give a folder for the run")
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if config.resume:
+        if not any((run_dir / name / f).exists() for name in (CHECKPOINT, f".{CHECKPOINT}.old") for f in (INDEX, LEGACY)):
+            what = "holds a run that stopped before its first checkpoint" if found else "holds no run"
+            raise UserError(f"--resume: {run_dir} {what} (no {run_dir / CHECKPOINT / INDEX}); start it over with "
+                            f"--overwrite instead of --resume")
+    elif found and not config.overwrite:
+        names = ", ".join(p.name for p in found)
+        raise UserError(f"--out {run_dir} already holds a run ({names}); continue it with --resume, delete it and "
+                        f"start over with --overwrite, or choose another --out")
+    return found
+
+
+def clear_run(found: list[Path]) -> None:
+    """--overwrite: delete the old run's files (only those fastkd writes) before the new run writes any."""
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 # settings that decide which sequences each step sees: a resumed run must keep them
 DATA_ORDER_KEYS = ("cache", "data", "seed", "batch_size", "grad_accum", "shuffle_buffer", "group_batches",
                    "eval_sequences", "max_length", "cot")

@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from fastkd.errors import UserError
+from fastkd.paths import BBH_DIR_LOOKUP, EMBEDDED_TEACHER, resolve_model
+from fastkd.tiny import STUDENT_SHAPE, make_student_init  # noqa: F401 - the benchmarks build their students with these
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_TEACHER = ASSETS / "teacher"
 DEMO_TASKS = ["boolean_expressions", "navigate", "web_of_lies", "tracking_shuffled_objects_three_objects"]
 
 
@@ -31,17 +31,16 @@ DEMO_TASKS = ["boolean_expressions", "navigate", "web_of_lies", "tracking_shuffl
 class DemoSize:
     """How much work one demo run does."""
 
-    records_per_task: int
-    steps: int
-    eval_items_per_task: int
-    max_new_tokens: int
+    records_per_task: int = field(metadata={"help": "synthetic training records per task"})
+    steps: int = field(metadata={"help": "optimizer steps per student (its training time grows in proportion)"})
+    eval_items_per_task: int = field(metadata={"help": "real BBH items scored per task (the first ones)"})
+    max_new_tokens: int = field(metadata={"help": "generation budget per BBH item"})
 
 
 FULL = DemoSize(records_per_task=1000, steps=800, eval_items_per_task=100, max_new_tokens=400)
 QUICK = DemoSize(records_per_task=150, steps=160, eval_items_per_task=20, max_new_tokens=400)
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
-STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters
 # the synthetic test split: generated items no teacher or student trains on (build_teacher.py,
 # benchmarks/replication.py), scored beside the real BBH items
 # (2,000 per task; boolean_expressions has only 1,872 inputs outside BBH, so 250 of them)
@@ -88,20 +87,6 @@ def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: 
     return path
 
 
-def make_student_init(teacher: Path, out: Path, seed: int, shape: dict | None = None) -> Path:
-    """A randomly initialised small student sharing the teacher's tokenizer."""
-    from fastkd.teacher import load_tokenizer
-    from fastkd.tiny import pin_tokenizer_class, build_model
-
-    tokenizer = load_tokenizer(str(teacher))
-    model = build_model(tokenizer, arch="llama", seed=seed, max_positions=1024, **(shape or STUDENT_SHAPE))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    pin_tokenizer_class(out)
-    return out
-
-
 def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: int) -> dict[str, dict]:
     """The three students' training configs, identical but for the signal they learn from."""
     common = dict(student=str(init), max_steps=size.steps, batch_size=16, lr=3e-3, warmup_steps=max(size.steps // 10, 1),
@@ -121,9 +106,7 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
     from fastkd.trainer import train
 
     size = size or (QUICK if quick else FULL)
-    teacher_dir = Path(teacher) if teacher else EMBEDDED_TEACHER
-    if not (teacher_dir / "config.json").exists():
-        raise UserError(f"no teacher at {teacher_dir}: pass --teacher DIR (a causal LM folder with its tokenizer)")
+    teacher_dir = Path(resolve_model(teacher or "embedded", "--teacher"))
     work = Path(out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -204,19 +187,22 @@ def plot_comparison(runs: list[str], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes): fewer records, steps and BBH items")
     p.add_argument("--out", default="runs/demo", help="work folder: records, caches, students, BBH runs, summary.json")
-    p.add_argument("--teacher", default=None, help="teacher folder (default: the embedded teacher shipped with fastkd)")
+    p.add_argument("--teacher", default="embedded", help="teacher: a model folder or hub id; 'embedded' is the "
+                                                          "2.3M-parameter teacher shipped with fastkd")
     p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
-    p.add_argument("--bbh-dir", default=None, help="BIG-Bench Hard folder (default: $FASTKD_BBH_DIR or ../shared/bbh)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps per student (default: {FULL.steps}, with --quick {QUICK.steps}); "
-                        "each student's training time grows in proportion")
+    p.add_argument("--bbh-dir", default=None, help=f"BIG-Bench Hard folder (default: {BBH_DIR_LOOKUP})")
+    for f in fields(DemoSize):  # each size field can be set on its own, over --quick or the full default
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int, default=None, metavar="N",
+                       help=f"{f.metadata['help']} (default: {getattr(FULL, f.name)}, with --quick {getattr(QUICK, f.name)})")
 
 
 def run(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else FULL
-    if args.steps is not None:
-        if args.steps < 1:
-            raise UserError(f"--steps must be at least 1, not {args.steps}")
-        size = replace(size, steps=args.steps)
+    for f in fields(DemoSize):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            if value < 1:
+                raise UserError(f"--{f.name.replace('_', '-')} must be at least 1, not {value}")
+            size = replace(size, **{f.name: value})
     demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir, size=size)
     return 0

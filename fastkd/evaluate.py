@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastkd import bbh
+from fastkd import bbh, paths
 from fastkd.errors import UserError
 
 SCHEMA = "fastkd-bbh-results/1"
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--predictions", metavar="FILE", help="score existing generations: JSONL lines {task, idx, prediction}; no model")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="print a side-by-side table of finished runs (folders or results.json files); the first is the baseline")
     parser.add_argument("--tokenizer", help="tokenizer folder or name, if not the model's")
-    parser.add_argument("--bbh-dir", help=f"BBH folder (with bbh/<task>.json and cot-prompts/); default ${bbh.ENV_DIR}, then <project>/../shared/bbh, then the hub when online")
+    parser.add_argument("--bbh-dir", help=f"BBH folder (with bbh/<task>.json and cot-prompts/); default {paths.BBH_DIR_LOOKUP}, then the hub when online")
     parser.add_argument("--tasks", default="all", help="all | nlp (12 natural-language tasks) | algorithmic (15) | comma list of task names")
     parser.add_argument("--limit", type=_positive_int, default=None, help="first N items of each task")
     parser.add_argument("--prompt-format", choices=bbh.PROMPT_FORMATS, default="cot",
@@ -213,21 +213,13 @@ def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat
 
 def load_model(name: str, tokenizer_name: str | None, device: str, dtype: str):
     """Tokenizer and eval-mode model on the device; pad falls back to EOS."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    except OSError as err:
-        raise EvalError(f"{name}: cannot load the model or tokenizer ({err})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model.to(device).eval(), device, dtype
+    tokenizer = load_tokenizer(tokenizer_name or name, "--tokenizer" if tokenizer_name else "--model")
+    return tokenizer, load_causal_lm(name, dtype=dtype, device=device, role="--model"), device, dtype
 
 
 def generate_rows(args, items, root, config) -> tuple[list[dict], dict]:

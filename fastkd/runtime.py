@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,3 +71,40 @@ def wrap_distributed(module: nn.Module, config: TrainConfig, env: Env) -> nn.Mod
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+
+class StopSignals:
+    """SIGTERM / SIGINT while training: remembered, so the loop saves a checkpoint and stops after the
+    current step; a second SIGINT stops at once. Handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def agree(env: Env, *flags: bool) -> list[bool]:
+    """Each flag true on any rank becomes true on every rank (one small all-reduce), so all ranks
+    checkpoint or stop at the same step."""
+    if env.world == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]

@@ -44,6 +44,9 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
     one device over several (accelerate), max_memory caps each ({0: "70GiB", "cpu": "200GiB"})."""
     from transformers import AutoModelForCausalLM
 
+    from fastkd.paths import resolve_model
+
+    path = resolve_model(path, role, need="model")
     torch_dtype = "auto" if dtype == "auto" else DTYPES.get(dtype)
     if torch_dtype is None:
         raise UserError(f"--dtype {dtype}: choose one of auto, {', '.join(sorted(DTYPES))}")
@@ -71,7 +74,7 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing files, bad config, size mismatches
-        raise UserError(f"cannot load the {role} model {path!r}: {type(err).__name__}: {err}".splitlines()[0]) from None
+        raise UserError(f"cannot load the {role} model {path!r}: {one_line(err)}") from None
     if kwargs:
         return model.eval()
     return model.to(dev).eval()
@@ -124,13 +127,24 @@ def input_device(model) -> torch.device:
     return model.device
 
 
-def load_tokenizer(path: str):
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception as one line: its type and whole message with line breaks folded, capped at `limit` characters."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_tokenizer(path: str, role: str = "tokenizer"):
+    """A tokenizer from a folder, an embedded name or a hub id; any failure is a one-line UserError."""
     from transformers import AutoTokenizer
 
+    from fastkd.paths import resolve_model
+
+    path = resolve_model(path, role, need="tokenizer")
     try:
         tok = _pinned_tokenizer(path) or AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {err}".splitlines()[0]) from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a tokenizer.json it cannot build
+        raise UserError(f"cannot load a tokenizer from {path!r}: {one_line(err)}; the tokenizer files there are "
+                        f"damaged or were written by an incompatible library version") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -204,8 +218,8 @@ def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         picked = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
         tail = (1.0 - picked.double().exp().sum(dim=1)).clamp(min=0.0).float()
         return TeacherSignal(ids, picked, tail, counts, hidden, rows)
-    if k > logprobs.shape[1]:
-        raise UserError(f"--top-k {k} is larger than the vocabulary ({logprobs.shape[1]})")
+    if not 1 <= k <= logprobs.shape[1]:
+        raise UserError(f"--top-k {k}: must be between 1 and the vocabulary size ({logprobs.shape[1]})")
     values, ids = logprobs.topk(k, dim=-1)
     tail = (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
     return TeacherSignal(ids, values, tail, None, hidden, rows)

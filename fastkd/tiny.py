@@ -80,6 +80,17 @@ def build_model(tokenizer, arch: str = "qwen2", hidden: int = 64, layers: int = 
     return model_cls(config)
 
 
+STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters: the demo's student
+
+
+def make_student_init(teacher: str | Path, out: str | Path, seed: int, shape: dict | None = None) -> Path:
+    """A randomly initialised small Llama sharing `teacher`'s tokenizer, saved into `out`."""
+    from fastkd.teacher import load_tokenizer
+
+    return save_tiny(out, arch="llama", tokenizer=load_tokenizer(str(teacher)), seed=seed, max_positions=1024,
+                     **(shape or STUDENT_SHAPE))
+
+
 def save_tiny(out_dir: str | Path, arch: str = "qwen2", tokenizer=None, **model_kwargs) -> Path:
     """Build (or reuse) a tokenizer and a tiny model and save both into `out_dir`."""
     out = Path(out_dir)

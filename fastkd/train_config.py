@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastkd.errors import UserError
+from fastkd.paths import BBH_DIR_LOOKUP
 
 
 def _opt(default, help: str, **extra):
@@ -94,6 +95,8 @@ class TrainConfig:
     # run
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")
     resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
+    overwrite: bool = _opt(False, "delete the run already in --out (its checkpoint, metrics, final model) and start "
+                                  "over; without it (or --resume) a folder holding a run is refused")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
     distributed: str = _opt("ddp", "engine under torchrun", choices=["ddp", "fsdp"])
     log_every: int = _opt(10, "steps between metric lines")
@@ -103,8 +106,10 @@ class TrainConfig:
                                             "as in eval-bbh --tasks), logged as eval_bbh_strict / eval_bbh_lenient")
     eval_bbh_limit: int = _opt(20, "BBH items per task for --eval-bbh-tasks (the first ones of each task)")
     eval_bbh_max_new_tokens: int = _opt(256, "generation budget per BBH item for --eval-bbh-tasks")
-    bbh_dir: str | None = _opt(None, "BBH data folder for --eval-bbh-tasks (default: $FASTKD_BBH_DIR, ../shared/bbh, then the hub)")
-    save_every: int = _opt(0, "steps between checkpoints (0 = only at the end)")
+    bbh_dir: str | None = _opt(None, "BBH data folder for --eval-bbh-tasks (default: " + BBH_DIR_LOOKUP + ", then the hub)")
+    save_every: int = _opt(0, "also save a checkpoint every N steps (0 = by time only)")
+    save_every_minutes: float = _opt(10.0, "minutes between checkpoints, so a run killed at any moment loses at most this "
+                                           "much (0 = off); SIGTERM/SIGINT also save one and stop")
     save_final: bool = _opt(True, "save the final student with save_pretrained (+ tokenizer, projector) in <out>/final")
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(True, "write TensorBoard events when tensorboard is installed")
@@ -131,8 +136,16 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.skip_corrupt_blocks and not self.verify_cache:
             raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise UserError(f"--max-steps must be >= 0, got {self.max_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not self.epochs > 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+        if self.save_every < 0 or not self.save_every_minutes >= 0:
+            raise UserError("--save-every and --save-every-minutes must be >= 0")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1 (the teacher log-probs kept per position), got {self.top_k}")
         if self.lora_rank < 0:
             raise UserError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and self.distributed == "fsdp":

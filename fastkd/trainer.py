@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastkd.checkpoint import (CHECKPOINT, check_resumable, full_state, load_checkpoint, load_full_state, rng_state,
-                               save_checkpoint, save_final, set_rng_state)
-from fastkd.errors import UserError
-from fastkd.runtime import Env, seed_everything, setup_env, wrap_distributed
+from fastkd.checkpoint import (CHECKPOINT, check_resumable, clear_run, existing_run, full_state, load_checkpoint,
+                               load_full_state, rng_state, save_checkpoint, save_final, set_rng_state)
+from fastkd.errors import Interrupted, UserError
+from fastkd.runtime import Env, StopSignals, agree, seed_everything, setup_env, wrap_distributed
 from fastkd.student import (StudentWithLoss, batch_inputs, causal_lm, check_vocab, choose_loss_path,
                             describe_loss_path, load_student, map_layers)
 from fastkd.train_config import TrainConfig, save_config
@@ -37,6 +38,11 @@ __all__ = ["train", "TrainResult", "MetricsLog", "make_schedule",
            "choose_loss_path", "describe_loss_path", "load_student", "map_layers", "DataSide", "add_teacher_signal",
            "build_data", "cache_vocab", "skip_corrupt", "step_stream", "train_plans", "autocast", "evaluate",
            "train_step", "check_resumable", "full_state", "load_full_state", "save_final"]
+
+
+def _clock() -> float:
+    """Seconds on a monotonic clock: when checkpoints are due (tests replace it)."""
+    return time.monotonic()
 
 
 def make_schedule(optimizer, config: TrainConfig, total_steps: int):
@@ -132,12 +138,11 @@ def train(config: TrainConfig | dict) -> TrainResult:
     started = time.perf_counter()
     env = setup_env(config)
     run_dir = Path(config.out)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    old_run = existing_run(run_dir, config)  # refused here, before anything is loaded or created
     seed_everything(config.seed)
 
     # data and models
-    tokenizer = load_tokenizer(config.tokenizer or config.student)
+    tokenizer = load_tokenizer(config.tokenizer or config.student, "--tokenizer" if config.tokenizer else "--student")
     vocab_size = len(tokenizer)
     data = build_data(config, tokenizer, env)
     student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
@@ -159,6 +164,9 @@ def train(config: TrainConfig | dict) -> TrainResult:
                                   weight_decay=config.weight_decay)
     total_steps = config.max_steps if config.max_steps is not None else \
         math.ceil(config.epochs * len(train_plans(data, config, env)(0)))
+    if total_steps < 1:
+        raise UserError("no training step to run: the training source makes no full batch (fewer sequences than "
+                        "--batch-size x processes x --grad-accum); give more data or a smaller --batch-size")
     scheduler = make_schedule(optimizer, config, total_steps)
 
     # state: fresh or resumed
@@ -171,8 +179,13 @@ def train(config: TrainConfig | dict) -> TrainResult:
         set_rng_state(state["rng"])
         step, epoch, position, tokens, before = (state["step"], state["epoch"], state["position"],
                                                  state["tokens"], state.get("before"))
-    if env.is_main:
+    if env.is_main:  # everything loaded: the run folder is made (or the old run cleared) only now
+        if config.overwrite:
+            clear_run(old_run)
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+    if env.world > 1:
+        dist.barrier()
     log = MetricsLog(run_dir, env.is_main, config.tensorboard, step if config.resume else None)
     pad_id = tokenizer.pad_token_id
     probe = BBHProbe(config, tokenizer) if config.eval_bbh_tasks and env.is_main else None
@@ -214,7 +227,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
                             "its rows NaN on CUDA), or lower --lr, then resume with --resume")
 
     def checkpoint() -> None:
-        nonlocal last_saved
+        nonlocal last_saved, saved_at
         check_finite()
         settle_tokens()
         model_state, optim_state = full_state(module, optimizer, config, env)
@@ -223,7 +236,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
                                       "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
                                       "epoch": epoch, "position": position, "tokens": tokens, "before": before,
                                       "config": asdict(config), "world": env.world})
-        last_saved = step
+        last_saved, saved_at = step, _clock()
         if env.world > 1:
             dist.barrier()
 
@@ -239,41 +252,52 @@ def train(config: TrainConfig | dict) -> TrainResult:
     pending_tokens = torch.zeros((), dtype=torch.float64, device=env.device)  # other ranks' rows, not yet read back
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (config.progress and env.is_main))
     window = torch.zeros(5, dtype=torch.float64, device=env.device)  # rows, then row-weighted total, ce, kl, hidden
-    window_start = time.perf_counter()
+    window_start, saved_at = time.perf_counter(), _clock()
+    save_interval = 60.0 * config.save_every_minutes
     module.train()
-    while step < total_steps:
-        # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
-        epoch, position, micro = next(stream)
-        step_rows, grad_norm = train_step(model, module, optimizer, micro, data, config, env, vocab_size, window)
-        if env.world > 1:
-            pending_tokens += step_rows
-        else:
-            tokens += int(step_rows)
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % max(1, config.log_every) == 0 or step == total_steps:
-            # loss terms averaged over the loss rows of every step since the last line, all ranks
+    with StopSignals() as stops:  # SIGTERM/SIGINT: checkpoint after this step, then stop
+        while step < total_steps:
+            # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
+            epoch, position, micro = next(stream)
+            step_rows, grad_norm = train_step(model, module, optimizer, micro, data, config, env, vocab_size, window)
             if env.world > 1:
-                dist.all_reduce(window)
-            totals = window.tolist()
-            check_finite(totals)
-            values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
-            lr = scheduler.get_last_lr()[0]
-            rate = totals[0] / max(time.perf_counter() - window_start, 1e-9)
-            log.write(step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                             "loss_tokens_per_s": rate, "epoch": epoch})
-            bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
-                            tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-            window.zero_()
-            window_from = step + 1
-            window_start = time.perf_counter()
-        if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-            result = evaluate_all()
-            if result:
-                log.write(step, {f"eval_{k}": v for k, v in result.items()})
-        if config.save_every and step % config.save_every == 0 and step < total_steps:
-            checkpoint()
+                pending_tokens += step_rows
+            else:
+                tokens += int(step_rows)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % max(1, config.log_every) == 0 or step == total_steps:
+                # loss terms averaged over the loss rows of every step since the last line, all ranks
+                if env.world > 1:
+                    dist.all_reduce(window)
+                totals = window.tolist()
+                check_finite(totals)
+                values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
+                lr = scheduler.get_last_lr()[0]
+                rate = totals[0] / max(time.perf_counter() - window_start, 1e-9)
+                log.write(step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                 "loss_tokens_per_s": rate, "epoch": epoch})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
+                                tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+                window.zero_()
+                window_from = step + 1
+                window_start = time.perf_counter()
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                result = evaluate_all()
+                if result:
+                    log.write(step, {f"eval_{k}": v for k, v in result.items()})
+            timed, stop = agree(env, bool(save_interval) and _clock() - saved_at >= save_interval,
+                                stops.received is not None)
+            if (timed or stop or (config.save_every and step % config.save_every == 0)) and step < total_steps:
+                checkpoint()
+            if stop and step < total_steps:
+                bar.close()
+                stream.close()
+                name = signal.Signals(stops.received).name if stops.received else "a signal on another rank"
+                raise Interrupted(f"stopped by {name} after step {step} of {total_steps}; the checkpoint in "
+                                  f"{run_dir / CHECKPOINT} holds it: re-run the same command with --resume to continue",
+                                  stops.received or signal.SIGTERM)
     bar.close()
     stream.close()  # stops the read-ahead thread
     settle_tokens()

@@ -54,10 +54,9 @@ def records_jsonl(tmp_path):
 @pytest.fixture(scope="session")
 def bbh_dir():
     """The real BBH items of the generated tasks (../shared/bbh or $FASTKD_BBH_DIR); skips when absent."""
-    from fastkd import synth
-    from fastkd.synth.common import resolve_bbh_dir
+    from fastkd import paths, synth
 
-    folder = resolve_bbh_dir()
-    if folder is None or not all((folder / f"{t}.json").exists() for t in synth.TASKS):
+    folder = paths.resolve_bbh_dir(None, synth.TASKS)
+    if folder is None:
         pytest.skip("real BBH items not found (set FASTKD_BBH_DIR to the folder with <task>.json)")
     return folder

@@ -5,15 +5,17 @@ import argparse
 import json
 from collections import defaultdict
 
+from pathlib import Path
+
 import pytest
 
-from fastkd import bbh, evaluate
+from fastkd import bbh, evaluate, paths
 
 torch = pytest.importorskip("torch")
 
-BBH_DIR = bbh.default_bbh_dir()
+BBH_DIR = paths.resolve_bbh_dir(None, ["navigate"]) or Path("<no BBH data found>")
 needs_bbh = pytest.mark.skipif(not (BBH_DIR / "bbh" / "navigate.json").is_file(),
-                               reason=f"BBH data not at {BBH_DIR} (see shared/README.md)")
+                               reason="BBH data not found (../shared/bbh, see shared/README.md, or $FASTKD_BBH_DIR)")
 
 TEXTS = [
     "Q: not ( True ) and ( True ) is\nA:",

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fastkd import bbh, evaluate
+from fastkd import bbh, evaluate, paths
 
-BBH_DIR = bbh.default_bbh_dir()
+BBH_DIR = paths.resolve_bbh_dir(None, ["navigate"]) or Path("<no BBH data found>")
 needs_bbh = pytest.mark.skipif(not (BBH_DIR / "bbh" / "navigate.json").is_file(),
-                               reason=f"BBH data not at {BBH_DIR} (see shared/README.md)")
+                               reason="BBH data not found (../shared/bbh, see shared/README.md, or $FASTKD_BBH_DIR)")
 
 
 def run_cli(*argv) -> int:
@@ -153,20 +153,23 @@ def test_load_tasks_limit_and_env(tmp_path, monkeypatch):
     full, _ = bbh.load_tasks(["penguins_in_a_table"])
     assert len(full["penguins_in_a_table"]) == 146
     # the environment variable is a candidate; an explicit folder without the files is an error
-    monkeypatch.setenv(bbh.ENV_DIR, str(BBH_DIR))
-    assert bbh.candidate_dirs(None)[0] == BBH_DIR
+    monkeypatch.setenv(paths.BBH_ENV, str(BBH_DIR))
+    assert paths.bbh_candidates(None)[0] == BBH_DIR
     with pytest.raises(bbh.BBHError, match=str(tmp_path)):
         bbh.load_tasks(["snarks"], bbh_dir=tmp_path)
 
 
 def test_missing_data_names_every_place_looked(tmp_path, monkeypatch):
-    monkeypatch.setenv(bbh.ENV_DIR, str(tmp_path / "env"))
+    monkeypatch.setenv(paths.BBH_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(paths.HOME_ENV, str(tmp_path / "home"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(bbh, "default_bbh_dir", lambda: tmp_path / "default")
+    monkeypatch.setattr(paths, "source_checkout", lambda: tmp_path / "checkout")
     with pytest.raises(bbh.BBHError) as err:
         bbh.load_tasks(["snarks"])
     msg = str(err.value)
-    assert str(tmp_path / "env") in msg and str(tmp_path / "default") in msg and "BIG-Bench-Hard" in msg
+    for looked in (tmp_path / "env", tmp_path / "home" / "bbh", tmp_path / "shared" / "bbh"):
+        assert str(looked) in msg
+    assert "BIG-Bench-Hard" in msg and "--bbh-dir" in msg
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -19,6 +19,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from fastkd import paths
 from fastkd.synth import (boolean_expressions, dyck_languages, navigate, tracking_shuffled_objects,
                           web_of_lies)
 from fastkd.synth.common import (GRANULARITIES, SynthError, SynthShortfallWarning, draw_unique,
@@ -119,7 +120,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output JSONL file, one record per line")
     parser.add_argument("--bbh-dir", default=None,
                         help="folder with the real BBH <task>.json files, whose inputs are never generated "
-                             "(default: $FASTKD_BBH_DIR, else ../shared/bbh next to the repository)")
+                             f"(default: {paths.BBH_DIR_LOOKUP})")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATH",
                         help="never generate an input found here as well (repeatable): a JSONL/JSON file of "
                              "records (field 'source' or 'input'), a BBH-format <task>.json, or a folder of those; "
@@ -179,10 +180,10 @@ def run_synth(args: argparse.Namespace) -> int:
     excluded = set().union(*(read_inputs(p) for p in getattr(args, "exclude", []) or []))
     if args.n < 0:
         raise SynthError(f"--n must be >= 0, not {args.n}")
-    bbh_dir = resolve_bbh_dir(args.bbh_dir)
+    bbh_dir = resolve_bbh_dir(args.bbh_dir, tasks)
     if bbh_dir is None and not args.skip_overlap_check:
-        raise SynthError("no BBH folder found: pass --bbh-dir (or set $FASTKD_BBH_DIR) so that BBH test inputs "
-                         "are never generated, or --skip-overlap-check to generate without that check")
+        raise SynthError(f"no BBH folder found ({paths.bbh_get_hint()}); it is needed so that BBH test inputs "
+                         "are never generated; or pass --skip-overlap-check to generate without that check")
     from tqdm import tqdm
 
     records: list[dict] = []

@@ -10,11 +10,11 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
+from fastkd import paths
 from fastkd.errors import UserError
 
 LEAD_IN = "Let's think step by step."
 GRANULARITIES = ("fine", "coarse")
-BBH_DIR_ENV = "FASTKD_BBH_DIR"
 
 
 class SynthError(UserError, ValueError):
@@ -47,36 +47,22 @@ def join_coarse(sentence: str, target: str) -> str:
 
 # ----------------------------------------------------------------------------- BBH items
 
-def _candidates() -> list[Path]:
-    """Where the real BBH task files may lie when no folder is given."""
-    repo = Path(__file__).resolve().parents[2]
-    return [repo.parent / "shared" / "bbh", Path.cwd().parent / "shared" / "bbh", Path.cwd() / "bbh"]
-
-
-def resolve_bbh_dir(path: str | os.PathLike | None = None) -> Path | None:
-    """The folder that holds `<task>.json` files: the argument, else $FASTKD_BBH_DIR, else
-    ../shared/bbh next to the repository; a folder with a `bbh/` subfolder is accepted too.
-    None when nothing is found (an explicit path that does not exist raises)."""
-    explicit = path if path is not None else os.environ.get(BBH_DIR_ENV) or None
-    options = [Path(explicit)] if explicit else _candidates()
-    for base in options:
-        for folder in (base, base / "bbh"):
-            if folder.is_dir() and any(folder.glob("*.json")):
-                return folder
-    if explicit:
-        raise SynthError(f"{explicit}: no BBH task files (<task>.json) in this folder or its bbh/ subfolder")
-    return None
+def resolve_bbh_dir(path: str | os.PathLike | None = None, tasks=()) -> Path | None:
+    """The BBH folder holding the task files (fastkd.paths.bbh_candidates says where it looks); None
+    when nothing is found, an error when an explicit folder lacks them."""
+    try:
+        return paths.resolve_bbh_dir(path, tasks)
+    except UserError as err:
+        raise SynthError(str(err)) from None
 
 
 def load_real_items(task: str, bbh_dir: str | os.PathLike | None = None) -> list[dict]:
     """The real BBH items of a task as a list of {input, target}; raises if absent."""
-    folder = resolve_bbh_dir(bbh_dir)
+    folder = resolve_bbh_dir(bbh_dir, [task])
     if folder is None:
-        raise SynthError(f"no BBH folder found (set --bbh-dir or ${BBH_DIR_ENV}); it is needed "
-                         f"to reject generated inputs that equal BBH test items")
-    path = folder / f"{task}.json"
-    if not path.exists():
-        raise SynthError(f"{path}: no such file (the BBH items of {task})")
+        raise SynthError(f"no BBH items of {task} found, which are needed to reject generated inputs that equal "
+                         f"BBH test items; {paths.bbh_get_hint()}")
+    path = paths.bbh_task_file(folder, task)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
