@@ -206,6 +206,8 @@ def _parse_json(text: str):
         return json.loads(text, object_pairs_hook=_object_pairs), None
     except json.JSONDecodeError as err:
         msg = err.msg[:-3] if err.msg.endswith(" at") else err.msg
+        if err.pos >= len(text.rstrip()):  # the text ran out: say so, not the position past its last line
+            return None, ("invalid JSON", f"invalid JSON: {msg} at the end of the text (the JSON value is incomplete)")
         return None, ("invalid JSON", f"invalid JSON: {msg} (line {err.lineno}, column {err.colno})")
     except RecursionError:
         return None, ("too deeply nested", "invalid JSON: nested too deeply to parse")
@@ -299,7 +301,9 @@ def _scan_jsonl(path: Path):
             if problem is not None:
                 reason, message = problem
                 if reason == "invalid JSON":
-                    message = re.sub(r" \(line 1, column", " (column", message)
+                    message = re.sub(r" \(line 1, column", " (column", message).replace(
+                        "end of the text (the JSON value is incomplete)",
+                        "end of the line (a JSONL line holds one whole JSON object)")
                 yield bad(reason, message)
                 continue
             yield lineno, where, record, None

@@ -309,7 +309,8 @@ def report_markdown(results: dict) -> str:
     labels = {"micro": f"micro ({s['n_items']} items)", "macro": f"macro ({s['n_tasks']} tasks)",
               "nlp": f"NLP average ({n_nlp} tasks)", "algorithmic": f"algorithmic average ({s['n_tasks'] - n_nlp} tasks)"}
     lines += ["", "| average | strict | lenient |", "|---|---:|---:|"]
-    lines += [f"| {label} | {_pct(s['strict'][k])} | {_pct(s['lenient'][k])} |" for k, label in labels.items()]
+    lines += [f"| {label} | {_pct(s['strict'][k])} | {_pct(s['lenient'][k])} |" for k, label in labels.items()
+              if s["strict"][k] is not None]
     if results.get("timing"):
         t = results["timing"]
         lines += ["", f"Generation: {t['seconds']} s, {t['items_per_s']} items/s, {t['new_tokens']} new tokens; "
@@ -389,7 +390,8 @@ def compare_runs(runs: list[dict], metric: str = "strict") -> str:
     for key, label in (("micro", "**micro**"), ("macro", "**macro**"), ("nlp", "**NLP average**"),
                        ("algorithmic", "**algorithmic average**")):
         values = [r["summary"][metric][key] for r in runs]
-        lines.append(f"| {label} | " + " | ".join(cells(values)) + " |")
+        if any(v is not None for v in values):  # a group none of the runs scored gets no row
+            lines.append(f"| {label} | " + " | ".join(cells(values)) + " |")
     sets = {tuple(sorted(r["tasks"])) for r in runs}
     limits = {r["config"].get("limit") for r in runs}
     if len(sets) > 1 or len(limits) > 1:

@@ -150,11 +150,7 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
     settings = RationaleSettings(teacher=str(teacher), data_sha256=data_digest(data), n=n, temperature=temperature,
                                  top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                                  backend=backend)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_log(log_path, settings)
-    if not log_path.exists():
-        append_lines(log_path, [{"settings": asdict(settings)}])
-    write_records(out_path, done)  # the view of the log: consistent again after a kill
 
     template = Template(cot=True, chat=chat)
     records, bad = [], 0
@@ -180,6 +176,11 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
 
             tok = load_tokenizer(teacher)
             model = load_causal_lm(teacher, dtype=dtype, device=str(resolve_device(device))).eval()
+    # inputs read and the teacher loaded: only now is anything written (a refusal leaves no empty files)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not log_path.exists():
+        append_lines(log_path, [{"settings": asdict(settings)}])
+    write_records(out_path, done)  # the view of the log: consistent again after a kill
     from tqdm.auto import tqdm
 
     chunk = batch_size * 4  # samples per chunk written to the log (a kill loses at most one chunk)

@@ -278,5 +278,8 @@ def test_compare_table_differences(tmp_path):
     assert rows["**macro**"] == ["37.50", "62.50 (+25.00)"]
     assert rows["**NLP average**"] == ["25.00", "75.00 (+50.00)"]
     assert table.index("snarks") < table.index("navigate")  # natural-language tasks first
+    algorithmic_only = [_fake_results(n, {"navigate": c}) for n, c in (("a", 1), ("b", 3))]
+    table = evaluate.compare_runs(algorithmic_only)
+    assert "NLP average" not in table and "| **algorithmic average** | 25.00 | 75.00 (+50.00) |" in table
     with pytest.raises(evaluate.EvalError, match="no results.json"):
         run_cli("--compare", tmp_path / "nowhere")

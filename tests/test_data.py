@@ -99,6 +99,16 @@ def test_invalid_json_line_named(tmp_path, tiny_tokenizer):
         build_examples(path, tiny_tokenizer, Template())
 
 
+def test_a_json_line_cut_short_names_its_own_line_only(tmp_path, tiny_tokenizer):
+    """The parser sees the line's newline; its 'line 2, column 1' must not contradict 'line 1'."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"source": "q", "target": "t"\n' + json.dumps(REC) + "\n")
+    with pytest.raises(DataError) as err:
+        build_examples(path, tiny_tokenizer, Template())
+    assert "record 0 (line 1): invalid JSON: Expecting ',' delimiter at the end of the line" in str(err.value)
+    assert "line 2" not in str(err.value)
+
+
 def test_no_cot_does_not_need_rationale(tmp_path, tiny_tokenizer):
     path = _write_jsonl(tmp_path / "r.jsonl", [{"source": "q", "target": "t"}])
     assert len(build_examples(path, tiny_tokenizer, Template(cot=False))) == 1

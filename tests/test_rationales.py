@@ -111,7 +111,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source": "x is"}\n')
     with pytest.raises(UserError, match="bad.jsonl: record 0: field 'target' is missing"):
-        generate_rationales("t", str(bad), str(tmp_path / "o.jsonl"), engine=FakeEngine(), progress=False)
+        generate_rationales("t", str(bad), str(tmp_path / "out" / "o.jsonl"), engine=FakeEngine(), progress=False)
+    assert not (tmp_path / "out").exists()  # a refusal leaves no empty output files
     data = write_answers(tmp_path / "a.jsonl")
     with pytest.raises(UserError, match="is the input"):
         generate_rationales("t", str(data), str(data), engine=FakeEngine())
