@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -91,12 +92,26 @@ def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: in
     """The three students' training configs, identical but for the signal they learn from."""
     common = dict(student=str(init), max_steps=size.steps, batch_size=16, lr=3e-3, warmup_steps=max(size.steps // 10, 1),
                   schedule="cosine", seed=seed, eval_sequences=min(32, size.records_per_task * len(DEMO_TASKS) // 4), group_batches=1, log_every=10, progress=True, tensorboard=False,
-                  max_length=512)
+                  max_length=512,
+                  overwrite=True)   # the demo's folder is its own: a second run retrains its students (the caches are reused)
     return {
         "SFT": dict(common, data=str(records), kl_weight=0.0, out=str(work / "student-sft")),
         "KD": dict(common, cache=str(work / "cache-answers"), out=str(work / "student-kd")),
         "KD+CoT": dict(common, cache=str(work / "cache-cot"), out=str(work / "student-kd-cot")),
     }
+
+
+def reuse_caches(work: Path, settings: dict) -> None:
+    """The demo's folder is its own: caches made for other records (another size, seed or teacher) are
+    removed; caches of the same settings are kept, so a second or interrupted demo resumes them."""
+    stamp = work / "demo-caches.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return
+    for name in ("cache-cot", "cache-answers"):
+        if (work / name).exists():
+            print(f"  ({work / name} was made for other settings: rebuilt)")
+            shutil.rmtree(work / name)
+    stamp.write_text(json.dumps(settings))
 
 
 def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str | None = None, seed: int = 0,
@@ -117,6 +132,7 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
 
     print(f"[1/4] records: {size.records_per_task} per task for {', '.join(DEMO_TASKS)}")
     records = write_records(work / "records.jsonl", DEMO_TASKS, size.records_per_task, seed)
+    reuse_caches(work, {"records_per_task": size.records_per_task, "seed": seed, "teacher": str(teacher_dir)})
     lap("records")
     print("[2/4] caching the teacher (with rationales, then answers only)")
     for name, cot in (("cache-cot", True), ("cache-answers", False)):
@@ -191,6 +207,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "2.3M-parameter teacher shipped with fastkd")
     p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
     p.add_argument("--bbh-dir", default=None, help=f"BIG-Bench Hard folder (default: {BBH_DIR_LOOKUP})")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads: the demo's models are so small that one "
+                                                          "thread is fastest (measured in the README)")
     for f in fields(DemoSize):  # each size field can be set on its own, over --quick or the full default
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int, default=None, metavar="N",
                        help=f"{f.metadata['help']} (default: {getattr(FULL, f.name)}, with --quick {getattr(QUICK, f.name)})")
@@ -204,5 +222,10 @@ def run(args: argparse.Namespace) -> int:
             if value < 1:
                 raise UserError(f"--{f.name.replace('_', '-')} must be at least 1, not {value}")
             size = replace(size, **{f.name: value})
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, not {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir, size=size)
     return 0

@@ -32,3 +32,8 @@ def test_demo_loop_runs_every_stage(tmp_path, capsys):
     assert (work / "comparison.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "KD+CoT" in printed and "held-out KL" in printed
+    # a second run into the same folder at another size: the caches are rebuilt, the students retrained
+    again = demo_loop(tmp_path / "demo", size=DemoSize(records_per_task=7, steps=2, eval_items_per_task=1, max_new_tokens=8))
+    manifest = json.loads((work / "cache-cot" / "manifest.json").read_text())
+    assert manifest["counts"]["sequences"] == 7 * len(DEMO_TASKS)
+    assert {s["after"].get("ce") is not None for s in again["students"].values()} == {True}
