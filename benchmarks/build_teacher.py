@@ -80,7 +80,7 @@ def main() -> None:
            "--max-steps", str(args.steps), "--batch-size", "32", "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
            "--group-batches", str(args.group_batches),
            "--schedule", "cosine", "--max-length", "512", "--save-every", "100", "--log-every", "10",
-           "--seed", str(args.seed), "--out", str(work / "run"), "--no-progress", *(["--resume"] if (work / "run" / "checkpoint").exists() else []))
+           "--seed", str(args.seed), "--out", str(work / "run"), "--no-progress", "--resume" if (work / "run" / "checkpoint").exists() else "--overwrite")
     final = work / "run" / "final"
     if args.install:
         dest = ROOT / "fastkd" / "assets" / "teacher"

@@ -306,7 +306,7 @@ def rows_block_flips(world: World, n: int, rng: random.Random) -> list[Row]:
         v = cli("cache", "verify", cache, "--no-progress")
         verify.record(v.rc == 1 and f"BAD {cache}: shard {shard} block {block}:" in v.out,
                       f"{shard} byte {offset}: rc {v.rc} {v.out[-200:]}")
-        t = cli("train", "--cache", cache, *world.train_args, "--out", world.work / "cases" / f"run-flip-{case}")
+        t = cli("train", "--cache", cache, *world.train_args, "--out", world.work / "cases" / f"run-flip-{case}", "--overwrite")
         train.record(t.clear_error("train", f"shard {shard} block {block}"),
                      f"{shard} byte {offset}: rc {t.rc} {t.err.strip()[-300:]}")
         shutil.rmtree(cache)
@@ -335,7 +335,7 @@ def row_header_and_truncation(world: World, n: int, rng: random.Random) -> Row:
         else:
             path.write_bytes(path.read_bytes()[: rng.randrange(0, path.stat().st_size)])
         v = cli("cache", "verify", cache, "--no-progress")
-        t = cli("train", "--cache", cache, *world.train_args, "--out", world.work / "cases" / f"run-head-{case}")
+        t = cli("train", "--cache", cache, *world.train_args, "--out", world.work / "cases" / f"run-head-{case}", "--overwrite")
         ok = v.rc == 1 and f"shard {shard}" in v.out and t.clear_error("train", f"shard {shard}")
         row.record(ok, f"{kind} {shard}: verify rc {v.rc}; train rc {t.rc} {t.err.strip()[-300:]}")
         shutil.rmtree(cache)
@@ -361,7 +361,7 @@ def row_manifest(world: World, n: int, rng: random.Random) -> Row:
             unchanged = False
         v = cli("cache", "verify", cache, "--no-progress")
         t = cli("train", "--cache", cache, *world.train_args, "--max-steps", 1,
-                "--out", world.work / "cases" / f"run-manifest-{case}")
+                "--out", world.work / "cases" / f"run-manifest-{case}", "--overwrite")
         if unchanged:
             ok = v.rc == 0 and t.rc == 0
         else:
@@ -419,7 +419,7 @@ def row_hostile(world: World, n: int, rng: random.Random) -> Row:
         (cache / "manifest.json").write_text(json.dumps(seal(manifest)))
         v = cli("cache", "verify", cache, "--no-progress")
         t = cli("train", "--cache", cache, *world.train_args, "--max-steps", 1,
-                "--out", world.work / "cases" / f"run-hostile-{case}")
+                "--out", world.work / "cases" / f"run-hostile-{case}", "--overwrite")
         verify_ok = (v.rc == 1 and needle in v.out) or v.clear_error("cache", needle)
         row.record(verify_ok and t.clear_error("train", needle),
                    f"{name}: verify rc {v.rc} {(v.out + v.err).strip()[-200:]}; train rc {t.rc} {t.err.strip()[-200:]}")
@@ -451,7 +451,7 @@ def row_disk_full(world: World, n: int, rng: random.Random) -> Row:
                 assert cli("train", *args, "--out", straight).rc == 0
             limit = rng.randrange(2_000, 20_000)        # the checkpoint's tensors do not fit
             first = cli_process("train", *args, "--out", run, limit_bytes=limit)
-            resumed = cli("train", *args, "--out", run, *(["--resume"] if (run / "checkpoint").exists() else []))
+            resumed = cli("train", *args, "--out", run, "--resume" if (run / "checkpoint").exists() else "--overwrite")
             if resumed.rc != 0:
                 row.record(False, f"train, limit {limit} B: rerun failed {resumed.err.strip()[-200:]}")
                 continue
@@ -599,7 +599,7 @@ def row_tokenizers(world: World, n: int, rng: random.Random) -> Row:
             pin_tokenizer_class(folder)
         args = [a if a != world.student else folder for a in world.train_args]
         result = cli("train", "--cache", world.cache, *args, "--max-steps", 1,
-                     "--out", world.work / "cases" / f"run-student-{case}")
+                     "--out", world.work / "cases" / f"run-student-{case}", "--overwrite")
         row.record(result.clear_error("train", needle), f"{what}: rc {result.rc} {result.err.strip()[-300:]}")
     return row
 

@@ -67,7 +67,8 @@ def train_arm(work: Path, name: str, init: Path, cache: Path, heldout_cache: Pat
     if not (out / "final" / "config.json").exists():
         train(dict(student=str(init), cache=str(cache), eval_cache=str(heldout_cache), max_steps=steps, batch_size=16,
                    lr=3e-3, warmup_steps=steps // 10, schedule="cosine", seed=seed, progress=False, tensorboard=False,
-                   max_length=512, group_batches=1, out=str(out), resume=(out / "checkpoint").exists()))
+                   max_length=512, group_batches=1, out=str(out), resume=(out / "checkpoint").exists(),
+                   overwrite=not (out / "checkpoint").exists()))
     last = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval_kl"' in line][-1]
     if last["step"] != steps:
         raise SystemExit(f"{out}: trained for {last['step']} steps, this run asks for {steps}; use another --work")
