@@ -110,7 +110,7 @@ def train_student(work: Path, name: str, init: Path, steps: int, seed: int, **so
     result = train(dict(student=str(init), max_steps=steps, batch_size=16, lr=3e-3, warmup_steps=steps // 10,
                         schedule="cosine", seed=seed, progress=False, tensorboard=False, max_length=512,
                         group_batches=1, out=str(out), resume=(out / "checkpoint").exists(),
-                   overwrite=not (out / "checkpoint").exists(), **source))
+                        overwrite=not (out / "checkpoint").exists(), **source))
     return result.final_dir
 
 
