@@ -1,4 +1,5 @@
-# Fresh machine: `make demo` (set up + run the main job), `make test` (set up + run the tests).
+# Fresh machine: `make demo` (set up + run the main job), `make test` (set up + run the tests, then the
+# wheel smoke: the built wheel installed in a fresh venv and run from outside the checkout).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-quick test test-fast bench clean
+.PHONY: setup demo demo-quick test test-fast wheel-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,12 @@ demo-quick: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) wheel-smoke
+
+# What a user installs: build the wheel, install it (after the pinned CPU torch) in a fresh venv in a
+# temp folder, and run the CLI, every module's import and a tiny demo from outside the checkout.
+wheel-smoke:
+	PYTHON=$(PYTHON) bash tests/wheel_smoke.sh
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .format import read_manifest
 from .stats import METRICS, QUANTILES, cache_stats
 from .verify import verify_cache
 
@@ -25,16 +24,13 @@ def add_inspect_arguments(parser) -> None:
 
 
 def cache_summary(root) -> dict:
-    """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache."""
-    from .storage import is_url
+    """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache (its
+    manifest, checked as every reader checks it; the shards are not opened)."""
+    from .reader import load_manifest
+    from .storage import is_url, open_storage
 
-    if is_url(root):
-        from .reader import CacheReader
-
-        m = CacheReader(str(root), layers=[]).manifest  # the sealed manifest, checked as for training
-    else:
-        root = Path(root)
-        m = read_manifest(root)
+    root = str(root) if is_url(root) else Path(root)
+    m = load_manifest(open_storage(root))
     c = m.get("counts", {})
     parts = c.get("payload_bytes", {})
     positions = c.get("loss_positions", 0)
@@ -75,6 +71,33 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _brief(value, width: int = 72) -> str:
+    """A manifest value on one short line: digests cut to their first 12 hex digits (--json has them whole)."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    text = value if isinstance(value, str) and value.isprintable() else json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def identity_lines(title: str, ident) -> list[str]:
+    """An identity object (the tokenizer's) as one line per field, nested objects as dotted names; fields
+    that are null inside a nested object (unset special tokens) are left out."""
+    if not isinstance(ident, dict):
+        return [f"{title:<16}{_brief(ident)}"]
+    rows = []
+
+    def walk(prefix: str, obj: dict) -> None:
+        for key, value in obj.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                walk(name + ".", value)
+            elif value is not None or not prefix:
+                rows.append((name, _brief(value)))
+    walk("", ident)
+    width = max((len(name) for name, _ in rows), default=0) + 2
+    return [title] + [f"  {name:<{width}}{value}" for name, value in rows]
+
+
 def run_inspect(args) -> int:
     s = cache_summary(args.cache)
     if args.json:
@@ -87,7 +110,7 @@ def run_inspect(args) -> int:
     lines = [
         f"cache           {s['cache']}  (format {s['format_version']}, {'complete' if s['complete'] else 'INCOMPLETE'})",
         f"teacher         {teacher}",
-        f"tokenizer       {json.dumps(s['tokenizer'])}",
+        *identity_lines("tokenizer", s["tokenizer"]),
         f"template        {json.dumps(s['template'])}",
         f"signal          mode {s['mode']}, k {s['k']}" + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else "")
         + (f", teacher kept at {s['capture']['share']:.0%} of loss positions (by {s['capture']['by']})" if s["capture"] else ""),

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from fastkd.integrity import digest_bytes, file_digest
 
-from .format import MANIFEST, CacheError, CachedSequence, CorruptCacheError, parse_manifest, read_manifest, settings_of
+from .format import (MANIFEST, CacheError, CachedSequence, CorruptCacheError, check_local_paths, check_manifest_totals,
+                     parse_manifest, read_manifest, settings_of)
 from .shard import SHARD_READERS, CorruptShard, Layout, part_kind
 from .storage import (LocalStorage, RangeShardFile, ReadAhead, RemoteStorage, open_storage, read_ahead_bytes,
                       remote_file_digest, remote_shard_head)
@@ -34,6 +35,26 @@ def shard_header(path: Path) -> bytes:
             raise CorruptShard(f"header length {size} is impossible for this file")
         body = fh.read(size)
     return prefix + body
+
+
+def load_manifest(storage) -> dict:
+    """The manifest of a cache (a LocalStorage or RemoteStorage), checked completely: fields, seal, the
+    `counts` totals, and (in a folder) paths that symlinks would lead outside. Every reader opens a
+    cache through here: CacheReader (train, the library), `fastkd cache verify | inspect | stats`."""
+    if storage.local:
+        manifest = read_manifest(storage.root)
+    else:
+        try:
+            data = storage.read_bytes(MANIFEST)
+        except FileNotFoundError:
+            raise CacheError(f"cache {storage.label}: no manifest.json (not a cache, a mistyped URL, or a copy still "
+                             f"being uploaded: upload manifest.json last)") from None
+        manifest = parse_manifest(data, storage.label)
+    where = f"cache {storage.label}: manifest.json"
+    check_manifest_totals(manifest, where)
+    if storage.local:
+        check_local_paths(storage.root, manifest, where)
+    return manifest
 
 
 def open_shard(root: Path, entry: dict, number: int, version: int, *, verify: bool = True,
@@ -155,7 +176,7 @@ class CacheReader:
         self._handles: dict[int, object] = {}  # shard number -> open shard (most recent last), this pid's
         self._handles_pid = os.getpid()
         for j, shard in enumerate(self._open_all(shards)):
-            check_shard_matches(self.root, self.manifest, shards[j], shard)
+            check_shard_matches(self.root, self.manifest, shards[j], shard, j)
             if self.remote:  # a remote shard holds no OS resource: keep it (its header was fetched once)
                 self._handles[j] = shard
             record.append(shard.record_index)
@@ -179,14 +200,7 @@ class CacheReader:
                                  f"{self.manifest.get('layers', [])}")
 
     def _read_manifest(self) -> dict:
-        if not self.remote:
-            return read_manifest(self.root)
-        try:
-            data = self.storage.read_bytes(MANIFEST)
-        except FileNotFoundError:
-            raise CacheError(f"cache {self.root}: no manifest.json (not a cache, a mistyped URL, or a copy still "
-                             f"being uploaded: upload manifest.json last)") from None
-        return parse_manifest(data, self.root)
+        return load_manifest(self.storage)
 
     def _open_all(self, shards: list[dict]) -> list:
         def one(j):
@@ -265,7 +279,7 @@ class CacheReader:
         if shard is None:
             shard = open_shard(self.storage if self.remote else self.root, self.manifest["shards"][number], number,
                                self.format_version, verify=self.verify, checked_whole=self._checked_whole)
-            check_shard_matches(self.root, self.manifest, self.manifest["shards"][number], shard)
+            check_shard_matches(self.root, self.manifest, self.manifest["shards"][number], shard, number)
         self._handles[number] = shard
         if self.remote:
             return shard
@@ -402,18 +416,98 @@ class CacheReader:
             yield from self.iter_shard(number)
 
 
-def check_shard_matches(root: Path, manifest: dict, entry: dict, shard) -> None:
-    """A shard must hold what the manifest says: sequence count and the layout of the settings."""
+def check_shard_matches(root: Path, manifest: dict, entry: dict, shard, number: int | None = None) -> None:
+    """A shard must hold what the manifest says of it: counts, block count, first and last record, the
+    layout and codecs of the settings, payload sizes; CorruptCacheError naming the manifest field.
+    `number`: the entry's position in manifest["shards"] (found when not given)."""
     where = f"cache {root}: shard {entry['file']}"
-    if len(shard.record_index) != entry["num_sequences"]:
-        raise CorruptCacheError(f"{where} holds {len(shard.record_index)} sequences, manifest.json says "
-                                f"{entry['num_sequences']}", entry["file"])
-    lay: Layout = shard.layout
-    expected = {"k": manifest["k"], "vocab_size": manifest["tokenizer"]["vocab_size"],
-                "mode": manifest.get("mode", "topk"), "layers": tuple(manifest.get("layers", [])),
-                "widths": tuple(manifest.get("hidden_widths", []))}
-    for key, value in expected.items():
-        if getattr(lay, key) != value:
-            field = {"vocab_size": "tokenizer.vocab_size", "widths": "hidden_widths"}.get(key, key)
-            raise CorruptCacheError(f"{where}: its metadata says {key} {getattr(lay, key)!r}, manifest.json field "
-                                    f"{field!r} says {value!r}; one of them is corrupt", entry["file"])
+    name = _entry_name(manifest, entry, number)
+    _check_entry_counts(where, name, entry, shard)
+    _check_layout_matches(where, manifest, entry, shard.layout)
+    try:
+        sizes = shard.block_tensor_bytes()
+    except CorruptShard as err:
+        raise CorruptCacheError(f"{where}: {err}; it is not used", entry["file"]) from None
+    _check_payload_sizes(where, name, entry, sizes)
+
+
+def _entry_name(manifest: dict, entry: dict, number: int | None) -> str:
+    """'shards[j]' for a manifest entry; a unit receipt's entry (not listed yet) by its file."""
+    shards = manifest.get("shards", [])
+    if number is None:   # a sequential cache lists shard j at position j: try that before searching
+        number = int(entry["file"].rsplit("-", 1)[1].split(".")[0])
+    if not (0 <= number < len(shards) and shards[number] is entry):
+        number = next((j for j, e in enumerate(shards) if e is entry), None)
+    return f"shards[{number}]" if number is not None else f"entry of {entry['file']}"
+
+
+def _mismatch(where: str, entry: dict, field: str, value, expected, source: str) -> CorruptCacheError:
+    return CorruptCacheError(f"{where}: manifest.json field {field!r} is {value!r}: expected {expected!r}, {source}; "
+                             f"one of them is corrupt or edited", entry["file"])
+
+
+def _check_entry_counts(where: str, name: str, entry: dict, shard) -> None:
+    """num_sequences, num_blocks, num_tokens, num_loss_positions, first/last record against the index, and
+    the shard's own metadata (num_sequences, num_blocks, shard number) against it too."""
+    records = shard.record_index
+    actual = {"num_sequences": (len(records), "the number of sequences in the shard's index"),
+              "num_blocks": (shard.num_blocks, "the shard's own block count (index.block_start)"),
+              "num_tokens": (int(shard.length.sum()), "the sum of the shard's index.length"),
+              "num_loss_positions": (int(shard.num_loss.sum()), "the sum of the shard's index.num_loss"),
+              "first_record": (int(records[0]) if len(records) else None, "the shard's first record_index"),
+              "last_record": (int(records[-1]) if len(records) else None, "the shard's last record_index")}
+    for key, (value, source) in actual.items():
+        if entry.get(key, value) != value:
+            raise _mismatch(where, entry, f"{name}.{key}", entry[key], value, source)
+    number = int(entry["file"].rsplit("-", 1)[1].split(".")[0])
+    for key, value in (("num_sequences", len(records)), ("num_blocks", shard.num_blocks), ("shard", number)):
+        if key in shard.meta and shard.meta[key] != str(value):
+            raise CorruptCacheError(f"{where}: its metadata says {key} {shard.meta[key]!r}, its "
+                                    f"{'file name' if key == 'shard' else 'index'} says {value}; it is corrupt",
+                                    entry["file"])
+
+
+def _check_layout_matches(where: str, manifest: dict, entry: dict, lay: Layout) -> None:
+    """k, vocabulary, mode, layers, widths, codecs (names and params) and capture as the settings say."""
+    expected = {"k": (manifest["k"], "k"), "vocab_size": (manifest["tokenizer"]["vocab_size"], "tokenizer.vocab_size"),
+                "mode": (manifest.get("mode", "topk"), "mode"),
+                "layers": (tuple(manifest.get("layers", [])), "layers"),
+                "widths": (tuple(manifest.get("hidden_widths", [])), "hidden_widths"),
+                "topk_codec": (_codec(manifest, "topk"), "codecs.topk"),
+                "hidden_codec": (_codec(manifest, "hidden"), "codecs.hidden"),
+                "captured": ("capture" in manifest, "capture")}
+    for key, (value, field) in expected.items():
+        have = getattr(lay, key)
+        if key.endswith("_codec"):
+            have = {"name": have.get("name"), "params": have.get("params", {})}
+        if have != value:
+            said = ("present" if value else "absent") if key == "captured" else repr(value)
+            meta = {"widths": "hidden_widths", "captured": "captured"}.get(key, key)
+            raise CorruptCacheError(f"{where}: its metadata says {meta} {have!r}, manifest.json field {field!r} says "
+                                    f"{said}; one of them is corrupt", entry["file"])
+
+
+def _codec(manifest: dict, part: str):
+    spec = (manifest.get("codecs") or {}).get(part)
+    return {"name": spec.get("name"), "params": spec.get("params", {})} if isinstance(spec, dict) else spec
+
+
+def _check_payload_sizes(where: str, name: str, entry: dict, sizes: dict[str, int]) -> None:
+    """payload_bytes per part and hidden_bytes per layer equal the sizes of the shard's block tensors."""
+    parts: dict[str, int] = {}
+    hidden: dict[str, int] = {}
+    for tensor, size in sizes.items():
+        kind = part_kind(tensor)
+        parts[kind] = parts.get(kind, 0) + size
+        if kind == "hidden":
+            layer = tensor.rsplit(".", 1)[1]
+            hidden[layer] = hidden.get(layer, 0) + size
+    for label, table, actual in (("payload_bytes", entry.get("payload_bytes"), parts),
+                                 ("hidden_bytes", entry.get("hidden_bytes"), hidden)):
+        if not isinstance(table, dict):
+            continue   # not an entry of a checked manifest (a unit receipt): it is checked for what it has
+        for key in sorted(set(table) | set(actual)):
+            if table.get(key, 0) != actual.get(key, 0):
+                tensors = f"block.*.hidden.{key}" if label == "hidden_bytes" else f"block.*.{key}"
+                raise _mismatch(where, entry, f"{name}.{label}.{key}", table.get(key), actual.get(key, 0),
+                                f"the bytes of the shard's {tensors} tensors")

@@ -284,6 +284,7 @@ class ShardV1:
         except (KeyError, ValueError, TypeError) as err:
             raise CorruptShard(f"metadata field {err} is missing or not valid") from None
         check_layout(self.layout)
+        check_meta_codecs(self.meta, self.layout)
         if self.meta.get("format_version", str(self.version)) != str(self.version):
             raise CorruptShard(f"metadata format_version {self.meta.get('format_version')!r}, the manifest says {self.version}")
         if self.layout.format_version > self.version:
@@ -315,6 +316,26 @@ class ShardV1:
     @property
     def num_blocks(self) -> int:
         return len(self.block_start) - 1
+
+    def block_tensor_bytes(self) -> dict[str, int]:
+        """Stored size of every block tensor, from the header alone (nothing is read): what the manifest's
+        payload_bytes / hidden_bytes count. Refuses tensors that are not 1-D U8 or not of this layout."""
+        expected = {name for b in range(self.num_blocks) for name in self.part_names(b)}
+        names = [name for name in self.handle.keys() if name not in INDEX_DTYPES]
+        unknown = sorted(set(names) - expected)
+        if unknown:
+            raise CorruptShard(f"tensor {unknown[0]} is not one of its {self.num_blocks} blocks' parts "
+                               f"({', '.join(sorted({part_kind(n) for n in expected})) or 'none'})")
+        missing = sorted(expected - set(names))
+        if missing:
+            raise CorruptShard(f"tensor {missing[0]} is missing (the index announces {self.num_blocks} blocks)")
+        sizes = {}
+        for name in names:
+            dtype, shape = _tensor_type(self.handle, name)
+            if dtype != "U8" or len(shape) != 1:
+                raise CorruptShard(f"tensor {name} is {dtype} {list(shape)}, expected 1-D U8 (a block part)")
+            sizes[name] = int(shape[0])
+        return sizes
 
     def block_of(self, position: int) -> int:
         return int(np.searchsorted(self.block_start, position, side="right") - 1)
@@ -445,6 +466,16 @@ class ShardV1:
         return out
 
 
+def _tensor_type(handle, name: str) -> tuple[str, tuple[int, ...]]:
+    """(safetensors dtype name, shape) of a tensor, from the header of a local or remote shard."""
+    tensors = getattr(handle, "tensors", None)
+    if tensors is not None:   # storage.RangeShardFile: the header it parsed
+        dtype, shape, _, _ = tensors[name]
+        return ("U8" if np.dtype(dtype) == np.uint8 else str(dtype)), tuple(shape)
+    view = handle.get_slice(name)
+    return str(view.get_dtype()), tuple(int(x) for x in view.get_shape())
+
+
 def empirical_logprobs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What a sampled-mode codec without log-probs (ks-zstd) decodes to: log(count / draws) per used
     slot (-inf for unused ones) and tail 0, the target the sampled-mode loss trains on."""
@@ -467,6 +498,17 @@ def check_layout(lay: Layout) -> None:
     for part, codec in (("topk_codec", lay.topk_codec), ("hidden_codec", lay.hidden_codec)):
         if not isinstance(codec, dict) or not isinstance(codec.get("name"), str) or not isinstance(codec.get("params", {}), dict):
             raise CorruptShard(f"metadata {part} {codec!r} is not {{name, params}}")
+
+
+def check_meta_codecs(meta: dict, lay: Layout) -> None:
+    """The fixed codec names of the metadata: tokens always int32-planes+uint8-zstd, counts exactly when
+    the layout has a counts tensor."""
+    if meta.get("tokens_codec", TOKENS_CODEC) != TOKENS_CODEC:
+        raise CorruptShard(f"metadata tokens_codec {meta['tokens_codec']!r} is not {TOKENS_CODEC!r}")
+    counts = COUNTS_CODEC if lay.counts_tensor else ""
+    if meta.get("counts_codec", counts) != counts:
+        raise CorruptShard(f"metadata counts_codec {meta['counts_codec']!r}, expected {counts!r} in mode {lay.mode}"
+                           f" with logits codec {lay.topk_codec['name']}")
 
 
 def check_index(shard) -> None:

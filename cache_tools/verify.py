@@ -1,4 +1,5 @@
-"""Check a cache end to end: every shard's size and sha256, its index, and that every block decodes."""
+"""Check a cache end to end: the manifest (every field, load_manifest), every shard's size and sha256, its
+index and what the manifest says of it (check_shard_matches), and that every block decodes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 from fastkd.integrity import file_digest
 
-from .format import SHARD_DIR, CacheError, read_manifest
-from .reader import check_shard_matches, open_shard
+from .format import SHARD_DIR, CacheError
+from .reader import check_shard_matches, load_manifest, open_shard
 from .shard import SHARD_READERS, CorruptShard
 from .writer import SHARD_NAME
 
@@ -66,7 +67,7 @@ def verify_shard(root: Path, manifest: dict, number: int, report: VerifyReport, 
     try:
         # the whole-file digest was just checked: open_shard checks the rest (size, header, index)
         shard = open_shard(root, dict(entry, sha256=digest), number, manifest["format_version"])
-        check_shard_matches(root, manifest, entry, shard)
+        check_shard_matches(root, manifest, entry, shard, number)
     except CacheError as err:
         bad(None, str(err).split(f"shard {name}", 1)[-1].lstrip(": ").split("; it is not used")[0])
         return
@@ -91,14 +92,16 @@ def verify_shard(root: Path, manifest: dict, number: int, report: VerifyReport, 
 
 
 def verify_url(url: str, progress=None) -> VerifyReport:
-    """A cache at an fsspec URL: the sealed manifest, every shard's size and header digest (opening the
-    reader checks them), then every block's digests and decoding, one range request per block."""
+    """A cache at an fsspec URL: the manifest (refused as for a folder), every shard's size and header digest
+    (opening the reader checks them), then every block's digests and decoding, one range request per block."""
     from .reader import CacheReader
+    from .storage import open_storage
 
     report = VerifyReport(url)
+    load_manifest(open_storage(url))   # a refused manifest is an error, as for a folder
     try:
         reader = CacheReader(url)
-    except CacheError as err:  # the manifest, or a shard's size/header: named in the message
+    except CacheError as err:  # a shard's size, header or what the manifest says of it: named in the message
         report.problems.append(Problem("manifest.json" if "manifest" in str(err) else "?", None, str(err)))
         return report
     table = reader.block_table()
@@ -119,12 +122,12 @@ def verify_url(url: str, progress=None) -> VerifyReport:
 
 def verify_cache(root, progress=None) -> VerifyReport:
     """Verify every shard the manifest lists; `progress` wraps the shard iterable (e.g. tqdm)."""
-    from .storage import is_url
+    from .storage import LocalStorage, is_url
 
     if is_url(root):
         return verify_url(str(root), progress)
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest = load_manifest(LocalStorage(root))   # every manifest field and total, as any reader checks them
     report = VerifyReport(str(root))
     version = manifest["format_version"]
     if version not in SHARD_READERS:

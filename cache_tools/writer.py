@@ -348,12 +348,10 @@ class CacheWriter:
         self.manifest["updated"] = _now()
         try:
             write_manifest(self.root, self.manifest)
-        except OSError as err:  # the new shard file stays unlisted: a resumed run removes and rewrites it
+        except OSError:  # the new shard file stays unlisted: a resumed run removes and rewrites it
             self.manifest["shards"].pop()
             self.manifest["counts"] = totals(self.manifest["shards"])
-            raise CacheError(f"cache {self.root}: cannot update manifest.json: {err}; the previous manifest is kept "
-                             f"with its {len(self.manifest['shards'])} shard(s): free space and re-run the same command "
-                             f"to resume") from None
+            raise            # write_manifest's error names the cache and the file, and says to re-run
         self.done.update(self._buffered)
         self._buffer, self._buffered = [], set()
 

@@ -35,22 +35,27 @@ def build_default(work: Path) -> tuple[Path, Path]:
     return cache, student
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; parsed before transformers/torch are imported, so --help answers at once."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", help="fastkd cache folder or URL (default: build one from the embedded teacher)")
+    ap.add_argument("--student", help="student folder (default: a fresh one sharing the embedded teacher's tokenizer)")
+    ap.add_argument("--out", default="runs/hf-trainer", help="TrainingArguments.output_dir (default: %(default)s)")
+    ap.add_argument("--max-steps", type=int, default=30, help="optimizer steps (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=8, help="per-device train batch size (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="constant learning rate (default: %(default)s)")
+    ap.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL to the teacher (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="TrainingArguments.seed (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from fastkd.hf import CacheDataset, DistillCollator, DistillTrainer
     from fastkd.teacher import load_tokenizer
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", help="fastkd cache folder or URL (default: build one from the embedded teacher)")
-    ap.add_argument("--student", help="student folder (default: a fresh one sharing the embedded teacher's tokenizer)")
-    ap.add_argument("--out", default="runs/hf-trainer", help="TrainingArguments.output_dir")
-    ap.add_argument("--max-steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--kl-weight", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
 
     cache, student = (args.cache, args.student)
     if not (cache and student):

@@ -2,13 +2,20 @@
 
 Each stage module exposes `add_arguments(parser)` and `run(args) -> int`; this file only
 wires them together, so `fastkd X --help` is the stage's own documentation.
+
+A stage module that cannot be imported (an incomplete installation) is never dropped from the
+command: it stays listed, and `fastkd --help` or the command itself fails with one line naming the
+module and the import error. An option a command does not know is refused by that command's own
+parser, with the closest option it does know.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
+import re
 import sys
 
 # (command, module, one-line help); nested groups list their own subcommands
@@ -30,47 +37,178 @@ GROUPS = [
     ]),
 ]
 
+# An action may carry the default to show in its help under this attribute, when its real default
+# is argparse.SUPPRESS (fastkd train: a flag not given must stay absent so a --config file wins).
+SHOWN_DEFAULT = "shown_default"
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, keep the stage docstring's own line breaks."""
+_STATES_DEFAULT = re.compile(r"\bdefault", re.IGNORECASE)
+
+
+def default_note(action: argparse.Action, help_text: str) -> str:
+    """What `--help` appends to an option's text about its default: '' when there is nothing to say
+    (no default, a required option, an off switch) or when the text already states it."""
+    if "%(default)" in help_text or _STATES_DEFAULT.search(help_text):
+        return ""
+    default = getattr(action, SHOWN_DEFAULT, action.default)
+    if default is None or default is argparse.SUPPRESS or action.required:
+        return ""
+    if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+        return ""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return " (default: on)" if default else " (default: off)"
+    if action.nargs == 0:  # store_true / store_false / store_const / count
+        if isinstance(action, argparse._CountAction):
+            return f" (default: {default})" if default else ""
+        return " (default: on)" if default == getattr(action, "const", object()) else ""
+    if isinstance(default, (list, tuple)):
+        if not default:  # an empty list (action="append"): nothing given, nothing to say
+            return ""
+        shown = " ".join(str(x) for x in default)
+    elif default == "":
+        shown = "''"
+    else:
+        shown = str(default)
+    return f" (default: {shown.replace('%', '%%')})"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the stage docstring's own line breaks; states each option's default once, in words a
+    user reads: nothing for None or an off switch, on/off for a --x/--no-x pair, and nothing more
+    when the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if isinstance(action, argparse.BooleanOptionalAction):  # Python 3.10 appends its own default
+            text = text.replace(" (default: %(default)s)", "")
+        return text + default_note(action, text)
+
+
+class _Help(argparse.Action):
+    """-h/--help: the help; exits 2 instead of 0 when a stage below this parser cannot be imported."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        parser.exit(2 if getattr(parser, "broken_stages", None) else 0)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `fastkd` and of every subcommand.
+
+    - `broken`: this command's stage module cannot be imported; whatever it is given (--help too),
+      it prints that as one line and exits 2.
+    - `broken_stages`: the messages of the broken stages below this parser; its help lists them
+      on stderr after the help, and -h/--help exits 2.
+    - an argument the parser does not know is its own error, naming the command and the closest
+      option (argparse would leave it to the top-level parser, which names neither).
+    """
+
+    def __init__(self, *args, broken: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        add_help = kwargs.pop("add_help", True)
+        super().__init__(*args, add_help=False, **kwargs)
+        if add_help:
+            self.add_argument("-h", "--help", action=_Help, help="show this help message and exit")
+        self.broken = broken
+        self.broken_stages: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.broken:
+            self.exit(2, f"{self.prog}: error: {self.broken}\n")
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized_message(self, extras))
+        return namespace, extras
+
+    def error(self, message: str):
+        """argparse's error, with a one-line usage when the full one would bury it (fastkd train has ~60 options)."""
+        usage = self.format_usage()
+        if usage.count("\n") > 4:
+            usage = f"usage: {self.prog} [options]   (all of them: {self.prog} --help)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+    def print_help(self, file=None) -> None:
+        super().print_help(file)
+        for message in self.broken_stages:
+            print(message, file=sys.stderr)
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    return sorted({option for action in parser._actions if action.help is not argparse.SUPPRESS
+                   for option in action.option_strings if option.startswith("--") and option != "--help"})
+
+
+def closest_option(parser: argparse.ArgumentParser, word: str) -> str | None:
+    """The option of `parser` closest to `word` (compared without the dashes every option shares)."""
+    known = {option.lstrip("-"): option for option in _long_options(parser)}
+    close = difflib.get_close_matches(word.split("=", 1)[0].lstrip("-"), list(known), n=1, cutoff=0.6)
+    return known[close[0]] if close else None
+
+
+def unrecognized_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized argument --steps (did you mean --max-steps?)'; the words after an unknown option
+    are taken as its values and not listed again."""
+    listed, after_option = [], False
+    for word in extras:
+        if word.startswith("-") and len(word) > 1 and word != "--":
+            name = word.split("=", 1)[0]
+            close = closest_option(parser, name)
+            listed.append(f"{name} (did you mean {close}?)" if close else name)
+            after_option = True
+        elif not after_option:
+            listed.append(word)
+    if not listed:
+        listed = list(extras)
+    noun = "argument" if len(listed) == 1 else "arguments:"
+    return f"unrecognized {noun} {', '.join(listed)}"
 
 
 def _load(module: str):
     return importlib.import_module(module)
 
 
-def _add(sub, name: str, module: str, help_text: str) -> None:
+def _broken_message(module: str, err: BaseException) -> str:
+    detail = " ".join(f"{type(err).__name__}: {err}".split())
+    return (f"cannot import the module {module} ({detail}); this fastkd installation is incomplete: reinstall fastkd "
+            f"(pip install --force-reinstall fastkd, or `make setup` in a source checkout)")
+
+
+def _add(sub, name: str, module: str, help_text: str, broken_stages: list[list[str]]) -> None:
     try:
         mod = _load(module)
     except ImportError as err:
-        if not err.name or not err.name.startswith("fastkd"):
-            raise
-        return  # stage not built yet
+        message = _broken_message(module, err)
+        p = sub.add_parser(name, help=f"{help_text} [BROKEN: cannot import {module}; reinstall fastkd]",
+                           description=help_text, broken=message)
+        for stages in broken_stages:
+            stages.append(f"{p.prog}: error: {message}")
+        return
     adder = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
     runner = getattr(mod, f"run_{name.replace('-', '_')}", None) or mod.run
-    p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
-                       formatter_class=_HelpFormatter)
+    p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
     adder(p)
     p.set_defaults(_run=runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fastkd",
-        description="White-box knowledge distillation of chain-of-thought reasoning from a cached teacher. "
+        description="White-box knowledge distillation of chain-of-thought reasoning from a cached teacher.\n"
                     "Flow: cache-teacher (once) -> train (many epochs, from the cache) -> eval-bbh.",
     )
     from fastkd import __version__
 
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, module, help_text in COMMANDS:
-        _add(sub, name, module, help_text)
+        _add(sub, name, module, help_text, [parser.broken_stages])
     for group, help_text, members in GROUPS:
         gp = sub.add_parser(group, help=help_text, description=help_text)
-        gsub = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        gsub = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
         for name, module, member_help in members:
-            _add(gsub, name, module, member_help)
+            _add(gsub, name, module, member_help, [parser.broken_stages, gp.broken_stages])
         gp.set_defaults(_run=lambda args, gp=gp: (gp.print_help(), 2)[1])
     return parser
 
@@ -88,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UserError as err:
         print(f"fastkd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)   # a run stopped by a signal: 128 + its number
     except OSError as err:  # disk full, file too large, permissions: the system's words, then what to do
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         again = "re-run with --resume" if args.command == "train" else "re-run the same command to resume"

@@ -18,20 +18,24 @@ from fastkd.train_config import (FIELDS, TrainConfig, _annotation, _arg_type, co
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; a flag not given is absent from args, so the config file wins."""
+    """One flag per TrainConfig field; a flag not given is absent from args, so the config file wins.
+
+    The field's default is shown by the CLI's help formatter (fastkd.cli.HelpFormatter), as for every
+    other command: each flag carries it as `shown_default`, since its argparse default is SUPPRESS."""
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML file with any of the options below; flags override it")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         kind = _arg_type(_annotation(f))
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
         if kind is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_text)
+            action = p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                    help=help_text)
         elif kind == "list[int]":
-            p.add_argument(flag, dest=name, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text)
+            action = p.add_argument(flag, dest=name, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
-            p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                           help=help_text)
+            action = p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                                    choices=f.metadata.get("choices"), help=help_text)
+        action.shown_default = f.default  # fastkd.cli.SHOWN_DEFAULT
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

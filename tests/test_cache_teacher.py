@@ -124,7 +124,7 @@ def test_bad_inputs_clear_errors(tiny_qwen_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "record 1" in err and "'target'" in err and "Traceback" not in err
     rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "nope"), "--data", str(bad), "--out", str(tmp_path / "c")])
-    assert rc == 2 and "cannot load" in capsys.readouterr().err
+    assert rc == 2 and "no such folder" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"source": "a", "rationale": "b", "target": "c"}) + "\n")
     rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(good), "--out", str(tmp_path / "c"), "--layers", "7"])

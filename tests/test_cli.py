@@ -1,0 +1,274 @@
+"""The `fastkd` command itself, at the parser level (no model is loaded):
+
+- a stage whose module cannot be imported fails loudly, with one line naming it, and never disappears;
+- every --help states each default once, in words (no "(default: None)", on/off for switches);
+- an option a command does not know is that command's error, with the closest option it does know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastkd import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temp_folder(tmp_path, monkeypatch):
+    """A command line that parses after all runs in a temp folder, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `fastkd argv`, whether main returns or argparse exits."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as stop:
+        rc = stop.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def all_parsers(parser=None, path=()):
+    """(command words, parser) for fastkd and every command and subcommand below it."""
+    parser = parser or cli.build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from all_parsers(sub, (*path, name))
+
+
+def rendered_help(parser, action) -> str:
+    formatter = parser._get_formatter()
+    return formatter._expand_help(action) if action.help else ""
+
+
+@pytest.fixture
+def synth_broken(monkeypatch):
+    """fastkd.synth missing, as from a wheel that left it out."""
+    real = cli._load
+
+    def load(module):
+        if module == "fastkd.synth":
+            raise ModuleNotFoundError("No module named 'fastkd.synth'", name="fastkd.synth")
+        return real(module)
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
+# ----------------------------------------------------------------------------- a broken stage
+
+def test_every_command_is_listed_and_help_exits_0(capsys):
+    rc, out, err = run_cli(["--help"], capsys)
+    assert rc == 0 and not err
+    for name, _, _ in cli.COMMANDS:
+        assert name in out
+    for group, _, members in cli.GROUPS:
+        assert group in out
+        rc, out_group, _ = run_cli([group, "--help"], capsys)
+        assert rc == 0 and all(name in out_group for name, _, _ in members)
+
+
+def test_a_stage_that_cannot_be_imported_makes_help_fail_with_one_line(synth_broken, capsys):
+    rc, out, err = run_cli(["--help"], capsys)
+    assert rc == 2
+    assert "data" in out  # the help itself is still printed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    line = lines[0]
+    assert line.startswith("fastkd data synth: error:")
+    assert "fastkd.synth" in line and "ModuleNotFoundError" in line and "reinstall fastkd" in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "synth", "--n", "3", "--out", "x.jsonl"],
+    ["data", "synth", "--help"],
+    ["data", "synth"],
+])
+def test_the_broken_command_fails_with_one_line_whatever_it_is_given(synth_broken, capsys, argv):
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2 and not out
+    assert len(err.strip().splitlines()) == 1
+    assert "fastkd.synth" in err and "reinstall fastkd" in err
+
+
+def test_the_broken_command_stays_listed_in_its_group(synth_broken, capsys):
+    rc, out, err = run_cli(["data", "--help"], capsys)
+    assert rc == 2
+    assert "synth" in out and "BROKEN" in out
+    assert "fastkd.synth" in err
+
+
+def test_other_commands_still_work_beside_a_broken_one(synth_broken, capsys):
+    rc, out, _ = run_cli(["train", "--help"], capsys)
+    assert rc == 0 and "--max-steps" in out
+    rc, out, _ = run_cli(["cache", "--help"], capsys)
+    assert rc == 0 and "inspect" in out
+    args = cli.build_parser().parse_args(["cache", "inspect", "some/cache"])
+    assert args.cache == "some/cache" and callable(args._run)
+
+
+def test_a_missing_third_party_module_is_reported_too(monkeypatch, capsys):
+    real = cli._load
+
+    def load(module):
+        if module == "fastkd.demo":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return real(module)
+
+    monkeypatch.setattr(cli, "_load", load)
+    rc, _, err = run_cli(["demo", "--quick"], capsys)
+    assert rc == 2
+    assert "fastkd demo: error:" in err and "fastkd.demo" in err and "matplotlib" in err and "reinstall" in err
+
+
+# ----------------------------------------------------------------------------- help texts
+
+def test_no_help_shows_a_default_of_none_or_a_bare_boolean():
+    for path, parser in all_parsers():
+        for action in parser._actions:
+            text = rendered_help(parser, action)
+            where = f"fastkd {' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            assert "(default: None)" not in text, where
+            assert "SUPPRESS" not in text, where
+            assert "(default: True)" not in text and "(default: False)" not in text, where
+
+
+def test_no_help_states_a_default_twice():
+    for path, parser in all_parsers():
+        for action in parser._actions:
+            text = rendered_help(parser, action)
+            own = len(re.findall(r"\bdefault", action.help or "", re.IGNORECASE))
+            shown = len(re.findall(r"\bdefault", text, re.IGNORECASE))
+            where = f"fastkd {' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            if own:  # the text states its default: nothing is appended
+                assert shown == own, (where, text)
+            else:
+                assert shown <= 1, (where, text)
+
+
+def test_every_command_uses_the_fastkd_formatter():
+    for path, parser in all_parsers():
+        assert parser.formatter_class is cli.HelpFormatter, path
+
+
+def option_help(argv, option, capsys) -> str:
+    """The help entry of `option` in `fastkd argv --help`, joined to one line."""
+    rc, out, _ = run_cli([*argv, "--help"], capsys)
+    assert rc == 0
+    entries = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
+    entry = next(e for e in entries if re.match(rf"\s*{re.escape(option)}\b", e.strip() + " ")
+                 or f", {option}" in e.split("\n")[0])
+    return " ".join(entry.split())
+
+
+def test_train_help_states_its_dataclass_defaults_like_every_command(capsys):
+    assert option_help(["train"], "--lr", capsys).endswith("(default: 0.0001)")
+    assert option_help(["train"], "--progress", capsys).endswith("(default: on)")
+    assert option_help(["train"], "--gradient-checkpointing", capsys).endswith("(default: off)")
+    assert "default" not in option_help(["train"], "--student", capsys)           # None: nothing to say
+    max_steps = option_help(["train"], "--max-steps", capsys)
+    assert max_steps.count("default") == 1 and "(default: --epochs worth)" in max_steps
+    assert option_help(["train"], "--tokenizer", capsys).count("default") == 1
+
+
+def test_switches_and_required_options_say_nothing_or_on(capsys):
+    assert "default" not in option_help(["generate-rationales"], "--no-progress", capsys)
+    assert "default" not in option_help(["generate-rationales"], "--chat", capsys)
+    assert "default" not in option_help(["generate-rationales"], "--teacher", capsys)  # required
+    steps = option_help(["demo"], "--steps", capsys)
+    assert steps.count("default") == 1 and "with --quick" in steps
+
+
+def test_the_formatter_rules_on_a_parser_of_its_own():
+    p = cli.Parser(prog="x")
+    p.add_argument("--none", help="nothing")
+    p.add_argument("--number", type=int, default=3, help="a number")
+    p.add_argument("--flag", action="store_true", help="a flag")
+    p.add_argument("--on-flag", action="store_true", default=True, help="already on")
+    p.add_argument("--no-thing", dest="thing", action="store_false", help="turn the thing off")
+    p.add_argument("--pair", action=argparse.BooleanOptionalAction, default=True, help="a pair")
+    p.add_argument("--off-pair", action=argparse.BooleanOptionalAction, default=False, help="another pair")
+    p.add_argument("--py310", action=argparse.BooleanOptionalAction, default=False,
+                   help="as Python 3.10 writes it (default: %(default)s)")
+    p.add_argument("--req", required=True, default="x", help="required")
+    p.add_argument("--said", default=5, help="five things (default: five)")
+    p.add_argument("--items", action="append", default=[], help="repeatable")
+    p.add_argument("--pct", default="50%", help="a share")
+    shown = {a.dest: rendered_help(p, a) for a in p._actions}
+    assert shown["none"] == "nothing"
+    assert shown["number"] == "a number (default: 3)"
+    assert shown["flag"] == "a flag"
+    assert shown["on_flag"] == "already on (default: on)"
+    assert shown["thing"] == "turn the thing off"
+    assert shown["pair"] == "a pair (default: on)"
+    assert shown["off_pair"] == "another pair (default: off)"
+    assert shown["py310"] == "as Python 3.10 writes it (default: off)"
+    assert shown["req"] == "required"
+    assert shown["said"] == "five things (default: five)"
+    assert shown["items"] == "repeatable"
+    assert shown["pct"] == "a share (default: 50%)"
+    # SUPPRESS-default flags (fastkd train) show the default they carry in `shown_default`
+    q = cli.Parser(prog="y")
+    action = q.add_argument("--k", type=int, default=argparse.SUPPRESS, help="k")
+    setattr(action, cli.SHOWN_DEFAULT, 64)
+    assert rendered_help(q, action) == "k (default: 64)"
+
+
+# ----------------------------------------------------------------------------- unknown options
+
+def test_an_option_of_another_command_is_refused_by_the_command_with_a_suggestion(capsys):
+    rc, out, err = run_cli(["train", "--steps", "5"], capsys)
+    assert rc == 2 and not out
+    assert err.strip().splitlines()[-1] == "fastkd train: error: unrecognized argument --steps (did you mean --max-steps?)"
+    assert "fastkd: error" not in err
+
+
+def test_a_misspelled_option_of_a_subcommand(capsys):
+    rc, _, err = run_cli(["cache", "inspect", "some/cache", "--jsn"], capsys)
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == \
+        "fastkd cache inspect: error: unrecognized argument --jsn (did you mean --json?)"
+    rc, _, err = run_cli(["demo", "--stepz=3"], capsys)  # (--step=3 would be argparse's abbreviation of --steps)
+    assert rc == 2 and err.strip().endswith("fastkd demo: error: unrecognized argument --stepz (did you mean --steps?)")
+
+
+def test_several_unknown_arguments_and_no_far_fetched_suggestion(capsys):
+    rc, _, err = run_cli(["train", "--steps", "5", "--zqxv", "1"], capsys)
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last == "fastkd train: error: unrecognized arguments: --steps (did you mean --max-steps?), --zqxv"
+    rc, _, err = run_cli(["cache", "inspect", "a", "b"], capsys)
+    assert rc == 2 and err.strip().endswith("fastkd cache inspect: error: unrecognized argument b")
+
+
+def test_a_long_usage_does_not_bury_the_error(capsys):
+    rc, _, err = run_cli(["train", "--steps", "5"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 2
+    assert err.startswith("usage: fastkd train [options]") and "fastkd train --help" in err
+
+
+# ----------------------------------------------------------------------------- the example
+
+def test_the_hf_trainer_example_answers_help_without_torch_or_transformers():
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['hf_trainer.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path(%r, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code in (0, None), stop.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    ) % str(ROOT / "examples" / "hf_trainer.py")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--max-steps" in run.stdout
