@@ -495,7 +495,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (under torchrun: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="spread a teacher bigger than one device (needs accelerate: pip install 'fastkd[scale]'): auto, "
+                   help="spread a teacher bigger than one device (through accelerate): auto, "
                         "balanced, sequential, or a JSON object module -> device such as '{\"model.layers.0\": 0, \"lm_head\": 1}'")
     p.add_argument("--max-memory", default=None, metavar="SPEC",
                    help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")

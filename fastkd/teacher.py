@@ -52,11 +52,6 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
         raise UserError(f"--dtype {dtype}: choose one of auto, {', '.join(sorted(DTYPES))}")
     kwargs = {}
     if device_map is not None or max_memory is not None:
-        try:
-            import accelerate  # noqa: F401
-        except ImportError:
-            raise UserError("--device-map needs the accelerate package: pip install 'fastkd[scale]' "
-                            "(or pip install accelerate)") from None
         device_map = parse_device_map(device_map if device_map is not None else "auto")
         on_gpu = torch.cuda.is_available() and (not isinstance(device_map, dict) or any(
             isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
