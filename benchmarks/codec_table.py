@@ -142,7 +142,7 @@ def embedded_teacher_data(n: int, k: int, seed: int = 200):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastkd import synth
-    from fastkd.data import Template, build_example
+    from fastkd.templates import Template, build_example
     from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER
 
     path = CACHE / f"embedded_n{n}_k{k}_s{seed}.npz"

@@ -78,7 +78,8 @@ def heldout_ce(model_dir: Path, heldout: Path) -> float:
     """Mean CE per response token (the student's own tokens) over the held-out records' rationale + answer."""
     import torch
 
-    from fastkd.data import Template, build_examples, labels_from_mask, pad_batch
+    from fastkd.templates import Template, build_examples
+    from fastkd.batching import labels_from_mask, pad_batch
     from fastkd.teacher import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))

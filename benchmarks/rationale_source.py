@@ -67,9 +67,9 @@ def read_log(path: Path) -> list[dict]:
 
 
 def trained_text(record: dict) -> str:
-    """The response a CoT student is trained on (fastkd.data's template: lead-in and answer sentence
+    """The response a CoT student is trained on (fastkd.templates' template: lead-in and answer sentence
     normalised), whitespace-normalised: two rationales are the same chain when these are equal."""
-    from fastkd.data import Template
+    from fastkd.templates import Template
 
     return " ".join(Template(cot=True).response(record["rationale"], record["target"]).split())
 

@@ -622,7 +622,7 @@ VALID_RECORD = {"source": "3 + 4 is", "rationale": "3 plus 4 makes 7.", "target"
 
 def record_variants(rng: random.Random, n: int) -> list[tuple[str, bytes, str]]:
     """(label, file bytes, expected) with expected 'valid', 'invalid' or 'either' (only: no traceback).
-    The rules (fastkd/data.py): a record is a JSON object with string source and target (non-empty
+    The rules (fastkd/records.py): a record is a JSON object with string source and target (non-empty
     after stripping), a string rationale in CoT mode, an optional string task and boolean cot."""
     def line(obj) -> bytes:
         return (json.dumps(obj) + "\n").encode()
@@ -683,7 +683,7 @@ def record_variants(rng: random.Random, n: int) -> list[tuple[str, bytes, str]]:
 
 
 def row_records(world: World, n: int, rng: random.Random) -> Row:
-    from fastkd.data import BuildReport, Template, build_examples
+    from fastkd.templates import BuildReport, Template, build_examples
     from fastkd.errors import UserError
     from fastkd.teacher import load_tokenizer
 

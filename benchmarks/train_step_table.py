@@ -61,7 +61,7 @@ def build_variants(workdir: Path, batch_size: int = 8, top_k: int = 64, student_
     from fastkd.loader import CacheSource, collate
     from fastkd.teacher import load_causal_lm, load_tokenizer
     from fastkd.tiny import save_tiny, train_tokenizer
-    from fastkd.train import make_config
+    from fastkd.train_config import TrainConfig
     from fastkd.trainer import DataSide, StudentWithLoss, add_teacher_signal, batch_inputs
 
     work = Path(workdir)
@@ -82,9 +82,9 @@ def build_variants(workdir: Path, batch_size: int = 8, top_k: int = 64, student_
     teacher = load_causal_lm(str(work / "teacher"), dtype="float32", device="cpu")
     source = CacheSource(cache, layers=[])
     positions = list(range(batch_size))
-    cfg = make_config(overrides={"cache": str(cache), "student": str(work / "student"), "progress": False,
+    cfg = TrainConfig.make(overrides={"cache": str(cache), "student": str(work / "student"), "progress": False,
                                  "loss_impl": "logits"})
-    online_cfg = make_config(overrides={"data": str(records), "teacher": str(work / "teacher"),
+    online_cfg = TrainConfig.make(overrides={"data": str(records), "teacher": str(work / "teacher"),
                                         "student": str(work / "student"), "top_k": top_k, "loss_impl": "logits"})
     torch.manual_seed(0)
     student = load_causal_lm(str(work / "student"), dtype="float32", device="cpu", role="student").train()
@@ -180,7 +180,7 @@ def run_hot_variant(args, name: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastkd.loader import CacheSource, PlanMaker, collate, make_loader
-    from fastkd.train import make_config
+    from fastkd.train_config import TrainConfig
     from fastkd.trainer import DataSide, Env, StudentWithLoss, train_step
 
     spec = HOT_VARIANTS[name]
@@ -191,7 +191,7 @@ def run_hot_variant(args, name: str) -> dict:
     student = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                                            num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
                                            max_position_embeddings=2 * args.seq, tie_word_embeddings=False)).train()
-    cfg = make_config(overrides={"cache": str(cache), "student": "unused", "progress": False, "loss_impl": spec["loss_impl"]})
+    cfg = TrainConfig.make(overrides={"cache": str(cache), "student": "unused", "progress": False, "loss_impl": spec["loss_impl"]})
     module = StudentWithLoss(student, args.vocab, cfg)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     env = Env(torch.device("cpu"))

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.data import ANSWER_PHRASE, DataError, read_records
+from fastkd.templates import ANSWER_PHRASE
+from fastkd.records import DataError, read_records
 from fastkd import paths
 from fastkd.errors import UserError
 
@@ -153,7 +154,7 @@ def split_few_shot(text: str, origin: str = "prompt") -> FewShot:
 
 
 def build_prompt(fmt: str, item_input: str, few_shot: FewShot | None = None) -> str:
-    """Prompt text for the text formats (`trained` is built from token ids by fastkd.data).
+    """Prompt text for the text formats (`trained` is built from token ids by fastkd.templates).
 
     cot: the published 3-shot CoT prompt + `\\n\\nQ: {input}\\nA: Let's think step by step.`;
     direct: the same exemplars with their final answers only, ending `\\nA:`;

@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastkd.data import BuildReport, FieldMap, Template, build_examples, length_sorted_batches, pad_batch, tokenizer_identity
+from fastkd.templates import BuildReport, Template, build_examples
+from fastkd.records import FieldMap
+from fastkd.batching import length_sorted_batches, pad_batch
+from fastkd.tokenizer_identity import tokenizer_identity
 from fastkd.errors import UserError
 
 

@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from fastkd.errors import UserError
+    from fastkd.errors import user_errors
 
     try:
         return int(args._run(args) or 0)
-    except UserError as err:
+    except user_errors() as err:
         print(f"fastkd {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)   # a run stopped by a signal: 128 + its number
     except OSError as err:  # disk full, file too large, permissions: the system's words, then what to do

@@ -3,8 +3,8 @@
 The cache holds teacher-tokenised sequences. `CrossTokenizerSource` wraps a CacheSource and gives each
 sequence in the student's own tokens: the teacher's prompt part and response part (loss_mask) are decoded
 with the teacher tokenizer saved in the cache (`<cache>/teacher_tokenizer/`, its files' sha256 in the sealed
-manifest) and re-tokenised with the student's (prompt as `fastkd.data.text_prompt_ids`, response + EOS as
-`fastkd.data.response_ids`), so the student's loss rows cover the same response text. Teacher rows per
+manifest) and re-tokenised with the student's (prompt as `fastkd.templates.text_prompt_ids`, response + EOS as
+`fastkd.templates.response_ids`), so the student's loss rows cover the same response text. Teacher rows per
 student loss row, by method:
 
 - `uld`: row i of the student's response gets row i of the teacher's (sorted values + tail), up to the
@@ -95,7 +95,7 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
     """The teacher tokenizer for a cache: the one saved inside it (every file checked against its sha256 in
     the manifest before use, then its identity against the manifest's), or `given` (--teacher-tokenizer),
     checked against the manifest's identity. None when the cache has none and none is given."""
-    from fastkd.data import check_tokenizer
+    from fastkd.tokenizer_identity import check_tokenizer
     from fastkd.teacher import load_tokenizer
 
     identity = manifest.get("tokenizer") or {}
@@ -193,9 +193,9 @@ class Retokenized:
 
 def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int | None = None) -> Retokenized:
     """Decode the teacher's prompt and response parts and tokenise each with the student tokenizer (prompt
-    with the student's BOS where it adds one; response + EOS as fastkd.data.response_ids); the response end
-    is cut at max_length like fastkd.data.build_example."""
-    from fastkd.data import text_prompt_ids
+    with the student's BOS where it adds one; response + EOS as fastkd.templates.response_ids); the response end
+    is cut at max_length like fastkd.templates.build_example."""
+    from fastkd.templates import text_prompt_ids
 
     ids = [int(x) for x in np.asarray(input_ids)]
     mask = np.asarray(loss_mask).astype(bool)

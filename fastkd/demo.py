@@ -207,8 +207,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "2.3M-parameter teacher shipped with fastkd")
     p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
     p.add_argument("--bbh-dir", default=None, help=f"BIG-Bench Hard folder (default: {BBH_DIR_LOOKUP})")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads: the demo's models are so small that one "
-                                                          "thread is fastest (measured in the README)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core, the "
+                                                          "fastest on an idle machine; 1 is faster when the cores are busy)")
     for f in fields(DemoSize):  # each size field can be set on its own, over --quick or the full default
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int, default=None, metavar="N",
                        help=f"{f.metadata['help']} (default: {getattr(FULL, f.name)}, with --quick {getattr(QUICK, f.name)})")
@@ -222,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
             if value < 1:
                 raise UserError(f"--{f.name.replace('_', '-')} must be at least 1, not {value}")
             size = replace(size, **{f.name: value})
-    if args.threads < 1:
-        raise UserError(f"--threads must be at least 1, not {args.threads}")
-    import torch
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or more, not {args.threads}")
+    if args.threads:
+        import torch
 
-    torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir, size=size)
     return 0

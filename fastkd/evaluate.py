@@ -183,7 +183,7 @@ def _text_prompts(task, task_items, root, fmt) -> list[str | None]:
     """Prompt texts for hashing when they can be rebuilt without a tokenizer, else None."""
     try:
         if fmt.startswith("trained"):
-            from fastkd.data import Template
+            from fastkd.templates import Template
 
             return [Template(cot=fmt == "trained").prompt(it.input) for it in task_items]
         few = bbh.load_cot_prompt(root, task) if fmt in ("cot", "direct") else None
@@ -195,8 +195,8 @@ def _text_prompts(task, task_items, root, fmt) -> list[str | None]:
 # ----------------------------------------------------------------------------- generation
 
 def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat: bool, root: str) -> list[tuple[str, list[int]]]:
-    """(prompt text, prompt ids) for every item, tasks in order, through fastkd.data."""
-    from fastkd.data import Template, prompt_ids, text_prompt_ids
+    """(prompt text, prompt ids) for every item, tasks in order, through fastkd.templates."""
+    from fastkd.templates import Template, prompt_ids, text_prompt_ids
 
     out = []
     for task, task_items in items.items():

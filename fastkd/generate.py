@@ -1,7 +1,7 @@
 """Batched generation (greedy, or sampled with one seeded generator per row) with the KV cache, left
 padding and stop strings.
 
-Prompts are grouped by length and padded on the left by fastkd.data (the same code the
+Prompts are grouped by length and padded on the left by fastkd.batching (the same code the
 trainer batches with); position ids count real tokens only, so a padded row sees exactly
 what it would see alone. Each row stops at EOS or once its text contains a stop string
 (the text is then cut there), or after max_new_tokens; finished rows leave the batch and
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastkd.data import length_sorted_batches, pad_batch
+from fastkd.batching import length_sorted_batches, pad_batch
 
 STOP_WINDOW = 24  # tokens decoded to look for a stop string (a 4-char string spans <= 16 byte tokens)
 

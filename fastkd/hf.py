@@ -19,7 +19,7 @@ from fastkd.train_config import TrainConfig
 
 def check_cache_tokenizer(manifest: dict, tokenizer, path: str) -> None:
     """Refuse a student tokenizer that tokenises differently from the one the cache was made with."""
-    from fastkd.data import check_tokenizer
+    from fastkd.tokenizer_identity import check_tokenizer
 
     check_tokenizer(manifest.get("tokenizer", {}), tokenizer, f"cache {path}")
 

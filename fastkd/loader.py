@@ -1,7 +1,7 @@
 """Sequences (from a teacher cache or from records) -> shuffled, length-grouped, padded batches.
 
 One data module for training and evaluation: a *source* gives sequences by position (a cache
-reader, or records tokenised with fastkd.data), `epoch_plan` decides which positions go into
+reader, or records tokenised with fastkd.templates), `epoch_plan` decides which positions go into
 which global batch for an epoch (seeded: order of cache blocks, a shuffle buffer, length
 groups), and `BatchStream` (a torch IterableDataset) turns the plan into padded `Batch`es in
 DataLoader worker processes, each rank taking its own disjoint slice of every global batch.
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastkd.data import labels_from_mask, pad_batch
+from fastkd.batching import labels_from_mask, pad_batch
 from fastkd.errors import UserError
 
 IGNORE_INDEX = -100
@@ -115,7 +115,7 @@ class CacheSource:
 
 
 class RecordSource:
-    """Records tokenised with fastkd.data.build_example: one more data source beside the cache.
+    """Records tokenised with fastkd.templates.build_example: one more data source beside the cache.
 
     A record with `"cot": false` is built with Template(cot=False), every other one with the
     template given (CoT by default), so CoT and answer-only records can be mixed in one file.
@@ -127,7 +127,8 @@ class RecordSource:
     def __init__(self, data: str | Path, tokenizer, *, cot: bool = True, chat: bool = False,
                  max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
                  split: str = "train"):
-        from fastkd.data import BuildReport, FieldMap, Template, build_examples
+        from fastkd.templates import BuildReport, Template, build_examples
+        from fastkd.records import FieldMap
 
         self.path = str(data)
         self.report = BuildReport()

@@ -6,7 +6,7 @@ answer matches the record's target (the answer extraction of eval-bbh), written 
 
 Every sample, kept or rejected (and why), is logged with its provenance (teacher, settings, sample
 index) in <out>.provenance.jsonl; a killed run resumes from that log with the same outputs (each
-sample draws from its own seeded generator). The prompt is the CoT template of fastkd.data, the one
+sample draws from its own seeded generator). The prompt is the CoT template of fastkd.templates, the one
 the student is trained and evaluated with.
 """
 
@@ -139,7 +139,8 @@ def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temper
                         seed: int = 0, chat: bool = False, device: str = "auto", dtype: str = "auto",
                         backend: str = "hf", skip_bad: bool = False, progress: bool = True, engine=None) -> dict:
     """Sample, judge and log; returns the per-task summary. `engine`: a vLLM-like engine (tests, vllm)."""
-    from fastkd.data import FieldMap, Template, read_records, validate_record
+    from fastkd.records import FieldMap, read_records, validate_record
+    from fastkd.templates import Template
 
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise UserError("--n, --batch-size and --max-new-tokens must be >= 1")
@@ -214,7 +215,7 @@ def _sample(part, template, settings: RationaleSettings, batch_size, tok, model,
     if engine is not None:
         prompts = [template.prompt(rec["source"]) for _, rec, _ in part]
         return engine_samples(engine, prompts, seeds, settings)
-    from fastkd.data import prompt_ids
+    from fastkd.templates import prompt_ids
     from fastkd.generate import Sampling, greedy_generate
 
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k)

@@ -1,24 +1,19 @@
-"""Every option of `fastkd train` as one dataclass (TrainConfig), read from YAML and flags, checked.
-
-The one source of truth for the CLI (fastkd/train.py builds its flags from the fields) and for the
-library API (`fastkd.train_config.make_config(overrides={...})`)."""
+"""Every option of `fastkd train` as one dataclass (TrainConfig): its flags, its YAML file and the
+saved <out>/config.yaml all come from the fields (fastkd.config); `TrainConfig.make(overrides={...})`
+builds one from Python."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
+from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageConfig
+from fastkd.config import option as _opt
 from fastkd.errors import UserError
 from fastkd.paths import BBH_DIR_LOOKUP
 
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(StageConfig):
     """Every option of `fastkd train`, with its default; the one source of truth for the CLI."""
 
     # data
@@ -28,14 +23,14 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "held-out records, when training from records")
     eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval cache/data is given")
     cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only anyway)")
-    chat_template: bool = _opt(False, "records: wrap the prompt in the tokenizer's chat template")
+    chat_template: bool = CHAT_TEMPLATE()
     max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated)")
     # models
     student: str | None = _opt(None, "student: a local folder or hub id (AutoModelForCausalLM)")
     student_config: str | None = _opt(None, "train from scratch: a config.json (or folder holding one) for AutoConfig")
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id (default: the student's)")
     teacher: str | None = _opt(None, "live teacher for online KD (with --data, no cache)")
-    teacher_dtype: str = _opt("auto", "online teacher dtype: auto, bfloat16, float16, float32")
+    teacher_dtype: str = DTYPE("online teacher")
     top_k: int = _opt(64, "online KD: teacher log-probs kept per position (as a cache would)")
     teacher_layers: list[int] | None = _opt(None, "online KD: teacher hidden-state indices for the hidden loss (0 = embeddings)")
     student_layers: list[int] | None = _opt(None, "student hidden-state indices paired with the teacher layers (default: proportional depth)")
@@ -80,7 +75,7 @@ class TrainConfig:
     precision: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "bf16", "fp32"])
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # loader
-    seed: int = _opt(0, "seed for data order, initialisation and sampling")
+    seed: int = SEED("data order, initialisation and sampling")
     shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory "
                                      "(records from --data are always fully shuffled)")
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
@@ -97,7 +92,7 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
     overwrite: bool = _opt(False, "delete the run already in --out (its checkpoint, metrics, final model) and start "
                                   "over; without it (or --resume) a folder holding a run is refused")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    device: str = DEVICE()
     distributed: str = _opt("ddp", "engine under torchrun", choices=["ddp", "fsdp"])
     log_every: int = _opt(10, "steps between metric lines")
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)")
@@ -111,7 +106,7 @@ class TrainConfig:
     save_every_minutes: float = _opt(10.0, "minutes between checkpoints, so a run killed at any moment loses at most this "
                                            "much (0 = off); SIGTERM/SIGINT also save one and stop")
     save_final: bool = _opt(True, "save the final student with save_pretrained (+ tokenizer, projector) in <out>/final")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = PROGRESS()
     tensorboard: bool = _opt(True, "write TensorBoard events when tensorboard is installed")
 
     def validate(self) -> "TrainConfig":
@@ -168,76 +163,3 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         return self
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Options from a YAML file (keys as in TrainConfig, dashes or underscores)."""
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: invalid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of option: value")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    return values
-
-
-def make_config(file_values: dict | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults < config file < overrides (values that are not None), each checked against its field's type."""
-    values = dict(file_values or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise UserError(f"unknown training option(s) {', '.join(unknown)}")
-    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
-
-
-def coerce(name: str, value):
-    """A config value as its field's type (YAML reads `1e-4` as a string, for one)."""
-    kind = _arg_type(_annotation(FIELDS[name]))
-    if value is None:
-        return None
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if kind == "list[int]":
-            return [int(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"option {name}: {value!r} is not a valid {_annotation(FIELDS[name])}") from None
-    choices = FIELDS[name].metadata.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"option {name}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-
-
-def _arg_type(annotation: str):
-    base = annotation.replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]"}[base]
-
-
-def _annotation(f: dataclasses.Field) -> str:
-    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

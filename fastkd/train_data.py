@@ -35,7 +35,7 @@ class DataSide:
 
 def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
     """Open the cache (checking tokenizer and mode) or tokenise the records (+ load a live teacher)."""
-    from fastkd.data import check_tokenizer, tokenizer_identity
+    from fastkd.tokenizer_identity import check_tokenizer, tokenizer_identity
 
     excluded = np.zeros(0, dtype=np.int64)
     if config.cache:
@@ -109,7 +109,8 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
 
 def check_cache_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     """The cache's tokenizer identity against the student's; a mismatch names --cross-tokenizer."""
-    from fastkd.data import DataError, check_tokenizer
+    from fastkd.records import DataError
+    from fastkd.tokenizer_identity import check_tokenizer
 
     try:
         check_tokenizer(manifest.get("tokenizer", {}), tokenizer, where)

@@ -27,7 +27,7 @@ from fastkd.errors import Interrupted, UserError
 from fastkd.runtime import Env, StopSignals, agree, seed_everything, setup_env, wrap_distributed
 from fastkd.student import (StudentWithLoss, batch_inputs, causal_lm, check_vocab, choose_loss_path,
                             describe_loss_path, load_student, map_layers)
-from fastkd.train_config import TrainConfig, save_config
+from fastkd.train_config import TrainConfig
 from fastkd.train_data import (DataSide, add_teacher_signal, build_data, cache_vocab, skip_corrupt, step_stream,
                                train_plans)
 from fastkd.train_step import BBHProbe, autocast, evaluate, train_step
@@ -132,9 +132,8 @@ def train(config: TrainConfig | dict) -> TrainResult:
     from tqdm.auto import tqdm
 
     from fastkd.teacher import load_tokenizer
-    from fastkd.train import make_config
 
-    config = make_config(overrides=config) if isinstance(config, dict) else config.validate()
+    config = TrainConfig.make(overrides=config) if isinstance(config, dict) else config.validate()
     started = time.perf_counter()
     env = setup_env(config)
     run_dir = Path(config.out)
@@ -183,7 +182,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
         if config.overwrite:
             clear_run(old_run)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        config.save(run_dir / "config.yaml")
     if env.world > 1:
         dist.barrier()
     log = MetricsLog(run_dir, env.is_main, config.tensorboard, step if config.resume else None)

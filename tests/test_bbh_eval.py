@@ -158,9 +158,9 @@ def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
 
 
 def test_trained_formats_use_the_training_templates(tiny_tokenizer):
-    """`trained` and `trained-direct` prompts are exactly what fastkd.data built at training time."""
+    """`trained` and `trained-direct` prompts are exactly what fastkd.templates built at training time."""
     from fastkd import bbh as bbh_mod
-    from fastkd.data import Template, prompt_ids
+    from fastkd.templates import Template, prompt_ids
     from fastkd.evaluate import build_prompts
 
     items = {"navigate": [bbh_mod.BBHItem("navigate", 0, "Take 1 step. Turn around.", "No")]}

@@ -206,7 +206,7 @@ def test_direct_and_zeroshot_prompts():
 
 @needs_bbh
 def test_trained_and_chat_prompts_go_through_fastkd_data(tiny_tokenizer):
-    from fastkd.data import Template, prompt_ids
+    from fastkd.templates import Template, prompt_ids
 
     items, root = bbh.load_tasks(["navigate"], limit=2)
     for chat in (False, True):

@@ -220,7 +220,7 @@ def test_token_string_map_between_two_different_tiny_tokenizers(xt):
 
 def test_retokenised_responses_decode_to_the_teacher_response_text(xt):
     from fastkd.cross_tokenizer import retokenize
-    from fastkd.data import Template
+    from fastkd.templates import Template
     from fastkd.loader import CacheSource
 
     teacher, student = tokenizers(xt)
@@ -276,7 +276,7 @@ def test_the_teacher_tokenizer_is_in_the_cache_with_its_digests(xt, tmp_path):
 
     from fastkd.cross_tokenizer import load_teacher_tokenizer
     from fastkd.cache_tools.format import read_manifest
-    from fastkd.data import tokenizer_identity
+    from fastkd.tokenizer_identity import tokenizer_identity
 
     manifest = read_manifest(xt["cache"])
     entry = manifest["teacher_tokenizer"]

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from fastkd.data import (DataError, FieldMap, Template, build_example, build_examples, labels_from_mask,
-                         length_sorted_batches, pad_batch, read_records, strip_answer_phrase, tokenizer_identity,
-                         check_tokenizer, BuildReport)
+from fastkd.records import DataError, FieldMap, read_records
+from fastkd.templates import Template, build_example, build_examples, strip_answer_phrase, BuildReport
+from fastkd.batching import labels_from_mask, length_sorted_batches, pad_batch
+from fastkd.tokenizer_identity import tokenizer_identity, check_tokenizer
 
 
 def _ids(tok, text):
@@ -306,7 +307,7 @@ def test_the_edits_do_change_tokenisation(tiny_tokenizer):
 
 
 def test_old_manifest_identity_compares_what_it_has_and_warns(tiny_tokenizer):
-    import fastkd.data as data
+    import fastkd.tokenizer_identity as data
 
     ident = tokenizer_identity(tiny_tokenizer)
     old = {key: ident[key] for key in ("vocab_size", "vocab_sha256", "eos_token_id", "pad_token_id", "class")}
@@ -382,7 +383,7 @@ class _SlowTokenizer:
 
 
 def test_slow_tokenizer_gets_a_partial_identity(tiny_tokenizer):
-    import fastkd.data as data
+    import fastkd.tokenizer_identity as data
 
     vocab = {"</s>": 0, "hello": 1, "Hello": 2, "world": 3}
     slow = _SlowTokenizer(vocab)
@@ -400,7 +401,7 @@ def test_slow_tokenizer_gets_a_partial_identity(tiny_tokenizer):
 
 
 def test_merges_spellings_and_empty_affixes_hash_the_same(tiny_tokenizer):
-    from fastkd.data import _canonical_merges
+    from fastkd.tokenizer_identity import _canonical_merges
 
     assert _canonical_merges(["a b", "ab c"]) == _canonical_merges([["a", "b"], ["ab", "c"]])
 

@@ -9,7 +9,7 @@ from fastkd.demo import EMBEDDED_TEACHER, HELD_OUT_SEED
 
 def _answers(model, tok, items, cot: bool, max_new_tokens: int) -> int:
     from fastkd.bbh import STOP_STRING, extract_answer
-    from fastkd.data import Template, prompt_ids
+    from fastkd.templates import Template, prompt_ids
     from fastkd.generate import greedy_generate
 
     prompts = [prompt_ids(tok, Template(cot=cot), r["source"]) for r in items]

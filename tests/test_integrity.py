@@ -39,7 +39,7 @@ def flip(path: Path, offset: int, mask: int = 0x20) -> None:
 def write_cache(root: Path, tokenizer=None, count: int = 24, seed: int = 0, **settings_extra) -> Path:
     """A cache of random well-formed sequences (4 per block, 12 per shard); with a tokenizer, its
     identity and vocabulary, so `fastkd train` accepts it for a student with that tokenizer."""
-    from fastkd.data import tokenizer_identity
+    from fastkd.tokenizer_identity import tokenizer_identity
 
     vocab = len(tokenizer) if tokenizer is not None else 300
     settings = synthetic_settings(vocab_size=vocab, k=8, layers=(1,), widths=(16,), **settings_extra)
@@ -352,11 +352,11 @@ def student(tmp_path_factory, tiny_tokenizer):
 
 
 def _train(**overrides):
-    from fastkd.train import make_config
+    from fastkd.train_config import TrainConfig
     from fastkd.trainer import train
 
     torch.set_num_threads(1)
-    return train(make_config(overrides={"progress": False, "tensorboard": False, "batch_size": 4, **overrides}))
+    return train(TrainConfig.make(overrides={"progress": False, "tensorboard": False, "batch_size": 4, **overrides}))
 
 
 def test_train_stops_on_a_corrupt_block_or_skips_it_when_asked(tmp_path, tiny_tokenizer, student, capsys):

@@ -140,7 +140,8 @@ def test_split_holdout_is_seeded_and_disjoint():
 
 
 def test_record_source_mixes_cot_and_answer_only(tmp_path, tiny_tokenizer):
-    from fastkd.data import Template, build_example, validate_record, FieldMap
+    from fastkd.templates import Template, build_example
+    from fastkd.records import validate_record, FieldMap
 
     recs = [{"source": "1 + 1 is", "rationale": "1 plus 1 is 2.", "target": "2"},
             {"source": "2 + 2 is", "rationale": "2 plus 2 is 4.", "target": "4", "cot": False},

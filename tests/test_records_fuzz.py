@@ -7,7 +7,7 @@ whitespace text, NUL, lone surrogates, duplicate keys, non-object records, a non
 non-string `task`, deep nesting, huge numbers, long strings) and the bytes of the JSONL file
 (BOM, CRLF, truncation, trailing garbage, invalid UTF-8, raw NUL, a BOM mid-file, over-long
 lines, blank and form-feed lines). Which records are valid is decided by `spec_valid` below: the
-rules of fastkd.data written out once more, independently of its code.
+rules of fastkd.records written out once more, independently of its code.
 """
 
 import json
@@ -16,8 +16,9 @@ import random
 
 import pytest
 
-import fastkd.data as data
-from fastkd.data import BuildReport, DataError, FieldMap, Template, build_examples
+import fastkd.records as data
+from fastkd.templates import BuildReport, Template, build_examples
+from fastkd.records import DataError, FieldMap
 
 SEED = 20240611
 LINE_LIMIT = 512 << 10           # MAX_LINE_BYTES during these tests, so "giant" lines stay small
@@ -60,7 +61,7 @@ def _text_ok(s: str) -> bool:
 
 
 def spec_valid(rec, cot_mode: bool) -> bool:
-    """The record rules, as documented in fastkd.data."""
+    """The record rules, as documented in fastkd.records."""
     if isinstance(rec, NotObject):
         return False
     if any(isinstance(v, Raw) and not v.parses for _, v in rec):

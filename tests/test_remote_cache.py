@@ -317,11 +317,11 @@ def test_a_shuffled_training_epoch_is_fetched_ahead(cache, memory_url):
 # ----------------------------------------------------------------------------- training from a URL
 
 def _train(**overrides):
-    from fastkd.train import make_config
+    from fastkd.train_config import TrainConfig
     from fastkd.trainer import train
 
     torch.set_num_threads(1)
-    return train(make_config(overrides={"progress": False, "tensorboard": False, "batch_size": 4, "epochs": 1,
+    return train(TrainConfig.make(overrides={"progress": False, "tensorboard": False, "batch_size": 4, "epochs": 1,
                                         "eval_sequences": 4, "save_final": False, **overrides}))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from fastkd.checkpoint import load_checkpoint
 from fastkd.errors import Interrupted, UserError
-from fastkd.train import make_config
+from fastkd.train_config import TrainConfig
 from fastkd.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +87,13 @@ def test_options_that_make_no_sense_are_refused():
                        ({"resume": True, "overwrite": True}, "give one of them"),
                        ({"save_every_minutes": -1.0}, "must be >= 0"), ({"epochs": 0.0}, "--epochs must be > 0")]:
         with pytest.raises(UserError, match=match):
-            make_config(overrides={"data": "r.jsonl", "student": "s", "kl_weight": 0.0, **bad})
+            TrainConfig.make(overrides={"data": "r.jsonl", "student": "s", "kl_weight": 0.0, **bad})
 
 
 def test_checkpoints_are_timed_by_default(tmp_path, records_jsonl, tiny_llama_dir, monkeypatch):
     import fastkd.trainer as trainer
 
-    assert make_config(overrides={"data": "r", "student": "s", "kl_weight": 0.0}).save_every_minutes > 0
+    assert TrainConfig.make(overrides={"data": "r", "student": "s", "kl_weight": 0.0}).save_every_minutes > 0
     saved, real = [], trainer.save_checkpoint
     monkeypatch.setattr(trainer, "save_checkpoint", lambda run, state: (saved.append(state["step"]), real(run, state)))
     clock = iter(range(0, 10 ** 6, 45))   # each look at the clock 45 s later: a 1-minute interval passes every other step

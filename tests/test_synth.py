@@ -15,7 +15,8 @@ from collections import Counter
 import pytest
 
 from fastkd import synth
-from fastkd.data import ANSWER_PHRASE, FieldMap, Template, read_records, strip_answer_phrase, validate_record, COT_TRIGGER
+from fastkd.templates import ANSWER_PHRASE, Template, strip_answer_phrase, COT_TRIGGER
+from fastkd.records import FieldMap, read_records, validate_record
 from fastkd.synth import boolean_expressions as boolexp
 from fastkd.synth import dyck_languages as dyck
 from fastkd.synth import navigate as nav

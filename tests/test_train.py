@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastkd.errors import UserError
-from fastkd.train import make_config
+from fastkd.train_config import TrainConfig
 from fastkd.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def write_arith_records(path: Path, n: int = 48, seed: int = 0, answer_only_ever
 
 
 def quiet(**overrides):
-    return make_config(overrides={"progress": False, "tensorboard": False, **overrides})
+    return TrainConfig.make(overrides={"progress": False, "tensorboard": False, **overrides})
 
 
 def build_teacher_and_cache(root: Path, qwen_dir: Path, k: int = 16, layers: str | None = "1") -> dict:
@@ -259,7 +259,8 @@ def test_empty_and_corrupt_caches_give_clear_errors(tmp_path, kd, tiny_llama_dir
 
 def test_config_file_with_cli_overrides(tmp_path):
     from fastkd.cli import build_parser
-    from fastkd.train import config_from_args
+
+    config_from_args = TrainConfig.from_args
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text("cache: /some/cache\nstudent: s\nlr: 1e-3\nbatch-size: 3\nkl_weight: 0.5\nstudent_layers: [1, 2]\n"
@@ -276,7 +277,7 @@ def test_config_file_with_cli_overrides(tmp_path):
     with pytest.raises(UserError, match="unknown option.*learning_rate"):
         config_from_args(build_parser().parse_args(["train", "--config", str(cfg)]))
     with pytest.raises(UserError, match="kl-weight 0"):
-        make_config(overrides={"data": "r.jsonl", "student": "s"})       # SFT must say so
+        TrainConfig.make(overrides={"data": "r.jsonl", "student": "s"})       # SFT must say so
 
 
 def test_sft_from_records_with_a_student_config_and_mixed_cot(tmp_path, tiny_llama_dir):

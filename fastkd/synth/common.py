@@ -31,7 +31,7 @@ def normalise(text: str) -> str:
 
 
 def answer_sentence(target: str) -> str:
-    """The closing sentence every rationale ends with, in the phrase fastkd.data strips."""
+    """The closing sentence every rationale ends with, in the phrase fastkd.templates strips."""
     return f"So the answer is {target}."
 
 

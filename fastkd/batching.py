@@ -1,0 +1,41 @@
+"""Token ids -> padded batches: length-sorted batches, padding with masks, labels from loss masks."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int, descending: bool = True) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first, so OOM shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i] if descending else lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(sequences: Iterable[list[int]], pad_id: int, side: str = "right", masks: Iterable[list[int]] | None = None):
+    """Pad token lists into (input_ids, attention_mask[, loss_mask]) LongTensors."""
+    import torch
+
+    seqs = [list(s) for s in sequences]
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss = torch.zeros((len(seqs), width), dtype=torch.long) if masks is not None else None
+    for row, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[row, sl] = torch.tensor(s, dtype=torch.long)
+        attn[row, sl] = 1
+    if masks is not None:
+        for row, m in enumerate(masks):
+            sl = slice(width - len(m), width) if side == "left" else slice(0, len(m))
+            loss[row, sl] = torch.tensor(m, dtype=torch.long)
+        return ids, attn, loss
+    return ids, attn
+
+
+def labels_from_mask(input_ids, loss_mask, ignore_index: int = -100):
+    """Next-token labels for each position: labels[t] = input_ids[t+1] where loss_mask[t+1]."""
+    import torch
+
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], torch.full_like(input_ids[:, 1:], ignore_index))
+    return labels

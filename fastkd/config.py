@@ -1,0 +1,172 @@
+"""One configuration style for every stage: a dataclass whose fields, each with its help text, make
+the command-line flags, read a YAML file (`--config`) and are saved beside the stage's output.
+
+    @dataclass
+    class EvalConfig(StageConfig):
+        model: str | None = option(None, "model folder or hub id")
+        device: str = DEVICE()
+
+    EvalConfig.add_flags(parser)           # --model, --device, --config
+    config = EvalConfig.from_args(args)    # defaults < YAML file < flags, typed and validated
+    config = EvalConfig.make(overrides={"model": "m"})   # the same from Python
+
+Options every stage spells the same way (device, dtype, seed, progress, chat template) are made by
+the functions below, so each has one name and one help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import field
+from pathlib import Path
+
+from fastkd.errors import UserError
+
+SHOWN_DEFAULT = "shown_default"   # the default the CLI's help formatter shows for a flag whose argparse default is SUPPRESS
+
+
+def option(default, help: str, **extra):
+    """A config field: its default, its help text, and optional `choices` or `flag` (another spelling of its flag)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+# ----------------------------------------------------------------------------- shared options
+
+def DEVICE():
+    return option("auto", "auto (cuda when available), cpu, cuda, cuda:1 ...")
+
+
+def DTYPE(what: str = "model"):
+    return option("auto", f"{what} dtype: auto (float32 on CPU; on CUDA the checkpoint's own, bfloat16 for eval), "
+                          f"bfloat16, float16, float32", choices=["auto", "bfloat16", "float16", "float32"])
+
+
+def SEED(what: str = "sampling"):
+    return option(0, f"seed for {what}")
+
+
+def PROGRESS():
+    return option(True, "show progress bars")
+
+
+def CHAT_TEMPLATE():
+    return option(False, "wrap the prompt in the tokenizer's chat template (user turn + generation prompt)")
+
+
+# ----------------------------------------------------------------------------- the machinery
+
+class StageConfig:
+    """Base of every stage's config dataclass: flags, YAML and saving, made the same way for all."""
+
+    def validate(self):
+        """Cross-field checks a stage adds; returns self."""
+        return self
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, config_file: bool = True) -> None:
+        """One flag per field; a flag not given is absent from the parsed args, so a config file wins."""
+        if config_file:
+            parser.add_argument("--config", default=argparse.SUPPRESS,
+                                help="YAML file with any of the options below; flags override it")
+        for name, f in cls.fields().items():
+            flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+            kind = _kind(f)
+            common = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+            if kind is bool:
+                action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            elif kind in ("list[int]", "list[str]"):
+                action = parser.add_argument(flag, type=int if kind == "list[int]" else str, nargs="+", **common)
+            else:
+                action = parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
+            setattr(action, SHOWN_DEFAULT, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        file_values = cls.load(args.config) if getattr(args, "config", None) else {}
+        return cls.make(file_values, {name: getattr(args, name, None) for name in cls.fields()})
+
+    @classmethod
+    def make(cls, file_values: dict | None = None, overrides: dict | None = None):
+        """Defaults < config file < overrides (values that are not None), each checked against its field's type."""
+        values = dict(file_values or {})
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise UserError(f"unknown option(s) {', '.join(unknown)}")
+        return cls(**{k: cls.coerce(k, v) for k, v in values.items()}).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> dict:
+        """Options from a YAML file (keys as the fields, dashes or underscores)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"--config {path}: invalid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: expected a mapping of option: value")
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        return values
+
+    def save(self, path: str | Path) -> None:
+        """The resolved config as YAML, which `--config` reads back."""
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.as_dict(), sort_keys=False))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def coerce(cls, name: str, value):
+        """A value as its field's type (YAML reads `1e-4` as a string, for one), then its choices."""
+        f = cls.fields()[name]
+        kind = _kind(f)
+        if value is None:
+            return None
+        try:
+            value = _as(kind, value)
+        except (TypeError, ValueError):
+            raise UserError(f"option {name}: {value!r} is not a valid {_annotation(f)}") from None
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"option {name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+
+def _as(kind, value):
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, (bool, int)):
+            return bool(value)
+        raise ValueError(value)
+    if kind in ("list[int]", "list[str]"):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return [int(x) if kind == "list[int]" else str(x) for x in items]
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return kind(value)
+
+
+def _kind(f: dataclasses.Field):
+    base = _annotation(f).replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]", "list[str]": "list[str]"}[base]
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

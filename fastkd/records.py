@@ -1,0 +1,349 @@
+"""Record files -> validated records {cot, source, rationale, target, task}.
+
+JSONL, JSON (a list, or an id -> record map as CoT-Collection ships), parquet, or a Hugging Face
+dataset name; every refusal names the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from fastkd.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """A record that cannot be used; the message names the file, record and field. `reason` is
+    the short key build_examples(skip_bad=True) counts it under (None: derived from the text)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which record keys hold the source, rationale, target and (optional) task."""
+
+    source: str = "source"
+    rationale: str = "rationale"
+    target: str = "target"
+    task: str = "task"
+
+
+# ----------------------------------------------------------------------------- reading
+#
+# Rules for record files (every refusal is a DataError naming the file, the record and, for a
+# JSONL file, its line; with skip_bad the per-record ones are counted per reason and skipped):
+#
+# - Bytes: UTF-8. A byte order mark at the very start of a file is accepted (utf-8-sig); one at
+#   the start of a later JSONL line (files concatenated) is an error for that line. Invalid
+#   UTF-8 (including encoded surrogates) is an error naming the line and byte offset; for a
+#   whole-file .json it is an error for the whole file.
+# - JSONL: one JSON object per line, lines split on "\n" only; "\r\n" endings are accepted.
+#   Lines holding only JSON whitespace (space, tab, CR) are skipped and not counted; record
+#   numbers are 0-based line numbers, so `record 4 (line 5)`. A line longer than
+#   MAX_LINE_BYTES is not read into memory: it is an error for that line. Per line, invalid
+#   JSON (truncated, trailing garbage, raw control characters, an integer longer than Python
+#   converts), nesting so deep that the parser gives up, and a value that is not an object are
+#   errors for that record, skippable.
+# - .json: a list of records, {"examples": [...]}, or an id -> record mapping (CoT-Collection).
+#   The file is parsed whole, so a file that does not parse is one error for the whole file,
+#   never skipped; so are duplicate ids in the mapping and an object none of whose values is
+#   an object (a single record, not a mapping of records). A value of the list or mapping that
+#   is not an object is an error for that record.
+# - parquet and Hugging Face datasets: each row is a record, checked by validate_record.
+# - NaN, Infinity and -Infinity (which Python's json accepts) are numbers: in a field that must
+#   be a string they are an error like any number; elsewhere they are left alone.
+# - Keys that appear twice in one record are an error (which value is meant depends on the
+#   parser).
+#
+# Field rules (validate_record): source, target (and rationale for a CoT record) must be
+# present, non-null strings; target and source must be non-empty after strip. A CoT record's
+# rationale may be empty (as before: the response is then `So the answer is <target>.` alone;
+# an answer-only record says "cot": false and needs no rationale); a rationale that is present
+# in an answer-only record must still be a string or null. `cot`,
+# when present and not null, must be true or false. `task`, when present and not null, must be
+# a string (absent or null -> ""). Text fields may not hold a NUL character or a lone
+# surrogate (a JSON escape such as "\ud800" with no partner): the tokenizer cannot encode
+# the latter, and the former marks binary or mis-decoded data. Other keys are ignored.
+
+MAX_LINE_BYTES = 64 << 20
+"""The longest JSONL line read (bytes, without the newline); a longer one is an error for that
+line. Read at call time, so it can be changed on the module."""
+
+_BOM = b"\xef\xbb\xbf"
+_JSON_BLANK = b" \t\r\n"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NESTING_RUN = re.compile(r"(?:[\[{][ \t\r\n]*){200,}")
+_LONG_NUMBER = re.compile(r"(?<![\w\".])-?\d{4301,}")
+
+
+class _JSONObject(dict):
+    """A parsed JSON object that remembers keys it saw twice (json keeps the last value)."""
+
+    __slots__ = ("duplicates",)
+
+
+def _object_pairs(pairs: list) -> dict:
+    obj = _JSONObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        obj.duplicates = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+    return obj
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + "...'"
+
+
+def _kind(value: object) -> str:
+    """A value's type for a message, without echoing a possibly huge value."""
+    if isinstance(value, float) and value != value:
+        return "float (NaN)"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"float ({'-' if value < 0 else ''}Infinity)"
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
+def _parse_json(text: str):
+    """json.loads with duplicate-key tracking; ValueError/RecursionError come out as (reason, message)."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_pairs), None
+    except json.JSONDecodeError as err:
+        msg = err.msg[:-3] if err.msg.endswith(" at") else err.msg
+        if err.pos >= len(text.rstrip()):  # the text ran out: say so, not the position past its last line
+            return None, ("invalid JSON", f"invalid JSON: {msg} at the end of the text (the JSON value is incomplete)")
+        return None, ("invalid JSON", f"invalid JSON: {msg} (line {err.lineno}, column {err.colno})")
+    except RecursionError:
+        return None, ("too deeply nested", "invalid JSON: nested too deeply to parse")
+    except ValueError as err:  # e.g. an integer literal longer than int() converts
+        return None, ("invalid JSON", f"invalid JSON: {str(err).splitlines()[0][:200]}")
+
+
+def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """Yield (record number, record) from JSONL, JSON (list or id->record mapping, as
+    CoT-Collection ships), parquet, or a Hugging Face dataset name when online.
+
+    The first problem a file has (see the rules above this function) raises a DataError that
+    names the file, record and line; build_examples(skip_bad=True) skips per-record problems
+    instead. Records are yielded as read: validate_record checks their fields."""
+    for index, _where, record, error in scan_records(source, split):
+        if error is not None:
+            raise error
+        yield index, record
+
+
+def scan_records(source: str | Path, split: str = "train") -> Iterator[tuple[int, str, object, DataError | None]]:
+    """(index, location label, record or None, per-record DataError or None) for every record.
+    Problems that spoil the whole file are raised, not yielded."""
+    path = Path(source)
+    if not path.is_file():
+        looks_local = path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet") or str(source).startswith((".", "/"))
+        if looks_local and not path.exists():
+            raise DataError(f"{source}: no such file", reason="no such file")
+        for index, record in _read_hub(str(source), split):
+            yield index, f"record {index}", record, None
+        return
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _scan_jsonl(path)
+    elif suffix == ".json":
+        yield from _scan_json(path)
+    elif suffix == ".parquet":
+        yield from _scan_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown record format {suffix!r}; use .jsonl, .json or .parquet", reason="unknown format")
+
+
+def _scan_jsonl(path: Path):
+    limit = int(MAX_LINE_BYTES)
+    try:
+        fh = path.open("rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})", reason="unreadable") from None
+    with fh:
+        lineno = -1
+        while True:
+            try:
+                raw = fh.readline(limit + 1)
+            except OSError as err:
+                raise DataError(f"{path}: line {lineno + 2}: cannot read ({err.strerror or err})", reason="unreadable") from None
+            if not raw:
+                return
+            lineno += 1
+            where = f"record {lineno} (line {lineno + 1})"
+
+            def bad(reason: str, message: str):
+                return lineno, where, None, DataError(f"{path}: {where}: {message}", reason=reason)
+
+            if len(raw) > limit and not raw.endswith(b"\n"):   # over the limit: skip to the next newline
+                size = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(1 << 20)
+                    if not raw:
+                        break
+                    size += len(raw)
+                size -= raw.endswith(b"\n")
+                yield bad("line too long", f"line is {size} bytes, over the limit of {limit} bytes "
+                                           f"(fastkd.records.MAX_LINE_BYTES); not read")
+                continue
+            if raw.startswith(_BOM):
+                if lineno == 0:
+                    raw = raw[len(_BOM):]
+                else:
+                    yield bad("invalid JSON", "UTF-8 byte order mark at the start of the line "
+                                              "(files concatenated?); only the file's first line may have one")
+                    continue
+            if not raw.strip(_JSON_BLANK):
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                hint = " (the file looks like UTF-16; re-save it as UTF-8)" if lineno == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+                yield bad("invalid UTF-8", f"invalid UTF-8 at byte {err.start} of the line ({err.reason}){hint}")
+                continue
+            record, problem = _parse_json(text)
+            if problem is not None:
+                reason, message = problem
+                if reason == "invalid JSON":
+                    message = re.sub(r" \(line 1, column", " (column", message).replace(
+                        "end of the text (the JSON value is incomplete)",
+                        "end of the line (a JSONL line holds one whole JSON object)")
+                yield bad(reason, message)
+                continue
+            yield lineno, where, record, None
+
+
+def _scan_json(path: Path):
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})", reason="unreadable") from None
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    data = data[bom:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: invalid UTF-8 at line {line} (byte {err.start + bom} "
+                        f"of the file: {err.reason}); a .json file is read whole, so it cannot be skipped per record",
+                        reason="invalid UTF-8") from None
+    obj, problem = _parse_json(text)
+    if problem is not None:
+        message = problem[1]
+        if "(line " not in message:   # no position from json: point at the likely place
+            hit = _NESTING_RUN.search(text) if problem[0] == "too deeply nested" else _LONG_NUMBER.search(text)
+            if hit:
+                message += f" (at or near line {text.count(chr(10), 0, hit.start()) + 1})"
+        raise DataError(f"{path}: {message}; a .json file is parsed whole, so it cannot be skipped per record "
+                        f"(JSONL can)", reason=problem[0])
+    if isinstance(obj, dict) and getattr(obj, "duplicates", None):
+        raise DataError(f"{path}: the top-level object has duplicate ids/keys {', '.join(_short(k) for k in obj.duplicates[:5])}; "
+                        f"only the last record of each would be kept", reason="duplicate key")
+    if isinstance(obj, dict) and isinstance(obj.get("examples"), list):
+        obj = obj["examples"]
+    if isinstance(obj, list):
+        for index, record in enumerate(obj):
+            yield index, f"record {index}", record, None
+    elif isinstance(obj, dict):
+        if obj and not any(isinstance(v, dict) for v in obj.values()):
+            raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping, got one object whose "
+                            f"values are not objects (keys {', '.join(_short(k, 30) for k in list(obj)[:5])}); "
+                            f"a single record goes in a list: [{{...}}]", reason="expected an object")
+        for index, (key, record) in enumerate(obj.items()):
+            yield index, f"record {index} (id {_short(key)})", record, None
+    else:
+        raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping, got {_kind(obj)}",
+                        reason="expected an object")
+
+
+def _scan_parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({type(err).__name__}: {str(err)[:200]})", reason="unreadable") from None
+    index = 0
+    try:
+        for batch in table.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                yield index, f"record {index}", record, None
+                index += 1
+    except (OSError, ValueError) as err:  # pyarrow's ArrowException types derive from these
+        raise DataError(f"{path}: record {index}: cannot read the parquet file from here on "
+                        f"({type(err).__name__}: {str(err)[:200]})", reason="unreadable") from None
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; one clear message
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub "
+                        f"failed ({type(err).__name__}: {err})", reason="unreadable") from None
+    yield from enumerate(ds)
+
+
+def validate_record(record: object, index: int, fields: FieldMap, origin: str, cot: bool,
+                    where: str | None = None) -> dict:
+    """Return {cot, source, rationale, target, task} or raise DataError naming file, record
+    (`where`, default `record <index>`) and field. The rules are listed above read_records.
+
+    `cot` is the template's mode; a record with `"cot": false` is answer-only even under a CoT
+    template (and then needs no rationale)."""
+    loc = f"{origin}: {where or f'record {index}'}"
+
+    def fail(message: str, reason: str):
+        raise DataError(f"{loc}: {message}", reason=reason)
+
+    if not isinstance(record, dict):
+        fail(f"expected an object, got {_kind(record)}", "expected an object")
+    duplicates = getattr(record, "duplicates", None)
+    if duplicates:
+        fail(f"duplicate key(s) {', '.join(_short(k) for k in duplicates[:5])}: which value is meant is ambiguous",
+             "duplicate key")
+    flag = record.get("cot")
+    if flag is not None and not isinstance(flag, bool):
+        fail(f"field 'cot' is {_kind(flag)}, not true or false", "bad cot")
+    out = {"cot": bool(cot) and flag is not False}
+    for role, key in (("source", fields.source), ("target", fields.target), ("rationale", fields.rationale)):
+        value = record.get(key)
+        if value is None:
+            if role != "rationale" or out["cot"]:
+                fail(f"field {key!r} is missing" + (" (null)" if key in record else ""), "missing")
+            value = ""
+        elif not isinstance(value, str):
+            fail(f"field {key!r} is {_kind(value)}, not a string", "not a string")
+        else:
+            _check_text(value, key, fail)
+        out[role] = value
+    if not out["target"].strip():
+        fail(f"field {fields.target!r} is empty (empty response)", "empty response")
+    if not out["source"].strip():
+        fail(f"field {fields.source!r} is empty", "empty source")
+    task = record.get(fields.task)
+    if task is None:
+        task = ""
+    elif not isinstance(task, str):
+        fail(f"field {fields.task!r} is {_kind(task)}, not a string", "bad task")
+    else:
+        _check_text(task, fields.task, fail)
+    out["task"] = task
+    return out
+
+
+def _check_text(value: str, key: str, fail) -> None:
+    nul = value.find("\x00")
+    if nul >= 0:
+        fail(f"field {key!r} holds a NUL character (at character {nul}): binary or mis-decoded text", "invalid text")
+    lone = _SURROGATE.search(value)
+    if lone:
+        fail(f"field {key!r} holds a lone surrogate \\u{ord(lone.group()):04x} (at character {lone.start()}): "
+             f"not valid Unicode text", "invalid text")
