@@ -3,9 +3,8 @@
 A checkpoint is a folder `<run>/checkpoint/` with `state.safetensors` (every tensor of the
 state: model, optimizer moments, RNG states) and `checkpoint.json` (the state's structure with
 references to those tensors, the file's sha256, and a seal over the JSON itself). Loading checks
-both digests before anything is used and runs no code from the files. Checkpoints written by
-fastkd <= 0.1 (`state.pt`) are read with `torch.load(weights_only=True)`, which refuses any
-object that is not plain data.
+both digests before anything is used and runs no code from the files; a pickled `state.pt` of a
+pre-release fastkd is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ TENSORS = "state.safetensors"
 INDEX = "checkpoint.json"
 FORMAT = "fastkd-checkpoint"
 FORMAT_VERSION = 1
-LEGACY = "state.pt"
 
 
 # ----------------------------------------------------------------------------- state tree <-> JSON
@@ -174,8 +172,10 @@ def load_checkpoint(run_dir: Path) -> dict:
         folder = run_dir / name
         if (folder / INDEX).exists():
             return _load_folder(folder)
-        if (folder / LEGACY).exists():
-            return _load_legacy(folder / LEGACY)
+        if (folder / "state.pt").exists():
+            raise UserError(f"--resume: {folder / 'state.pt'} is a pickled checkpoint of a pre-release fastkd, which "
+                            f"fastkd never unpickles (that could run code); start a new run folder, or start from "
+                            f"its weights with --student")
     raise UserError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT}/{INDEX}); "
                     f"run without --resume to start from the beginning")
 
@@ -207,21 +207,6 @@ def _load_folder(folder: Path) -> dict:
         return decode_tree(index["state"], load_file(str(folder / TENSORS)))
     except Exception as err:  # noqa: BLE001 - a digest-checked but malformed state
         raise UserError(f"{where}: the state cannot be rebuilt ({err})") from None
-
-
-def _load_legacy(path: Path) -> dict:
-    """A checkpoint from fastkd <= 0.1: restricted unpickling (plain data and tensors only; the
-    numpy RNG state's arrays are the one allowed class)."""
-    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
-    reconstruct = getattr(getattr(np, "_core", np.core).multiarray, "_reconstruct")
-    try:
-        with torch.serialization.safe_globals([reconstruct, *allowed]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - refused objects, truncation: say which
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"--resume: {path} was refused ({text}); it holds objects other than tensors and plain "
-                        f"data, which fastkd never unpickles (that could run code). Start a new run folder, or "
-                        f"start from its weights with --student") from None
 
 
 def _refuse(name: str):
@@ -290,7 +275,7 @@ def existing_run(run_dir: Path, config: TrainConfig) -> list[Path]:
         raise UserError(f"--out {run_dir} is a file; give a folder for the run")
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if config.resume:
-        if not any((run_dir / name / f).exists() for name in (CHECKPOINT, f".{CHECKPOINT}.old") for f in (INDEX, LEGACY)):
+        if not any((run_dir / name / f).exists() for name in (CHECKPOINT, f".{CHECKPOINT}.old") for f in (INDEX, "state.pt")):
             what = "holds a run that stopped before its first checkpoint" if found else "holds no run"
             raise UserError(f"--resume: {run_dir} {what} (no {run_dir / CHECKPOINT / INDEX}); start it over with "
                             f"--overwrite instead of --resume")

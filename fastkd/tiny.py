@@ -84,11 +84,26 @@ STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)
 
 
 def make_student_init(teacher: str | Path, out: str | Path, seed: int, shape: dict | None = None) -> Path:
-    """A randomly initialised small Llama sharing `teacher`'s tokenizer, saved into `out`."""
-    from fastkd.teacher import load_tokenizer
-
-    return save_tiny(out, arch="llama", tokenizer=load_tokenizer(str(teacher)), seed=seed, max_positions=1024,
+    """A randomly initialised small Llama sharing the tokenizer saved in the `teacher` folder, saved into `out`."""
+    return save_tiny(out, arch="llama", tokenizer=load_saved_tokenizer(teacher), seed=seed, max_positions=1024,
                      **(shape or STUDENT_SHAPE))
+
+
+def load_saved_tokenizer(folder: str | Path):
+    """A tokenizer folder as saved: one pinned by pin_tokenizer_class is loaded from its tokenizer.json as is
+    (transformers 5 otherwise re-derives a model family's own normalizer and pre-tokenizer, and ids change)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg, spec = Path(folder) / "tokenizer_config.json", Path(folder) / "tokenizer.json"
+    try:
+        pinned = cfg.is_file() and spec.is_file() and json.loads(cfg.read_text()).get("tokenizer_class") in (
+            "PreTrainedTokenizerFast", "TokenizersBackend")
+    except (OSError, ValueError):
+        pinned = False
+    tok = (PreTrainedTokenizerFast if pinned else AutoTokenizer).from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def save_tiny(out_dir: str | Path, arch: str = "qwen2", tokenizer=None, **model_kwargs) -> Path:

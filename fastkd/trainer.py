@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,27 +128,132 @@ class TrainResult:
 
 
 
+@dataclass
+class Run:
+    """One training run while it trains: what it was built from, and the counters a checkpoint saves."""
+
+    config: TrainConfig
+    env: Env
+    run_dir: Path
+    tokenizer: object
+    data: DataSide
+    module: StudentWithLoss
+    model: torch.nn.Module          # the module, wrapped for DDP/FSDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    student_layers: list = field(default_factory=list)
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    tokens: int = 0
+    before: dict | None = None
+    log: MetricsLog | None = None
+    probe: BBHProbe | None = None
+    last_saved: int = 0             # the newest step whose weights are on disk (or the start)
+    saved_at: float = 0.0
+
+    def evaluate(self) -> dict:
+        """Held-out CE/KL on every rank together, then the BBH subset on the main one."""
+        result = evaluate(self.module, self.data, self.config, self.env, self.tokenizer.pad_token_id)
+        if self.probe is not None:
+            result.update(self.probe(causal_lm(self.module.student)))
+        return result
+
+    def checkpoint(self, window: LossWindow) -> None:
+        window.check_finite(self)
+        window.settle_tokens(self)
+        model_state, optim_state = full_state(self.module, self.optimizer, self.config, self.env)
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, {
+                "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "step": self.step, "epoch": self.epoch, "position": self.position,
+                "tokens": self.tokens, "before": self.before, "config": asdict(self.config), "world": self.env.world})
+        self.last_saved, self.saved_at = self.step, _clock()
+        if self.env.world > 1:
+            dist.barrier()
+
+
+class LossWindow:
+    """The loss terms summed over the loss rows of every step since the last log line (all ranks at log time)."""
+
+    def __init__(self, run: Run):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=run.env.device)  # rows, row-weighted total, ce, kl, hidden
+        self.pending_tokens = torch.zeros((), dtype=torch.float64, device=run.env.device)  # other ranks' rows
+        self.first_step, self.started = run.step + 1, time.perf_counter()
+
+    def add_rows(self, run: Run, step_rows) -> None:
+        if run.env.world > 1:
+            self.pending_tokens += step_rows
+        else:
+            run.tokens += int(step_rows)
+
+    def settle_tokens(self, run: Run) -> None:
+        """Fold the device-side token count into the host one (a sync: at log or save time only)."""
+        if run.env.world > 1:
+            run.tokens += int(round(float(self.pending_tokens)))
+            self.pending_tokens.zero_()
+
+    def check_finite(self, run: Run, totals: list[float] | None = None) -> None:
+        """Stop at the first non-finite loss (bad data, or divergence) before it reaches a log line or a checkpoint:
+        its optimizer step has already spoilt the weights, and saving them would overwrite the last good ones."""
+        if totals is None:
+            bad = (~torch.isfinite(self.sums)).any().double()
+            if run.env.world > 1:
+                dist.all_reduce(bad)
+            finite = not bool(bad)
+        else:
+            finite = all(math.isfinite(x) for x in totals)
+        if not finite:
+            raise UserError(f"training loss became NaN or inf in steps {self.first_step}..{run.step}; stopped before "
+                            f"saving, so {run.run_dir / CHECKPOINT} still holds step {run.last_saved} (if any). Check "
+                            "the data (`fastkd cache verify`; a label or teacher id outside the student's vocabulary "
+                            "makes its rows NaN on CUDA), or lower --lr, then resume with --resume")
+
+    def log_line(self, run: Run, grad_norm, bar) -> None:
+        """The averages since the last line, to metrics.jsonl, TensorBoard and the progress bar; then restart."""
+        if run.env.world > 1:
+            dist.all_reduce(self.sums)
+        totals = self.sums.tolist()
+        self.check_finite(run, totals)
+        values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
+        lr = run.scheduler.get_last_lr()[0]
+        rate = totals[0] / max(time.perf_counter() - self.started, 1e-9)
+        run.log.write(run.step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                 "loss_tokens_per_s": rate, "epoch": run.epoch})
+        bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
+                        tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+        self.sums.zero_()
+        self.first_step, self.started = run.step + 1, time.perf_counter()
+
+
 def train(config: TrainConfig | dict) -> TrainResult:
     """Run one training job described by `config` (a TrainConfig, or a dict of its fields)."""
-    from tqdm.auto import tqdm
-
-    from fastkd.teacher import load_tokenizer
-
     config = TrainConfig.make(overrides=config) if isinstance(config, dict) else config.validate()
     started = time.perf_counter()
     env = setup_env(config)
-    run_dir = Path(config.out)
-    old_run = existing_run(run_dir, config)  # refused here, before anything is loaded or created
+    old_run = existing_run(Path(config.out), config)  # refused here, before anything is loaded or created
     seed_everything(config.seed)
+    run = build_run(config, env)
+    if config.resume:
+        resume(run)
+    open_run_folder(run, old_run)
+    if run.before is None:
+        run.before = log_eval(run)
+    announce(run)
+    return finish(run, loop(run), started)
 
-    # data and models
+
+def build_run(config: TrainConfig, env: Env) -> Run:
+    """Tokenizer, data, student (+ hidden projector) with its loss, optimizer and schedule."""
+    from fastkd.teacher import load_tokenizer
+
     tokenizer = load_tokenizer(config.tokenizer or config.student, "--tokenizer" if config.tokenizer else "--student")
     vocab_size = len(tokenizer)
     data = build_data(config, tokenizer, env)
     student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
     check_vocab(student, vocab_size, config.student or config.student_config)
-    projector = None
-    student_layers = []
+    projector, student_layers = None, []
     if config.hidden_weight:
         from fastkd.kernels import HiddenProjector
 
@@ -155,9 +261,6 @@ def train(config: TrainConfig | dict) -> TrainResult:
                                     config.student_layers)
         projector = HiddenProjector(student.config.hidden_size, data.teacher_widths).to(env.device)
     module = StudentWithLoss(student, vocab_size, config, student_layers=student_layers, projector=projector)
-    model = wrap_distributed(module, config, env)
-
-    # optimisation
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
@@ -166,158 +269,110 @@ def train(config: TrainConfig | dict) -> TrainResult:
     if total_steps < 1:
         raise UserError("no training step to run: the training source makes no full batch (fewer sequences than "
                         "--batch-size x processes x --grad-accum); give more data or a smaller --batch-size")
-    scheduler = make_schedule(optimizer, config, total_steps)
+    return Run(config, env, Path(config.out), tokenizer, data, module, wrap_distributed(module, config, env), optimizer,
+               make_schedule(optimizer, config, total_steps), total_steps, student_layers)
 
-    # state: fresh or resumed
-    step, epoch, position, tokens, before = 0, 0, 0, 0, None
-    if config.resume:
-        state = load_checkpoint(run_dir)
-        check_resumable(state, config, env, run_dir)
-        load_full_state(module, optimizer, state["model"], state["optimizer"], config, env)
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, epoch, position, tokens, before = (state["step"], state["epoch"], state["position"],
-                                                 state["tokens"], state.get("before"))
-    if env.is_main:  # everything loaded: the run folder is made (or the old run cleared) only now
-        if config.overwrite:
+
+def resume(run: Run) -> None:
+    """Weights, optimizer, schedule, RNG and position from <out>/checkpoint, after checking the data order matches."""
+    state = load_checkpoint(run.run_dir)
+    check_resumable(state, run.config, run.env, run.run_dir)
+    load_full_state(run.module, run.optimizer, state["model"], state["optimizer"], run.config, run.env)
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    run.step, run.epoch, run.position, run.tokens = state["step"], state["epoch"], state["position"], state["tokens"]
+    run.before, run.last_saved = state.get("before"), state["step"]
+
+
+def open_run_folder(run: Run, old_run: list[Path]) -> None:
+    """Everything is loaded: only now is the run folder made (or the old run cleared), the config saved."""
+    if run.env.is_main:
+        if run.config.overwrite:
             clear_run(old_run)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-    if env.world > 1:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.config.save(run.run_dir / "config.yaml")
+    if run.env.world > 1:
         dist.barrier()
-    log = MetricsLog(run_dir, env.is_main, config.tensorboard, step if config.resume else None)
-    pad_id = tokenizer.pad_token_id
-    probe = BBHProbe(config, tokenizer) if config.eval_bbh_tasks and env.is_main else None
+    run.log = MetricsLog(run.run_dir, run.env.is_main, run.config.tensorboard, run.step if run.config.resume else None)
+    if run.config.eval_bbh_tasks and run.env.is_main:
+        run.probe = BBHProbe(run.config, run.tokenizer)
 
-    def evaluate_all() -> dict:  # held-out CE/KL on every rank together, then the BBH subset on the main one
-        result = evaluate(module, data, config, env, pad_id)
-        if probe is not None:
-            result.update(probe(causal_lm(module.student)))
-        return result
 
-    if before is None:
-        before = evaluate_all()
-        if before:
-            log.write(0, {f"eval_{k}": v for k, v in before.items()})
+def log_eval(run: Run) -> dict:
+    result = run.evaluate()
+    if result:
+        run.log.write(run.step, {f"eval_{k}": v for k, v in result.items()})
+    return result
 
-    def settle_tokens() -> None:  # fold the device-side token count into the host one (a sync: log/save only)
-        nonlocal tokens
-        if env.world > 1:
-            tokens += int(round(float(pending_tokens)))
-            pending_tokens.zero_()
 
-    last_saved = step  # the newest step whose weights are on disk (or the start)
-    window_from = step + 1  # first step whose loss terms are in `window`
+def announce(run: Run) -> None:
+    """Say on stderr which loss path runs and whether the cache keeps the teacher at every position."""
+    if not (run.env.is_main and run.config.progress):
+        return
+    print(describe_loss_path(run.module, run.env.device), file=sys.stderr)
+    capture = (getattr(run.data.train, "manifest", None) or {}).get("capture")
+    if capture:
+        print(f"cache: selective capture, the teacher at {capture['share']:.0%} of loss positions (by {capture['by']}): "
+              f"CE + KL there, CE alone elsewhere", file=sys.stderr)
 
-    def check_finite(totals: list[float] | None = None) -> None:
-        """Stop at the first non-finite loss (bad data, or divergence) before it reaches a log line or a checkpoint:
-        its optimizer step has already spoilt the weights, and saving them would overwrite the last good ones."""
-        if totals is None:
-            bad = (~torch.isfinite(window)).any().double()
-            if env.world > 1:
-                dist.all_reduce(bad)
-            finite = not bool(bad)
-        else:
-            finite = all(math.isfinite(x) for x in totals)
-        if not finite:
-            raise UserError(f"training loss became NaN or inf in steps {window_from}..{step}; stopped before saving, "
-                            f"so {run_dir / CHECKPOINT} still holds step {last_saved} (if any). Check the data "
-                            "(`fastkd cache verify`; a label or teacher id outside the student's vocabulary makes "
-                            "its rows NaN on CUDA), or lower --lr, then resume with --resume")
 
-    def checkpoint() -> None:
-        nonlocal last_saved, saved_at
-        check_finite()
-        settle_tokens()
-        model_state, optim_state = full_state(module, optimizer, config, env)
-        if env.is_main:
-            save_checkpoint(run_dir, {"model": model_state, "optimizer": optim_state,
-                                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-                                      "epoch": epoch, "position": position, "tokens": tokens, "before": before,
-                                      "config": asdict(config), "world": env.world})
-        last_saved, saved_at = step, _clock()
-        if env.world > 1:
-            dist.barrier()
+def loop(run: Run) -> LossWindow:
+    """Optimizer steps until total_steps: log, evaluate and checkpoint on schedule; on SIGTERM/SIGINT save and stop."""
+    from tqdm.auto import tqdm
 
-    if env.is_main and config.progress:
-        import sys
+    config, total = run.config, run.total_steps
+    stream = step_stream(run.data, config, run.env, run.tokenizer.pad_token_id, run.epoch, run.position)
+    bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not (config.progress and run.env.is_main))
+    window, run.saved_at, interval = LossWindow(run), _clock(), 60.0 * config.save_every_minutes
+    run.module.train()
+    try:
+        with StopSignals() as stops:
+            while run.step < total:
+                # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
+                run.epoch, run.position, micro = next(stream)
+                step_rows, grad_norm = train_step(run.model, run.module, run.optimizer, micro, run.data, config,
+                                                  run.env, len(run.tokenizer), window.sums)
+                window.add_rows(run, step_rows)
+                run.scheduler.step()
+                run.step += 1
+                bar.update(1)
+                if run.step % max(1, config.log_every) == 0 or run.step == total:
+                    window.log_line(run, grad_norm, bar)
+                if config.eval_every and run.step % config.eval_every == 0 and run.step < total:
+                    log_eval(run)
+                timed, stop = agree(run.env, bool(interval) and _clock() - run.saved_at >= interval,
+                                    stops.received is not None)
+                if (timed or stop or (config.save_every and run.step % config.save_every == 0)) and run.step < total:
+                    run.checkpoint(window)
+                if stop and run.step < total:
+                    name = signal.Signals(stops.received).name if stops.received else "a signal on another rank"
+                    raise Interrupted(f"stopped by {name} after step {run.step} of {total}; the checkpoint in "
+                                      f"{run.run_dir / CHECKPOINT} holds it: re-run the same command with --resume "
+                                      f"to continue", stops.received or signal.SIGTERM)
+    finally:
+        bar.close()
+        stream.close()  # stops the read-ahead thread
+    window.settle_tokens(run)
+    return window
 
-        print(describe_loss_path(module, env.device), file=sys.stderr)
-        capture = (getattr(data.train, "manifest", None) or {}).get("capture")
-        if capture:
-            print(f"cache: selective capture, the teacher at {capture['share']:.0%} of loss positions (by {capture['by']}): "
-                  f"CE + KL there, CE alone elsewhere", file=sys.stderr)
-    stream = step_stream(data, config, env, pad_id, epoch, position)
-    pending_tokens = torch.zeros((), dtype=torch.float64, device=env.device)  # other ranks' rows, not yet read back
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (config.progress and env.is_main))
-    window = torch.zeros(5, dtype=torch.float64, device=env.device)  # rows, then row-weighted total, ce, kl, hidden
-    window_start, saved_at = time.perf_counter(), _clock()
-    save_interval = 60.0 * config.save_every_minutes
-    module.train()
-    with StopSignals() as stops:  # SIGTERM/SIGINT: checkpoint after this step, then stop
-        while step < total_steps:
-            # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
-            epoch, position, micro = next(stream)
-            step_rows, grad_norm = train_step(model, module, optimizer, micro, data, config, env, vocab_size, window)
-            if env.world > 1:
-                pending_tokens += step_rows
-            else:
-                tokens += int(step_rows)
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % max(1, config.log_every) == 0 or step == total_steps:
-                # loss terms averaged over the loss rows of every step since the last line, all ranks
-                if env.world > 1:
-                    dist.all_reduce(window)
-                totals = window.tolist()
-                check_finite(totals)
-                values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
-                lr = scheduler.get_last_lr()[0]
-                rate = totals[0] / max(time.perf_counter() - window_start, 1e-9)
-                log.write(step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                 "loss_tokens_per_s": rate, "epoch": epoch})
-                bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
-                                tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-                window.zero_()
-                window_from = step + 1
-                window_start = time.perf_counter()
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                result = evaluate_all()
-                if result:
-                    log.write(step, {f"eval_{k}": v for k, v in result.items()})
-            timed, stop = agree(env, bool(save_interval) and _clock() - saved_at >= save_interval,
-                                stops.received is not None)
-            if (timed or stop or (config.save_every and step % config.save_every == 0)) and step < total_steps:
-                checkpoint()
-            if stop and step < total_steps:
-                bar.close()
-                stream.close()
-                name = signal.Signals(stops.received).name if stops.received else "a signal on another rank"
-                raise Interrupted(f"stopped by {name} after step {step} of {total_steps}; the checkpoint in "
-                                  f"{run_dir / CHECKPOINT} holds it: re-run the same command with --resume to continue",
-                                  stops.received or signal.SIGTERM)
-    bar.close()
-    stream.close()  # stops the read-ahead thread
-    settle_tokens()
 
-    after = evaluate_all()
-    if after:
-        log.write(step, {f"eval_{k}": v for k, v in after.items()})
-    checkpoint()
-    final_dir = None
+def finish(run: Run, window: LossWindow, started: float) -> TrainResult:
+    """Held-out metrics after training, the last checkpoint, the final student, and what the run produced."""
+    after = log_eval(run)
+    run.checkpoint(window)
+    final_dir, env, config = None, run.env, run.config
     if config.save_final:
-        model_state = full_state(module, None, config, env)[0] if env.world > 1 and config.distributed == "fsdp" else None
+        model_state = full_state(run.module, None, config, env)[0] if env.world > 1 and config.distributed == "fsdp" \
+            else None
         if env.is_main:
-            final_dir = save_final(module, tokenizer, run_dir / "final",
-                                   {"config": asdict(config), "before": before, "after": after, "steps": step,
-                                    "student_layers": student_layers, "teacher_layers": data.teacher_layers},
+            final_dir = save_final(run.module, run.tokenizer, run.run_dir / "final",
+                                   {"config": asdict(config), "before": run.before, "after": after, "steps": run.step,
+                                    "student_layers": run.student_layers, "teacher_layers": run.data.teacher_layers},
                                    model_state)
-    log.close()
+    run.log.close()
     if env.world > 1:
         dist.barrier()
         if env.owns_group:
             dist.destroy_process_group()
-    return TrainResult(run_dir, final_dir, run_dir / CHECKPOINT, log.path, run_dir / "config.yaml", before, after,
-                       step, tokens, time.perf_counter() - started, env.is_main)
-
+    return TrainResult(run.run_dir, final_dir, run.run_dir / CHECKPOINT, run.log.path, run.run_dir / "config.yaml",
+                       run.before, after, run.step, run.tokens, time.perf_counter() - started, env.is_main)
