@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_lm import synthetic_teacher  # noqa: E402
 
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden  # noqa: E402
-from fastkd.cache_tools.topk_codec import (decode_sampled, decode_topk, decode_topk2, encode_sampled,  # noqa: E402
-                                           encode_topk, encode_topk2)
+from fastkd.cache_tools.topk2_codec import decode_topk2, encode_topk2  # noqa: E402
+from fastkd.cache_tools.topk_codec import decode_sampled, decode_topk, encode_sampled, encode_topk  # noqa: E402
 
 V, K, N = 151_936, 64, 1024
 
@@ -42,12 +42,13 @@ TOPK = {
                                           np.frombuffer(p, "<f2", N * K, offset=4 * N * K).astype(np.float32))),
     "raw+zstd": (lambda s: zstandard.ZstdCompressor(level=3).compress(_raw(s)),
                  lambda p: zstandard.ZstdDecompressor().decompress(p)),
-    "kt-default": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V), lambda p: decode_topk(p, N, K, V)),
-    "kt-value-layout": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V, layout="value"),
-                        lambda p: decode_topk(p, N, K, V)),
-    # kt2 with the top-1 as the label: the case of a teacher whose top-1 is the next token
-    "kt2-default": (lambda s: encode_topk2(s.ids, s.logprobs, s.tail, V, labels=s.ids[:, 0]),
-                    lambda p: decode_topk2(p, N, K, V, labels=TOP1[0])),
+    "kt-fine": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V), lambda p: decode_topk(p, N, K, V)),
+    "kt-fine-value-layout": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V, layout="value"),
+                             lambda p: decode_topk(p, N, K, V)),
+    "kt-exact": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V, exact=True), lambda p: decode_topk(p, N, K, V)),
+    # precision small with the top-1 as the label: the case of a teacher whose top-1 is the next token
+    "kt-small": (lambda s: encode_topk2(s.ids, s.logprobs, s.tail, V, labels=s.ids[:, 0]),
+                 lambda p: decode_topk2(p, N, K, V, labels=TOP1[0])),
 }
 TOP1: list = [None]   # the labels decode_topk2 needs, set by the fixture
 

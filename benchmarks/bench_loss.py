@@ -57,17 +57,18 @@ def _gpu_case(n, v, k=64):
 @pytest.mark.parametrize("n,v", GPU_SHAPES)
 @pytest.mark.parametrize("variant", ["triton_inplace", "torch_cross_entropy"])
 def test_gpu_loss(benchmark, n, v, variant):
-    from fastkd.kernels.triton_loss import launch_rows
+    from fastkd.kernels import LossSpec, Teacher
+    from fastkd.kernels.triton_loss import chunk_loss_and_grad
 
     logits, rest = _gpu_case(n, v)
     benchmark.group = f"gpu-loss-{n}x{v}-bf16"
     if variant == "triton_inplace":
         scale = torch.tensor(1.0 / n, device=logits.device)
 
-        def step():  # forward + gradient written into the logits buffer
-            launch_rows(logits, logits, rest["labels"], rest["teacher_ids"], rest["teacher_logprobs"], rest["tail"],
-                        None, mode="tail", ce_weight=1.0, kl_weight=1.0, temperature=1.0, ignore_index=-100,
-                        row_scale=scale)
+        teacher = Teacher(rest["teacher_ids"], rest["teacher_logprobs"], rest["tail"])
+
+        def step():  # the kernel alone, one launch over every row: forward + gradient written into the logits
+            chunk_loss_and_grad(logits, rest["labels"], teacher, LossSpec(), scale, out=logits)
             torch.cuda.synchronize()
     else:
         z = logits.clone().requires_grad_(True)

@@ -59,7 +59,7 @@ def run(world: int, teacher: Path, records: Path, out: Path, unit: int, batch: i
     """One cache-teacher run with `world` ranks; its manifest summary plus the command's wall time."""
     args = [sys.executable, "-m", "fastkd", "cache-teacher", "--teacher", str(teacher), "--data", str(records),
             "--out", str(out), "--top-k", "64", "--sequences-per-shard", str(unit), "--batch-size", str(batch),
-            "--max-length", "512", "--quiet"]
+            "--max-length", "512", "--no-progress"]
     port = _port()
     started = time.perf_counter()
     procs = []

@@ -1,5 +1,5 @@
-"""Reader throughput from a URL vs a local folder: the same cache read from a folder (mmap),
-file:// and memory:// (fsspec, byte ranges) and, when moto[server] and s3fs are installed, s3://
+"""Reader throughput from a URL vs a local folder: the same cache read from a folder (local file reads),
+file:// and memory:// (fsspec), all by byte ranges through the one read path, and, when moto[server] and s3fs are installed, s3://
 on a loopback moto server; every read checks every digest (the default).
 
     python benchmarks/cache_scale_reader.py [--sequences 64] [--width 1024] [--reps 3]

@@ -28,8 +28,11 @@ from synthetic_lm import TeacherSample, concat, synthetic_contexts, synthetic_te
 
 from fastkd.cache_tools import topk_codec  # noqa: E402
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection  # noqa: E402
-from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK2_PARAMS, DEFAULT_TOPK_PARAMS, decode_sampled,  # noqa: E402
-                                           decode_topk, decode_topk2, encode_sampled, encode_topk, encode_topk2)
+from fastkd.cache_tools.topk2_codec import DEFAULT_TOPK2_PARAMS, decode_topk2, encode_topk2  # noqa: E402
+from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk,  # noqa: E402
+                                           encode_sampled, encode_topk)
+
+FINE, SMALL = "kt:precision=fine", "kt:precision=small"   # measured as kt-zstd / kt2-zstd before the 1.0 rename
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -288,6 +291,30 @@ def raw_codec(vocab, k, compress_level=None):
     return enc, dec
 
 
+def raw_planes_codec(vocab, k, level=3):
+    """Baseline: the cache's default logits codec before 1.0 (raw-zstd): ids as the smallest unsigned type (-1 as
+    all ones), fp16 log-probs, fp32 tail, each split into byte planes, one zstd frame."""
+    width = np.dtype(np.uint8 if vocab <= 255 else np.uint16 if vocab <= 65535 else np.uint32)
+
+    def planes(a):
+        return np.ascontiguousarray(a).view(np.uint8).reshape(-1, a.dtype.itemsize).T.tobytes()
+
+    def enc(ids, lp, tail):
+        stored = np.where(ids < 0, np.iinfo(width).max, ids).astype(width.newbyteorder("<"))
+        body = planes(stored) + planes(lp.astype("<f2")) + planes(tail.astype("<f4"))
+        return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
+
+    def dec(payload, n):
+        body = np.frombuffer(zstandard.ZstdDecompressor().decompress(payload), np.uint8)
+        sizes = np.cumsum([0, n * k * width.itemsize, n * k * 2, n * 4])
+        unplane = lambda part, dtype: body[sizes[part]:sizes[part + 1]].reshape(np.dtype(dtype).itemsize, -1).T \
+            .copy().view(dtype).reshape(-1)  # noqa: E731
+        stored = unplane(0, width.newbyteorder("<")).reshape(n, k)
+        ids = np.where(stored == np.iinfo(width).max, -1, stored.astype(np.int64))
+        return ids, unplane(1, "<f2").reshape(n, k).astype(np.float32), unplane(2, "<f4").astype(np.float32)
+    return enc, dec
+
+
 def distillkit_bytes(vocab: int, k: int, exact_k: int, exact_bits: int, n_terms: int, term_bits: int = 32) -> int:
     """DistillKit DistributionQuantizationConfig.total_bits() / 8 with no residual bins:
     exact_k values + polynomial coefficients, rounded up to a byte, + k ids of ceil(log2 V) bits."""
@@ -305,17 +332,17 @@ def ours(vocab, k, **params):
 def size_without_plane_split(sample, vocab, block, **params) -> float:
     """Bytes/position of the same streams stored as whole little-endian integers (one zstd frame
     per stream) instead of byte planes: an ablation, measured by swapping the plane splitter."""
-    original = topk_codec._compress_planes
+    original = topk_codec.compress_planes
 
     def whole(values, nbytes, level):
         raw = np.ascontiguousarray(values, dtype="<u4").reshape(-1).view(np.uint8).reshape(-1, 4)[:, :nbytes]
         return [zstandard.ZstdCompressor(level=level).compress(raw.tobytes())]
-    topk_codec._compress_planes = whole
+    topk_codec.compress_planes = whole
     try:
         total = sum(len(encode_topk(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b], vocab, **params))
                     for a, b in blocks(len(sample.ids), block))
     finally:
-        topk_codec._compress_planes = original
+        topk_codec.compress_planes = original
     return total / len(sample.ids)
 
 
@@ -334,28 +361,28 @@ def ours2(vocab, k, **params):
 
 
 def topk2_rows(sample, vocab, labels, block, repeats):
-    """kt2-zstd (format version 2): the default, without labels, and parameter variants; bytes are the
+    """kt at precision small: the default, without labels, and parameter variants; bytes are the
     whole payload (its per-block id table included) over all positions."""
     n, k = sample.ids.shape
     default = dict(DEFAULT_TOPK2_PARAMS)
-    rows = [measure_topk(f"kt2 default {fmt_params(default)}", sample, vocab, *ours2(vocab, k), block, repeats, labels),
-            measure_topk("kt2 default, no labels", sample, vocab,
+    rows = [measure_topk(f"{SMALL} {fmt_params(default)}", sample, vocab, *ours2(vocab, k), block, repeats, labels),
+            measure_topk(f"{SMALL}, no labels", sample, vocab,
                          lambda i, l, t: encode_topk2(i, l, t, vocab), lambda p, m: decode_topk2(p, m, k, vocab),
                          block, repeats)]
     for params in (dict(step=0.12), dict(step=0.07), dict(level=1), dict(reference="absolute", step=0.03, growth=0.5)):
-        rows.append(measure_topk(f"kt2 {fmt_params(params)}", sample, vocab, *ours2(vocab, k, **params), block, repeats,
-                                 labels))
+        rows.append(measure_topk(f"{SMALL}, {fmt_params(params)}", sample, vocab, *ours2(vocab, k, **params), block,
+                                 repeats, labels))
     for other in (256, 4096):
         if other != block and other <= n:
-            rows.append(measure_topk(f"kt2 default, blocks of {other} positions", sample, vocab, *ours2(vocab, k), other,
+            rows.append(measure_topk(f"{SMALL}, blocks of {other} positions", sample, vocab, *ours2(vocab, k), other,
                                      repeats, labels))
     return rows
 
 
 def topk2_parts(sample, vocab, labels, block) -> str:
-    """kt2 default bytes per position by part, and the ideal cost of the id sets alone (an arithmetic
+    """kt:precision=small bytes per position by part, and the ideal cost of the id sets alone (an arithmetic
     coder with each id's inclusion probability taken from the other half of the positions)."""
-    from fastkd.cache_tools.topk_codec import topk2_section_sizes
+    from fastkd.cache_tools.topk2_codec import topk2_section_sizes
     n = len(sample.ids)
     totals: dict[str, float] = {}
     for a, b in blocks(n, block):
@@ -368,7 +395,8 @@ def topk2_parts(sample, vocab, labels, block) -> str:
     values, values_given_scale, values_given_both = value_floors(sample)
     return (", ".join(f"{key} {v:.2f}" for key, v in totals.items())
             + f"; ideal id-set cost with a held-out frequency model: {cost / n / 8:.1f} B/position"
-            + f"; value codes (kt2 default steps) at their zeroth-order entropy {values:.1f} B, given a 16-class row scale "
+            + f"; value codes (precision small steps) at their zeroth-order entropy {values:.1f} B, given a 16-class "
+            + "row scale "
             + f"(its 0.5 B counted) {values_given_scale:.1f} B, given the row scale and the id's frequency class "
             + f"{values_given_both:.1f} B")
 
@@ -472,7 +500,7 @@ def plug_in_bits(symbols: np.ndarray, context: np.ndarray | None = None) -> floa
 
 
 def value_floors(sample) -> tuple[float, float, float]:
-    """B/position an ideal coder needs for kt2's value codes at the default steps: with one distribution
+    """B/position an ideal coder needs for precision small's value codes at the default steps: with one distribution
     for all entries, with one per row-scale class (16 quantiles of the row's mean code, 4 bits a row), and
     with one per (row-scale class, the id's frequency class: bit length of its rank in a table counted on
     all rows). Fitted on the same codes (in-sample), so all three figures flatter the coder."""
@@ -495,20 +523,14 @@ def topk_rows(sample, vocab, block, repeats, full: bool):
     rows = []
     rows.append(measure_topk("raw int32 ids + fp16 values + fp32 tail", sample, vocab, *raw_codec(vocab, k), block, repeats))
     rows.append(measure_topk("raw + zstd (level 3, one frame)", sample, vocab, *raw_codec(vocab, k, 3), block, repeats))
-    try:
-        from fastkd.cache_tools.codecs import get_topk_codec
-        raw = get_topk_codec("raw-zstd")
-        rows.append(measure_topk("raw-zstd (cache_tools default: planes + zstd)", sample, vocab,
-                                 lambda i, l, t: raw.encode(i, l, t, vocab), lambda p, m: raw.decode(p, m, k, vocab),
-                                 block, repeats))
-    except Exception as err:  # noqa: BLE001 - the registry is another module; report and go on
-        print(f"(raw-zstd from cache_tools.codecs not measured: {err})", file=sys.stderr)
+    rows.append(measure_topk("raw-zstd (plain codec before 1.0: planes + zstd)", sample, vocab,
+                             *raw_planes_codec(vocab, k), block, repeats))
     for label, kk, exact_k, terms in [("DistillKit budget (k=50, 1 exact bf16, 3 fp32 terms)", 50, 1, 3),
                                       ("DistillKit budget shape at k=64", 64, 1, 3),
                                       ("DistillKit recommended (k=128, 16 exact bf16, 6 fp32 terms)", 128, 16, 6)]:
         rows.append(dict(codec=label + " [formula, no tail]", k=kk, V=vocab, bytes=distillkit_bytes(vocab, kk, exact_k, 16, terms)))
     default = dict(DEFAULT_TOPK_PARAMS)
-    rows.append(measure_topk(f"kt default {fmt_params(default)}", sample, vocab, *ours(vocab, k), block, repeats))
+    rows.append(measure_topk(f"{FINE} (default) {fmt_params(default)}", sample, vocab, *ours(vocab, k), block, repeats))
     variants = [
         dict(default, layout="value"),
         dict(default, step=0.1, max_step=0.1),
@@ -523,15 +545,16 @@ def topk_rows(sample, vocab, block, repeats, full: bool):
         variants += [dict(default, layout="value", step=0.1, max_step=0.1), dict(default, level=9)]
     for params in variants:
         changed = {key: v for key, v in params.items() if default.get(key) != v}
-        rows.append(measure_topk(f"kt {fmt_params(changed)}", sample, vocab, *ours(vocab, k, **params), block, repeats))
+        rows.append(measure_topk(f"{FINE}, {fmt_params(changed)}", sample, vocab, *ours(vocab, k, **params), block,
+                                 repeats))
     table = frequency_table(sample, vocab)
-    rows.append(measure_topk("kt + frequency-rank table (from first 25%)", sample, vocab,
+    rows.append(measure_topk(f"{FINE} + frequency-rank table (from first 25%)", sample, vocab,
                              *ours(vocab, k, rank_of_id=table), block, repeats))
-    rows.append(dict(codec="kt default, no byte-plane split [size only]", k=k, V=vocab,
+    rows.append(dict(codec=f"{FINE}, no byte-plane split [size only]", k=k, V=vocab,
                      bytes=size_without_plane_split(sample, vocab, block)))
     for other in (256, 4096):
         if other != block and other <= n:
-            r = measure_topk(f"kt default, blocks of {other} positions", sample, vocab, *ours(vocab, k), other, repeats)
+            r = measure_topk(f"{FINE}, blocks of {other} positions", sample, vocab, *ours(vocab, k), other, repeats)
             rows.append(r)
     return rows
 
@@ -629,7 +652,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run: 1024 positions, 1 repeat")
     parser.add_argument("--skip-teacher", action="store_true", help="only the synthetic data set")
     parser.add_argument("--kt2-only", action="store_true",
-                        help="only the kt2 rows (beside kt default) on the embedded teacher and the synthetic LM")
+                        help="only the kt:precision=small rows (beside precision fine) on the embedded teacher and the "
+                             "synthetic LM")
     parser.add_argument("--table-floor", action="store_true",
                         help="also print the synthetic LM's ideal id-set cost as the frequency table grows to 64k "
                              "positions, and with one table per cluster of the true contexts (generates 69,632 "
@@ -645,19 +669,19 @@ def main(argv=None) -> int:
     print_topk_table(f"(c) embedded teacher (fastkd/assets/teacher), V={emb_vocab:,}, {len(emb.ids)} positions of generated "
                      f"held-out CoT records, entropy p10/p50/p90 = {ent[0]:.2f}/{ent[1]:.2f}/{ent[2]:.2f} nats, "
                      f"top-1 = next token at {hits:.0%}",
-                     [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", emb, emb_vocab, *ours(emb_vocab, args.k),
-                                   args.block, args.repeats)]
+                     [measure_topk(f"{FINE} (default) {fmt_params(DEFAULT_TOPK_PARAMS)}", emb, emb_vocab,
+                                   *ours(emb_vocab, args.k), args.block, args.repeats)]
                      + topk2_rows(emb, emb_vocab, emb_labels, args.block, args.repeats))
-    print(f"\nkt2 default, bytes/position by part: {topk2_parts(emb, emb_vocab, emb_labels, args.block)}")
+    print(f"\n{SMALL}, bytes/position by part: {topk2_parts(emb, emb_vocab, emb_labels, args.block)}")
     syn = synthetic_data(args.n, args.k, args.sample)
     syn_labels = sampled_labels(syn, 151_936)
     ent = np.percentile(syn.entropy, [10, 50, 90])
     print_topk_table(f"(b2) synthetic LM, V=151,936, {len(syn.ids)} positions, next tokens drawn from the teacher "
                      f"(top-1 = next token at {(syn.ids[:, 0] == syn_labels).mean():.0%})",
-                     [measure_topk(f"kt default {fmt_params(DEFAULT_TOPK_PARAMS)}", syn, 151_936, *ours(151_936, args.k),
-                                   args.block, args.repeats)]
+                     [measure_topk(f"{FINE} (default) {fmt_params(DEFAULT_TOPK_PARAMS)}", syn, 151_936,
+                                   *ours(151_936, args.k), args.block, args.repeats)]
                      + topk2_rows(syn, 151_936, syn_labels, args.block, args.repeats))
-    print(f"\nkt2 default, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
+    print(f"\n{SMALL}, bytes/position by part: {topk2_parts(syn, 151_936, syn_labels, args.block)}")
     if args.table_floor:
         floors = floor_sample(args.k)
         print(f"\nsynthetic LM, ideal id-set cost (held-out per-id frequencies) by table size: {table_size_floors(floors)}")

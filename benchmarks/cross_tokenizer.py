@@ -142,8 +142,9 @@ def main() -> None:
     if not records.exists():
         write_records(records, DEMO_TASKS, args.records_per_task, seed=100)
     cache = work / "cache"
-    cache_teacher(str(EMBEDDED_TEACHER), str(records), str(cache), k=64, cot=True, batch_size=32, max_length=512,
-                  progress=False)          # resumes, or returns at once when complete
+    cache_teacher(dict(teacher=str(EMBEDDED_TEACHER), data=str(records), out=str(cache), top_k=64, cot=True,
+                       batch_size=32, max_length=512,
+                       progress=False))          # resumes, or returns at once when complete
     tok_dir = student_tokenizer(records, work / "student-tokenizer", args.student_vocab)
     clock["records, cache, tokenizer"] = round(time.perf_counter() - t0)
     sources = {"SFT": dict(data=str(records), kl_weight=0.0),

@@ -22,6 +22,7 @@ correctness check passed (or there is no GPU), 1 otherwise. Not collected by pyt
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -184,10 +185,13 @@ class Checks:
 
 # ---------------------------------------------------------------- correctness
 
-def run_ours(torch, loss_fn, case, inplace=False, **kw):
+def teacher_of(kernels, case):
+    return kernels.Teacher(case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
+
+
+def run_ours(torch, kernels, loss_fn, case, inplace=False, **kw):
     z = case["logits"].clone().requires_grad_(True)
-    terms = loss_fn(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                    counts=case["counts"], inplace=inplace, **kw)
+    terms = loss_fn(z, case["labels"], teacher_of(kernels, case), kernels.LossSpec(**kw), inplace=inplace)
     terms.total.backward()
     unchanged = True if inplace else bool(torch.equal(z.detach(), case["logits"]))
     return terms, z.grad, unchanged
@@ -195,8 +199,7 @@ def run_ours(torch, loss_fn, case, inplace=False, **kw):
 
 def run_reference(kernels, case, **kw):
     z = case["logits"].double().requires_grad_(True)
-    ref = kernels.reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                                 counts=case["counts"], **kw)
+    ref = kernels.reference_loss(z, case["labels"], teacher_of(kernels, case), kernels.LossSpec(**kw))
     ref.total.backward()
     return ref, z.grad
 
@@ -218,7 +221,7 @@ def correctness(torch, kernels, loss_fn, dev, sizes, checks: Checks, budget: flo
         def one():
             case = big_case(torch, n, v, k, mode, dtype, seed, dev)
             kw = dict(mode=mode, temperature=tau, ce_weight=0.7, kl_weight=1.3)
-            ours, grad, unchanged = run_ours(torch, loss_fn, case, inplace=inplace, **kw)
+            ours, grad, unchanged = run_ours(torch, kernels, loss_fn, case, inplace=inplace, **kw)
             ref, ref_grad = run_reference(kernels, case, **kw)
             ok, line = compare(torch, ours, grad, ref, ref_grad, case["teacher_ids"], dtype)
             if not unchanged:
@@ -234,10 +237,10 @@ def correctness(torch, kernels, loss_fn, dev, sizes, checks: Checks, budget: flo
         case = big_case(torch, 64, v, k, "sampled", torch.bfloat16, 99, dev)
         before = case["logits"].clone()
         with torch.no_grad():
-            terms = loss_fn(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], None,
-                            counts=case["counts"], mode="sampled", inplace=True)
-        ref = kernels.reference_loss(case["logits"].double(), case["labels"], case["teacher_ids"],
-                                     case["teacher_logprobs"], None, counts=case["counts"], mode="sampled")
+            terms = loss_fn(case["logits"], case["labels"], teacher_of(kernels, case), kernels.LossSpec(mode="sampled"),
+                            inplace=True)
+        ref = kernels.reference_loss(case["logits"].double(), case["labels"], teacher_of(kernels, case),
+                                     kernels.LossSpec(mode="sampled"))
         same = bool(torch.equal(case["logits"], before))
         d = abs(float(terms.total) - float(ref.total))
         checks.record("no-grad forward (sampled, bf16)", same and d <= 1e-4 * max(1.0, abs(float(ref.total))),
@@ -252,12 +255,12 @@ def correctness(torch, kernels, loss_fn, dev, sizes, checks: Checks, budget: flo
         case = big_case(torch, n, v, k, "tail", torch.float32, 11, dev)
         hid = (torch.randn(n, h, generator=g, device=dev) / h**0.5).to(dtype).requires_grad_(True)
         w = (torch.randn(v, h, generator=g, device=dev) * 2).to(dtype).requires_grad_(True)
-        args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
-        kw = dict(temperature=1.5, ce_weight=0.8, kl_weight=1.2)
-        ours = kernels.fused_linear_distill_loss(hid, w, *args, **kw)
+        spec = kernels.LossSpec(temperature=1.5, ce_weight=0.8, kl_weight=1.2)
+        args = (case["labels"], teacher_of(kernels, case), spec)
+        ours = kernels.fused_linear_distill_loss(hid, w, *args)
         dh, dw = torch.autograd.grad(ours.total, (hid, w))
         h64, w64 = hid.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
-        ref = kernels.reference_loss(h64 @ w64.t(), *args, **kw)
+        ref = kernels.reference_loss(h64 @ w64.t(), *args)
         rh, rw = torch.autograd.grad(ref.total, (h64, w64))
         tol = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
         d_loss = abs(float(ours.total) - float(ref.total))
@@ -273,13 +276,13 @@ def correctness(torch, kernels, loss_fn, dev, sizes, checks: Checks, budget: flo
         checks.guard(f"fused_linear {dtype}", lambda dtype=dtype: fused_linear(dtype))
 
     say("\n== 1b. the tests' hard cases on the device vs the tests' independent float64 loss (tail = complement logsumexp)")
-    import test_kernels_cases as cases
+    import loss_cases as cases
 
     def small(name, case_cpu, dtype, **kw):
         case = to_dev(case_cpu, dev)
         case["logits"] = case["logits"].to(dtype)
         for inplace in (False, True):
-            ours, grad, unchanged = run_ours(torch, loss_fn, case, inplace=inplace, **kw)
+            ours, grad, unchanged = run_ours(torch, kernels, loss_fn, case, inplace=inplace, **kw)
             z = case["logits"].cpu().double().requires_grad_(True)
             ref = cases.independent_loss(z, case_cpu["labels"], case_cpu["teacher_ids"], case_cpu["teacher_logprobs"],
                                          case_cpu["tail"], case_cpu["counts"], **kw)
@@ -440,7 +443,8 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         ids = (torch.randint(0, v, (n, 1), generator=g, device=dev) + torch.arange(k, device=dev) * 7919) % v
         tail = torch.rand(n, generator=g, device=dev) * 0.5
         lp = (torch.softmax(torch.randn(n, k, generator=g, device=dev) * 2, 1) * (1 - tail)[:, None]).log()
-        teach = (labels, ids, lp, tail)
+        teach = (labels, ids, lp, tail)  # the naive loss's arguments
+        ours = (labels, kernels.Teacher(ids, lp, tail))
         buf = logits0.clone()
         leaf = {}
 
@@ -454,8 +458,8 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         variants = {
             "ce_only (fp32 upcast)": (lambda: torch.nn.functional.cross_entropy(leaf["z"].float(), labels).backward(), fresh),
             "naive": (lambda: naive_loss(leaf["z"], *teach).backward(), fresh),
-            "triton": (lambda: loss_fn(leaf["z"], *teach).total.backward(), fresh),
-            "triton_inplace": (lambda: loss_fn(leaf["z"], *teach, inplace=True).total.backward(), fresh_inplace),
+            "triton": (lambda: loss_fn(leaf["z"], *ours).total.backward(), fresh),
+            "triton_inplace": (lambda: loss_fn(leaf["z"], *ours, inplace=True).total.backward(), fresh_inplace),
         }
         rows = []
         for name, (step, setup) in variants.items():
@@ -481,7 +485,8 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
     ids = (torch.randint(0, v, (n, 1), generator=g, device=dev) + torch.arange(k, device=dev) * 7919) % v
     tail = torch.rand(n, generator=g, device=dev) * 0.5
     lp = (torch.softmax(torch.randn(n, k, generator=g, device=dev) * 2, 1) * (1 - tail)[:, None]).log()
-    teach = (labels, ids, lp, tail)
+    teach = (labels, ids, lp, tail)  # the naive loss's arguments
+    ours = (labels, kernels.Teacher(ids, lp, tail))
     leaf = {}
 
     def fresh():
@@ -492,8 +497,8 @@ def timing(torch, kernels, loss_fn, dev, sizes, budget: float):
         "ce_only (fp32 upcast)": lambda: torch.nn.functional.cross_entropy(
             (leaf["h"] @ leaf["w"].t()).float(), labels).backward(),
         "naive": lambda: naive_loss(leaf["h"] @ leaf["w"].t(), *teach).backward(),
-        "triton_inplace (logits)": lambda: loss_fn(leaf["h"] @ leaf["w"].t(), *teach, inplace=True).total.backward(),
-        "fused_linear": lambda: kernels.fused_linear_distill_loss(leaf["h"], leaf["w"], *teach).total.backward(),
+        "triton_inplace (logits)": lambda: loss_fn(leaf["h"] @ leaf["w"].t(), *ours, inplace=True).total.backward(),
+        "fused_linear": lambda: kernels.fused_linear_distill_loss(leaf["h"], leaf["w"], *ours).total.backward(),
     }
     liger_note = None
     try:
@@ -547,7 +552,8 @@ def main(argv=None) -> int:
 
     if args.self_test_cpu:
         dev = torch.device("cpu")
-        from fastkd.kernels.triton_loss import triton_distill_loss as loss_fn  # CPU tensors: call Triton directly
+        # CPU tensors: the Triton backend named, its values unchecked as on CUDA
+        loss_fn = functools.partial(kernels.distill_loss, backend="triton", validate=False)
         sizes = dict(n=12, n_big=16, n_fused=10, v=301, k=8, timing=[(16, torch.float32)], hidden=(16, 32, 301, 8))
         say(f"self-test on CPU (TRITON_INTERPRET=1): torch {torch.__version__}, triton {triton.__version__}")
     else:

@@ -61,13 +61,14 @@ def naive_loss(logits, labels, ids, logprobs, tail, ignore_index=-100):
 
 def make_step(name: str, inp: dict):
     """A closure running forward + backward of one variant on fresh leaf tensors."""
-    from fastkd.kernels import distill_loss, fused_linear_distill_loss
+    from fastkd.kernels import Teacher, distill_loss, fused_linear_distill_loss
 
     if name.endswith("@logits"):
         return _make_logits_step(name, inp)
     hidden = inp["hidden"].clone().requires_grad_(True)
     weight = inp["weight"].clone().requires_grad_(True)
     teach = (inp["labels"], inp["teacher_ids"], inp["teacher_logprobs"], inp["tail"])
+    teacher = Teacher(inp["teacher_ids"], inp["teacher_logprobs"], inp["tail"])
 
     def clear():
         hidden.grad = None
@@ -84,11 +85,11 @@ def make_step(name: str, inp: dict):
     elif name == "chunked":
         def step():
             clear()
-            distill_loss(hidden @ weight.t(), *teach, inplace=True).total.backward()
+            distill_loss(hidden @ weight.t(), inp["labels"], teacher, inplace=True).total.backward()
     elif name == "fused_linear":
         def step():
             clear()
-            fused_linear_distill_loss(hidden, weight, *teach).total.backward()
+            fused_linear_distill_loss(hidden, weight, inp["labels"], teacher).total.backward()
     elif name == "liger_jsd":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -105,7 +106,7 @@ def make_step(name: str, inp: dict):
 
 
 def _make_logits_step(name: str, inp: dict):
-    from fastkd.kernels import distill_loss
+    from fastkd.kernels import Teacher, distill_loss
 
     logits = inp["logits"]
     teach = (inp["labels"], inp["teacher_ids"], inp["teacher_logprobs"], inp["tail"])
@@ -118,7 +119,8 @@ def _make_logits_step(name: str, inp: dict):
         elif kind == "naive":
             loss = naive_loss(z, *teach)
         else:
-            loss = distill_loss(z, *teach, inplace=kind == "chunked_inplace").total
+            teacher = Teacher(inp["teacher_ids"], inp["teacher_logprobs"], inp["tail"])
+            loss = distill_loss(z, inp["labels"], teacher, inplace=kind == "chunked_inplace").total
         loss.backward()
         return z.grad
 

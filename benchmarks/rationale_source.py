@@ -194,8 +194,9 @@ def main() -> None:
     # 4. one cache per arm, same settings
     t0 = time.perf_counter()
     for arm, records in files.items():
-        cache_teacher(str(args.teacher), str(records), str(work / f"cache-{arm}"), k=64, cot=True, batch_size=32,
-                      max_length=512, progress=False)   # resumes, or returns at once when complete
+        cache_teacher(dict(teacher=str(args.teacher), data=str(records), out=str(work / f"cache-{arm}"), top_k=64,
+                           cot=True, batch_size=32, max_length=512,
+                           progress=False))   # resumes, or returns at once when complete
     clock["caches"] = time.perf_counter() - t0
     if args.stop_after == "cache":
         return

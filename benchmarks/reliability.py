@@ -149,7 +149,7 @@ def build_world(work: Path, records: int) -> World:
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(work / "cases", ignore_errors=True)
     cache_args = ["--teacher", teacher, "--data", data, "--top-k", 16, "--layers", 1, "--batch-size", 8,
-                  "--sequences-per-shard", 16, "--quiet"]
+                  "--sequences-per-shard", 16, "--no-progress"]
     done = cli("cache-teacher", *cache_args, "--out", cache)
     assert done.rc == 0, done.err
     train_args = ["--student", student, "--no-progress", "--no-tensorboard", "--batch-size", 8, "--epochs", 1,
@@ -210,6 +210,14 @@ def poke(path: Path, offset: int, value: int | None = None, rng: random.Random |
 
 # ----------------------------------------------------------------------------- rows
 
+def slow_cache_teacher(seconds: float) -> list[str]:
+    """`fastkd cache-teacher` as a command that pauses `seconds` after each work unit, so a kill or a second
+    writer lands mid-run (the pause is patched in here; the product reads no test setting)."""
+    code = ("import sys, time; import fastkd.cache_stage as stage; "
+            f"stage._after_unit = lambda: time.sleep({seconds}); from fastkd.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", code, "cache-teacher"]
+
+
 def row_kill_cache_teacher(world: World, n: int, rng: random.Random) -> Row:
     row = Row("SIGKILL cache-teacher at random moments (half near the end), then rerun",
               "every rerun's cache equal to an uninterrupted one, each record once")
@@ -218,8 +226,8 @@ def row_kill_cache_teacher(world: World, n: int, rng: random.Random) -> Row:
         out = world.work / "cases" / f"kill-cache-{case}"
         shutil.rmtree(out, ignore_errors=True)
         near_end = case % 2 == 1
-        proc = subprocess.Popen([sys.executable, "-m", "fastkd", "cache-teacher", *map(str, world.cache_args),
-                                 "--out", str(out)], cwd=str(ROOT), env=dict(ENV, FASTKD_SLOW_WRITE_SECONDS="0.01"),
+        proc = subprocess.Popen([*slow_cache_teacher(0.01), *map(str, world.cache_args),
+                                 "--out", str(out)], cwd=str(ROOT), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if near_end:
             deadline = time.time() + 300
@@ -375,7 +383,7 @@ def row_manifest(world: World, n: int, rng: random.Random) -> Row:
 HOSTILE = [
     ("shard name with ..", lambda m: m["shards"][0].update(file="shards/../../../etc/passwd"), "shards[0].file"),
     ("absolute shard name", lambda m: m["shards"][0].update(file="/etc/passwd"), "shards[0].file"),
-    ("shard listed twice", lambda m: m["shards"].append(dict(m["shards"][0])), ".file"),
+    ("shard listed twice", lambda m: m["shards"].append(dict(m["shards"][0])), ".unit'"),   # units strictly increase
     ("huge k", lambda m: m.update(k=1 << 40), "'k'"),
     ("huge hidden width", lambda m: m.update(hidden_widths=[1 << 40]), "hidden_widths"),
     ("huge sequence count", lambda m: m["shards"][0].update(num_sequences=1 << 60), "num_sequences"),
@@ -389,7 +397,7 @@ HOSTILE = [
 def row_hostile(world: World, n: int, rng: random.Random) -> Row:
     """Values a hostile or buggy writer could put in a manifest and seal (so the seal passes)."""
     from fastkd.cache_tools.shard import INDEX_DTYPES  # noqa: F401 - the index names below
-    from fastkd.integrity import digest_bytes, seal
+    from fastkd.cache_tools.integrity import digest_bytes, seal
 
     row = Row("hostile manifest and index values (huge shapes, `..` shard names), sealed with valid digests",
               "refused with a clear error naming the field; no huge allocation, no file outside the cache read")
@@ -467,8 +475,8 @@ def row_two_writers(world: World, n: int, rng: random.Random) -> Row:
     for case in range(n):
         out = world.work / "cases" / f"two-{case}"
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.Popen([sys.executable, "-m", "fastkd", "cache-teacher", *map(str, world.cache_args),
-                                 "--out", str(out)], cwd=str(ROOT), env=dict(ENV, FASTKD_SLOW_WRITE_SECONDS="0.5"),
+        proc = subprocess.Popen([*slow_cache_teacher(0.5), *map(str, world.cache_args),
+                                 "--out", str(out)], cwd=str(ROOT), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 300
         while not (out / ".lock").exists() and proc.poll() is None and time.time() < deadline:

@@ -77,21 +77,16 @@ def scored_already(results_file: Path, items_per_task: dict[str, int]) -> bool:
 
 def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = "trained", limit: int = 0) -> dict:
     """Strict accuracy per task and micro, from `eval-bbh` (reused when `out` already holds the same items)."""
-    from fastkd.cli import main as cli
+    from fastkd.evaluate import EvalConfig, evaluate_bbh
     from fastkd.synth.common import load_real_items
 
     counts = {task: len(load_real_items(task, bbh_dir)) for task in DEMO_TASKS}
     if limit:
         counts = {task: min(n, limit) for task, n in counts.items()}
     if not scored_already(out / "results.json", counts):
-        argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
-                "--max-new-tokens", "400", "--batch-size", "64", "--out", str(out), "--name", name]
-        if bbh_dir:
-            argv += ["--bbh-dir", bbh_dir]
-        if limit:
-            argv += ["--limit", str(limit)]
-        if cli(argv) != 0:
-            raise SystemExit(f"eval-bbh failed for {model}")
+        evaluate_bbh(EvalConfig.make(overrides=dict(
+            model=str(model), prompt_format=fmt, tasks=",".join(DEMO_TASKS), max_new_tokens=400, batch_size=64,
+            out=str(out), name=name, bbh_dir=bbh_dir, limit=limit or None)))
     res = json.loads((out / "results.json").read_text())
     return {t: v["strict"] for t, v in res["tasks"].items()} | {"micro": res["summary"]["strict"]["micro"]}
 
@@ -138,8 +133,9 @@ def main_experiment(args) -> dict:
     held_out = write_held_out(synthetic, DEMO_TASKS, args.synthetic_items)
     records = write_records_once(work / "records.jsonl", args.records_per_task, held_out)
     for name, cot in (("cache-cot", True), ("cache-answers", False)):
-        cache_teacher(str(args.teacher), str(records), str(work / name), k=64, cot=cot, batch_size=32, max_length=512,
-                      progress=False)   # resumes, or returns at once when complete
+        cache_teacher(dict(teacher=str(args.teacher), data=str(records), out=str(work / name), top_k=64, cot=cot,
+                           batch_size=32, max_length=512,
+                           progress=False))   # resumes, or returns at once when complete
     clock["records + caches"] = time.perf_counter() - t0
     splits = (("bbh", args.bbh_dir), ("synthetic", str(synthetic)))
     scores: dict = {"bbh": {}, "synthetic": {}}

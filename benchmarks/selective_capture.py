@@ -48,8 +48,8 @@ def cache_arm(teacher: Path, records: Path, out: Path, share: float, by: str) ->
     from fastkd.cache_stage import cache_teacher
     from fastkd.cache_tools import CacheReader
 
-    cache_teacher(str(teacher), str(records), str(out), k=64, cot=True, batch_size=32, max_length=512, progress=False,
-                  capture_share=share, capture_by=by)
+    cache_teacher(dict(teacher=str(teacher), data=str(records), out=str(out), top_k=64, cot=True, batch_size=32,
+                       max_length=512, progress=False, capture_share=share, capture_by=by))
     counts = CacheReader(out).manifest["counts"]
     positions = max(int(counts["loss_positions"]), 1)
     payload = counts["payload_bytes"]

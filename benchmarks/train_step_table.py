@@ -74,8 +74,8 @@ def build_variants(workdir: Path, batch_size: int = 8, top_k: int = 64, student_
     save_tiny(work / "teacher", "qwen2", tokenizer=tok, hidden=2 * h, layers=layers, heads=8, kv_heads=4, seed=2)
     cache = work / "cache"
     if not (cache / "manifest.json").exists():
-        cache_teacher(str(work / "teacher"), str(records), str(cache), k=top_k, max_length=512,
-                      batch_size=batch_size, progress=False)
+        cache_teacher(dict(teacher=str(work / "teacher"), data=str(records), out=str(cache), top_k=top_k,
+                           max_length=512, batch_size=batch_size, progress=False))
 
     tok = load_tokenizer(str(work / "student"))
     vocab = len(tok)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .codecs import spell_codec
 from .stats import METRICS, QUANTILES, cache_stats
 from .verify import verify_cache
 
 
 def _add_cache(parser) -> None:
-    parser.add_argument("cache", help="cache folder (holds manifest.json and shards/), or an fsspec URL (s3://, gs://, hf://, file://)")
+    parser.add_argument("cache", help="cache folder (holds manifest.json and shards/), or an fsspec URL (s3://, gs://, "
+                                      "hf://, file://)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
 
@@ -36,7 +39,7 @@ def cache_summary(root) -> dict:
     positions = c.get("loss_positions", 0)
     sequences = c.get("sequences", 0)
     total = c.get("bytes", 0)
-    logits = parts.get("topk", 0) + parts.get("counts", 0) + parts.get("rows", 0)
+    logits = parts.get("topk", 0) + parts.get("rows", 0)
     hidden = parts.get("hidden", 0)
 
     def per(x):
@@ -45,14 +48,16 @@ def cache_summary(root) -> dict:
     return {
         "cache": str(root), "format_version": m["format_version"], "complete": bool(m.get("complete")),
         "teacher": m.get("teacher"), "tokenizer": m.get("tokenizer"), "template": m.get("template"),
-        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "capture": m.get("capture"), "layers": m.get("layers", []),
+        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "capture": m.get("capture"),
+        "layers": m.get("layers", []),
         "hidden_widths": m.get("hidden_widths", []), "codecs": m.get("codecs"), "max_length": m.get("max_length"),
         "shards": len(m["shards"]), "sequences": sequences, "tokens": c.get("tokens", 0), "loss_positions": positions,
         "bytes": total,
         "bytes_per_loss_position": {
             "total": per(total), "logits": per(logits), "hidden": per(hidden),
             "hidden_by_layer": {layer: per(v) for layer, v in c.get("hidden_bytes", {}).items()},
-            "tokens": per(parts.get("tokens", 0)), "index_and_headers": per(total - logits - hidden - parts.get("tokens", 0)),
+            "tokens": per(parts.get("tokens", 0)),
+            "index_and_headers": per(total - logits - hidden - parts.get("tokens", 0)),
         },
         "mean_loss_positions_per_sequence": positions / sequences if sequences else None,
         "summary": m.get("summary"),
@@ -106,16 +111,19 @@ def run_inspect(args) -> int:
     b = s["bytes_per_loss_position"]
     teacher = s["teacher"] if not isinstance(s["teacher"], dict) else s["teacher"].get("path", s["teacher"])
     layers = ", ".join(f"{l} (width {w})" for l, w in zip(s["layers"], s["hidden_widths"])) or "none"
-    codecs = s["codecs"] or {}
+    codecs = s["codecs"]
     lines = [
-        f"cache           {s['cache']}  (format {s['format_version']}, {'complete' if s['complete'] else 'INCOMPLETE'})",
+        f"cache           {s['cache']}  (format {s['format_version']}, "
+        f"{'complete' if s['complete'] else 'INCOMPLETE'})",
         f"teacher         {teacher}",
         *identity_lines("tokenizer", s["tokenizer"]),
         f"template        {json.dumps(s['template'])}",
-        f"signal          mode {s['mode']}, k {s['k']}" + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else "")
-        + (f", teacher kept at {s['capture']['share']:.0%} of loss positions (by {s['capture']['by']})" if s["capture"] else ""),
+        f"signal          mode {s['mode']}, k {s['k']}"
+        + (f", sample_n {s['sample_n']}" if s["mode"] == "sample" else "")
+        + (f", teacher kept at {s['capture']['share']:.0%} of loss positions (by {s['capture']['by']})"
+           if s["capture"] else ""),
         f"hidden layers   {layers}",
-        f"codecs          logits {json.dumps(codecs.get('topk'))}, hidden {json.dumps(codecs.get('hidden'))}",
+        f"codecs          logits {spell_codec(codecs['topk'])}, hidden {spell_codec(codecs['hidden'])}",
         f"shards          {s['shards']:,}",
         f"sequences       {s['sequences']:,}",
         f"tokens          {s['tokens']:,}",
@@ -124,7 +132,8 @@ def run_inspect(args) -> int:
         "bytes per loss position:",
         f"  total         {_fmt(b['total'])}",
         f"  logits        {_fmt(b['logits'])}",
-        f"  hidden        {_fmt(b['hidden'])}" + "".join(f"   [layer {l}: {_fmt(v)}]" for l, v in b["hidden_by_layer"].items()),
+        f"  hidden        {_fmt(b['hidden'])}"
+        + "".join(f"   [layer {l}: {_fmt(v)}]" for l, v in b["hidden_by_layer"].items()),
         f"  tokens        {_fmt(b['tokens'])}",
         f"  index/headers {_fmt(b['index_and_headers'])}",
     ]
@@ -134,13 +143,19 @@ def run_inspect(args) -> int:
 
 # --- verify --------------------------------------------------------------------------------
 
+def _add_progress(parser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar (on stderr; never with --json)")
+
+
 def add_verify_arguments(parser) -> None:
     _add_cache(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(parser)
 
 
 def run_verify(args) -> int:
-    progress = None if args.no_progress or args.json else (lambda xs: tqdm(xs, desc="verify", unit="shard", file=sys.stderr))
+    progress = None if not args.progress or args.json else (
+        lambda xs: tqdm(xs, desc="verify", unit="shard", file=sys.stderr))
     report = verify_cache(args.cache, progress=progress)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
@@ -161,14 +176,14 @@ def add_stats_arguments(parser) -> None:
     _add_cache(parser)
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="only the first N sequences (None: all)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(parser)
 
 
 def run_stats(args) -> int:
     from .reader import CacheReader
 
     reader = CacheReader(args.cache, layers=[])  # hidden states are not needed
-    progress = None if args.no_progress or args.json else (
+    progress = None if not args.progress or args.json else (
         lambda xs: tqdm(xs, desc="stats", unit="seq", file=sys.stderr))
     s = cache_stats(reader, args.max_sequences, progress)
     if args.json:
@@ -182,5 +197,6 @@ def run_stats(args) -> int:
     print(head)
     for name in METRICS:
         row = s["metrics"][name]
-        print(f"{name:<14}{_fmt(row['mean'], 4):>9}" + "".join(f"{_fmt(row['quantiles'][str(q)], 4):>9}" for q in QUANTILES))
+        print(f"{name:<14}{_fmt(row['mean'], 4):>9}"
+              + "".join(f"{_fmt(row['quantiles'][str(q)], 4):>9}" for q in QUANTILES))
     return 0

@@ -1,9 +1,5 @@
-"""Codecs for cached teacher hidden states: bf16, int8 with scales, fp8 (e4m3) with scales, each
-split into byte planes and zstd-compressed; plus the fixed random projection that shrinks their width.
-
-Layout ("KH", version 1): header (magic, version, method, n, d, block), then zstd frames: the
-per-block float32 scales (int8/fp8 only) and the element bytes, one frame per byte plane.
-"""
+"""The hidden-state codec (`KH`): bf16, or int8 / fp8 (e4m3) with a float32 scale per block, in zstd byte
+planes (docs/codec.md); and the fixed random projection that shrinks their width."""
 
 from __future__ import annotations
 
@@ -13,7 +9,8 @@ from functools import lru_cache
 import numpy as np
 import zstandard
 
-from .topk_codec import CodecError, _compress_planes, _decompress_planes, _pack_frames, _peek, _unpack_frames, check_params
+from .errors import CodecError
+from .planes import check_params, compress_planes, decompress_planes, pack_frames, peek, unpack_frames
 
 HIDDEN_MAGIC = b"KH"
 HIDDEN_VERSION = 1
@@ -26,9 +23,8 @@ _HEADER = struct.Struct("<2sBBIII")   # magic, version, method, n, d, block (0 =
 
 
 def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, level: int = 1, **unused) -> bytes:
-    """Encode float32 [n, d] hidden states. int8/fp8 keep one float32 scale per `block` values of a
-    row (default 128; block=0: one per row; a last partial block is zero-padded); every element's
-    error is bounded by hidden_error_bound()."""
+    """Encode float32 [n, d] hidden states; int8/fp8 keep one scale per `block` values of a row (0: one per
+    row; a last partial block is zero-padded); every error is within hidden_error_bound()."""
     check_params(unused, set(), "hidden")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -44,7 +40,7 @@ def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, leve
     block = min(block, d) if method != "bf16" else 0
     header = _HEADER.pack(HIDDEN_MAGIC, HIDDEN_VERSION, METHODS[method], n, d, block)
     if method == "bf16":
-        return _pack_frames(header, [[], _compress_planes(_to_bf16_bits(x), 2, level)])
+        return pack_frames(header, [[], compress_planes(_to_bf16_bits(x), 2, level)])
     blocks = _blocks(x, block)
     absmax = np.abs(blocks).max(axis=2, keepdims=True)
     top = INT8_MAX if method == "int8" else FP8_MAX
@@ -56,30 +52,30 @@ def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, leve
     else:
         import torch
         q = torch.from_numpy(np.ascontiguousarray(y)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    return _pack_frames(header, [_compress_planes(scale.view(np.uint32), 4, level),
-                                 _compress_planes(q.reshape(-1), 1, level)])
+    return pack_frames(header, [compress_planes(scale.view(np.uint32), 4, level),
+                                 compress_planes(q.reshape(-1), 1, level)])
 
 
 def decode_hidden(payload: bytes, n: int, d: int, method: str = "bf16", **unused) -> np.ndarray:
-    """Decode a payload from encode_hidden into float32 [n, d]; dispatches on the version byte.
+    """Decode a payload from encode_hidden into float32 [n, d].
     Accepts the encoder's parameters (block and level are read from the payload)."""
     check_params(unused, {"block", "level"}, "hidden")
-    _, version = _peek(payload, HIDDEN_MAGIC, "hidden-state")
-    if version != 1:
-        raise CodecError(f"hidden codec payload has version {version}; this fastkd reads versions [1]")
+    version = peek(payload, HIDDEN_MAGIC, "hidden-state")
+    if version != HIDDEN_VERSION:
+        raise CodecError(f"hidden codec payload has version {version}; this fastkd reads version {HIDDEN_VERSION}")
     _, _, method_id, n_stored, d_stored, block = _HEADER.unpack_from(payload)
     if (n_stored, d_stored) != (n, d):
         raise CodecError(f"hidden codec payload holds [{n_stored}, {d_stored}], caller expects [{n}, {d}]")
     stored = {v: k for k, v in METHODS.items()}.get(method_id)
     if stored != method:
         raise CodecError(f"hidden codec payload was written with method {stored!r}, caller expects {method!r}")
-    g_scale, g_values = _unpack_frames(payload, _HEADER.size, 2)
+    g_scale, g_values = unpack_frames(payload, _HEADER.size, 2)
     if method == "bf16":
-        bits = _decompress_planes(g_values, n * d) << np.uint32(16)
+        bits = decompress_planes(g_values, n * d) << np.uint32(16)
         return bits.view(np.float32).reshape(n, d)
     size = block or d
     per_row = -(-d // size) if d else 0
-    scale = _decompress_planes(g_scale, n * per_row).view(np.float32).reshape(n, per_row, 1)
+    scale = decompress_planes(g_scale, n * per_row).view(np.float32).reshape(n, per_row, 1)
     count = n * per_row * size
     if len(g_values) != 1:
         raise CodecError(f"corrupt hidden codec payload: {len(g_values)} value frames, expected 1")

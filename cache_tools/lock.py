@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
-from .format import CacheError
+from .errors import CacheError
 
 
 def pid_alive(pid: int) -> bool:
@@ -57,21 +56,9 @@ def acquire_lock(path: Path) -> None:
                 continue
             if not age_ok:
                 raise CacheError(f"cache lock {path}: being created by another process; try again")
-        else:
-            pid, host = int(holder.get("pid", -1)), holder.get("host")
-            if pid == os.getpid() and host == socket.gethostname():
-                raise CacheError(f"cache lock {path}: this process already has a writer open on this cache")
-            if host != socket.gethostname():
-                raise CacheError(f"cache lock {path}: held by pid {pid} on host {host}; if no run is writing "
-                                 f"this cache, delete the lock file")
-            if pid_alive(pid):
-                raise CacheError(f"cache lock {path}: another run (pid {pid}) is writing this cache; wait for it, "
-                                 f"or stop it and re-run to resume")
-        try:  # stale: the writer died without releasing
-            os.unlink(path)
-        except OSError as err:
-            if err.errno != errno.ENOENT:
-                raise CacheError(f"cache lock {path}: cannot remove stale lock: {err}") from None
+        elif int(holder.get("pid", -1)) == os.getpid() and holder.get("host") == socket.gethostname():
+            raise CacheError(f"cache lock {path}: this process already has a writer open on this cache")
+        clear_stale_lock(path, "another run", holder)
     raise CacheError(f"cache lock {path}: could not be taken (another process keeps creating it)")
 
 
@@ -86,10 +73,10 @@ def release_lock(path: Path) -> None:
             pass
 
 
-def clear_stale_lock(path: Path, what: str) -> None:
+def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
     """Remove a lock left by a dead process; CacheError naming `what` if its holder may still run."""
     path = Path(path)
-    holder = _holder(path)
+    holder = _holder(path) if holder is None else holder
     if holder is not None:
         pid, host = int(holder.get("pid", -1)), holder.get("host")
         if host != socket.gethostname():

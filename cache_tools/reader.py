@@ -1,139 +1,51 @@
-"""CacheReader: random access by cache position and streaming iteration over a cache folder or
-an fsspec URL (s3://, gs://, hf://, file://, memory://; see storage.py)."""
+"""CacheReader: random access by cache position and streaming iteration over a cache folder or an fsspec
+URL (s3://, gs://, hf://, file://, memory://), both through one storage interface (storage.py)."""
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from safetensors import safe_open
 
-from fastkd.integrity import digest_bytes, file_digest
+from .errors import CacheError, CodecError, CorruptCacheError, CorruptShard
+from .format import CachedSequence, settings_of
+from .integrity import digest_bytes
+from .manifest_checks import check_manifest_totals
+from .shard import Layout, part_kind
+from .shard_read import Shard, ShardFile, shard_head
+from .storage import ReadAhead, open_storage, read_ahead_bytes
 
-from .format import (MANIFEST, CacheError, CachedSequence, CorruptCacheError, check_local_paths, check_manifest_totals,
-                     parse_manifest, read_manifest, settings_of)
-from .shard import SHARD_READERS, CorruptShard, Layout, part_kind
-from .storage import (LocalStorage, RangeShardFile, ReadAhead, RemoteStorage, open_storage, read_ahead_bytes,
-                      remote_file_digest, remote_shard_head)
-
-MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on the JSON header
-OPEN_SHARDS = 16               # shard handles a reader keeps open (a shuffled plan hops between shards)
-OPEN_THREADS = 8               # remote shards opened (header + index fetched) at once
-
-
-def shard_header(path: Path) -> bytes:
-    """The first bytes of a safetensors file: 8-byte little-endian length, then the JSON header."""
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise CorruptShard("file is shorter than a safetensors header")
-        size = int.from_bytes(prefix, "little")
-        if size > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-            raise CorruptShard(f"header length {size} is impossible for this file")
-        body = fh.read(size)
-    return prefix + body
+OPEN_THREADS = 8               # shards opened (header + index fetched) at once
 
 
 def load_manifest(storage) -> dict:
-    """The manifest of a cache (a LocalStorage or RemoteStorage), checked completely: fields, seal, the
-    `counts` totals, and (in a folder) paths that symlinks would lead outside. Every reader opens a
-    cache through here: CacheReader (train, the library), `fastkd cache verify | inspect | stats`."""
-    if storage.local:
-        manifest = read_manifest(storage.root)
-    else:
-        try:
-            data = storage.read_bytes(MANIFEST)
-        except FileNotFoundError:
-            raise CacheError(f"cache {storage.label}: no manifest.json (not a cache, a mistyped URL, or a copy still "
-                             f"being uploaded: upload manifest.json last)") from None
-        manifest = parse_manifest(data, storage.label)
+    """The manifest of a storage, checked completely (fields, seal, `counts` totals, symlinks out of a folder):
+    every reader opens a cache here (CacheReader, `fastkd cache verify | inspect | stats`)."""
+    manifest = storage.manifest()
     where = f"cache {storage.label}: manifest.json"
     check_manifest_totals(manifest, where)
-    if storage.local:
-        check_local_paths(storage.root, manifest, where)
+    storage.check_links(manifest, where)
     return manifest
 
 
-def open_shard(root: Path, entry: dict, number: int, version: int, *, verify: bool = True,
-               checked_whole: set | None = None):
-    """Open one shard with the reader class for `version`; CacheError naming the shard.
-
-    verify=True: the file size must match the manifest, and the header (which holds the digest
-    of every tensor) must match the manifest's header_sha256; a shard written before header
-    digests existed is checked whole against its sha256 instead (one read of the file; the files
-    already checked, by (name, size, mtime), are kept in `checked_whole` so a reopen skips it).
-    `root` may be a RemoteStorage: the same checks on bytes fetched by range (storage.py).
-    """
-    if isinstance(root, RemoteStorage):
-        return _open_remote_shard(root, entry, number, version, verify=verify, checked_whole=checked_whole)
-    if isinstance(root, LocalStorage):
-        root = root.root
-    path = Path(root) / entry["file"]
-    where = f"cache {root}: shard {entry['file']}"
-    if not path.is_file():
-        raise CacheError(f"{where} (shards[{number}] in manifest.json) is missing")
-    reader_class = SHARD_READERS.get(version)
-    if reader_class is None:
-        raise CacheError(f"cache {root}: format version {version} is not known to this fastkd "
-                         f"(knows {sorted(SHARD_READERS)}); upgrade fastkd")
-    hint = f"Run `fastkd cache verify {root}` to list every damaged shard and block"
-    try:
-        if verify:
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise CorruptShard(f"file has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
-            if "header_sha256" in entry:
-                if digest_bytes(shard_header(path)) != entry["header_sha256"]:
-                    raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
-            else:
-                key = (entry["file"], size, path.stat().st_mtime_ns)
-                if checked_whole is None or key not in checked_whole:
-                    if file_digest(path)[0] != entry["sha256"]:
-                        raise CorruptShard("file fails its sha256 check against manifest.json (corrupted bytes)")
-                    if checked_whole is not None:
-                        checked_whole.add(key)
-        handle = safe_open(str(path), "numpy")
-        return reader_class(handle, where, verify=verify)
-    except CorruptShard as err:
-        raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", entry["file"]) from None
-    except CacheError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable shard
-        raise CorruptCacheError(f"{where}: cannot read the shard header or index ({err}). {hint}",
-                                entry["file"]) from None
-
-
-def _open_remote_shard(storage: RemoteStorage, entry: dict, number: int, version: int, *, verify: bool = True,
-                       checked_whole: set | None = None):
-    """open_shard for a cache under a URL: size, header digest (or whole-file sha256), index digests."""
+def open_shard(storage, entry: dict, number: int, *, verify: bool = True) -> Shard:
+    """Open one shard of a storage; CacheError naming the shard. verify=True: the file size must match the
+    manifest, and the header (which holds the digest of every tensor) the manifest's header_sha256."""
     name = entry["file"]
     where = f"cache {storage.label}: shard {name}"
     try:
         size = storage.size(name)
     except FileNotFoundError:
         raise CacheError(f"{where} (shards[{number}] in manifest.json) is missing") from None
-    reader_class = SHARD_READERS.get(version)
-    if reader_class is None:
-        raise CacheError(f"cache {storage.label}: format version {version} is not known to this fastkd "
-                         f"(knows {sorted(SHARD_READERS)}); upgrade fastkd")
-    hint = f"Run `fastkd cache verify` on a local copy to list every damaged shard and block"
+    hint = f"Run `fastkd cache verify {storage.label}` to list every damaged shard and block"
     try:
         if verify and size != entry["bytes"]:
             raise CorruptShard(f"file has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
-        head = remote_shard_head(storage, name, size)
-        if verify:
-            if "header_sha256" in entry:
-                if digest_bytes(head[:8 + int.from_bytes(head[:8], "little")]) != entry["header_sha256"]:
-                    raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
-            elif checked_whole is None or (name, size) not in checked_whole:
-                if remote_file_digest(storage, name, size) != entry["sha256"]:
-                    raise CorruptShard("file fails its sha256 check against manifest.json (corrupted bytes)")
-                if checked_whole is not None:
-                    checked_whole.add((name, size))
-        return reader_class(RangeShardFile(storage, name, size, head), where, verify=verify)
+        head = shard_head(storage, name, size)
+        if verify and digest_bytes(head[:8 + int.from_bytes(head[:8], "little")]) != entry["header_sha256"]:
+            raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
+        return Shard(ShardFile(storage, name, size, head), where, verify=verify)
     except CorruptShard as err:
         raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", name) from None
     except CacheError:
@@ -143,73 +55,40 @@ def _open_remote_shard(storage: RemoteStorage, entry: dict, number: int, version
 
 
 class CacheReader:
-    """Reads a finished (or partially written) cache: `reader[i]` decodes only the block that
-    holds sequence i; iteration streams shard by shard, block by block.
-
-    verify=True (the default): every byte is checked against its digest before it is decoded
-    (manifest seal, shard header, index and block tensors); a failure raises CorruptCacheError
-    naming the shard and block. verify=False skips the digests (not the sanity checks).
-
-    `root` is a folder (shards are mmapped) or an fsspec URL (blocks are fetched by byte range,
-    checked the same way; `storage_options` go to fsspec): a remote reader keeps up to
-    `read_ahead` bytes (default $FASTKD_CACHE_READ_AHEAD, else 16 MiB; 0 for file://, memory://) of the next blocks when it
-    reads in cache order, or of the blocks named by `expect()`.
-    """
+    """Reads a cache folder or URL: `reader[i]` decodes only the block of sequence i, iteration streams block by
+    block; every byte checked first (verify=True); `read_ahead` bytes of next blocks fetched ahead."""
 
     def __init__(self, root, *, layers=None, verify: bool = True, storage_options: dict | None = None,
                  read_ahead=None):
         self.storage = open_storage(root, storage_options)
-        self.remote = not self.storage.local
-        self.root = self.storage.label if self.remote else Path(root)
+        self.root = self.storage.label
         self.verify = verify
-        self.manifest = self._read_manifest()
-        self.format_version = self.manifest["format_version"]
-        if self.format_version not in SHARD_READERS:
-            raise CacheError(f"cache {self.root}: format version {self.format_version} is not known to this fastkd "
-                             f"(knows {sorted(SHARD_READERS)}); upgrade fastkd")
+        self.manifest = load_manifest(self.storage)
         self.layers = None if layers is None else list(layers)
-        shards = self.manifest["shards"]
-        if not shards:
+        if self.layers is not None and set(self.layers) - set(self.manifest["layers"]):
+            raise CacheError(f"cache {self.root}: layers {sorted(set(self.layers) - set(self.manifest['layers']))} "
+                             f"requested, the cache stores {self.manifest['layers']}")
+        entries = self.manifest["shards"]
+        if not entries:
             raise CacheError(f"cache {self.root}: holds no finished shard yet (manifest.json lists none)")
-        record, length, nloss, per_shard, self._block_starts = [], [], [], [], []
-        self._checked_whole: set = set()      # pre-digest shards already checked whole
-        self._handles: dict[int, object] = {}  # shard number -> open shard (most recent last), this pid's
-        self._handles_pid = os.getpid()
-        for j, shard in enumerate(self._open_all(shards)):
-            check_shard_matches(self.root, self.manifest, shards[j], shard, j)
-            if self.remote:  # a remote shard holds no OS resource: keep it (its header was fetched once)
-                self._handles[j] = shard
-            record.append(shard.record_index)
-            length.append(shard.length)
-            nloss.append(shard.num_loss)
-            per_shard.append(len(shard.record_index))
-            self._block_starts.append(shard.block_start)
-        self.record_indices = np.concatenate(record)
-        self.lengths = np.concatenate(length)
-        self.num_loss_positions = np.concatenate(nloss)
-        self._starts = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-        self._block_offsets = np.concatenate([[0], np.cumsum([len(b) - 1 for b in self._block_starts])]).astype(np.int64)
+        self._shards = self._open_all(entries)
+        for j, shard in enumerate(self._shards):
+            check_shard_matches(self.root, self.manifest, entries[j], shard, j)
+        self.record_indices = np.concatenate([s.record_index for s in self._shards])
+        self.lengths = np.concatenate([s.length for s in self._shards])
+        self.num_loss_positions = np.concatenate([s.num_loss for s in self._shards])
+        self._starts = np.concatenate([[0], np.cumsum([len(s.record_index) for s in self._shards])]).astype(np.int64)
+        self._block_offsets = np.concatenate([[0], np.cumsum([s.num_blocks for s in self._shards])]).astype(np.int64)
         self._block: tuple[int, int, list[CachedSequence]] | None = None  # (shard, block, sequences)
-        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead, self.storage.scheme)) if self.remote else None
+        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead, self.storage.scheme))
         self._recent = (-3, -3)                # global numbers of the last two blocks fetched (streak detection)
         self._expected: list[tuple[int, int]] = []  # blocks announced by expect(), in order
-        if self.layers is not None:
-            missing = sorted(set(self.layers) - set(self.manifest.get("layers", [])))
-            if missing:
-                raise CacheError(f"cache {self.root}: layers {missing} requested, the cache stores "
-                                 f"{self.manifest.get('layers', [])}")
 
-    def _read_manifest(self) -> dict:
-        return load_manifest(self.storage)
-
-    def _open_all(self, shards: list[dict]) -> list:
+    def _open_all(self, entries: list[dict]) -> list[Shard]:
         def one(j):
-            return open_shard(self.storage if self.remote else self.root, shards[j], j, self.format_version,
-                              verify=self.verify, checked_whole=self._checked_whole)
-        if not self.remote or len(shards) == 1:
-            return [one(j) for j in range(len(shards))]
-        with ThreadPoolExecutor(min(OPEN_THREADS, len(shards))) as pool:  # latency-bound: fetch headers at once
-            return list(pool.map(one, range(len(shards))))
+            return open_shard(self.storage, entries[j], j, verify=self.verify)
+        with ThreadPoolExecutor(min(OPEN_THREADS, len(entries))) as pool:  # latency-bound: fetch headers at once
+            return list(pool.map(one, range(len(entries))))
 
     # --- what the manifest says ----------------------------------------------------------
     @property
@@ -217,12 +96,16 @@ class CacheReader:
         return settings_of(self.manifest)
 
     @property
+    def format_version(self) -> int:
+        return self.manifest["format_version"]
+
+    @property
     def num_shards(self) -> int:
         return len(self.manifest["shards"])
 
     @property
     def hidden_widths(self) -> dict[int, int]:
-        return dict(zip(self.manifest.get("layers", []), self.manifest.get("hidden_widths", [])))
+        return dict(zip(self.manifest["layers"], self.manifest["hidden_widths"]))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -236,8 +119,8 @@ class CacheReader:
     def block_table(self) -> list[tuple[int, int, range]]:
         """(shard, block, cache positions) of every block, in order."""
         out = []
-        for number, starts in enumerate(self._block_starts):
-            base = int(self._starts[number])
+        for number, shard in enumerate(self._shards):
+            base, starts = int(self._starts[number]), shard.block_start
             out += [(number, b, range(base + int(lo), base + int(hi)))
                     for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
         return out
@@ -260,57 +143,26 @@ class CacheReader:
         return bad
 
     def __getstate__(self):
-        """Picklable for DataLoader workers: open handles and decoded blocks are not carried."""
-        state = dict(self.__dict__)
-        if not self.remote:  # remote shards are plain data (header + index): workers keep them
-            state["_handles"] = {}
-        state["_block"] = None
-        return state
+        """Picklable for DataLoader workers: the shards (header + index, no OS resource) go along, decoded
+        blocks do not."""
+        return dict(self.__dict__, _block=None)
 
-    # --- decoding ------------------------------------------------------------------------
-    def _shard(self, number: int):
-        if self.remote:
-            shard = self._handles.get(number)
-            if shard is not None:
-                return shard
-        elif self._handles_pid != os.getpid():  # handles opened before a fork are reopened in the child
-            self._handles, self._handles_pid = {}, os.getpid()
-        shard = self._handles.pop(number, None)
-        if shard is None:
-            shard = open_shard(self.storage if self.remote else self.root, self.manifest["shards"][number], number,
-                               self.format_version, verify=self.verify, checked_whole=self._checked_whole)
-            check_shard_matches(self.root, self.manifest, self.manifest["shards"][number], shard, number)
-        self._handles[number] = shard
-        if self.remote:
-            return shard
-        while len(self._handles) > OPEN_SHARDS:
-            self._handles.pop(next(iter(self._handles)))
-        return shard
-
-    # --- remote blocks: one range read per block, through the read-ahead ----------------------
-    def _wanted_parts(self, shard, block: int) -> list[str]:
-        """The tensors of a block that decode_block reads (all of them when verifying)."""
-        names = shard.part_names(block)
-        if self.verify or self.layers is None:
-            return names
-        keep = set(self.layers)
-        return [n for n in names if part_kind(n) != "hidden" or int(n.rsplit(".", 1)[1]) in keep]
-
+    # --- blocks: one range read per block, through the read-ahead -----------------------------
     def _block_item(self, number: int, block: int):
-        shard = self._shard(number)
-        names = self._wanted_parts(shard, block)
+        shard = self._shards[number]
+        names = shard.part_names(block, self.layers)
         size = sum(length for _, length, _ in shard.handle.ranges(names))
         return (number, block), size, lambda: shard.handle.fetch(names)
 
     def _fetch(self, number: int, block: int, sequential: bool = False) -> None:
-        """Stage a remote block's bytes in its shard handle (fetched ahead or now), then plan the next
-        fetches: the blocks given to expect(), or the next ones in cache order while reads are in order."""
+        """Stage a block's bytes in its shard file (fetched ahead or now), then plan the next fetches:
+        the blocks given to expect(), or the next ones in cache order while reads are in order."""
         key, _, load = self._block_item(number, block)
         try:
             parts = self._read_ahead.take(key, load)
         except CorruptShard as err:
             raise self._corrupt(number, block, err) from None
-        self._shard(number).handle.stage(parts)
+        self._shards[number].handle.stage(parts)
         here = int(self._block_offsets[number]) + block
         if key in self._expected:
             self._expected = self._expected[self._expected.index(key) + 1:]
@@ -325,7 +177,7 @@ class CacheReader:
 
     def _within_budget(self, blocks):
         items, total = [], 0
-        for number, block in blocks:
+        for number, block in blocks if self._read_ahead.budget > 0 else ():
             item = self._block_item(number, block)
             total += item[1]
             if total > self._read_ahead.budget:
@@ -338,28 +190,25 @@ class CacheReader:
         return number, g - int(self._block_offsets[number])
 
     def expect(self, blocks) -> None:
-        """Announce the (shard, block) pairs about to be read, in order: a remote reader fetches
-        them ahead within its read-ahead budget (a local one ignores this)."""
-        if self.remote:
-            self._expected = [(int(s), int(b)) for s, b in blocks]
-            self._read_ahead.want(self._within_budget(self._expected))
+        """Announce the (shard, block) pairs about to be read, in order: the reader fetches them ahead
+        within its read-ahead budget."""
+        self._expected = [(int(s), int(b)) for s, b in blocks]
+        self._read_ahead.want(self._within_budget(self._expected))
 
     @property
-    def read_ahead(self) -> ReadAhead | None:
-        """The remote reader's read-ahead (budget, held, peak, hits, misses); None for a folder."""
+    def read_ahead(self) -> ReadAhead:
+        """The reader's read-ahead (budget, held, peak, hits, misses)."""
         return self._read_ahead
 
     def _decode(self, number: int, block: int, sequential: bool = False) -> list[CachedSequence]:
         if self._block is not None and self._block[:2] == (number, block):
             return self._block[2]
-        shard = self._shard(number)
-        if self.remote:
-            self._fetch(number, block, sequential)
+        self._fetch(number, block, sequential)
         try:
-            seqs = shard.decode_block(block, layers=self.layers)
-        except CacheError:
-            raise
-        except Exception as err:  # noqa: BLE001 - digest, codec or safetensors errors mean a corrupt block
+            seqs = self._shards[number].decode_block(block, layers=self.layers)
+        except Exception as err:  # noqa: BLE001 - digest, codec or format errors mean a corrupt block
+            if isinstance(err, CacheError) and not isinstance(err, CodecError):
+                raise        # the storage's own error (network, credentials): not the block's
             raise self._corrupt(number, block, err) from None
         self._block = (number, block, seqs)
         return seqs
@@ -374,9 +223,8 @@ class CacheReader:
     def check_block(self, shard: int, block: int) -> None:
         """Check a block's bytes against their digests without decoding (CorruptCacheError if bad)."""
         try:
-            if self.remote:
-                self._fetch(shard, block, sequential=True)
-            self._shard(shard).check_block(block)
+            self._fetch(shard, block, sequential=True)
+            self._shards[shard].check_block(block)
         except CorruptShard as err:
             raise self._corrupt(shard, block, err) from None
 
@@ -390,7 +238,7 @@ class CacheReader:
         """(shard, block, position inside the block) of cache position i."""
         number = int(np.searchsorted(self._starts, i, side="right") - 1)
         inside = i - int(self._starts[number])
-        shard = self._shard(number)
+        shard = self._shards[number]
         block = shard.block_of(inside)
         return number, block, inside - int(shard.block_start[block])
 
@@ -405,8 +253,7 @@ class CacheReader:
 
     def iter_shard(self, number: int) -> Iterator[CachedSequence]:
         """The sequences of one shard in order, decoding one block at a time."""
-        shard = self._shard(number)
-        for block in range(shard.num_blocks):
+        for block in range(self._shards[number].num_blocks):
             seqs = self._decode(number, block, sequential=True)
             self._block = None  # streaming: do not keep the block alive
             yield from seqs
@@ -416,12 +263,11 @@ class CacheReader:
             yield from self.iter_shard(number)
 
 
-def check_shard_matches(root: Path, manifest: dict, entry: dict, shard, number: int | None = None) -> None:
-    """A shard must hold what the manifest says of it: counts, block count, first and last record, the
-    layout and codecs of the settings, payload sizes; CorruptCacheError naming the manifest field.
-    `number`: the entry's position in manifest["shards"] (found when not given)."""
+def check_shard_matches(root, manifest: dict, entry: dict, shard, number: int | None = None) -> None:
+    """A shard must hold what the manifest says of it (counts, blocks, records, layout, codecs, payload sizes);
+    CorruptCacheError naming the field. `number`: the entry's position in manifest["shards"] (None: a receipt's)."""
     where = f"cache {root}: shard {entry['file']}"
-    name = _entry_name(manifest, entry, number)
+    name = f"shards[{number}]" if number is not None else f"entry of {entry['file']}"
     _check_entry_counts(where, name, entry, shard)
     _check_layout_matches(where, manifest, entry, shard.layout)
     try:
@@ -429,16 +275,6 @@ def check_shard_matches(root: Path, manifest: dict, entry: dict, shard, number: 
     except CorruptShard as err:
         raise CorruptCacheError(f"{where}: {err}; it is not used", entry["file"]) from None
     _check_payload_sizes(where, name, entry, sizes)
-
-
-def _entry_name(manifest: dict, entry: dict, number: int | None) -> str:
-    """'shards[j]' for a manifest entry; a unit receipt's entry (not listed yet) by its file."""
-    shards = manifest.get("shards", [])
-    if number is None:   # a sequential cache lists shard j at position j: try that before searching
-        number = int(entry["file"].rsplit("-", 1)[1].split(".")[0])
-    if not (0 <= number < len(shards) and shards[number] is entry):
-        number = next((j for j, e in enumerate(shards) if e is entry), None)
-    return f"shards[{number}]" if number is not None else f"entry of {entry['file']}"
 
 
 def _mismatch(where: str, entry: dict, field: str, value, expected, source: str) -> CorruptCacheError:

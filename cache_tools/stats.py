@@ -1,11 +1,5 @@
-"""Per-position teacher statistics from a cache: tail mass, top-1 probability, entropy bounds.
-
-The cache keeps only the top-k (or sampled) log-probs and the tail mass t, so the teacher's
-entropy is known only within bounds: H_K + the least and the most entropy t can carry over the
-V - m tokens not stored. Most: t spread evenly, t*log((V-m)/t). Least: t packed into as few
-tokens as possible, each at most the smallest stored probability (top-k mode; no cap in sampled
-mode, where stored ids need not be the most likely).
-"""
+"""Per-position teacher statistics from a cache: tail mass, top-1 probability, and bounds on the entropy,
+which the top-k + tail alone leave open (docs/cache-format.md section 10 gives both bounds)."""
 
 from __future__ import annotations
 
@@ -47,7 +41,8 @@ def teacher_rows(seq) -> np.ndarray:
 def position_stats(seq, vocab_size: int, sampled: bool) -> dict[str, np.ndarray]:
     """The per-position metrics of one CachedSequence, over the rows that hold the teacher."""
     keep = teacher_rows(seq)
-    ids, lp, tail = np.asarray(seq.topk_ids)[keep], np.asarray(seq.topk_logprobs, np.float64)[keep], np.asarray(seq.tail)[keep]
+    ids, lp = np.asarray(seq.topk_ids)[keep], np.asarray(seq.topk_logprobs, np.float64)[keep]
+    tail = np.asarray(seq.tail)[keep]
     valid = (ids >= 0) & np.isfinite(lp)
     top1 = np.where(valid, np.exp(np.where(valid, lp, -np.inf)), 0.0).max(axis=1, initial=0.0)
     lower, upper = entropy_bounds(ids, lp, tail, vocab_size, capped=not sampled)
@@ -63,7 +58,8 @@ def summarise(values: dict[str, list[np.ndarray]]) -> dict:
         if x.size == 0:
             out[name] = {"mean": None, "quantiles": {str(q): None for q in QUANTILES}}
             continue
-        out[name] = {"mean": float(x.mean()), "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))}}
+        out[name] = {"mean": float(x.mean()),
+                     "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))}}
     return out
 
 

@@ -1,14 +1,8 @@
-"""Where a cache's bytes live: a local folder (read through mmap, as always) or an fsspec URL
-(s3://, gs://, hf://, file://, memory://, ...) read by byte ranges, with a bounded read-ahead.
-
-Object storage is read-only here: a cache is written to a local folder and copied up. Every
-integrity check of the reader applies unchanged to remote bytes (the reader verifies them, not
-the storage), so this module only moves bytes and counts them.
-"""
+"""Where a cache's bytes live, read by byte ranges through one interface: a local folder or an fsspec URL
+(read-only: a cache is written locally and copied up); and the bounded read-ahead."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -18,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import CacheError
+from .errors import CacheError
+from .format import MANIFEST, parse_manifest, read_manifest
+from .manifest_checks import check_local_paths
 
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # scheme -> the package that implements it, for the one-line "install X" message
@@ -26,9 +22,7 @@ PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "h
             "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "adl": "adlfs", "http": "aiohttp", "https": "aiohttp"}
 READ_AHEAD_ENV = "FASTKD_CACHE_READ_AHEAD"
 DEFAULT_READ_AHEAD = 16 << 20      # bytes of upcoming blocks a remote reader may hold (per process)
-NO_LATENCY = ("file", "local", "memory")  # schemes with no latency to hide: read-ahead off unless asked
-FIRST_READ = 64 << 10              # first range read of a shard: its header and usually its index
-MAX_HEADER_BYTES = 100 << 20       # safetensors' own limit on the JSON header
+NO_LATENCY = (None, "file", "local", "memory")  # a folder, and schemes with no latency: read-ahead off unless asked
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
 
 
@@ -48,12 +42,13 @@ def refuse_url_for_writing(root, what: str = "cache-teacher --out") -> None:
     """Writers take a local folder only (atomic renames, fsync, a lock file): refuse a URL clearly."""
     if is_url(root):
         raise CacheError(f"{what} {root}: a cache is written to a local folder, not a URL; write it locally, then "
-                         f"copy the folder up (e.g. `aws s3 sync DIR {root}`) and read it with `fastkd train --cache {root}`")
+                         f"copy the folder up (e.g. `aws s3 sync DIR {root}`) and read it with `fastkd train "
+                         f"--cache {root}`")
 
 
 def read_ahead_bytes(value=None, scheme: str | None = None) -> int:
     """The read-ahead budget: `value`, else $FASTKD_CACHE_READ_AHEAD (bytes, or with K/M/G/KiB/MiB/GiB),
-    else 16 MiB (0 for file:// and memory://, where fetching ahead only competes with decoding)."""
+    else 16 MiB (0 for a folder, file:// and memory://, where fetching ahead only competes with decoding)."""
     if value is None:
         value = os.environ.get(READ_AHEAD_ENV)
         if value is None or not value.strip():
@@ -76,39 +71,52 @@ def open_storage(root, storage_options: dict | None = None):
 
 
 class LocalStorage:
-    """A cache folder on a local (or mounted) file system; the reader mmaps its shards."""
+    """A cache folder on a local (or mounted) file system, read by byte ranges like RemoteStorage."""
 
-    local = True
+    scheme = None
 
     def __init__(self, root):
         self.root = Path(root)
         self.label = str(self.root)
-        self.requests = 0
-        self.bytes_read = 0
+        self.requests = self.bytes_read = 0   # what was read, per process (as RemoteStorage counts it)
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    def manifest(self) -> dict:
+        """manifest.json, read and checked (format.read_manifest: the folder's own messages)."""
+        return read_manifest(self.root)
 
-    def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+    def check_links(self, manifest: dict, where: str) -> None:
+        """A folder the manifest names may not be a symlink leading outside the cache."""
+        check_local_paths(self.root, manifest, where)
+
+    def list(self, folder: str) -> dict[str, int]:
+        """File name -> size of the files in `folder` (empty when there is none)."""
+        path = self.root / folder
+        return {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()} if path.is_dir() else {}
 
     def size(self, name: str) -> int:
-        return self.path(name).stat().st_size
+        return (self.root / name).stat().st_size
 
     def read_bytes(self, name: str) -> bytes:
-        return self.path(name).read_bytes()
+        return (self.root / name).read_bytes()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
-        with open(self.path(name), "rb") as fh:
-            fh.seek(offset)
-            return fh.read(length)
+        return self.read_ranges(name, [(offset, length)])[0]
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges of one file, through one open file."""
+        with open(self.root / name, "rb") as fh:
+            out = []
+            for offset, length in ranges:
+                fh.seek(offset)
+                out.append(fh.read(max(length, 0)))
+        self.requests += len(ranges)
+        self.bytes_read += sum(map(len, out))
+        return out
 
 
 class RemoteStorage:
     """A cache under an fsspec URL, read by byte ranges; `requests` / `bytes_read` count what was
     fetched (per process), so tests and benchmarks can see a resume seek instead of re-reading."""
-
-    local = False
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
@@ -197,9 +205,21 @@ class RemoteStorage:
                                    for e in entries if e.get("type") == "file"}
         return self._sizes[folder]
 
-    def exists(self, name: str) -> bool:
-        folder, _, base = name.rpartition("/")
-        return base in self._listing(folder)
+    def manifest(self) -> dict:
+        """manifest.json, read and checked (format.parse_manifest)."""
+        try:
+            data = self.read_bytes(MANIFEST)
+        except FileNotFoundError:
+            raise CacheError(f"cache {self.label}: no manifest.json (not a cache, a mistyped URL, or a copy still "
+                             f"being uploaded: upload manifest.json last)") from None
+        return parse_manifest(data, self.label)
+
+    def check_links(self, manifest: dict, where: str) -> None:
+        """Object storage has no symlinks to follow out of the cache."""
+
+    def list(self, folder: str) -> dict[str, int]:
+        """File name -> size of the files in `folder` (one listing per folder, kept)."""
+        return dict(self._listing(folder))
 
     def size(self, name: str) -> int:
         """File size from one listing of its folder (one request for all shards); FileNotFoundError if absent."""
@@ -234,163 +254,11 @@ class RemoteStorage:
         return list(out)
 
 
-# ----------------------------------------------------------------------------- safetensors by ranges
-
-DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4",
-          "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
-
-
-class RangeShardFile:
-    """A safetensors file read by byte ranges: the handle interface ShardV1 uses (metadata(),
-    keys(), get_tensor()), with a block's tensors staged by one fetch before ShardV1 checks them.
-
-    `head` is the file's first bytes (length prefix + JSON header, often the index too); the header
-    is parsed and checked here for impossible offsets, whatever the digests say.
-    """
-
-    def __init__(self, storage, name: str, size: int, head: bytes):
-        from .shard import CorruptShard
-
-        self.storage, self.name, self.size = storage, name, size
-        header_len = int.from_bytes(head[:8], "little")
-        self.data_start = 8 + header_len
-        try:
-            header = json.loads(head[8:self.data_start])
-        except (ValueError, RecursionError) as err:
-            raise CorruptShard(f"header is not valid JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise CorruptShard("header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise CorruptShard("header __metadata__ is not a map of strings")
-        self._meta = meta
-        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, begin, end
-        for key, info in header.items():
-            try:
-                dtype = np.dtype(DTYPES[info["dtype"]])
-                shape = tuple(int(x) for x in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-                if any(x < 0 for x in shape) or not all(isinstance(x, int) for x in info["shape"]):
-                    raise ValueError("shape")
-            except (KeyError, TypeError, ValueError):
-                raise CorruptShard(f"header entry for tensor {key!r} is not valid (dtype, shape, data_offsets)") from None
-            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise CorruptShard(f"tensor {key} has data_offsets {[begin, end]} that do not fit its shape {list(shape)}")
-            self.tensors[key] = (dtype, shape, begin, end)
-        spans = sorted((b, e) for _, _, b, e in self.tensors.values())
-        position = 0
-        for begin, end in spans:  # the tensors tile the data section exactly, as safetensors requires
-            if begin != position:
-                raise CorruptShard("tensor data_offsets overlap or leave a hole")
-            position = end
-        if self.data_start + position != size:
-            raise CorruptShard(f"header describes {self.data_start + position} bytes, the file has {size}")
-        index_end = self.data_start + max([e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")],
-                                          default=0)
-        if index_end > len(head):  # the index tensors (first in the file) did not fit the first read
-            more = storage.read_range(name, len(head), index_end - len(head))
-            if len(more) != index_end - len(head):
-                raise CorruptShard(f"file ended after {len(head) + len(more)} of {size} bytes (truncated)")
-            head += more
-        self._head = head
-        self._staged: dict[str, bytes] = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_staged"] = {}  # memoryviews do not pickle; a worker fetches its own blocks
-        return state
-
-    def metadata(self) -> dict:
-        return self._meta
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def ranges(self, names) -> list[tuple[int, int, list[str]]]:
-        """(file offset, length, tensor names) of the contiguous runs covering `names`."""
-        runs: list[list] = []
-        for name in sorted(names, key=lambda n: self.tensors[n][2]):
-            _, _, begin, end = self.tensors[name]
-            if runs and runs[-1][1] == begin:
-                runs[-1][1] = end
-                runs[-1][2].append(name)
-            else:
-                runs.append([begin, end, [name]])
-        return [(self.data_start + b, e - b, names) for b, e, names in runs]
-
-    def fetch(self, names) -> dict[str, bytes]:
-        """The bytes of `names` (tensors), one range request per contiguous run (one per block)."""
-        runs = self.ranges(names)
-        out = {}
-        blobs = self.storage.read_ranges(self.name, [(o, n) for o, n, _ in runs]) if runs else []
-        for (offset, length, group), blob in zip(runs, blobs):
-            if len(blob) != length:
-                from .shard import CorruptShard
-
-                raise CorruptShard(f"file ended after {offset + len(blob)} of {self.size} bytes (truncated)")
-            view = memoryview(blob)
-            for name in group:
-                _, _, begin, end = self.tensors[name]
-                start = self.data_start + begin - offset
-                out[name] = view[start: start + end - begin]
-        return out
-
-    def stage(self, parts: dict) -> None:
-        """Bytes fetched ahead (a block's tensors): get_tensor takes them instead of reading again."""
-        self._staged = dict(parts)
-
-    def get_tensor(self, name: str) -> np.ndarray:
-        if name not in self.tensors:
-            raise KeyError(f"no tensor {name}")
-        dtype, shape, begin, end = self.tensors[name]
-        data = self._staged.pop(name, None)
-        if data is None:
-            start = self.data_start + begin
-            if start + (end - begin) <= len(self._head):
-                data = memoryview(self._head)[start: start + end - begin]
-            else:
-                data = self.fetch([name])[name]
-        return np.frombuffer(data, dtype).reshape(shape)
-
-
-def remote_shard_head(storage, name: str, size: int) -> bytes:
-    """The first bytes of a remote shard, at least its length prefix and JSON header (one request
-    when they fit in FIRST_READ, which for a typical shard also holds its index tensors)."""
-    from .shard import CorruptShard
-
-    head = storage.read_range(name, 0, min(size, FIRST_READ))
-    if len(head) < 8:
-        raise CorruptShard("file is shorter than a safetensors header")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len > min(MAX_HEADER_BYTES, size - 8):
-        raise CorruptShard(f"header length {header_len} is impossible for this file")
-    if len(head) < 8 + header_len:
-        head += storage.read_range(name, len(head), 8 + header_len - len(head))
-        if len(head) < 8 + header_len:
-            raise CorruptShard("file ends inside its header (truncated)")
-    return head
-
-
-def remote_file_digest(storage, name: str, size: int, chunk: int = 8 << 20) -> str:
-    """sha256 of a whole remote file, streamed by ranges (shards written before header digests)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for offset in range(0, size, chunk):
-        h.update(storage.read_range(name, offset, min(chunk, size - offset)))
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- bounded read-ahead
 
 class ReadAhead:
-    """Fetches upcoming items (a block's bytes) in background threads, never holding more than
-    `budget` bytes (fetched and in flight together); an item is dropped once taken.
-
-    `take(key, size, load)` returns an item, waiting for its fetch if one is running, loading it
-    here otherwise; `want(items)` says which items come next, in order: items no longer wanted are
-    dropped and as many of the new ones as the budget allows start fetching.
-    """
+    """Fetches the items `want(items)` names next in background threads, never holding more than `budget`
+    bytes; `take(key, load)` returns one (waiting for its fetch, or loading it here) and drops it."""
 
     def __init__(self, budget: int, threads: int = 4):
         self.budget = int(budget)

@@ -9,13 +9,14 @@ from .format import CachedSequence
 
 def synthetic_settings(vocab_size: int = 1000, k: int = 8, mode: str = "topk", layers=(1, 3),
                        widths=(16, 24), **extra) -> dict:
-    """Settings as the cache stage would pass them (teacher/tokenizer identity are placeholders).
-    The lossless codecs are pinned so format tests can compare bit for bit; the lossy defaults
-    are tested in tests/test_codec.py and on a real teacher in tests/test_cache_teacher.py."""
-    extra.setdefault("codecs", {"topk": {"name": "raw-zstd", "params": {}}, "hidden": {"name": "bf16-zstd", "params": {}}})
+    """Settings as the cache stage passes them (placeholder identities), with exact codecs pinned (kt at
+    precision exact, ks in mode sample, kh bf16) so format tests compare bit for bit."""
+    topk = "ks" if mode == "sample" else "kt:precision=exact"
+    extra.setdefault("codecs", {"topk": topk, "hidden": "kh:method=bf16"})
     return {"teacher": {"path": "synthetic-teacher", "config_sha256": "0" * 64, "dtype": "bfloat16"},
             "tokenizer": {"vocab_size": vocab_size, "vocab_sha256": "1" * 64},
-            "template": {"cot": True, "chat": False}, "k": k, "mode": mode, "sample_n": 32 if mode == "sample" else None,
+            "template": {"cot": True, "chat": False}, "k": k, "mode": mode,
+            "sample_n": 32 if mode == "sample" else None,
             "layers": list(layers), "hidden_widths": list(widths), "max_length": 512, **extra}
 
 

@@ -1,12 +1,5 @@
-"""Compact codecs for a teacher's top-k log-probs (+ exact tail mass) and for sampled ids.
-
-Top-k layout ("KT", version 1): each row's log-probs are quantised relative to the row's top-1
-on a companded scale (fine near the top, coarser where the mass is tiny), the tail mass is kept
-bit-exact in fp32, and the decoder rescales the top-k so that top-k + tail sums to exactly 1.
-Ids are either kept in value order (layout "value") or sorted and gap-coded (layout "id");
-every integer stream is split into byte planes and each plane is zstd-compressed on its own.
-See docs/codec.md for the measured sizes and errors.
-"""
+"""The top-k codec at precisions fine and exact (`KT` version byte 1: companded log-prob codes or float32 bits,
+ids gap-coded, the tail exact) and the sampled codec (`KS`: draws as id multisets); docs/codec.md."""
 
 from __future__ import annotations
 
@@ -15,9 +8,10 @@ import weakref
 from functools import lru_cache
 
 import numpy as np
-import zstandard
 
-from fastkd.errors import UserError
+from .errors import CodecError
+from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count,
+                     unpack_frames)
 
 TOPK_MAGIC = b"KT"
 SAMPLED_MAGIC = b"KS"
@@ -33,79 +27,10 @@ _TOPK_HEADER = struct.Struct("<2sBBBxIIfff")   # magic, version, layout, flags, 
 _SAMPLED_HEADER = struct.Struct("<2sBBII")     # magic, version, flags, n, s
 _FLAG_RANKS = 1
 _FLAG_ABSOLUTE = 2
+_FLAG_EXACT = 4
 
-
-class CodecError(UserError):
-    """Input a codec cannot store faithfully, or a payload it cannot read."""
-
-
-TOPK_PARAMS = {"layout", "reference", "step", "max_step", "growth", "level", "rank_of_id", "mass_tol"}
+TOPK_PARAMS = {"layout", "reference", "step", "max_step", "growth", "level", "rank_of_id", "mass_tol", "exact"}
 SAMPLED_PARAMS = {"level", "rank_of_id"}
-
-
-def check_params(given: dict, allowed: set, codec: str) -> None:
-    """Refuse parameters a codec does not know (a typo would otherwise be ignored silently)."""
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise CodecError(f"{codec} codec: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-
-
-# ---------------------------------------------------------------------------- byte planes
-
-def _plane_count(max_value: int) -> int:
-    """How many little-endian bytes hold values up to max_value."""
-    return max(1, (int(max_value).bit_length() + 7) // 8)
-
-
-def _compress_planes(values: np.ndarray, nbytes: int, level: int) -> list[bytes]:
-    """Split unsigned ints into `nbytes` byte planes and zstd-compress each plane on its own."""
-    raw = np.ascontiguousarray(values, dtype="<u4").reshape(-1).view(np.uint8).reshape(-1, 4)
-    cctx = zstandard.ZstdCompressor(level=level)
-    return [cctx.compress(np.ascontiguousarray(raw[:, b])) for b in range(nbytes)]
-
-
-def _decompress_planes(frames: list[bytes], count: int) -> np.ndarray:
-    """Inverse of _compress_planes: uint32 array of `count` values."""
-    dctx = zstandard.ZstdDecompressor()
-    out = np.zeros(count, dtype=np.uint32)
-    for b, frame in enumerate(frames):
-        try:
-            plane = np.frombuffer(dctx.decompress(frame, max_output_size=count), dtype=np.uint8)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"corrupt codec payload: byte plane {b} does not decompress ({exc})") from None
-        if plane.size != count:
-            raise CodecError(f"corrupt codec payload: byte plane {b} holds {plane.size} values, expected {count}")
-        out |= plane.astype(np.uint32) << np.uint32(8 * b)
-    return out
-
-
-def _pack_frames(header: bytes, groups: list[list[bytes]]) -> bytes:
-    """header + per group [plane count u8] + per frame [length u32] + the frames."""
-    table = b"".join(struct.pack("<B", len(g)) for g in groups)
-    lengths = b"".join(struct.pack("<I", len(f)) for g in groups for f in g)
-    return header + table + lengths + b"".join(f for g in groups for f in g)
-
-
-def _unpack_frames(payload: bytes, offset: int, n_groups: int) -> list[list[bytes]]:
-    """Inverse of _pack_frames, starting after the header."""
-    try:
-        counts = list(payload[offset:offset + n_groups])
-        offset += n_groups
-        total = sum(counts)
-        lengths = struct.unpack_from(f"<{total}I", payload, offset)
-        offset += 4 * total
-    except struct.error as exc:
-        raise CodecError(f"corrupt codec payload: truncated frame table ({exc})") from None
-    frames, groups = [], []
-    for length in lengths:
-        frames.append(payload[offset:offset + length])
-        offset += length
-    if offset != len(payload):
-        raise CodecError(f"corrupt codec payload: {len(payload)} bytes, frame table says {offset}")
-    for c in counts:
-        groups.append(frames[:c])
-        frames = frames[c:]
-    return groups
 
 
 # ---------------------------------------------------------------------------- quantiser
@@ -117,9 +42,8 @@ def _companding(step: float, max_step: float, growth: float) -> tuple[float, flo
 
 
 def _to_code(x: np.ndarray, step: float, max_step: float, growth: float) -> np.ndarray:
-    """Nats below the reference (x >= 0, float32, overwritten) -> integer code. The step grows
-    as step * e^(growth * x) until it reaches max_step: fine where the mass is, coarse where
-    an entry's share of the KL (~ p * step^2 / 24) is negligible."""
+    """Nats below the reference (x >= 0, float32, overwritten) -> integer code; the step grows as
+    step * e^(growth * x) up to max_step: fine where the mass is, coarse where its KL share is negligible."""
     x_knee, _ = _companding(step, max_step, growth)
     np.minimum(x, np.float32(1e9), out=x)          # far below any code: saturates at MAX_FINITE_CODE
     x_fine = np.minimum(x, np.float32(x_knee))
@@ -133,7 +57,6 @@ def _to_code(x: np.ndarray, step: float, max_step: float, growth: float) -> np.n
     return np.minimum(t, np.float32(MAX_FINITE_CODE)).astype(np.int64)
 
 
-
 def _decoded_logprobs(codes: np.ndarray, tail: np.ndarray, step, max_step, growth) -> np.ndarray:
     """Codes -> log-probs, the row's top-k mass rescaled to exactly 1 - tail (the tail is stored exact)."""
     x, weight = _code_table(float(step), float(max_step), float(growth))
@@ -143,12 +66,14 @@ def _decoded_logprobs(codes: np.ndarray, tail: np.ndarray, step, max_step, growt
         shift = np.where((row_sum > 0) & (mass > 0), np.log(mass) - np.log(row_sum), -np.inf).astype(np.float32)
         return shift[:, None] - x[codes]
 
+
 def _value_codes(logprobs: np.ndarray, reference: str, step, max_step, growth) -> np.ndarray:
     """Quantised distances below the row's top-1 (reference "top1") or below 0, -inf as NEG_INF_CODE."""
     n = logprobs.shape[0]
     finite = None if np.isfinite(logprobs).all() else np.isfinite(logprobs)
     if finite is None:       # the common case: one subtraction
-        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" else np.maximum(-logprobs, np.float32(0))
+        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" \
+            else np.maximum(-logprobs, np.float32(0))
         return _to_code(x, step, max_step, growth)
     ref = (np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True) if reference == "top1"
            else np.zeros((n, 1), dtype=np.float32))
@@ -197,7 +122,8 @@ def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray 
     """Refuse rows the codec cannot store faithfully; return the unused-slot mask (None if none)."""
     n, k = ids.shape
     if logprobs.shape != (n, k) or tail.shape != (n,):
-        raise CodecError(f"top-k codec: shapes ids {ids.shape}, logprobs {logprobs.shape}, tail {tail.shape} do not match [n, k], [n, k], [n]")
+        raise CodecError(f"top-k codec: shapes ids {ids.shape}, logprobs {logprobs.shape}, tail {tail.shape} do not "
+                         f"match [n, k], [n, k], [n]")
     if k > vocab_size:
         raise CodecError(f"top-k codec: k={k} exceeds the vocabulary size {vocab_size}")
     unused = None
@@ -205,13 +131,15 @@ def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray 
         unused = ids == -1
         if not np.isneginf(logprobs[unused]).all():
             row = np.argwhere(unused & ~np.isneginf(logprobs))[0][0]
-            raise CodecError(f"top-k codec fields 'ids'/'logprobs': row {row} has an unused slot (id -1) with a finite log-prob")
+            raise CodecError(f"top-k codec fields 'ids'/'logprobs': row {row} has an unused slot (id -1) with a "
+                             f"finite log-prob")
         _check_ids(np.where(unused, 0, ids), vocab_size, "top-k codec field 'ids'")
     elif ids.max(initial=0) >= vocab_size:
         _check_ids(ids, vocab_size, "top-k codec field 'ids'")
     if not logprobs.max(initial=-np.inf) <= 1e-4:      # also true when a NaN is present
         row = np.argwhere(np.isnan(logprobs) | (logprobs > 1e-4))[0][0]
-        raise CodecError(f"top-k codec field 'logprobs': row {row} holds NaN or a log-prob above 0: {logprobs[row][:8]}")
+        raise CodecError(f"top-k codec field 'logprobs': row {row} holds NaN or a log-prob above 0: "
+                         f"{logprobs[row][:8]}")
     if not np.all((tail >= 0) & (tail <= 1)):
         row = np.argwhere(~((tail >= 0) & (tail <= 1)))[0][0]
         raise CodecError(f"top-k codec field 'tail': row {row} has tail mass {tail[row]} outside [0, 1]")
@@ -219,11 +147,25 @@ def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray 
     off = np.abs(total - 1.0) > mass_tol
     if off.any():
         row = np.argwhere(off)[0][0]
-        raise CodecError(f"top-k codec fields 'logprobs'+'tail': row {row} sums to {total[row]:.6g}, not 1 (tolerance {mass_tol})")
+        raise CodecError(f"top-k codec fields 'logprobs'+'tail': row {row} sums to {total[row]:.6g}, not 1 "
+                         f"(tolerance {mass_tol})")
     return unused
 
 
 _RANK_CACHE: dict[int, tuple] = {}
+
+
+def prepared(ids, logprobs, tail, vocab_size: int, reference: str, steps: tuple, mass_tol: float):
+    """A top-k encoder's inputs as checked arrays (shapes, ids, a distribution per row), its steps as the
+    header stores them (float32), and the unused-slot mask (None if none)."""
+    ids, logprobs, tail = np.asarray(ids), np.asarray(logprobs, dtype=np.float32), np.asarray(tail, dtype=np.float32)
+    if ids.ndim != 2:
+        raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
+    if reference not in ("top1", "absolute"):
+        raise CodecError(f"top-k codec: unknown reference {reference!r}; choose 'top1' or 'absolute'")
+    _check_steps(*steps)
+    steps = tuple(float(np.float32(v)) for v in steps)
+    return ids, logprobs, tail, steps, _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol)
 
 
 def _rank_maps(rank_of_id, vocab_size):
@@ -252,22 +194,14 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_s
                 max_step: float = DEFAULT_TOPK_PARAMS["max_step"], growth: float = DEFAULT_TOPK_PARAMS["growth"],
                 level: int = DEFAULT_TOPK_PARAMS["level"],
                 reference: str = DEFAULT_TOPK_PARAMS["reference"], rank_of_id: np.ndarray | None = None,
-                mass_tol: float = 1e-3, **unused) -> bytes:
-    """Encode [n, k] top-k ids/log-probs and the [n] tail mass into one payload (see module doc).
-    An id of -1 with log-prob -inf marks an unused slot (sampled mode); it decodes as such, last in its row."""
+                mass_tol: float = 1e-3, exact: bool = False, **unused) -> bytes:
+    """Encode [n, k] top-k ids/log-probs and the [n] tail mass into one payload (see module doc); `exact`
+    keeps the log-probs' float32 bits. An id of -1 with log-prob -inf is an unused slot, decoded last in its row."""
     check_params(unused, set(), "top-k")
-    ids = np.asarray(ids)
-    logprobs = np.asarray(logprobs, dtype=np.float32)
-    tail = np.asarray(tail, dtype=np.float32)
-    if ids.ndim != 2:
-        raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
-    if layout not in LAYOUTS:
-        raise CodecError(f"top-k codec: unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
-    if reference not in ("top1", "absolute"):
-        raise CodecError(f"top-k codec: unknown reference {reference!r}; choose 'top1' or 'absolute'")
-    _check_steps(step, max_step, growth)
-    step, max_step, growth = (float(np.float32(v)) for v in (step, max_step, growth))  # as the header stores them
-    unused = _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol)
+    if layout not in LAYOUTS or (exact and layout != "id"):
+        raise CodecError(f"top-k codec: unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} ('id' when exact)")
+    ids, logprobs, tail, (step, max_step, growth), unused = prepared(ids, logprobs, tail, vocab_size, reference,
+                                                                     (step, max_step, growth), mass_tol)
     n, k = ids.shape
     rank_of_id, _ = _rank_maps(rank_of_id, vocab_size)
     keys = ids.astype(np.int64, copy=False) if unused is None else np.where(unused, 0, ids).astype(np.int64)
@@ -275,52 +209,46 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_s
         keys = rank_of_id[keys]
     if unused is not None:   # unused slots (sampled mode) get keys V, V+1, ... so they sort last and cost ~nothing
         keys = np.where(unused, vocab_size + np.cumsum(unused, axis=1) - 1, keys)
-
-    codes = _value_codes(logprobs, reference, step, max_step, growth)
-
     id_bits = max(1, int(vocab_size + k - 1).bit_length())
-    if layout == "value":
+    if exact:                # the float32 bits, in id order
+        order = np.argsort(keys, axis=1, kind="stable")
+        keys, codes = np.take_along_axis(keys, order, 1), np.take_along_axis(logprobs.view(np.uint32), order, 1)
+        _check_distinct(keys, "top-k codec field 'ids'")
+        key_stream, code_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1), codes
+    elif layout == "value":
+        codes = _value_codes(logprobs, reference, step, max_step, growth)
         packed = np.sort((codes << id_bits) | keys, axis=1)
         keys, codes = packed & ((1 << id_bits) - 1), packed >> id_bits
         _check_distinct(np.sort(keys, axis=1), "top-k codec field 'ids'")
         code_stream = np.concatenate([codes[:, :1], np.diff(codes, axis=1)], axis=1)   # codes ascend: gaps >= 0
         key_stream = keys
     else:
-        packed = np.sort((keys << 16) | codes, axis=1)
+        packed = np.sort((keys << 16) | _value_codes(logprobs, reference, step, max_step, growth), axis=1)
         keys, codes = packed >> 16, packed & 0xFFFF
         _check_distinct(keys, "top-k codec field 'ids'")
         key_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)  # ids ascend: gaps >= 0
         code_stream = codes
-    flags = (_FLAG_RANKS if rank_of_id is not None else 0) | (_FLAG_ABSOLUTE if reference == "absolute" else 0)
+    flags = (_FLAG_RANKS if rank_of_id is not None else 0) | (_FLAG_ABSOLUTE if reference == "absolute" else 0) \
+        | (_FLAG_EXACT if exact else 0)
     header = _TOPK_HEADER.pack(TOPK_MAGIC, TOPK_VERSION, LAYOUTS[layout], flags, n, k, step, max_step, growth)
     groups = [
-        _compress_planes(key_stream, _plane_count(vocab_size + k), level),
-        _compress_planes(code_stream, _plane_count(max(int(code_stream.max(initial=0)), 1)), level),
-        _compress_planes(tail.view(np.uint32), 4, level),
+        compress_planes(key_stream, plane_count(vocab_size + k), level),
+        compress_planes(code_stream, 4 if exact else plane_count(max(int(code_stream.max(initial=0)), 1)), level),
+        compress_planes(tail.view(np.uint32), 4, level),
     ]
-    return _pack_frames(header, groups)
+    return pack_frames(header, groups)
 
 
 def decode_topk(payload: bytes, n: int, k: int, vocab_size: int, *, rank_of_id: np.ndarray | None = None,
                 **unused) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode a payload from encode_topk into ids int64 [n, k], log-probs float32 [n, k], tail float32 [n].
-    Dispatches on the version byte so payloads of older versions stay readable. Accepts the
-    encoder's parameters (they are stored in the header; only rank_of_id must be passed again)."""
+    Accepts the encoder's parameters (they are stored in the header; only rank_of_id must be passed again)."""
     check_params(unused, TOPK_PARAMS, "top-k")
-    magic, version = _peek(payload, TOPK_MAGIC, "top-k")
-    decoders = {1: _decode_topk_v1}
-    if version not in decoders:
-        raise CodecError(f"top-k codec payload has version {version}; this fastkd reads versions {sorted(decoders)}")
-    return decoders[version](payload, n, k, vocab_size, rank_of_id)
-
-
-def _peek(payload: bytes, magic: bytes, what: str) -> tuple[bytes, int]:
-    if len(payload) < 3 or payload[:2] != magic:
-        raise CodecError(f"not a {what} codec payload (starts with {bytes(payload[:2])!r}, expected {magic!r})")
-    return payload[:2], payload[2]
-
-
-def _decode_topk_v1(payload, n, k, vocab_size, rank_of_id):
+    version = peek(payload, TOPK_MAGIC, "top-k")
+    if version != TOPK_VERSION:
+        raise CodecError(f"top-k codec payload has version {version}; decode_topk reads version {TOPK_VERSION}")
+    if len(payload) < _TOPK_HEADER.size:
+        raise CodecError("corrupt top-k codec payload: shorter than its header")
     _, _, layout, flags, n_stored, k_stored, step, max_step, growth = _TOPK_HEADER.unpack_from(payload)
     if (n_stored, k_stored) != (n, k):
         raise CodecError(f"top-k codec payload holds [{n_stored}, {k_stored}], caller expects [{n}, {k}]")
@@ -328,10 +256,10 @@ def _decode_topk_v1(payload, n, k, vocab_size, rank_of_id):
         raise CodecError("top-k codec payload was written " + ("with" if flags & _FLAG_RANKS else "without")
                          + " a rank table ('rank_of_id'); pass the same table to decode it")
     _, id_of_rank = _rank_maps(rank_of_id, vocab_size)
-    g_keys, g_codes, g_tail = _unpack_frames(payload, _TOPK_HEADER.size, 3)
-    tail = _decompress_planes(g_tail, n).view(np.float32)
-    key_stream = _decompress_planes(g_keys, n * k).reshape(n, k)
-    code_stream = _decompress_planes(g_codes, n * k).reshape(n, k)
+    g_keys, g_codes, g_tail = unpack_frames(payload, _TOPK_HEADER.size, 3)
+    tail = decompress_planes(g_tail, n).view(np.float32)
+    key_stream = decompress_planes(g_keys, n * k).reshape(n, k)
+    code_stream = decompress_planes(g_codes, n * k).reshape(n, k)
     keys = key_stream.astype(np.int64)     # (cumsum in place on int64: ~15x faster than cumsum(dtype=...))
     if layout == LAYOUTS["value"]:
         codes = code_stream.astype(np.int64)
@@ -340,7 +268,8 @@ def _decode_topk_v1(payload, n, k, vocab_size, rank_of_id):
         codes = code_stream
         np.cumsum(keys, axis=1, out=keys)
         keys += np.arange(k)
-    if (codes.max(initial=0) > NEG_INF_CODE) or (keys.max(initial=0) >= vocab_size + k):
+    exact = bool(flags & _FLAG_EXACT)
+    if (not exact and codes.max(initial=0) > NEG_INF_CODE) or (keys.max(initial=0) >= vocab_size + k):
         raise CodecError("corrupt top-k codec payload: code or id out of range")
     unused = keys >= vocab_size if keys.max(initial=0) >= vocab_size else None
     if id_of_rank is not None:
@@ -349,7 +278,13 @@ def _decode_topk_v1(payload, n, k, vocab_size, rank_of_id):
         ids = keys
     if unused is not None:
         ids = np.where(unused, -1, ids)
-    return ids, _decoded_logprobs(codes, tail, step, max_step, growth), tail
+    logprobs = codes.view(np.float32) if exact else _decoded_logprobs(codes, tail, step, max_step, growth)
+    return ids, logprobs, tail
+
+
+def topk_exact(payload: bytes) -> bool:
+    """Whether a KT version-1 payload holds its log-probs exactly (precision "exact")."""
+    return len(payload) >= _TOPK_HEADER.size and bool(_TOPK_HEADER.unpack_from(payload)[3] & _FLAG_EXACT)
 
 
 def topk_error_bound(x: np.ndarray, step: float = DEFAULT_TOPK_PARAMS["step"],
@@ -359,6 +294,15 @@ def topk_error_bound(x: np.ndarray, step: float = DEFAULT_TOPK_PARAMS["step"],
     reference, before the decoder's common rescaling: half the widest step within reach of x."""
     x = np.asarray(x, dtype=np.float64)
     return 0.5 * np.minimum(step * np.exp(growth * (x + 0.5 * max_step)), max_step) + 1e-6 * (1 + x)
+
+
+def topk_section_sizes(payload: bytes) -> dict[str, int]:
+    """Bytes spent on each part of a top-k payload (header, ids, values, tail), for reports."""
+    peek(payload, TOPK_MAGIC, "top-k")
+    g_keys, g_codes, g_tail = unpack_frames(payload, _TOPK_HEADER.size, 3)
+    parts = {"ids": sum(map(len, g_keys)), "values": sum(map(len, g_codes)), "tail": sum(map(len, g_tail))}
+    parts["header"] = len(payload) - sum(parts.values())
+    return parts
 
 
 # ---------------------------------------------------------------------------- sampled
@@ -375,7 +319,8 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, leve
     n, s = ids.shape
     valid = ids >= 0
     if ((ids < -1)).any() or (counts[valid] <= 0).any() or (counts[~valid] != 0).any():
-        raise CodecError("sampled codec fields 'ids'/'counts': a used slot needs id >= 0 and count > 0, an unused one id -1 and count 0")
+        raise CodecError("sampled codec fields 'ids'/'counts': a used slot needs id >= 0 and count > 0, an unused "
+                         "one id -1 and count 0")
     _check_ids(np.where(valid, ids, 0), vocab_size, "sampled codec field 'ids'")
     rank_of_id, _ = _rank_maps(rank_of_id, vocab_size)
     keys = np.where(valid, rank_of_id[np.where(valid, ids, 0)] if rank_of_id is not None else ids, -1).astype(np.int64)
@@ -392,19 +337,19 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, leve
     header = _SAMPLED_HEADER.pack(SAMPLED_MAGIC, SAMPLED_VERSION, flags, n, s)
     cnt = counts[valid] - 1
     groups = [
-        _compress_planes(used, _plane_count(s), level),
-        _compress_planes(stream, _plane_count(max(int(stream.max(initial=0)), 1)), level),
-        _compress_planes(cnt, _plane_count(max(int(cnt.max(initial=0)), 1)), level),
+        compress_planes(used, plane_count(s), level),
+        compress_planes(stream, plane_count(max(int(stream.max(initial=0)), 1)), level),
+        compress_planes(cnt, plane_count(max(int(cnt.max(initial=0)), 1)), level),
     ]
-    return _pack_frames(header, groups)
+    return pack_frames(header, groups)
 
 
 def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_id: np.ndarray | None = None,
                    **unused) -> tuple[np.ndarray, np.ndarray]:
     """Decode a payload from encode_sampled into ids int64 [n, s] (-1 padded) and counts int32 [n, s]."""
     check_params(unused, SAMPLED_PARAMS, "sampled")
-    _, version = _peek(payload, SAMPLED_MAGIC, "sampled")
-    if version != 1:
+    version = peek(payload, SAMPLED_MAGIC, "sampled")
+    if version != SAMPLED_VERSION:
         raise CodecError(f"sampled codec payload has version {version}; this fastkd reads versions [1]")
     _, _, flags, n_stored, s_stored = _SAMPLED_HEADER.unpack_from(payload)
     if (n_stored, s_stored) != (n, s):
@@ -412,12 +357,12 @@ def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_i
     if bool(flags & _FLAG_RANKS) != (rank_of_id is not None):
         raise CodecError("sampled codec payload and caller disagree on the rank table ('rank_of_id')")
     _, id_of_rank = _rank_maps(rank_of_id, vocab_size)
-    g_used, g_ids, g_counts = _unpack_frames(payload, _SAMPLED_HEADER.size, 3)
-    used = _decompress_planes(g_used, n).astype(np.int64)
+    g_used, g_ids, g_counts = unpack_frames(payload, _SAMPLED_HEADER.size, 3)
+    used = decompress_planes(g_used, n).astype(np.int64)
     if (used > s).any():
         raise CodecError("corrupt sampled codec payload: more used slots than s")
     total = int(used.sum())
-    stream = _decompress_planes(g_ids, total).astype(np.int64) + 1
+    stream = decompress_planes(g_ids, total).astype(np.int64) + 1
     starts = np.cumsum(used) - used
     stream[starts[used > 0]] -= 1                 # row-first entries are absolute, the rest are gap + 1
     flat = np.cumsum(stream)
@@ -429,182 +374,5 @@ def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_i
     ids = np.full((n, s), -1, dtype=np.int64)
     ids[mask] = id_of_rank[flat] if id_of_rank is not None else flat
     counts = np.zeros((n, s), dtype=np.int32)
-    counts[mask] = _decompress_planes(g_counts, total).astype(np.int32) + 1
+    counts[mask] = decompress_planes(g_counts, total).astype(np.int32) + 1
     return ids, counts
-
-
-def topk_section_sizes(payload: bytes) -> dict[str, int]:
-    """Bytes spent on each part of a top-k payload (header, ids, values, tail), for reports."""
-    _peek(payload, TOPK_MAGIC, "top-k")
-    g_keys, g_codes, g_tail = _unpack_frames(payload, _TOPK_HEADER.size, 3)
-    parts = {"ids": sum(map(len, g_keys)), "values": sum(map(len, g_codes)), "tail": sum(map(len, g_tail))}
-    parts["header"] = len(payload) - sum(parts.values())
-    return parts
-
-
-# ---------------------------------------------------------------------------- top-k, version 2
-
-TOPK2_VERSION = 2
-DEFAULT_TOPK2_PARAMS = {"reference": "top1", "step": 0.09, "max_step": 8.0, "growth": 0.35, "level": 1}
-TOPK2_PARAMS = {"reference", "step", "max_step", "growth", "level", "mass_tol"}
-_TOPK2_HEADER = struct.Struct("<2sBBIIIfff")   # magic, version, flags, n, k, vocab_size, step, max_step, growth
-_FLAG2_LABELS = 1
-_FLAG2_ABSOLUTE = 2
-
-
-def _table_order(counts: np.ndarray) -> np.ndarray:
-    """Table entries by falling count, ties by id (the entries are sorted by id): key 1 is the most
-    frequent id. A stable sort of uint16 keys (radix) when the counts allow it."""
-    top = int(counts.max(initial=0))
-    key = (top - counts).astype(np.uint16 if top < 65536 else np.int64)
-    return np.argsort(key, kind="stable")
-
-
-def _column_major(a: np.ndarray) -> np.ndarray:
-    """[n, k] -> the k columns one after the other, so each slot's values sit together for zstd."""
-    return np.ascontiguousarray(a.T).reshape(-1)
-
-
-def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, *,
-                 labels: np.ndarray | None = None, reference: str = DEFAULT_TOPK2_PARAMS["reference"],
-                 step: float = DEFAULT_TOPK2_PARAMS["step"], max_step: float = DEFAULT_TOPK2_PARAMS["max_step"],
-                 growth: float = DEFAULT_TOPK2_PARAMS["growth"], level: int = DEFAULT_TOPK2_PARAMS["level"],
-                 mass_tol: float = 1e-3, **unused) -> bytes:
-    """KT version 2: ids ranked by a per-block frequency table stored in the payload, the row's
-    label (next token, when given) as key 0, sorted keys gap-coded; values as in version 1; exact tail."""
-    check_params(unused, set(), "top-k v2")
-    ids = np.asarray(ids)
-    logprobs = np.asarray(logprobs, dtype=np.float32)
-    tail = np.asarray(tail, dtype=np.float32)
-    if ids.ndim != 2:
-        raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
-    if reference not in ("top1", "absolute"):
-        raise CodecError(f"top-k codec: unknown reference {reference!r}; choose 'top1' or 'absolute'")
-    _check_steps(step, max_step, growth)
-    step, max_step, growth = (float(np.float32(v)) for v in (step, max_step, growth))
-    unused_slots = _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol)
-    n, k = ids.shape
-    clean = ids.astype(np.int64) if unused_slots is None else np.where(unused_slots, 0, ids).astype(np.int64)
-    if labels is not None:
-        labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
-        if labels.shape != (n,):
-            raise CodecError(f"top-k codec field 'labels': expected {n} next-token ids, got shape {labels.shape}")
-        _check_ids(labels[None, :], vocab_size, "top-k codec field 'labels'")
-        is_label = clean == labels[:, None]
-        if unused_slots is not None:
-            is_label &= ~unused_slots
-    else:
-        is_label = None
-    # the block's table: distinct ids (not counting label hits) and how often each occurs
-    counts = np.bincount(clean.reshape(-1) if unused_slots is None else clean[~unused_slots], minlength=vocab_size)
-    hit_rows = None
-    if is_label is not None:
-        hit_rows = is_label.any(axis=1)
-        counts -= np.bincount(labels[hit_rows], minlength=vocab_size)   # a label hit is key 0, not a table entry
-    table_ids = np.flatnonzero(counts)
-    table_counts = counts[table_ids]
-    order = _table_order(table_counts)
-    key_of_id = np.empty(vocab_size, np.int64)            # only the table's entries are ever read
-    key_of_id[table_ids[order]] = np.arange(1, len(table_ids) + 1)
-    keys = key_of_id[clean]
-    if hit_rows is not None and hit_rows.any():
-        keys *= ~is_label
-    d = len(table_ids)
-    if unused_slots is not None:   # unused slots (sampled mode) sort last with keys d+1, d+2, ...
-        keys = np.where(unused_slots, d + np.cumsum(unused_slots, axis=1), keys)
-
-    codes = _value_codes(logprobs, reference, step, max_step, growth)
-    packed = np.sort((keys << 16) | codes, axis=1)
-    keys, codes = packed >> 16, packed & 0xFFFF
-    _check_distinct(keys, "top-k codec field 'ids'")
-    gaps = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)
-    flags = (_FLAG2_LABELS if labels is not None else 0) | (_FLAG2_ABSOLUTE if reference == "absolute" else 0)
-    header = _TOPK2_HEADER.pack(TOPK_MAGIC, TOPK2_VERSION, flags, n, k, vocab_size, step, max_step, growth)
-    table_gaps = np.diff(table_ids, prepend=-1) - 1
-    groups = [
-        _compress_planes(table_gaps, _plane_count(vocab_size), level),
-        _compress_planes(table_counts - 1, _plane_count(max(int(table_counts.max(initial=1)) - 1, 1)), level),
-        _compress_planes(_column_major(gaps), _plane_count(max(int(gaps.max(initial=0)), 1)), level),
-        _compress_planes(codes, _plane_count(max(int(codes.max(initial=0)), 1)), level),
-        _compress_planes(tail.view(np.uint32), 4, level),
-    ]
-    return _pack_frames(header, groups)
-
-
-def decode_topk2(payload: bytes, n: int, k: int, vocab_size: int, *, labels: np.ndarray | None = None,
-                 **unused) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode a payload of encode_topk2 (or of encode_topk: version 1) into ids int64 [n, k],
-    log-probs float32 [n, k], tail float32 [n]; `labels` must be the encoder's when it had them."""
-    check_params(unused, TOPK2_PARAMS | TOPK_PARAMS, "top-k v2")
-    _, version = _peek(payload, TOPK_MAGIC, "top-k")
-    if version == 1:
-        return _decode_topk_v1(payload, n, k, vocab_size, None)
-    if version != TOPK2_VERSION:
-        raise CodecError(f"top-k codec payload has version {version}; this fastkd reads versions [1, 2]")
-    return _decode_topk_v2(payload, n, k, vocab_size, labels)
-
-
-def _decode_topk_v2(payload, n, k, vocab_size, labels):
-    if len(payload) < _TOPK2_HEADER.size:
-        raise CodecError("corrupt top-k codec payload: shorter than its header")
-    _, _, flags, n_stored, k_stored, v_stored, step, max_step, growth = _TOPK2_HEADER.unpack_from(payload)
-    if (n_stored, k_stored, v_stored) != (n, k, vocab_size):
-        raise CodecError(f"top-k codec payload holds [{n_stored}, {k_stored}] over V={v_stored}, "
-                         f"caller expects [{n}, {k}] over V={vocab_size}")
-    if flags & ~(_FLAG2_LABELS | _FLAG2_ABSOLUTE) or not (0 < step <= max_step < np.inf) or not (0 < growth <= 4):
-        raise CodecError("corrupt top-k codec payload: header flags or steps out of range")
-    if flags & _FLAG2_LABELS:
-        if labels is None:
-            raise CodecError("top-k codec payload was written with the next-token labels; pass them to decode it")
-        labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
-        if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= vocab_size)):
-            raise CodecError(f"top-k codec: labels must be {n} ids in [0, {vocab_size})")
-    g_tab, g_cnt, g_gaps, g_codes, g_tail = _unpack_frames(payload, _TOPK2_HEADER.size, 5)
-    table_gaps = _decompress_frames_any(g_tab, vocab_size)
-    d = len(table_gaps)
-    table_ids = table_gaps.astype(np.int64) + 1
-    np.cumsum(table_ids, out=table_ids)
-    table_ids -= 1
-    if d and (table_ids[-1] >= vocab_size):
-        raise CodecError("corrupt top-k codec payload: table id out of range")
-    table_counts = _decompress_planes(g_cnt, d).astype(np.int64)
-    tail = _decompress_planes(g_tail, n).view(np.float32)
-    keys = _decompress_planes(g_gaps, n * k).reshape(k, n).astype(np.int64)   # column-major: slot by slot
-    codes = _decompress_planes(g_codes, n * k).reshape(n, k)
-    for j in range(1, k):                                   # (a loop over slots beats cumsum(axis=0) ~10x)
-        np.add(keys[j], keys[j - 1], out=keys[j])
-    keys += np.arange(k)[:, None]
-    if codes.max(initial=0) > NEG_INF_CODE or keys[-1].max(initial=0) > d + k:
-        raise CodecError("corrupt top-k codec payload: code or id out of range")
-    id_of_key = np.empty(d + k + 1, np.int64)
-    id_of_key[0] = -2                                       # key 0: the row's label (only ever first in a row)
-    id_of_key[1:d + 1] = table_ids[_table_order(table_counts)]
-    id_of_key[d + 1:] = -1                                  # unused slots
-    ids_cm = id_of_key[keys]
-    first = keys[0] == 0
-    if first.any():
-        if not flags & _FLAG2_LABELS:
-            raise CodecError("corrupt top-k codec payload: a label key without labels")
-        ids_cm[0] = np.where(first, labels, ids_cm[0])
-    ids = np.ascontiguousarray(ids_cm.T)
-    return ids, _decoded_logprobs(codes, tail, step, max_step, growth), tail
-
-
-def _decompress_frames_any(frames: list[bytes], limit: int) -> np.ndarray:
-    """Byte planes whose value count is not stored (the table): taken from the first plane, at most `limit`."""
-    if not frames:
-        raise CodecError("corrupt top-k codec payload: empty table")
-    try:
-        count = len(zstandard.ZstdDecompressor().decompress(frames[0], max_output_size=max(limit, 1)))
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"corrupt codec payload: table plane does not decompress ({exc})") from None
-    return _decompress_planes(frames, count)
-
-
-def topk2_section_sizes(payload: bytes) -> dict[str, int]:
-    """Bytes spent on each part of a KT version-2 payload, for reports."""
-    _peek(payload, TOPK_MAGIC, "top-k")
-    groups = _unpack_frames(payload, _TOPK2_HEADER.size, 5)
-    parts = dict(zip(("table_ids", "table_counts", "ids", "values", "tail"), (sum(map(len, g)) for g in groups)))
-    parts["header"] = len(payload) - sum(parts.values())
-    return parts

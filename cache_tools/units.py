@@ -1,12 +1,5 @@
-"""Work units: one cache written by many processes (torchrun ranks), resumable with any number of them.
-
-The records are cut into fixed work units of `work_unit` consecutive sequences (the cut does not
-depend on how many processes run). Unit u is written whole, by whichever rank takes it, as
-`shards/shard-<u>.safetensors`, followed by a sealed receipt `units/unit-<u>.json` holding its
-manifest entry: the receipt is the unit's durable commit. One coordinator (rank 0) holds the
-cache lock, merges receipts into manifest.json (the cache's commit marker) at the start of every
-run and after every rank finished, and removes what no receipt accounts for.
-"""
+"""Work units, the one protocol every cache is written with (one process or many): unit u is a shard plus a
+sealed receipt (its commit); the coordinator merges receipts into manifest.json (docs/cache-format.md 6)."""
 
 from __future__ import annotations
 
@@ -14,19 +7,21 @@ import hashlib
 import json
 import re
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastkd.integrity import canonical_json, digest_bytes, seal, seal_matches
 
-from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, SHARD_DIR, CacheError, atomic_write_bytes,
-                     jsonable, read_manifest, settings_of, write_manifest)
+from .errors import CacheError
+from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, SHARD_DIR, atomic_write_bytes, jsonable,
+                     read_manifest, write_manifest)
+from .integrity import canonical_json, digest_bytes, seal, seal_matches
 from .lock import acquire_lock, clear_stale_lock, release_lock
+from .manifest_checks import manifest_totals
 from .reader import check_shard_matches, open_shard
-from .writer import (SHARD_NAME, _owned_copy, _version, check_sequence, layout_of, normalize_settings,
-                     resume_settings, shard_file, totals, write_shard_file)
+from .storage import LocalStorage, refuse_url_for_writing
+from .writing import (SHARD_NAME, _owned_copy, check_sequence, fastkd_version, layout_of, normalize_settings, now,
+                      resume_settings, shard_file, write_shard_file)
 
 UNIT_DIR = "units"
 RECEIPT_NAME = re.compile(r"^unit-(\d{5,})\.json$")
@@ -53,20 +48,21 @@ def sequence_digest(h, record_index: int, task: str, input_ids, loss_mask) -> No
     h.update(np.asarray(loss_mask, np.uint8).tobytes())
 
 
+def unit_of(number: int, examples) -> Unit:
+    """The unit `number` holding `examples` (objects with record_index, task, input_ids, loss_mask), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        sequence_digest(h, int(ex.record_index), ex.task, ex.input_ids, ex.loss_mask)
+    return Unit(number, tuple(int(ex.record_index) for ex in examples), h.hexdigest())
+
+
 def make_units(examples, work_unit: int) -> tuple[list[Unit], dict]:
-    """Cut examples (objects with record_index, task, input_ids, loss_mask) into units; also the
-    `records` setting: count and sha256 over the unit digests."""
+    """Cut examples into units of `work_unit`; also the `records` setting: count and sha256 over the unit digests."""
     if work_unit < 1:
         raise CacheError(f"work unit (sequences per shard) must be >= 1, got {work_unit}")
-    units, whole = [], hashlib.sha256()
-    for number, start in enumerate(range(0, len(examples), work_unit)):
-        chunk = examples[start:start + work_unit]
-        h = hashlib.sha256()
-        for ex in chunk:
-            sequence_digest(h, int(ex.record_index), ex.task, ex.input_ids, ex.loss_mask)
-        digest = h.hexdigest()
-        whole.update(digest.encode())
-        units.append(Unit(number, tuple(int(ex.record_index) for ex in chunk), digest))
+    units = [unit_of(number, examples[start:start + work_unit])
+             for number, start in enumerate(range(0, len(examples), work_unit))]
+    whole = hashlib.sha256("".join(u.sha256 for u in units).encode())
     return units, {"count": len(examples), "sha256": whole.hexdigest()}
 
 
@@ -78,10 +74,6 @@ def receipt_file(number: int) -> str:
     return f"{UNIT_DIR}/unit-{number:05d}.json"
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -90,41 +82,46 @@ def _unlink(path: Path) -> None:
 
 
 class UnitWriter:
-    """Writes work units of one cache; `UnitWriter.open` (the coordinator, rank 0) or `.join` (other ranks).
+    """Writes work units of one cache: `open` (the coordinator, rank 0), `join` (other ranks). `units=None`:
+    units are registered as written (CacheWriter); settings hold `work_unit` (and `records` for a cut)."""
 
-    Settings must hold `records` (count, sha256) and `work_unit`; `units` must be the cut those describe.
-    """
-
-    def __init__(self, root, settings: dict, units: list[Unit], *, rank: int = 0,
+    def __init__(self, root, settings: dict, units: list[Unit] | None, *, rank: int = 0,
                  block_bytes: int = 1 << 20, max_block_sequences: int = 16):
+        refuse_url_for_writing(root)
         self.root = Path(root)
         self.settings = normalize_settings(settings)
-        if "records" not in self.settings or "work_unit" not in self.settings:
-            raise CacheError("unit cache settings need 'records' and 'work_unit'")
+        if "work_unit" not in self.settings or (units is not None and "records" not in self.settings):
+            raise CacheError("unit cache settings need 'work_unit' (and 'records' for a cut of known records)")
         self.layout = layout_of(self.settings)
-        self.units = list(units)
+        self.units = {u.number: u for u in units or []}
+        self.open_ended = units is None
         self.rank = rank
         self.block_bytes = block_bytes
         self.max_block_sequences = max_block_sequences
         self.coordinator = False
         self.manifest: dict | None = None
+        self.listed_records: list[np.ndarray] = []   # record indices of the shards listed when the cache was opened
         self.settings_sha256 = settings_digest(self.settings)
         self.warnings: list[str] = []
         self._lock: Path | None = None
 
     # --- coordinator ---------------------------------------------------------------------
     @classmethod
-    def open(cls, root, settings: dict, units: list[Unit], **kw) -> "UnitWriter":
+    def open(cls, root, settings: dict, units: list[Unit] | None, **kw) -> "UnitWriter":
         """Take the cache lock, check or create the manifest, merge the receipts of earlier runs."""
         self = cls(root, settings, units, rank=0, **kw)
+        self._coordinate()
+        return self
+
+    def _coordinate(self) -> None:
         self.coordinator = True
         try:
             (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
             (self.root / UNIT_DIR).mkdir(exist_ok=True)
         except OSError as err:
             raise CacheError(f"cache {self.root}: cannot create the folder: {err}") from None
-        self._lock = self.root / LOCK
-        acquire_lock(self._lock)
+        acquire_lock(self.root / LOCK)
+        self._lock = self.root / LOCK   # only once taken: a refused writer must not release another's lock
         try:
             for path in self.root.iterdir():   # ranks of an earlier run must be gone before anything is removed
                 m = WORKER_LOCK.match(path.name)
@@ -136,41 +133,33 @@ class UnitWriter:
             release_lock(self._lock)
             self._lock = None
             raise
-        return self
 
     def _open_manifest(self) -> None:
-        path = self.root / MANIFEST
-        existing = read_manifest(self.root) if path.exists() else None
-        if existing is not None and not existing["shards"] and "records" not in existing:
-            existing = None      # an empty cache begun by an older fastkd: nothing to keep
+        existing = read_manifest(self.root) if (self.root / MANIFEST).exists() else None
+        receipts = [p.name for p in (self.root / UNIT_DIR).iterdir() if RECEIPT_NAME.match(p.name)]
+        if existing is not None and not existing["shards"] and not receipts:
+            existing = None      # an empty cache: nothing to keep
         if existing is None:
-            strays = [p.name for p in (self.root / SHARD_DIR).iterdir() if SHARD_NAME.match(p.name)]
-            strays += [p.name for p in (self.root / UNIT_DIR).iterdir() if RECEIPT_NAME.match(p.name)]
+            strays = [p.name for p in (self.root / SHARD_DIR).iterdir() if SHARD_NAME.match(p.name)] + receipts
             if strays:  # never delete data that no manifest accounts for
                 raise CacheError(f"cache {self.root}: holds {len(strays)} shard or unit file(s) ({sorted(strays)[0]}, "
                                  f"...) but no manifest.json; restore it, or move them away to start a new cache")
-            self.manifest = {"format": FORMAT_NAME, "format_version": self.layout.format_version, "fastkd_version": _version(),
-                             "complete": False, "created": _now(), "updated": _now(), **self.settings,
-                             "shards": [], "counts": totals([]), "summary": None}
+            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                             "fastkd_version": fastkd_version(), "complete": False, "created": now(),
+                             "updated": now(), **self.settings, "shards": [], "counts": manifest_totals([]),
+                             "summary": None}
             write_manifest(self.root, self.manifest)
             return
-        if existing["format_version"] != self.layout.format_version:
-            raise CacheError(f"cache {self.root}: written with format version {existing['format_version']}, this "
-                             f"fastkd writes version {self.layout.format_version} with these settings; it can be read but not extended")
-        if "work_unit" not in existing:
-            raise CacheError(f"cache {self.root}: begun by a fastkd without work units (one writer, shards in write "
-                             f"order); finish it with one process (no torchrun), or write to a new cache folder")
-        self.settings = resume_settings(self.root, existing, self.settings)
-        self.settings_sha256 = settings_digest(self.settings)
-        by_number = {u.number: u for u in self.units}
+        resume_settings(self.root, existing, self.settings)
         for j, entry in enumerate(existing["shards"]):  # every finished unit is checked before it counts as done
-            unit = by_number.get(entry.get("unit"))
-            if unit is None or entry.get("unit_sha256") != unit.sha256:
+            unit = self.units.get(entry["unit"])
+            if not self.open_ended and (unit is None or entry["unit_sha256"] != unit.sha256):
                 raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
-                                 f"{entry.get('unit')}) was written from other records than this run's unit; resume "
+                                 f"{entry['unit']}) was written from other records than this run's unit; resume "
                                  f"with the same --data file contents, or write to a new cache folder")
-            shard = open_shard(self.root, entry, j, self.layout.format_version)
-            check_shard_matches(self.root, existing, entry, shard)
+            shard = open_shard(LocalStorage(self.root), entry, j)
+            check_shard_matches(self.root, existing, entry, shard, j)
+            self.listed_records.append(shard.record_index)
         self.manifest = existing
 
     @property
@@ -178,14 +167,11 @@ class UnitWriter:
         return {int(e["unit"]) for e in self.manifest["shards"]}
 
     def merge(self, clean: bool = True) -> int:
-        """Add every sound receipt's unit to the manifest (sorted by unit); with `clean` (no rank is
-        writing) also remove what nothing accounts for (unreceipted shards, stale receipts, temp
-        files). Returns how many units were added."""
+        """Add every sound receipt's unit to the manifest; with `clean` (no rank writing) also remove what nothing
+        accounts for (unreceipted shards, stale receipts, temp files). Returns how many units were added."""
         if not self.coordinator:
             raise CacheError(f"cache {self.root}: only the coordinating rank merges units")
-        by_number = {u.number: u for u in self.units}
-        listed = self.done_units
-        added = []
+        listed, added = self.done_units, []
         for path in sorted((self.root / UNIT_DIR).iterdir()):
             m = RECEIPT_NAME.match(path.name)
             if not m:
@@ -195,31 +181,28 @@ class UnitWriter:
             number = int(m.group(1))
             if number in listed:
                 continue
-            problem, entry = self._check_receipt(path, by_number.get(number))
-            if problem and not clean:
-                continue               # judged (and removed) by the next cleaning merge
-            if problem:
+            problem, entry = self._check_receipt(path, self.units.get(number))
+            if problem and clean:
                 self.warnings.append(f"{UNIT_DIR}/{path.name}: {problem}; unit {number} is written again")
                 _unlink(path)
                 _unlink(self.root / shard_file(number))
-                continue
-            added.append(entry)
+            elif not problem:
+                added.append(entry)    # (a problem without `clean` is judged by the next cleaning merge)
         if added:
             shards = sorted(self.manifest["shards"] + added, key=lambda e: e["unit"])
-            self.manifest["shards"] = shards
-            self.manifest["counts"] = totals(shards)
-            self.manifest["updated"] = _now()
-            write_manifest(self.root, self.manifest)
+            manifest = dict(self.manifest, shards=shards, counts=manifest_totals(shards), updated=now())
+            write_manifest(self.root, manifest)
+            self.manifest = manifest
         for e in (self.manifest["shards"] if clean else added):   # the manifest now records these units
             _unlink(self.root / receipt_file(int(e["unit"])))
-        if not clean:
-            return len(added)
-        keep = {e["file"] for e in self.manifest["shards"]}
-        for path in (self.root / SHARD_DIR).iterdir():   # killed between shard and receipt, or temp files
-            if path.name.endswith(".tmp") or (SHARD_NAME.match(path.name) and f"{SHARD_DIR}/{path.name}" not in keep):
+        if clean:
+            keep = {e["file"] for e in self.manifest["shards"]}
+            for path in (self.root / SHARD_DIR).iterdir():   # killed between shard and receipt, or temp files
+                listed = f"{SHARD_DIR}/{path.name}" in keep
+                if path.name.endswith(".tmp") or (SHARD_NAME.match(path.name) and not listed):
+                    _unlink(path)
+            for path in self.root.glob(f".{MANIFEST}.*.tmp"):
                 _unlink(path)
-        for path in self.root.glob(f".{MANIFEST}.*.tmp"):
-            _unlink(path)
         return len(added)
 
     def _check_receipt(self, path: Path, unit: Unit | None) -> tuple[str | None, dict | None]:
@@ -231,7 +214,8 @@ class UnitWriter:
             receipt = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             return f"unreadable ({err})", None
-        if not isinstance(receipt, dict) or receipt.get("format") != RECEIPT_FORMAT or seal_matches(receipt) is not True:
+        if not isinstance(receipt, dict) or receipt.get("format") != RECEIPT_FORMAT \
+                or seal_matches(receipt) is not True:
             return "not a sealed unit receipt (corrupt or cut short)", None
         if receipt.get("settings_sha256") != self.settings_sha256:
             return "written under other settings (stale)", None
@@ -240,7 +224,7 @@ class UnitWriter:
                 or entry.get("file") != shard_file(unit.number):
             return "written from other records (stale)", None
         try:
-            shard = open_shard(self.root, entry, unit.number, self.layout.format_version)
+            shard = open_shard(LocalStorage(self.root), entry, unit.number)
             check_shard_matches(self.root, self.manifest, entry, shard)
         except CacheError as err:
             return f"its shard fails its checks ({err})", None
@@ -255,14 +239,13 @@ class UnitWriter:
             if not self.coordinator:
                 return False
             self.merge()
-            complete = self.done_units == {u.number for u in self.units}
+            complete = set(self.units) <= self.done_units
             if summary is not None:
                 try:
                     self.manifest["summary"] = jsonable(summary)
                 except TypeError as err:
                     raise CacheError(f"cache {self.root}: summary: {err}") from None
-            self.manifest["complete"] = complete
-            self.manifest["updated"] = _now()
+            self.manifest.update(complete=complete, updated=now())
             write_manifest(self.root, self.manifest)
             return complete
         finally:
@@ -274,8 +257,8 @@ class UnitWriter:
         """A non-coordinating rank, after the coordinator opened the cache: takes its own rank lock."""
         self = cls(root, settings, units, rank=rank, **kw)
         self.settings_sha256 = settings_sha256
+        acquire_lock(self.root / f"{LOCK}.rank-{rank}")
         self._lock = self.root / f"{LOCK}.rank-{rank}"
-        acquire_lock(self._lock)
         return self
 
     def write_unit(self, number: int, seqs: list) -> dict:
@@ -283,7 +266,8 @@ class UnitWriter:
         unit = self.units[number]
         got = tuple(int(s.record_index) for s in seqs)
         if got != unit.records:
-            raise CacheError(f"cache {self.root}: unit {number} must hold records {unit.records[:4]}..., got {got[:4]}...")
+            raise CacheError(f"cache {self.root}: unit {number} must hold records {unit.records[:4]}..., got "
+                             f"{got[:4]}...")
         for seq in seqs:
             check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
         seqs = [_owned_copy(s) for s in seqs]
@@ -292,7 +276,7 @@ class UnitWriter:
                                  block_bytes=self.block_bytes, max_block_sequences=self.max_block_sequences)
         entry.update(unit=number, unit_sha256=unit.sha256)
         receipt = seal({"format": RECEIPT_FORMAT, "settings_sha256": self.settings_sha256, "entry": entry,
-                        "rank": self.rank, "host": socket.gethostname(), "written": _now()})
+                        "rank": self.rank, "host": socket.gethostname(), "written": now()})
         try:
             atomic_write_bytes(self.root / receipt_file(number), canonical_json(receipt) + b"\n")
         except OSError as err:   # the shard stays unreceipted: the next run removes and rewrites it

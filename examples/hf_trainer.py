@@ -28,7 +28,8 @@ def build_default(work: Path) -> tuple[Path, Path]:
     cache = work / "cache"
     if not (cache / "manifest.json").exists():
         records = write_records(work / "records.jsonl", DEMO_TASKS, n=32, seed=0)
-        cache_teacher(str(EMBEDDED_TEACHER), str(records), str(cache), k=32, max_length=512, progress=False)
+        cache_teacher(dict(teacher=str(EMBEDDED_TEACHER), data=str(records), out=str(cache), top_k=32,
+                           max_length=512, progress=False))
     student = work / "student-init"
     if not (student / "config.json").exists():
         make_student_init(EMBEDDED_TEACHER, student, seed=0)

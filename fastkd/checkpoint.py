@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import UserError
-from fastkd.integrity import file_digest, seal, seal_matches
+from fastkd.cache_tools.integrity import file_digest, seal, seal_matches
 
 if TYPE_CHECKING:  # type names only: the run's pieces import this module, not the other way round
     from torch import nn

@@ -18,10 +18,14 @@ import os
 import re
 import sys
 
+from fastkd.config import SHOWN_DEFAULT   # an action's default to show when its real one is SUPPRESS (--config wins)
+
 # (command, module, one-line help); nested groups list their own subcommands
 COMMANDS = [
-    ("generate-rationales", "fastkd.rationales", "have the teacher write n chains of thought per record, keep those reaching the target"),
-    ("cache-teacher", "fastkd.cache_stage", "run the teacher once over a dataset and cache its top-k log-probs, tail mass and hidden states"),
+    ("generate-rationales", "fastkd.rationales",
+     "have the teacher write n chains of thought per record, keep those reaching the target"),
+    ("cache-teacher", "fastkd.cache_stage",
+     "run the teacher once over a dataset and cache its top-k log-probs, tail mass and hidden states"),
     ("train", "fastkd.train", "train a student from a teacher cache (or online / SFT baselines)"),
     ("eval-bbh", "fastkd.evaluate", "score a model (or saved predictions) on BIG-Bench Hard with the published recipe"),
     ("demo", "fastkd.demo", "the whole loop on the embedded default: cache, train, evaluate, print a summary"),
@@ -36,10 +40,6 @@ GROUPS = [
         ("synth", "fastkd.synth", "generate BBH-format records with step-by-step rationales for algorithmic tasks"),
     ]),
 ]
-
-# An action may carry the default to show in its help under this attribute, when its real default
-# is argparse.SUPPRESS (fastkd train: a flag not given must stay absent so a --config file wins).
-SHOWN_DEFAULT = "shown_default"
 
 _STATES_DEFAULT = re.compile(r"\bdefault", re.IGNORECASE)
 

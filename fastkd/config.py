@@ -23,11 +23,13 @@ from pathlib import Path
 
 from fastkd.errors import UserError
 
-SHOWN_DEFAULT = "shown_default"   # the default the CLI's help formatter shows for a flag whose argparse default is SUPPRESS
+# the attribute of an argparse action holding the default its help shows (its real default is SUPPRESS)
+SHOWN_DEFAULT = "shown_default"
 
 
 def option(default, help: str, **extra):
-    """A config field: its default, its help text, and optional `choices` or `flag` (another spelling of its flag)."""
+    """A config field: its default and help text; optional `choices`, `minimum`, `required`, `metavar`, `flag`
+    (another spelling of its flag)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -61,6 +63,19 @@ def CHAT_TEMPLATE():
 class StageConfig:
     """Base of every stage's config dataclass: flags, YAML and saving, made the same way for all."""
 
+    def __post_init__(self):
+        """Each field's own rules (required, choices, minimum), however the config was built."""
+        for name, f in self.fields().items():
+            value, choices, minimum = getattr(self, name), f.metadata.get("choices"), f.metadata.get("minimum")
+            if value is None and f.metadata.get("required"):
+                raise UserError(f"give {_flag(name, f)}: {f.metadata['help']}")
+            if value is None:
+                continue
+            if choices and value not in choices:
+                raise UserError(f"option {name}: {value!r} is not one of {', '.join(map(str, choices))}")
+            if minimum is not None and isinstance(value, (int, float)) and not value >= minimum:
+                raise UserError(f"{_flag(name, f)} must be >= {minimum}, got {value}")
+
     def validate(self):
         """Cross-field checks a stage adds; returns self."""
         return self
@@ -76,15 +91,17 @@ class StageConfig:
             parser.add_argument("--config", default=argparse.SUPPRESS,
                                 help="YAML file with any of the options below; flags override it")
         for name, f in cls.fields().items():
-            flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
-            kind = _kind(f)
-            common = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+            flag, kind = _flag(name, f), _kind(f)
+            text = f.metadata["help"] + (" (required)" if f.metadata.get("required") else "")
+            common = {"dest": name, "default": argparse.SUPPRESS, "help": text}
             if kind is bool:
                 action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             elif kind in ("list[int]", "list[str]"):
-                action = parser.add_argument(flag, type=int if kind == "list[int]" else str, nargs="+", **common)
+                action = parser.add_argument(flag, type=int if kind == "list[int]" else str, nargs="+",
+                                             metavar=f.metadata.get("metavar"), **common)
             else:
-                action = parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
+                action = parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
+                                             metavar=f.metadata.get("metavar"), **common)
             setattr(action, SHOWN_DEFAULT, f.default if f.default is not dataclasses.MISSING else f.default_factory())
 
     @classmethod
@@ -133,19 +150,18 @@ class StageConfig:
 
     @classmethod
     def coerce(cls, name: str, value):
-        """A value as its field's type (YAML reads `1e-4` as a string, for one), then its choices."""
+        """A value as its field's type (YAML reads `1e-4` as a string, for one)."""
         f = cls.fields()[name]
-        kind = _kind(f)
         if value is None:
             return None
         try:
-            value = _as(kind, value)
+            return _as(_kind(f), value)
         except (TypeError, ValueError):
             raise UserError(f"option {name}: {value!r} is not a valid {_annotation(f)}") from None
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise UserError(f"option {name}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
+
+
+def _flag(name: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
 def _as(kind, value):
@@ -165,7 +181,8 @@ def _as(kind, value):
 
 def _kind(f: dataclasses.Field):
     base = _annotation(f).replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]", "list[str]": "list[str]"}[base]
+    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]",
+            "list[str]": "list[str]"}[base]
 
 
 def _annotation(f: dataclasses.Field) -> str:

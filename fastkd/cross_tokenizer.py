@@ -1,19 +1,5 @@
-"""Cross-tokenizer distillation from a teacher cache: a student whose tokenizer differs from the cache's.
-
-The cache holds teacher-tokenised sequences. `CrossTokenizerSource` wraps a CacheSource and gives each
-sequence in the student's own tokens: the teacher's prompt part and response part (loss_mask) are decoded
-with the teacher tokenizer saved in the cache (`<cache>/teacher_tokenizer/`, its files' sha256 in the sealed
-manifest) and re-tokenised with the student's (prompt as `fastkd.templates.text_prompt_ids`, response + EOS as
-`fastkd.templates.response_ids`), so the student's loss rows cover the same response text. Teacher rows per
-student loss row, by method:
-
-- `uld`: row i of the student's response gets row i of the teacher's (sorted values + tail), up to the
-  shorter; later rows get no teacher (ids -1). The loss is `fastkd.kernels.uld.uld_loss`.
-- `exact`: a student row whose next token starts at the same character offset of the response text as a
-  teacher row's gets that row, its top-k ids mapped to the student ids of identical decoded strings (teacher
-  EOS -> student EOS; duplicates merged, unmapped mass joins the tail): a sparse student-vocabulary target
-  for the existing fused loss (mode tail). Other rows: ids -1, tail 1 (KL 0, gradient 0).
-"""
+"""Cross-tokenizer distillation from a teacher cache: each cached sequence re-tokenised for a student with its own
+tokenizer, with teacher rows per student loss row by method, uld or exact (docs/library.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastkd.errors import UserError
+from fastkd.errors import UserError, user_errors
 
 TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
 METHODS = ("uld", "exact")
@@ -92,9 +78,8 @@ def with_teacher_tokenizer(settings: dict, tokenizer, out: str | Path, existing:
 
 
 def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None):
-    """The teacher tokenizer for a cache: the one saved inside it (every file checked against its sha256 in
-    the manifest before use, then its identity against the manifest's), or `given` (--teacher-tokenizer),
-    checked against the manifest's identity. None when the cache has none and none is given."""
+    """The teacher tokenizer saved in the cache (each file checked against its sha256, then its identity), or
+    `given` (--teacher-tokenizer, identity checked); None when the cache has none and none is given."""
     from fastkd.tokenizer_identity import check_tokenizer
     from fastkd.teacher import load_tokenizer
 
@@ -108,9 +93,10 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
         return None
     field = "manifest.json field 'teacher_tokenizer'"
     files = entry.get("files") if isinstance(entry, dict) else None
-    if not isinstance(entry, dict) or entry.get("dir") != TEACHER_TOKENIZER_DIR or not isinstance(files, dict) or not files \
-            or not all(isinstance(n, str) and _FILE_NAME.match(n) and isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
-                       for n, d in files.items()):
+    well_formed = isinstance(files, dict) and files and all(
+        isinstance(n, str) and _FILE_NAME.match(n) and isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
+        for n, d in files.items())
+    if not isinstance(entry, dict) or entry.get("dir") != TEACHER_TOKENIZER_DIR or not well_formed:
         raise UserError(f"cache {cache}: {field} is malformed (expected dir {TEACHER_TOKENIZER_DIR!r} and files: "
                         f"name -> sha256); re-create the cache with `fastkd cache-teacher`")
     from fastkd.cache_tools.storage import open_storage
@@ -121,7 +107,7 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
             where = f"{TEACHER_TOKENIZER_DIR}/{name}"
             try:
                 data = storage.read_bytes(where)
-            except (OSError, UserError) as err:
+            except (OSError, *user_errors()) as err:
                 raise UserError(f"cache {cache}: cannot read {where} ({str(err).splitlines()[0]}), listed in {field}; "
                                 f"restore the folder or re-create the cache") from None
             if _sha256(data) != digest:
@@ -157,7 +143,8 @@ def vocab_map(teacher_tok, student_tok) -> np.ndarray:
     for sid, s in enumerate(token_strings(student_tok)):
         if s is not None and s not in by_string:
             by_string[s] = sid
-    mapped = np.array([by_string.get(s, -1) if s is not None else -1 for s in token_strings(teacher_tok)], dtype=np.int64)
+    strings = token_strings(teacher_tok)
+    mapped = np.array([by_string.get(s, -1) if s is not None else -1 for s in strings], dtype=np.int64)
     if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
         mapped[teacher_tok.eos_token_id] = student_tok.eos_token_id
     return mapped
@@ -192,9 +179,8 @@ class Retokenized:
 
 
 def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int | None = None) -> Retokenized:
-    """Decode the teacher's prompt and response parts and tokenise each with the student tokenizer (prompt
-    with the student's BOS where it adds one; response + EOS as fastkd.templates.response_ids); the response end
-    is cut at max_length like fastkd.templates.build_example."""
+    """The teacher's prompt and response parts decoded and tokenised with the student tokenizer (as fastkd.templates
+    builds them: prompt with its BOS, response + EOS), the response end cut at max_length like build_example."""
     from fastkd.templates import text_prompt_ids
 
     ids = [int(x) for x in np.asarray(input_ids)]
@@ -234,9 +220,8 @@ def uld_rows(topk_ids, topk_logprobs, tail, n_student: int):
 
 def exact_rows(teacher_offsets: np.ndarray, student_offsets: np.ndarray, topk_ids, topk_logprobs, tail,
                id_map: np.ndarray, width: int):
-    """Student row j gets teacher row i where both next tokens start at the same offset (>= 0, unique on both
-    sides): teacher ids mapped through id_map, repeats merged, unmapped mass (and what does not fit `width`
-    slots) added to the tail. Other rows: ids -1, log-prob -inf, tail 1."""
+    """Student row j gets teacher row i where both next tokens start at the same unique offset, ids mapped through
+    id_map, repeats merged, unmapped mass (or beyond `width` slots) in the tail; other rows: ids -1, tail 1."""
     n_s = len(student_offsets)
     ids = np.full((n_s, width), -1, dtype=np.int64)
     lp = np.full((n_s, width), -np.inf, dtype=np.float32)

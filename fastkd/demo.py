@@ -18,28 +18,50 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.errors import UserError
-from fastkd.paths import BBH_DIR_LOOKUP, EMBEDDED_TEACHER, resolve_model
+from fastkd.config import SEED, StageConfig, option
+from fastkd.paths import BBH_DIR_LOOKUP, EMBEDDED_TEACHER, resolve_model  # noqa: F401 - the benchmarks use it
 from fastkd.tiny import STUDENT_SHAPE, make_student_init  # noqa: F401 - the benchmarks build their students with these
 
 DEMO_TASKS = ["boolean_expressions", "navigate", "web_of_lies", "tracking_shuffled_objects_three_objects"]
 
 
-@dataclass(frozen=True)
-class DemoSize:
-    """How much work one demo run does."""
-
-    records_per_task: int = field(metadata={"help": "synthetic training records per task"})
-    steps: int = field(metadata={"help": "optimizer steps per student (its training time grows in proportion)"})
-    eval_items_per_task: int = field(metadata={"help": "real BBH items scored per task (the first ones)"})
-    max_new_tokens: int = field(metadata={"help": "generation budget per BBH item"})
+# how much work one run does: the full demo and --quick's
+SIZES = {"full": dict(records_per_task=1000, steps=800, eval_items_per_task=100, max_new_tokens=400),
+         "quick": dict(records_per_task=150, steps=160, eval_items_per_task=20, max_new_tokens=400)}
 
 
-FULL = DemoSize(records_per_task=1000, steps=800, eval_items_per_task=100, max_new_tokens=400)
-QUICK = DemoSize(records_per_task=150, steps=160, eval_items_per_task=20, max_new_tokens=400)
+def _size(name: str, what: str):
+    full, quick = SIZES["full"][name], SIZES["quick"][name]
+    return option(None, f"{what} (default: {full}, with --quick {quick})", minimum=1, metavar="N")
+
+
+@dataclass
+class DemoConfig(StageConfig):
+    """Every option of `fastkd demo`; a size field left unset takes --quick's or the full run's value."""
+
+    out: str = option("runs/demo", "work folder: records, caches, students, BBH runs, summary.json")
+    quick: bool = option(False, "a smaller run (about 3 minutes): fewer records, steps and BBH items")
+    teacher: str = option("embedded", "teacher: a model folder or hub id; 'embedded' is the 2.3M-parameter teacher "
+                                      "shipped with fastkd")
+    seed: int = SEED("records, student initialisation and data order")
+    bbh_dir: str | None = option(None, f"BIG-Bench Hard folder (default: {BBH_DIR_LOOKUP})")
+    threads: int = option(0, "torch CPU threads (0: torch's default, one per core, the fastest on an idle machine; 1 "
+                             "is faster when the cores are busy)", minimum=0)
+    records_per_task: int | None = _size("records_per_task", "synthetic training records per task")
+    steps: int | None = _size("steps", "optimizer steps per student (its training time grows in proportion)")
+    eval_items_per_task: int | None = _size("eval_items_per_task", "real BBH items scored per task (the first ones)")
+    max_new_tokens: int | None = _size("max_new_tokens", "generation budget per BBH item")
+
+    def validate(self) -> "DemoConfig":
+        for name, value in SIZES["quick" if self.quick else "full"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
+
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
 # the synthetic test split: generated items no teacher or student trains on (build_teacher.py,
@@ -55,7 +77,8 @@ def held_out_size(task: str, n: int | None = None) -> int:
     return default if n is None else min(n, default)
 
 
-def write_held_out(folder: Path, tasks: list[str], n: int | None = None, seed: int = HELD_OUT_SEED) -> dict[str, list[str]]:
+def write_held_out(folder: Path, tasks: list[str], n: int | None = None,
+                   seed: int = HELD_OUT_SEED) -> dict[str, list[str]]:
     """Generated test items (BBH inputs rejected) written in BBH's own layout, `<folder>/<task>.json`,
     so `eval-bbh --bbh-dir folder` scores them as is; returns their inputs per task. `n` caps the
     count per task; the default split is what build_teacher.py keeps out of the teacher's records."""
@@ -64,7 +87,8 @@ def write_held_out(folder: Path, tasks: list[str], n: int | None = None, seed: i
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {}
     for task in tasks:
-        items = [{"input": r["source"], "target": r["target"]} for r in synth.generate(task, held_out_size(task, n), seed=seed)]
+        items = [{"input": r["source"], "target": r["target"]}
+                 for r in synth.generate(task, held_out_size(task, n), seed=seed)]
         tmp = folder / f".{task}.json.tmp"
         tmp.write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
         os.replace(tmp, folder / f"{task}.json")
@@ -88,12 +112,13 @@ def write_records(path: Path, tasks: list[str], n: int, seed: int, granularity: 
     return path
 
 
-def student_runs(work: Path, records: Path, init: Path, size: DemoSize, seed: int) -> dict[str, dict]:
+def student_runs(work: Path, records: Path, init: Path, config: DemoConfig) -> dict[str, dict]:
     """The three students' training configs, identical but for the signal they learn from."""
-    common = dict(student=str(init), max_steps=size.steps, batch_size=16, lr=3e-3, warmup_steps=max(size.steps // 10, 1),
-                  schedule="cosine", seed=seed, eval_sequences=min(32, size.records_per_task * len(DEMO_TASKS) // 4), group_batches=1, log_every=10, progress=True, tensorboard=False,
-                  max_length=512,
-                  overwrite=True)   # the demo's folder is its own: a second run retrains its students (the caches are reused)
+    common = dict(student=str(init), max_steps=config.steps, batch_size=16, lr=3e-3, schedule="cosine",
+                  warmup_steps=max(config.steps // 10, 1), seed=config.seed, group_batches=1, log_every=10,
+                  eval_sequences=min(32, config.records_per_task * len(DEMO_TASKS) // 4), progress=True,
+                  tensorboard=False, max_length=512,
+                  overwrite=True)   # the demo's folder is its own: a second run retrains its students (caches reused)
     return {
         "SFT": dict(common, data=str(records), kl_weight=0.0, out=str(work / "student-sft")),
         "KD": dict(common, cache=str(work / "cache-answers"), out=str(work / "student-kd")),
@@ -114,15 +139,17 @@ def reuse_caches(work: Path, settings: dict) -> None:
     stamp.write_text(json.dumps(settings))
 
 
-def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str | None = None, seed: int = 0,
-             bbh_dir: str | None = None, size: DemoSize | None = None) -> dict:
+def demo(config: DemoConfig) -> dict:
+    """The whole loop; returns the summary it also writes to <out>/summary.json."""
     from fastkd.cache_stage import cache_teacher
-    from fastkd.cli import main as cli
     from fastkd.trainer import train
 
-    size = size or (QUICK if quick else FULL)
-    teacher_dir = Path(resolve_model(teacher or "embedded", "--teacher"))
-    work = Path(out)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    teacher_dir = Path(resolve_model(config.teacher, "--teacher"))
+    work = Path(config.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = {}
@@ -130,45 +157,32 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
 
-    print(f"[1/4] records: {size.records_per_task} per task for {', '.join(DEMO_TASKS)}")
-    records = write_records(work / "records.jsonl", DEMO_TASKS, size.records_per_task, seed)
-    reuse_caches(work, {"records_per_task": size.records_per_task, "seed": seed, "teacher": str(teacher_dir)})
+    print(f"[1/4] records: {config.records_per_task} per task for {', '.join(DEMO_TASKS)}")
+    records = write_records(work / "records.jsonl", DEMO_TASKS, config.records_per_task, config.seed)
+    reuse_caches(work, {"records_per_task": config.records_per_task, "seed": config.seed, "teacher": str(teacher_dir)})
     lap("records")
     print("[2/4] caching the teacher (with rationales, then answers only)")
     for name, cot in (("cache-cot", True), ("cache-answers", False)):
-        cache_teacher(str(teacher_dir), str(records), str(work / name), k=64, cot=cot, batch_size=16, max_length=512,
-                      sequences_per_shard=128)
+        cache_teacher(dict(teacher=str(teacher_dir), data=str(records), out=str(work / name), top_k=64, cot=cot,
+                           batch_size=16, max_length=512, sequences_per_shard=128))
     lap("cache")
     print("[3/4] training three students: SFT, KD, KD+CoT")
-    init = make_student_init(teacher_dir, work / "student-init", seed)
+    init = make_student_init(teacher_dir, work / "student-init", config.seed)
     trained = {}
-    for name, config in student_runs(work, records, init, size, seed).items():
+    for name, run_config in student_runs(work, records, init, config).items():
         print(f"  -- {name}")
-        trained[name] = train(config)
+        trained[name] = train(run_config)
         print(trained[name].summary())
     lap("train")
-    print(f"[4/4] scoring on real BIG-Bench Hard items ({size.eval_items_per_task} per task)")
-    runs = []
+    print(f"[4/4] scoring on real BIG-Bench Hard items ({config.eval_items_per_task} per task)")
     scored = [("teacher-CoT", teacher_dir, "trained"), ("teacher-direct", teacher_dir, "trained-direct")]
-    scored += [(n, r.final_dir, PROMPT_FORMAT[n]) for n, r in trained.items()]
-    for name, model, fmt in scored:
-        run_dir = work / "bbh" / name.lower().replace("+", "-")
-        argv = ["eval-bbh", "--model", str(model), "--prompt-format", fmt, "--tasks", ",".join(DEMO_TASKS),
-                "--limit", str(size.eval_items_per_task), "--max-new-tokens", str(size.max_new_tokens),
-                "--batch-size", "32", "--out", str(run_dir), "--name", name]
-        if bbh_dir:
-            argv += ["--bbh-dir", bbh_dir]
-        if cli(argv) != 0:
-            raise UserError(f"eval-bbh failed for {name}")
-        runs.append(str(run_dir))
+    runs = score_models(work, scored + [(n, r.final_dir, PROMPT_FORMAT[n]) for n, r in trained.items()], config)
     lap("eval")
-    print("\nBBH accuracy (strict), against SFT:")
-    cli(["eval-bbh", "--compare", *runs[2:], *runs[:2]])
-    plot_comparison(runs, work / "comparison.png")
-    summary = {"work": str(work), "seconds": timings, "students": {n: {"before": r.before, "after": r.after} for n, r in trained.items()},
-               "runs": runs}
+    summary = {"work": str(work), "seconds": timings,
+               "students": {n: {"before": r.before, "after": r.after} for n, r in trained.items()}, "runs": list(runs)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print("\nheld-out KL to the teacher / CE, before -> after training:")
+
     def change(r, key: str) -> str:   # SFT has no teacher, so no KL
         return f"{r.before[key]:.3f} -> {r.after[key]:.3f}" if key in r.before and key in r.after else "-"
 
@@ -178,55 +192,31 @@ def demo_loop(out: str | Path = "runs/demo", quick: bool = False, teacher: str |
     return summary
 
 
-def plot_comparison(runs: list[str], path: Path) -> None:
-    """One bar group per task, one bar per model (strict accuracy)."""
-    import matplotlib
+def score_models(work: Path, models: list[tuple[str, Path, str]], config: DemoConfig) -> dict[str, dict]:
+    """eval-bbh on the demo's tasks for each (name, model, prompt format) into <work>/bbh/; prints the table
+    against the first student and draws <work>/comparison.png; returns {run folder: results}."""
+    from fastkd.bbh_results import plot_scores
+    from fastkd.evaluate import EvalConfig, compare_runs, evaluate_bbh, summary_line
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = [json.loads((Path(r) / "results.json").read_text()) for r in runs]
-    tasks = list(results[0]["tasks"])
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(2.2 * len(tasks) + 2, 4))
-    for i, res in enumerate(results):
-        ax.bar([t + i * width for t in range(len(tasks))], [res["tasks"][t]["strict"] for t in tasks], width, label=res["name"])
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [t.replace("_", "\n", 1) for t in tasks], fontsize=8)
-    ax.set_ylabel("strict accuracy (%)")
-    ax.set_title("real BBH items, trained prompt format")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    runs = {}
+    for name, model, fmt in models:
+        run = EvalConfig.make(overrides=dict(
+            model=str(model), prompt_format=fmt, tasks=",".join(DEMO_TASKS), limit=config.eval_items_per_task,
+            max_new_tokens=config.max_new_tokens, batch_size=32, out=str(work / "bbh" / name.lower().replace("+", "-")),
+            name=name, bbh_dir=config.bbh_dir))
+        runs[run.out] = evaluate_bbh(run)
+        print(summary_line(runs[run.out], run.out))
+    results = list(runs.values())
+    print("\nBBH accuracy (strict), against SFT:")
+    print(compare_runs(results[2:] + results[:2]))
+    plot_scores(results, work / "comparison.png", "real BBH items, trained prompt format")
+    return runs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes): fewer records, steps and BBH items")
-    p.add_argument("--out", default="runs/demo", help="work folder: records, caches, students, BBH runs, summary.json")
-    p.add_argument("--teacher", default="embedded", help="teacher: a model folder or hub id; 'embedded' is the "
-                                                          "2.3M-parameter teacher shipped with fastkd")
-    p.add_argument("--seed", type=int, default=0, help="seed for records, student initialisation and data order")
-    p.add_argument("--bbh-dir", default=None, help=f"BIG-Bench Hard folder (default: {BBH_DIR_LOOKUP})")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core, the "
-                                                          "fastest on an idle machine; 1 is faster when the cores are busy)")
-    for f in fields(DemoSize):  # each size field can be set on its own, over --quick or the full default
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int, default=None, metavar="N",
-                       help=f"{f.metadata['help']} (default: {getattr(FULL, f.name)}, with --quick {getattr(QUICK, f.name)})")
+    DemoConfig.add_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    size = QUICK if args.quick else FULL
-    for f in fields(DemoSize):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            if value < 1:
-                raise UserError(f"--{f.name.replace('_', '-')} must be at least 1, not {value}")
-            size = replace(size, **{f.name: value})
-    if args.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or more, not {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    demo_loop(args.out, args.quick, args.teacher, args.seed, args.bbh_dir, size=size)
+    demo(DemoConfig.from_args(args))
     return 0

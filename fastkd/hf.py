@@ -1,7 +1,5 @@
-"""fastkd in other training loops: a cache as a torch Dataset / IterableDataset, a collator that pads
-the teacher targets beside input_ids/labels, and a `transformers.Trainer` subclass whose compute_loss
-is fastkd's (the same StudentWithLoss `fastkd train` runs). See docs/library.md and examples/.
-"""
+"""fastkd in other training loops: the cache as a torch Dataset / IterableDataset, a collator, and a
+`transformers.Trainer` whose compute_loss is the StudentWithLoss `fastkd train` runs (docs/library.md)."""
 
 from __future__ import annotations
 
@@ -15,13 +13,7 @@ from fastkd.errors import UserError
 from fastkd.loader import CacheSource, collate, epoch_plan
 from fastkd.student import StudentWithLoss, batch_inputs, causal_lm
 from fastkd.train_config import TrainConfig
-
-
-def check_cache_tokenizer(manifest: dict, tokenizer, path: str) -> None:
-    """Refuse a student tokenizer that tokenises differently from the one the cache was made with."""
-    from fastkd.tokenizer_identity import check_tokenizer
-
-    check_tokenizer(manifest.get("tokenizer", {}), tokenizer, f"cache {path}")
+from fastkd.train_data import check_cache_tokenizer
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -33,7 +25,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self.source = CacheSource(path, layers=layers, verify=verify, cached_blocks=cached_blocks)
         self.manifest = self.source.manifest
         if tokenizer is not None:  # the cache's ids must mean what the student's tokenizer means
-            check_cache_tokenizer(self.manifest, tokenizer, path)
+            check_cache_tokenizer(self.manifest, tokenizer, f"cache {path}")
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "CacheDataset":
@@ -48,16 +40,15 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 class CacheIterableDataset(torch.utils.data.IterableDataset):
-    """A cache streamed in a seeded, block-local order (shuffle buffer over cache blocks, as `fastkd train`
-    reads it), each sequence to one (rank, worker) only, resumable from a position without re-reading:
-    `state_dict()` after n items consumed gives the place to continue (`load_state_dict`, or start=)."""
+    """A cache streamed in `fastkd train`'s seeded block-local order, each sequence to one (rank, worker), resumable
+    without re-reading: `state_dict(consumed)` is where to continue (`load_state_dict`, or start=)."""
 
     def __init__(self, path: str, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  epoch: int = 0, start: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  layers: list[int] | None = None, verify: bool = True, tokenizer=None):
         self.source = CacheSource(path, layers=layers, verify=verify)
         if tokenizer is not None:
-            check_cache_tokenizer(self.source.manifest, tokenizer, path)
+            check_cache_tokenizer(self.source.manifest, tokenizer, f"cache {path}")
         self.seed, self.epoch, self.start = seed, epoch, start
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         if rank is None or world_size is None:
@@ -106,9 +97,8 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
 
 @dataclass
 class DistillCollator:
-    """Cached sequences -> the keyword arguments of fastkd's loss module: input_ids, attention_mask,
-    labels (-100 off the response), the teacher's top-k ids/log-probs/tail for the loss rows in
-    row-major order, counts (sampled caches), teacher_hidden (for `teacher_layers`) and loss_index."""
+    """Cached sequences -> StudentWithLoss's keyword arguments: input_ids, attention_mask, labels (-100 off the
+    response), the teacher's rows in row-major order of the loss rows, teacher_hidden and loss_index."""
 
     pad_token_id: int
     teacher_layers: tuple[int, ...] = ()
@@ -130,10 +120,8 @@ def loss_settings(**overrides) -> TrainConfig:
 
 
 class DistillTrainer(Trainer):
-    """`transformers.Trainer` whose loss is fastkd's CE + sparse KL (+ hidden MSE) from cached teacher
-    targets. Give it a CacheDataset/CacheIterableDataset and a DistillCollator; `fastkd_config` holds the
-    loss options (see `loss_settings`). The mean is over the micro-batch's loss rows, as `fastkd train`
-    with --grad-accum 1. Under DDP the forward runs through the Trainer's wrapper so gradients sync."""
+    """`transformers.Trainer` with fastkd's loss from a CacheDataset and a DistillCollator (`fastkd_config`: the
+    loss options, see `loss_settings`); the mean is over the micro-batch's loss rows (docs/library.md)."""
 
     def __init__(self, *args, fastkd_config: TrainConfig | dict | None = None, vocab_size: int | None = None,
                  **kwargs):

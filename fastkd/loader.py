@@ -1,54 +1,30 @@
-"""Sequences (from a teacher cache or from records) -> shuffled, length-grouped, padded batches.
-
-One data module for training and evaluation: a *source* gives sequences by position (a cache
-reader, or records tokenised with fastkd.templates), `epoch_plan` decides which positions go into
-which global batch for an epoch (seeded: order of cache blocks, a shuffle buffer, length
-groups), and `BatchStream` (a torch IterableDataset) turns the plan into padded `Batch`es in
-DataLoader worker processes, each rank taking its own disjoint slice of every global batch.
-"""
+"""Sequences of a source (a teacher cache, or records: train_data.RecordSource) -> seeded epoch plans of
+global batches -> padded `Batch`es built in DataLoader workers, each rank taking its slice of every batch."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastkd.batching import labels_from_mask, pad_batch
-from fastkd.errors import UserError
+from fastkd.errors import UserError, user_errors
 
 IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- sources
 
-@dataclass
-class RecordSequence:
-    """A tokenised record without a teacher signal (SFT, online KD)."""
-
-    record_index: int
-    task: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    cot: bool = True
-
-
 class CacheSource:
-    """Sequences of a teacher cache, read through fastkd.cache_tools.CacheReader.
-
-    `shards` are the cache's compressed blocks (the unit the plan shuffles first, so reads stay
-    local); recently decoded blocks are kept in a small LRU so a shuffle buffer spanning a few
-    blocks decodes each block about once per epoch. `layers=[]` skips decoding hidden states.
-    The reader is opened lazily so the source pickles into DataLoader workers. verify=True (the
-    default) checks every block against its digests before decoding it (see CacheReader).
-    """
+    """Sequences of a teacher cache (fastkd.cache_tools.CacheReader, opened lazily so it pickles into workers);
+    `shards` are its blocks, decoded ones kept in a small LRU; `layers=[]` skips the hidden states."""
 
     has_teacher = True
 
-    def __init__(self, path: str | Path, *, layers: list[int] | None = None, cached_blocks: int = 8,
+    def __init__(self, path, *, layers: list[int] | None = None, cached_blocks: int = 8,
                  verify: bool = True):
         self.path = str(path)
         self.layers = layers
@@ -94,10 +70,10 @@ class CacheSource:
 
 
     def expect(self, positions) -> None:
-        """The positions about to be read, in order (an iterable, consumed only by a reader of a URL, which
-        fetches their blocks ahead; a folder's reader needs no notice)."""
+        """The positions about to be read, in order (an iterable, consumed only by a reader with a read-ahead
+        budget, a URL's by default, which fetches their blocks ahead)."""
         reader = self.reader
-        if not getattr(reader, "remote", False):
+        if not reader.read_ahead.budget:
             return
         order, seen = [], set()
         for position in positions:
@@ -114,67 +90,13 @@ class CacheSource:
         return positions.astype(np.int64), [message for _, message in bad]
 
 
-class RecordSource:
-    """Records tokenised with fastkd.templates.build_example: one more data source beside the cache.
-
-    A record with `"cot": false` is built with Template(cot=False), every other one with the
-    template given (CoT by default), so CoT and answer-only records can be mixed in one file.
-    """
-
-    has_teacher = False
-    manifest = None
-
-    def __init__(self, data: str | Path, tokenizer, *, cot: bool = True, chat: bool = False,
-                 max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
-                 split: str = "train"):
-        from fastkd.templates import BuildReport, Template, build_examples
-        from fastkd.records import FieldMap
-
-        self.path = str(data)
-        self.report = BuildReport()
-        examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat), FieldMap(), max_length, overflow,
-                                  skip_bad, split, self.report)
-        self.sequences: list[RecordSequence] = [
-            RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
-                           np.asarray(ex.loss_mask, dtype=np.uint8), ex.cot) for ex in examples]
-        if not self.sequences:
-            raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
-        self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)
-        # records sit in memory, so each is its own shard: an epoch is a full permutation (files are
-        # often sorted by task, and a streaming shuffle buffer would train on one task at a time)
-        self.shards = list(np.arange(len(self.sequences), dtype=np.int64).reshape(-1, 1))
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def __getitem__(self, position: int):
-        return self.sequences[int(position)]
-
-
-def split_holdout(num: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train positions, held-out positions): `holdout` positions chosen with a seeded draw."""
-    if holdout < 0 or holdout >= num:
-        raise UserError(f"--eval-sequences {holdout}: must be between 0 and {num - 1} (the source holds {num} sequences)")
-    rng = np.random.default_rng([seed, 0xE7A1])
-    held = np.sort(rng.choice(num, size=holdout, replace=False)) if holdout else np.zeros(0, dtype=np.int64)
-    keep = np.ones(num, dtype=bool)
-    keep[held] = False
-    return np.flatnonzero(keep), held
-
-
 # ----------------------------------------------------------------------------- the plan
 
 def epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], global_batch: int, *, seed: int, epoch: int,
                shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
                allowed: np.ndarray | None = None) -> list[np.ndarray]:
-    """Global batches (arrays of source positions) for one epoch, a pure function of its inputs.
-
-    `shards` are runs of consecutive positions (a cache's compressed blocks): their order is
-    shuffled per epoch, then positions stream through a seeded shuffle buffer (reads stay local
-    to a few blocks at a time); each window of `group_batches` batches is sorted by
-    length and cut into batches (little padding), and the batches of a window are shuffled.
-    Without shuffle: cache order, length-grouped windows, no shuffling (evaluation).
-    """
+    """One epoch's global batches (arrays of positions), seeded: shards in shuffled order through a shuffle buffer,
+    windows of `group_batches` batches sorted by length, batches shuffled (without shuffle: cache order)."""
     rng = np.random.default_rng([seed, epoch])
     keep = None
     if allowed is not None:
@@ -285,7 +207,8 @@ def collate(sequences: list, pad_id: int) -> Batch:
             raise UserError(f"cache record {s.record_index}: {len(s.topk_ids)} teacher rows but {predicts} "
                             f"predictable loss positions (field topk_ids); the cache is inconsistent")
     batch.topk_ids = torch.from_numpy(np.concatenate([np.asarray(s.topk_ids, dtype=np.int64) for s in sequences]))
-    batch.topk_logprobs = torch.from_numpy(np.concatenate([np.asarray(s.topk_logprobs, dtype=np.float32) for s in sequences]))
+    batch.topk_logprobs = torch.from_numpy(np.concatenate([np.asarray(s.topk_logprobs, dtype=np.float32)
+                                                           for s in sequences]))
     batch.tail = torch.from_numpy(np.concatenate([np.asarray(s.tail, dtype=np.float32) for s in sequences]))
     if sequences[0].counts is not None:
         batch.counts = torch.from_numpy(np.concatenate([np.asarray(s.counts, dtype=np.int32) for s in sequences]))
@@ -296,14 +219,8 @@ def collate(sequences: list, pad_id: int) -> Batch:
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """This rank's steps, epoch after epoch, from (epoch, start): items are (epoch, position after
-    the step, [micro-batches]). `plans(epoch)` gives the epoch's global batches (one per step).
-
-    A global batch is split into `world` contiguous rank shares and each share into `accum`
-    micro-batches, so a step sees the same sequences whatever the process count or accumulation.
-    With DataLoader workers, worker w builds items w, w+W, ... and the DataLoader reads workers
-    round-robin, so the order is the plan's whatever the worker count; workers live for the run.
-    """
+    """This rank's steps from (epoch, start) as (epoch, position after, [micro-batches]): its share of each global
+    batch cut into `accum` micro-batches; worker w builds items w, w+W, ... (the plan's order for any W)."""
 
     def __init__(self, source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1,
                  epoch: int = 0, start: int = 0, epochs: int | None = None):
@@ -330,7 +247,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                     try:
                         micro = [collate([self.source[p] for p in part], self.pad_id)
                                  for part in np.array_split(mine, self.accum) if len(part)]
-                    except UserError as err:  # crosses the worker boundary as a message, not a traceback
+                    except user_errors() as err:  # crosses the worker boundary as a message, not a traceback
                         yield StreamFailure(err)
                         return
                     yield epoch, index + 1, micro
@@ -340,20 +257,16 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 @dataclass
 class StreamFailure:
-    """A UserError raised while building a batch (e.g. a corrupt cache block), carried out of a
+    """A user-facing error raised while building a batch (e.g. a corrupt cache block), carried out of a
     DataLoader worker so the main process raises it with its own message, not a worker traceback."""
 
-    error: UserError
+    error: Exception
 
 
 @dataclass
 class Loader:
-    """A DataLoader whose iteration raises the error a StreamFailure carries (with its message).
-
-    prefetch > 0: a background thread builds up to `prefetch` items ahead into a bounded queue
-    (decoding, collation and pinning leave the training thread); items keep their plan order and
-    their (epoch, position), so a resume is exact whatever was read ahead.
-    """
+    """A DataLoader raising the error a StreamFailure carries; prefetch > 0 builds that many items ahead in a
+    thread (read_ahead), in plan order with their (epoch, position), so a resume is exact."""
 
     dataloader: torch.utils.data.DataLoader
     prefetch: int = 0
@@ -372,11 +285,8 @@ _END = object()
 
 
 def read_ahead(items, depth: int):
-    """Iterate `items` in a daemon thread, at most `depth` items ahead of the consumer.
-
-    An exception in the thread is raised in the consumer (the same object, so a UserError keeps its
-    message); closing the consumer (or dropping it) stops the thread at its next item.
-    """
+    """Iterate `items` in a daemon thread at most `depth` items ahead; its exception is raised in the consumer (the
+    same object), and closing the consumer stops the thread at its next item."""
     slots: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
     stop = threading.Event()
 
@@ -424,9 +334,8 @@ def read_ahead(items, depth: int):
 def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
                 start: int = 0, epochs: int | None = None, num_workers: int = 0,
                 pin_memory: bool = False, prefetch: int = 0) -> Loader:
-    """A DataLoader over `BatchStream` (batches are built in the dataset, so batch_size=None).
-    `plans` is a picklable callable epoch -> list of global batches (see `PlanMaker`) or a fixed list.
-    prefetch > 0 builds that many steps ahead in a background thread (see Loader)."""
+    """A DataLoader over `BatchStream`; `plans`: a picklable epoch -> global batches (PlanMaker) or a fixed list;
+    prefetch > 0 builds that many steps ahead in a background thread (Loader)."""
     if isinstance(plans, list):
         plans = FixedPlan(plans)
     stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,

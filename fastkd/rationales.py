@@ -18,46 +18,50 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageConfig, option
 from fastkd.errors import UserError
 
 LOG_SUFFIX = ".provenance.jsonl"
 
 
-@dataclass(frozen=True)
-class RationaleSettings:
-    """What decides the samples: a resume with other settings is refused."""
+@dataclass
+class RationalesConfig(StageConfig):
+    """Every option of `fastkd generate-rationales`."""
 
-    teacher: str
-    data_sha256: str
-    n: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 256
-    seed: int = 0
-    chat: bool = False
-    backend: str = "hf"
-
-
-def data_digest(data: str) -> str:
-    """sha256 of the records file."""
-    from fastkd.integrity import file_digest
-
-    path = Path(data)
-    if not path.exists():
-        raise UserError(f"--data {data}: no such file")
-    return file_digest(path)[0]
+    teacher: str | None = option(None, "teacher model folder or hub id (writes the rationales)", required=True)
+    data: str | None = option(None, "records with source and target (.jsonl/.json/.parquet); a rationale field, if "
+                                    "any, is ignored", required=True)
+    out: str | None = option(None, "records file to write (JSONL): one line per kept rationale", required=True)
+    n: int = option(4, "rationales sampled per record", minimum=1)
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(0.95, "nucleus sampling mass")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = off)", minimum=0)
+    max_new_tokens: int = option(256, "longest rationale in tokens", minimum=1)
+    batch_size: int = option(8, "sequences generated together (HF backend)", minimum=1)
+    seed: int = SEED("every sample's generator")
+    chat_template: bool = CHAT_TEMPLATE()
+    backend: str = option("hf", "hf: transformers with the KV cache; vllm: the vLLM engine (pip install vllm)",
+                          choices=["hf", "vllm"])
+    device: str = DEVICE()
+    dtype: str = DTYPE("teacher")
+    skip_bad: bool = option(False, "skip (and count) malformed records instead of stopping")
+    progress: bool = PROGRESS()
 
 
-def vllm_engine(teacher: str, dtype: str, max_new_tokens: int):
-    """A vLLM engine for sampling rationales, or a clear error saying how to install vllm."""
-    from fastkd.teacher_vllm import require_vllm
+SAMPLE_SETTINGS = ("teacher", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "backend")
 
-    vllm = require_vllm()
-    return vllm.LLM(model=teacher, dtype=dtype, seed=0)
+
+def log_settings(config: RationalesConfig) -> dict:
+    """What decides the samples (with the records' sha256), the log's first line: a resume with others is refused."""
+    from fastkd.cache_tools.integrity import file_digest
+
+    if not Path(config.data).exists():
+        raise UserError(f"--data {config.data}: no such file")
+    return {**{name: getattr(config, name) for name in SAMPLE_SETTINGS}, "chat": config.chat_template,
+            "data_sha256": file_digest(Path(config.data))[0]}
 
 
 def sample_seed(seed: int, record_index: int, sample: int) -> int:
@@ -83,7 +87,7 @@ def judge(generation: str, target: str, finish: str) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------- the resumable log
 
-def read_log(path: Path, settings: RationaleSettings) -> dict[tuple[int, int], dict]:
+def read_log(path: Path, settings: dict) -> dict[tuple[int, int], dict]:
     """Samples already done, by (record index, sample); a partial last line (a kill mid-write) is dropped,
     and a log made with other settings is refused."""
     if not path.exists():
@@ -107,8 +111,8 @@ def read_log(path: Path, settings: RationaleSettings) -> dict[tuple[int, int], d
                 raise UserError(f"{path}: line 1 holds no settings; not a fastkd provenance log")
             continue
         done[(int(entry["record_index"]), int(entry["sample"]))] = entry
-    if header != asdict(settings):
-        diffs = [f"{k}: log {header.get(k)!r}, now {v!r}" for k, v in asdict(settings).items() if header.get(k) != v]
+    if header != settings:
+        diffs = [f"{k}: log {header.get(k)!r}, now {v!r}" for k, v in settings.items() if header.get(k) != v]
         raise UserError(f"{path}: made with other settings ({'; '.join(diffs)}); use the same ones to resume, or "
                         f"another --out")
     path.write_bytes(b"".join(raw + b"\n" for raw in complete))  # drop the partial line for good
@@ -134,98 +138,93 @@ def write_records(out: Path, done: dict[tuple[int, int], dict]) -> int:
 
 # ----------------------------------------------------------------------------- the run
 
-def generate_rationales(teacher: str, data: str, out: str, *, n: int = 4, temperature: float = 0.7,
-                        top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 256, batch_size: int = 8,
-                        seed: int = 0, chat: bool = False, device: str = "auto", dtype: str = "auto",
-                        backend: str = "hf", skip_bad: bool = False, progress: bool = True, engine=None) -> dict:
+def generate_rationales(config: RationalesConfig, engine=None) -> dict:
     """Sample, judge and log; returns the per-task summary. `engine`: a vLLM-like engine (tests, vllm)."""
-    from fastkd.records import FieldMap, read_records, validate_record
     from fastkd.templates import Template
 
-    if n < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise UserError("--n, --batch-size and --max-new-tokens must be >= 1")
-    out_path = Path(out)
+    out_path = Path(config.out)
     log_path = out_path.with_name(out_path.name + LOG_SUFFIX)
-    if out_path.resolve() == Path(data).resolve():
-        raise UserError(f"--out {out} is the input --data file; write the records somewhere else")
-    settings = RationaleSettings(teacher=str(teacher), data_sha256=data_digest(data), n=n, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
-                                 backend=backend)
+    if out_path.resolve() == Path(config.data).resolve():
+        raise UserError(f"--out {config.out} is the input --data file; write the records somewhere else")
+    settings = log_settings(config)
     done = read_log(log_path, settings)
-
-    template = Template(cot=True, chat=chat)
-    records, bad = [], 0
-    for index, raw in read_records(data):
-        try:
-            rec = validate_record(raw, index, FieldMap(), str(data), cot=False)
-        except UserError:
-            if not skip_bad:
-                raise
-            bad += 1
-            continue
-        records.append((index, rec))
-    if not records:
-        raise UserError(f"{data}: no usable records")
-    todo = [(index, rec, k) for index, rec in records for k in range(n) if (index, k) not in done]
-
+    records, bad = read_inputs(config)
+    todo = [(index, rec, k) for index, rec in records for k in range(config.n) if (index, k) not in done]
     tok = model = None
     if todo and engine is None:
-        if backend == "vllm":
-            engine = vllm_engine(teacher, dtype, max_new_tokens)
+        if config.backend == "vllm":
+            from fastkd.teacher_vllm import require_vllm
+
+            engine = require_vllm().LLM(model=config.teacher, dtype=config.dtype, seed=0)
         else:
             from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
 
-            tok = load_tokenizer(teacher)
-            model = load_causal_lm(teacher, dtype=dtype, device=str(resolve_device(device))).eval()
+            tok = load_tokenizer(config.teacher)
+            model = load_causal_lm(config.teacher, dtype=config.dtype, device=str(resolve_device(config.device))).eval()
     # inputs read and the teacher loaded: only now is anything written (a refusal leaves no empty files)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not log_path.exists():
-        append_lines(log_path, [{"settings": asdict(settings)}])
+        append_lines(log_path, [{"settings": settings}])
     write_records(out_path, done)  # the view of the log: consistent again after a kill
     from tqdm.auto import tqdm
 
-    chunk = batch_size * 4  # samples per chunk written to the log (a kill loses at most one chunk)
-    with tqdm(total=len(todo), unit="sample", desc="rationales", disable=not progress, file=sys.stderr) as bar:
+    template = Template(cot=True, chat=config.chat_template)
+    chunk = config.batch_size * 4  # samples per chunk written to the log (a kill loses at most one chunk)
+    with tqdm(total=len(todo), unit="sample", desc="rationales", disable=not config.progress, file=sys.stderr) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            texts = _sample(part, template, settings, batch_size, tok, model, engine)
+            texts = _sample(part, template, config, tok, model, engine)
             entries = []
             for (index, rec, k), (text, finish) in zip(part, texts):
                 kept, reason = judge(text, rec["target"], finish)
-                rationale = text.strip()
-                record = {"source": rec["source"], "rationale": rationale, "target": rec["target"], "task": rec["task"],
-                          "provenance": {"teacher": str(teacher), "record_index": index, "sample": k}}
+                provenance = {"teacher": config.teacher, "record_index": index, "sample": k}
+                record = {"source": rec["source"], "rationale": text.strip(), "target": rec["target"],
+                          "task": rec["task"], "provenance": provenance}
                 entries.append({"record_index": index, "sample": k, "task": rec["task"], "kept": kept,
                                 "reason": reason, "finish": finish, "record": record})
             append_lines(log_path, entries)
-            for entry in entries:
-                done[(entry["record_index"], entry["sample"])] = entry
+            done.update({(entry["record_index"], entry["sample"]): entry for entry in entries})
             write_records(out_path, done)
             bar.update(len(part))
-    summary = summarise(done, n)
-    summary["bad_records_skipped"] = bad
-    return summary
+    return dict(summarise(done, config.n), bad_records_skipped=bad)
 
 
-def _sample(part, template, settings: RationaleSettings, batch_size, tok, model, engine):
+def read_inputs(config: RationalesConfig) -> tuple[list[tuple[int, dict]], int]:
+    """(index, record) of every usable input record, and how many malformed ones --skip-bad skipped."""
+    from fastkd.records import FieldMap, read_records, validate_record
+
+    records, bad = [], 0
+    for index, raw in read_records(config.data):
+        try:
+            records.append((index, validate_record(raw, index, FieldMap(), str(config.data), cot=False)))
+        except UserError:
+            if not config.skip_bad:
+                raise
+            bad += 1
+    if not records:
+        raise UserError(f"{config.data}: no usable records")
+    return records, bad
+
+
+def _sample(part, template, config: RationalesConfig, tok, model, engine):
     """(text, finish) per (record, sample) of `part`."""
     from fastkd import bbh
 
-    seeds = [sample_seed(settings.seed, index, k) for index, _, k in part]
+    seeds = [sample_seed(config.seed, index, k) for index, _, k in part]
     if engine is not None:
         prompts = [template.prompt(rec["source"]) for _, rec, _ in part]
-        return engine_samples(engine, prompts, seeds, settings)
+        return engine_samples(engine, prompts, seeds, config)
     from fastkd.templates import prompt_ids
     from fastkd.generate import Sampling, greedy_generate
 
-    sampling = Sampling(settings.temperature, settings.top_p, settings.top_k)
+    sampling = Sampling(config.temperature, config.top_p, config.top_k)
     prompts = [prompt_ids(tok, template, rec["source"]) for _, rec, _ in part]
-    gens = greedy_generate(model, tok, prompts, settings.max_new_tokens, stop_strings=(bbh.STOP_STRING,),
-                           batch_size=batch_size, sampling=sampling, seeds=seeds)
+    gens = greedy_generate(model, tok, prompts, config.max_new_tokens, stop_strings=(bbh.STOP_STRING,),
+                           batch_size=config.batch_size, sampling=sampling, seeds=seeds)
     return [(g.text, g.finish) for g in gens]
 
 
-def engine_samples(engine, prompts: list[str], seeds: list[int], settings: RationaleSettings):
+def engine_samples(engine, prompts: list[str], seeds: list[int], config: RationalesConfig):
     """Through a vLLM-like engine: one request per sample, its own seed, stopped at eval-bbh's stop string."""
     from fastkd import bbh
 
@@ -235,8 +234,8 @@ def engine_samples(engine, prompts: list[str], seeds: list[int], settings: Ratio
         SamplingParams = None
     params = []
     for seed in seeds:
-        kwargs = dict(n=1, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or -1,
-                      max_tokens=settings.max_new_tokens, seed=seed, stop=[bbh.STOP_STRING])
+        kwargs = dict(n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or -1,
+                      max_tokens=config.max_new_tokens, seed=seed, stop=[bbh.STOP_STRING])
         params.append(SamplingParams(**kwargs) if SamplingParams is not None else kwargs)
     outputs = engine.generate(prompts, params)
     results = []
@@ -282,31 +281,10 @@ def format_summary(summary: dict, out: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="teacher model folder or hub id (writes the rationales)")
-    p.add_argument("--data", required=True, help="records with source and target (.jsonl/.json/.parquet); a rationale "
-                                                  "field, if any, is ignored")
-    p.add_argument("--out", required=True, help="records file to write (JSONL): one line per kept rationale")
-    p.add_argument("--n", type=int, default=4, help="rationales sampled per record")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest rationale in tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences generated together (HF backend)")
-    p.add_argument("--seed", type=int, default=0, help="seeds every sample's generator")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the teacher's chat template")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="hf: transformers with the KV cache; vllm: "
-                                                                           "the vLLM engine (pip install vllm)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="teacher dtype: auto, bfloat16, float16, float32")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    RationalesConfig.add_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = generate_rationales(args.teacher, args.data, args.out, n=args.n, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, seed=args.seed, chat=args.chat, device=args.device,
-                                  dtype=args.dtype, backend=args.backend, skip_bad=args.skip_bad,
-                                  progress=args.progress)
-    print(format_summary(summary, args.out))
+    config = RationalesConfig.from_args(args)
+    print(format_summary(generate_rationales(config), config.out))
     return 0

@@ -1,7 +1,9 @@
-"""Where a training process runs: device, rank and world size under torchrun, seeding, DDP/FSDP wrapping."""
+"""Where a process runs under torchrun (rank, world, device) and the few collectives the stages use;
+seeding, DDP/FSDP wrapping and stop signals for training. The one place that reads WORLD_SIZE/RANK."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import signal
@@ -13,41 +15,72 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastkd.train_config import TrainConfig
-
 
 @dataclass
 class Env:
-    """Where this process runs: device, rank, world size."""
+    """Where this process runs: device, rank, world size; small object collectives between the ranks."""
 
     device: torch.device
     rank: int = 0
     world: int = 1
     owns_group: bool = False            # this run created the process group (and destroys it at the end)
+    local_rank: int = 0
+    local_world: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group if this run started it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
 
 
-def setup_env(config: TrainConfig) -> Env:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+def join_ranks(device: str | None, backend: str | None = None, timeout_hours: float | None = None) -> Env:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU, unless `backend`);
+    each rank takes cuda:LOCAL_RANK when the device is CUDA."""
     from fastkd.teacher import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(config.device)
+    dev = resolve_device(device)
     if world == 1:
-        return Env(device)
+        return Env(dev)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(device, rank, world, owns)
+        timeout = {"timeout": datetime.timedelta(hours=timeout_hours)} if timeout_hours else {}
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), **timeout)
+    return Env(dev, rank, world, owns, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
+
+def setup_env(config) -> Env:
+    """Training's place among the ranks (config.device)."""
+    return join_ranks(config.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,9 +89,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
-def wrap_distributed(module: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
-    """DDP (default) or FSDP2 around the student + loss when running under torchrun."""
+def wrap_distributed(module: nn.Module, config, env: Env) -> nn.Module:
+    """DDP (default) or FSDP2 (config.distributed) around the student + loss when running under torchrun."""
     if env.world == 1:
         return module
     if config.distributed == "fsdp":
@@ -71,7 +103,6 @@ def wrap_distributed(module: nn.Module, config: TrainConfig, env: Env) -> nn.Mod
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
-
 
 
 class StopSignals:

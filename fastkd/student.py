@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from fastkd.errors import UserError
+from fastkd.kernels import LossSpec, LossTerms, Teacher, distill_loss, fused_linear_distill_loss, uld_loss
+from fastkd.kernels.hidden import add_hidden_term
 from fastkd.loader import IGNORE_INDEX, Batch
 from fastkd.train_config import TrainConfig
 
 
 class StudentWithLoss(nn.Module):
-    """Student forward + distillation loss as one module, so DDP/FSDP wrap (and sync) both the
-    student and the hidden-state projector. Logits are computed only at loss rows and only over
-    the tokenizer's vocabulary (a padded embedding's extra rows are never seen)."""
+    """Student forward + loss as one module, so DDP/FSDP wrap (and sync) the student and the projector; logits
+    only at loss rows, over the tokenizer's vocabulary (a padded embedding's extra rows are never seen)."""
 
     def __init__(self, student: nn.Module, vocab_size: int, config: TrainConfig, *, student_layers=(), projector=None):
         super().__init__()
@@ -23,75 +24,74 @@ class StudentWithLoss(nn.Module):
         self.vocab_size = vocab_size
         self.student_layers = list(student_layers)
         self.cfg = config
+        self.spec = LossSpec(mode=config.mode, ce_weight=config.ce_weight, kl_weight=config.kl_weight,
+                             hidden_weight=config.hidden_weight, temperature=config.temperature,
+                             ignore_index=IGNORE_INDEX, chunk_size=config.chunk_size)
         cfg = student.config
         # models whose logits are not lm_head(last hidden) (soft-capping, logit scale) take the full forward
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
                                  or not isinstance(causal_lm(student).get_output_embeddings(), nn.Linear))
-
-    @property
-    def loss_path(self) -> str:
-        """The loss implementation this module runs: uld under --cross-tokenizer uld, else the lightest
-        correct one unless --loss-impl chose."""
-        if getattr(self.cfg, "cross_tokenizer", None) == "uld":
-            return "uld"
-        return choose_loss_path(self.cfg.loss_impl, self.full_forward)
+        # the loss path, chosen once: uld under --cross-tokenizer uld, else the lightest correct one unless
+        # --loss-impl chose (describe_loss_path says which and why)
+        self.loss_path = ("uld" if getattr(config, "cross_tokenizer", None) == "uld"
+                          else choose_loss_path(config.loss_impl, self.full_forward))
+        self.teacher_loss = LOSS_PATHS[self.loss_path]
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
                 teacher_hidden=None, loss_index=None, runner: nn.Module | None = None):
         """The loss terms of a batch. `runner`: a wrapper of the student (e.g. DDP made by another trainer)
         to run the full forward through, so its gradient hooks fire; logits then come from its output."""
-        from fastkd.kernels import LossTerms, distill_loss
-
-        cfg = self.cfg
         if loss_index is None:  # callers without a collated Batch: found here (a host sync on a GPU)
             loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
         pick = lambda x: x.flatten(0, 1).index_select(0, loss_index)  # noqa: E731 - the loss rows, row-major
-        y = pick(labels)
-        want_hidden = bool(self.projector is not None and cfg.hidden_weight)
-        lm = causal_lm(self.student)
+        want_hidden = bool(self.projector is not None and self.spec.hidden_weight)
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=want_hidden)
         if self.full_forward or runner is not None:
-            out = (runner or self.student)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                           output_hidden_states=want_hidden)
-            logits, h, hidden_states = pick(out.logits)[:, :self.vocab_size], None, out.hidden_states
+            out = (runner or self.student)(**kw)
+            h, logits = None, pick(out.logits)[:, :self.vocab_size]
         else:
-            out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                output_hidden_states=want_hidden)
-            h, logits, hidden_states = pick(out.last_hidden_state), None, out.hidden_states
-        head = lm.get_output_embeddings()
-        if topk_ids is None:  # SFT: no teacher signal
-            if logits is None:
-                logits = head(h)[:, :self.vocab_size]
-            ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
-            zero = torch.zeros((), device=ce.device)
-            terms = LossTerms(total=cfg.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero, num_tokens=int(y.numel()))
-        elif self.loss_path == "uld":  # sorted-probability L1 (kernels/uld.py); terms.kl holds it
-            from fastkd.kernels.uld import uld_loss
+            out = causal_lm(self.student).base_model(**kw)
+            h, logits = pick(out.last_hidden_state), None
+        teacher = None if topk_ids is None else Teacher(topk_ids, topk_logprobs, tail, counts)
+        # a batch without a teacher signal (SFT) takes cross-entropy alone
+        terms = (_ce_only if teacher is None else self.teacher_loss)(self, h, logits, pick(labels), teacher)
+        student_hidden = [pick(out.hidden_states[layer]) for layer in self.student_layers] if want_hidden else None
+        return add_hidden_term(terms, self.spec, self.projector, student_hidden, teacher_hidden)
 
-            if logits is None:
-                logits = head(h)[:, :self.vocab_size]
-            terms = uld_loss(logits, y, topk_logprobs, tail, teacher_ids=topk_ids, ce_weight=cfg.ce_weight,
-                             uld_weight=cfg.kl_weight, chunk_size=cfg.chunk_size)
-        else:
-            common = dict(counts=counts, mode=cfg.mode, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
-                          temperature=cfg.temperature, chunk_size=cfg.chunk_size)
-            if self.loss_path == "fused":
-                from fastkd.kernels import fused_linear_distill_loss
 
-                weight = head.weight[:self.vocab_size]
-                bias = head.bias[:self.vocab_size] if head.bias is not None else None
-                terms = fused_linear_distill_loss(h, weight, y, topk_ids, topk_logprobs, tail, bias=bias, **common)
-            else:
-                if logits is None:
-                    logits = head(h)[:, :self.vocab_size]
-                # the logits are this step's own intermediate (nothing else reads them): the gradient may
-                # overwrite them, saving one [rows, V] buffer
-                terms = distill_loss(logits.float(), y, topk_ids, topk_logprobs, tail, inplace=True, **common)
-        if want_hidden:
-            student_hidden = [pick(hidden_states[layer]) for layer in self.student_layers]
-            hidden = self.projector(student_hidden, teacher_hidden)
-            terms.total = terms.total + cfg.hidden_weight * hidden.to(terms.total.dtype)
-            terms.hidden = hidden.detach()
-        return terms
+def _head_logits(module: StudentWithLoss, h, logits):
+    """The loss rows' logits over the tokenizer's vocabulary: as given, or lm_head(h)."""
+    head = causal_lm(module.student).get_output_embeddings()
+    return logits if logits is not None else head(h)[:, :module.vocab_size]
+
+
+def _ce_only(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
+    logits = _head_logits(module, h, logits)
+    ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
+    zero = torch.zeros((), device=ce.device)
+    return LossTerms(total=module.spec.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero, num_tokens=int(y.numel()))
+
+
+def _fused_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
+    if h is None:  # a runner's forward made the logits: the fused path needs the bare model
+        return _logits_path(module, h, logits, y, teacher)
+    head = causal_lm(module.student).get_output_embeddings()
+    bias = head.bias[:module.vocab_size] if head.bias is not None else None
+    return fused_linear_distill_loss(h, head.weight[:module.vocab_size], y, teacher, module.spec, bias=bias)
+
+
+def _logits_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
+    # the logits are this step's own intermediate (nothing else reads them): the gradient may overwrite them,
+    # saving one [rows, V] buffer
+    return distill_loss(_head_logits(module, h, logits).float(), y, teacher, module.spec, inplace=True)
+
+
+def _uld_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
+    # sorted-probability L1 (kernels/uld.py); terms.kl holds it
+    return uld_loss(_head_logits(module, h, logits), y, teacher, module.spec)
+
+
+LOSS_PATHS = {"fused": _fused_path, "logits": _logits_path, "uld": _uld_path}
 
 
 def causal_lm(student: nn.Module) -> nn.Module:
@@ -132,8 +132,9 @@ def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
         return "loss: uld (logits [rows, V], CE + the L1 distance of sorted probabilities; --cross-tokenizer uld)"
     what = {"fused": "fused linear + loss, chunked over rows (no [rows, V] logits)",
             "logits": "logits [rows, V], loss gradient written over them"}[path]
-    why = "auto: the lightest on " + device.type if module.cfg.loss_impl == "auto" else f"--loss-impl {module.cfg.loss_impl}"
-    if module.full_forward and module.cfg.loss_impl != "logits":
+    impl = module.cfg.loss_impl
+    why = "auto: the lightest on " + device.type if impl == "auto" else f"--loss-impl {impl}"
+    if module.full_forward and impl != "logits":
         why = "the student's logits are not lm_head(hidden) (soft-capping or a logit scale)"
     return f"loss: {path} ({what}; {why}; --loss-impl fused|logits overrides)"
 
@@ -147,9 +148,8 @@ def batch_inputs(batch: Batch, teacher_layers: list[int]) -> dict:
 
 
 def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0) -> nn.Module:
-    """From a folder/hub id, or freshly initialised from a config (seeded) for from-scratch runs.
-    A config whose vocabulary is smaller than the tokenizer's (or the cache's ids) is refused
-    before any weight is loaded."""
+    """From a folder/hub id, or initialised from a config (seeded); a config whose vocabulary is smaller than the
+    tokenizer's (or the cache's ids) is refused before any weight is loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = config.student or config.student_config
@@ -158,7 +158,8 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
         model_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"{flag} {source}: {str(err).splitlines()[0]}") from None
-    rows = getattr(model_config, "vocab_size", None) or getattr(getattr(model_config, "text_config", None), "vocab_size", None)
+    text_config = getattr(model_config, "text_config", None)
+    rows = getattr(model_config, "vocab_size", None) or getattr(text_config, "vocab_size", None)
     if isinstance(rows, int) and rows < vocab_size:
         raise UserError(f"{flag} {source}: its config has vocab_size {rows}, fewer than the {vocab_size} token ids the "
                         f"tokenizer and teacher cache use; the student cannot score them. Use a student made for this "

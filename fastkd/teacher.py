@@ -1,5 +1,6 @@
-"""The teacher's signal at loss positions: top-k log-probs with the exact tail mass (or sampled
-ids with counts) and chosen hidden states. Used by `cache-teacher` and by online KD alike."""
+"""The teacher's signal at loss positions: top-k log-probs with the exact tail mass (or sampled ids with
+counts) and chosen hidden states, for `cache-teacher` and online KD. A cache-teacher backend is a `Backend`:
+`load_hf` here (transformers) or `fastkd.teacher_vllm.load_vllm`; `capturing` wraps either."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -28,6 +30,16 @@ class TeacherSignal:
     rows_per_sequence: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Backend:
+    """A loaded teacher: what the manifest records of it (teacher, layers, hidden_widths ...) and its
+    signal(chunk of examples, generator) at their loss positions; `device` holds --sample's generator."""
+
+    settings: dict
+    signal: Callable[..., TeacherSignal]
+    device: torch.device | str = "cpu"
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,10 +50,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, role: str = "teacher", *,
                    device_map=None, max_memory=None, offload_folder: str | None = None):
-    """Load a causal LM from a local folder or a hub id, in eval mode, with a clear error.
-
-    device_map (auto, balanced, sequential, or a dict module -> device) spreads a model bigger than
-    one device over several (accelerate), max_memory caps each ({0: "70GiB", "cpu": "200GiB"})."""
+    """A causal LM from a folder or hub id, in eval mode (a clear error otherwise); device_map / max_memory
+    spread one bigger than a device over several through accelerate (parse_device_map, parse_max_memory)."""
     from transformers import AutoModelForCausalLM
 
     from fastkd.paths import resolve_model
@@ -129,41 +139,17 @@ def one_line(err: BaseException, limit: int = 400) -> str:
 
 
 def load_tokenizer(path: str, role: str = "tokenizer"):
-    """A tokenizer from a folder, an embedded name or a hub id; any failure is a one-line UserError."""
-    from transformers import AutoTokenizer
-
+    """A tokenizer from a folder, an embedded name or a hub id (a pinned folder as saved: fastkd.tiny); any failure
+    is a one-line UserError."""
     from fastkd.paths import resolve_model
+    from fastkd.tiny import load_saved_tokenizer
 
     path = resolve_model(path, role, need="tokenizer")
     try:
-        tok = _pinned_tokenizer(path) or AutoTokenizer.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a tokenizer.json it cannot build
+        return load_saved_tokenizer(path)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a tokenizer.json it cannot build
         raise UserError(f"cannot load a tokenizer from {path!r}: {one_line(err)}; the tokenizer files there are "
                         f"damaged or were written by an incompatible library version") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _pinned_tokenizer(path: str):
-    """A folder whose tokenizer_config.json pins the generic class (fastkd.tiny.pin_tokenizer_class)
-    is loaded from its tokenizer.json as saved: transformers 5 otherwise re-derives a model
-    family's own normalizer and pre-tokenizer (Qwen2: NFC + its split regex), ids change."""
-    import json
-    from pathlib import Path
-
-    cfg, tok_json = Path(path) / "tokenizer_config.json", Path(path) / "tokenizer.json"
-    if not (cfg.is_file() and tok_json.is_file()):
-        return None
-    try:
-        pinned = json.loads(cfg.read_text()).get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
-    except (OSError, ValueError):
-        return None
-    if not pinned:
-        return None
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def model_identity(model, path: str) -> dict:
@@ -190,13 +176,8 @@ def config_identity(config, path: str) -> dict:
 def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
                    k: int = 64, layers: tuple[int, ...] = (), sample_n: int | None = None,
                    vocab_size: int | None = None, generator: torch.Generator | None = None) -> TeacherSignal:
-    """Teacher forward on a right-padded batch; signal at the positions that predict a loss token.
-
-    Row r of the result is the distribution the teacher puts on the token at the r-th masked
-    position, read from the logits one position earlier. Log-softmax runs over the full
-    (tokenizer) vocabulary in fp32; the tail mass 1 - sum_K p_i is summed in fp64 so it is exact
-    in fp32 even when tiny.
-    """
+    """Teacher forward on a right-padded batch; row r is its distribution on the r-th loss token (logits one
+    position earlier), log-softmax over the tokenizer's vocabulary in fp32, tail 1 - sum_K p_i summed in fp64."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), use_cache=False)
     predicts_loss = loss_mask[:, 1:].bool()                      # position t predicts token t+1
     logits = out.logits[:, :-1][predicts_loss.to(out.logits.device)]   # [M, V_model]
@@ -232,14 +213,66 @@ def _sample(logprobs: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, to
     return ids, counts
 
 
-CAPTURE_BY = ("entropy", "random")
+def parse_layers(text: str | None, num_layers: int) -> list[int]:
+    """`--layers` as a comma list of hidden-state indices (0 = embeddings, L = last block);
+    negative values count from the end (-1 = last)."""
+    if not text:
+        return []
+    layers = []
+    for part in str(text).split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"--layers {text!r}: {part!r} is not an integer") from None
+        index = value if value >= 0 else num_layers + 1 + value
+        if not 0 <= index <= num_layers:
+            raise UserError(f"--layers {text!r}: layer {value} is out of range for a teacher with "
+                            f"{num_layers} blocks (valid: 0..{num_layers} or -1..-{num_layers + 1})")
+        layers.append(index)
+    return sorted(set(layers))
 
 
-def check_capture(share: float, by: str) -> None:
-    if not 0.0 < share <= 1.0:
-        raise UserError(f"--capture-share must be in (0, 1] (the share of loss positions that keep the teacher), got {share}")
-    if by not in CAPTURE_BY:
-        raise UserError(f"--capture-by {by!r}: choose one of {', '.join(CAPTURE_BY)}")
+def _rank_max_memory(config, env):
+    """--device-map auto under torchrun: each rank maps the model over its own share of the node's GPUs."""
+    if env.world == 1 or config.device_map != "auto" or config.max_memory is not None or not torch.cuda.is_available():
+        return config.max_memory
+    count = torch.cuda.device_count()
+    per = max(count // env.local_world, 1)
+    mine = range(env.local_rank * per, env.local_rank * per + per)
+    memory = {i: (torch.cuda.get_device_properties(i).total_memory if i in mine else 0) for i in range(count)}
+    return dict(memory, cpu="0GiB")
+
+
+def load_hf(config, tokenizer, env) -> Backend:
+    """The transformers teacher (config: a CacheConfig; env: fastkd.runtime.Env): top-k + tail or
+    --sample ids, the hidden states of --layers, through the fixed --hidden-project matrix if asked."""
+    from fastkd.batching import pad_batch
+
+    model = load_causal_lm(config.teacher, dtype=config.dtype, device=str(env.device), device_map=config.device_map,
+                           max_memory=_rank_max_memory(config, env), offload_folder=config.offload_folder)
+    layers = parse_layers(config.layers, int(getattr(model.config, "num_hidden_layers", 0)))
+    d_in = int(model.config.hidden_size)
+    settings = {"teacher": model_identity(model, config.teacher), "layers": layers,
+                "hidden_widths": [int(config.hidden_project or d_in)] * len(layers)}
+    projection = None
+    if config.hidden_project:       # fixed random projection: smaller hidden part, seed in the manifest
+        from fastkd.cache_tools.hidden_codec import random_projection
+
+        settings["hidden_projection"] = {"kind": "rademacher-splitmix64", "d_in": d_in,
+                                         "d_out": config.hidden_project, "seed": config.seed}
+        projection = torch.from_numpy(random_projection(d_in, config.hidden_project, config.seed))
+    where, vocab = input_device(model), len(tokenizer)
+
+    def signal(chunk, generator) -> TeacherSignal:
+        ids, attn, loss = pad_batch([ex.input_ids for ex in chunk], tokenizer.pad_token_id, "right",
+                                    [ex.loss_mask for ex in chunk])
+        sig = teacher_signal(model, ids.to(where), attn.to(where), loss.to(where), k=config.top_k,
+                             layers=tuple(layers), sample_n=config.sample, vocab_size=vocab, generator=generator)
+        if projection is not None:
+            sig.hidden = {layer: h @ projection.to(h.device) for layer, h in sig.hidden.items()}
+        return sig
+
+    return Backend(settings, signal, where)
 
 
 def capture_entropy(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
@@ -251,10 +284,8 @@ def capture_entropy(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
 
 
 def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by: str, seed: int) -> torch.Tensor:
-    """Selective capture: which rows keep the teacher (bool [M]). Per sequence, ceil(share * rows)
-    of its loss positions: the highest-entropy ones (ties: the earlier position) or a random choice
-    seeded by (seed, record), so a resumed or re-split run picks the same rows."""
-    check_capture(share, by)
+    """Selective capture: per sequence, the ceil(share * rows) highest-entropy rows (ties: the earlier) or a
+    random choice seeded by (seed, record), so a resumed or re-split run keeps the same rows (bool [M])."""
     keep = torch.zeros(sig.tail.shape[0], dtype=torch.bool)
     score = capture_entropy(sig.topk_logprobs, sig.tail).cpu() if by == "entropy" else None
     start = 0
@@ -270,10 +301,21 @@ def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by
 
 
 def drop_rows(sig: TeacherSignal, keep: torch.Tensor) -> TeacherSignal:
-    """Empty the rows not kept: ids -1, log-probs -inf, tail 1 (the whole mass outside an empty
-    top-k), which every loss path reads as KL 0 with no gradient: CE alone there. Hidden states stay."""
+    """Empty the rows not kept: ids -1, log-probs -inf, tail 1, which every loss path reads as KL 0 with no
+    gradient (CE alone there). Hidden states stay."""
     drop = ~keep.to(sig.tail.device)
     sig.topk_ids = sig.topk_ids.masked_fill(drop[:, None], -1)
     sig.topk_logprobs = sig.topk_logprobs.masked_fill(drop[:, None], float("-inf"))
     sig.tail = sig.tail.masked_fill(drop, 1.0)
     return sig
+
+
+def capturing(backend: Backend, share: float, by: str, seed: int) -> Backend:
+    """Selective capture around any backend: the teacher's top-k kept at `share` of each sequence's loss
+    positions, empty rows elsewhere (CE alone there); the choice is recorded in the manifest's settings."""
+    def signal(chunk, generator) -> TeacherSignal:
+        sig = backend.signal(chunk, generator)
+        return drop_rows(sig, capture_rows(sig, [ex.record_index for ex in chunk], share, by, seed))
+
+    capture = {"share": float(share), "by": by, "seed": int(seed) if by == "random" else None}
+    return Backend(dict(backend.settings, capture=capture), signal, backend.device)

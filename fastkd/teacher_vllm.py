@@ -1,9 +1,5 @@
-"""`cache-teacher --backend vllm`: the teacher's top-k log-probs from vLLM's prompt log-probs.
-
-vLLM returns, per request, `prompt_logprobs`: one entry per prompt token, None for the first,
-then a dict token_id -> Logprob(logprob, rank, decoded_token) with the top `prompt_logprobs`
-ids plus the prompt token itself. Only log-probs come back (no hidden states, no full
-distribution), so the tail is 1 - sum(exp(top-k)), computed as -expm1(logsumexp(top-k)).
+"""`cache-teacher --backend vllm`: the top-k from vLLM's prompt log-probs (per prompt token a dict id ->
+Logprob holding the top k and the token itself); no hidden states, so the tail is -expm1(logsumexp(top-k)).
 """
 
 from __future__ import annotations
@@ -12,10 +8,10 @@ import numpy as np
 import torch
 
 from fastkd.errors import UserError
-from fastkd.teacher import TeacherSignal
+from fastkd.teacher import Backend, TeacherSignal, config_identity, one_line
 
-INSTALL_HINT = ("pip install vllm (Linux with a CUDA GPU; https://docs.vllm.ai/en/latest/getting_started/installation/), "
-                "or use --backend hf")
+INSTALL_HINT = ("pip install vllm (Linux with a CUDA GPU; "
+                "https://docs.vllm.ai/en/latest/getting_started/installation/), or use --backend hf")
 
 
 def require_vllm():
@@ -55,94 +51,87 @@ def top_k_of(position: dict, k: int, where: str) -> tuple[list[int], list[float]
     return [tid for tid, _ in items], [lp for _, lp in items]
 
 
-class VllmTeacher:
-    """Turns a vLLM engine's prompt log-probs into the cache's TeacherSignal (top-k mode only).
-
-    `engine` needs `generate(prompts, sampling_params, use_tqdm=False) -> list[RequestOutput]`;
-    `max_logprobs` is the cap the engine was built with (we set it)."""
-
-    backend = "vllm"
-
-    def __init__(self, engine, k: int, max_logprobs: int, sampling_params=None):
-        if k > max_logprobs:
-            raise UserError(f"--top-k {k} is above the vLLM engine's max_logprobs {max_logprobs}; raise "
-                            f"--vllm-max-logprobs to at least {k} (it sizes the engine's log-prob buffers)")
-        self.engine = engine
-        self.k = k
-        self.max_logprobs = max_logprobs
-        self.sampling_params = sampling_params
-
-    @classmethod
-    def load(cls, path: str, k: int, *, dtype: str = "auto", max_logprobs: int | None = None,
-             tensor_parallel_size: int = 1, max_length: int = 2048, gpu_memory_utilization: float = 0.9,
-             seed: int = 0) -> "VllmTeacher":
-        """Build a vLLM engine for `path` with max_logprobs = max(k, given) and params asking k prompt log-probs."""
-        max_logprobs = int(max_logprobs or k)
-        if k > max_logprobs:
-            raise UserError(f"--top-k {k} is above --vllm-max-logprobs {max_logprobs}; raise --vllm-max-logprobs "
-                            f"to at least {k}")
-        vllm = require_vllm()
-        dtypes = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                  "float16": "float16", "fp16": "float16"}
-        if dtype not in dtypes:
-            raise UserError(f"--dtype {dtype}: choose one of {', '.join(dtypes)}")
-        try:
-            engine = vllm.LLM(model=path, tokenizer=path, dtype=dtypes[dtype], max_logprobs=max_logprobs,
-                              tensor_parallel_size=tensor_parallel_size, max_model_len=max_length,
-                              enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise UserError(f"--backend vllm: cannot start the engine for {path!r}: {type(err).__name__}: "
-                            f"{err}".splitlines()[0]) from None
-        params = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
-        return cls(engine, k, max_logprobs, params)
-
-    def signal(self, chunk, vocab_size: int) -> TeacherSignal:
-        """Top-k log-probs and tail at the loss positions of `chunk` (examples with input_ids, loss_mask)."""
-        prompts = [{"prompt_token_ids": [int(t) for t in ex.input_ids]} for ex in chunk]
-        outputs = list(self.engine.generate(prompts, self.sampling_params, use_tqdm=False))
-        if len(outputs) != len(chunk):
-            raise UserError(f"--backend vllm: the engine returned {len(outputs)} outputs for {len(chunk)} prompts")
-        ids_rows, lp_rows, rows = [], [], []
-        for ex, out in zip(chunk, outputs):
-            where = f"--backend vllm: record {ex.record_index}"
-            got_ids = getattr(out, "prompt_token_ids", None)
-            if got_ids is not None and list(got_ids) != list(ex.input_ids):
-                raise UserError(f"{where}: the engine's output belongs to another prompt (outputs out of order)")
-            plp = out.prompt_logprobs
-            if plp is None or len(plp) != len(ex.input_ids):
-                raise UserError(f"{where}: prompt_logprobs has {None if plp is None else len(plp)} entries for "
-                                f"{len(ex.input_ids)} tokens (the engine must be asked prompt_logprobs=k)")
-            positions = [t for t in range(1, len(ex.input_ids)) if ex.loss_mask[t]]
-            for t in positions:
-                if plp[t] is None:
-                    raise UserError(f"{where}: no log-probs at position {t}")
-                tids, lps = top_k_of(plp[t], self.k, f"{where} position {t}")
-                if max(tids) >= vocab_size or min(tids) < 0:
-                    raise UserError(f"{where} position {t}: vLLM put id {max(tids)} in the top-{self.k}, outside the "
-                                    f"tokenizer's {vocab_size} ids (the model's padded vocabulary rows)")
-                ids_rows.append(tids)
-                lp_rows.append(lps)
-            rows.append(len(positions))
-        k = self.k
-        ids = np.asarray(ids_rows, np.int64).reshape(-1, k)
-        lps = np.asarray(lp_rows, np.float64).reshape(-1, k)
-        if lps.size and (np.isnan(lps).any() or (lps > 1e-3).any()):
-            bad = int(np.flatnonzero(np.isnan(lps).any(1) | (lps > 1e-3).any(1))[0])
-            raise UserError(f"--backend vllm: log-probs hold NaN or positive values (row {bad}); try --dtype float32")
-        tail = exact_tail(lps) if lps.size else np.zeros(0)
-        return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps.astype(np.float32)),
-                             torch.from_numpy(tail.astype(np.float32)), None, {}, rows)
-
-
-def check_vllm_request(layers_asked: bool, sample_n: int | None, world_size: int) -> None:
-    """What the vLLM backend cannot do, refused up front with the reason."""
-    if layers_asked:
+def check_vllm_request(config, world_size: int) -> None:
+    """What the vLLM backend cannot do, refused up front (before an engine starts) with the reason."""
+    if config.layers:
         raise UserError("--backend vllm: --layers asks for hidden states, which vLLM does not return (only "
                         "log-probs); drop --layers, or use --backend hf for hidden states")
-    if sample_n:
+    if config.sample:
         raise UserError("--backend vllm: --sample needs the full distribution per position, vLLM returns only the "
                         "top log-probs; use --top-k, or --backend hf")
     if world_size > 1:
         raise UserError("--backend vllm under torchrun is not supported: run one process and spread the teacher "
                         "with --vllm-tensor-parallel N (vLLM runs its own workers)")
+    max_logprobs = config.vllm_max_logprobs or config.top_k
+    if config.top_k > max_logprobs:
+        raise UserError(f"--top-k {config.top_k} is above the vLLM engine's max_logprobs {max_logprobs}; raise "
+                        f"--vllm-max-logprobs to at least {config.top_k} (it sizes the engine's log-prob buffers)")
 
+
+def start_engine(config):
+    """A vllm.LLM for the teacher (max_logprobs = --vllm-max-logprobs or --top-k) and the sampling params
+    that ask it for --top-k prompt log-probs."""
+    vllm = require_vllm()
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(config.dtype, config.dtype)
+    try:
+        engine = vllm.LLM(model=config.teacher, tokenizer=config.teacher, dtype=dtype,
+                          max_logprobs=config.vllm_max_logprobs or config.top_k,
+                          tensor_parallel_size=config.vllm_tensor_parallel, max_model_len=config.max_length,
+                          enable_prefix_caching=False, gpu_memory_utilization=0.9, seed=config.seed)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"--backend vllm: cannot start the engine for {config.teacher!r}: {one_line(err)}") from None
+    return engine, vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=config.top_k, detokenize=False)
+
+
+def prompt_signal(engine, params, chunk, k: int, vocab_size: int) -> TeacherSignal:
+    """Top-k log-probs and tail at the loss positions of `chunk` (examples with input_ids, loss_mask); `engine`
+    needs `generate(prompts, sampling_params, use_tqdm=False) -> list[RequestOutput]`."""
+    prompts = [{"prompt_token_ids": [int(t) for t in ex.input_ids]} for ex in chunk]
+    outputs = list(engine.generate(prompts, params, use_tqdm=False))
+    if len(outputs) != len(chunk):
+        raise UserError(f"--backend vllm: the engine returned {len(outputs)} outputs for {len(chunk)} prompts")
+    ids_rows, lp_rows, rows = [], [], []
+    for ex, out in zip(chunk, outputs):
+        where = f"--backend vllm: record {ex.record_index}"
+        got_ids = getattr(out, "prompt_token_ids", None)
+        if got_ids is not None and list(got_ids) != list(ex.input_ids):
+            raise UserError(f"{where}: the engine's output belongs to another prompt (outputs out of order)")
+        plp = out.prompt_logprobs
+        if plp is None or len(plp) != len(ex.input_ids):
+            raise UserError(f"{where}: prompt_logprobs has {None if plp is None else len(plp)} entries for "
+                            f"{len(ex.input_ids)} tokens (the engine must be asked prompt_logprobs=k)")
+        positions = [t for t in range(1, len(ex.input_ids)) if ex.loss_mask[t]]
+        for t in positions:
+            if plp[t] is None:
+                raise UserError(f"{where}: no log-probs at position {t}")
+            tids, lps = top_k_of(plp[t], k, f"{where} position {t}")
+            if max(tids) >= vocab_size or min(tids) < 0:
+                raise UserError(f"{where} position {t}: vLLM put id {max(tids)} in the top-{k}, outside the "
+                                f"tokenizer's {vocab_size} ids (the model's padded vocabulary rows)")
+            ids_rows.append(tids)
+            lp_rows.append(lps)
+        rows.append(len(positions))
+    ids = np.asarray(ids_rows, np.int64).reshape(-1, k)
+    lps = np.asarray(lp_rows, np.float64).reshape(-1, k)
+    if lps.size and (np.isnan(lps).any() or (lps > 1e-3).any()):
+        bad = int(np.flatnonzero(np.isnan(lps).any(1) | (lps > 1e-3).any(1))[0])
+        raise UserError(f"--backend vllm: log-probs hold NaN or positive values (row {bad}); try --dtype float32")
+    tail = exact_tail(lps) if lps.size else np.zeros(0)
+    return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps.astype(np.float32)),
+                         torch.from_numpy(tail.astype(np.float32)), None, {}, rows)
+
+
+def load_vllm(config, tokenizer, world_size: int, engine=None) -> Backend:
+    """The vLLM teacher (config: a CacheConfig): top-k log-probs only; `engine` stands in for vllm.LLM (tests)."""
+    from transformers import AutoConfig
+
+    check_vllm_request(config, world_size)
+    engine, params = (engine, None) if engine is not None else start_engine(config)
+    try:
+        hf_config = AutoConfig.from_pretrained(config.teacher)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the teacher config {config.teacher!r}: {one_line(err)}") from None
+    identity = dict(config_identity(hf_config, config.teacher), backend="vllm", dtype=config.dtype)
+    vocab = len(tokenizer)
+    return Backend({"teacher": identity, "layers": [], "hidden_widths": []},
+                   lambda chunk, generator: prompt_signal(engine, params, chunk, config.top_k, vocab))

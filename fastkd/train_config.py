@@ -18,11 +18,15 @@ class TrainConfig(StageConfig):
 
     # data
     cache: str | None = _opt(None, "teacher cache folder (from `fastkd cache-teacher`): offline KD")
-    data: str | None = _opt(None, "records (.jsonl/.json/.parquet) used instead of a cache: online KD with --teacher, SFT without")
-    eval_cache: str | None = _opt(None, "held-out cache evaluated every --eval-every steps; without one, --eval-sequences are held out of the training source")
+    data: str | None = _opt(None, "records (.jsonl/.json/.parquet) used instead of a cache: online KD with --teacher, "
+                                  "SFT without")
+    eval_cache: str | None = _opt(None, "held-out cache evaluated every --eval-every steps; without one, "
+                                        "--eval-sequences are held out of the training source")
     eval_data: str | None = _opt(None, "held-out records, when training from records")
-    eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval cache/data is given")
-    cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only anyway)")
+    eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval "
+                                  "cache/data is given")
+    cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only "
+                           "anyway)")
     chat_template: bool = CHAT_TEMPLATE()
     max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated)")
     # models
@@ -31,33 +35,38 @@ class TrainConfig(StageConfig):
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id (default: the student's)")
     teacher: str | None = _opt(None, "live teacher for online KD (with --data, no cache)")
     teacher_dtype: str = DTYPE("online teacher")
-    top_k: int = _opt(64, "online KD: teacher log-probs kept per position (as a cache would)")
-    teacher_layers: list[int] | None = _opt(None, "online KD: teacher hidden-state indices for the hidden loss (0 = embeddings)")
-    student_layers: list[int] | None = _opt(None, "student hidden-state indices paired with the teacher layers (default: proportional depth)")
+    top_k: int = _opt(64, "online KD: teacher log-probs kept per position (as a cache would)", minimum=1)
+    teacher_layers: list[int] | None = _opt(None, "online KD: teacher hidden-state indices for the hidden loss "
+                                                  "(0 = embeddings)")
+    student_layers: list[int] | None = _opt(None, "student hidden-state indices paired with the teacher layers "
+                                                  "(default: proportional depth)")
     # loss
-    mode: str = _opt("tail", "KL mode: tail (top-k + exact tail bucket), renorm (top-k renormalised), sampled (cache made with --sample)",
-                     choices=["tail", "renorm", "sampled"])
+    mode: str = _opt("tail", "KL mode: tail (top-k + exact tail bucket), renorm (top-k renormalised), sampled (cache "
+                             "made with --sample)", choices=["tail", "renorm", "sampled"])
     ce_weight: float = _opt(1.0, "weight of the cross-entropy on the data tokens")
     kl_weight: float = _opt(1.0, "weight of the KL to the teacher (0 = SFT baseline)")
-    hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE through learned projections (saved with the student)")
+    hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE through learned projections (saved with the "
+                                     "student)")
     temperature: float = _opt(1.0, "distillation temperature")
-    loss_impl: str = _opt("auto", "fused: fused linear + loss, no [rows, V] logits; logits: materialise the logits and write the "
-                                  "gradient over them; auto: fused (the lightest on CPU and CUDA) unless the student's logits "
-                                  "are not lm_head(hidden); the choice is printed",
+    loss_impl: str = _opt("auto", "fused: fused linear + loss, no [rows, V] logits; logits: materialise the logits and "
+                                  "write the gradient over them; auto: fused (the lightest on CPU and CUDA) unless the "
+                                  "student's logits are not lm_head(hidden); the choice is printed",
                           choices=["auto", "logits", "fused"])
     chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
-    cross_tokenizer: str | None = _opt(None, "a student whose tokenizer differs from the cache's: uld (CE + --kl-weight x the "
-                                             "sorted-probability L1, rows aligned by index) or exact (top-k ids mapped to "
-                                             "identical student strings where both tokens start at the same character)",
-                                       choices=["uld", "exact"])
+    cross_tokenizer: str | None = _opt(None, "a student whose tokenizer differs from the cache's: uld (CE + "
+                                             "--kl-weight x the sorted-probability L1, rows aligned by index) or "
+                                             "exact (top-k ids mapped to identical student strings where both tokens "
+                                             "start at the same character)", choices=["uld", "exact"])
     teacher_tokenizer: str | None = _opt(None, "--cross-tokenizer with a cache made before fastkd saved the teacher "
-                                               "tokenizer in it: the teacher tokenizer (checked against the cache's identity)")
+                                               "tokenizer in it: the teacher tokenizer (checked against the cache's "
+                                               "identity)")
     # LoRA (peft)
-    lora_rank: int = _opt(0, "train rank-r LoRA adapters on a frozen student instead of every weight (0 = full training; needs peft)")
+    lora_rank: int = _opt(0, "train rank-r LoRA adapters on a frozen student instead of every weight (0 = full "
+                             "training; needs peft)", minimum=0)
     lora_alpha: float | None = _opt(None, "LoRA scaling alpha (default: 2 x --lora-rank)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA inputs")
-    lora_targets: str = _opt("all-linear", "modules that get adapters: all-linear (every linear layer but the output head) or "
-                                           "a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
+    lora_targets: str = _opt("all-linear", "modules that get adapters: all-linear (every linear layer but the output "
+                                           "head) or a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
     # optimisation
     lr: float = _opt(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -67,26 +76,30 @@ class TrainConfig(StageConfig):
     schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=["cosine", "linear", "constant"])
     warmup_steps: int = _opt(0, "linear warmup steps")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
-    max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)")
+    max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)", minimum=1)
     epochs: float = _opt(1.0, "epochs over the training source, when --max-steps is not given")
-    batch_size: int = _opt(8, "sequences per micro-batch on each process")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (global batch = batch_size x processes x grad_accum)")
+    batch_size: int = _opt(8, "sequences per micro-batch on each process", minimum=1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (global batch = batch_size x processes x grad_accum)",
+                           minimum=1)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     precision: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "bf16", "fp32"])
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # loader
     seed: int = SEED("data order, initialisation and sampling")
-    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks it spans stay in memory "
-                                     "(records from --data are always fully shuffled)")
+    shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks "
+                                    "it spans stay in memory (records from --data are always fully shuffled)")
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
-                                    "tasks of different lengths then fill batches of their own: 1 mixes them)")
-    num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)")
+                                  "tasks of different lengths then fill batches of their own: 1 mixes them)")
+    num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)",
+                            minimum=0)
     prefetch: int = _opt(4, "steps built ahead by a background thread (decode, collate, pin) in a bounded queue; "
-                            "0 = decode on the training thread")
-    verify_cache: bool = _opt(True, "check every cache block against its sha256 before decoding it (cost: see benchmarks/cache_io.py); "
-                                    "--no-verify-cache trains on bytes nobody checked (a warning says so)")
-    skip_corrupt_blocks: bool = _opt(False, "before training, check every cache block and leave out the ones that fail their digests "
-                                            "(counted and named); without it a corrupt block stops training")
+                            "0 = decode on the training thread", minimum=0)
+    verify_cache: bool = _opt(True, "check every cache block against its sha256 before decoding it (cost: see "
+                                    "benchmarks/cache_io.py); --no-verify-cache trains on bytes nobody checked (a "
+                                    "warning says so)")
+    skip_corrupt_blocks: bool = _opt(False, "before training, check every cache block and leave out the ones that fail "
+                                            "their digests (counted and named); without it a corrupt block stops "
+                                            "training")
     # run
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")
     resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
@@ -97,19 +110,22 @@ class TrainConfig(StageConfig):
     log_every: int = _opt(10, "steps between metric lines")
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)")
     eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)")
-    eval_bbh_tasks: str | None = _opt(None, "also score the student on these BBH tasks at every evaluation (comma list or a group, "
-                                            "as in eval-bbh --tasks), logged as eval_bbh_strict / eval_bbh_lenient")
-    eval_bbh_limit: int = _opt(20, "BBH items per task for --eval-bbh-tasks (the first ones of each task)")
-    eval_bbh_max_new_tokens: int = _opt(256, "generation budget per BBH item for --eval-bbh-tasks")
-    bbh_dir: str | None = _opt(None, "BBH data folder for --eval-bbh-tasks (default: " + BBH_DIR_LOOKUP + ", then the hub)")
-    save_every: int = _opt(0, "also save a checkpoint every N steps (0 = by time only)")
-    save_every_minutes: float = _opt(10.0, "minutes between checkpoints, so a run killed at any moment loses at most this "
-                                           "much (0 = off); SIGTERM/SIGINT also save one and stop")
+    eval_bbh_tasks: str | None = _opt(None, "also score the student on these BBH tasks at every evaluation (comma list "
+                                            "or a group, as in eval-bbh --tasks), logged as eval_bbh_strict / "
+                                            "eval_bbh_lenient")
+    eval_bbh_limit: int = _opt(20, "BBH items per task for --eval-bbh-tasks (the first ones of each task)", minimum=1)
+    eval_bbh_max_new_tokens: int = _opt(256, "generation budget per BBH item for --eval-bbh-tasks", minimum=1)
+    bbh_dir: str | None = _opt(None, "BBH data folder for --eval-bbh-tasks (default: " + BBH_DIR_LOOKUP + ", then the "
+                                     "hub)")
+    save_every: int = _opt(0, "also save a checkpoint every N steps (0 = by time only)", minimum=0)
+    save_every_minutes: float = _opt(10.0, "minutes between checkpoints, so a run killed at any moment loses at most "
+                                           "this much (0 = off); SIGTERM/SIGINT also save one and stop", minimum=0)
     save_final: bool = _opt(True, "save the final student with save_pretrained (+ tokenizer, projector) in <out>/final")
     progress: bool = PROGRESS()
     tensorboard: bool = _opt(True, "write TensorBoard events when tensorboard is installed")
 
     def validate(self) -> "TrainConfig":
+        """The checks between options (each option's own range is checked as the config is built)."""
         if not (self.cache or self.data):
             raise UserError("give --cache (offline KD) or --data (online KD with --teacher, or SFT)")
         if self.cache and self.data:
@@ -121,45 +137,33 @@ class TrainConfig(StageConfig):
         if self.student_config and not self.tokenizer:
             raise UserError("--student-config needs --tokenizer (a from-scratch student has no tokenizer of its own)")
         if self.data and not self.teacher and (self.kl_weight or self.hidden_weight):
-            raise UserError("--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give --teacher for online KD")
+            raise UserError("--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give "
+                            "--teacher for online KD")
         if self.teacher and self.mode == "sampled":
-            raise UserError("--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or renorm")
+            raise UserError("--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or "
+                            "renorm")
         if self.cache and self.teacher:
             raise UserError("--teacher is for online KD from --data; with --cache the teacher is already cached")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.skip_corrupt_blocks and not self.verify_cache:
             raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
-        if self.save_every < 0 or not self.save_every_minutes >= 0:
-            raise UserError("--save-every and --save-every-minutes must be >= 0")
-        if self.top_k < 1:
-            raise UserError(f"--top-k must be >= 1 (the teacher log-probs kept per position), got {self.top_k}")
-        if self.lora_rank < 0:
-            raise UserError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and self.distributed == "fsdp":
             raise UserError("--lora-rank with --distributed fsdp is not supported; use --distributed ddp")
-        if self.eval_bbh_limit < 1 or self.eval_bbh_max_new_tokens < 1:
-            raise UserError("--eval-bbh-limit and --eval-bbh-max-new-tokens must be >= 1")
         if self.cross_tokenizer:
             if not self.cache:
                 raise UserError(f"--cross-tokenizer {self.cross_tokenizer} distils from a teacher cache: give --cache")
             if self.hidden_weight:
-                raise UserError("--cross-tokenizer: hidden states are not aligned across tokenizers; set --hidden-weight 0")
+                raise UserError("--cross-tokenizer: hidden states are not aligned across tokenizers; set "
+                                "--hidden-weight 0")
             if self.mode != "tail":
                 raise UserError(f"--cross-tokenizer {self.cross_tokenizer} uses the top-k values and the exact tail: "
                                 f"use --mode tail (not {self.mode})")
             if self.cross_tokenizer == "uld" and self.temperature != 1.0:
-                raise UserError("--cross-tokenizer uld compares the cached (temperature 1) probabilities: use --temperature 1")
+                raise UserError("--cross-tokenizer uld compares the cached (temperature 1) probabilities: use "
+                                "--temperature 1")
         elif self.teacher_tokenizer:
             raise UserError("--teacher-tokenizer is read only with --cross-tokenizer uld|exact")
-        for name in ("num_workers", "prefetch"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         return self

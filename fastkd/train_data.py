@@ -12,9 +12,66 @@ import numpy as np
 from torch import nn
 
 from fastkd.errors import UserError
-from fastkd.loader import Batch, CacheSource, RecordSource, make_loader, split_holdout
+from fastkd.loader import Batch, CacheSource, make_loader
 from fastkd.runtime import Env
 from fastkd.train_config import TrainConfig
+
+
+@dataclass
+class RecordSequence:
+    """A tokenised record without a teacher signal (SFT, online KD)."""
+
+    record_index: int
+    task: str
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    cot: bool = True
+
+
+class RecordSource:
+    """Records tokenised with fastkd.templates, a data source beside the cache; a record with `"cot": false` is
+    built with Template(cot=False), so CoT and answer-only records mix in one file."""
+
+    has_teacher = False
+    manifest = None
+
+    def __init__(self, data, tokenizer, *, cot: bool = True, chat: bool = False,
+                 max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
+                 split: str = "train"):
+        from fastkd.templates import BuildReport, Template, build_examples
+        from fastkd.records import FieldMap
+
+        self.path = str(data)
+        self.report = BuildReport()
+        examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat), FieldMap(), max_length, overflow,
+                                  skip_bad, split, self.report)
+        self.sequences: list[RecordSequence] = [
+            RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
+                           np.asarray(ex.loss_mask, dtype=np.uint8), ex.cot) for ex in examples]
+        if not self.sequences:
+            raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
+        self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)
+        # records sit in memory, so each is its own shard: an epoch is a full permutation (files are
+        # often sorted by task, and a streaming shuffle buffer would train on one task at a time)
+        self.shards = list(np.arange(len(self.sequences), dtype=np.int64).reshape(-1, 1))
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, position: int):
+        return self.sequences[int(position)]
+
+
+def split_holdout(num: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, held-out positions): `holdout` positions chosen with a seeded draw."""
+    if holdout < 0 or holdout >= num:
+        raise UserError(f"--eval-sequences {holdout}: must be between 0 and {num - 1} (the source holds {num} "
+                        f"sequences)")
+    rng = np.random.default_rng([seed, 0xE7A1])
+    held = np.sort(rng.choice(num, size=holdout, replace=False)) if holdout else np.zeros(0, dtype=np.int64)
+    keep = np.ones(num, dtype=bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
 
 
 @dataclass
@@ -49,7 +106,7 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         span = config.shuffle_buffer + config.group_batches * config.batch_size * env.world * config.grad_accum
         train.cached_blocks = 2 + math.ceil(span / max(1.0, len(train) / max(1, len(train.shards))))
         manifest = train.manifest
-        if config.cross_tokenizer:    # the student's own tokens: re-tokenised from the cache (fastkd/cross_tokenizer.py)
+        if config.cross_tokenizer:    # the student's own tokens, re-tokenised from the cache (cross_tokenizer.py)
             from fastkd.cross_tokenizer import wrap_cache
 
             train = wrap_cache(train, tokenizer, config, f"cache {config.cache}")
@@ -58,7 +115,8 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         cached_mode = manifest.get("mode", "topk")
         if (cached_mode == "sample") != (config.mode == "sampled"):
             hint = "--mode sampled" if cached_mode == "sample" else "--mode tail or --mode renorm"
-            raise UserError(f"cache {config.cache} holds {'sampled ids with counts' if cached_mode == 'sample' else 'top-k log-probs'} "
+            held = 'sampled ids with counts' if cached_mode == 'sample' else 'top-k log-probs'
+            raise UserError(f"cache {config.cache} holds {held} "
                             f"(manifest mode {cached_mode!r}) but --mode is {config.mode!r}; use {hint}")
         layers = [int(x) for x in manifest.get("layers", [])]
         widths = [int(x) for x in manifest.get("hidden_widths", [])]

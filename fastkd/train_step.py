@@ -17,10 +17,8 @@ from fastkd.train_data import DataSide, add_teacher_signal
 
 def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: list[Batch], data: DataSide,
                config: TrainConfig, env: Env, vocab_size: int, window: torch.Tensor):
-    """One optimizer step over the step's micro-batches, each weighted by its share of the step's loss rows
-    (all ranks), with no host synchronisation: returns (the step's loss rows, clamped to >= 1: a host
-    float in one process, a device scalar across ranks; the gradient norm before clipping, a device
-    scalar or None) and adds rows and row-weighted loss terms to `window` on the device."""
+    """One optimizer step, each micro-batch weighted by its share of the step's loss rows (all ranks), no host sync;
+    returns (loss rows >= 1, grad norm before clipping or None) and adds row-weighted terms to `window`."""
     counts = [b.num_rows for b in micro]                  # on the host, before the copy: no device sync
     if env.world > 1:  # the global row count stays on the device
         rows = torch.tensor([float(sum(counts))], dtype=torch.float64, device=env.device)  # NCCL: device tensors
@@ -43,7 +41,6 @@ def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: li
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_rows, grad_norm
-
 
 
 @torch.no_grad()
@@ -76,7 +73,6 @@ def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: 
     if has_teacher:
         result["kl"] = kl / max(total_rows, 1.0)
     return result
-
 
 
 def autocast(config: TrainConfig, env: Env):
@@ -112,10 +108,10 @@ class BBHProbe:
                                    stop_strings=(bbh.STOP_STRING,), batch_size=self.batch_size)
         finally:
             student.train(was_training)
-        from fastkd.evaluate import _item_row, results_from_rows
+        from fastkd.bbh_results import item_row, results_from_rows
 
         flat = [it for task_items in self.items.values() for it in task_items]
-        summary = results_from_rows([_item_row(item, None, None, gen.text, gen.finish)
+        summary = results_from_rows([item_row(item, None, None, gen.text, gen.finish)
                                      for item, gen in zip(flat, gens)])["summary"]
         return {"bbh_strict": summary["strict"]["micro"], "bbh_lenient": summary["lenient"]["micro"],
                 "bbh_items": summary["n_items"]}

@@ -170,8 +170,7 @@ class Run:
                 "rng": rng_state(), "step": self.step, "epoch": self.epoch, "position": self.position,
                 "tokens": self.tokens, "before": self.before, "config": asdict(self.config), "world": self.env.world})
         self.last_saved, self.saved_at = self.step, _clock()
-        if self.env.world > 1:
-            dist.barrier()
+        self.env.barrier()
 
 
 class LossWindow:
@@ -261,6 +260,7 @@ def build_run(config: TrainConfig, env: Env) -> Run:
                                     config.student_layers)
         projector = HiddenProjector(student.config.hidden_size, data.teacher_widths).to(env.device)
     module = StudentWithLoss(student, vocab_size, config, student_layers=student_layers, projector=projector)
+    model = wrap_distributed(module, config, env)   # before the optimizer: FSDP replaces the parameters
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
@@ -269,7 +269,7 @@ def build_run(config: TrainConfig, env: Env) -> Run:
     if total_steps < 1:
         raise UserError("no training step to run: the training source makes no full batch (fewer sequences than "
                         "--batch-size x processes x --grad-accum); give more data or a smaller --batch-size")
-    return Run(config, env, Path(config.out), tokenizer, data, module, wrap_distributed(module, config, env), optimizer,
+    return Run(config, env, Path(config.out), tokenizer, data, module, model, optimizer,
                make_schedule(optimizer, config, total_steps), total_steps, student_layers)
 
 
@@ -291,8 +291,7 @@ def open_run_folder(run: Run, old_run: list[Path]) -> None:
             clear_run(old_run)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         run.config.save(run.run_dir / "config.yaml")
-    if run.env.world > 1:
-        dist.barrier()
+    run.env.barrier()
     run.log = MetricsLog(run.run_dir, run.env.is_main, run.config.tensorboard, run.step if run.config.resume else None)
     if run.config.eval_bbh_tasks and run.env.is_main:
         run.probe = BBHProbe(run.config, run.tokenizer)
@@ -370,9 +369,7 @@ def finish(run: Run, window: LossWindow, started: float) -> TrainResult:
                                     "student_layers": run.student_layers, "teacher_layers": run.data.teacher_layers},
                                    model_state)
     run.log.close()
-    if env.world > 1:
-        dist.barrier()
-        if env.owns_group:
-            dist.destroy_process_group()
+    env.barrier()
+    env.close()
     return TrainResult(run.run_dir, final_dir, run.run_dir / CHECKPOINT, run.log.path, run.run_dir / "config.yaml",
                        run.before, after, run.step, run.tokens, time.perf_counter() - started, env.is_main)

@@ -1,12 +1,5 @@
-"""Fused distillation loss: cross-entropy + sparse KL + hidden MSE (Triton on CUDA, PyTorch on CPU).
-
-Triton is imported only when a CUDA tensor reaches the loss, so CPU users never load it.
-
-This folder is the package `fastkd.kernels`. Seen from a checkout's root (`python` started
-there puts the folder first on sys.path) it would also be importable as top-level `kernels`,
-the name of the Hugging Face package transformers imports: then it hands the import over to
-that installed package, so it can never shadow it.
-"""
+"""The distillation loss: CE + sparse KL + hidden MSE (Triton on CUDA, PyTorch on CPU); docs/kernels.md. Imported
+as a top-level `kernels` (from a checkout's root) it hands over to the Hugging Face package of that name."""
 
 if __name__ == "kernels":
     def _hand_over_to_the_installed_package() -> None:
@@ -27,22 +20,10 @@ if __name__ == "kernels":
 
     _hand_over_to_the_installed_package()
 else:
-    from .chunked import chunked_distill_loss
-    from .fused_linear import fused_linear_distill_loss
     from .hidden import HiddenProjector
-    from .loss import DistillLoss, LinearDistillLoss, distill_loss
+    from .loss import DistillLoss, LinearDistillLoss, distill_loss, fused_linear_distill_loss, uld_loss
     from .reference import reference_loss
-    from .terms import LossTerms
-    from .validate import LossInputError
+    from .spec import LossInputError, LossSpec, LossTerms, Teacher
 
-    __all__ = [
-        "LossTerms",
-        "distill_loss",
-        "DistillLoss",
-        "LinearDistillLoss",
-        "fused_linear_distill_loss",
-        "HiddenProjector",
-        "reference_loss",
-        "chunked_distill_loss",
-        "LossInputError",
-    ]
+    __all__ = ["LossSpec", "Teacher", "LossTerms", "LossInputError", "distill_loss", "fused_linear_distill_loss",
+               "uld_loss", "DistillLoss", "LinearDistillLoss", "HiddenProjector", "reference_loss"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .validate import LossInputError
+from .spec import LossInputError, LossSpec, LossTerms
 
 
 class HiddenProjector(nn.Module):
@@ -26,7 +26,7 @@ class HiddenProjector(nn.Module):
                 f"got {len(student_hidden)} and {len(teacher_hidden)}")
         total = None
         for i, (proj, h_s, h_t) in enumerate(zip(self.projections, student_hidden, teacher_hidden)):
-            if h_s.shape[-1] != self.student_width or h_t.shape[-1] != proj.out_features or h_s.shape[0] != h_t.shape[0]:
+            if (h_s.shape[-1], h_t.shape[-1], h_s.shape[0]) != (self.student_width, proj.out_features, h_t.shape[0]):
                 raise LossInputError(
                     f"HiddenProjector: pair {i}: student hidden {list(h_s.shape)} / teacher hidden {list(h_t.shape)} "
                     f"do not match widths {self.student_width} -> {proj.out_features} over the same rows")
@@ -38,6 +38,18 @@ class HiddenProjector(nn.Module):
                 m = mask.to(per_row.dtype)
                 term = (per_row * m).sum() / m.sum().clamp_min(1.0)
             total = term if total is None else total + term
-        if total is None:
-            return torch.zeros(())
-        return total / pairs
+        return torch.zeros(()) if total is None else total / pairs
+
+
+def add_hidden_term(terms: LossTerms, spec: LossSpec, projector: HiddenProjector | None, student_hidden,
+                    teacher_hidden, mask: torch.Tensor | None = None) -> LossTerms:
+    """terms + hidden_weight * projector(student_hidden, teacher_hidden): the hidden term's one home (DistillLoss and
+    the trainer's student call it); no projector or a weight of 0 leaves the terms as they are."""
+    if not spec.hidden_weight or projector is None:
+        return terms
+    if student_hidden is None or teacher_hidden is None:
+        raise LossInputError("hidden_weight > 0 but student_hidden / teacher_hidden were not given")
+    hidden = projector(student_hidden, teacher_hidden, mask=mask)
+    terms.total = terms.total + spec.hidden_weight * hidden.to(terms.total.dtype)
+    terms.hidden = hidden.detach()
+    return terms

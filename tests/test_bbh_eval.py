@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastkd import bbh, evaluate, paths
+from fastkd import bbh, bbh_results, evaluate, paths
 
 torch = pytest.importorskip("torch")
 
@@ -105,12 +105,10 @@ def test_stop_string_cuts_each_row_where_it_appears(tiny):
 
 @needs_bbh
 def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
     out = tmp_path / "run"
-    args = parser.parse_args(["--model", str(tiny_qwen_dir), "--tasks", "sports_understanding,object_counting",
-                              "--limit", "3", "--max-new-tokens", "8", "--batch-size", "4", "--out", str(out)])
-    assert evaluate.run(args) == 0
+    returned = evaluate.evaluate_bbh(evaluate.EvalConfig.make(overrides=dict(
+        model=str(tiny_qwen_dir), tasks="sports_understanding,object_counting", limit=3, max_new_tokens=8,
+        batch_size=4, out=str(out), progress=False)))
     for name in ("items.jsonl", "results.json", "report.md", "scores.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -128,7 +126,10 @@ def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
         per[r["task"]].append(r)
 
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == evaluate.SCHEMA and results["config"]["device"] == "cpu"
+    assert results == returned   # what evaluate_bbh returns is what it wrote
+    assert results["schema"] == bbh_results.SCHEMA and results["config"]["device"] == "cpu"
+    assert set(results["config"]) == {"prompt_format", "chat", "tasks", "limit", "max_new_tokens", "batch_size", "stop",
+                                      "bbh_dir", "device", "dtype"}   # the results.json schema's config
     report = (out / "report.md").read_text()
     for task, task_rows in per.items():
         strict = 100 * sum(r["correct"] for r in task_rows) / len(task_rows)
@@ -145,8 +146,11 @@ def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
     # the same generations re-scored as a predictions file give the same results
     preds = tmp_path / "preds.jsonl"
     preds.write_text("".join(json.dumps({"task": r["task"], "idx": r["idx"], "prediction": r["generation"]}) + "\n" for r in rows))
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
     again = parser.parse_args(["--predictions", str(preds), "--limit", "3", "--out", str(tmp_path / "again"), "--no-plot"])
     assert evaluate.run(again) == 0
+    assert not (tmp_path / "again" / "scores.png").exists()
     rescored = json.loads((tmp_path / "again" / "results.json").read_text())
     assert rescored["tasks"] == results["tasks"] and rescored["summary"] == results["summary"]
     rescored_rows = [json.loads(line) for line in (tmp_path / "again" / "items.jsonl").read_text().splitlines()]

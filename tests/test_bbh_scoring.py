@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fastkd import bbh, evaluate, paths
+from fastkd import bbh, bbh_results, evaluate, paths
+from fastkd.errors import UserError
 
 BBH_DIR = paths.resolve_bbh_dir(None, ["navigate"]) or Path("<no BBH data found>")
 needs_bbh = pytest.mark.skipif(not (BBH_DIR / "bbh" / "navigate.json").is_file(),
@@ -247,8 +248,8 @@ def test_predictions_file_errors(tmp_path):
     with pytest.raises(evaluate.EvalError, match="not a folder"):
         run_cli("--predictions", path, "--limit", "2", "--out", tmp_path / "file")
     with pytest.raises(evaluate.EvalError, match="summary"):
-        evaluate.load_results(_write(tmp_path / "r.json", {"schema": evaluate.SCHEMA, "tasks": {}}))
-    with pytest.raises(SystemExit):
+        evaluate.load_results(_write(tmp_path / "r.json", {"schema": bbh_results.SCHEMA, "tasks": {}}))
+    with pytest.raises(UserError, match="--batch-size must be >= 1, got 0"):
         run_cli("--predictions", path, "--batch-size", "0", "--out", tmp_path / "o")
 
 
@@ -259,7 +260,7 @@ def _write(path, obj):
 
 def _fake_results(name, scores):
     per = {t: {"strict": [True] * c + [False] * (4 - c), "lenient": [True] * 4} for t, c in scores.items()}
-    return {"schema": evaluate.SCHEMA, "name": name, "config": {"limit": None}, **bbh.summarise(per)}
+    return {"schema": bbh_results.SCHEMA, "name": name, "config": {"limit": None}, **bbh.summarise(per)}
 
 
 def test_compare_table_differences(tmp_path):

@@ -42,7 +42,7 @@ def test_inspect_numbers_match_the_files(capsys, cache):
     assert code == 0
     s = json.loads(out)
     shards = sorted((cache / "shards").iterdir())
-    sizes = {"topk": 0, "counts": 0, "hidden": 0, "tokens": 0}
+    sizes = {"topk": 0, "hidden": 0, "tokens": 0}   # mode sample: the ks payload in `topk` holds the counts
     positions = sequences = 0
     for path in shards:  # independent count: tensor sizes straight from the files
         with safe_open(str(path), "numpy") as f:
@@ -56,7 +56,7 @@ def test_inspect_numbers_match_the_files(capsys, cache):
     assert sequences == 25
     b = s["bytes_per_loss_position"]
     assert b["total"] == pytest.approx(total / positions)
-    assert b["logits"] == pytest.approx((sizes["topk"] + sizes["counts"]) / positions)
+    assert b["logits"] == pytest.approx(sizes["topk"] / positions)
     assert b["hidden"] == pytest.approx(sizes["hidden"] / positions)
     assert sum(b["hidden_by_layer"].values()) == pytest.approx(b["hidden"])
     assert b["logits"] + b["hidden"] + b["tokens"] + b["index_and_headers"] == pytest.approx(b["total"])

@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 
 from fastkd.cache_tools import FORMAT_VERSION, CacheError, CachedSequence, CacheReader, CacheWriter
-from fastkd.cache_tools.codecs import id_dtype, register_hidden_codec, register_topk_codec
+from fastkd.cache_tools.hidden_codec import hidden_error_bound
+from fastkd.cache_tools.integrity import seal
 from fastkd.cache_tools.synthetic import random_sequence, random_sequences, synthetic_settings
-from fastkd.errors import UserError
-from fastkd.integrity import seal
+from fastkd.errors import user_errors
 
 
 def bf16_reference(x):
@@ -26,31 +26,39 @@ def bf16_reference(x):
     return torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16).float().numpy()
 
 
-def fp16_reference(x):
-    return torch.from_numpy(np.asarray(x, np.float32)).half().float().numpy()
+def by_id(ids, *arrays):
+    """Rows sorted by id (the slot order within a row carries no meaning: docs/cache-format.md section 1)."""
+    order = np.argsort(np.asarray(ids), axis=1, kind="stable")
+    return [np.take_along_axis(np.asarray(a), order, 1) for a in (ids, *arrays)]
 
 
 def assert_same(stored: CachedSequence, got: CachedSequence, hidden_ref=bf16_reference):
-    """Every field equal to what was added, up to the documented storage rounding."""
+    """Every field equal to what was added, up to the documented storage: kt at precision exact keeps every
+    log-prob's bits, ks keeps the draws (ids + counts) and gives log(count / draws) with tail 0."""
     assert got.record_index == stored.record_index and got.task == stored.task
     np.testing.assert_array_equal(got.input_ids, stored.input_ids)
     assert got.input_ids.dtype == np.int32 and got.loss_mask.dtype == np.uint8
     np.testing.assert_array_equal(got.loss_mask, stored.loss_mask)
     n = int(stored.loss_mask.sum())
     assert got.topk_ids.shape == (n, stored.topk_ids.shape[1]) and got.topk_ids.dtype == np.int64
-    np.testing.assert_array_equal(got.topk_ids, stored.topk_ids)
-    assert got.topk_logprobs.dtype == np.float32
-    np.testing.assert_array_equal(got.topk_logprobs, fp16_reference(stored.topk_logprobs))
-    assert got.tail.dtype == np.float32
-    np.testing.assert_array_equal(got.tail, stored.tail)  # fp32: exact
+    assert got.topk_logprobs.dtype == np.float32 and got.tail.dtype == np.float32
     if stored.counts is None:
         assert got.counts is None
+        for a, b in zip(by_id(got.topk_ids, got.topk_logprobs), by_id(stored.topk_ids, stored.topk_logprobs)):
+            np.testing.assert_array_equal(a, b)                         # float32 log-probs: bit for bit
+        np.testing.assert_array_equal(got.tail, stored.tail)  # fp32: exact
     else:
-        np.testing.assert_array_equal(got.counts, stored.counts)
+        for a, b in zip(by_id(got.topk_ids, got.counts), by_id(stored.topk_ids, stored.counts)):
+            np.testing.assert_array_equal(a, b)                         # the draws: lossless
+        used = got.counts > 0
+        np.testing.assert_allclose(np.exp(got.topk_logprobs[used]),
+                                   (got.counts / np.maximum(got.counts.sum(1, keepdims=True), 1))[used], rtol=1e-6)
+        assert np.isneginf(got.topk_logprobs[~used]).all() and (got.tail == 0).all()
     assert set(got.hidden) == set(stored.hidden)
     for layer, x in stored.hidden.items():
         assert got.hidden[layer].dtype == np.float32 and got.hidden[layer].shape == x.shape
-        np.testing.assert_array_equal(got.hidden[layer], hidden_ref(x))
+        if hidden_ref is not None:   # None: a lossy method, checked against its bound by the caller
+            np.testing.assert_array_equal(got.hidden[layer], hidden_ref(x))
 
 
 def write_cache(root, settings, seqs, **kw):
@@ -82,7 +90,9 @@ def test_round_trip_every_field(tmp_path, mode):
     assert m["counts"]["loss_positions"] == sum(int(s.loss_mask.sum()) for s in seqs)
     assert m["counts"]["bytes"] == sum(os.path.getsize(tmp_path / "c" / e["file"]) for e in m["shards"])
     assert m["k"] == 8 and m["mode"] == mode and m["layers"] == [1, 3] and m["hidden_widths"] == [16, 24]
-    assert m["codecs"]["topk"]["name"] == "raw-zstd" and m["codecs"]["hidden"]["name"] == "bf16-zstd"
+    assert m["codecs"]["topk"] == ({"name": "ks", "params": {}} if mode == "sample"
+                                   else {"name": "kt", "params": {"precision": "exact"}})
+    assert m["codecs"]["hidden"] == {"name": "kh", "params": {"method": "bf16", "block": 128}}
     assert m["teacher"]["path"] == "synthetic-teacher"
 
 
@@ -110,13 +120,19 @@ def test_block_of_only_empty_responses(tmp_path):
         assert_same(s, got)
 
 
+@pytest.mark.parametrize("mode", ["topk", "sample"])
 @pytest.mark.parametrize("vocab", [255, 256, 65535, 65536, 151936])
-def test_id_storage_type_edges(tmp_path, vocab):
-    assert id_dtype(vocab).itemsize == (1 if vocab <= 255 else 2 if vocab <= 65535 else 4)
-    settings = synthetic_settings(vocab_size=vocab, k=3, layers=(), widths=(), mode="sample")
+def test_vocabulary_size_edges(tmp_path, vocab, mode):
+    """Ids at both ends of the vocabulary, at the sizes where a byte plane more is needed."""
+    settings = synthetic_settings(vocab_size=vocab, k=3, layers=(), widths=(), mode=mode)
+    sampled = mode == "sample"
+    lp = np.log(np.array([[0.5, 0.25, 0.125], [0.6, 0.3, 0.05]])).astype(np.float32)
     seq = CachedSequence(7, "t", np.array([0, vocab - 1, 5], np.int32), np.array([0, 1, 1], np.uint8),
-                         np.array([[vocab - 1, 0, -1], [-1, -1, -1]]), np.array([[-0.1, -3, -np.inf], [-np.inf] * 3], np.float32),
-                         np.array([0.5, 1.0], np.float32), np.array([[3, 1, 0], [0, 0, 0]], np.int32), {})
+                         np.array([[vocab - 1, 0, -1], [-1, -1, -1]] if sampled
+                                  else [[vocab - 1, 0, 1], [2, vocab - 2, 0]]),
+                         np.array([[-0.1, -3, -np.inf], [-np.inf] * 3], np.float32) if sampled else lp,
+                         np.array([0.5, 1.0] if sampled else [0.125, 0.05], np.float32),
+                         np.array([[3, 1, 0], [0, 0, 0]], np.int32) if sampled else None, {})
     reader = write_cache(tmp_path / "c", settings, [seq])
     assert_same(seq, reader[0])
 
@@ -175,6 +191,9 @@ def test_a_block_decodes_without_the_others(tmp_path):
         reader[0]
 
 
+INDEX = ("index.record_index", "index.length", "index.num_loss", "index.task", "index.block_start")
+
+
 def test_every_shard_is_plain_safetensors(tmp_path):
     settings = synthetic_settings(mode="sample")
     write_cache(tmp_path / "c", settings, random_sequences(5, 30, settings), sequences_per_shard=10, max_block_sequences=4)
@@ -184,33 +203,35 @@ def test_every_shard_is_plain_safetensors(tmp_path):
         with safe_open(str(path), "numpy") as f:
             keys = set(f.keys())
             meta = f.metadata()
-            assert {"index.record_index", "index.length", "index.num_loss", "index.task", "index.block_start"} <= keys
+            assert set(INDEX) <= keys
             starts = f.get_tensor("index.block_start")
             assert starts.tolist() == [0, 4, 8, 10]
             for b in range(3):
-                for part in ("tokens", "topk", "counts", "hidden.1", "hidden.3"):
+                for part in ("tokens", "topk", "hidden.1", "hidden.3"):
                     t = f.get_tensor(f"block.{b:05d}.{part}")
                     assert t.dtype == np.uint8 and t.ndim == 1
-            assert meta["format_version"] == "1" and json.loads(meta["topk_codec"])["name"] == "raw-zstd"
-            assert meta["counts_codec"] and json.loads(meta["layers"]) == [1, 3]
+            assert keys == set(INDEX) | {f"block.{b:05d}.{part}" for b in range(3)   # the ks payload holds the counts
+                                         for part in ("tokens", "topk", "hidden.1", "hidden.3")}
+            assert meta["format_version"] == str(FORMAT_VERSION) and json.loads(meta["topk_codec"])["name"] == "ks"
+            assert "counts_codec" not in meta and json.loads(meta["layers"]) == [1, 3]
 
 
 # --- resume after a kill -------------------------------------------------------------------
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from fastkd.cache_tools import CacheWriter, format as fmt, writer as wmod
+    from fastkd.cache_tools import CacheWriter, units as wmod
     from fastkd.cache_tools.synthetic import random_sequences, synthetic_settings
     root, where = sys.argv[1], sys.argv[2]
     settings = synthetic_settings()
     seqs = random_sequences(11, 40, settings)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     calls = {"n": 0}
-    if where == "before-manifest":   # shard renamed into place, manifest not yet updated
+    if where == "before-manifest":   # shard and receipt in place, manifest not yet updated
         real = wmod.write_manifest
         def write_manifest(root_, m):
             calls["n"] += 1
-            if calls["n"] == 4:  # 1: at open, 2 and 3: shards 0 and 1
+            if calls["n"] == 4:  # 1: at open, 2 and 3: units 0 and 1 merged
                 die()
             real(root_, m)
         wmod.write_manifest = write_manifest
@@ -220,7 +241,7 @@ KILL_SCRIPT = textwrap.dedent("""
             if str(a).endswith(".tmp") and "shard-00002" in str(a):
                 die()
             real_replace(a, b)
-        wmod.os.replace = replace
+        os.replace = replace
     w = CacheWriter(root, settings, sequences_per_shard=8)
     for i, s in enumerate(seqs):
         if where == "after-adds" and i == 20:   # 2.5 shards
@@ -323,7 +344,7 @@ def test_lock_held_by_live_process_refused(tmp_path):
     root = tmp_path / "c"
     root.mkdir()
     (root / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    with pytest.raises(CacheError, match=rf"another run \(pid {os.getppid()}\) is writing"):
+    with pytest.raises(CacheError, match=rf"another run \(pid {os.getppid()}\) is still writing"):
         CacheWriter(root, settings)
     (root / ".lock").unlink()
     first = CacheWriter(root, settings)
@@ -350,7 +371,7 @@ def test_bad_manifest_is_a_clear_error(tmp_path, content, message):
         (root / "manifest.json").write_text(content)
     with pytest.raises(CacheError, match=message) as info:
         CacheReader(root)
-    assert str(root) in str(info.value) and isinstance(info.value, UserError)
+    assert str(root) in str(info.value) and isinstance(info.value, user_errors())
 
 
 def test_missing_folder_empty_cache_missing_shard(tmp_path):
@@ -378,6 +399,27 @@ def test_unknown_format_version_refused(tmp_path):
         CacheReader(tmp_path / "c")
 
 
+@pytest.mark.parametrize("version, sealed", [(1, True), (2, True), (1, False)])
+def test_a_pre_1_0_cache_is_refused_in_one_line(tmp_path, version, sealed):
+    """Formats 1 and 2 (fastkd before 1.0; format 1 also unsealed, as before digests) are never misread:
+    every reader and the writer refuse them with one line saying what to do."""
+    from fastkd.cache_tools.verify import verify_cache
+
+    settings = synthetic_settings()
+    root = write_cache(tmp_path / "c", settings, random_sequences(16, 3, settings)).root
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    m["format_version"] = version
+    if not sealed:
+        del m["self_sha256"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(seal(m) if sealed else m))
+    want = f"cache {root}: made by a pre-1.0 fastkd, format {version}; re-create it"
+    for open_it in (CacheReader, verify_cache, lambda r: CacheWriter(r, settings)):
+        with pytest.raises(CacheError) as err:
+            open_it(tmp_path / "c")
+        assert str(err.value).startswith(want) and "\n" not in str(err.value)
+    assert not (tmp_path / "c" / ".lock").exists()
+
+
 def test_add_checks_shapes_and_ids(tmp_path):
     settings = synthetic_settings(vocab_size=50)
     rng = np.random.default_rng(17)
@@ -400,85 +442,49 @@ def test_add_checks_shapes_and_ids(tmp_path):
         CacheWriter(tmp_path / "d", synthetic_settings(codecs={"topk": "nope"}))
 
 
-def test_registered_codecs_are_used_by_name(tmp_path):
-    """A codec with the shapes other modules provide plugs in by name, with its params."""
-    seen = {}
-
-    def encode_topk(ids, logprobs, tail, vocab_size, scale=1.0):
-        seen["scale"] = scale
-        return ids.astype("<i8").tobytes() + logprobs.astype("<f4").tobytes() + tail.astype("<f4").tobytes()
-
-    def decode_topk(payload, n, k, vocab_size, scale=1.0):
-        ids = np.frombuffer(payload, "<i8", n * k).reshape(n, k)
-        lp = np.frombuffer(payload, "<f4", n * k, offset=8 * n * k).reshape(n, k)
-        return ids, lp, np.frombuffer(payload, "<f4", n, offset=12 * n * k)
-
-    def encode_hidden(x, method, **params):
-        assert method == "exact"
-        return np.asarray(x, "<f4").tobytes()
-
-    def decode_hidden(payload, n, d, method, **params):
-        return np.frombuffer(payload, "<f4").reshape(n, d)
-
-    register_topk_codec("test-plain", encode_topk, decode_topk)
-    register_hidden_codec("test-hidden", encode_hidden, decode_hidden)
-    settings = synthetic_settings(codecs={"topk": {"name": "test-plain", "params": {"scale": 2.0}},
-                                          "hidden": {"name": "test-hidden", "params": {"method": "exact"}}})
-    seqs = random_sequences(18, 6, settings)
-    reader = write_cache(tmp_path / "c", settings, seqs)
-    assert seen["scale"] == 2.0
-    for s, got in zip(seqs, reader):
-        np.testing.assert_array_equal(got.topk_logprobs, s.topk_logprobs)  # exact codec: no fp16 rounding
-        for layer in s.hidden:
-            np.testing.assert_array_equal(got.hidden[layer], s.hidden[layer])
-    with safe_open(str(tmp_path / "c" / "shards" / "shard-00000.safetensors"), "numpy") as f:
-        assert json.loads(f.metadata()["hidden_codec"]) == {"name": "test-hidden", "params": {"method": "exact"}}
-
-
-def test_format_version_picks_the_shard_decoder(tmp_path, monkeypatch):
-    """Old caches stay readable: the manifest's version selects the reader class."""
-    from fastkd.cache_tools import shard as shard_mod
-
-    settings = synthetic_settings()
-    seqs = random_sequences(19, 4, settings)
-    write_cache(tmp_path / "c", settings, seqs)
-    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    m["format_version"] = 0
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(seal(m)))
-    used = []
-
-    class OldShard(shard_mod.ShardV1):
-        def decode_block(self, block, layers=None):
-            used.append(block)
-            return super().decode_block(block, layers)
-
-    monkeypatch.setitem(shard_mod.SHARD_READERS, 0, OldShard)
-    reader = CacheReader(tmp_path / "c")
-    assert_same(seqs[2], reader[2])
-    assert used == [0]
-    with pytest.raises(CacheError, match="written with format version 0"):
-        CacheWriter(tmp_path / "c", settings)
+def test_the_codec_registry_is_the_format_s_own(tmp_path):
+    """One codec of each kind, written out: any other name (the pre-1.0 ones included) is refused, naming the
+    known ones."""
+    for codecs, message in [({"topk": "kt2-zstd"}, r"unknown logits codec 'kt2-zstd' \(known: ks, kt\)"),
+                            ({"topk": "raw-zstd"}, r"unknown logits codec 'raw-zstd' \(known: ks, kt\)"),
+                            ({"hidden": "bf16-zstd"}, r"unknown hidden codec 'bf16-zstd' \(known: kh\)"),
+                            ({"topk": "kt:precision=tiny"}, "unknown precision 'tiny'; choose fine, small, exact"),
+                            ({"hidden": "kh:method=int4"}, "unknown method 'int4'")]:
+        with pytest.raises(CacheError, match=message):
+            CacheWriter(tmp_path / "d", synthetic_settings(codecs=codecs))
+    assert not (tmp_path / "d").exists()
 
 
 def _spec_read(root):
-    """A reader written from docs/cache-format.md alone: json, raw bytes and zstandard only."""
-    import zstandard
-
-    def unplane(data, dtype, count):
-        w = np.dtype(dtype).itemsize
-        return np.frombuffer(data, np.uint8).reshape(w, count).T.copy().view(np.dtype(dtype).newbyteorder("<")).ravel()
-
+    """A reader written from docs/cache-format.md and docs/codec.md alone: json, struct, raw bytes and zstandard
+    only (kt at precision exact, kh with method bf16)."""
     import hashlib
+    import struct
 
     import xxhash
+    import zstandard
+
+    def frames(payload, offset, groups):
+        """[planes u8] per group, [length u32] per frame, the frames: each group's planes joined as uint32."""
+        counts = list(payload[offset: offset + groups])
+        lengths = struct.unpack_from(f"<{sum(counts)}I", payload, offset + groups)
+        pos, out = offset + groups + 4 * sum(counts), []
+        for c in counts:
+            planes = []
+            for length in lengths[len(sum(out, [])): len(sum(out, [])) + c]:
+                planes.append(zstandard.ZstdDecompressor().decompress(payload[pos: pos + length]))
+                pos += length
+            out.append(planes)
+        return [sum((np.frombuffer(p, np.uint8).astype(np.uint32) << (8 * b) for b, p in enumerate(g)),
+                    np.zeros(len(g[0]) if g else 0, np.uint32)) for g in out]
 
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["format"] == "fastkd-teacher-cache" and manifest["format_version"] == 1
+    assert manifest["format"] == "fastkd-teacher-cache" and manifest["format_version"] == 3
+    assert manifest["codecs"]["topk"]["params"]["precision"] == "exact"
     body = {key: v for key, v in manifest.items() if key != "self_sha256"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     assert hashlib.sha256(canonical).hexdigest() == manifest["self_sha256"]
-    V, k = manifest["tokenizer"]["vocab_size"], manifest["k"]
-    W = np.uint8 if V <= 255 else np.uint16 if V <= 65535 else np.uint32
+    k = manifest["k"]
     out = []
     for entry in manifest["shards"]:
         raw = (root / entry["file"]).read_bytes()
@@ -505,26 +511,25 @@ def _spec_read(root):
         for b in range(len(starts) - 1):
             lo, hi = starts[b], starts[b + 1]
             T, N = int(length[lo:hi].sum()), int(nloss[lo:hi].sum())
-
-            def unz(name, size):
-                data = tensor(f"block.{b:05d}.{name}", np.uint8).tobytes()
-                if size == 0:
-                    return b""
-                body = zstandard.ZstdDecompressor().decompress(data)
-                assert len(body) == size
-                return body
-            body = unz("tokens", 5 * T)
-            ids_all, mask_all = unplane(body[: 4 * T], "<i4", T), np.frombuffer(body[4 * T:], np.uint8)
-            w = np.dtype(W).itemsize
-            body = unz("topk", N * k * (w + 2) + 4 * N)
-            tid = unplane(body[: N * k * w], W, N * k).astype(np.int64).reshape(N, k)
-            tid[tid == np.iinfo(W).max] = -1
-            lp = unplane(body[N * k * w: N * k * (w + 2)], "<f2", N * k).reshape(N, k).astype(np.float32)
-            tail = unplane(body[N * k * (w + 2):], "<f4", N)
-            hid = {}
+            part = lambda name: tensor(f"block.{b:05d}.{name}", np.uint8).tobytes()  # noqa: E731
+            ids_all, mask_all = frames(part("tokens"), 0, 2)    # byte-plane frames without a header
+            assert len(ids_all) == len(mask_all) == T
+            ids_all, mask_all = ids_all.view(np.int32), mask_all.astype(np.uint8)
+            tid, lp, tail, hid = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32), {}
+            if N:
+                payload = part("topk")                       # KT version 1, flag 4: float32 bits in id order
+                magic, version, layout, flags, n, kk = struct.unpack_from("<2sBBBxII", payload)
+                assert (magic, version, layout, flags, n, kk) == (b"KT", 1, 1, 4, N, k)
+                gaps, bits, tail_bits = frames(payload, 26, 3)
+                tid = (np.cumsum(gaps.reshape(N, k).astype(np.int64), axis=1) + np.arange(k)).astype(np.int64)
+                lp, tail = bits.view(np.float32).reshape(N, k), tail_bits.view(np.float32)
             for layer, d in zip(layers, widths):
-                bits = unplane(unz(f"hidden.{layer}", 2 * N * d), "<u2", N * d)
-                hid[layer] = (bits.astype(np.uint32) << 16).view(np.float32).reshape(N, d)
+                if N:
+                    payload = part(f"hidden.{layer}")         # KH version 1, method 0 (bf16): bits << 16
+                    assert struct.unpack_from("<2sBBII", payload) == (b"KH", 1, 0, N, d)
+                    hid[layer] = (frames(payload, 16, 2)[1] << 16).view(np.float32).reshape(N, d)
+                else:
+                    hid[layer] = np.zeros((0, d), np.float32)
             t = r = 0
             for s in range(lo, hi):
                 L, n = int(length[s]), int(nloss[s])
@@ -547,37 +552,26 @@ def test_a_reader_written_from_the_spec_agrees(tmp_path):
 
 
 def test_codec_failure_names_shard_and_record(tmp_path):
-    def encode_hidden(x, **params):
-        if np.abs(x).max() > 1e6:
-            raise ValueError("value too large for this codec")
-        return np.asarray(x, "<f4").tobytes()
-
-    register_hidden_codec("test-picky", encode_hidden, lambda p, n, d, **_: np.frombuffer(p, "<f4").reshape(n, d))
-    settings = synthetic_settings(codecs={"hidden": "test-picky"})
+    settings = synthetic_settings()                          # kh with method bf16: a value past bf16's range fails
     seqs = random_sequences(22, 6, settings)
     target = next(s for s in seqs if len(s.tail) > 0 and s.record_index > 0)
-    target.hidden[3][0, 0] = 1e9
+    target.hidden[3][0, 0] = 3.4e38                          # finite in float32, so the writer's checks pass it
     writer = CacheWriter(tmp_path / "c", settings, sequences_per_shard=6)
     with pytest.raises(CacheError, match=rf"shard shards/shard-00000.safetensors: cannot encode record "
-                                         rf"{target.record_index}: ValueError: value too large"):
+                                         rf"{target.record_index}: CodecError: hidden codec: a value overflows bf16"):
         for s in seqs:
             writer.add(s)
     writer.abort()
     assert not list((tmp_path / "c" / "shards").iterdir())
 
 
-def test_the_compact_codecs_plug_in_by_name(tmp_path):
-    """The top-k / hidden codec modules (written separately) are found by name when present."""
-    codecs = pytest.importorskip("fastkd.cache_tools.codecs")
-    try:
-        found = codecs.known_codecs()
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"codec modules not importable yet: {err}")
-    if "kt-zstd" not in found["topk"] or "kh-zstd" not in found["hidden"]:
-        pytest.skip("compact codec modules not present")
-    settings = synthetic_settings(codecs={"topk": "kt-zstd", "hidden": {"name": "kh-zstd", "params": {"method": "int8"}}})
+def test_the_default_codecs_round_trip_within_their_bounds(tmp_path):
+    """Nothing pinned: kt at precision fine and kh int8 (blocks of 128), the defaults of docs/codec.md."""
+    settings = synthetic_settings(codecs={})
     seqs = random_sequences(23, 12, settings)
     reader = write_cache(tmp_path / "c", settings, seqs, max_block_sequences=5)
+    assert reader.manifest["codecs"] == {"topk": {"name": "kt", "params": {"precision": "fine"}},
+                                         "hidden": {"name": "kh", "params": {"method": "int8", "block": 128}}}
     for s, got in zip(seqs, reader):
         np.testing.assert_array_equal(got.input_ids, s.input_ids)
         np.testing.assert_array_equal(np.sort(got.topk_ids, 1), np.sort(s.topk_ids, 1))
@@ -590,37 +584,35 @@ def test_shards_without_manifest_are_never_deleted(tmp_path):
     settings = synthetic_settings()
     write_cache(tmp_path / "c", settings, random_sequences(24, 4, settings))
     (tmp_path / "c" / "manifest.json").unlink()
-    with pytest.raises(CacheError, match="holds 1 shard file.*no manifest.json"):
+    with pytest.raises(CacheError, match="holds 1 shard or unit file.*no manifest.json"):
         CacheWriter(tmp_path / "c", settings)
     assert (tmp_path / "c" / "shards" / "shard-00000.safetensors").exists()
 
 
 def test_codec_spellings_resolve_to_one_setting(tmp_path):
-    from fastkd.cache_tools.codecs import normalize_codec
+    from fastkd.cache_tools import normalize_codec
 
-    default = {"name": "raw-zstd", "params": {}}
-    assert normalize_codec(None, default) == default
-    assert normalize_codec("int8", default, "hidden") == {"name": "kh-zstd", "params": {"method": "int8"}}
-    assert normalize_codec("kh-zstd:method=fp8,block=64", default, "hidden") == \
-        {"name": "kh-zstd", "params": {"method": "fp8", "block": 64}}
-    assert normalize_codec("raw-zstd:level=5", default) == {"name": "raw-zstd", "params": {"level": 5}}
+    assert normalize_codec(None) == {"name": "kt", "params": {"precision": "fine"}}
+    assert normalize_codec(None, "topk", "sample") == {"name": "ks", "params": {}}
+    assert normalize_codec("kt:precision=small") == {"name": "kt", "params": {"precision": "small"}}
+    assert normalize_codec("kh:method=fp8,block=64", "hidden") == \
+        {"name": "kh", "params": {"method": "fp8", "block": 64}}
+    assert normalize_codec({"name": "kh", "params": {"method": "bf16"}}, "hidden") == \
+        {"name": "kh", "params": {"method": "bf16", "block": 128}}
     with pytest.raises(ValueError, match="name:key=value"):
-        normalize_codec("raw-zstd:level", default)
-    # flat keys as the cache stage may pass them end up in `codecs` (and resume compares them)
-    settings = synthetic_settings(hidden_codec="fp16", logits_codec="raw-zstd:level=1", codecs={})
+        normalize_codec("kt:level", "topk")
+    # flat keys as the cache stage passes them end up in `codecs` (and resume compares them)
+    settings = synthetic_settings(hidden_codec="kh:method=fp8", logits_codec="kt:precision=exact,level=1", codecs={})
     seqs = random_sequences(26, 3, settings)
     reader = write_cache(tmp_path / "c", settings, seqs)
-    assert reader.manifest["codecs"] == {"topk": {"name": "raw-zstd", "params": {"level": 1}},
-                                         "hidden": {"name": "fp16-zstd", "params": {}}}
-    assert "hidden_codec" not in reader.manifest
+    assert reader.manifest["codecs"] == {"topk": {"name": "kt", "params": {"precision": "exact", "level": 1}},
+                                         "hidden": {"name": "kh", "params": {"method": "fp8", "block": 128}}}
+    assert "hidden_codec" not in reader.manifest and "logits_codec" not in reader.manifest
     for s, got in zip(seqs, reader):
-        assert_same(s, got, hidden_ref=fp16_reference)
-    with pytest.raises(CacheError, match=r"codecs\.hidden\.name: cache has 'fp16-zstd', this run has 'bf16-zstd'"):
+        assert_same(s, got, hidden_ref=None)
+        for layer, x in s.hidden.items() if len(s.tail) else ():
+            assert (np.abs(got.hidden[layer].astype(np.float64) - x) <= hidden_error_bound(x, "fp8", 128)).all()
+    with pytest.raises(CacheError, match=r"codecs\.hidden\.params\.method: cache has 'fp8', this run has 'bf16'"):
         CacheWriter(tmp_path / "c", synthetic_settings())
     with pytest.raises(CacheError, match="contradicts"):
-        CacheWriter(tmp_path / "d", synthetic_settings(hidden_codec="fp16", codecs={"hidden": "bf16"}))
-    # nothing pinned: the defaults chosen in docs/codec.md
-    CacheWriter(tmp_path / "e", synthetic_settings(codecs={})).close()
-    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
-    assert manifest["codecs"]["topk"]["name"] == "kt-zstd"
-    assert manifest["codecs"]["hidden"] == {"name": "kh-zstd", "params": {"method": "int8", "block": 128}}
+        CacheWriter(tmp_path / "d", synthetic_settings(hidden_codec="kh:method=fp8", codecs={"hidden": "kh"}))

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from test_cache_teacher import _records
+from test_cache_teacher import _records, run_cache, slow_cli
 
-from fastkd.cache_stage import cache_teacher
-from fastkd.cache_tools import CacheReader
+from fastkd.cache_tools import CacheError, CacheReader
 from fastkd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = dict(k=8, layers="1,-1", sequences_per_shard=3, batch_size=2, progress=False)
+ARGS = dict(top_k=8, layers="1,-1", sequences_per_shard=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def reference(tiny_qwen_dir, recs, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(out), **ARGS)
+        run_cache(tiny_qwen_dir, recs, out, **ARGS)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -69,9 +68,9 @@ def _port() -> int:
 
 
 def _cli_args(teacher, data, out):
-    return ["-m", "fastkd", "cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
-            "--top-k", str(ARGS["k"]), "--layers", ARGS["layers"], "--sequences-per-shard", str(ARGS["sequences_per_shard"]),
-            "--batch-size", str(ARGS["batch_size"]), "--quiet"]
+    return ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--top-k", str(ARGS["top_k"]), "--layers", ARGS["layers"], "--sequences-per-shard",
+            str(ARGS["sequences_per_shard"]), "--batch-size", str(ARGS["batch_size"]), "--no-progress"]
 
 
 def start_ranks(world, teacher, data, out, slow=0.0):
@@ -81,9 +80,10 @@ def start_ranks(world, teacher, data, out, slow=0.0):
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", FASTKD_SLOW_WRITE_SECONDS=str(slow))
+                   TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        procs.append(subprocess.Popen([sys.executable, *_cli_args(teacher, data, out)], env=env,
+        command = slow_cli(slow) if slow else [sys.executable, "-m", "fastkd"]
+        procs.append(subprocess.Popen([*command, *_cli_args(teacher, data, out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -148,7 +148,7 @@ def test_kill_one_rank_then_resume_with_other_rank_counts(tiny_qwen_dir, recs, r
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.communicate()
-    summary = cache_teacher(str(tiny_qwen_dir), str(recs), str(out), **ARGS)   # one process finishes it
+    summary = run_cache(tiny_qwen_dir, recs, out, **ARGS)   # one process finishes it
     assert summary.sequences_resumed > 0 and summary.sequences_resumed + summary.sequences_written == 22
     assert_same_cache(reference, out)
     from fastkd.cache_tools.verify import verify_cache
@@ -161,14 +161,14 @@ def test_resume_on_changed_records_refused(tiny_qwen_dir, tmp_path):
     records = _records(9, seed=2)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(data), str(out), k=4, sequences_per_shard=3, progress=False)
+    run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
     records[4]["rationale"] = "a different rationale"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    with pytest.raises(UserError, match=r"cannot resume on other data: the records differ .*9 records.*same --data"):
-        cache_teacher(str(tiny_qwen_dir), str(data), str(out), k=4, sequences_per_shard=3, progress=False)
+    with pytest.raises(CacheError, match=r"cannot resume on other data: the records differ .*9 records.*same --data"):
+        run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:8]))        # one record fewer
-    with pytest.raises(UserError, match=r"9 records.*this run: 8 records"):
-        cache_teacher(str(tiny_qwen_dir), str(data), str(out), k=4, sequences_per_shard=3, progress=False)
+    with pytest.raises(CacheError, match=r"9 records.*this run: 8 records"):
+        run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
 
 
 def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
@@ -176,14 +176,14 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
     receipt: each unit is written again; a sound receipt is merged, not rewritten."""
     from fastkd.cache_tools.units import receipt_file
     from fastkd.cache_tools.writer import shard_file
-    from fastkd.integrity import canonical_json, seal
+    from fastkd.cache_tools.integrity import canonical_json, seal
 
     data = tmp_path / "recs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(12, seed=3)))
     full = tmp_path / "full"
-    cache_teacher(str(tiny_qwen_dir), str(data), str(full), k=4, sequences_per_shard=3, progress=False)
+    run_cache(tiny_qwen_dir, data, full, top_k=4, sequences_per_shard=3)
     out = tmp_path / "part"
-    cache_teacher(str(tiny_qwen_dir), str(data), str(out), k=4, sequences_per_shard=3, progress=False)
+    run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
     m = json.loads((out / "manifest.json").read_text())
     entries = m["shards"]
     m["shards"], m["complete"] = entries[:1], False                  # as if only unit 0 had been merged
@@ -196,7 +196,7 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
     (out / receipt_file(1)).write_bytes(canonical_json(good))                        # sound: merged
     (out / receipt_file(2)).write_bytes(canonical_json(seal(dict(good, settings_sha256="0" * 64))))  # stale
     (out / receipt_file(3)).write_text("{\"format\": \"fastkd-teacher-cache-unit\"")  # cut short
-    summary = cache_teacher(str(tiny_qwen_dir), str(data), str(out), k=4, sequences_per_shard=3, progress=False)
+    summary = run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
     assert summary.sequences_resumed == 6 and summary.sequences_written == 6
     assert (out / shard_file(2)).exists() and not list((out / "units").iterdir())
     assert_same_cache(full, out)
@@ -204,19 +204,19 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
 
 def test_a_live_rank_of_another_run_blocks_the_coordinator(tiny_qwen_dir, recs, tmp_path):
     out = tmp_path / "c"
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=3, progress=False)
+    run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=3)
     (out / ".lock.rank-1").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    with pytest.raises(UserError, match=r"rank 1 of an earlier run .* is still writing"):
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=3, progress=False)
+    with pytest.raises(CacheError, match=r"rank 1 of an earlier run .* is still writing"):
+        run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=3)
     (out / ".lock.rank-1").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
-    again = cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=3, progress=False)
+    again = run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=3)
     assert again.sequences_written == 0 and not (out / ".lock.rank-1").exists()
 
 
 def test_work_unit_belongs_to_the_cache(tiny_qwen_dir, recs, tmp_path):
     out = tmp_path / "c"
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=5, progress=False)
-    again = cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=7, progress=False)
+    run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=5)
+    again = run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=7)
     assert again.sequences_written == 0 and again.sequences_resumed == 22
     assert CacheReader(out).manifest["work_unit"] == 5
 
@@ -224,7 +224,8 @@ def test_work_unit_belongs_to_the_cache(tiny_qwen_dir, recs, tmp_path):
 # ----------------------------------------------------------------------------- device map
 
 def test_device_map_split_with_disk_offload_equals_one_device(tiny_qwen_dir, recs, reference, tmp_path):
-    """The teacher's modules spread over cpu and disk (accelerate hooks run every layer): same cache, hidden states included."""
+    """The teacher's modules spread over cpu and disk (accelerate hooks run every layer): the same cache, hidden
+    states included."""
     pytest.importorskip("accelerate")
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "disk"}
@@ -232,8 +233,8 @@ def test_device_map_split_with_disk_offload_equals_one_device(tiny_qwen_dir, rec
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(out), device_map=json.dumps(device_map),
-                      offload_folder=str(tmp_path / "offload"), dtype="float32", **ARGS)
+        run_cache(tiny_qwen_dir, recs, out, device_map=json.dumps(device_map),
+                  offload_folder=str(tmp_path / "offload"), dtype="float32", **ARGS)
     finally:
         torch.set_num_threads(threads)
     from fastkd.teacher import load_causal_lm
@@ -261,15 +262,9 @@ def test_max_memory_split(tiny_qwen_dir, recs, tmp_path):
     placed = set(model.hf_device_map.values())
     assert "disk" in placed and "cpu" in placed, model.hf_device_map
     out = tmp_path / "c"
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, layers="-1", device_map="auto", max_memory="cpu=400KB",
-                  offload_folder=str(tmp_path / "off2"), progress=False)
+    run_cache(tiny_qwen_dir, recs, out, top_k=4, layers="-1", device_map="auto", max_memory="cpu=400KB",
+              offload_folder=str(tmp_path / "off2"))
     assert len(CacheReader(out)) == 22
-
-
-def test_device_map_without_accelerate_is_a_clear_error(tiny_qwen_dir, recs, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "accelerate", None)
-    with pytest.raises(UserError, match=r"--device-map needs the accelerate package: pip install 'fastkd\[scale\]'"):
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(tmp_path / "c"), device_map="auto", progress=False)
 
 
 def test_bad_device_map_and_max_memory(tiny_qwen_dir):
@@ -319,11 +314,11 @@ class StandInEngine:
 
 def test_vllm_backend_with_a_stand_in_engine_matches_hf(tiny_qwen_dir, recs, tmp_path):
     hf = tmp_path / "hf"
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(hf), k=8, sequences_per_shard=5, progress=False)
+    run_cache(tiny_qwen_dir, recs, hf, top_k=8, sequences_per_shard=5)
     out = tmp_path / "vllm"
     engine = StandInEngine(tiny_qwen_dir, 8)
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=8, sequences_per_shard=5, progress=False,
-                  backend="vllm", vllm_engine=engine, vllm_max_logprobs=8)
+    run_cache(tiny_qwen_dir, recs, out, top_k=8, sequences_per_shard=5,
+              backend="vllm", vllm_engine=engine, vllm_max_logprobs=8)
     assert engine.calls > 0
     rv = CacheReader(out)
     assert rv.manifest["teacher"]["backend"] == "vllm" and rv.manifest["layers"] == []
@@ -341,15 +336,15 @@ def test_vllm_backend_with_a_stand_in_engine_matches_hf(tiny_qwen_dir, recs, tmp
 
 def test_vllm_backend_refusals(tiny_qwen_dir, recs, tmp_path):
     engine = StandInEngine(tiny_qwen_dir, 8)
-    kw = dict(progress=False, backend="vllm", vllm_engine=engine)
+    kw = dict(backend="vllm", vllm_engine=engine)
     with pytest.raises(UserError, match="hidden states, which vLLM does not return"):
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(tmp_path / "a"), k=8, layers="-1", **kw)
+        run_cache(tiny_qwen_dir, recs, tmp_path / "a", top_k=8, layers="-1", **kw)
     with pytest.raises(UserError, match=r"--top-k 16 is above the vLLM engine's max_logprobs 8.*--vllm-max-logprobs"):
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(tmp_path / "b"), k=16, vllm_max_logprobs=8, **kw)
+        run_cache(tiny_qwen_dir, recs, tmp_path / "b", top_k=16, vllm_max_logprobs=8, **kw)
     with pytest.raises(UserError, match="--sample"):
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(tmp_path / "c"), sample_n=4, **kw)
+        run_cache(tiny_qwen_dir, recs, tmp_path / "c", sample=4, **kw)
     with pytest.raises(UserError, match=r"returned [89] log-probs, 12 were asked"):   # an engine that gives fewer
-        cache_teacher(str(tiny_qwen_dir), str(recs), str(tmp_path / "d"), k=12, vllm_max_logprobs=12, **kw)
+        run_cache(tiny_qwen_dir, recs, tmp_path / "d", top_k=12, vllm_max_logprobs=12, **kw)
 
 
 def test_vllm_missing_says_how_to_install(tiny_qwen_dir, recs, tmp_path, monkeypatch, capsys):
@@ -357,18 +352,21 @@ def test_vllm_missing_says_how_to_install(tiny_qwen_dir, recs, tmp_path, monkeyp
     from fastkd.cli import main
 
     rc = main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(recs), "--out", str(tmp_path / "c"),
-               "--backend", "vllm", "--top-k", "8", "--quiet"])
+               "--backend", "vllm", "--top-k", "8", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "fastkd cache-teacher: error: --backend vllm: the vllm package is not installed; pip install vllm" in err
+    assert rc == 2 and ("fastkd cache-teacher: error: --backend vllm: the vllm package is not installed; "
+                        "pip install vllm") in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_vllm_missing_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
-    from fastkd.teacher_vllm import VllmTeacher
+    from fastkd.cache_stage import CacheConfig
+    from fastkd.teacher_vllm import start_engine
 
+    config = CacheConfig.make(overrides=dict(teacher="some/model", data="d", out="o", backend="vllm", top_k=8))
     with pytest.raises(UserError, match=r"vllm package is not installed; pip install vllm"):
-        VllmTeacher.load("some/model", 8)
+        start_engine(config)
 
 
 def test_exact_tail_from_top_k_only():

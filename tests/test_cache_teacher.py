@@ -1,7 +1,6 @@
 """`fastkd cache-teacher`: cached values against an independent recomputation, resume, refusal."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,10 +11,26 @@ import pytest
 import torch
 
 from fastkd.cache_stage import cache_teacher
+from fastkd.cache_tools import CacheError
 from fastkd.cli import main as cli_main
 from fastkd.errors import UserError
 
 K = 16
+
+
+def run_cache(teacher, data, out, vllm_engine=None, **options):
+    """cache_teacher with a dict config (paths as strings, no progress bars)."""
+    return cache_teacher(dict(teacher=str(teacher), data=str(data), out=str(out), progress=False, **options),
+                         vllm_engine=vllm_engine)
+
+
+def slow_cli(seconds: float) -> list[str]:
+    """`python -m fastkd` whose cache stage sleeps after every unit (fastkd.cache_stage._after_unit), so a kill
+    lands part-way through a run."""
+    code = ("import sys, time; import fastkd.cache_stage as stage; "
+            f"stage._after_unit = lambda: time.sleep({seconds}); "
+            "from fastkd.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", code]
 
 
 def _records(n, seed=0):
@@ -25,7 +40,8 @@ def _records(n, seed=0):
     for i in range(n):
         src = " ".join(rng.choice(words, size=rng.integers(2, 12)))
         rat = " ".join(rng.choice(words, size=rng.integers(0, 20)))
-        recs.append({"source": src, "rationale": rat, "target": str(rng.choice(["True", "False"])), "task": f"t{i % 3}"})
+        target = str(rng.choice(["True", "False"]))
+        recs.append({"source": src, "rationale": rat, "target": target, "task": f"t{i % 3}"})
     return recs
 
 
@@ -51,7 +67,7 @@ def _recompute(model_dir, input_ids, loss_mask, layers):
 
 def test_cached_values_match_recomputation(tiny_qwen_dir, records_file, tmp_path):
     out = tmp_path / "cache"
-    summary = cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=K, layers="1,-1", batch_size=5, progress=False)
+    summary = run_cache(tiny_qwen_dir, records_file, out, top_k=K, layers="1,-1", batch_size=5)
     from fastkd.cache_tools import CacheReader
 
     reader = CacheReader(out)
@@ -82,7 +98,7 @@ def test_cached_values_match_recomputation(tiny_qwen_dir, records_file, tmp_path
 
 def test_sampled_mode_counts(tiny_qwen_dir, records_file, tmp_path):
     out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), sample_n=20, batch_size=4, progress=False)
+    run_cache(tiny_qwen_dir, records_file, out, sample=20, batch_size=4)
     from fastkd.cache_tools import CacheReader
 
     reader = CacheReader(out)
@@ -98,7 +114,7 @@ def test_sampled_mode_counts(tiny_qwen_dir, records_file, tmp_path):
 
 def test_no_cot_cache_masks_only_target(tiny_qwen_dir, tiny_tokenizer, records_file, tmp_path):
     out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, cot=False, progress=False)
+    run_cache(tiny_qwen_dir, records_file, out, top_k=4, cot=False)
     from fastkd.cache_tools import CacheReader
 
     recs = _records(12)
@@ -110,25 +126,49 @@ def test_no_cot_cache_masks_only_target(tiny_qwen_dir, tiny_tokenizer, records_f
 
 def test_resume_with_other_settings_refused(tiny_qwen_dir, records_file, tmp_path):
     out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)
-    with pytest.raises(UserError, match="k"):
-        cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=8, progress=False)
-    again = cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)
+    run_cache(tiny_qwen_dir, records_file, out, top_k=4)
+    with pytest.raises(CacheError, match="k"):
+        run_cache(tiny_qwen_dir, records_file, out, top_k=8)
+    again = run_cache(tiny_qwen_dir, records_file, out, top_k=4)
     assert again.sequences_written == 0 and again.sequences_resumed == 12
 
 
 def test_bad_inputs_clear_errors(tiny_qwen_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"source": "a", "rationale": "b", "target": "c"}) + "\n" + json.dumps({"source": "a"}) + "\n")
-    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(bad), "--out", str(tmp_path / "c"), "--quiet"])
+    bad.write_text(json.dumps({"source": "a", "rationale": "b", "target": "c"}) + "\n" + '{"source": "a"}\n')
+    out = ["--out", str(tmp_path / "c")]
+    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(bad), *out, "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "record 1" in err and "'target'" in err and "Traceback" not in err
-    rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "nope"), "--data", str(bad), "--out", str(tmp_path / "c")])
+    rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "nope"), "--data", str(bad), *out])
     assert rc == 2 and "no such folder" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"source": "a", "rationale": "b", "target": "c"}) + "\n")
-    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(good), "--out", str(tmp_path / "c"), "--layers", "7"])
+    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(good), *out, "--layers", "7"])
     assert rc == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_config_file_flags_and_the_saved_config(tiny_qwen_dir, records_file, tmp_path, capsys):
+    """--config YAML < flags; the cache keeps the resolved config as config.yaml, which --config reads back."""
+    import yaml
+
+    from fastkd.cache_stage import CacheConfig
+    from fastkd.cache_tools import CacheReader
+
+    out, run_file = tmp_path / "cache", tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"teacher": str(tiny_qwen_dir), "data": str(records_file), "top-k": 4,
+                                        "batch_size": 3, "cot": False, "progress": False}))
+    assert cli_main(["cache-teacher", "--config", str(run_file), "--out", str(out), "--top-k", "5"]) == 0
+    expected = CacheConfig.make(overrides=dict(teacher=str(tiny_qwen_dir), data=str(records_file), out=str(out),
+                                               top_k=5, batch_size=3, cot=False, progress=False))
+    assert yaml.safe_load((out / "config.yaml").read_text()) == expected.as_dict()
+    manifest = CacheReader(out).manifest
+    assert manifest["k"] == 5 and manifest["template"]["cot"] is False
+    capsys.readouterr()
+    assert cli_main(["cache-teacher", "--config", str(out / "config.yaml")]) == 0      # the saved config resumes
+    assert "this run: 0 sequences, 0 loss positions written; 12 already cached" in capsys.readouterr().out
+    assert cli_main(["cache-teacher", "--data", str(records_file), "--out", str(tmp_path / "c")]) == 2
+    assert "give --teacher" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def _contents(path):
@@ -138,18 +178,17 @@ def _contents(path):
             for s in CacheReader(path)}
 
 
-@pytest.mark.parametrize("extra", [[], ["--capture-share", "0.3", "--capture-by", "random", "--logits-codec", "kt2"]],
-                         ids=["full", "selective-capture"])
+@pytest.mark.parametrize("extra", [[], ["--capture-share", "0.3", "--capture-by", "random",
+                                        "--logits-codec", "kt:precision=small"]], ids=["full", "selective-capture"])
 def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path, extra):
     recs = tmp_path / "recs.jsonl"
     recs.write_text("".join(json.dumps(r) + "\n" for r in _records(60, seed=3)))
     args = ["--teacher", str(tiny_qwen_dir), "--data", str(recs), "--top-k", "8", "--batch-size", "2",
-            "--sequences-per-shard", "4", "--quiet", *extra]
+            "--sequences-per-shard", "4", "--no-progress", *extra]
     full = tmp_path / "full"
     assert cli_main(["cache-teacher", *args, "--out", str(full)]) == 0
     part = tmp_path / "part"
-    env = dict(os.environ, FASTKD_SLOW_WRITE_SECONDS="0.05")
-    proc = subprocess.Popen([sys.executable, "-m", "fastkd", "cache-teacher", *args, "--out", str(part)], env=env)
+    proc = subprocess.Popen([*slow_cli(0.05), "cache-teacher", *args, "--out", str(part)])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         shards = list((part / "shards").glob("*.safetensors")) if (part / "shards").exists() else []
@@ -179,7 +218,7 @@ def test_hidden_projection_is_the_stored_fixed_matrix(tiny_qwen_dir, records_fil
     from fastkd.cache_tools.hidden_codec import random_projection
 
     out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, layers="-1", hidden_project=16, seed=5, progress=False)
+    run_cache(tiny_qwen_dir, records_file, out, top_k=4, layers="-1", hidden_project=16, seed=5)
     reader = CacheReader(out)
     spec = reader.manifest["hidden_projection"]
     assert spec["d_in"] == 64 and spec["d_out"] == 16 and reader.manifest["hidden_widths"] == [16]
@@ -190,52 +229,29 @@ def test_hidden_projection_is_the_stored_fixed_matrix(tiny_qwen_dir, records_fil
     assert seq.hidden[2].shape == ref.shape
     assert np.abs(seq.hidden[2] - ref).max() <= np.abs(ref).max() / 127 + 1e-5
     with pytest.raises(UserError, match="needs --layers"):
-        cache_teacher(str(tiny_qwen_dir), str(records_file), str(tmp_path / "c2"), k=4, hidden_project=16, progress=False)
-
-
-def test_a_cache_begun_before_the_full_tokenizer_identity_resumes(tiny_qwen_dir, tmp_path):
-    """A partial cache whose manifest holds the old five-key tokenizer identity: the new fastkd
-    finishes it (comparing what the old identity holds) instead of refusing it."""
-    from fastkd.cache_tools import CacheReader
-    from fastkd.integrity import seal
-
-    recs = tmp_path / "recs.jsonl"
-    recs.write_text("".join(json.dumps(r) + "\n" for r in _records(20, seed=4)))
-    out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=4, progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
-    old_keys = ("vocab_size", "vocab_sha256", "eos_token_id", "pad_token_id", "class")
-    manifest["tokenizer"] = {key: manifest["tokenizer"][key] for key in old_keys}
-    manifest["shards"] = manifest["shards"][:2]            # as if killed after two shards
-    manifest["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(seal(manifest)))
-    summary = cache_teacher(str(tiny_qwen_dir), str(recs), str(out), k=4, sequences_per_shard=4, progress=False)
-    assert summary.sequences_resumed == 8 and summary.sequences_written == 12
-    reader = CacheReader(out)
-    assert sorted(reader.record_indices.tolist()) == list(range(20))
-    assert set(reader.manifest["tokenizer"]) == set(old_keys)
+        run_cache(tiny_qwen_dir, records_file, tmp_path / "c2", top_k=4, hidden_project=16)
 
 
 def test_a_resume_keeps_the_cache_codec_when_none_is_asked(tiny_qwen_dir, records_file, tmp_path, monkeypatch):
     """A cache begun with one default codec resumes after the default changed (a fastkd upgrade mid-cache):
     the codec not asked for is the cache's own; asking for another one is still refused."""
     import fastkd.cache_tools.codecs as codecs
-    import fastkd.cache_tools.writer as writer
-    from fastkd.cache_tools import CacheError, CacheReader
+    from fastkd.cache_tools import CacheReader
 
-    out = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False, logits_codec="raw-zstd")
+    out, exact, small = tmp_path / "cache", {"precision": "exact"}, {"precision": "small"}
+    run_cache(tiny_qwen_dir, records_file, out, top_k=4, logits_codec="kt:precision=exact")
     before = [s.topk_ids.copy() for s in CacheReader(out)]
-    monkeypatch.setattr(writer, "DEFAULT_TOPK_CODEC", "kt-zstd")
-    monkeypatch.setattr(codecs, "DEFAULT_TOPK_CODEC", "kt-zstd", raising=False)
-    cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False)  # no codec asked: resumes
-    assert read_manifest_codec(out) == "raw-zstd"
+    default = codecs.default_codec
+    monkeypatch.setattr(codecs, "default_codec", lambda part, mode="topk": (
+        {"name": "kt", "params": small} if part == "topk" else default(part, mode)))
+    run_cache(tiny_qwen_dir, records_file, tmp_path / "new", top_k=4)           # the new default is in effect
+    assert read_manifest_codec(tmp_path / "new") == {"name": "kt", "params": small}
+    run_cache(tiny_qwen_dir, records_file, out, top_k=4)  # no codec asked: resumes
+    assert read_manifest_codec(out) == {"name": "kt", "params": exact}
     assert all((a == s.topk_ids).all() for a, s in zip(before, CacheReader(out)))
     with pytest.raises(CacheError, match="codecs.topk"):
-        cache_teacher(str(tiny_qwen_dir), str(records_file), str(out), k=4, progress=False, logits_codec="kt-zstd")
+        run_cache(tiny_qwen_dir, records_file, out, top_k=4, logits_codec="kt:precision=small")
 
 
 def read_manifest_codec(root):
-    import json
-
-    return json.loads((root / "manifest.json").read_text())["codecs"]["topk"]["name"]
+    return json.loads((root / "manifest.json").read_text())["codecs"]["topk"]

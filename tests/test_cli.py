@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastkd import cli
+from fastkd.config import SHOWN_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,10 +182,14 @@ def test_train_help_states_its_dataclass_defaults_like_every_command(capsys):
     assert option_help(["train"], "--tokenizer", capsys).count("default") == 1
 
 
-def test_switches_and_required_options_say_nothing_or_on(capsys):
-    assert "default" not in option_help(["generate-rationales"], "--no-progress", capsys)
-    assert "default" not in option_help(["generate-rationales"], "--chat", capsys)
-    assert "default" not in option_help(["generate-rationales"], "--teacher", capsys)  # required
+def test_switches_say_on_or_off_and_required_options_say_so(capsys):
+    progress = option_help(["generate-rationales"], "--no-progress", capsys)   # one entry: --progress, --no-progress
+    assert progress.startswith("--progress, --no-progress") and progress.endswith("(default: on)")
+    assert progress.count("default") == 1
+    chat = option_help(["generate-rationales"], "--chat-template", capsys)
+    assert chat.endswith("(default: off)") and chat.count("default") == 1
+    teacher = option_help(["generate-rationales"], "--teacher", capsys)
+    assert "default" not in teacher and teacher.endswith("(required)")
     steps = option_help(["demo"], "--steps", capsys)
     assert steps.count("default") == 1 and "with --quick" in steps
 
@@ -216,10 +222,10 @@ def test_the_formatter_rules_on_a_parser_of_its_own():
     assert shown["said"] == "five things (default: five)"
     assert shown["items"] == "repeatable"
     assert shown["pct"] == "a share (default: 50%)"
-    # SUPPRESS-default flags (fastkd train) show the default they carry in `shown_default`
+    # SUPPRESS-default flags (every config dataclass's) show the default they carry in fastkd.config.SHOWN_DEFAULT
     q = cli.Parser(prog="y")
     action = q.add_argument("--k", type=int, default=argparse.SUPPRESS, help="k")
-    setattr(action, cli.SHOWN_DEFAULT, 64)
+    setattr(action, SHOWN_DEFAULT, 64)
     assert rendered_help(q, action) == "k (default: 64)"
 
 
@@ -272,3 +278,94 @@ def test_the_hf_trainer_example_answers_help_without_torch_or_transformers():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--max-steps" in run.stdout
+
+
+# ----------------------------------------------------------------------------- one configuration style
+
+def test_shared_options_have_one_spelling_and_one_text():
+    """--chat-template, --progress/--no-progress, --device, --dtype, --seed: no command spells them another way
+    (--chat, --quiet), switches are --x/--no-x pairs, and the stages (made by fastkd.config) share their texts."""
+    texts: dict[str, set] = {}
+    stages = {name for name, _, _ in cli.COMMANDS}
+    for path, parser in all_parsers():
+        options = {o: a for a in parser._actions for o in a.option_strings}
+        assert not {"--chat", "--quiet"} & set(options), path
+        for option in ("--chat-template", "--progress"):
+            assert ("--no-" + option[2:] in options) == (option in options), (path, option)
+            if option in options:
+                assert options["--no-" + option[2:]] is options[option], (path, option)
+        if path and path[0] in stages:
+            for option in ("--chat-template", "--device", "--progress"):
+                if option in options:
+                    texts.setdefault(option, set()).add(options[option].help)
+            for option, prefix in (("--dtype", "dtype: auto"), ("--seed", "seed for ")):
+                if option in options:
+                    assert prefix in options[option].help, (path, option)
+    assert {o: len(t) for o, t in texts.items()} == {"--chat-template": 1, "--device": 1, "--progress": 1}
+
+
+def _stage_configs():
+    from fastkd.cache_stage import CacheConfig
+    from fastkd.demo import DemoConfig
+    from fastkd.evaluate import EvalConfig
+    from fastkd.rationales import RationalesConfig
+    from fastkd.train_config import TrainConfig
+
+    return {"train": TrainConfig, "eval-bbh": EvalConfig, "generate-rationales": RationalesConfig,
+            "demo": DemoConfig, "cache-teacher": CacheConfig}
+
+
+@pytest.mark.parametrize("argv, changed", [
+    (["train", "--cache", "c", "--student", "s", "--lr", "0.02", "--student-layers", "1", "2", "--no-progress",
+      "--mode", "renorm", "--chat-template"], {"lr": 0.02, "student_layers": [1, 2], "progress": False}),
+    (["eval-bbh", "--model", "m", "--tasks", "navigate", "--limit", "3", "--chat-template", "--no-plot",
+      "--dtype", "float32"], {"limit": 3, "chat_template": True, "plot": False, "name": "m"}),
+    (["eval-bbh", "--compare", "a", "b", "--metric", "lenient"], {"compare": ["a", "b"], "out": None}),
+    (["generate-rationales", "--teacher", "t", "--data", "d.jsonl", "--out", "o.jsonl", "--n", "2",
+      "--temperature", "1.3", "--no-progress", "--chat-template"], {"n": 2, "temperature": 1.3, "progress": False}),
+    (["demo", "--quick", "--steps", "3", "--seed", "5", "--threads", "1"],
+     {"steps": 3, "records_per_task": 150, "seed": 5}),
+    (["cache-teacher", "--teacher", "t", "--data", "d", "--out", "o", "--top-k", "8", "--no-cot", "--no-progress"],
+     {"top_k": 8, "cot": False, "progress": False}),
+])
+def test_each_stage_config_round_trips_through_its_saved_file(argv, changed, tmp_path):
+    """flags -> config -> save -> --config file -> the same config, for every stage."""
+    kind = _stage_configs()[argv[0]]
+    parser = cli.build_parser()
+    config = kind.from_args(parser.parse_args(argv))
+    assert {name: getattr(config, name) for name in changed} == changed
+    config.save(tmp_path / "config.yaml")
+    again = kind.from_args(parser.parse_args([argv[0], "--config", str(tmp_path / "config.yaml")]))
+    assert again == config
+    flag_wins = parser.parse_args([argv[0], "--config", str(tmp_path / "config.yaml"), "--out", "elsewhere"])
+    assert kind.from_args(flag_wins) == dataclasses.replace(config, out="elsewhere")
+
+
+def test_field_rules_hold_however_a_config_is_built():
+    """minimum, choices and required are checked by make() (flags, YAML, Python) and by the constructor alike."""
+    from fastkd.errors import UserError
+    from fastkd.evaluate import EvalConfig
+    from fastkd.rationales import RationalesConfig
+
+    with pytest.raises(UserError, match="--batch-size must be >= 1, got 0"):
+        EvalConfig.make(overrides={"model": "m", "batch_size": 0})
+    with pytest.raises(UserError, match="--limit must be >= 1, got 0"):
+        EvalConfig(model="m", limit=0)
+    with pytest.raises(UserError, match="option prompt_format: 'cott' is not one of cot, direct"):
+        EvalConfig.make(overrides={"model": "m", "prompt_format": "cott"})
+    with pytest.raises(UserError, match="give one of --model, --predictions or --compare, not --model and --compare"):
+        EvalConfig.make(overrides={"model": "m", "compare": ["a"]})
+    with pytest.raises(UserError, match="give one of --model, --predictions or --compare$"):
+        EvalConfig.make()
+    with pytest.raises(UserError, match="give --data"):
+        RationalesConfig.make(overrides={"teacher": "t", "out": "o"})
+
+
+def test_stage_errors_are_one_line_with_exit_2(capsys):
+    rc, out, err = run_cli(["eval-bbh", "--model", "m", "--predictions", "p.jsonl"], capsys)
+    assert rc == 2 and err.strip() == ("fastkd eval-bbh: error: give one of --model, --predictions or --compare, "
+                                       "not --model and --predictions")
+    rc, _, err = run_cli(["demo", "--steps", "0"], capsys)
+    assert rc == 2 and err.strip() == "fastkd demo: error: --steps must be >= 1, got 0"
+    rc, _, err = run_cli(["generate-rationales", "--teacher", "t", "--out", "o.jsonl"], capsys)
+    assert rc == 2 and err.strip().startswith("fastkd generate-rationales: error: give --data")

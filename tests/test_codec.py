@@ -7,10 +7,10 @@ import torch
 
 from fastkd.cache_tools.hidden_codec import (decode_hidden, encode_hidden, hidden_error_bound,
                                              random_projection)
-from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, CodecError, decode_sampled, decode_topk,
-                                           encode_sampled, encode_topk, topk_error_bound,
-                                           topk_section_sizes)
-from fastkd.errors import UserError
+from fastkd.cache_tools.errors import CodecError
+from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk, encode_sampled,
+                                           encode_topk, topk_error_bound, topk_section_sizes)
+from fastkd.errors import user_errors
 
 LAYOUTS = [dict(layout="id"), dict(layout="value"), dict(layout="value", reference="absolute"),
            dict(layout="id", step=0.1, max_step=0.1)]
@@ -178,10 +178,10 @@ def test_topk_rejects_bad_inputs(layout):
     for bad_ids, lp, t, msg in cases:
         with pytest.raises(CodecError, match=msg):
             encode_topk(bad_ids, lp, t, vocab, layout=layout)
-    assert issubclass(CodecError, UserError)
+    assert issubclass(CodecError, user_errors())   # the cache layer's own error, printed by the CLI as one line
 
 
-def test_topk_header_version_dispatch_and_corruption():
+def test_topk_header_version_and_corruption():
     rng = np.random.default_rng(4)
     ids, logp, tail = random_teacher(rng, 10, 200, 16)
     payload = encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), 200)
@@ -203,6 +203,55 @@ def test_topk_header_version_dispatch_and_corruption():
     with pytest.raises(CodecError, match="unknown parameter"):
         decode_topk(payload, 10, 16, 200, stpe=0.1)
     decode_topk(payload, 10, 16, 200, **DEFAULT_TOPK_PARAMS)   # the encoder's own parameters are accepted
+
+
+@pytest.mark.parametrize("vocab, k", [(3000, 48), (151_936, 64), (50, 50)])
+def test_topk_exact_keeps_every_bit(vocab, k):
+    """Precision exact: the id set, every log-prob's float32 bits and the tail come back (rows sorted by id)."""
+    rng = np.random.default_rng(12)
+    ids, logp, tail = random_teacher(rng, 200, vocab, k)
+    logp = logp.astype(np.float32)
+    logp[3, 5:] = -np.inf                                        # zero mass
+    logp[4] = [-0.0] + [-np.inf] * (k - 1)                       # one certain token
+    tail = np.clip(1 - np.exp(logp.astype(np.float64)).sum(1), 0, 1)
+    payload, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, exact=True)
+    assert payload[:3] == b"KT\x01" and payload[3] == 1 and payload[4] & 4   # version 1, layout id, flag exact
+    o1, o2 = np.argsort(ids, 1), np.argsort(ids2, 1)
+    assert np.array_equal(np.take_along_axis(ids, o1, 1), ids2) and np.array_equal(o2, np.tile(np.arange(k), (200, 1)))
+    assert np.array_equal(np.take_along_axis(logp, o1, 1).view(np.uint32), logp2.view(np.uint32))
+    assert np.array_equal(tail2.view(np.uint32), tail.astype(np.float32).view(np.uint32))
+    with pytest.raises(CodecError, match="'id' when exact"):
+        encode_topk(ids, logp, tail.astype(np.float32), vocab, exact=True, layout="value")
+    unused = np.where(np.arange(k) >= k - 2, -1, ids)            # unused slots (id -1, log-prob -inf) stay so
+    lp_unused = np.where(unused < 0, -np.inf, logp).astype(np.float32)
+    mass = np.clip(1 - np.exp(lp_unused.astype(np.float64)).sum(1), 0, 1)
+    _, (ids3, logp3, _) = roundtrip(unused, lp_unused, mass.astype(np.float32), vocab, exact=True)
+    assert (ids3[:, -2:] == -1).all() and np.isneginf(logp3[:, -2:]).all()
+
+
+def test_kt_precisions_are_one_codec():
+    """The `kt` codec of the registry: each precision writes its own payload, and a payload is decoded only
+    at the precision the cache names (a manifest and a shard that disagree are refused)."""
+    from fastkd.cache_tools.codecs import decode_kt, encode_kt
+
+    rng = np.random.default_rng(13)
+    vocab, k = 500, 16
+    ids, logp, tail = random_teacher(rng, 64, vocab, k)
+    labels = labels_from(rng, ids, logp, tail, vocab)
+    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
+    sizes = {}
+    for precision, version in (("fine", 1), ("small", 2), ("exact", 1)):
+        payload = encode_kt(ids, lp32, t32, vocab, labels=labels, precision=precision)
+        assert payload[2] == version
+        sizes[precision] = len(payload)
+        ids2, lp2, tail2 = decode_kt(payload, 64, k, vocab, labels=labels, precision=precision)
+        assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1)) and np.array_equal(tail2, t32)
+        for other in {"fine", "small", "exact"} - {precision}:
+            with pytest.raises(CodecError, match=f"precision {precision!r}, the cache names {other!r}"):
+                decode_kt(payload, 64, k, vocab, labels=labels, precision=other)
+    assert max(sizes["small"], sizes["fine"]) < sizes["exact"]   # (small < fine on LM-like data: below)
+    with pytest.raises(CodecError, match="unknown precision 'tiny'"):
+        encode_kt(ids, lp32, t32, vocab, precision="tiny")
 
 
 def random_samples(rng, n, s, vocab):
@@ -345,9 +394,9 @@ def test_topk_unused_slots_roundtrip(layout):
         encode_topk(np.array([[3, -1]]), np.array([[np.log(0.5), np.log(0.5)]], np.float32), np.zeros(1, np.float32), vocab)
 
 
-# ---------------------------------------------------------------------------- top-k version 2 (kt2-zstd)
+# ---------------------------------------------------------------------------- top-k version 2 (kt, precision small)
 
-from fastkd.cache_tools.topk_codec import DEFAULT_TOPK2_PARAMS, decode_topk2, encode_topk2  # noqa: E402
+from fastkd.cache_tools.topk2_codec import DEFAULT_TOPK2_PARAMS, decode_topk2, encode_topk2  # noqa: E402
 
 
 def labels_from(rng, ids, logp, tail, vocab):
@@ -518,16 +567,13 @@ def test_topk2_rejects_bad_inputs_and_corrupt_payloads():
         decode_topk2(bytes(huge), 20, k, vocab, labels=labels)
 
 
-# ---------------------------------------------------------------------------- format version 2 in a cache
+# ---------------------------------------------------------------------------- the codecs in a cache
 
 import json as _json  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
 
-from fastkd.cache_tools import CacheError, CacheReader, CacheWriter  # noqa: E402
-from fastkd.cache_tools.format import CorruptCacheError  # noqa: E402
+from fastkd.cache_tools import FORMAT_VERSION, CacheError, CacheReader, CacheWriter, CorruptCacheError  # noqa: E402
+from fastkd.cache_tools.integrity import seal  # noqa: E402
 from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings  # noqa: E402
-
-FIXTURES = _Path(__file__).parent / "fixtures"
 
 
 def _cache(root, settings, count=14, seed=0):
@@ -547,13 +593,15 @@ def _shard_meta(root):
         return f.metadata(), set(f.keys())
 
 
-def test_kt2_cache_is_format_2_and_reads_back(tmp_path):
-    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
+def test_kt_small_cache_reads_back(tmp_path):
+    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt:precision=small", "hidden": "kh:method=bf16"})
     seqs = _cache(tmp_path / "c", settings)
     reader = CacheReader(tmp_path / "c")
-    assert reader.manifest["format_version"] == 2 and reader.manifest["codecs"]["topk"]["name"] == "kt2-zstd"
+    assert reader.manifest["format_version"] == FORMAT_VERSION
+    assert reader.manifest["codecs"]["topk"] == {"name": "kt", "params": {"precision": "small"}}
     meta, _ = _shard_meta(tmp_path / "c")
-    assert meta["format_version"] == "2"
+    assert meta["format_version"] == str(FORMAT_VERSION)
+    assert _json.loads(meta["topk_codec"])["params"]["precision"] == "small"
     for s, got in zip(seqs, reader):
         np.testing.assert_array_equal(got.input_ids, s.input_ids)
         np.testing.assert_array_equal(np.sort(got.topk_ids, 1), np.sort(s.topk_ids, 1))
@@ -566,13 +614,13 @@ def test_kt2_cache_is_format_2_and_reads_back(tmp_path):
     assert report.ok, report.problems
 
 
-def test_ks_sampled_cache_is_format_2_without_a_counts_tensor(tmp_path):
-    settings = synthetic_settings(vocab_size=300, mode="sample", codecs={"topk": "ks", "hidden": "bf16"})
+def test_ks_sampled_cache_holds_the_counts_in_its_payload(tmp_path):
+    settings = synthetic_settings(vocab_size=300, mode="sample")
     seqs = _cache(tmp_path / "c", settings)
     reader = CacheReader(tmp_path / "c")
-    assert reader.manifest["format_version"] == 2
+    assert reader.manifest["format_version"] == FORMAT_VERSION and reader.manifest["codecs"]["topk"]["name"] == "ks"
     meta, keys = _shard_meta(tmp_path / "c")
-    assert meta["format_version"] == "2" and meta["counts_codec"] == "" and not any(k.endswith(".counts") for k in keys)
+    assert "counts_codec" not in meta and not any(k.endswith(".counts") for k in keys)
     for s, got in zip(seqs, reader):
         assert as_multisets(got.topk_ids, got.counts) == as_multisets(s.topk_ids, s.counts)
         used = got.counts > 0
@@ -581,18 +629,21 @@ def test_ks_sampled_cache_is_format_2_without_a_counts_tensor(tmp_path):
         assert np.isneginf(got.topk_logprobs[~used]).all() and (got.tail == 0).all()
 
 
-def test_version_2_codecs_need_their_mode():
-    from fastkd.cache_tools.writer import normalize_settings
+def test_the_logits_codec_is_the_one_of_the_mode():
+    from fastkd.cache_tools.writing import normalize_settings
     with pytest.raises(CacheError, match="needs mode 'sample'"):
         normalize_settings(synthetic_settings(codecs={"topk": "ks"}))
     with pytest.raises(CacheError, match="for mode 'topk'"):
-        normalize_settings(synthetic_settings(mode="sample", codecs={"topk": "kt2"}))
+        normalize_settings(synthetic_settings(mode="sample", codecs={"topk": "kt:precision=small"}))
+    sampled = normalize_settings(synthetic_settings(mode="sample", codecs={}))
+    assert sampled["codecs"]["topk"] == {"name": "ks", "params": {}}
 
 
-def test_v2_blocks_keep_every_integrity_check(tmp_path):
-    """Digests apply to v2 as to v1: a flipped byte of a topk block, the header or the manifest is refused."""
+def test_kt_small_blocks_keep_every_integrity_check(tmp_path):
+    """Digests apply at every precision: a flipped byte of a topk block, the header or the manifest is refused;
+    a manifest naming another precision than its shards, even sealed, is refused."""
     import struct
-    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
+    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt:precision=small", "hidden": "kh:method=bf16"})
     _cache(tmp_path / "c", settings)
     shard = tmp_path / "c" / "shards" / "shard-00000.safetensors"
     original = shard.read_bytes()
@@ -612,46 +663,10 @@ def test_v2_blocks_keep_every_integrity_check(tmp_path):
     shard.write_bytes(original)
     manifest = tmp_path / "c" / "manifest.json"
     m = _json.loads(manifest.read_text())
-    m["format_version"] = 1      # claims version 1 (a v1 reader does not know kt2-zstd): refused by the seal
+    m["codecs"]["topk"]["params"]["precision"] = "fine"      # claims the other precision: refused by the seal
     manifest.write_text(_json.dumps(m))
     with pytest.raises(CacheError, match="does not match its digest"):
         CacheReader(tmp_path / "c")
-
-
-def test_v1_shard_naming_a_v2_codec_is_refused(tmp_path, monkeypatch):
-    from fastkd.cache_tools import shard as shard_mod
-    settings = synthetic_settings(vocab_size=300, codecs={"topk": "kt2", "hidden": "bf16"})
-    _cache(tmp_path / "c", settings)
-    monkeypatch.setitem(shard_mod.SHARD_READERS, 2, shard_mod.ShardV1)   # read as if it said version 1
-    with pytest.raises(CacheError, match="format_version|needs format version 2"):
-        CacheReader(tmp_path / "c")[0]
-
-
-@pytest.mark.parametrize("mode", ["topk", "sample"])
-def test_version_1_cache_made_before_version_2_reads_unchanged(mode):
-    """tests/fixtures/cache_v1_<mode>: written by the code before format 2 (make_cache_v1.py); every
-    sequence decodes bit for bit to the values stored beside it."""
-    root = FIXTURES / f"cache_v1_{mode}"
-    expected = _json.loads((FIXTURES / f"cache_v1_{mode}.expected.json").read_text())
-    reader = CacheReader(root)
-    assert reader.manifest["format_version"] == 1 and "header_sha256" in reader.manifest["shards"][0]
-    got = list(reader)
-    assert [s.record_index for s in got] == [e["record_index"] for e in expected]
-    for s, e in zip(got, expected):
-        assert s.task == e["task"]
-        np.testing.assert_array_equal(s.input_ids, e["input_ids"])
-        np.testing.assert_array_equal(s.loss_mask, e["loss_mask"])
-        n = len(e["tail_f32_bits"])
-        np.testing.assert_array_equal(s.topk_ids, np.asarray(e["topk_ids"], np.int64).reshape(n, 8))
-        np.testing.assert_array_equal(np.asarray(s.topk_logprobs, np.float32).view(np.uint32),
-                                      np.asarray(e["topk_logprobs_f32_bits"], np.uint32).reshape(n, 8))
-        np.testing.assert_array_equal(np.asarray(s.tail, np.float32).view(np.uint32), np.asarray(e["tail_f32_bits"], np.uint32))
-        np.testing.assert_array_equal(np.asarray(s.hidden[1], np.float32).view(np.uint32),
-                                      np.asarray(e["hidden_1_f32_bits"], np.uint32).reshape(n, 8))
-        if mode == "sample":
-            np.testing.assert_array_equal(s.counts, np.asarray(e["counts"]).reshape(n, 8))
-        else:
-            assert s.counts is None
-    from fastkd.cache_tools.verify import verify_cache
-    report = verify_cache(root)
-    assert report.ok, report.problems
+    manifest.write_text(_json.dumps(seal(m)))                 # and, sealed, by the shards' own metadata
+    with pytest.raises(CorruptCacheError, match="manifest.json field 'codecs.topk' says"):
+        CacheReader(tmp_path / "c")

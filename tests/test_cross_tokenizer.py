@@ -81,14 +81,14 @@ def random_case(n, v, k, seed, pad_rows=(), no_teacher=()):
 @pytest.mark.parametrize("n,v,k,pad,none", [(9, 13, 5, (1, 7), (3,)), (6, 4, 7, (0,), (5,)), (5, 7, 7, (), ()),
                                             (0, 8, 3, (), ()), (3, 6, 2, (0, 1, 2), ())])
 def test_uld_matches_a_float64_reference_with_padding_k_at_least_v_and_empty(n, v, k, pad, none):
-    from fastkd.kernels.uld import uld_loss
+    from fastkd.kernels import LossSpec, Teacher, uld_loss
 
     z, labels, top, tail, ids = random_case(n, v, k, seed=n * 100 + v * 10 + k, pad_rows=pad, no_teacher=none)
     leaf64 = z.double().clone().requires_grad_()
     ref, ref_ce, ref_uld = reference_uld(leaf64, labels, top, tail, ids, 0.7, 1.3)
     ref.backward()
     leaf = z.clone().requires_grad_()
-    terms = uld_loss(leaf, labels, top, tail, teacher_ids=ids, ce_weight=0.7, uld_weight=1.3, chunk_size=2)
+    terms = uld_loss(leaf, labels, Teacher(ids, top, tail), LossSpec(ce_weight=0.7, kl_weight=1.3, chunk_size=2))
     terms.total.backward()
     assert abs(float(terms.total.detach()) - float(ref.detach())) < 1e-5
     assert abs(float(terms.kl) - float(ref_uld.detach())) < 1e-5 and abs(float(terms.ce) - float(ref_ce.detach())) < 1e-5
@@ -99,12 +99,32 @@ def test_uld_matches_a_float64_reference_with_padding_k_at_least_v_and_empty(n, 
 
 def test_uld_is_zero_where_the_sorted_distributions_agree():
     """A student whose sorted probabilities equal the teacher's (other ids, same values): ULD 0."""
-    from fastkd.kernels.uld import uld_loss
+    from fastkd.kernels import Teacher, uld_loss
 
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     z = p.log()[:, [2, 0, 3, 1]]                                           # a permutation: ids differ, values not
-    terms = uld_loss(z, torch.tensor([1]), p[:, :3].log(), torch.tensor([0.05]), teacher_ids=torch.zeros(1, 3))
+    teacher = Teacher(torch.zeros(1, 3, dtype=torch.long), p[:, :3].log(), torch.tensor([0.05]))
+    terms = uld_loss(z, torch.tensor([1]), teacher)
     assert float(terms.kl) < 1e-6
+
+
+def test_uld_checks_its_inputs_like_the_other_loss_paths():
+    """Bad teacher values, labels or shapes are refused naming the field and row, never scored as NaN; the
+    teacher's ids index its own vocabulary (here up to 1000 > V), so they are not checked against V."""
+    from fastkd.kernels import LossInputError, Teacher, uld_loss
+
+    z, labels, top, tail, ids = random_case(6, 9, 4, seed=3)
+    nan_lp = top.clone()
+    nan_lp[0, 0] = float("nan")
+    cases = [(Teacher(ids, nan_lp, tail), labels, r"teacher.logprobs row 0"),
+             (Teacher(ids, top, tail), torch.full_like(labels, 9), r"labels\[0\]=9"),
+             (Teacher(ids, top[:, :2], tail), labels, "teacher.logprobs must have shape"),
+             (Teacher(ids, top, tail * 0 + 2), labels, r"teacher.tail\[0\]"),
+             (Teacher(ids, top, None), labels, "needs teacher.tail")]
+    for teacher, y, match in cases:
+        with pytest.raises(LossInputError, match=match):
+            uld_loss(z, y, teacher)
+    assert math.isfinite(float(uld_loss(z, labels, Teacher(ids, top, tail)).total))
 
 
 def test_uld_rows_align_by_index_up_to_the_shorter_response():
@@ -146,7 +166,7 @@ def reference_tail_kl(z, labels, ids, lp, tail):
 
 def test_exact_rows_on_the_fused_loss_match_the_reference_and_unaligned_rows_have_no_gradient():
     from fastkd.cross_tokenizer import exact_rows
-    from fastkd.kernels import distill_loss, fused_linear_distill_loss
+    from fastkd.kernels import LossSpec, Teacher, distill_loss, fused_linear_distill_loss
 
     g = torch.Generator().manual_seed(5)
     v_t, v_s, k = 40, 12, 6
@@ -180,14 +200,15 @@ def test_exact_rows_on_the_fused_loss_match_the_reference_and_unaligned_rows_hav
     ref = reference_tail_kl(h @ w.T, labels, ids, lp, tl)
     ids_t, lp_t, tl_t = torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(tl)
     z = (h @ w.T).requires_grad_()
-    terms = distill_loss(z, labels, ids_t, lp_t, tl_t, mode="tail", ce_weight=0.0, kl_weight=1.0)
+    spec = LossSpec(mode="tail", ce_weight=0.0, kl_weight=1.0)
+    terms = distill_loss(z, labels, Teacher(ids_t, lp_t, tl_t), spec)
     terms.total.backward()
     assert abs(float(terms.kl) - sum(ref) / len(ref)) < 1e-5
     for j in range(n_s):
         if j not in aligned:                                               # KL 0, gradient 0 there
             assert float(z.grad[j].abs().max()) < 1e-7, j
     hl = h.clone().requires_grad_()
-    fused = fused_linear_distill_loss(hl, w, labels, ids_t, lp_t, tl_t, mode="tail", ce_weight=0.0, kl_weight=1.0)
+    fused = fused_linear_distill_loss(hl, w, labels, Teacher(ids_t, lp_t, tl_t), spec)
     assert abs(float(fused.kl) - sum(ref) / len(ref)) < 1e-5
 
 

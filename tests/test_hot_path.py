@@ -27,7 +27,7 @@ def skip(frame) -> bool:
     own, in transformers' code); the loss backward's test for an upstream factor of exactly 1, which
     runs only for CPU tensors (test_scaled_gradient_never_reads_a_device_value covers the other branch)."""
     return ("/torch/optim/" in frame.filename or frame.filename.endswith("transformers/masking_utils.py")
-            or (frame.filename.endswith("kernels/terms.py") and frame.name == "scaled_gradient"))
+            or (frame.filename.endswith("kernels/function.py") and frame.name == "scaled_gradient"))
 
 
 class HostSyncs(TorchDispatchMode):
@@ -79,14 +79,12 @@ def test_a_training_step_reads_nothing_back_to_the_host(kd, tiny_llama_dir, monk
     code: on a GPU each one stalls the pipeline. The loss's value checks (a sync on a GPU, hence off
     there by default) are turned off here as on CUDA; world=2 runs the cross-rank row count (a
     one-rank stand-in for all_reduce) through the same device-side path."""
-    import fastkd.kernels.chunked as chunked
-    import fastkd.kernels.fused_linear as fused_linear
+    import fastkd.kernels.loss as entry
     import fastkd.train_step as step_module
     from fastkd.trainer import train_step
 
-    for module in (chunked, fused_linear):
-        real = module.check_inputs
-        monkeypatch.setattr(module, "check_inputs", lambda *a, _real=real, **k: _real(*a, **{**k, "check_values": False}))
+    real = entry.check_inputs  # every loss path checks its inputs there
+    monkeypatch.setattr(entry, "check_inputs", lambda *a, **k: real(*a, **{**k, "check_values": False}))
     monkeypatch.setattr(step_module.dist, "all_reduce", lambda tensor, *a, **k: tensor)
     config, env, data, module, optimizer, stream, vocab = _step_parts(kd, tiny_llama_dir, loss_impl=loss_impl)
     env.world = world
@@ -107,7 +105,7 @@ def test_scaled_gradient_never_reads_a_device_value():
     tensors have no values, so any read would raise."""
     from types import SimpleNamespace
 
-    from fastkd.kernels.terms import keep_gradients, scaled_gradient
+    from fastkd.kernels.function import keep_gradients, scaled_gradient
 
     ctx = SimpleNamespace()
     grad = torch.empty(4, 7, device="meta")

@@ -11,14 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fastkd.cache_tools import CacheError, CacheReader, CacheWriter
-from fastkd.cache_tools.format import CorruptCacheError
+from fastkd.cache_tools import CacheError, CacheReader, CacheWriter, CorruptCacheError
+from fastkd.cache_tools.integrity import digest_bytes, seal
 from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
 from fastkd.errors import UserError
-from fastkd.integrity import digest_bytes, seal
 from fastkd.loader import CacheSource, PlanMaker, make_loader
-
-FIXTURE = Path(__file__).parent / "fixtures" / "cache_v1_crc32"
 
 
 def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
@@ -152,26 +149,20 @@ def test_digests_catch_what_the_codecs_alone_let_through(tmp_path):
     assert silent > 0, "no flip got past the codecs: this test would not show the digests' worth"
 
 
-# ----------------------------------------------------------------------------- caches before digests
+# ----------------------------------------------------------------------------- digests are required
 
-def test_pre_digest_cache_reads_unchanged(tmp_path):
-    expected = json.loads((FIXTURE.parent / "cache_v1_crc32.expected.json").read_text())
-    reader = CacheReader(FIXTURE)
-    assert "header_sha256" not in reader.manifest["shards"][0]
-    got = list(reader)
-    assert [s.record_index for s in got] == [e["record_index"] for e in expected]
-    for s, e in zip(got, expected):
-        np.testing.assert_array_equal(s.input_ids, e["input_ids"])
-        np.testing.assert_array_equal(s.topk_ids, np.asarray(e["topk_ids"]).reshape(s.topk_ids.shape))
-        np.testing.assert_array_equal(s.topk_logprobs, np.asarray(e["topk_logprobs"], np.float32).reshape(s.topk_logprobs.shape))
-        np.testing.assert_array_equal(s.hidden[1], np.asarray(e["hidden_1"], np.float32).reshape(s.hidden[1].shape))
-    # every byte is still checked: the whole file against the manifest's sha256
-    copy = tmp_path / "old"
-    shutil.copytree(FIXTURE, copy)
-    lo, hi = tensor_ranges(copy / "shards" / "shard-00001.safetensors")["index.length"]
-    flip(copy / "shards" / "shard-00001.safetensors", lo)
-    with pytest.raises(CorruptCacheError, match="shard-00001.safetensors: file fails its sha256"):
-        CacheReader(copy)
+def test_a_manifest_or_shard_without_its_digest_is_refused(cache):
+    """Every cache carries its seal and each shard its header digest: one missing is refused before any read."""
+    path = cache / "manifest.json"
+    manifest = json.loads(path.read_text())
+    unsealed = {key: value for key, value in manifest.items() if key != "self_sha256"}
+    path.write_text(json.dumps(unsealed))
+    with pytest.raises(CacheError, match=r"manifest.json field 'self_sha256' is missing"):
+        CacheReader(cache)
+    del manifest["shards"][1]["header_sha256"]
+    path.write_text(json.dumps(seal({key: value for key, value in manifest.items() if key != "self_sha256"})))
+    with pytest.raises(CacheError, match=r"manifest.json field 'shards\[1\].header_sha256' is missing"):
+        CacheReader(cache)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -336,9 +327,10 @@ def test_a_pickle_in_an_old_checkpoint_never_runs(tmp_path):
     with pytest.raises(UserError, match="never unpickles"):
         load_checkpoint(tmp_path)
     assert not (tmp_path / "pwned").exists()
-    # an old checkpoint of plain data (numpy RNG arrays included) still loads
+    # an old checkpoint of plain data is refused the same way (a pickle is never loaded: fastkd/checkpoint.py)
     torch.save({"model": {"w": torch.ones(2)}, "rng": {"numpy": np.random.get_state()}, "step": 4}, folder / "state.pt")
-    assert load_checkpoint(tmp_path)["step"] == 4
+    with pytest.raises(UserError, match="pre-release fastkd, which fastkd never unpickles"):
+        load_checkpoint(tmp_path)
 
 
 # ----------------------------------------------------------------------------- fastkd train

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from fastkd.errors import UserError
+from fastkd.errors import user_errors
 from fastkd.kernels import (
     DistillLoss,
     HiddenProjector,
+    LossInputError,
+    LossSpec,
     LossTerms,
+    Teacher,
     distill_loss,
     fused_linear_distill_loss,
     reference_loss,
 )
-from fastkd.kernels.validate import LossInputError
-from test_kernels_cases import (
+from loss_cases import (
     hand_tail_case,
     hard_tail_case,
     independent_loss,
     loss_and_grad,
     make_case,
     student_tail,
+    teacher_of,
 )
 
 # loss: relative tolerance; gradient: absolute tolerance relative to the largest gradient entry
@@ -57,15 +61,16 @@ def test_reference_matches_hand_computed_values():
     tail = torch.tensor([0.2], dtype=torch.float64)
     ce = -math.log(0.1)
     kl_tail = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.4)
-    r = reference_loss(z, y, ids, lp, tail)
+    r = reference_loss(z, y, Teacher(ids, lp, tail))
     assert float(r.ce) == pytest.approx(ce, rel=1e-12)
     assert float(r.kl) == pytest.approx(kl_tail, rel=1e-12)
     kl_renorm = 0.625 * math.log(0.625 / 0.4) + 0.375 * math.log(0.375 / 0.2)
-    assert float(reference_loss(z, y, ids, lp, mode="renorm").kl) == pytest.approx(kl_renorm, rel=1e-12)
+    r = reference_loss(z, y, Teacher(ids, lp), LossSpec(mode="renorm"))
+    assert float(r.kl) == pytest.approx(kl_renorm, rel=1e-12)
     s_ids = torch.tensor([[2, 2, 0, -1]])
     counts = torch.tensor([[1, 2, 1, 5]])
     kl_sampled = 0.75 * math.log(0.75 / 0.3) + 0.25 * math.log(0.25 / 0.1)
-    r = reference_loss(z, y, s_ids, torch.zeros(1, 4), counts=counts, mode="sampled")
+    r = reference_loss(z, y, Teacher(s_ids, torch.zeros(1, 4), counts=counts), LossSpec(mode="sampled"))
     assert float(r.kl) == pytest.approx(kl_sampled, rel=1e-12)
     # tau = 2: student softmax(z/2); teacher p^(1/2), tail spread over V-k = 2 ids -> 2 * (0.2/2)^(1/2)
     qt = [math.sqrt(x) for x in (0.1, 0.2, 0.3, 0.4)]
@@ -74,7 +79,7 @@ def test_reference_matches_hand_computed_values():
     pt = [x / sum(pt) for x in pt]
     q_tail = 1 - qt[3] - qt[1]
     kl_t = pt[0] * math.log(pt[0] / qt[3]) + pt[1] * math.log(pt[1] / qt[1]) + pt[2] * math.log(pt[2] / q_tail)
-    r = reference_loss(z, y, ids, lp, tail, temperature=2.0)
+    r = reference_loss(z, y, Teacher(ids, lp, tail), LossSpec(temperature=2.0))
     assert float(r.kl) == pytest.approx(4 * kl_t, rel=1e-12)
     assert float(r.ce) == pytest.approx(ce, rel=1e-12)  # CE stays at tau = 1
 
@@ -138,7 +143,7 @@ def test_inplace_writes_gradient_into_logits():
     ref, ref_grad = loss_and_grad(distill_loss, case)
     z = case["logits"].clone().requires_grad_(True)
     buf = z.detach()
-    terms = distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], inplace=True)
+    terms = distill_loss(z, case["labels"], teacher_of(case), inplace=True)
     terms.total.backward()
     assert terms.total.item() == pytest.approx(ref.total.item(), rel=1e-6)
     torch.testing.assert_close(buf, ref_grad)  # the logits buffer now holds the gradient
@@ -149,7 +154,7 @@ def test_backward_scales_by_upstream_gradient():
     case = make_case(n=6, v=89, k=3, seed=8)
     _, grad = loss_and_grad(distill_loss, case)
     z = case["logits"].clone().requires_grad_(True)
-    terms = distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    terms = distill_loss(z, case["labels"], teacher_of(case))
     (terms.total * 2.5).backward()
     torch.testing.assert_close(z.grad, grad * 2.5)
 
@@ -159,8 +164,8 @@ def test_finite_difference_tiny_case():
         case = make_case(n=3, v=7, k=3, mode=mode, dtype=torch.float64, seed=4)
 
         def f(z):
-            return distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                                counts=case["counts"], mode=mode, temperature=1.5, kl_weight=0.8).total
+            return distill_loss(z, case["labels"], teacher_of(case), LossSpec(mode=mode, temperature=1.5,
+                                                                               kl_weight=0.8)).total
 
         z = case["logits"].clone().requires_grad_(True)
         assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
@@ -170,10 +175,9 @@ def test_no_grad_forward_matches():
     case = make_case(n=7, v=120, k=6, seed=9)
     before = case["logits"].clone()
     with torch.no_grad():
-        terms = distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                             inplace=True)
+        terms = distill_loss(case["logits"], case["labels"], teacher_of(case), inplace=True)
     assert torch.equal(case["logits"], before)  # no gradient wanted: the logits are left alone
-    ref = reference_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    ref = reference_loss(case["logits"], case["labels"], teacher_of(case))
     assert terms.total.item() == pytest.approx(ref.total.item(), rel=1e-6)
 
 
@@ -193,8 +197,9 @@ def test_k_larger_than_vocab_is_a_clear_error():
     ids = torch.cat([case["teacher_ids"], case["teacher_ids"][:, :2]], 1)
     lp = torch.cat([case["teacher_logprobs"], case["teacher_logprobs"][:, :2]], 1)
     with pytest.raises(LossInputError, match="k=12"):
-        distill_loss(case["logits"], case["labels"], ids, lp, case["tail"])
-    assert issubclass(LossInputError, UserError)
+        distill_loss(case["logits"], case["labels"], Teacher(ids, lp, case["tail"]))
+    # a plain error of the kernels layer (which imports nothing from the app); the CLI prints it as one line
+    assert issubclass(LossInputError, ValueError) and LossInputError in user_errors()
 
 
 def test_sampled_mode_allows_more_draws_than_vocab():
@@ -208,8 +213,8 @@ def test_sampled_mode_allows_more_draws_than_vocab():
 def test_nan_in_teacher_values_is_a_clear_error(field):
     case = make_case(n=6, v=40, k=4, seed=1)
     case[field][0] = float("nan")  # row 0 counts (label not ignored)
-    with pytest.raises(LossInputError, match=f"{field}"):
-        distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    with pytest.raises(LossInputError, match=f"teacher.{field.removeprefix('teacher_')}"):
+        distill_loss(case["logits"], case["labels"], teacher_of(case))
 
 
 @pytest.mark.parametrize("bad", ["temperature_inf", "count_inf", "mass_over_one", "int_logits", "empty_vocab",
@@ -240,10 +245,12 @@ def test_more_bad_inputs_are_clear_errors(bad):
         match = "vocabulary is empty"
     if bad == "fused_mixed_dtype":
         with pytest.raises(LossInputError, match="dtype"):
-            fused_linear_distill_loss(torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(40, 8), *args[1:])
+            fused_linear_distill_loss(torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(40, 8), args[1],
+                                      Teacher(*args[2:]))
         return
-    with pytest.raises(LossInputError, match=match):
-        distill_loss(*args, **kw)
+    with pytest.raises(LossInputError, match=match):  # a bad setting is refused as the LossSpec is made
+        counts = kw.pop("counts", None)
+        distill_loss(*args[:2], Teacher(*args[2:], counts=counts), LossSpec(**kw))
 
 
 def test_teacher_mass_slightly_over_one_from_rounding_is_accepted():
@@ -251,7 +258,7 @@ def test_teacher_mass_slightly_over_one_from_rounding_is_accepted():
     case = make_case(n=6, v=40, k=4, seed=3)
     lp = case["teacher_logprobs"].to(torch.bfloat16).float()
     lp[:, 0] += 2e-3
-    distill_loss(case["logits"], case["labels"], case["teacher_ids"], lp, case["tail"])
+    distill_loss(case["logits"], case["labels"], Teacher(case["teacher_ids"], lp, case["tail"]))
 
 
 @pytest.mark.parametrize("bad", ["label", "id", "dup", "mode", "missing_tail", "missing_counts"])
@@ -271,7 +278,8 @@ def test_bad_inputs_are_clear_errors(bad):
     else:
         kw["mode"] = "sampled"
     with pytest.raises(LossInputError):
-        distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], **kw)
+        teacher = Teacher(case["teacher_ids"], case["teacher_logprobs"], kw.pop("tail"))
+        distill_loss(case["logits"], case["labels"], teacher, LossSpec(**kw))
 
 
 def test_extreme_logits_stay_finite():
@@ -292,17 +300,16 @@ def test_fused_linear_matches_explicit_matmul(mode, with_bias):
     h = torch.randn(11, 24, generator=g, dtype=torch.float64)
     w = torch.randn(173, 24, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(173, generator=g, dtype=torch.float64) if with_bias else None
-    kw = dict(counts=case["counts"], mode=mode, ce_weight=0.6, kl_weight=1.1, temperature=1.3)
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    args = (case["labels"], teacher_of(case), LossSpec(mode=mode, ce_weight=0.6, kl_weight=1.1, temperature=1.3))
 
     leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]
     logits = leaves[0] @ leaves[1].t() + (leaves[2] if with_bias else 0)
-    ref = reference_loss(logits, *args, **kw)
+    ref = reference_loss(logits, *args)
     ref_grads = torch.autograd.grad(ref.total, leaves)
 
     ours_leaves = [t.float().clone().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]
-    ours = fused_linear_distill_loss(ours_leaves[0], ours_leaves[1], *args, bias=ours_leaves[2] if with_bias else None,
-                                     chunk_size=4, **kw)
+    ours = fused_linear_distill_loss(ours_leaves[0], ours_leaves[1], *args[:2], replace(args[2], chunk_size=4),
+                                     bias=ours_leaves[2] if with_bias else None)
     grads = torch.autograd.grad(ours.total, ours_leaves)
     assert ours.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
     for a, r in zip(grads, ref_grads):
@@ -314,8 +321,8 @@ def test_fused_linear_bf16_and_upstream_scale():
     g = torch.Generator().manual_seed(2)
     h = torch.randn(9, 16, generator=g).bfloat16().requires_grad_(True)
     w = (torch.randn(130, 16, generator=g) * 0.3).bfloat16().requires_grad_(True)
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
-    ours = fused_linear_distill_loss(h, w, *args, chunk_size=2)
+    args = (case["labels"], teacher_of(case))
+    ours = fused_linear_distill_loss(h, w, *args, LossSpec(chunk_size=2))
     (ours.total * 3).backward()
     h2, w2 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     ref = reference_loss(h2 @ w2.t(), *args)
@@ -348,14 +355,13 @@ def test_hidden_projector_matches_formula_and_mask():
 def test_distill_loss_module_combines_terms_and_saves_projector():
     case = make_case(n=8, v=90, k=5, seed=12)
     torch.manual_seed(1)
-    module = DistillLoss(ce_weight=0.5, kl_weight=2.0, hidden_weight=0.3, projector=HiddenProjector(6, [10]))
+    module = DistillLoss(LossSpec(ce_weight=0.5, kl_weight=2.0, hidden_weight=0.3), projector=HiddenProjector(6, [10]))
     assert any(k.startswith("projector.") for k in module.state_dict())
     hs = [torch.randn(8, 6, requires_grad=True)]
     ht = [torch.randn(8, 10)]
     z = case["logits"].clone().requires_grad_(True)
-    terms = module(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                   student_hidden=hs, teacher_hidden=ht)
-    ref = reference_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    terms = module(z, case["labels"], teacher_of(case), student_hidden=hs, teacher_hidden=ht)
+    ref = reference_loss(case["logits"], case["labels"], teacher_of(case))
     hid = module.projector(hs, ht, mask=case["labels"] != -100)
     assert terms.total.item() == pytest.approx(0.5 * float(ref.ce) + 2.0 * float(ref.kl) + 0.3 * float(hid), rel=1e-5)
     assert float(terms.hidden) == pytest.approx(float(hid), rel=1e-6)
@@ -364,25 +370,26 @@ def test_distill_loss_module_combines_terms_and_saves_projector():
     assert z.grad is not None and hs[0].grad is not None
     assert module.projector.projections[0].weight.grad is not None
     with pytest.raises(LossInputError):
-        DistillLoss(hidden_weight=1.0)
+        DistillLoss(LossSpec(hidden_weight=1.0))
+    with pytest.raises(LossInputError, match="were not given"):  # the hidden term needs both sides' states
+        module(z, case["labels"], teacher_of(case))
 
 
 def test_fused_linear_never_builds_more_than_one_chunk(monkeypatch):
-    import fastkd.kernels.fused_linear as fl
+    import fastkd.kernels.chunked as backend
 
     seen = []
-    real = fl.chunk_loss_and_grad
+    real = backend.chunk_loss_and_grad
 
     def recording(z, *args, **kw):
         seen.append(tuple(z.shape))
         return real(z, *args, **kw)
 
-    monkeypatch.setattr(fl, "chunk_loss_and_grad", recording)
+    monkeypatch.setattr(backend, "chunk_loss_and_grad", recording)
     case = make_case(n=10, v=64, k=4, seed=5)
     h = torch.randn(10, 8, requires_grad=True)
     w = torch.randn(64, 8, requires_grad=True)
-    fused_linear_distill_loss(h, w, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                              chunk_size=3).total.backward()
+    fused_linear_distill_loss(h, w, case["labels"], teacher_of(case), LossSpec(chunk_size=3)).total.backward()
     assert seen == [(3, 64), (3, 64), (3, 64), (1, 64)]
 
 
@@ -396,7 +403,7 @@ def test_int32_labels_and_ids_are_accepted():
 
 
 # ---------------------------------------------------------------- the student's tail: exact complement, no floor
-# Every check below compares with tests/test_kernels_cases.independent_loss (float64, row by row,
+# Every check below compares with tests/loss_cases.independent_loss (float64, row by row,
 # the tail as a logsumexp over the complement), never with code from fastkd.kernels.
 
 def assert_independent(ours, grad, case, dtype, loss_rel=1e-5, **kw):
@@ -436,8 +443,7 @@ def run_path(path, case, **kw):
     kw.pop("chunk_size", None)
     h = case["logits"].clone().requires_grad_(True)
     eye = torch.eye(h.shape[1], dtype=h.dtype)
-    terms = fused_linear_distill_loss(h, eye, case["labels"], case["teacher_ids"], case["teacher_logprobs"],
-                                      case["tail"], counts=case["counts"], chunk_size=4, **kw)
+    terms = fused_linear_distill_loss(h, eye, case["labels"], teacher_of(case), LossSpec(chunk_size=4, **kw))
     terms.total.backward()
     return terms, h.grad
 
@@ -473,7 +479,7 @@ def test_hard_tail_exercises_the_old_floor():
     assert float(log_q_tail[1].exp()) < 1e-6 and float(log_q_tail[2]) < -150
     q32 = torch.softmax(case["logits"], 1).gather(1, case["teacher_ids"]).sum(1)
     assert float(1 - q32[2]) == 0.0  # by subtraction in fp32 the tail is exactly 0
-    ours = distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    ours = distill_loss(case["logits"], case["labels"], teacher_of(case))
     floored = 0.3 * (log_q_tail[:4].clamp_min(math.log(1e-6)) - log_q_tail[:4]).sum() / 5  # what the floor drops
     assert float(floored) > 10
     ref = independent_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
@@ -561,7 +567,7 @@ def test_fused_linear_dtypes_match_independent(dtype, mode):
     b = torch.randn(97, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
     kw = dict(mode=mode, temperature=1.3, ce_weight=0.9, kl_weight=1.2)
     args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
-    ours = fused_linear_distill_loss(h, w, *args, bias=b, counts=case["counts"], chunk_size=3, **kw)
+    ours = fused_linear_distill_loss(h, w, case["labels"], teacher_of(case), LossSpec(chunk_size=3, **kw), bias=b)
     grads = torch.autograd.grad(ours.total, (h, w, b))
     leaves = [t.detach().double().requires_grad_(True) for t in (h, w, b)]
     ref = independent_loss(leaves[0] @ leaves[1].t() + leaves[2], *args, case["counts"], **kw)
@@ -577,13 +583,13 @@ def _graph_and_reference(path: str, **shape):
     """(leaf logits, the loss terms of one graph through `path`, the float64 reference gradient)."""
     case = make_case(**shape)
     z = case["logits"].double().requires_grad_(True)
-    ref = reference_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    ref = reference_loss(z, case["labels"], teacher_of(case))
     want, = torch.autograd.grad(ref.total, z)
     x = case["logits"].clone().requires_grad_(True)
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
     if path == "chunked":
-        return x, distill_loss(x, *args, chunk_size=3), want
-    return x, fused_linear_distill_loss(x, torch.eye(shape["v"]), *args, chunk_size=4), want
+        return x, distill_loss(x, case["labels"], teacher_of(case), LossSpec(chunk_size=3)), want
+    return x, fused_linear_distill_loss(x, torch.eye(shape["v"]), case["labels"], teacher_of(case),
+                                        LossSpec(chunk_size=4)), want
 
 
 @pytest.mark.parametrize("path", ["chunked", "fused_linear"])

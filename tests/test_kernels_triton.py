@@ -24,9 +24,10 @@ if IN_PROCESS:
 
 pytest.importorskip("triton")
 
-from fastkd.kernels import distill_loss, reference_loss  # noqa: E402
+from fastkd.kernels import LossSpec, distill_loss, fused_linear_distill_loss, reference_loss  # noqa: E402
 from fastkd.kernels.chunked import chunk_loss_and_grad  # noqa: E402
-from test_kernels_cases import hand_tail_case, hard_tail_case, independent_loss, loss_and_grad, make_case  # noqa: E402
+from loss_cases import (hand_tail_case, hard_tail_case, independent_loss, loss_and_grad, make_case,  # noqa: E402
+                        teacher_of)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad"),
               pytest.mark.filterwarnings("ignore:All-NaN slice encountered")]
@@ -42,6 +43,11 @@ def tri():
     import fastkd.kernels.triton_loss as module
 
     return module
+
+
+def triton_loss(z, labels, teacher, spec=LossSpec(), **kw):
+    """distill_loss on the Triton backend (interpreted on CPU tensors), values unchecked as on CUDA."""
+    return distill_loss(z, labels, teacher, spec, backend="triton", validate=False, **kw)
 
 
 def test_triton_suite_in_subprocess():
@@ -72,7 +78,7 @@ def test_triton_matches_reference(tri, mode, dtype, k):
     case = make_case(n=9, v=301, k=k, mode=mode, dtype=dtype, seed=k + 1)
     kw = dict(mode=mode, ce_weight=0.8, kl_weight=1.2)
     ref, ref_grad = loss_and_grad(reference_loss, case, **kw)
-    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    ours, grad = loss_and_grad(triton_loss, case, **kw)
     assert grad.dtype == dtype
     check(ours, grad, ref, ref_grad, dtype)
 
@@ -82,7 +88,7 @@ def test_triton_temperature_and_same_as_cpu_path(tri, mode):
     case = make_case(n=8, v=203, k=16, mode=mode, seed=7)
     kw = dict(mode=mode, temperature=2.0, kl_weight=0.9)
     ref, ref_grad = loss_and_grad(reference_loss, case, **kw)
-    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    ours, grad = loss_and_grad(triton_loss, case, **kw)
     check(ours, grad, ref, ref_grad, torch.float32)
     cpu, cpu_grad = loss_and_grad(distill_loss, case, **kw)  # dispatch: chunked PyTorch on CPU tensors
     assert ours.total.item() == pytest.approx(cpu.total.item(), rel=1e-5)
@@ -94,8 +100,7 @@ def test_triton_inplace_and_upstream_scale(tri):
     ref, ref_grad = loss_and_grad(reference_loss, case)
     z = case["logits"].clone().requires_grad_(True)
     buf = z.detach()
-    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                                    inplace=True)
+    terms = triton_loss(z, case["labels"], teacher_of(case), inplace=True)
     (terms.total * 0.5).backward()
     # the gradient was written over the logits and scaled there by the upstream 0.5: no second [N, V] buffer
     assert z.grad.data_ptr() == buf.data_ptr()
@@ -105,13 +110,12 @@ def test_triton_inplace_and_upstream_scale(tri):
 def test_triton_all_rows_ignored_and_no_grad(tri):
     case = make_case(n=4, v=64, k=4, seed=2)
     case["labels"][:] = -100
-    terms, grad = loss_and_grad(tri.triton_distill_loss, case)
+    terms, grad = loss_and_grad(triton_loss, case)
     assert terms.total.item() == 0.0 and torch.all(grad == 0)
     case = make_case(n=5, v=64, k=4, seed=2)
     before = case["logits"].clone()
-    terms = tri.triton_distill_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"],
-                                    case["tail"], inplace=True)
-    ref = reference_loss(case["logits"], case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    terms = triton_loss(case["logits"], case["labels"], teacher_of(case), inplace=True)
+    ref = reference_loss(case["logits"], case["labels"], teacher_of(case))
     assert terms.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
     assert torch.equal(case["logits"], before)  # no gradient wanted: logits untouched
 
@@ -120,14 +124,36 @@ def test_triton_all_rows_ignored_and_no_grad(tri):
 def test_triton_chunk_kernel_matches_cpu_chunk(tri, mode):
     """The per-chunk entry the fused-linear variant uses on CUDA."""
     case = make_case(n=7, v=130, k=6, mode=mode, seed=4)
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
-    kw = dict(mode=mode, ce_weight=1.0, kl_weight=1.0, temperature=1.0, ignore_index=-100,
-              row_scale=torch.tensor(0.25), want_grad=True)
-    ce_t, kl_t, g_t = tri.triton_chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
-    ce_c, kl_c, g_c = chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
+    args = (case["labels"], teacher_of(case), LossSpec(mode=mode), torch.tensor(0.25))
+    z_t, z_c = case["logits"].clone(), case["logits"].clone()
+    ce_t, kl_t, g_t = tri.chunk_loss_and_grad(z_t, *args, out=z_t)
+    ce_c, kl_c, g_c = chunk_loss_and_grad(z_c, *args, out=z_c)
+    assert g_t is z_t  # the gradient overwrote the chunk's logits
     assert ce_t.item() == pytest.approx(ce_c.item(), rel=1e-5)
     assert kl_t.item() == pytest.approx(kl_c.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(g_t, g_c, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_backend_on_the_fused_linear_path_and_in_row_chunks(tri, mode):
+    """The one autograd path on the Triton backend: fused linear (chunks of h W^T), and logits in row chunks."""
+    g = torch.Generator().manual_seed(9)
+    case = make_case(n=10, v=97, k=6, mode=mode, seed=9)
+    h = torch.randn(10, 16, generator=g).requires_grad_(True)
+    w = (torch.randn(97, 16, generator=g) * 0.4).requires_grad_(True)
+    spec = LossSpec(mode=mode, temperature=1.5, ce_weight=0.7, kl_weight=1.2, chunk_size=4)
+    ours = fused_linear_distill_loss(h, w, case["labels"], teacher_of(case), spec, backend="triton", validate=False)
+    got = torch.autograd.grad(ours.total, (h, w))
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = reference_loss(h64 @ w64.t(), case["labels"], teacher_of(case), spec)
+    want = torch.autograd.grad(ref.total, (h64, w64))
+    assert ours.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
+    for a, r in zip(got, want):
+        assert float((a.double() - r).abs().max()) <= 1e-4 * float(r.abs().max())
+    chunks, grad = loss_and_grad(triton_loss, case, mode=mode, chunk_size=3)
+    whole, whole_grad = loss_and_grad(triton_loss, case, mode=mode)
+    assert chunks.total.item() == pytest.approx(whole.total.item(), rel=1e-6)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------- the student's tail: exact complement, no floor
@@ -155,7 +181,7 @@ def against_independent(ours, grad, case, dtype, **kw):
 
 def test_triton_hand_computed_tail_case(tri):
     case, want = hand_tail_case()
-    terms, grad = loss_and_grad(tri.triton_distill_loss, case, ce_weight=0.0)
+    terms, grad = loss_and_grad(triton_loss, case, ce_weight=0.0)
     assert terms.kl.item() == pytest.approx(want["kl"], rel=1e-6)
     torch.testing.assert_close(grad[0].double(), torch.tensor(want["grad_kl"], dtype=torch.float64), rtol=1e-5, atol=1e-7)
     assert grad[0, 2:].sum().item() == pytest.approx(-0.3, rel=1e-5)
@@ -169,8 +195,7 @@ def test_triton_hard_tail_matches_independent(tri, temperature, dtype, inplace):
     case = hard_tail_case(dtype=dtype)
     kw = dict(ce_weight=0.7, kl_weight=1.3, temperature=temperature)
     z = case["logits"].clone().requires_grad_(True)
-    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"],
-                                    inplace=inplace, **kw)
+    terms = triton_loss(z, case["labels"], teacher_of(case), LossSpec(**kw), inplace=inplace)
     terms.total.backward()
     assert z.grad.dtype == dtype
     against_independent(terms, z.grad, case, dtype, **kw)
@@ -184,7 +209,7 @@ def test_triton_hard_tail_matches_independent(tri, temperature, dtype, inplace):
 def test_triton_random_cases_match_independent(tri, mode, temperature):
     case = make_case(n=9, v=150, k=8, mode=mode, seed=5)
     kw = dict(mode=mode, temperature=temperature, ce_weight=0.8, kl_weight=1.1)
-    ours, grad = loss_and_grad(tri.triton_distill_loss, case, **kw)
+    ours, grad = loss_and_grad(triton_loss, case, **kw)
     against_independent(ours, grad, case, torch.float32, **kw)
 
 
@@ -192,17 +217,16 @@ def test_triton_random_cases_match_independent(tri, mode, temperature):
 def test_triton_topk_covering_the_vocabulary_drops_the_tail(tri, tail):
     case = make_case(n=4, v=16, k=16, seed=2)
     case["tail"] = torch.full((4,), tail)
-    ours, grad = loss_and_grad(tri.triton_distill_loss, case)
+    ours, grad = loss_and_grad(triton_loss, case)
     against_independent(ours, grad, case, torch.float32)
 
 
 def test_triton_chunk_kernel_hard_tail(tri):
     """The per-chunk entry the fused-linear variant uses on CUDA, on the hard case, vs the independent loss."""
     case = hard_tail_case()
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
-    kw = dict(mode="tail", ce_weight=1.0, kl_weight=1.0, temperature=1.0, ignore_index=-100,
-              row_scale=torch.tensor(1 / 5), want_grad=True)
-    ce_t, kl_t, g_t = tri.triton_chunk_loss_and_grad(case["logits"].clone(), *args, **kw)
+    z = case["logits"].clone()
+    ce_t, kl_t, g_t = tri.chunk_loss_and_grad(z, case["labels"], teacher_of(case), LossSpec(), torch.tensor(1 / 5),
+                                              out=z)
     terms = type("T", (), {})()
     terms.ce, terms.kl = ce_t / 5, kl_t / 5
     terms.total = terms.ce + terms.kl
@@ -219,7 +243,7 @@ def test_triton_empty_rows_of_a_selective_capture_cache(tri, temperature):
     case["tail"][empty] = 1.0
     kw = dict(ce_weight=0.6, kl_weight=1.4, temperature=temperature)
     z = case["logits"].clone().requires_grad_(True)
-    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], **kw)
+    terms = triton_loss(z, case["labels"], teacher_of(case), LossSpec(**kw))
     terms.total.backward()
     against_independent(terms, z.grad, case, torch.float32, **kw)
     rows = int((case["labels"] != -100).sum())
@@ -238,14 +262,14 @@ def test_triton_unchecked_out_of_range_input_poisons_its_row_only(tri, field):
     if field == "teacher_id":
         case["teacher_ids"][1, 0] = 64
     z = case["logits"].clone().requires_grad_(True)
-    terms = tri.triton_distill_loss(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    terms = triton_loss(z, case["labels"], teacher_of(case))
     terms.total.backward()
     grad = z.grad
     assert math.isnan(terms.total.item())
     assert torch.isnan(grad[1]).all()
     clean = dict(case, labels=case["labels"].clone())
     clean["labels"][1] = -100
-    _, want = loss_and_grad(tri.triton_distill_loss, clean)
+    _, want = loss_and_grad(triton_loss, clean)
     others = [0, 2, 3]
     torch.testing.assert_close(grad[others] * 4, want[others] * 3, rtol=1e-5, atol=1e-7)  # 4 counted rows vs 3
     assert torch.equal(z.detach(), case["logits"])  # no -inf left in, or written into, another row

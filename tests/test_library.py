@@ -101,19 +101,19 @@ def test_collator_rows_follow_the_labels(kd, tiny_llama_dir):
 
 
 def test_linear_loss_module_equals_the_logits_loss():
-    from fastkd.kernels import DistillLoss, LinearDistillLoss
-    from test_kernels_cases import make_case
+    from fastkd.kernels import DistillLoss, LinearDistillLoss, LossSpec
+    from loss_cases import make_case, teacher_of
 
     g = torch.Generator().manual_seed(5)
     case = make_case(n=12, v=97, k=6, seed=5)
     h = torch.randn(12, 16, generator=g, dtype=torch.float64)
     w = torch.randn(97, 16, generator=g, dtype=torch.float64) * 0.3
-    args = (case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"])
+    args = (case["labels"], teacher_of(case))
     hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    ours = LinearDistillLoss(temperature=1.5, kl_weight=0.7)(hl, wl, *args)
+    ours = LinearDistillLoss(LossSpec(temperature=1.5, kl_weight=0.7))(hl, wl, *args)
     ours.total.backward()
     hz, wz = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    ref = DistillLoss(temperature=1.5, kl_weight=0.7)(hz @ wz.t(), *args)
+    ref = DistillLoss(LossSpec(temperature=1.5, kl_weight=0.7))(hz @ wz.t(), *args)
     ref.total.backward()
     assert float(ours.total.detach()) == pytest.approx(float(ref.total.detach()), rel=1e-10)
     torch.testing.assert_close(hl.grad, hz.grad, rtol=1e-9, atol=1e-12)
@@ -145,6 +145,34 @@ def test_distill_trainer_loss_equals_fastkd_train_on_the_same_batch(kd, tiny_lla
     terms = module(**batch_inputs(collate([source[i] for i in positions], tok.pad_token_id), []))
     assert float(hf_loss) == pytest.approx(float(terms.total), rel=1e-6)
     assert trainer.last_terms["kl"] > 0
+
+
+def test_a_wrapped_forward_takes_the_logits_it_made_with_the_same_loss(kd, tiny_llama_dir):
+    """Under another trainer's wrapper (DDP) the forward runs through the wrapper, which gives logits: the fused
+    path then scores those (the same loss and gradient) instead of failing for want of the hidden states."""
+    from transformers import AutoModelForCausalLM
+
+    from fastkd.loader import CacheSource, collate
+    from fastkd.student import StudentWithLoss, batch_inputs
+    from fastkd.teacher import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    source = CacheSource(kd["cache"], layers=[])
+    batch = batch_inputs(collate([source[i] for i in (0, 4, 9)], tok.pad_token_id), [])
+    cfg = quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), kl_weight=0.8, temperature=1.5)
+    module = StudentWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), len(tok), cfg)
+    assert module.loss_path == "fused"
+    grads = []
+    for runner in (None, module.student):  # the bare model's hidden states, then a stand-in wrapper's logits
+        module.zero_grad(set_to_none=True)
+        terms = module(**batch, runner=runner)
+        terms.total.backward()
+        grads.append(module.student.get_output_embeddings().weight.grad.clone())
+        assert float(terms.kl) > 0
+        if runner is None:
+            bare = float(terms.total)
+    assert float(terms.total) == pytest.approx(bare, rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_the_hf_trainer_example_trains_and_its_loss_falls(kd, tiny_llama_dir, tmp_path):

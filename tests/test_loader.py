@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.loader import (IGNORE_INDEX, PlanMaker, RecordSource, _buffer_shuffle, collate, epoch_plan, make_loader,
-                           rank_slice, split_holdout)
+from fastkd.loader import IGNORE_INDEX, PlanMaker, _buffer_shuffle, collate, epoch_plan, make_loader, rank_slice
+from fastkd.train_data import RecordSource, split_holdout
 
 
 class FakeSource:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastkd.cache_tools import CacheError, CacheReader, CacheWriter
+from fastkd.cache_tools import FORMAT_VERSION, CacheError, CacheReader, CacheWriter
 from fastkd.cache_tools import format as fmt
+from fastkd.cache_tools.integrity import seal
 from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
 from fastkd.cache_tools.verify import verify_cache
 from fastkd.cli import main
-from fastkd.integrity import seal
 from fastkd.loader import CacheSource
 
 HEX = "ab" * 32
@@ -120,7 +120,9 @@ HOSTILE = [
     ("counts total not the sum", set_value("counts.loss_positions", lambda v: v + 1), "counts.loss_positions"),
     ("counts payload total not the sum", set_value("counts.payload_bytes.topk", lambda v: v + 1),
      "counts.payload_bytes.topk"),
-    ("num_sequences off by one", set_value("shards.2.num_sequences", lambda v: v + 1), "counts.sequences"),
+    ("num_sequences off by one", set_value("shards.2.num_sequences", lambda v: v - 1), "counts.sequences"),
+    ("num_sequences above the work unit", set_value("shards.2.num_sequences", lambda v: v + 1),
+     "shards[2].num_sequences"),
     ("num_sequences off by one, counts kept consistent",
      both(set_value("shards.2.num_sequences", lambda v: v - 1), set_value("counts.sequences", lambda v: v - 1)),
      "shards[2].num_sequences"),
@@ -135,8 +137,11 @@ HOSTILE = [
     ("unknown hidden codec", set_value("codecs.hidden.name", "zz-zstd"), "codecs.hidden.name"),
     ("codec params differ from the shard", set_value("codecs.topk.params", {"level": 9}), "codecs.topk"),
     ("unknown teacher dtype", set_value("teacher.dtype", "int3"), "teacher.dtype"),
-    ("unknown hidden dtype", both(set_value("codecs.hidden", {"name": "kh-zstd", "params": {"method": "int3"}})),
+    ("unknown hidden dtype", both(set_value("codecs.hidden", {"name": "kh", "params": {"method": "int3"}})),
      "codecs.hidden.params.method"),
+    ("unknown top-k precision", set_value("codecs.topk.params.precision", "tiny"), "codecs.topk.params.precision"),
+    ("sampled codec in mode topk", set_value("codecs.topk", {"name": "ks", "params": {}}), "codecs.topk.name"),
+    ("a pre-1.0 codec name", set_value("codecs.topk.name", "kt2-zstd"), "codecs.topk.name"),
     ("unknown mode", set_value("mode", "dense"), "mode"),
     ("k differs from the shard", set_value("k", 4), "k"),
     ("layer width differs from the shard", set_value("hidden_widths", [32]), "hidden_widths"),
@@ -146,8 +151,12 @@ HOSTILE = [
      + [m.update(layers=[2])], "layers"),
     ("layer beyond the teacher", set_value("layers", [9]), "layers[0]"),
     ("vocabulary differs from the shard", set_value("tokenizer.vocab_size", 400), "tokenizer.vocab_size"),
-    ("capture in a version-1 cache", set_value("capture", {"share": 0.5, "by": "entropy", "seed": None}),
-     "format_version"),
+    ("capture in a cache whose shards have no rows",
+     set_value("capture", {"share": 0.5, "by": "entropy", "seed": None}), "shards[0].payload_bytes.rows"),
+    ("unit out of order", set_value("shards.1.unit", 0), "shards[1].unit"),
+    ("unit digest not hex", set_value("shards.1.unit_sha256", "z" * 64), "shards[1].unit_sha256"),
+    ("more sequences than the work unit", set_value("work_unit", 3), "shards[0].num_sequences"),
+    ("format_version not an integer", set_value("format_version", "3"), "format_version"),
     ("capture with an unknown rule", set_value("capture", {"share": 0.5, "by": "luck", "seed": None}), "capture.by"),
     ("tokenizer folder absolute", set_value("teacher_tokenizer.dir", "/etc"), "teacher_tokenizer.dir"),
     ("tokenizer folder with ..", set_value("teacher_tokenizer.dir", "../elsewhere"), "teacher_tokenizer.dir"),
@@ -167,10 +176,10 @@ REQUIRED = ["format_version", "fastkd_version", "complete", "created", "updated"
             "tokenizer", "tokenizer.vocab_size", "k", "mode", "layers", "hidden_widths", "codecs", "codecs.topk",
             "codecs.topk.name", "codecs.topk.params", "codecs.hidden", "codecs.hidden.name",
             "counts.shards", "counts.sequences", "counts.loss_positions", "counts.tokens", "counts.bytes",
-            "counts.payload_bytes", "counts.hidden_bytes"] + \
-           [f"shards.1.{key}" for key in ("file", "sha256", "bytes", "num_sequences", "num_loss_positions",
-                                          "num_tokens", "num_blocks", "payload_bytes", "hidden_bytes",
-                                          "first_record", "last_record")]
+            "counts.payload_bytes", "counts.hidden_bytes", "work_unit"] + \
+           [f"shards.1.{key}" for key in ("file", "sha256", "header_sha256", "bytes", "num_sequences",
+                                          "num_loss_positions", "num_tokens", "num_blocks", "payload_bytes",
+                                          "hidden_bytes", "first_record", "last_record", "unit", "unit_sha256")]
 
 
 @pytest.mark.parametrize("path", REQUIRED)
@@ -196,18 +205,26 @@ def test_what_is_legitimately_optional_still_opens(tmp_path):
     sampled = build_cache(tmp_path / "sampled", mode="sample", sample_n=16)
     assert CacheReader(sampled).manifest["mode"] == "sample" and verify_cache(sampled).ok
     captured = build_cache(tmp_path / "captured", capture={"share": 1.0, "by": "entropy", "seed": None})
-    assert CacheReader(captured).format_version == 2 and verify_cache(captured).ok
+    assert CacheReader(captured).format_version == FORMAT_VERSION and verify_cache(captured).ok
     partial = reseal(plain, lambda m: m.update(complete=False))
     assert not partial["complete"] and len(CacheReader(plain)) == 12
     reseal(plain, lambda m: m.pop("teacher_tokenizer"))
     assert len(CacheReader(plain)) == 12
 
 
-@pytest.mark.parametrize("name", ["cache_v1_topk", "cache_v1_sample", "cache_v1_crc32"])
-def test_the_old_fixtures_pass_every_check(name):
-    root = Path(__file__).parent / "fixtures" / name
-    assert len(CacheReader(root)) == (12 if name == "cache_v1_crc32" else 8)
-    assert verify_cache(root).ok
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pre_1_0_cache_is_refused_everywhere_in_one_line(cache, capsys, version):
+    """A cache of format 1 or 2 (fastkd before 1.0) is never misread: every reader says to re-create it."""
+    reseal(cache, set_value("format_version", version))
+    want = f"cache {cache}: made by a pre-1.0 fastkd, format {version}; re-create it"
+    for open_it in (CacheSource, CacheReader, verify_cache):
+        with pytest.raises(CacheError) as err:
+            open_it(cache)
+        assert str(err.value).startswith(want) and "\n" not in str(err.value)
+    for command in ("verify", "inspect", "stats"):
+        assert main(["cache", command, str(cache)]) == 2
+        out = capsys.readouterr()
+        assert want in out.err and "Traceback" not in out.err
 
 
 def test_a_remote_cache_gets_the_same_checks(cache, capsys):
@@ -277,7 +294,11 @@ def test_a_full_disk_during_the_write_itself_leaves_no_temporary_file(tmp_path, 
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmt.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    def fdopen(fd, mode):   # only the manifest's temporary file meets the full disk (the unit's receipt is written)
+        full = ".manifest.json." in os.readlink(f"/proc/self/fd/{fd}")
+        return Full(real_fdopen(fd, mode)) if full else real_fdopen(fd, mode)
+
+    monkeypatch.setattr(fmt.os, "fdopen", fdopen)
     with pytest.raises(CacheError, match=r"cache .*c: cannot write manifest.json \(No space left on device\)"):
         writer.close()
     monkeypatch.undo()

@@ -12,7 +12,13 @@ import torch
 
 from fastkd.errors import UserError
 from fastkd.generate import Sampling
-from fastkd.rationales import LOG_SUFFIX, generate_rationales, judge
+from fastkd.rationales import LOG_SUFFIX, RationalesConfig, generate_rationales, judge
+
+
+def generate(teacher, data, out, engine=None, **options) -> dict:
+    """generate_rationales on a RationalesConfig made from these options."""
+    return generate_rationales(RationalesConfig.make(overrides=dict(teacher=teacher, data=data, out=out, **options)),
+                               engine=engine)
 
 
 def write_answers(path: Path, n: int = 6) -> Path:
@@ -56,9 +62,11 @@ def test_judge_uses_the_eval_extraction():
 def test_rationales_are_judged_logged_and_summarised(tmp_path):
     data = write_answers(tmp_path / "answers.jsonl")
     out = tmp_path / "records.jsonl"
-    summary = generate_rationales("fake-teacher", str(data), str(out), n=5, engine=FakeEngine(), progress=False)
+    summary = generate("fake-teacher", str(data), str(out), n=5, engine=FakeEngine(), progress=False)
     log = [json.loads(line) for line in (tmp_path / ("records.jsonl" + LOG_SUFFIX)).read_text().splitlines()]
     assert log[0]["settings"]["n"] == 5 and len(log) == 1 + 6 * 5
+    assert set(log[0]["settings"]) == {"teacher", "data_sha256", "n", "temperature", "top_p", "top_k",
+                                       "max_new_tokens", "seed", "chat", "backend"}   # the header earlier logs have
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(kept) == sum(e["kept"] for e in log[1:]) == summary["kept"]
     for rec in kept:
@@ -76,7 +84,7 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
 
     data = write_answers(tmp_path / "answers.jsonl", n=12)
     whole = tmp_path / "whole.jsonl"
-    generate_rationales("fake-teacher", str(data), str(whole), n=3, batch_size=2, engine=FakeEngine(), progress=False)
+    generate("fake-teacher", str(data), str(whole), n=3, batch_size=2, engine=FakeEngine(), progress=False)
 
     killed = tmp_path / "killed.jsonl"
     real_append = rationales.append_lines
@@ -92,30 +100,30 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
 
     monkeypatch.setattr(rationales, "append_lines", dying_append)
     with pytest.raises(KeyboardInterrupt):
-        generate_rationales("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=FakeEngine(),
+        generate("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=FakeEngine(),
                             progress=False)
     monkeypatch.setattr(rationales, "append_lines", real_append)
     engine = FakeEngine()
-    generate_rationales("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=engine, progress=False)
+    generate("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=engine, progress=False)
     assert killed.read_text() == whole.read_text()
     log = [json.loads(x) for x in (tmp_path / ("killed.jsonl" + LOG_SUFFIX)).read_text().splitlines()]
     assert len(log) == 1 + 12 * 3  # every sample once, the partial line gone
     with pytest.raises(UserError, match="other settings.*temperature"):
-        generate_rationales("fake-teacher", str(data), str(killed), n=3, temperature=1.3, engine=FakeEngine(),
+        generate("fake-teacher", str(data), str(killed), n=3, temperature=1.3, engine=FakeEngine(),
                             progress=False)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        generate_rationales("t", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), engine=FakeEngine())
+        generate("t", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), engine=FakeEngine())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source": "x is"}\n')
     with pytest.raises(UserError, match="bad.jsonl: record 0: field 'target' is missing"):
-        generate_rationales("t", str(bad), str(tmp_path / "out" / "o.jsonl"), engine=FakeEngine(), progress=False)
+        generate("t", str(bad), str(tmp_path / "out" / "o.jsonl"), engine=FakeEngine(), progress=False)
     assert not (tmp_path / "out").exists()  # a refusal leaves no empty output files
     data = write_answers(tmp_path / "a.jsonl")
     with pytest.raises(UserError, match="is the input"):
-        generate_rationales("t", str(data), str(data), engine=FakeEngine())
+        generate("t", str(data), str(data), engine=FakeEngine())
 
 
 def test_sampling_draws_follow_the_settings():
@@ -148,7 +156,7 @@ def test_hf_backend_output_feeds_cache_teacher(tmp_path, tiny_qwen_dir):
 
     data = write_answers(tmp_path / "answers.jsonl", n=4)
     out = tmp_path / "records.jsonl"
-    summary = generate_rationales(str(tiny_qwen_dir), str(data), str(out), n=2, max_new_tokens=12, batch_size=3,
+    summary = generate(str(tiny_qwen_dir), str(data), str(out), n=2, max_new_tokens=12, batch_size=3,
                                   temperature=1.0, progress=False, device="cpu")
     assert summary["samples"] == 8
     # a random tiny teacher rarely reaches the target: keep everything it wrote, as a stand-in set of records
@@ -156,5 +164,6 @@ def test_hf_backend_output_feeds_cache_teacher(tmp_path, tiny_qwen_dir):
     assert all(e["finish"] in ("eos", "stop", "length") for e in log)
     records = tmp_path / "all.jsonl"
     records.write_text("".join(json.dumps(e["record"]) + "\n" for e in log))
-    cache_teacher(str(tiny_qwen_dir), str(records), str(tmp_path / "cache"), k=4, progress=False)
+    cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(tmp_path / "cache"), top_k=4,
+                       progress=False))
     assert len(CacheReader(tmp_path / "cache")) == 8

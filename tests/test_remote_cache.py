@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fsspec
-from fastkd.cache_tools import CacheError, CacheReader
-from fastkd.cache_tools.format import CorruptCacheError
-from fastkd.cache_tools.storage import FIRST_READ, refuse_url_for_writing, read_ahead_bytes
+from fastkd.cache_tools import CacheError, CacheReader, CorruptCacheError
+from fastkd.cache_tools.shard_read import FIRST_READ
+from fastkd.cache_tools.storage import LocalStorage, RemoteStorage, read_ahead_bytes, refuse_url_for_writing
 from fastkd.loader import CacheSource, PlanMaker, make_loader
 
 from test_integrity import student, tensor_ranges, write_cache  # noqa: F401 (student: a fixture)
@@ -60,7 +60,8 @@ def url(request, cache, memory_url):
 def test_urls_read_exactly_the_local_sequences(cache, url):
     local = CacheReader(cache)
     remote = CacheReader(url)
-    assert remote.remote and remote.manifest == local.manifest and len(remote) == len(local)
+    assert isinstance(remote.storage, RemoteStorage) and isinstance(local.storage, LocalStorage)   # one read path
+    assert remote.manifest == local.manifest and len(remote) == len(local)
     assert remote.block_table() == local.block_table()
     same_sequences(list(local), list(remote))
     order = np.random.default_rng(0).permutation(len(local))  # random access, block hopping
@@ -295,7 +296,8 @@ def test_writers_refuse_a_url(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="not a URL"):
         CacheWriter("s3://bucket/cache", synthetic_settings())
     with pytest.raises(CacheError, match="not a URL"):  # before any model or data is opened
-        cache_teacher("no-such-teacher", "no-such-data.jsonl", "gs://bucket/cache", progress=False)
+        cache_teacher(dict(teacher="no-such-teacher", data="no-such-data.jsonl", out="gs://bucket/cache",
+                           progress=False))
     assert not any(tmp_path.iterdir())  # no local folder named after the URL
 
 

@@ -10,10 +10,8 @@ import torch
 
 from fastkd.cache_stage import cache_teacher
 from fastkd.cache_tools import CacheReader
-from fastkd.errors import UserError
-from fastkd.kernels.chunked import chunked_distill_loss
-from fastkd.kernels.fused_linear import fused_linear_distill_loss
-from fastkd.kernels.reference import reference_loss
+from fastkd.errors import UserError, user_errors
+from fastkd.kernels import LossSpec, Teacher, distill_loss, fused_linear_distill_loss, reference_loss
 
 K = 8
 
@@ -45,9 +43,10 @@ def _entropy64(logprobs, tail):
 
 def test_entropy_capture_keeps_the_highest_entropy_rows_and_empties_the_rest(tiny_qwen_dir, records, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    cache_teacher(str(tiny_qwen_dir), str(records), str(full), k=K, batch_size=4, progress=False, logits_codec="raw-zstd")
-    cache_teacher(str(tiny_qwen_dir), str(records), str(part), k=K, batch_size=3, progress=False, logits_codec="raw-zstd",
-                  capture_share=0.25)
+    cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(full), top_k=K, batch_size=4,
+                       progress=False, logits_codec="kt:precision=exact"))
+    cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(part), top_k=K, batch_size=3,
+                       progress=False, logits_codec="kt:precision=exact", capture_share=0.25))
     assert CacheReader(part).manifest["capture"] == {"share": 0.25, "by": "entropy", "seed": None}
     assert "capture" not in CacheReader(full).manifest
     a, b = _by_record(full), _by_record(part)
@@ -71,8 +70,8 @@ def test_entropy_capture_keeps_the_highest_entropy_rows_and_empties_the_rest(tin
 
 def test_random_capture_is_the_same_for_any_batching_and_depends_on_the_seed(tiny_qwen_dir, records, tmp_path):
     def kept(out, batch, seed):
-        cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, batch_size=batch, progress=False,
-                      capture_share=0.5, capture_by="random", seed=seed, sequences_per_shard=3)
+        cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(out), top_k=K, batch_size=batch,
+                           progress=False, capture_share=0.5, capture_by="random", seed=seed, sequences_per_shard=3))
         return {r: (s.topk_ids >= 0).any(axis=1) for r, s in _by_record(out).items()}
 
     one, two, other = kept(tmp_path / "a", 2, 7), kept(tmp_path / "b", 5, 7), kept(tmp_path / "c", 5, 8)
@@ -83,14 +82,17 @@ def test_random_capture_is_the_same_for_any_batching_and_depends_on_the_seed(tin
 
 def test_a_resume_with_another_share_is_refused_and_bad_values_are_clear(tiny_qwen_dir, records, tmp_path):
     out = tmp_path / "c"
-    cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, progress=False, capture_share=0.5)
-    with pytest.raises(UserError, match="capture"):
-        cache_teacher(str(tiny_qwen_dir), str(records), str(out), k=K, progress=False, capture_share=0.2)
+    cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(out), top_k=K, progress=False,
+                       capture_share=0.5))
+    with pytest.raises(user_errors(), match="capture"):     # the cache's own CacheError: printed as one line
+        cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(out), top_k=K, progress=False,
+                           capture_share=0.2))
     for kwargs, message in ((dict(capture_share=0.0), "capture-share"), (dict(capture_share=1.5), "capture-share"),
                             (dict(capture_share=0.5, capture_by="loss"), "capture-by"),
-                            (dict(capture_share=0.5, sample_n=4), "top-k caches only")):
+                            (dict(capture_share=0.5, sample=4), "top-k caches only")):
         with pytest.raises(UserError, match=message):
-            cache_teacher(str(tiny_qwen_dir), str(records), str(tmp_path / "bad"), k=K, progress=False, **kwargs)
+            cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(tmp_path / "bad"), top_k=K,
+                               progress=False, **kwargs))
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
@@ -130,19 +132,19 @@ def _brute_force(logits, labels, ids, lp, tail, keep, kl_weight):
 @pytest.mark.parametrize("impl", ["reference", "chunked", "fused_linear"])
 def test_empty_rows_train_on_ce_alone_in_every_loss_path(impl):
     logits, labels, ids, lp, tail, keep = _random_batch()
-    kw = dict(mode="tail", ce_weight=1.0, kl_weight=0.7)
+    spec, teacher = LossSpec(mode="tail", ce_weight=1.0, kl_weight=0.7), Teacher(ids, lp.float(), tail.float())
     if impl == "fused_linear":
         g = torch.Generator().manual_seed(1)
         hidden = torch.randn(len(labels), 16, generator=g, dtype=torch.float64, requires_grad=True)
         weight = torch.randn(logits.shape[1], 16, generator=g, dtype=torch.float64)
-        terms = fused_linear_distill_loss(hidden, weight, labels, ids, lp.float(), tail.float(), **kw)
+        terms = fused_linear_distill_loss(hidden, weight, labels, teacher, spec)
         expected = _brute_force((hidden @ weight.T).detach(), labels, ids, lp, tail, keep, 0.7)
         z = hidden
     else:
         z = logits.clone().float().requires_grad_(True)
         expected = _brute_force(z.detach().double(), labels, ids, lp, tail, keep, 0.7)
-        fn = reference_loss if impl == "reference" else chunked_distill_loss
-        terms = fn(z, labels, ids, lp.float(), tail.float(), **kw)
+        fn = reference_loss if impl == "reference" else distill_loss   # distill_loss: the chunked path on CPU
+        terms = fn(z, labels, teacher, spec)
     assert abs(float(terms.total.detach()) - expected) < 1e-5 * max(1.0, abs(expected))
     terms.total.backward()
     if impl != "fused_linear":   # the gradient of an empty row is the CE gradient alone (softmax - onehot) / rows
@@ -174,14 +176,15 @@ def _captured_sequences(settings, seed, share):
     return seqs
 
 
-@pytest.mark.parametrize("codec,share", [("raw-zstd", 0.3), ("kt-zstd", 0.3), ("kt2-zstd", 0.3), ("kt-zstd", 0.0)])
-def test_captured_cache_round_trip_and_rows_tensor(tmp_path, codec, share):
-    from fastkd.cache_tools import CacheWriter
+@pytest.mark.parametrize("precision,share", [("exact", 0.3), ("fine", 0.3), ("small", 0.3), ("fine", 0.0)])
+def test_captured_cache_round_trip_and_rows_tensor(tmp_path, precision, share):
+    from fastkd.cache_tools import FORMAT_VERSION, CacheWriter
     from fastkd.cache_tools.synthetic import synthetic_settings
     from safetensors import safe_open
 
     settings = synthetic_settings(vocab_size=300, k=8, layers=(1,), widths=(16,),
-                                  codecs={"topk": {"name": codec, "params": {}}, "hidden": {"name": "bf16-zstd", "params": {}}},
+                                  codecs={"topk": {"name": "kt", "params": {"precision": precision}},
+                                          "hidden": "kh:method=bf16"},
                                   capture={"share": 0.3, "by": "entropy", "seed": None})
     seqs = _captured_sequences(settings, 5, share)   # share 0: every row of every block empty
     root = tmp_path / "c"
@@ -189,7 +192,7 @@ def test_captured_cache_round_trip_and_rows_tensor(tmp_path, codec, share):
         for s in seqs:
             w.add(s)
     reader = CacheReader(root)
-    assert reader.manifest["format_version"] == 2
+    assert reader.manifest["format_version"] == FORMAT_VERSION
     assert reader.manifest["counts"]["payload_bytes"]["rows"] > 0
     by = _by_record(root)
     for s in seqs:
@@ -202,13 +205,12 @@ def test_captured_cache_round_trip_and_rows_tensor(tmp_path, codec, share):
         assert got.hidden[1].shape == s.hidden[1].shape                  # hidden states at every row
     with safe_open(str(root / "shards" / "shard-00000.safetensors"), "np") as f:
         names = list(f.keys())
-        assert f.metadata()["captured"] == "1" and f.metadata()["format_version"] == "2"
+        assert f.metadata()["captured"] == "1" and f.metadata()["format_version"] == str(FORMAT_VERSION)
     assert {n for n in names if n.endswith(".rows")} == {n.replace(".tokens", ".rows") for n in names if n.endswith(".tokens")}
 
 
 def test_empty_rows_are_refused_without_capture_and_a_flipped_row_bit_is_caught(tmp_path):
-    from fastkd.cache_tools import CacheWriter
-    from fastkd.cache_tools.format import CacheError
+    from fastkd.cache_tools import CacheError, CacheWriter
     from fastkd.cache_tools.synthetic import synthetic_settings
 
     plain = synthetic_settings(vocab_size=300, k=8, layers=(), widths=())
@@ -238,7 +240,8 @@ def test_fastkd_train_on_a_captured_cache_says_so_and_its_kl_counts_only_kept_ro
     from fastkd.cli import main
 
     cache = tmp_path / "cache"
-    cache_teacher(str(tiny_qwen_dir), str(records), str(cache), k=K, progress=False, capture_share=0.2)
+    cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(cache), top_k=K, progress=False,
+                       capture_share=0.2))
     rc = main(["train", "--cache", str(cache), "--student", str(tiny_llama_dir), "--out", str(tmp_path / "run"),
                "--max-steps", "2", "--batch-size", "4", "--eval-cache", str(cache)])
     err = capsys.readouterr().err

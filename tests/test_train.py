@@ -48,8 +48,8 @@ def build_teacher_and_cache(root: Path, qwen_dir: Path, k: int = 16, layers: str
                       lr=1e-2, max_steps=24, batch_size=8, seed=0))
     teacher = sft.final_dir
     cache = root / "cache"
-    cache_teacher(str(teacher), str(records), str(cache), k=k, layers=layers, max_length=96, batch_size=16,
-                  sequences_per_shard=16, progress=False)
+    cache_teacher(dict(teacher=str(teacher), data=str(records), out=str(cache), top_k=k, layers=layers,
+                       max_length=96, batch_size=16, sequences_per_shard=16, progress=False))
     return {"records": records, "teacher": teacher, "cache": cache}
 
 
@@ -149,17 +149,17 @@ def test_top_k_equal_to_vocab_equals_full_kl_offline_and_online(tmp_path, kd, ti
 
     vocab = json.loads((Path(kd["teacher"]) / "config.json").read_text())["vocab_size"]
     caches = {}
-    for codec in ("raw-zstd", None):     # lossless log-probs, and the default (quantised) codec
+    for codec in ("kt:precision=exact", None):     # lossless log-probs, and the default (quantised) codec
         caches[codec] = tmp_path / f"full-{codec}"
-        cache_teacher(str(kd["teacher"]), str(kd["records"]), str(caches[codec]), k=vocab, max_length=96,
-                      batch_size=16, sequences_per_shard=16, logits_codec=codec, progress=False)
+        cache_teacher(dict(teacher=str(kd["teacher"]), data=str(kd["records"]), out=str(caches[codec]), top_k=vocab,
+                           max_length=96, batch_size=16, sequences_per_shard=16, logits_codec=codec, progress=False))
     teacher = load_causal_lm(str(kd["teacher"]), dtype="float32", device="cpu")
     # the default codec quantises log-probs (docs/codec.md): the KL moves by well under 1%
     batch, module, tok = _batch_and_module(caches[None], tiny_llama_dir, tiny_llama_dir, ce_weight=0.0)
     with torch.no_grad():
         lossy = module(**batch_inputs(batch, [])).kl.item()
     for mode in ("tail", "renorm"):
-        batch, module, tok = _batch_and_module(caches["raw-zstd"], tiny_llama_dir, tiny_llama_dir, ce_weight=0.0,
+        batch, module, tok = _batch_and_module(caches["kt:precision=exact"], tiny_llama_dir, tiny_llama_dir, ce_weight=0.0,
                                                mode=mode)
         with torch.no_grad():
             terms = module(**batch_inputs(batch, []))
@@ -211,8 +211,8 @@ def test_sampled_cache_trains_in_sampled_mode_only(tmp_path, kd, tiny_llama_dir)
     from fastkd.cache_stage import cache_teacher
 
     cache = tmp_path / "sampled"
-    cache_teacher(str(kd["teacher"]), str(kd["records"]), str(cache), sample_n=24, max_length=96, batch_size=16,
-                  progress=False)
+    cache_teacher(dict(teacher=str(kd["teacher"]), data=str(kd["records"]), out=str(cache), sample=24, max_length=96,
+                       batch_size=16, progress=False))
     with pytest.raises(UserError, match="--mode sampled"):
         train(quiet(cache=str(cache), student=str(tiny_llama_dir), out=str(tmp_path / "r0"), max_steps=1))
     result = train(quiet(cache=str(cache), student=str(tiny_llama_dir), out=str(tmp_path / "r1"), mode="sampled",
@@ -251,7 +251,9 @@ def test_empty_and_corrupt_caches_give_clear_errors(tmp_path, kd, tiny_llama_dir
         for i in range(len(data) // 2, len(data), 7):   # scribble over the compressed payload
             data[i] ^= 0x5A
         shard.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="corrupt|cannot|decod|digest|crc|verify"):
+    from fastkd.cache_tools import CorruptCacheError
+
+    with pytest.raises(CorruptCacheError, match="corrupt|cannot|decod|digest|verify"):
         train(quiet(cache=str(corrupt), student=str(tiny_llama_dir), out=str(tmp_path / "r2"), max_steps=3, batch_size=4))
 
 

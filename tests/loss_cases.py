@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
+from fastkd.kernels import LossSpec, Teacher
+
+SPEC_FIELDS = {f.name for f in fields(LossSpec)}
 TAIL_LEVELS = (1e-7, 0.3, 0.999)  # teacher tail mass: near 0, middle, near 1
 
 
@@ -35,10 +40,23 @@ def make_case(n=12, v=301, k=8, mode="tail", dtype=torch.float32, seed=0, ignore
     return dict(logits=logits, labels=labels, teacher_ids=ids, teacher_logprobs=logprobs, tail=tail, counts=counts)
 
 
+def teacher_of(case) -> Teacher:
+    """The case's teacher rows as the loss takes them."""
+    return Teacher(case["teacher_ids"], case["teacher_logprobs"], case["tail"], case["counts"])
+
+
+def split_spec(kw: dict) -> tuple[LossSpec, dict]:
+    """LossSpec fields out of keyword arguments (the rest: the entry point's own options)."""
+    spec = LossSpec(**{k: v for k, v in kw.items() if k in SPEC_FIELDS})
+    return spec, {k: v for k, v in kw.items() if k not in SPEC_FIELDS}
+
+
 def loss_and_grad(fn, case, **kw):
-    """Run a loss function on a fresh leaf copy of the case's logits; return (LossTerms, grad)."""
+    """Run a loss function on a fresh leaf copy of the case's logits; return (LossTerms, grad).
+    kw: LossSpec fields and the entry point's own options (inplace, validate, backend)."""
+    spec, options = split_spec(kw)
     z = case["logits"].clone().requires_grad_(True)
-    terms = fn(z, case["labels"], case["teacher_ids"], case["teacher_logprobs"], case["tail"], counts=case["counts"], **kw)
+    terms = fn(z, case["labels"], teacher_of(case), spec, **options)
     terms.total.backward()
     return terms, z.grad
 

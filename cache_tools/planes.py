@@ -1,0 +1,83 @@
+"""Byte planes and zstd frames: the bytes every codec payload and block tensor is built from."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import zstandard
+
+from .errors import CodecError
+
+ZSTD_LEVEL = 3          # small parts (tokens, row bits); the codecs default to level 1
+
+
+def check_params(given: dict, allowed: set, codec: str) -> None:
+    """Refuse parameters a codec does not know (a typo would otherwise be ignored silently)."""
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise CodecError(f"{codec} codec: unknown parameter(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(allowed))}")
+
+
+def plane_count(max_value: int) -> int:
+    """How many little-endian bytes hold values up to max_value."""
+    return max(1, (int(max_value).bit_length() + 7) // 8)
+
+
+def compress_planes(values: np.ndarray, nbytes: int, level: int) -> list[bytes]:
+    """Split unsigned ints into `nbytes` byte planes and zstd-compress each plane on its own."""
+    raw = np.ascontiguousarray(values, dtype="<u4").reshape(-1).view(np.uint8).reshape(-1, 4)
+    cctx = zstandard.ZstdCompressor(level=level)
+    return [cctx.compress(np.ascontiguousarray(raw[:, b])) for b in range(nbytes)]
+
+
+def decompress_planes(frames: list[bytes], count: int) -> np.ndarray:
+    """Inverse of compress_planes: uint32 array of `count` values."""
+    dctx = zstandard.ZstdDecompressor()
+    out = np.zeros(count, dtype=np.uint32)
+    for b, frame in enumerate(frames):
+        try:
+            plane = np.frombuffer(dctx.decompress(frame, max_output_size=count), dtype=np.uint8)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"corrupt codec payload: byte plane {b} does not decompress ({exc})") from None
+        if plane.size != count:
+            raise CodecError(f"corrupt codec payload: byte plane {b} holds {plane.size} values, expected {count}")
+        out |= plane.astype(np.uint32) << np.uint32(8 * b)
+    return out
+
+
+def pack_frames(header: bytes, groups: list[list[bytes]]) -> bytes:
+    """header + per group [plane count u8] + per frame [length u32] + the frames."""
+    table = b"".join(struct.pack("<B", len(g)) for g in groups)
+    lengths = b"".join(struct.pack("<I", len(f)) for g in groups for f in g)
+    return header + table + lengths + b"".join(f for g in groups for f in g)
+
+
+def unpack_frames(payload: bytes, offset: int, n_groups: int) -> list[list[bytes]]:
+    """Inverse of pack_frames, starting after the header."""
+    try:
+        counts = list(payload[offset:offset + n_groups])
+        offset += n_groups
+        total = sum(counts)
+        lengths = struct.unpack_from(f"<{total}I", payload, offset)
+        offset += 4 * total
+    except struct.error as exc:
+        raise CodecError(f"corrupt codec payload: truncated frame table ({exc})") from None
+    frames, groups = [], []
+    for length in lengths:
+        frames.append(payload[offset:offset + length])
+        offset += length
+    if offset != len(payload):
+        raise CodecError(f"corrupt codec payload: {len(payload)} bytes, frame table says {offset}")
+    for c in counts:
+        groups.append(frames[:c])
+        frames = frames[c:]
+    return groups
+
+
+def peek(payload: bytes, magic: bytes, what: str) -> int:
+    """The version byte of a payload that starts with `magic`; CodecError for anything else."""
+    if len(payload) < 3 or payload[:2] != magic:
+        raise CodecError(f"not a {what} codec payload (starts with {bytes(payload[:2])!r}, expected {magic!r})")
+    return payload[2]

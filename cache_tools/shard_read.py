@@ -1,0 +1,311 @@
+"""Reading one shard: its file through a storage (byte ranges, header checked here), its index at open, and
+its blocks one at a time, every tensor checked against its digest before it is decoded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .errors import CacheError, CorruptShard
+from .format import FORMAT_VERSION, CachedSequence
+from .integrity import BLOCK_DIGEST, digest_bytes, is_hex_digest
+from .manifest_checks import MAX_COUNT, MAX_K, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH
+from .shard import (INDEX_DTYPES, MAX_BLOCK_RAW_BYTES, Layout, _decode_hidden, _decode_tokens, _decode_topk,
+                    part_kind, part_names)
+
+FIRST_READ = 64 << 10              # first range read of a shard: its header and usually its index
+MAX_HEADER_BYTES = 100 << 20       # safetensors' own limit on the JSON header
+
+DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4",
+          "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
+
+
+class ShardFile:
+    """A safetensors file of a storage read by byte ranges: its header parsed and checked here (whatever the
+    digests say), the index from its first bytes, a block by one request per contiguous run (or staged)."""
+
+    def __init__(self, storage, name: str, size: int, head: bytes):
+        self.storage, self.name, self.size = storage, name, size
+        header_len = int.from_bytes(head[:8], "little")
+        self.data_start = 8 + header_len
+        try:
+            header = json.loads(head[8:self.data_start])
+        except (ValueError, RecursionError) as err:
+            raise CorruptShard(f"header is not valid JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise CorruptShard("header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise CorruptShard("header __metadata__ is not a map of strings")
+        self._meta = meta
+        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, begin, end
+        for key, info in header.items():
+            try:
+                dtype = np.dtype(DTYPES[info["dtype"]])
+                shape = tuple(int(x) for x in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                if any(x < 0 for x in shape) or not all(isinstance(x, int) for x in info["shape"]):
+                    raise ValueError("shape")
+            except (KeyError, TypeError, ValueError):
+                raise CorruptShard(f"header entry for tensor {key!r} is not valid (dtype, shape, "
+                                   f"data_offsets)") from None
+            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise CorruptShard(f"tensor {key} has data_offsets {[begin, end]} that do not fit its shape "
+                                   f"{list(shape)}")
+            self.tensors[key] = (dtype, shape, begin, end)
+        spans = sorted((b, e) for _, _, b, e in self.tensors.values())
+        position = 0
+        for begin, end in spans:  # the tensors tile the data section exactly, as safetensors requires
+            if begin != position:
+                raise CorruptShard("tensor data_offsets overlap or leave a hole")
+            position = end
+        if self.data_start + position != size:
+            raise CorruptShard(f"header describes {self.data_start + position} bytes, the file has {size}")
+        index_end = self.data_start + max([e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")],
+                                          default=0)
+        if index_end > len(head):  # the index tensors (first in the file) did not fit the first read
+            more = storage.read_range(name, len(head), index_end - len(head))
+            if len(more) != index_end - len(head):
+                raise CorruptShard(f"file ended after {len(head) + len(more)} of {size} bytes (truncated)")
+            head += more
+        self._head = head
+        self._staged: dict[str, bytes] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_staged"] = {}  # memoryviews do not pickle; a worker fetches its own blocks
+        return state
+
+    def metadata(self) -> dict:
+        return self._meta
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def ranges(self, names) -> list[tuple[int, int, list[str]]]:
+        """(file offset, length, tensor names) of the contiguous runs covering `names`."""
+        runs: list[list] = []
+        for name in sorted(names, key=lambda n: self.tensors[n][2]):
+            _, _, begin, end = self.tensors[name]
+            if runs and runs[-1][1] == begin:
+                runs[-1][1] = end
+                runs[-1][2].append(name)
+            else:
+                runs.append([begin, end, [name]])
+        return [(self.data_start + b, e - b, names) for b, e, names in runs]
+
+    def fetch(self, names) -> dict[str, bytes]:
+        """The bytes of `names` (tensors): those staged by the read-ahead, else one range request per
+        contiguous run (one per block)."""
+        if self._staged and all(name in self._staged for name in names):
+            return {name: self._staged.pop(name) for name in names}
+        runs = self.ranges(names)
+        out = {}
+        blobs = self.storage.read_ranges(self.name, [(o, n) for o, n, _ in runs]) if runs else []
+        for (offset, length, group), blob in zip(runs, blobs):
+            if len(blob) != length:
+                raise CorruptShard(f"file ended after {offset + len(blob)} of {self.size} bytes (truncated)")
+            view = memoryview(blob)
+            for name in group:
+                _, _, begin, end = self.tensors[name]
+                start = self.data_start + begin - offset
+                out[name] = view[start: start + end - begin]
+        return out
+
+    def stage(self, parts: dict) -> None:
+        """Bytes fetched ahead (a block's tensors): get_tensor takes them instead of reading again."""
+        self._staged = dict(parts)
+
+    def tensor_type(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype name, shape) of a tensor, from the header."""
+        dtype, shape, _, _ = self.tensors[name]
+        return next(key for key, value in DTYPES.items() if np.dtype(value) == dtype), shape
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        """A tensor as an array: from the first bytes (the index), else fetched."""
+        dtype, shape, begin, end = self.tensors[name]
+        start = self.data_start + begin
+        data = memoryview(self._head)[start: start + end - begin] if start + end - begin <= len(self._head) \
+            else self.fetch([name])[name]
+        return np.frombuffer(data, dtype).reshape(shape)
+
+    def drop_head(self) -> None:
+        """Forget the first bytes once the index is read (a reader keeps every shard open)."""
+        self._head = b""
+
+
+def shard_head(storage, name: str, size: int) -> bytes:
+    """The first bytes of a shard, at least its length prefix and JSON header (one request
+    when they fit in FIRST_READ, which for a typical shard also holds its index tensors)."""
+    head = storage.read_range(name, 0, min(size, FIRST_READ))
+    if len(head) < 8:
+        raise CorruptShard("file is shorter than a safetensors header")
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise CorruptShard(f"header length {header_len} is impossible for this file")
+    if len(head) < 8 + header_len:
+        head += storage.read_range(name, len(head), 8 + header_len - len(head))
+        if len(head) < 8 + header_len:
+            raise CorruptShard("file ends inside its header (truncated)")
+    return head
+
+
+class Shard:
+    """One shard: its index read at open, then one block at a time, every tensor checked against its digest
+    first (verify=True); the index is checked for impossible values either way."""
+
+    def __init__(self, handle: ShardFile, where: str, *, verify: bool = True):
+        self.handle, self.where, self.verify = handle, where, verify
+        self.meta = handle.metadata()
+        try:
+            self.layout = Layout.from_metadata(self.meta)
+            self.tasks = json.loads(self.meta["tasks"])
+            self.digests = json.loads(self.meta["digests"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise CorruptShard(f"metadata field {err} is missing or not valid") from None
+        check_layout(self.layout)
+        if self.meta.get("format_version") != str(FORMAT_VERSION) or self.meta.get("digest") != BLOCK_DIGEST:
+            raise CorruptShard(f"metadata format_version {self.meta.get('format_version')!r} and digest "
+                               f"{self.meta.get('digest')!r}: expected {str(FORMAT_VERSION)!r} and {BLOCK_DIGEST!r}")
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
+            raise CorruptShard("metadata field 'tasks' is not a list of names")
+        if not isinstance(self.digests, dict) or not all(is_hex_digest(v, BLOCK_DIGEST) for v in self.digests.values()):
+            raise CorruptShard(f"metadata field 'digests' is not a map of tensor names to {BLOCK_DIGEST} digests")
+        if set(self.digests) != set(handle.keys()):
+            extra = sorted(set(handle.keys()) ^ set(self.digests))[:3]
+            raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
+        index = {}
+        for name, dtype in INDEX_DTYPES.items():
+            try:
+                array = handle.get_tensor(name)
+            except Exception as err:  # noqa: BLE001 - a missing or unreadable index tensor
+                raise CorruptShard(f"index tensor {name} cannot be read ({err})") from None
+            self._check_digest(name, array.astype(array.dtype.newbyteorder('<'), copy=False).tobytes())
+            if array.dtype != dtype or array.ndim != 1:
+                raise CorruptShard(f"index tensor {name} has dtype {array.dtype} and {array.ndim} dimensions, "
+                                   f"expected 1-D {np.dtype(dtype)}")
+            index[name] = array.astype(np.int64)
+        self.record_index, self.length = index["index.record_index"], index["index.length"]
+        self.num_loss, self.task = index["index.num_loss"], index["index.task"]
+        self.block_start = index["index.block_start"]
+        check_index(self)
+        handle.drop_head()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_start) - 1
+
+    def block_tensor_bytes(self) -> dict[str, int]:
+        """Stored size of every block tensor, from the header alone (nothing is read): what the manifest's
+        payload_bytes / hidden_bytes count. Refuses tensors that are not 1-D U8 or not of this layout."""
+        expected = {name for b in range(self.num_blocks) for name in self.part_names(b)}
+        names = [name for name in self.handle.keys() if name not in INDEX_DTYPES]
+        unknown = sorted(set(names) - expected)
+        if unknown:
+            raise CorruptShard(f"tensor {unknown[0]} is not one of its {self.num_blocks} blocks' parts "
+                               f"({', '.join(sorted({part_kind(n) for n in expected})) or 'none'})")
+        missing = sorted(expected - set(names))
+        if missing:
+            raise CorruptShard(f"tensor {missing[0]} is missing (the index announces {self.num_blocks} blocks)")
+        sizes = {}
+        for name in names:
+            dtype, shape = self.handle.tensor_type(name)
+            if dtype != "U8" or len(shape) != 1:
+                raise CorruptShard(f"tensor {name} is {dtype} {list(shape)}, expected 1-D U8 (a block part)")
+            sizes[name] = int(shape[0])
+        return sizes
+
+    def block_of(self, position: int) -> int:
+        return int(np.searchsorted(self.block_start, position, side="right") - 1)
+
+    def part_names(self, block: int, layers=None) -> list[str]:
+        """The block's tensors that decoding it reads: all of them when verifying (a block is used whole or
+        not at all), else those of the hidden `layers` only (None: all)."""
+        return part_names(self.layout, block, None if self.verify or layers is None else set(layers))
+
+    def read_parts(self, names) -> dict[str, bytes]:
+        """The bytes of block tensors, each checked against its digest (when verify is on)."""
+        try:
+            parts = self.handle.fetch(names)
+        except (CorruptShard, CacheError):
+            raise
+        except Exception as err:  # noqa: BLE001 - unreadable bytes
+            raise CorruptShard(f"tensors {', '.join(names)} cannot be read ({err})") from None
+        for name in names if self.verify else ():
+            self._check_digest(name, parts[name])
+        return parts
+
+    def _check_digest(self, name: str, data) -> None:
+        if self.verify and digest_bytes(data, BLOCK_DIGEST) != self.digests[name]:
+            raise CorruptShard(f"tensor {name} fails its {BLOCK_DIGEST} check (corrupted bytes)")
+
+    def check_block(self, block: int) -> None:
+        """Check every tensor of a block against its digest without decoding it."""
+        self.read_parts(self.part_names(block))
+
+    def decode_block(self, block: int, layers=None) -> list[CachedSequence]:
+        """The sequences of one block; `layers` limits which hidden layers are decoded (None: all)."""
+        lay = self.layout
+        wanted = [layer for layer in lay.layers if layers is None or layer in set(layers)]
+        raw = self.read_parts(self.part_names(block, layers))
+        lo, hi = int(self.block_start[block]), int(self.block_start[block + 1])
+        lengths, nloss = self.length[lo:hi], self.num_loss[lo:hi]
+        prefix, n = f"block.{block:05d}.", int(nloss.sum())
+        ids, mask = _decode_tokens(raw[prefix + "tokens"], prefix, int(lengths.sum()))
+        top_ids, lp, tail, counts = _decode_topk(lay, raw, prefix, n, ids[mask.astype(bool)].astype(np.int64))
+        hidden = _decode_hidden(lay, raw, prefix, n, wanted)
+        out, tok, row = [], 0, 0
+        for j in range(hi - lo):
+            L, m = int(lengths[j]), int(nloss[j])
+            if int(mask[tok: tok + L].sum()) != m:
+                raise ValueError(f"tensor {prefix}tokens: sequence {lo + j} has {int(mask[tok: tok + L].sum())} loss "
+                                 f"positions, index says {m}")
+            out.append(CachedSequence(
+                record_index=int(self.record_index[lo + j]), task=self.tasks[int(self.task[lo + j])],
+                input_ids=ids[tok: tok + L].copy(), loss_mask=mask[tok: tok + L].copy(),
+                topk_ids=top_ids[row: row + m], topk_logprobs=lp[row: row + m], tail=tail[row: row + m],
+                counts=None if counts is None else counts[row: row + m],
+                hidden={layer: h[row: row + m] for layer, h in hidden.items()}))
+            tok, row = tok + L, row + m
+        return out
+
+
+def check_layout(lay: Layout) -> None:
+    """Impossible layouts (hostile or corrupt metadata) are refused before any size is computed."""
+    if not 1 <= lay.vocab_size <= MAX_VOCAB or not 1 <= lay.k <= min(MAX_K, lay.vocab_size):
+        raise CorruptShard(f"metadata k={lay.k}, vocab_size={lay.vocab_size} out of range")
+    if lay.mode not in ("topk", "sample"):
+        raise CorruptShard(f"metadata mode {lay.mode!r} is not 'topk' or 'sample'")
+    if len(lay.layers) != len(lay.widths) or len(lay.layers) > MAX_LAYERS \
+            or not all(isinstance(w, int) and 1 <= w <= MAX_WIDTH for w in lay.widths) \
+            or not all(isinstance(x, int) for x in lay.layers):
+        raise CorruptShard(f"metadata layers {list(lay.layers)[:4]} / hidden_widths {list(lay.widths)[:4]} are not "
+                           f"valid")
+    for part, codec in (("topk_codec", lay.topk_codec), ("hidden_codec", lay.hidden_codec)):
+        if not isinstance(codec, dict) or not isinstance(codec.get("name"), str) \
+                or not isinstance(codec.get("params", {}), dict):
+            raise CorruptShard(f"metadata {part} {codec!r} is not {{name, params}}")
+
+
+def check_index(shard) -> None:
+    """The index must describe a possible shard: counts, block table, tasks, block sizes."""
+    count = len(shard.record_index)
+    if not (len(shard.length) == len(shard.num_loss) == len(shard.task) == count) or count > MAX_COUNT:
+        raise CorruptShard("index tensors have different lengths")
+    starts = shard.block_start
+    if len(starts) < 2 or starts[0] != 0 or starts[-1] != count or np.any(np.diff(starts) < 0) \
+            or (count and np.any(np.diff(starts) == 0)):
+        raise CorruptShard(f"index.block_start {starts.tolist()[:8]} is not a block table for {count} sequences")
+    if count and (shard.length.min() < 0 or shard.num_loss.min() < 0 or np.any(shard.num_loss > shard.length)):
+        raise CorruptShard("index.num_loss / index.length hold negative counts or more loss positions than tokens")
+    if count and (shard.record_index.min() < 0 or len(np.unique(shard.record_index)) != count):
+        raise CorruptShard("index.record_index holds negative or repeated record numbers")
+    if count and (shard.task.min() < 0 or shard.task.max() >= max(len(shard.tasks), 1) or not shard.tasks):
+        raise CorruptShard("index.task points outside the metadata's tasks list")
+    tokens = np.add.reduceat(shard.length, starts[:-1]) if count else np.zeros(0, np.int64)
+    rows = np.add.reduceat(shard.num_loss, starts[:-1]) if count else np.zeros(0, np.int64)
+    for b, (t, n) in enumerate(zip(tokens.tolist(), rows.tolist())):
+        if shard.layout.raw_bytes(t, n) > MAX_BLOCK_RAW_BYTES:
+            raise CorruptShard(f"block {b} would decode to {shard.layout.raw_bytes(t, n)} bytes (index values too "
+                               f"large)")

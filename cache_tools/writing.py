@@ -1,0 +1,242 @@
+"""What every writer of a cache uses: its settings checked and normalised, each sequence checked, one shard
+file written atomically (temporary file, fsync, rename), and the settings compared on resume."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import normalize_codec
+from .errors import CacheError, CodecError
+from .format import RESERVED_KEYS, SHARD_DIR, CachedSequence, fsync_dir, jsonable, settings_differences, settings_of
+from .integrity import digest_bytes, file_digest
+from .shard import EncodeError, Layout, write_shard
+from .shard_read import shard_head
+from .storage import LocalStorage
+
+SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
+CODEC_SETTINGS = (("logits_codec", "topk"), ("hidden_codec", "hidden"))   # flat spellings of settings["codecs"]
+
+
+def shard_file(number: int) -> str:
+    return f"{SHARD_DIR}/shard-{number:05d}.safetensors"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def normalize_settings(settings: dict) -> dict:
+    """The caller's settings as JSON, with mode/layers/hidden_widths/codecs filled in and checked."""
+    if not isinstance(settings, dict):
+        raise CacheError(f"cache settings must be a dict, got {type(settings).__name__}")
+    try:
+        s = jsonable(settings)
+    except TypeError as err:
+        raise CacheError(f"cache settings: {err}") from None
+    clash = sorted(set(s) & set(RESERVED_KEYS))
+    if clash:
+        raise CacheError(f"cache settings may not use the reserved key(s) {clash} (the writer sets them)")
+    vocab = (s.get("tokenizer") or {}).get("vocab_size") if isinstance(s.get("tokenizer"), dict) else None
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise CacheError("cache settings: field tokenizer.vocab_size must be a positive integer "
+                         f"(got {vocab!r}); the ids' storage type depends on it")
+    if not isinstance(s.get("k"), int) or s["k"] <= 0:
+        raise CacheError(f"cache settings: field k must be a positive integer (got {s.get('k')!r})")
+    s.setdefault("mode", "topk")
+    if s["mode"] not in ("topk", "sample"):
+        raise CacheError(f"cache settings: field mode must be 'topk' or 'sample' (got {s['mode']!r})")
+    s["layers"], s["hidden_widths"] = _layers_and_widths(s)
+    s["codecs"] = _codecs(s)
+    return s
+
+
+def _layers_and_widths(s: dict) -> tuple[list, list]:
+    layers = s.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers) \
+            or len(set(layers)) != len(layers):
+        raise CacheError(f"cache settings: field layers must be a list of distinct integers (got {layers!r})")
+    widths = s.get("hidden_widths", [])
+    if isinstance(widths, dict):
+        try:
+            by_layer = {int(key): v for key, v in widths.items()}
+        except ValueError:
+            raise CacheError(f"cache settings: field hidden_widths has a non-integer layer key: {widths!r}") from None
+        if set(by_layer) != set(layers):
+            raise CacheError(f"cache settings: field hidden_widths has layers {sorted(by_layer)}, "
+                             f"field layers has {layers}")
+        widths = [by_layer[l] for l in layers]
+    if not isinstance(widths, list) or len(widths) != len(layers) or \
+            not all(isinstance(w, int) and w > 0 for w in widths):
+        raise CacheError(f"cache settings: field hidden_widths must give one positive width per layer "
+                         f"(layers {layers}, widths {s.get('hidden_widths')!r})")
+    return layers, widths
+
+
+def _codecs(s: dict) -> dict:
+    """settings["codecs"] (and the flat `logits_codec` / `hidden_codec`, popped) as {topk, hidden} of
+    {name, params}, defaults filled in; the logits codec must be the one of the mode."""
+    codecs = s.get("codecs") or {}
+    if not isinstance(codecs, dict):
+        raise CacheError(f"cache settings: field codecs must be a dict with 'topk' and 'hidden' (got {codecs!r})")
+    codecs = dict(codecs)
+    for flat, part in CODEC_SETTINGS:  # flat spellings: settings["hidden_codec"] = "kh:method=fp8"
+        value = s.pop(flat, None)
+        if value is None:
+            continue
+        if codecs.get(part) not in (None, value):
+            raise CacheError(f"cache settings: {flat}={value!r} contradicts codecs.{part}={codecs[part]!r}")
+        codecs[part] = value
+    try:
+        out = dict(codecs, topk=normalize_codec(codecs.get("topk"), "topk", s["mode"]),
+                   hidden=normalize_codec(codecs.get("hidden"), "hidden"))
+    except (KeyError, ValueError, CodecError) as err:
+        raise CacheError(f"cache settings: field codecs: {err.args[0]}") from None
+    name = out["topk"]["name"]
+    if (name == "ks") != (s["mode"] == "sample"):
+        raise CacheError(f"cache settings: field codecs: logits codec {name} " + (
+            "stores sampled ids with counts: it needs mode 'sample'" if name == "ks"
+            else "is for mode 'topk'; mode 'sample' uses ks"))
+    return out
+
+
+def layout_of(settings: dict) -> Layout:
+    return Layout(k=settings["k"], vocab_size=settings["tokenizer"]["vocab_size"], mode=settings["mode"],
+                  layers=tuple(settings["layers"]), widths=tuple(settings["hidden_widths"]),
+                  topk_codec=settings["codecs"]["topk"], hidden_codec=settings["codecs"]["hidden"],
+                  captured="capture" in settings)
+
+
+def empty_rows(seq: CachedSequence) -> np.ndarray:
+    """Rows a selective-capture cache stores without the teacher (bool [n]): every id -1, every
+    log-prob -inf, tail exactly 1."""
+    ids = np.asarray(seq.topk_ids)
+    return ((ids == -1).all(axis=1) & np.isneginf(np.asarray(seq.topk_logprobs, np.float64)).all(axis=1)
+            & (np.asarray(seq.tail) == 1.0))
+
+
+def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = False) -> None:
+    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution.
+    `captured`: a selective-capture cache, whose topk mode also holds empty rows (see `empty_rows`)."""
+    where = f"cache {root}: record {seq.record_index}"
+    ids = np.asarray(seq.input_ids)
+    mask = np.asarray(seq.loss_mask)
+    if ids.ndim != 1 or mask.shape != ids.shape:
+        raise CacheError(f"{where}: input_ids {ids.shape} and loss_mask {mask.shape} must be 1-D, same length")
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise CacheError(f"{where}: field input_ids has values outside int32 range")
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        raise CacheError(f"{where}: field loss_mask must hold only 0 and 1")
+    n = int(mask.sum())
+    k = lay.k
+    for name, arr, shape in (("topk_ids", seq.topk_ids, (n, k)), ("topk_logprobs", seq.topk_logprobs, (n, k)),
+                             ("tail", seq.tail, (n,))):
+        if np.shape(arr) != shape:
+            raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
+                             f"({n} loss positions, k={k})")
+    lp = np.asarray(seq.topk_logprobs, np.float64)
+    empty = empty_rows(seq) if captured and not lay.sampled else np.zeros(n, bool)
+    if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and (np.isneginf(lp).all(axis=1) & ~empty).any()):
+        raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
+                         f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
+                         f"produced NaN; nothing of this record was written (try --dtype float32)")
+    tail = np.asarray(seq.tail, np.float64)
+    if not np.isfinite(tail).all() or (tail < -1e-3).any() or (tail > 1 + 1e-3).any():
+        raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row "
+                         f"{_first_bad(~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3))}); the teacher's "
+                         f"output is not a distribution (try --dtype float32)")
+    tids = np.asarray(seq.topk_ids)
+    low = -1 if lay.sampled else 0
+    if tids[~empty].size and (tids[~empty].min() < low or tids.max() >= lay.vocab_size):
+        raise CacheError(f"{where}: field topk_ids has ids outside [{low}, {lay.vocab_size}) "
+                         f"(tokenizer.vocab_size {lay.vocab_size})")
+    if lay.sampled:
+        if seq.counts is None or np.shape(seq.counts) != (n, k):
+            raise CacheError(f"{where}: field counts must have shape {(n, k)} in sampled mode, "
+                             f"got {None if seq.counts is None else np.shape(seq.counts)}")
+        c = np.asarray(seq.counts)
+        if c.size and (c.min() < 0 or c.max() > 65535):
+            raise CacheError(f"{where}: field counts must lie in [0, 65535]")
+    elif seq.counts is not None:
+        raise CacheError(f"{where}: field counts must be None in topk mode")
+    if set(seq.hidden) != set(lay.layers):
+        raise CacheError(f"{where}: field hidden has layers {sorted(seq.hidden)}, the cache stores {list(lay.layers)}")
+    for layer, width in zip(lay.layers, lay.widths):
+        if np.shape(seq.hidden[layer]) != (n, width):
+            raise CacheError(f"{where}: field hidden[{layer}] has shape {np.shape(seq.hidden[layer])}, "
+                             f"expected {(n, width)}")
+        if not np.isfinite(np.asarray(seq.hidden[layer], np.float32)).all():
+            raise CacheError(f"{where}: field hidden[{layer}] holds NaN or infinite values: the teacher's "
+                             f"forward overflowed; nothing of this record was written (try --dtype float32)")
+
+
+def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Layout, settings: dict, *,
+                     block_bytes: int, max_block_sequences: int) -> dict:
+    """Write one shard atomically (temp file, fsync, rename, fsync the folder); its manifest entry."""
+    final = Path(root) / name
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        info = write_shard(tmp, seqs, layout, number, block_bytes=block_bytes, max_block_sequences=max_block_sequences)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest, size = file_digest(tmp)
+        head = shard_head(LocalStorage(tmp.parent), tmp.name, size)
+        header_digest = digest_bytes(head[:8 + int.from_bytes(head[:8], "little")])
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(err, EncodeError):
+            raise CacheError(f"cache {root}: shard {name}: cannot encode {err} (codecs {settings['codecs']})") from None
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
+            raise CacheError(f"cache {root}: cannot write shard {name}: {err}; the finished shards are kept: free "
+                             f"space and re-run the same command to resume") from None
+        raise
+    return {"file": name, "sha256": digest, "header_sha256": header_digest, "bytes": size, **info,
+            "first_record": int(seqs[0].record_index), "last_record": int(seqs[-1].record_index)}
+
+
+def resume_settings(root: Path, existing: dict, settings: dict) -> None:
+    """The run's settings checked against a cache's manifest (CacheError naming what differs)."""
+    diffs = settings_differences(settings_of(existing), settings)
+    if diffs and all(path.startswith("records") for path, _, _ in diffs):
+        old, new = existing.get("records") or {}, settings.get("records") or {}
+        raise CacheError(f"cache {root}: cannot resume on other data: the records differ from those the cache was "
+                         f"begun on ({old.get('count')} records, sha256 {str(old.get('sha256'))[:12]}...; this run: "
+                         f"{new.get('count')} records, sha256 {str(new.get('sha256'))[:12]}...); resume with the "
+                         f"same --data file contents, or write to a new cache folder")
+    if diffs:
+        lines = "; ".join(f"{path}: cache has {old!r}, this run has {new!r}" for path, old, new in diffs[:5])
+        more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+        raise CacheError(f"cache {root}: cannot resume, settings differ from manifest.json: {lines}{more}; "
+                         f"use the same settings or a new cache folder")
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)) if mask.size else []
+    return int(rows[0]) if len(rows) else -1
+
+
+def _owned_copy(seq: CachedSequence) -> CachedSequence:
+    return CachedSequence(
+        record_index=int(seq.record_index), task=str(seq.task), input_ids=np.array(seq.input_ids, np.int32),
+        loss_mask=np.array(seq.loss_mask, np.uint8), topk_ids=np.array(seq.topk_ids, np.int64),
+        topk_logprobs=np.array(seq.topk_logprobs, np.float32), tail=np.array(seq.tail, np.float32),
+        counts=None if seq.counts is None else np.array(seq.counts, np.int32),
+        hidden={int(layer): np.array(x, np.float32) for layer, x in seq.hidden.items()})
+
+
+def fastkd_version() -> str:
+    """The installed fastkd's version (read from its package metadata: this layer imports nothing of the app)."""
+    try:
+        return importlib.metadata.version("fastkd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
