@@ -22,7 +22,7 @@ MAX_LAYERS = 4096
 MAX_COUNT = 1 << 48
 # values this fastkd knows for the manifest's enum-like fields
 MODES = ("topk", "sample")
-CAPTURE_BY = ("entropy", "random")              # fastkd.teacher.CAPTURE_BY
+CAPTURE_BY = ("entropy", "random")              # how selective capture chose its rows (cache-teacher --capture-by)
 CAPTURE_KEYS = ("share", "by", "seed")
 TEACHER_DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64",
                   "float8_e4m3fn", "float8_e5m2")   # a --dtype choice, or the loaded model's torch dtype

@@ -22,13 +22,12 @@ from pathlib import Path
 from fastkd.batching import length_sorted_batches
 from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageConfig
 from fastkd.config import option as _opt
+from fastkd.cache_tools.manifest_checks import CAPTURE_BY
 from fastkd.errors import UserError
 from fastkd.records import FieldMap
 from fastkd.templates import BuildReport, Template, build_examples
 from fastkd.tokenizer_identity import tokenizer_identity
 
-CODECS = "see docs/cache-format.md; default: the format's default"
-CAPTURE_BY = ("entropy", "random")
 
 
 @dataclass
@@ -69,11 +68,15 @@ class CacheConfig(StageConfig):
     task_field: str = _opt("task", "record key holding the task name (optional)")
     sequences_per_shard: int = _opt(256, "the work unit: sequences per shard, the unit of resume and of the split "
                                          "across ranks (a resume keeps the cache's own)", minimum=1)
-    hidden_codec: str | None = _opt(None, f"hidden-state codec ({CODECS})")
+    hidden_codec: str | None = _opt(None, "hidden-state codec: kh:method=int8 (the default, "
+                                                            "block=128), kh:method=bf16 or kh:method=fp8, optionally "
+                                                            "with ,block=N (docs/cache-format.md)")
     hidden_project: int | None = _opt(None, "store hidden states through a fixed random projection to width D (seed "
                                             "--seed, in the manifest); the student then projects to D", minimum=1,
                                       metavar="D")
-    logits_codec: str | None = _opt(None, f"top-k codec ({CODECS})")
+    logits_codec: str | None = _opt(None, "top-k codec: kt:precision=fine (the default), "
+                                                     "kt:precision=small (fewer bytes, more KL) or kt:precision=exact "
+                                                     "(float32 bits); a --sample cache always uses ks (docs/codec.md)")
     capture_share: float = _opt(1.0, "selective capture: the teacher's top-k at this share of each sequence's loss "
                                      "positions (e.g. 0.2), CE alone at the others", metavar="F")
     capture_by: str = _opt("entropy", "with --capture-share < 1: entropy (the highest-entropy positions) or random "

@@ -60,3 +60,24 @@ def bbh_dir():
     if folder is None:
         pytest.skip("real BBH items not found (set FASTKD_BBH_DIR to the folder with <task>.json)")
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared, loaded machine: one intra-op thread is many times faster (no spin-waits);
+    a module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_tokenizer):
+    """A one-layer Llama student sharing the tiny tokenizer."""
+    from fastkd.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("student"), "llama", tokenizer=tiny_tokenizer, hidden=32, layers=1,
+                     heads=4, kv_heads=2, seed=1)

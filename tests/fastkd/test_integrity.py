@@ -16,38 +16,13 @@ from fastkd.cache_tools.integrity import digest_bytes, seal
 from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
 from fastkd.errors import UserError
 from fastkd.loader import CacheSource, PlanMaker, make_loader
-
-
-def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute byte range of every tensor, from the safetensors header (independent of our reader)."""
-    data = path.read_bytes()
-    size = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + size])
-    return {k: (8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
+from helpers import tensor_ranges, write_cache
 
 
 def flip(path: Path, offset: int, mask: int = 0x20) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= mask
     path.write_bytes(bytes(data))
-
-
-def write_cache(root: Path, tokenizer=None, count: int = 24, seed: int = 0, **settings_extra) -> Path:
-    """A cache of random well-formed sequences (4 per block, 12 per shard); with a tokenizer, its
-    identity and vocabulary, so `fastkd train` accepts it for a student with that tokenizer."""
-    from fastkd.tokenizer_identity import tokenizer_identity
-
-    vocab = len(tokenizer) if tokenizer is not None else 300
-    settings = synthetic_settings(vocab_size=vocab, k=8, layers=(1,), widths=(16,), **settings_extra)
-    if tokenizer is not None:
-        settings["tokenizer"] = tokenizer_identity(tokenizer)
-    rng = np.random.default_rng(seed)
-    with CacheWriter(root, settings, sequences_per_shard=12, max_block_sequences=4) as writer:
-        for i in range(count):
-            length = int(rng.integers(6, 20))
-            writer.add(random_sequence(rng, i, settings, length=length, num_loss=int(rng.integers(1, length))))
-    return root
 
 
 def read_everything(root: Path, num_workers: int = 0) -> int:
@@ -334,13 +309,6 @@ def test_a_pickle_in_an_old_checkpoint_never_runs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fastkd train
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, tiny_tokenizer):
-    from fastkd.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("student"), "llama", tokenizer=tiny_tokenizer, hidden=32, layers=1,
-                     heads=4, kv_heads=2, seed=1)
 
 
 def _train(**overrides):

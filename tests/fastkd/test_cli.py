@@ -19,7 +19,7 @@ import pytest
 from fastkd import cli
 from fastkd.config import SHOWN_DEFAULT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ the cache, `fastkd train --cross-tokenizer uld|exact` (loss falls, exact resume)
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,10 @@ import pytest
 import torch
 
 from fastkd.errors import UserError
+from helpers import build_teacher_and_cache, quiet
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import build_teacher_and_cache, one_thread, quiet  # noqa: E402,F401 (one_thread: fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 STUDENT_CORPUS = [f"{a} plus {b} is {a + b}. So the answer is {a + b}." for a in range(10) for b in range(10)] + [
     "Q: 3 + 4 is\nA: Let's think step by step.", "zebra quilt vexing jumps (A) (B) [x] {y}"]

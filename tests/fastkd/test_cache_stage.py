@@ -3,52 +3,24 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastkd.cache_stage import cache_teacher
 from fastkd.cache_tools import CacheError
 from fastkd.cli import main as cli_main
 from fastkd.errors import UserError
+from helpers import random_records, run_cache, slow_cli
 
 K = 16
-
-
-def run_cache(teacher, data, out, vllm_engine=None, **options):
-    """cache_teacher with a dict config (paths as strings, no progress bars)."""
-    return cache_teacher(dict(teacher=str(teacher), data=str(data), out=str(out), progress=False, **options),
-                         vllm_engine=vllm_engine)
-
-
-def slow_cli(seconds: float) -> list[str]:
-    """`python -m fastkd` whose cache stage sleeps after every unit (fastkd.cache_stage._after_unit), so a kill
-    lands part-way through a run."""
-    code = ("import sys, time; import fastkd.cache_stage as stage; "
-            f"stage._after_unit = lambda: time.sleep({seconds}); "
-            "from fastkd.cli import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code]
-
-
-def _records(n, seed=0):
-    rng = np.random.default_rng(seed)
-    words = ["True", "False", "and", "or", "not", "(", ")", "step", "Take", "Yes", "No"]
-    recs = []
-    for i in range(n):
-        src = " ".join(rng.choice(words, size=rng.integers(2, 12)))
-        rat = " ".join(rng.choice(words, size=rng.integers(0, 20)))
-        target = str(rng.choice(["True", "False"]))
-        recs.append({"source": src, "rationale": rat, "target": target, "task": f"t{i % 3}"})
-    return recs
 
 
 @pytest.fixture
 def records_file(tmp_path):
     path = tmp_path / "recs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in random_records(12)))
     return path
 
 
@@ -117,7 +89,7 @@ def test_no_cot_cache_masks_only_target(tiny_qwen_dir, tiny_tokenizer, records_f
     run_cache(tiny_qwen_dir, records_file, out, top_k=4, cot=False)
     from fastkd.cache_tools import CacheReader
 
-    recs = _records(12)
+    recs = random_records(12)
     for seq in CacheReader(out):
         response = [t for t, m in zip(seq.input_ids, seq.loss_mask) if m]
         expected = tiny_tokenizer(" " + recs[seq.record_index]["target"], add_special_tokens=False)["input_ids"]
@@ -182,7 +154,7 @@ def _contents(path):
                                         "--logits-codec", "kt:precision=small"]], ids=["full", "selective-capture"])
 def test_sigkill_then_resume_equals_uninterrupted(tiny_qwen_dir, tmp_path, extra):
     recs = tmp_path / "recs.jsonl"
-    recs.write_text("".join(json.dumps(r) + "\n" for r in _records(60, seed=3)))
+    recs.write_text("".join(json.dumps(r) + "\n" for r in random_records(60, seed=3)))
     args = ["--teacher", str(tiny_qwen_dir), "--data", str(recs), "--top-k", "8", "--batch-size", "2",
             "--sequences-per-shard", "4", "--no-progress", *extra]
     full = tmp_path / "full"

@@ -15,8 +15,8 @@ from fastkd.cache_tools import CacheError, CacheReader, CorruptCacheError
 from fastkd.cache_tools.shard_read import FIRST_READ
 from fastkd.cache_tools.storage import LocalStorage, RemoteStorage, read_ahead_bytes, refuse_url_for_writing
 from fastkd.loader import CacheSource, PlanMaker, make_loader
+from helpers import tensor_ranges, write_cache
 
-from test_integrity import student, tensor_ranges, write_cache  # noqa: F401 (student: a fixture)
 
 
 def same_sequences(a, b) -> None:

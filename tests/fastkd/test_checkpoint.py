@@ -2,7 +2,6 @@
 that fails before training, and a run stopped by SIGTERM (or killed after a timed checkpoint) resumes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,16 +15,11 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.errors import Interrupted, UserError
 from fastkd.train_config import TrainConfig
 from fastkd.trainer import train
+from helpers import cli_env
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sft(records, student, out, **extra) -> dict:
@@ -102,13 +96,6 @@ def test_checkpoints_are_timed_by_default(tmp_path, records_jsonl, tiny_llama_di
     assert saved == [2, 4, 6, 7]   # timed ones, then the end of the run
 
 
-def _cli_env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_weights(tmp_path, records_jsonl, tiny_llama_dir):
     """Default options (no --save-every): SIGTERM (what schedulers send before a kill) saves and stops."""
     steps, out = 80, tmp_path / "stopped"
@@ -117,7 +104,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_weights(tmp_path, 
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag if value is not False else "--no-" + key.replace("_", "-")] + ([] if isinstance(value, bool) else [str(value)])
-    proc = subprocess.Popen(argv, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 180
     while proc.poll() is None and time.time() < deadline:
         if metrics.exists() and metrics.read_text().count('"loss"') >= 2:
@@ -129,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_weights(tmp_path, 
     assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
     stopped_at = load_checkpoint(out)["step"]
     assert 2 <= stopped_at < steps and not (out / "final").exists()
-    resumed = subprocess.run(argv + ["--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(argv + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = train(sft(records_jsonl, tiny_llama_dir, tmp_path / "straight", max_steps=steps, log_every=1))
     a, b = weights(out / "final"), weights(straight.final_dir)

@@ -3,7 +3,6 @@ refusals (tokenizer, empty/corrupt cache), padded embeddings, config file, SFT a
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -17,65 +16,16 @@ import torch
 from fastkd.errors import UserError
 from fastkd.train_config import TrainConfig
 from fastkd.trainer import train
+from helpers import build_teacher_and_cache, cli_env, final_weights, max_weight_diff, quiet, write_arith_records
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def write_arith_records(path: Path, n: int = 48, seed: int = 0, answer_only_every: int = 0) -> Path:
-    """Small-number additions with a one-sentence rationale: a task a tiny model can fit."""
-    rng = random.Random(seed)
-    lines = []
-    for i in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rec = {"source": f"{a} + {b} is", "rationale": f"{a} plus {b} is {a + b}.", "target": str(a + b), "task": "add"}
-        if answer_only_every and i % answer_only_every == 0:
-            rec["cot"] = False
-        lines.append(json.dumps(rec) + "\n")
-    path.write_text("".join(lines))
-    return path
-
-
-def quiet(**overrides):
-    return TrainConfig.make(overrides={"progress": False, "tensorboard": False, **overrides})
-
-
-def build_teacher_and_cache(root: Path, qwen_dir: Path, k: int = 16, layers: str | None = "1") -> dict:
-    """SFT the tiny Qwen2 a little (so it is far from uniform, like a real teacher), then cache it."""
-    from fastkd.cache_stage import cache_teacher
-
-    records = write_arith_records(root / "records.jsonl")
-    sft = train(quiet(data=str(records), student=str(qwen_dir), out=str(root / "teacher_run"), kl_weight=0.0,
-                      lr=1e-2, max_steps=24, batch_size=8, seed=0))
-    teacher = sft.final_dir
-    cache = root / "cache"
-    cache_teacher(dict(teacher=str(teacher), data=str(records), out=str(cache), top_k=k, layers=layers,
-                       max_length=96, batch_size=16, sequences_per_shard=16, progress=False))
-    return {"records": records, "teacher": teacher, "cache": cache}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, loaded machine: one intra-op thread is many times faster (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def kd(tmp_path_factory, tiny_qwen_dir):
     return build_teacher_and_cache(tmp_path_factory.mktemp("kd"), tiny_qwen_dir)
-
-
-def final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
-
-
-def max_weight_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 # ----------------------------------------------------------------------------- training works
@@ -300,12 +250,6 @@ def test_online_kd_runs_the_live_teacher(tmp_path, kd, tiny_llama_dir):
 
 # ----------------------------------------------------------------------------- SIGKILL + resume
 
-def _cli_env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, kd, tiny_llama_dir):
     steps = 24
@@ -314,7 +258,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, kd, tiny_llama_dir
                    f"save_every: 3\nlog_every: 1\nprogress: false\ntensorboard: false\nseed: 7\nhidden_weight: 0.5\n")
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fastkd", "train", "--config", str(cfg), "--out", str(killed)]
-    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = killed / "checkpoint" / "progress.json"
     deadline = time.time() + 120
     while not progress.exists() and proc.poll() is None and time.time() < deadline:
@@ -326,7 +270,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, kd, tiny_llama_dir
     stopped_at = json.loads(progress.read_text())["step"]
     assert 0 < stopped_at < steps
 
-    resumed = subprocess.run(cmd + ["--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     straight = train(quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), lr=0.003, batch_size=4,

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import build_teacher_and_cache, final_weights, max_weight_diff, one_thread, quiet  # noqa: F401 (fixture)
 
 from fastkd.trainer import train
+from helpers import build_teacher_and_cache, final_weights, max_weight_diff, quiet
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

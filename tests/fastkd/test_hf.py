@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import build_teacher_and_cache, one_thread, quiet  # noqa: F401 (fixture)
 
 from fastkd.errors import UserError
 from fastkd.trainer import train
+from helpers import build_teacher_and_cache, quiet
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

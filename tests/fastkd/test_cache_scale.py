@@ -16,19 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from test_cache_teacher import _records, run_cache, slow_cli
 
 from fastkd.cache_tools import CacheError, CacheReader
 from fastkd.errors import UserError
+from helpers import random_records, run_cache, slow_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = dict(top_k=8, layers="1,-1", sequences_per_shard=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")
 def recs(tmp_path_factory):
     path = tmp_path_factory.mktemp("scale") / "recs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _records(22, seed=7)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in random_records(22, seed=7)))
     return path
 
 
@@ -158,7 +158,7 @@ def test_kill_one_rank_then_resume_with_other_rank_counts(tiny_qwen_dir, recs, r
 
 def test_resume_on_changed_records_refused(tiny_qwen_dir, tmp_path):
     data = tmp_path / "recs.jsonl"
-    records = _records(9, seed=2)
+    records = random_records(9, seed=2)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "cache"
     run_cache(tiny_qwen_dir, data, out, top_k=4, sequences_per_shard=3)
@@ -179,7 +179,7 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
     from fastkd.cache_tools.integrity import canonical_json, seal
 
     data = tmp_path / "recs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(12, seed=3)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in random_records(12, seed=3)))
     full = tmp_path / "full"
     run_cache(tiny_qwen_dir, data, full, top_k=4, sequences_per_shard=3)
     out = tmp_path / "part"

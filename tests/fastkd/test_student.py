@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_train import build_teacher_and_cache, final_weights, max_weight_diff, one_thread, quiet  # noqa: F401 (fixture)
 
 from fastkd.errors import UserError
 from fastkd.loader import read_ahead
 from fastkd.trainer import train
+from helpers import build_teacher_and_cache, final_weights, max_weight_diff, quiet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
             "aten.masked_select.default", "aten.equal.default", "aten.allclose.default"}

@@ -440,7 +440,7 @@ def test_topk2_is_smaller_than_v1_within_the_kl_bounds_on_an_lm_like_teacher():
     next tokens as labels, mean KL(exact || decoded) <= 1e-3 and max <= 5e-3."""
     import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from synthetic_lm import synthetic_teacher
 
     vocab = 151_936

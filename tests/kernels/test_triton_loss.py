@@ -57,7 +57,7 @@ def test_triton_suite_in_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", FASTKD_TRITON_INNER="1", CUDA_VISIBLE_DEVICES="")
     here = Path(__file__)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here)],
-                          cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=here.parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
