@@ -143,7 +143,7 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        tokenizer = load_tokenizer(config.teacher)
+        tokenizer = load_tokenizer(config.teacher, "--teacher")
         template, report = config.template(), BuildReport()
         examples = build_examples(config.data, tokenizer, template, config.field_map(), config.max_length,
                                   config.overflow, config.skip_bad, config.split, report)

@@ -85,7 +85,7 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
 
     identity = manifest.get("tokenizer") or {}
     if given:
-        tok = load_tokenizer(given)
+        tok = load_tokenizer(given, "--teacher-tokenizer")
         check_tokenizer(identity, tok, f"cache {cache}: --teacher-tokenizer {given}")
         return tok
     entry = manifest.get("teacher_tokenizer")

@@ -159,7 +159,7 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
         else:
             from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
 
-            tok = load_tokenizer(config.teacher)
+            tok = load_tokenizer(config.teacher, "--teacher")
             model = load_causal_lm(config.teacher, dtype=config.dtype, device=str(resolve_device(config.device))).eval()
     # inputs read and the teacher loaded: only now is anything written (a refusal leaves no empty files)
     out_path.parent.mkdir(parents=True, exist_ok=True)

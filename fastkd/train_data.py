@@ -142,7 +142,7 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         if config.teacher:
             from fastkd.teacher import load_causal_lm, load_tokenizer
 
-            check_tokenizer(tokenizer_identity(load_tokenizer(config.teacher)), tokenizer, f"teacher {config.teacher}")
+            check_tokenizer(tokenizer_identity(load_tokenizer(config.teacher, "--teacher")), tokenizer, f"teacher {config.teacher}")
             teacher = load_causal_lm(config.teacher, dtype=config.teacher_dtype, device=str(env.device))
             depth = int(teacher.config.num_hidden_layers)
             layers = list(config.teacher_layers or [])
