@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -172,33 +173,90 @@ def config_identity(config, path: str) -> dict:
             "hidden_size": getattr(config, "hidden_size", None)}
 
 
+HEAD_CHUNK_BYTES = 256 * 2**20   # bounds the [chunk, V] fp32 buffer of the chunked output head
+UNREPRODUCED = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier", "logit_multiplier",
+                "mup_width_multiplier", "scale_width", "dim_model_base")    # head-side scalings not applied here
+_SAID: set[str] = set()
+
+
+def split_head(model):
+    """(decoder, output head, final soft-cap) for the chunked path, or why a model cannot take it."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or getattr(head, "weight", None) is None:
+        return "it has no output embeddings"
+    base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if not isinstance(base, torch.nn.Module) or base is model or base is head:
+        return "its decoder cannot be run alone"
+    config = getattr(model, "config", None)
+    odd = [name for name in UNREPRODUCED if getattr(config, name, None) not in (None, 1, 1.0)]
+    if odd:
+        return f"its config sets {', '.join(odd)}"
+    return base, head, getattr(config, "final_logit_softcapping", None)
+
+
+def _say_once(reason: str) -> None:
+    """Why the full-logits path is taken, on stderr once per process and reason."""
+    if reason not in _SAID:
+        _SAID.add(reason)
+        print(f"fastkd: the teacher's output head is applied by the model on the whole batch ([B, T, V] logits in "
+              f"memory), as {reason}", file=sys.stderr)
+
+
+def _head_logits(head, rows: torch.Tensor, cap) -> torch.Tensor:
+    """The output head on a chunk of last hidden states, soft-capped as the model does when its config says so."""
+    logits = head(rows)                                          # the module's own bias and device hooks apply
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 @torch.no_grad()
 def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
                    k: int = 64, layers: tuple[int, ...] = (), sample_n: int | None = None,
-                   vocab_size: int | None = None, generator: torch.Generator | None = None) -> TeacherSignal:
+                   vocab_size: int | None = None, generator: torch.Generator | None = None,
+                   chunk_rows: int | None = None) -> TeacherSignal:
     """Teacher forward on a right-padded batch; row r is its distribution on the r-th loss token (logits one
-    position earlier), log-softmax over the tokenizer's vocabulary in fp32, tail 1 - sum_K p_i summed in fp64."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers), use_cache=False)
+    position earlier), log-softmax over the tokenizer's vocabulary in fp32 per chunk of rows, tail summed in fp64."""
     predicts_loss = loss_mask[:, 1:].bool()                      # position t predicts token t+1
-    logits = out.logits[:, :-1][predicts_loss.to(out.logits.device)]   # [M, V_model]
-    if vocab_size is not None:
-        logits = logits[:, :vocab_size]                          # drop padded embedding rows
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    rows = predicts_loss.sum(dim=1).tolist()
+    split = split_head(model)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers),
+                  use_cache=False)
+    if isinstance(split, str):                                   # today's path: the model builds [B, T, V]
+        _say_once(split)
+        out = model(**kwargs)
+        source, head, cap = out.logits[:, :-1][predicts_loss.to(out.logits.device)], None, None
+        width = source.shape[1]
+    else:
+        base, head, cap = split
+        out = base(**kwargs)
+        last = out.last_hidden_state
+        source, width = last[:, :-1][predicts_loss.to(last.device)], int(head.weight.shape[0])
+    width = min(width, vocab_size) if vocab_size is not None else width    # drop padded embedding rows
+    if not sample_n and not 1 <= k <= width:
+        raise UserError(f"--top-k {k}: must be between 1 and the vocabulary size ({width})")
+    step = max(1, int(chunk_rows or HEAD_CHUNK_BYTES // (4 * width)))
+    parts = []
+    for start in range(0, source.shape[0], step) or [0]:
+        rows = source[start:start + step]
+        logits = rows if head is None else _head_logits(head, rows, cap)
+        parts.append(_rows_signal(torch.log_softmax(logits[:, :width].float(), dim=-1), k, sample_n, generator))
+    ids, values, counts = (torch.cat(part) if part[0] is not None else None for part in zip(*parts))
+    tail = (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
     hidden = {}                                                  # a device map may leave layers on other devices
     for layer in layers:
         h = out.hidden_states[layer]
-        hidden[layer] = h[:, :-1][predicts_loss.to(h.device)].float().to(logprobs.device)
-    if sample_n:
-        ids, counts = _sample(logprobs, sample_n, generator)
-        picked = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
-        tail = (1.0 - picked.double().exp().sum(dim=1)).clamp(min=0.0).float()
-        return TeacherSignal(ids, picked, tail, counts, hidden, rows)
-    if not 1 <= k <= logprobs.shape[1]:
-        raise UserError(f"--top-k {k}: must be between 1 and the vocabulary size ({logprobs.shape[1]})")
-    values, ids = logprobs.topk(k, dim=-1)
-    tail = (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
-    return TeacherSignal(ids, values, tail, None, hidden, rows)
+        hidden[layer] = h[:, :-1][predicts_loss.to(h.device)].float().to(values.device)
+    return TeacherSignal(ids, values, tail, counts, hidden, predicts_loss.sum(dim=1).tolist())
+
+
+def _rows_signal(logprobs: torch.Tensor, k: int, sample_n: int | None, generator):
+    """(ids, log-probs, counts or None) of one chunk of rows: top-k, or --sample's draws (-inf on unused slots)."""
+    if not sample_n:
+        values, ids = logprobs.topk(k, dim=-1)
+        return ids, values, None
+    ids, counts = _sample(logprobs, sample_n, generator)
+    return ids, logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf")), counts
 
 
 def _sample(logprobs: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:

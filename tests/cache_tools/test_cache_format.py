@@ -19,6 +19,7 @@ from fastkd.cache_tools.hidden_codec import hidden_error_bound
 from fastkd.cache_tools.integrity import seal
 from fastkd.cache_tools.synthetic import random_sequence, random_sequences, synthetic_settings
 from fastkd.errors import user_errors
+from helpers import tensor_ranges
 
 
 def bf16_reference(x):
@@ -164,15 +165,6 @@ def test_random_access_equals_iteration(tmp_path):
     assert light[5].hidden == {} and np.array_equal(light[5].topk_ids, streamed[5].topk_ids)
 
 
-def _tensor_ranges(path):
-    """name -> (start, end) byte range of each tensor in a safetensors file, parsed by hand."""
-    raw = open(path, "rb").read()
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + header_len])
-    return {name: (8 + header_len + v["data_offsets"][0], 8 + header_len + v["data_offsets"][1])
-            for name, v in header.items() if name != "__metadata__"}
-
-
 def test_a_block_decodes_without_the_others(tmp_path):
     settings = synthetic_settings()
     seqs = random_sequences(4, 20, settings)
@@ -180,7 +172,7 @@ def test_a_block_decodes_without_the_others(tmp_path):
     write_cache(root, settings, seqs, max_block_sequences=4)  # 5 blocks in one shard
     shard = root / "shards" / "shard-00000.safetensors"
     data = bytearray(shard.read_bytes())
-    for name, (a, b) in _tensor_ranges(shard).items():
+    for name, (a, b) in tensor_ranges(shard).items():
         if name.startswith("block.") and not name.startswith("block.00002."):
             data[a:b] = bytes(b - a)  # wipe every other block
     shard.write_bytes(bytes(data))

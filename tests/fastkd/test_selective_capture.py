@@ -225,9 +225,9 @@ def test_empty_rows_are_refused_without_capture_and_a_flipped_row_bit_is_caught(
         for s in seqs:
             w.add(s)
     shard = root / "shards" / "shard-00000.safetensors"
-    from test_cache_format import _tensor_ranges
+    from helpers import tensor_ranges
 
-    a, b = _tensor_ranges(shard)["block.00000.rows"]
+    a, b = tensor_ranges(shard)["block.00000.rows"]
     data = bytearray(shard.read_bytes())
     data[(a + b) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
