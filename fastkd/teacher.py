@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -177,6 +178,7 @@ HEAD_CHUNK_BYTES = 256 * 2**20   # bounds the [chunk, V] fp32 buffer of the chun
 UNREPRODUCED = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier", "logit_multiplier",
                 "mup_width_multiplier", "scale_width", "dim_model_base")    # head-side scalings not applied here
 _SAID: set[str] = set()
+_HEAD_AGREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its chunked head matches its logits
 
 
 def split_head(model):
@@ -203,6 +205,19 @@ def _say_once(reason: str) -> None:
               f"memory), as {reason}", file=sys.stderr)
 
 
+def _head_agrees(model, split, ids: torch.Tensor) -> bool:
+    """Once per model: the chunked head on a few tokens equals the model's own logits, so a head transform the
+    config does not announce can never go unnoticed (the full-logits path is taken instead)."""
+    if model not in _HEAD_AGREES:
+        base, head, cap = split
+        full = model(input_ids=ids, use_cache=False).logits
+        mine = _head_logits(head, base(input_ids=ids, use_cache=False).last_hidden_state, cap).float()
+        tol = 1e-4 if full.dtype == torch.float32 else 5e-2
+        full = full.float()
+        _HEAD_AGREES[model] = bool(torch.allclose(mine, full, rtol=tol, atol=tol * max(1.0, float(full.abs().max()))))
+    return _HEAD_AGREES[model]
+
+
 def _head_logits(head, rows: torch.Tensor, cap) -> torch.Tensor:
     """The output head on a chunk of last hidden states, soft-capped as the model does when its config says so."""
     logits = head(rows)                                          # the module's own bias and device hooks apply
@@ -220,6 +235,8 @@ def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     position earlier), log-softmax over the tokenizer's vocabulary in fp32 per chunk of rows, tail summed in fp64."""
     predicts_loss = loss_mask[:, 1:].bool()                      # position t predicts token t+1
     split = split_head(model)
+    if not isinstance(split, str) and not _head_agrees(model, split, input_ids[:1, :16]):
+        split = "its logits differ from its output head applied to its decoder's last hidden states"
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers),
                   use_cache=False)
     if isinstance(split, str):                                   # today's path: the model builds [B, T, V]

@@ -131,3 +131,29 @@ def test_no_loss_positions(model, tiny_tokenizer):
     assert sig.topk_ids.shape == (0, 3) and sig.tail.shape == (0,)
     assert sig.hidden[2].shape == (0, model.config.hidden_size)
     assert sig.rows_per_sequence == [0, 0]
+
+
+def test_a_head_transform_the_config_does_not_announce_is_caught_once(model, batch, tiny_tokenizer, capsys,
+                                                                    monkeypatch):
+    """A model whose forward changes its logits behind its head: the one-time check sends it down the
+    full-logits path, so the signal is still the model's own distribution."""
+    scaled = copy.deepcopy(model)
+    forward = scaled.forward
+
+    def doubled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    scaled.forward = doubled
+    monkeypatch.setattr(teacher, "_SAID", set())     # each model's reason is said once per process
+    vocab = len(tiny_tokenizer)
+    sig = teacher.teacher_signal(scaled, *batch, k=8, vocab_size=vocab)
+    ids, attn, loss = batch
+    with torch.no_grad():
+        logits = scaled(input_ids=ids, attention_mask=attn).logits[:, :-1][loss[:, 1:].bool()][:, :vocab]
+    top = torch.log_softmax(logits.double(), dim=-1).topk(8, dim=-1).values
+    assert torch.allclose(sig.topk_logprobs.double(), top, atol=2e-5)
+    assert "differ from its output head" in capsys.readouterr().err
+    teacher.teacher_signal(model, *batch, k=8, vocab_size=vocab)          # the plain model keeps the chunked path
+    assert "differ" not in capsys.readouterr().err
