@@ -16,9 +16,9 @@ built once by another process).
 Columns: `wall s` = first forward to the end of cache_teacher; `total s` = the whole call; `forward s` = the
 stand-in's sleeps; `wall/fwd` (issue 30's target <= 1.05); `start-up s` = the call to the first forward
 (tokenising every record, settings, opening the cache; transformers is imported before); `cores/GPU*` =
-(wall - forward) / forward, derived: the extra encoder cores that would hide the encoding at this rate. Ranks are started as torchrun starts them
-(RANK, WORLD_SIZE, MASTER_ADDR on loopback, one thread each); the start-up table stops each rank at its first
-forward (give at least --unit x ranks records, so that every rank has a unit).
+(wall - forward) / forward, derived: the extra encoder cores that would hide the encoding at this rate.
+Ranks are started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR on loopback, one thread each); the
+start-up table stops each rank at its first forward (give at least --unit x ranks records: every rank needs a unit).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def make_pool(id_vocab: int, hidden: bool, seed: int = 0) -> dict:
     values, tails = [], []
     for _ in range(32):                                  # 32 x 32 distinct rows: chunks keep the peak RSS low
         logits = torch.randn(32, TEACHER_V, generator=gen) * 2.0
-        logits[:, :8] += torch.linspace(12.0, 6.0, 8)   # a few likely tokens, so the tail is teacher-like
+        logits[:, :8] += torch.linspace(16.0, 8.0, 8)   # a few likely tokens: a teacher-like tail (mean ~0.06)
         top = torch.log_softmax(logits, dim=-1).topk(K, dim=-1).values
         values.append(top)
         tails.append((1.0 - top.double().exp().sum(dim=1)).clamp(min=0.0).float())
