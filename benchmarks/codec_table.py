@@ -146,7 +146,8 @@ def embedded_teacher_data(n: int, k: int, seed: int = 200):
 
     from fastkd import synth
     from fastkd.templates import Template, build_example
-    from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER
+    from fastkd.demo import DEMO_TASKS
+    from fastkd.paths import EMBEDDED_TEACHER
 
     path = CACHE / f"embedded_n{n}_k{k}_s{seed}.npz"
     if path.exists():

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from replication import evaluate, table, train_student  # benchmarks/replication.py: same recipe and scoring
 
-from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, STUDENT_SHAPE, write_records
+from fastkd.demo import DEMO_TASKS, write_records
+from fastkd.paths import EMBEDDED_TEACHER
+from fastkd.tiny import STUDENT_SHAPE
 
 ARMS = ("SFT", "ULD", "exact")
 PAIRS = (("ULD", "SFT"), ("exact", "SFT"), ("exact", "ULD"))

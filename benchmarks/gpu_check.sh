@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh            # from the repo root (PYTHON=... to choose the interpreter)
 # 1. the kernel tests on CUDA (benchmarks/gpu_check.py's correctness section): the Triton path vs
 #    the float64 reference, fp32 and bf16, every mode, tau 1 and 2, V = 151,936, plus the hard
-#    cases of tests/kernels/loss_cases.py against the tests' own float64 loss;
+#    cases of tests/loss_cases.py against the tests' own float64 loss;
 # 2. time, peak memory and achieved bandwidth of the fused loss vs the naive PyTorch loss and
 #    liger-kernel's fused-linear JSD (when it imports), as ratios.
 # Without a GPU it says so and exits 0. Nothing in the test suite needs it.

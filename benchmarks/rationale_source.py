@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rationale_check import chain_is_valid  # noqa: E402
 from replication import evaluate, table, train_student, write_records_once  # noqa: E402
 
-from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, STUDENT_SHAPE, make_student_init, write_held_out  # noqa: E402
+from fastkd.demo import DEMO_TASKS, write_held_out  # noqa: E402
+from fastkd.paths import EMBEDDED_TEACHER  # noqa: E402
+from fastkd.tiny import STUDENT_SHAPE, make_student_init  # noqa: E402
 
 ARMS = ("teacher-written", "reference")
 PAIRS = (("teacher-written", "reference"),)

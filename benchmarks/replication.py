@@ -40,8 +40,9 @@ import statistics
 import time
 from pathlib import Path
 
-from fastkd.demo import (DEMO_TASKS, EMBEDDED_TEACHER, PROMPT_FORMAT, STUDENT_SHAPE, make_student_init,
-                         write_held_out, write_records)
+from fastkd.demo import DEMO_TASKS, PROMPT_FORMAT, write_held_out, write_records
+from fastkd.paths import EMBEDDED_TEACHER
+from fastkd.tiny import STUDENT_SHAPE, make_student_init
 
 STUDENTS = {"0.25M": dict(hidden=64, layers=3, heads=4, kv_heads=4, intermediate=192),
             "0.5M": STUDENT_SHAPE,   # the demo's student

@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_tokenizer import heldout_records  # noqa: E402
 from replication import T_975, write_records_once  # noqa: E402
 
-from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, STUDENT_SHAPE, make_student_init, write_held_out  # noqa: E402
+from fastkd.demo import DEMO_TASKS, write_held_out  # noqa: E402
+from fastkd.paths import EMBEDDED_TEACHER  # noqa: E402
+from fastkd.tiny import STUDENT_SHAPE, make_student_init  # noqa: E402
 
 ARMS = {"100%": (1.0, "entropy"), "50% entropy": (0.5, "entropy"), "20% entropy": (0.2, "entropy"),
         "20% random": (0.2, "random")}

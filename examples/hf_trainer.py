@@ -22,7 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def build_default(work: Path) -> tuple[Path, Path]:
     """A cache of the embedded teacher over synthetic BBH-style records, and a fresh student sharing its tokenizer."""
     from fastkd.cache_stage import cache_teacher
-    from fastkd.demo import DEMO_TASKS, EMBEDDED_TEACHER, make_student_init, write_records
+    from fastkd.demo import DEMO_TASKS, write_records
+    from fastkd.paths import EMBEDDED_TEACHER
+    from fastkd.tiny import make_student_init
 
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"

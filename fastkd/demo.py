@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastkd.config import SEED, StageConfig, option
-from fastkd.paths import BBH_DIR_LOOKUP, EMBEDDED_TEACHER, resolve_model  # noqa: F401 - the benchmarks use it
-from fastkd.tiny import STUDENT_SHAPE, make_student_init  # noqa: F401 - the benchmarks build their students with these
+from fastkd.paths import BBH_DIR_LOOKUP, resolve_model
+from fastkd.tiny import make_student_init
 
 DEMO_TASKS = ["boolean_expressions", "navigate", "web_of_lies", "tracking_shuffled_objects_three_objects"]
 

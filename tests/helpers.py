@@ -119,3 +119,18 @@ def write_cache(root: Path, tokenizer=None, count: int = 24, seed: int = 0, **se
             length = int(rng.integers(6, 20))
             writer.add(random_sequence(rng, i, settings, length=length, num_loss=int(rng.integers(1, length))))
     return root
+
+
+def assert_resume_is_exact(root: Path, weights: str = "model.safetensors", **options) -> None:
+    """Four steps in one run, and two steps then two more with --resume: the saved `final/<weights>` agree bit
+    for bit (options: a train config without out / max_steps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    train(quiet(out=str(root / "straight"), max_steps=4, **options))
+    train(quiet(out=str(root / "split"), max_steps=2, **options))
+    train(quiet(out=str(root / "split"), max_steps=4, resume=True, **options))
+    a = load_file(str(root / "straight" / "final" / weights))
+    b = load_file(str(root / "split" / "final" / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+

@@ -53,17 +53,22 @@ def rendered_help(parser, action) -> str:
     return formatter._expand_help(action) if action.help else ""
 
 
+def break_import(monkeypatch, module: str, missing: str) -> None:
+    """Make the CLI's import of `module` fail as if `missing` were not installed."""
+    real = cli._load
+
+    def load(name):
+        if name == module:
+            raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+        return real(name)
+
+    monkeypatch.setattr(cli, "_load", load)
+
+
 @pytest.fixture
 def synth_broken(monkeypatch):
     """fastkd.synth missing, as from a wheel that left it out."""
-    real = cli._load
-
-    def load(module):
-        if module == "fastkd.synth":
-            raise ModuleNotFoundError("No module named 'fastkd.synth'", name="fastkd.synth")
-        return real(module)
-
-    monkeypatch.setattr(cli, "_load", load)
+    break_import(monkeypatch, "fastkd.synth", "fastkd.synth")
 
 
 # ----------------------------------------------------------------------------- a broken stage
@@ -119,14 +124,7 @@ def test_other_commands_still_work_beside_a_broken_one(synth_broken, capsys):
 
 
 def test_a_missing_third_party_module_is_reported_too(monkeypatch, capsys):
-    real = cli._load
-
-    def load(module):
-        if module == "fastkd.demo":
-            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
-        return real(module)
-
-    monkeypatch.setattr(cli, "_load", load)
+    break_import(monkeypatch, "fastkd.demo", "matplotlib")
     rc, _, err = run_cli(["demo", "--quick"], capsys)
     assert rc == 2
     assert "fastkd demo: error:" in err and "fastkd.demo" in err and "matplotlib" in err and "reinstall" in err

@@ -4,7 +4,8 @@ directly (greedy, deterministic)."""
 
 import pytest
 
-from fastkd.demo import EMBEDDED_TEACHER, HELD_OUT_SEED
+from fastkd.demo import HELD_OUT_SEED
+from fastkd.paths import EMBEDDED_TEACHER
 
 
 def _answers(model, tok, items, cot: bool, max_new_tokens: int) -> int:

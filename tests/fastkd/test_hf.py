@@ -14,7 +14,7 @@ import torch
 
 from fastkd.errors import UserError
 from fastkd.trainer import train
-from helpers import build_teacher_and_cache, quiet
+from helpers import assert_resume_is_exact, build_teacher_and_cache, quiet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,16 +224,8 @@ def test_lora_student_trains_adapters_only_saves_a_peft_adapter_that_merges(kd, 
 
 def test_lora_resume_is_exact(kd, tiny_llama_dir, tmp_path):
     pytest.importorskip("peft")
-    from safetensors.torch import load_file
-
-    common = dict(cache=str(kd["cache"]), student=str(tiny_llama_dir), batch_size=8, lr=1e-2, lora_rank=2,
-                  schedule="constant", seed=1)
-    train(quiet(out=str(tmp_path / "straight"), max_steps=4, **common))
-    train(quiet(out=str(tmp_path / "split"), max_steps=2, **common))
-    train(quiet(out=str(tmp_path / "split"), max_steps=4, resume=True, **common))
-    a = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "split" / "final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(tmp_path, "adapter_model.safetensors", cache=str(kd["cache"]), student=str(tiny_llama_dir),
+                           batch_size=8, lr=1e-2, lora_rank=2, schedule="constant", seed=1)
 
 
 def test_lora_errors_are_clear(kd, tiny_llama_dir, tmp_path):

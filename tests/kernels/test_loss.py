@@ -403,7 +403,7 @@ def test_int32_labels_and_ids_are_accepted():
 
 
 # ---------------------------------------------------------------- the student's tail: exact complement, no floor
-# Every check below compares with tests/kernels/loss_cases.independent_loss (float64, row by row,
+# Every check below compares with tests/loss_cases.independent_loss (float64, row by row,
 # the tail as a logsumexp over the complement), never with code from fastkd.kernels.
 
 def assert_independent(ours, grad, case, dtype, loss_rel=1e-5, **kw):
