@@ -25,7 +25,7 @@ from fastkd.config import option as _opt
 from fastkd.cache_tools.manifest_checks import CAPTURE_BY
 from fastkd.errors import UserError
 from fastkd.records import FieldMap
-from fastkd.templates import BuildReport, Template, build_examples
+from fastkd.templates import LOSS_TURNS, BuildReport, Template, build_examples
 from fastkd.tokenizer_identity import tokenizer_identity
 
 
@@ -66,6 +66,11 @@ class CacheConfig(StageConfig):
     rationale_field: str = _opt("rationale", "record key holding the rationale")
     target_field: str = _opt("target", "record key holding the answer")
     task_field: str = _opt("task", "record key holding the task name (optional)")
+    messages_field: str = _opt("messages", "record key holding a conversation (messages form: a list of {role, "
+                                           "content} turns), used instead of source/rationale/target")
+    loss_turns: str = _opt("all", "messages records: the assistant turns that carry loss: all, last (the final "
+                                  "one), reasoning (their reasoning only) or answer (their answer only)",
+                           choices=list(LOSS_TURNS))
     sequences_per_shard: int = _opt(256, "the work unit: sequences per shard, the unit of resume and of the split "
                                          "across ranks (a resume keeps the cache's own)", minimum=1)
     hidden_codec: str | None = _opt(None, "hidden-state codec: kh:method=int8 (the default, "
@@ -101,10 +106,10 @@ class CacheConfig(StageConfig):
         return self
 
     def template(self) -> Template:
-        return Template(cot=self.cot, chat=self.chat_template)
+        return Template(cot=self.cot, chat=self.chat_template, loss_turns=self.loss_turns)
 
     def field_map(self) -> FieldMap:
-        return FieldMap(self.source_field, self.rationale_field, self.target_field, self.task_field)
+        return FieldMap(self.source_field, self.rationale_field, self.target_field, self.task_field, self.messages_field)
 
 
 @dataclass

@@ -26,12 +26,13 @@ class DataError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Which record keys hold the source, rationale, target and (optional) task."""
+    """Which record keys hold the source, rationale, target and (optional) task, or a conversation (messages)."""
 
     source: str = "source"
     rationale: str = "rationale"
     target: str = "target"
     task: str = "task"
+    messages: str = "messages"
 
 
 # ----------------------------------------------------------------------------- reading

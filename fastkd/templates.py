@@ -15,6 +15,7 @@ from fastkd.records import DataError, FieldMap, scan_records, validate_record
 
 ANSWER_PHRASE = "So the answer is "
 COT_TRIGGER = "Let's think step by step."
+LOSS_TURNS = ("all", "last", "reasoning", "answer")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Template:
 
     cot: bool = True
     chat: bool = False
+    loss_turns: str = "all"     # messages records: which assistant turns carry loss (LOSS_TURNS)
 
     def prompt(self, source: str) -> str:
         return f"Q: {source.strip()}\nA: {COT_TRIGGER}" if self.cot else f"Q: {source.strip()}\nA:"

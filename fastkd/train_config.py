@@ -28,7 +28,13 @@ class TrainConfig(StageConfig):
     cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only "
                            "anyway)")
     chat_template: bool = CHAT_TEMPLATE()
-    max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated)")
+    max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated); with "
+                                        "--packing, the length of a packed row")
+    messages_field: str = _opt("messages", "records: key holding a conversation (messages form), as in cache-teacher")
+    loss_turns: str = _opt("all", "records in messages form: the assistant turns that carry loss: all, last, "
+                                  "reasoning or answer", choices=["all", "last", "reasoning", "answer"])
+    packing: bool = _opt(False, "concatenate sequences into rows of --max-length tokens, attention kept inside each "
+                                "sequence (position ids restart per sequence): no padding")
     # models
     student: str | None = _opt(None, "student: a local folder or hub id (AutoModelForCausalLM)")
     student_config: str | None = _opt(None, "train from scratch: a config.json (or folder holding one) for AutoConfig")

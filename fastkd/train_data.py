@@ -37,13 +37,14 @@ class RecordSource:
 
     def __init__(self, data, tokenizer, *, cot: bool = True, chat: bool = False,
                  max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
-                 split: str = "train"):
+                 split: str = "train", fields=None, loss_turns: str = "all"):
         from fastkd.templates import BuildReport, Template, build_examples
         from fastkd.records import FieldMap
 
         self.path = str(data)
         self.report = BuildReport()
-        examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat), FieldMap(), max_length, overflow,
+        examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat, loss_turns=loss_turns),
+                                  fields or FieldMap(), max_length, overflow,
                                   skip_bad, split, self.report)
         self.sequences: list[RecordSequence] = [
             RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
@@ -135,7 +136,10 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
             else:
                 check_cache_tokenizer(evaluation.manifest, tokenizer, f"eval cache {config.eval_cache}")
     else:
-        rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length)
+        from fastkd.records import FieldMap
+
+        rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length,
+                   fields=FieldMap(messages=config.messages_field), loss_turns=config.loss_turns)
         train = RecordSource(config.data, tokenizer, **rec)
         evaluation = RecordSource(config.eval_data, tokenizer, **rec) if config.eval_data else None
         teacher, layers, widths, depth = None, [], [], 0
