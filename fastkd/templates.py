@@ -147,19 +147,22 @@ def build_example(record: dict, index: int, tokenizer, template: Template, max_l
 
 def build_examples(source: str | Path, tokenizer, template: Template, fields: FieldMap = FieldMap(),
                    max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
-                   split: str = "train", report: BuildReport | None = None) -> list[Example]:
+                   split: str = "train", report: BuildReport | None = None, keep=None) -> list[Example]:
     """Read, validate and tokenise every record of `source`; counts go into `report`.
 
     Without skip_bad the first bad record raises a DataError naming the file, record (and JSONL
     line) and field. With skip_bad every per-record problem (a bad field, and for JSONL also a
     line that is not valid UTF-8 or JSON, or is too long) is counted in report.skipped under a
     short reason and skipped; problems that spoil a whole file (a .json that does not parse, an
-    unreadable parquet) still raise."""
+    unreadable parquet) still raise. keep(index) -> bool, when given, picks the records to validate and
+    tokenise (a rank's own work units); the others are passed over unread and uncounted."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
     report = report if report is not None else BuildReport()
     examples = []
     for index, where, raw, error in scan_records(source, split):
+        if keep is not None and not keep(index):
+            continue
         try:
             if error is not None:
                 raise error
