@@ -14,17 +14,13 @@ from .stats import METRICS, QUANTILES, cache_stats
 from .verify import verify_cache
 
 
-def _add_cache(parser) -> None:
+def add_inspect_arguments(parser) -> None:
     parser.add_argument("cache", help="cache folder (holds manifest.json and shards/), or an fsspec URL (s3://, gs://, "
                                       "hf://, file://)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
 
 # --- inspect -------------------------------------------------------------------------------
-
-def add_inspect_arguments(parser) -> None:
-    _add_cache(parser)
-
 
 def cache_summary(root) -> dict:
     """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache (its
@@ -143,20 +139,18 @@ def run_inspect(args) -> int:
 
 # --- verify --------------------------------------------------------------------------------
 
-def _add_progress(parser) -> None:
+def add_verify_arguments(parser) -> None:
+    add_inspect_arguments(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar (on stderr; never with --json)")
 
 
-def add_verify_arguments(parser) -> None:
-    _add_cache(parser)
-    _add_progress(parser)
+def _progress(args, desc: str, unit: str):
+    return None if not args.progress or args.json else (lambda xs: tqdm(xs, desc=desc, unit=unit, file=sys.stderr))
 
 
 def run_verify(args) -> int:
-    progress = None if not args.progress or args.json else (
-        lambda xs: tqdm(xs, desc="verify", unit="shard", file=sys.stderr))
-    report = verify_cache(args.cache, progress=progress)
+    report = verify_cache(args.cache, progress=_progress(args, "verify", "shard"))
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
@@ -173,19 +167,16 @@ def run_verify(args) -> int:
 # --- stats ---------------------------------------------------------------------------------
 
 def add_stats_arguments(parser) -> None:
-    _add_cache(parser)
+    add_verify_arguments(parser)
     parser.add_argument("--max-sequences", type=int, default=None,
                         help="only the first N sequences (None: all)")
-    _add_progress(parser)
 
 
 def run_stats(args) -> int:
     from .reader import CacheReader
 
     reader = CacheReader(args.cache, layers=[])  # hidden states are not needed
-    progress = None if not args.progress or args.json else (
-        lambda xs: tqdm(xs, desc="stats", unit="seq", file=sys.stderr))
-    s = cache_stats(reader, args.max_sequences, progress)
+    s = cache_stats(reader, args.max_sequences, _progress(args, "stats", "seq"))
     if args.json:
         print(json.dumps(s, indent=1))
         return 0

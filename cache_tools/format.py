@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -43,7 +44,7 @@ class CachedSequence:
 
 
 def jsonable(value):
-    """Settings as plain JSON (tuples -> lists, paths -> str, numpy scalars -> python)."""
+    """Settings as plain JSON (tuples -> lists, paths -> str, numpy scalars -> python, NaN and infinities -> None)."""
     def default(obj):
         if isinstance(obj, np.generic):
             return obj.item()
@@ -54,15 +55,7 @@ def jsonable(value):
         if isinstance(obj, (set, frozenset)):
             return sorted(obj)
         raise TypeError(f"value {obj!r} of type {type(obj).__name__} cannot be stored in the manifest")
-    def finite(obj):
-        if isinstance(obj, float) and not np.isfinite(obj):
-            return None
-        if isinstance(obj, dict):
-            return {k: finite(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [finite(v) for v in obj]
-        return obj
-    return finite(json.loads(json.dumps(value, default=default, sort_keys=True)))
+    return json.loads(json.dumps(value, default=default, sort_keys=True), parse_constant=lambda _: None)  # NaN -> null
 
 
 def settings_differences(old, new, path: str = "") -> list[tuple[str, object, object]]:
@@ -89,16 +82,13 @@ def settings_differences(old, new, path: str = "") -> list[tuple[str, object, ob
 
 
 def fsync_dir(path: Path) -> None:
-    try:
+    """fsync a folder (its new entries), where the file system allows it."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -113,10 +103,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     fsync_dir(path.parent)
 
@@ -163,7 +151,7 @@ def parse_manifest(data: bytes, root) -> dict:
     if not text.strip():
         raise CacheError(f"cache {root}: manifest.json is empty")
     try:
-        manifest = json.loads(text, parse_constant=_reject_constant)
+        manifest = json.loads(text, parse_constant=reject_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as err:
         raise CacheError(f"cache {root}: manifest.json is not valid JSON ({err}); it is corrupted") from None
     if not isinstance(manifest, dict):
@@ -189,7 +177,7 @@ def check_version(version, where: str) -> None:
                      f"'format_version'; it reads format {FORMAT_VERSION}); upgrade fastkd")
 
 
-def _reject_constant(name: str):
+def reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 

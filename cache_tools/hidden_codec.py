@@ -10,14 +10,13 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError
-from .planes import check_params, compress_planes, decompress_planes, pack_frames, peek, unpack_frames
+from .planes import check_params, compress_planes, decompress_planes, pack_frames, unpack_frames, unpack_header
 
 HIDDEN_MAGIC = b"KH"
 HIDDEN_VERSION = 1
 METHODS = {"bf16": 0, "int8": 1, "fp8": 2}
 FP8_MAX = 448.0           # largest finite float8_e4m3fn
 INT8_MAX = 127.0
-DEFAULT_HIDDEN_PARAMS = {"method": "int8", "block": 128, "level": 1}   # chosen from docs/codec.md
 
 _HEADER = struct.Struct("<2sBBIII")   # magic, version, method, n, d, block (0 = one scale per row)
 
@@ -60,12 +59,8 @@ def decode_hidden(payload: bytes, n: int, d: int, method: str = "bf16", **unused
     """Decode a payload from encode_hidden into float32 [n, d].
     Accepts the encoder's parameters (block and level are read from the payload)."""
     check_params(unused, {"block", "level"}, "hidden")
-    version = peek(payload, HIDDEN_MAGIC, "hidden-state")
-    if version != HIDDEN_VERSION:
-        raise CodecError(f"hidden codec payload has version {version}; this fastkd reads version {HIDDEN_VERSION}")
-    _, _, method_id, n_stored, d_stored, block = _HEADER.unpack_from(payload)
-    if (n_stored, d_stored) != (n, d):
-        raise CodecError(f"hidden codec payload holds [{n_stored}, {d_stored}], caller expects [{n}, {d}]")
+    _, _, method_id, _, _, block = unpack_header(payload, _HEADER, HIDDEN_MAGIC, "hidden-state", HIDDEN_VERSION,
+                                                 (3, 4), (n, d))
     stored = {v: k for k, v in METHODS.items()}.get(method_id)
     if stored != method:
         raise CodecError(f"hidden codec payload was written with method {stored!r}, caller expects {method!r}")

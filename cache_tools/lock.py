@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -67,10 +68,8 @@ def release_lock(path: Path) -> None:
     path = Path(path)
     holder = _holder(path)
     if holder and int(holder.get("pid", -1)) == os.getpid():
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
@@ -86,8 +85,6 @@ def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
             raise CacheError(f"cache lock {path}: {what} (pid {pid}) is still writing this cache; wait for it, or "
                              f"stop it and re-run to resume")
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        path.unlink(missing_ok=True)
     except OSError as err:
         raise CacheError(f"cache lock {path}: cannot remove stale lock: {err}") from None

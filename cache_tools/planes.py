@@ -81,3 +81,23 @@ def peek(payload: bytes, magic: bytes, what: str) -> int:
     if len(payload) < 3 or payload[:2] != magic:
         raise CodecError(f"not a {what} codec payload (starts with {bytes(payload[:2])!r}, expected {magic!r})")
     return payload[2]
+
+
+def section_sizes(payload: bytes, header_size: int, names: tuple) -> dict[str, int]:
+    """Bytes spent on each group of frames of a payload (named), and on its header, for reports."""
+    parts = {name: sum(map(len, group)) for name, group in zip(names, unpack_frames(payload, header_size, len(names)))}
+    return dict(parts, header=len(payload) - sum(parts.values()))
+
+
+def unpack_header(payload: bytes, header, magic: bytes, what: str, version: int, shape: tuple, expected: tuple):
+    """The fields of a payload's `header` (a struct.Struct after magic and version byte), once its magic, version,
+    length and stored shape (the fields at `shape`) are those expected; CodecError naming what differs."""
+    got = peek(payload, magic, what)
+    if got != version:
+        raise CodecError(f"{what} codec payload has version {got}; this decoder reads version {version}")
+    if len(payload) < header.size:
+        raise CodecError(f"corrupt {what} codec payload: shorter than its header")
+    fields = header.unpack_from(payload)
+    if tuple(fields[i] for i in shape) != tuple(expected):
+        raise CodecError(f"{what} codec payload holds {[fields[i] for i in shape]}, caller expects {list(expected)}")
+    return fields

@@ -3,13 +3,14 @@ URL (s3://, gs://, hf://, file://, memory://), both through one storage interfac
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 
 from .errors import CacheError, CodecError, CorruptCacheError, CorruptShard
-from .format import CachedSequence, settings_of
+from .format import CachedSequence
 from .integrity import digest_bytes
 from .manifest_checks import check_manifest_totals
 from .shard import Layout, part_kind
@@ -71,7 +72,9 @@ class CacheReader:
         entries = self.manifest["shards"]
         if not entries:
             raise CacheError(f"cache {self.root}: holds no finished shard yet (manifest.json lists none)")
-        self._shards = self._open_all(entries)
+        with ThreadPoolExecutor(min(OPEN_THREADS, len(entries))) as pool:  # latency-bound: fetch headers at once
+            self._shards = list(pool.map(lambda j: open_shard(self.storage, entries[j], j, verify=verify),
+                                         range(len(entries))))
         for j, shard in enumerate(self._shards):
             check_shard_matches(self.root, self.manifest, entries[j], shard, j)
         self.record_indices = np.concatenate([s.record_index for s in self._shards])
@@ -80,20 +83,9 @@ class CacheReader:
         self._starts = np.concatenate([[0], np.cumsum([len(s.record_index) for s in self._shards])]).astype(np.int64)
         self._block_offsets = np.concatenate([[0], np.cumsum([s.num_blocks for s in self._shards])]).astype(np.int64)
         self._block: tuple[int, int, list[CachedSequence]] | None = None  # (shard, block, sequences)
-        self._read_ahead = ReadAhead(read_ahead_bytes(read_ahead, self.storage.scheme))
+        self.read_ahead = ReadAhead(read_ahead_bytes(read_ahead, self.storage.scheme))
         self._recent = (-3, -3)                # global numbers of the last two blocks fetched (streak detection)
         self._expected: list[tuple[int, int]] = []  # blocks announced by expect(), in order
-
-    def _open_all(self, entries: list[dict]) -> list[Shard]:
-        def one(j):
-            return open_shard(self.storage, entries[j], j, verify=self.verify)
-        with ThreadPoolExecutor(min(OPEN_THREADS, len(entries))) as pool:  # latency-bound: fetch headers at once
-            return list(pool.map(one, range(len(entries))))
-
-    # --- what the manifest says ----------------------------------------------------------
-    @property
-    def settings(self) -> dict:
-        return settings_of(self.manifest)
 
     @property
     def format_version(self) -> int:
@@ -102,10 +94,6 @@ class CacheReader:
     @property
     def num_shards(self) -> int:
         return len(self.manifest["shards"])
-
-    @property
-    def hidden_widths(self) -> dict[int, int]:
-        return dict(zip(self.manifest["layers"], self.manifest["hidden_widths"]))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -159,7 +147,7 @@ class CacheReader:
         the blocks given to expect(), or the next ones in cache order while reads are in order."""
         key, _, load = self._block_item(number, block)
         try:
-            parts = self._read_ahead.take(key, load)
+            parts = self.read_ahead.take(key, load)
         except CorruptShard as err:
             raise self._corrupt(number, block, err) from None
         self._shards[number].handle.stage(parts)
@@ -173,14 +161,14 @@ class CacheReader:
         else:
             self._expected, upcoming = [], iter(())
         self._recent = (self._recent[1], here)
-        self._read_ahead.want(self._within_budget(upcoming))
+        self.read_ahead.want(self._within_budget(upcoming))
 
     def _within_budget(self, blocks):
         items, total = [], 0
-        for number, block in blocks if self._read_ahead.budget > 0 else ():
+        for number, block in blocks if self.read_ahead.budget > 0 else ():
             item = self._block_item(number, block)
             total += item[1]
-            if total > self._read_ahead.budget:
+            if total > self.read_ahead.budget:
                 break
             items.append(item)
         return items
@@ -193,12 +181,7 @@ class CacheReader:
         """Announce the (shard, block) pairs about to be read, in order: the reader fetches them ahead
         within its read-ahead budget."""
         self._expected = [(int(s), int(b)) for s, b in blocks]
-        self._read_ahead.want(self._within_budget(self._expected))
-
-    @property
-    def read_ahead(self) -> ReadAhead:
-        """The reader's read-ahead (budget, held, peak, hits, misses)."""
-        return self._read_ahead
+        self.read_ahead.want(self._within_budget(self._expected))
 
     def _decode(self, number: int, block: int, sequential: bool = False) -> list[CachedSequence]:
         if self._block is not None and self._block[:2] == (number, block):
@@ -251,16 +234,13 @@ class CacheReader:
         number, block, j = self.locate(i)
         return self._decode(number, block)[j]
 
-    def iter_shard(self, number: int) -> Iterator[CachedSequence]:
-        """The sequences of one shard in order, decoding one block at a time."""
-        for block in range(self._shards[number].num_blocks):
-            seqs = self._decode(number, block, sequential=True)
-            self._block = None  # streaming: do not keep the block alive
-            yield from seqs
-
     def __iter__(self) -> Iterator[CachedSequence]:
+        """Every sequence in cache order, decoding one block at a time."""
         for number in range(self.num_shards):
-            yield from self.iter_shard(number)
+            for block in range(self._shards[number].num_blocks):
+                seqs = self._decode(number, block, sequential=True)
+                self._block = None  # streaming: do not keep the block alive
+                yield from seqs
 
 
 def check_shard_matches(root, manifest: dict, entry: dict, shard, number: int | None = None) -> None:
@@ -309,13 +289,11 @@ def _check_layout_matches(where: str, manifest: dict, entry: dict, lay: Layout) 
                 "mode": (manifest.get("mode", "topk"), "mode"),
                 "layers": (tuple(manifest.get("layers", [])), "layers"),
                 "widths": (tuple(manifest.get("hidden_widths", [])), "hidden_widths"),
-                "topk_codec": (_codec(manifest, "topk"), "codecs.topk"),
-                "hidden_codec": (_codec(manifest, "hidden"), "codecs.hidden"),
+                "topk_codec": (_codec((manifest.get("codecs") or {}).get("topk")), "codecs.topk"),
+                "hidden_codec": (_codec((manifest.get("codecs") or {}).get("hidden")), "codecs.hidden"),
                 "captured": ("capture" in manifest, "capture")}
     for key, (value, field) in expected.items():
-        have = getattr(lay, key)
-        if key.endswith("_codec"):
-            have = {"name": have.get("name"), "params": have.get("params", {})}
+        have = _codec(getattr(lay, key)) if key.endswith("_codec") else getattr(lay, key)
         if have != value:
             said = ("present" if value else "absent") if key == "captured" else repr(value)
             meta = {"widths": "hidden_widths", "captured": "captured"}.get(key, key)
@@ -323,21 +301,17 @@ def _check_layout_matches(where: str, manifest: dict, entry: dict, lay: Layout) 
                                     f"{said}; one of them is corrupt", entry["file"])
 
 
-def _codec(manifest: dict, part: str):
-    spec = (manifest.get("codecs") or {}).get(part)
+def _codec(spec):
     return {"name": spec.get("name"), "params": spec.get("params", {})} if isinstance(spec, dict) else spec
 
 
 def _check_payload_sizes(where: str, name: str, entry: dict, sizes: dict[str, int]) -> None:
     """payload_bytes per part and hidden_bytes per layer equal the sizes of the shard's block tensors."""
-    parts: dict[str, int] = {}
-    hidden: dict[str, int] = {}
+    parts, hidden = Counter(), Counter()
     for tensor, size in sizes.items():
-        kind = part_kind(tensor)
-        parts[kind] = parts.get(kind, 0) + size
-        if kind == "hidden":
-            layer = tensor.rsplit(".", 1)[1]
-            hidden[layer] = hidden.get(layer, 0) + size
+        parts[part_kind(tensor)] += size
+        if part_kind(tensor) == "hidden":
+            hidden[tensor.rsplit(".", 1)[1]] += size
     for label, table, actual in (("payload_bytes", entry.get("payload_bytes"), parts),
                                  ("hidden_bytes", entry.get("hidden_bytes"), hidden)):
         if not isinstance(table, dict):

@@ -166,25 +166,32 @@ def block_labels(seqs) -> np.ndarray:
 def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: int, *,
                 block_bytes: int = 1 << 20, max_block_sequences: int = 16) -> dict:
     """Encode `seqs` into one safetensors file at `path`; returns counts for the manifest."""
+    raw = [layout.raw_bytes(len(s.input_ids), s.num_loss_positions) for s in seqs]
+    starts = plan_blocks(raw, block_bytes, max_block_sequences)
+    payloads = [encode_block(layout, seqs[lo:hi]) for lo, hi in zip(starts[:-1], starts[1:])]
+    return assemble_shard(path, seqs, layout, shard_number, starts, payloads)
+
+
+def assemble_shard(path, seqs, layout: Layout, number: int, starts: list[int], payloads: list[dict]) -> dict:
+    """The shard file from blocks already encoded (`payloads[b]` for the sequences starts[b]:starts[b+1]); `seqs`
+    need only record_index, task, input_ids and loss_mask. Returns counts for the manifest."""
     lengths = [len(s.input_ids) for s in seqs]
     nloss = [s.num_loss_positions for s in seqs]
-    starts = plan_blocks([layout.raw_bytes(L, n) for L, n in zip(lengths, nloss)], block_bytes, max_block_sequences)
     tasks = sorted({s.task for s in seqs})
     task_ids = {t: i for i, t in enumerate(tasks)}
-    tensors = {"index.record_index": np.array([s.record_index for s in seqs], np.int64),
-               "index.length": np.array(lengths, np.int32), "index.num_loss": np.array(nloss, np.int32),
-               "index.task": np.array([task_ids[s.task] for s in seqs], np.int32),
-               "index.block_start": np.array(starts, np.int64)}
+    index = {"index.record_index": [s.record_index for s in seqs], "index.length": lengths, "index.num_loss": nloss,
+             "index.task": [task_ids[s.task] for s in seqs], "index.block_start": starts}
+    tensors = {name: np.array(values, INDEX_DTYPES[name]) for name, values in index.items()}
     part_bytes = {"tokens": 0, "topk": 0, "hidden": 0, **({"rows": 0} if layout.captured else {})}
     hidden_bytes = {str(layer): 0 for layer in layout.layers}
-    for b in range(len(starts) - 1):
-        for kind, payload in encode_block(layout, seqs[starts[b]: starts[b + 1]]).items():
+    for b, parts in enumerate(payloads):
+        for kind, payload in parts.items():
             tensors[f"block.{b:05d}.{kind}"] = np.frombuffer(payload, np.uint8)
             part_bytes[kind.split(".")[0]] += len(payload)
             if kind.startswith("hidden."):
                 hidden_bytes[kind.split(".", 1)[1]] += len(payload)
-    meta = dict(layout.metadata(), shard=str(shard_number), num_sequences=str(len(seqs)),
-                num_blocks=str(len(starts) - 1), tasks=json.dumps(tasks), digest=BLOCK_DIGEST,
+    meta = dict(layout.metadata(), shard=str(number), num_sequences=str(len(seqs)), num_blocks=str(len(starts) - 1),
+                tasks=json.dumps(tasks), digest=BLOCK_DIGEST,
                 digests=json.dumps({name: digest_bytes(_le_bytes(t), BLOCK_DIGEST) for name, t in tensors.items()},
                                    sort_keys=True))
     save_file(tensors, str(path), metadata=meta)

@@ -38,11 +38,11 @@ class ShardFile:
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise CorruptShard("header __metadata__ is not a map of strings")
-        self._meta = meta
-        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, begin, end
+        self.meta = meta
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, begin, end
         for key, info in header.items():
             try:
-                dtype = np.dtype(DTYPES[info["dtype"]])
+                dtype, itemsize = info["dtype"], np.dtype(DTYPES[info["dtype"]]).itemsize
                 shape = tuple(int(x) for x in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
                 if any(x < 0 for x in shape) or not all(isinstance(x, int) for x in info["shape"]):
@@ -50,7 +50,7 @@ class ShardFile:
             except (KeyError, TypeError, ValueError):
                 raise CorruptShard(f"header entry for tensor {key!r} is not valid (dtype, shape, "
                                    f"data_offsets)") from None
-            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
                 raise CorruptShard(f"tensor {key} has data_offsets {[begin, end]} that do not fit its shape "
                                    f"{list(shape)}")
             self.tensors[key] = (dtype, shape, begin, end)
@@ -76,12 +76,6 @@ class ShardFile:
         state = dict(self.__dict__)
         state["_staged"] = {}  # memoryviews do not pickle; a worker fetches its own blocks
         return state
-
-    def metadata(self) -> dict:
-        return self._meta
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
 
     def ranges(self, names) -> list[tuple[int, int, list[str]]]:
         """(file offset, length, tensor names) of the contiguous runs covering `names`."""
@@ -117,18 +111,13 @@ class ShardFile:
         """Bytes fetched ahead (a block's tensors): get_tensor takes them instead of reading again."""
         self._staged = dict(parts)
 
-    def tensor_type(self, name: str) -> tuple[str, tuple[int, ...]]:
-        """(safetensors dtype name, shape) of a tensor, from the header."""
-        dtype, shape, _, _ = self.tensors[name]
-        return next(key for key, value in DTYPES.items() if np.dtype(value) == dtype), shape
-
     def get_tensor(self, name: str) -> np.ndarray:
         """A tensor as an array: from the first bytes (the index), else fetched."""
         dtype, shape, begin, end = self.tensors[name]
         start = self.data_start + begin
         data = memoryview(self._head)[start: start + end - begin] if start + end - begin <= len(self._head) \
             else self.fetch([name])[name]
-        return np.frombuffer(data, dtype).reshape(shape)
+        return np.frombuffer(data, DTYPES[dtype]).reshape(shape)
 
     def drop_head(self) -> None:
         """Forget the first bytes once the index is read (a reader keeps every shard open)."""
@@ -157,7 +146,7 @@ class Shard:
 
     def __init__(self, handle: ShardFile, where: str, *, verify: bool = True):
         self.handle, self.where, self.verify = handle, where, verify
-        self.meta = handle.metadata()
+        self.meta = handle.meta
         try:
             self.layout = Layout.from_metadata(self.meta)
             self.tasks = json.loads(self.meta["tasks"])
@@ -172,8 +161,8 @@ class Shard:
             raise CorruptShard("metadata field 'tasks' is not a list of names")
         if not isinstance(self.digests, dict) or not all(is_hex_digest(v, BLOCK_DIGEST) for v in self.digests.values()):
             raise CorruptShard(f"metadata field 'digests' is not a map of tensor names to {BLOCK_DIGEST} digests")
-        if set(self.digests) != set(handle.keys()):
-            extra = sorted(set(handle.keys()) ^ set(self.digests))[:3]
+        if set(self.digests) != set(handle.tensors):
+            extra = sorted(set(handle.tensors) ^ set(self.digests))[:3]
             raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
         index = {}
         for name, dtype in INDEX_DTYPES.items():
@@ -200,7 +189,7 @@ class Shard:
         """Stored size of every block tensor, from the header alone (nothing is read): what the manifest's
         payload_bytes / hidden_bytes count. Refuses tensors that are not 1-D U8 or not of this layout."""
         expected = {name for b in range(self.num_blocks) for name in self.part_names(b)}
-        names = [name for name in self.handle.keys() if name not in INDEX_DTYPES]
+        names = [name for name in self.handle.tensors if name not in INDEX_DTYPES]
         unknown = sorted(set(names) - expected)
         if unknown:
             raise CorruptShard(f"tensor {unknown[0]} is not one of its {self.num_blocks} blocks' parts "
@@ -210,7 +199,7 @@ class Shard:
             raise CorruptShard(f"tensor {missing[0]} is missing (the index announces {self.num_blocks} blocks)")
         sizes = {}
         for name in names:
-            dtype, shape = self.handle.tensor_type(name)
+            dtype, shape, _, _ = self.handle.tensors[name]
             if dtype != "U8" or len(shape) != 1:
                 raise CorruptShard(f"tensor {name} is {dtype} {list(shape)}, expected 1-D U8 (a block part)")
             sizes[name] = int(shape[0])

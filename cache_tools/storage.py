@@ -321,9 +321,6 @@ class ReadAhead:
         with self._lock:
             self.held -= size
 
-    def clear(self) -> None:
-        self.want([])
-
     def __getstate__(self):
         return {"budget": self.budget, "threads": self.threads}
 

@@ -10,7 +10,7 @@ import zstandard
 
 from .errors import CodecError
 from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count,
-                     unpack_frames)
+                     section_sizes, unpack_frames, unpack_header)
 from .topk_codec import NEG_INF_CODE, TOPK_MAGIC, _check_distinct, _check_ids, _decoded_logprobs, _value_codes, prepared
 
 TOPK2_VERSION = 2
@@ -97,15 +97,8 @@ def decode_topk2(payload: bytes, n: int, k: int, vocab_size: int, *, labels: np.
     """Decode a payload of encode_topk2 into ids int64 [n, k], log-probs float32 [n, k], tail float32 [n];
     `labels` must be the encoder's when it had them."""
     check_params(unused, TOPK2_PARAMS, "top-k v2")
-    version = peek(payload, TOPK_MAGIC, "top-k")
-    if version != TOPK2_VERSION:
-        raise CodecError(f"top-k codec payload has version {version}; decode_topk2 reads version {TOPK2_VERSION}")
-    if len(payload) < _TOPK2_HEADER.size:
-        raise CodecError("corrupt top-k codec payload: shorter than its header")
-    _, _, flags, n_stored, k_stored, v_stored, step, max_step, growth = _TOPK2_HEADER.unpack_from(payload)
-    if (n_stored, k_stored, v_stored) != (n, k, vocab_size):
-        raise CodecError(f"top-k codec payload holds [{n_stored}, {k_stored}] over V={v_stored}, "
-                         f"caller expects [{n}, {k}] over V={vocab_size}")
+    _, _, flags, _, _, _, step, max_step, growth = unpack_header(payload, _TOPK2_HEADER, TOPK_MAGIC, "top-k",
+                                                                 TOPK2_VERSION, (3, 4, 5), (n, k, vocab_size))
     if flags & ~(_FLAG2_LABELS | _FLAG2_ABSOLUTE) or not (0 < step <= max_step < np.inf) or not (0 < growth <= 4):
         raise CodecError("corrupt top-k codec payload: header flags or steps out of range")
     if flags & _FLAG2_LABELS:
@@ -159,7 +152,4 @@ def _decompress_frames_any(frames: list[bytes], limit: int) -> np.ndarray:
 def topk2_section_sizes(payload: bytes) -> dict[str, int]:
     """Bytes spent on each part of a KT version-2 payload, for reports."""
     peek(payload, TOPK_MAGIC, "top-k")
-    groups = unpack_frames(payload, _TOPK2_HEADER.size, 5)
-    parts = dict(zip(("table_ids", "table_counts", "ids", "values", "tail"), (sum(map(len, g)) for g in groups)))
-    parts["header"] = len(payload) - sum(parts.values())
-    return parts
+    return section_sizes(payload, _TOPK2_HEADER.size, ("table_ids", "table_counts", "ids", "values", "tail"))

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import CodecError
 from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count,
-                     unpack_frames)
+                     section_sizes, unpack_frames, unpack_header)
 
 TOPK_MAGIC = b"KT"
 SAMPLED_MAGIC = b"KS"
@@ -244,14 +244,8 @@ def decode_topk(payload: bytes, n: int, k: int, vocab_size: int, *, rank_of_id: 
     """Decode a payload from encode_topk into ids int64 [n, k], log-probs float32 [n, k], tail float32 [n].
     Accepts the encoder's parameters (they are stored in the header; only rank_of_id must be passed again)."""
     check_params(unused, TOPK_PARAMS, "top-k")
-    version = peek(payload, TOPK_MAGIC, "top-k")
-    if version != TOPK_VERSION:
-        raise CodecError(f"top-k codec payload has version {version}; decode_topk reads version {TOPK_VERSION}")
-    if len(payload) < _TOPK_HEADER.size:
-        raise CodecError("corrupt top-k codec payload: shorter than its header")
-    _, _, layout, flags, n_stored, k_stored, step, max_step, growth = _TOPK_HEADER.unpack_from(payload)
-    if (n_stored, k_stored) != (n, k):
-        raise CodecError(f"top-k codec payload holds [{n_stored}, {k_stored}], caller expects [{n}, {k}]")
+    _, _, layout, flags, _, _, step, max_step, growth = unpack_header(payload, _TOPK_HEADER, TOPK_MAGIC, "top-k",
+                                                                      TOPK_VERSION, (4, 5), (n, k))
     if bool(flags & _FLAG_RANKS) != (rank_of_id is not None):
         raise CodecError("top-k codec payload was written " + ("with" if flags & _FLAG_RANKS else "without")
                          + " a rank table ('rank_of_id'); pass the same table to decode it")
@@ -299,10 +293,7 @@ def topk_error_bound(x: np.ndarray, step: float = DEFAULT_TOPK_PARAMS["step"],
 def topk_section_sizes(payload: bytes) -> dict[str, int]:
     """Bytes spent on each part of a top-k payload (header, ids, values, tail), for reports."""
     peek(payload, TOPK_MAGIC, "top-k")
-    g_keys, g_codes, g_tail = unpack_frames(payload, _TOPK_HEADER.size, 3)
-    parts = {"ids": sum(map(len, g_keys)), "values": sum(map(len, g_codes)), "tail": sum(map(len, g_tail))}
-    parts["header"] = len(payload) - sum(parts.values())
-    return parts
+    return section_sizes(payload, _TOPK_HEADER.size, ("ids", "values", "tail"))
 
 
 # ---------------------------------------------------------------------------- sampled
@@ -348,12 +339,7 @@ def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_i
                    **unused) -> tuple[np.ndarray, np.ndarray]:
     """Decode a payload from encode_sampled into ids int64 [n, s] (-1 padded) and counts int32 [n, s]."""
     check_params(unused, SAMPLED_PARAMS, "sampled")
-    version = peek(payload, SAMPLED_MAGIC, "sampled")
-    if version != SAMPLED_VERSION:
-        raise CodecError(f"sampled codec payload has version {version}; this fastkd reads versions [1]")
-    _, _, flags, n_stored, s_stored = _SAMPLED_HEADER.unpack_from(payload)
-    if (n_stored, s_stored) != (n, s):
-        raise CodecError(f"sampled codec payload holds [{n_stored}, {s_stored}], caller expects [{n}, {s}]")
+    flags = unpack_header(payload, _SAMPLED_HEADER, SAMPLED_MAGIC, "sampled", SAMPLED_VERSION, (3, 4), (n, s))[2]
     if bool(flags & _FLAG_RANKS) != (rank_of_id is not None):
         raise CodecError("sampled codec payload and caller disagree on the rank table ('rank_of_id')")
     _, id_of_rank = _rank_maps(rank_of_id, vocab_size)

@@ -4,7 +4,7 @@ and what the manifest says of it, and every block's digests and decoding."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import CacheError, CorruptShard
@@ -27,7 +27,7 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    root: str
+    cache: str
     shards: int = 0
     blocks: int = 0
     sequences: int = 0
@@ -40,10 +40,8 @@ class VerifyReport:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"cache": self.root, "ok": self.ok, "shards": self.shards, "blocks": self.blocks,
-                "sequences": self.sequences, "loss_positions": self.loss_positions,
-                "problems": [{"shard": p.shard, "block": p.block, "message": p.message} for p in self.problems],
-                "warnings": self.warnings}
+        fields = asdict(self)
+        return {"cache": fields.pop("cache"), "ok": self.ok, **fields}
 
 
 def file_sha256(storage, name: str, size: int, chunk: int = 8 << 20) -> str:

@@ -7,11 +7,8 @@ __version__ = "0.1.0"
 
 
 def _unshadow_hub_kernels() -> None:
-    """Drop a fastkd source checkout's root from sys.path (``python -m`` from the checkout puts it there).
-
-    Its ``kernels/`` folder is installed as ``fastkd.kernels``; seen from the root it would hide the Hugging
-    Face ``kernels`` package that transformers >= 5.25 imports, and every model import would fail.
-    """
+    """Drop a source checkout's root from sys.path (`python -m` puts it there): its kernels/ folder would hide the
+    Hugging Face `kernels` package that transformers >= 5.25 imports, and every model import would fail."""
     checkout = Path(__file__).resolve().parent.parent
     pyproject = checkout / "pyproject.toml"
     if not (checkout / "kernels" / "__init__.py").is_file() or not pyproject.is_file():

@@ -1,11 +1,5 @@
-"""BIG-Bench Hard: task files, task groups, prompts for every mode, answer extraction, scores.
-
-The scoring follows the BBH authors' recipe exactly (DESIGN.md, "BBH"): the answer is the text
-after the LAST `So the answer is `, stripped, one trailing `.` removed (with no such phrase the
-whole stripped generation), compared case-sensitively with the target. A lenient score (option
-letter, case-insensitive yes/no-style labels, numbers) sits beside it so format failures show
-apart from reasoning failures. No torch here: scoring saved predictions needs no model.
-"""
+"""BIG-Bench Hard: task files, task groups, prompts for every mode, answer extraction and scores, strict (the authors'
+recipe, ../shared/DESIGN.md "BBH") and lenient (format forgiven); no torch, so saved predictions need no model."""
 
 from __future__ import annotations
 
@@ -14,10 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.templates import ANSWER_PHRASE
-from fastkd.records import DataError, read_records
 from fastkd import paths
-from fastkd.errors import UserError
+from fastkd.paths import BBHError, resolve_bbh_dir
+from fastkd.records import DataError, read_records
+from fastkd.templates import ANSWER_PHRASE
 
 NLP_TASKS = (
     "causal_judgement", "date_understanding", "disambiguation_qa", "formal_fallacies", "hyperbaton",
@@ -37,10 +31,6 @@ GROUPS = {"all": ALL_TASKS, "nlp": NLP_TASKS, "algorithmic": ALGORITHMIC_TASKS}
 STOP_STRING = "\n\nQ:"  # never a bare "Q": answers can be "(Q)"
 COT_CUE = "Let's think step by step."
 PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained", "trained-direct")
-
-
-class BBHError(UserError):
-    """BBH data that is missing or does not match what was asked for."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +61,6 @@ def select_tasks(spec: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- locating and loading
-
-def resolve_bbh_dir(explicit: str | Path | None = None, tasks: list[str] | tuple[str, ...] = ALL_TASKS) -> Path | None:
-    """The first folder holding every asked-for task file (fastkd.paths.bbh_candidates says where it looks)."""
-    try:
-        return paths.resolve_bbh_dir(explicit, tasks)
-    except UserError as err:
-        raise BBHError(str(err)) from None
-
 
 def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None, limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
     """{task: items} (the first `limit` of each) and where they came from: a folder, else the hub when online."""
@@ -154,11 +136,8 @@ def split_few_shot(text: str, origin: str = "prompt") -> FewShot:
 
 
 def build_prompt(fmt: str, item_input: str, few_shot: FewShot | None = None) -> str:
-    """Prompt text for the text formats (`trained` is built from token ids by fastkd.templates).
-
-    cot: the published 3-shot CoT prompt + `\\n\\nQ: {input}\\nA: Let's think step by step.`;
-    direct: the same exemplars with their final answers only, ending `\\nA:`;
-    zeroshot: `Q: {input}\\nA: Let's think step by step.` with no exemplars."""
+    """Prompt text of cot (the published 3-shot prompt + `\\n\\nQ: {input}\\nA: ` + COT_CUE), direct (its exemplars
+    with final answers only, ending `\\nA:`) or zeroshot (`Q: {input}\\nA: ` + COT_CUE); trained: fastkd.templates."""
     if fmt == "cot":
         return few_shot.text + "\n\nQ: " + item_input + "\nA: " + COT_CUE
     if fmt == "direct":
@@ -296,9 +275,8 @@ def accuracy(flags: list[bool]) -> float | None:
 
 
 def summarise(per_task: dict[str, dict[str, list[bool]]]) -> dict:
-    """{task: {"strict": [...], "lenient": [...]}} -> per-task accuracies (percent) and the
-    micro (all items), macro (mean over tasks), NLP and algorithmic (macro within the group)
-    averages, for both scores."""
+    """{task: {"strict": [...], "lenient": [...]}} -> per-task accuracies (percent) and the micro (all items), macro
+    (mean over tasks), NLP and algorithmic (macro within the group) averages, for both scores."""
     tasks = {t: {"n": len(v["strict"]), "group": task_group(t),
                  "strict": accuracy(v["strict"]), "lenient": accuracy(v["lenient"])}
              for t, v in per_task.items()}

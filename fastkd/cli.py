@@ -1,13 +1,5 @@
-"""The `fastkd` command: one subcommand per stage of the flow.
-
-Each stage module exposes `add_arguments(parser)` and `run(args) -> int`; this file only
-wires them together, so `fastkd X --help` is the stage's own documentation.
-
-A stage module that cannot be imported (an incomplete installation) is never dropped from the
-command: it stays listed, and `fastkd --help` or the command itself fails with one line naming the
-module and the import error. An option a command does not know is refused by that command's own
-parser, with the closest option it does know.
-"""
+"""The `fastkd` command: one subcommand per stage module (its `add_arguments` / `run`); a stage that cannot be
+imported stays listed and fails loudly in one line, and an unknown option is refused with the closest known one."""
 
 from __future__ import annotations
 
@@ -56,25 +48,17 @@ def default_note(action: argparse.Action, help_text: str) -> str:
         return ""
     if isinstance(action, argparse.BooleanOptionalAction):
         return " (default: on)" if default else " (default: off)"
-    if action.nargs == 0:  # store_true / store_false / store_const / count
-        if isinstance(action, argparse._CountAction):
-            return f" (default: {default})" if default else ""
+    if action.nargs == 0:  # store_true / store_false / store_const
         return " (default: on)" if default == getattr(action, "const", object()) else ""
-    if isinstance(default, (list, tuple)):
-        if not default:  # an empty list (action="append"): nothing given, nothing to say
-            return ""
-        shown = " ".join(str(x) for x in default)
-    elif default == "":
-        shown = "''"
-    else:
-        shown = str(default)
+    listed = isinstance(default, (list, tuple))
+    if listed and not default:  # an empty list (action="append"): nothing given, nothing to say
+        return ""
+    shown = " ".join(str(x) for x in default) if listed else str(default) or "''"
     return f" (default: {shown.replace('%', '%%')})"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the stage docstring's own line breaks; states each option's default once, in words a
-    user reads: nothing for None or an off switch, on/off for a --x/--no-x pair, and nothing more
-    when the help text already says what the default is."""
+    """Keeps the stage docstring's line breaks; states each option's default once, in words (default_note)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -95,22 +79,13 @@ class _Help(argparse.Action):
 
 
 class Parser(argparse.ArgumentParser):
-    """The parser of `fastkd` and of every subcommand.
-
-    - `broken`: this command's stage module cannot be imported; whatever it is given (--help too),
-      it prints that as one line and exits 2.
-    - `broken_stages`: the messages of the broken stages below this parser; its help lists them
-      on stderr after the help, and -h/--help exits 2.
-    - an argument the parser does not know is its own error, naming the command and the closest
-      option (argparse would leave it to the top-level parser, which names neither).
-    """
+    """The parser of `fastkd` and every subcommand: `broken` (its stage cannot be imported) exits 2 with that line
+    whatever it is given; `broken_stages` are listed after its help; an unknown argument names the closest option."""
 
     def __init__(self, *args, broken: str | None = None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
-        add_help = kwargs.pop("add_help", True)
-        super().__init__(*args, add_help=False, **kwargs)
-        if add_help:
-            self.add_argument("-h", "--help", action=_Help, help="show this help message and exit")
+        super().__init__(*args, add_help=False, **kwargs)   # its own -h/--help (_Help)
+        self.add_argument("-h", "--help", action=_Help, help="show this help message and exit")
         self.broken = broken
         self.broken_stages: list[str] = []
 
@@ -135,14 +110,10 @@ class Parser(argparse.ArgumentParser):
             print(message, file=sys.stderr)
 
 
-def _long_options(parser: argparse.ArgumentParser) -> list[str]:
-    return sorted({option for action in parser._actions if action.help is not argparse.SUPPRESS
-                   for option in action.option_strings if option.startswith("--") and option != "--help"})
-
-
 def closest_option(parser: argparse.ArgumentParser, word: str) -> str | None:
     """The option of `parser` closest to `word` (compared without the dashes every option shares)."""
-    known = {option.lstrip("-"): option for option in _long_options(parser)}
+    known = {option.lstrip("-"): option for action in parser._actions if action.help is not argparse.SUPPRESS
+             for option in action.option_strings if option.startswith("--") and option != "--help"}
     close = difflib.get_close_matches(word.split("=", 1)[0].lstrip("-"), list(known), n=1, cutoff=0.6)
     return known[close[0]] if close else None
 
@@ -169,17 +140,13 @@ def _load(module: str):
     return importlib.import_module(module)
 
 
-def _broken_message(module: str, err: BaseException) -> str:
-    detail = " ".join(f"{type(err).__name__}: {err}".split())
-    return (f"cannot import the module {module} ({detail}); this fastkd installation is incomplete: reinstall fastkd "
-            f"(pip install --force-reinstall fastkd, or `make setup` in a source checkout)")
-
-
 def _add(sub, name: str, module: str, help_text: str, broken_stages: list[list[str]]) -> None:
     try:
         mod = _load(module)
     except ImportError as err:
-        message = _broken_message(module, err)
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        message = (f"cannot import the module {module} ({detail}); this fastkd installation is incomplete: reinstall "
+                   f"fastkd (pip install --force-reinstall fastkd, or `make setup` in a source checkout)")
         p = sub.add_parser(name, help=f"{help_text} [BROKEN: cannot import {module}; reinstall fastkd]",
                            description=help_text, broken=message)
         for stages in broken_stages:

@@ -1,18 +1,5 @@
-"""One configuration style for every stage: a dataclass whose fields, each with its help text, make
-the command-line flags, read a YAML file (`--config`) and are saved beside the stage's output.
-
-    @dataclass
-    class EvalConfig(StageConfig):
-        model: str | None = option(None, "model folder or hub id")
-        device: str = DEVICE()
-
-    EvalConfig.add_flags(parser)           # --model, --device, --config
-    config = EvalConfig.from_args(args)    # defaults < YAML file < flags, typed and validated
-    config = EvalConfig.make(overrides={"model": "m"})   # the same from Python
-
-Options every stage spells the same way (device, dtype, seed, progress, chat template) are made by
-the functions below, so each has one name and one help text.
-"""
+"""One configuration style for every stage: a dataclass whose fields (default + help) make the flags, read `--config`
+YAML and are saved with the output; options every stage has are made once each (DEVICE(), DTYPE() ...)."""
 
 from __future__ import annotations
 
@@ -85,11 +72,10 @@ class StageConfig:
         return {f.name: f for f in dataclasses.fields(cls)}
 
     @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser, config_file: bool = True) -> None:
-        """One flag per field; a flag not given is absent from the parsed args, so a config file wins."""
-        if config_file:
-            parser.add_argument("--config", default=argparse.SUPPRESS,
-                                help="YAML file with any of the options below; flags override it")
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """`--config` and one flag per field; a flag not given is absent from the parsed args, so a config file wins."""
+        parser.add_argument("--config", default=argparse.SUPPRESS,
+                            help="YAML file with any of the options below; flags override it")
         for name, f in cls.fields().items():
             flag, kind = _flag(name, f), _kind(f)
             text = f.metadata["help"] + (" (required)" if f.metadata.get("required") else "")

@@ -1,15 +1,7 @@
-"""The whole loop on the embedded default, in minutes on a laptop CPU.
-
-1. generate BBH-format training records with step-by-step rationales (`fastkd data synth`);
-2. cache the embedded teacher over them twice: with rationales (KD+CoT) and answers only (KD);
-3. train three identical students from one initialisation: SFT on the records (CE only),
-   KD from the answer-only cache, KD+CoT from the rationale cache;
-4. score the teacher and the students on the REAL BIG-Bench Hard items of those tasks, in the
-   prompt format they were trained on, and print the comparison (also written as a plot).
-
-One seed and a few hundred steps: a smoke test of the method, not a measurement of it; the
-measured replication (5 seeds, confidence intervals) is `benchmarks/replication.py`.
-"""
+"""The whole loop on the embedded default, in minutes on a CPU: synthetic BBH-format records with rationales, the
+teacher cached with rationales (KD+CoT) and answers only (KD), three students of one initialisation (SFT, KD, KD+CoT)
+trained and scored on the real BBH items of those tasks. One seed: a smoke test of the method; the measured
+replication (5 seeds, confidence intervals) is benchmarks/replication.py."""
 
 from __future__ import annotations
 
@@ -71,24 +63,18 @@ HELD_OUT_SEED, HELD_OUT_PER_TASK = 200, 2000
 HELD_OUT_SMALL_TASKS = {"boolean_expressions": 250}
 
 
-def held_out_size(task: str, n: int | None = None) -> int:
-    """Items of `task` in the held-out split (at most the default size: a prefix of the split)."""
-    default = HELD_OUT_SMALL_TASKS.get(task, HELD_OUT_PER_TASK)
-    return default if n is None else min(n, default)
-
-
 def write_held_out(folder: Path, tasks: list[str], n: int | None = None,
                    seed: int = HELD_OUT_SEED) -> dict[str, list[str]]:
-    """Generated test items (BBH inputs rejected) written in BBH's own layout, `<folder>/<task>.json`,
-    so `eval-bbh --bbh-dir folder` scores them as is; returns their inputs per task. `n` caps the
-    count per task; the default split is what build_teacher.py keeps out of the teacher's records."""
+    """Generated test items (BBH inputs rejected, at most `n` per task) as `<folder>/<task>.json`, which `eval-bbh
+    --bbh-dir folder` scores as is; returns their inputs. build_teacher.py keeps the default split out of training."""
     from fastkd import synth
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {}
     for task in tasks:
+        size = HELD_OUT_SMALL_TASKS.get(task, HELD_OUT_PER_TASK)   # at most the default size: a prefix of the split
         items = [{"input": r["source"], "target": r["target"]}
-                 for r in synth.generate(task, held_out_size(task, n), seed=seed)]
+                 for r in synth.generate(task, size if n is None else min(n, size), seed=seed)]
         tmp = folder / f".{task}.json.tmp"
         tmp.write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
         os.replace(tmp, folder / f"{task}.json")

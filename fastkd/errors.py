@@ -14,9 +14,8 @@ class Interrupted(UserError):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception type whose message is meant for the user: the app's own and those the lower
-    layers (cache_tools, kernels) raise, which import nothing from the app. The CLI prints these as
-    one line; anything else is a bug and keeps its traceback."""
+    """The exception types whose message is for the user, the app's and the lower layers' (which import nothing from
+    the app): the CLI prints them as one line; anything else is a bug and keeps its traceback."""
     from fastkd.cache_tools import CacheError
     from fastkd.kernels import LossInputError
 

@@ -1,12 +1,5 @@
-"""Batched generation (greedy, or sampled with one seeded generator per row) with the KV cache, left
-padding and stop strings.
-
-Prompts are grouped by length and padded on the left by fastkd.batching (the same code the
-trainer batches with); position ids count real tokens only, so a padded row sees exactly
-what it would see alone. Each row stops at EOS or once its text contains a stop string
-(the text is then cut there), or after max_new_tokens; finished rows leave the batch and
-its KV cache, so the rest run on a smaller batch.
-"""
+"""Batched generation (greedy, or sampled with a seeded generator per row): prompts length-grouped and left-padded by
+fastkd.batching, a row stops at EOS, a stop string (text cut there) or max_new_tokens and then leaves the batch."""
 
 from __future__ import annotations
 
@@ -23,9 +16,8 @@ STOP_WINDOW = 24  # tokens decoded to look for a stop string (a 4-char string sp
 
 @dataclass
 class Generation:
-    """One row's output: decoded text (cut before the stop string), the generated token ids
-    (up to and including the token that completed the stop string; EOS excluded) and why it
-    ended: `stop`, `eos` or `length`."""
+    """One row's output: decoded text (cut before the stop string), the generated ids (up to the one completing the
+    stop string; EOS excluded) and why it ended: `stop`, `eos` or `length`."""
 
     text: str
     token_ids: list[int]
@@ -57,9 +49,8 @@ def _kv_cache(output):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings: temperature, nucleus (top_p) and top_k (0 = off). Each row draws from its own
-    generator seeded by the caller, so a row's text does not depend on which rows share its batch
-    (up to the batch's float rounding)."""
+    """Temperature, nucleus (top_p) and top_k (0 = off); each row draws from its own generator seeded by the caller,
+    so its text does not depend on which rows share its batch (up to the batch's float rounding)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -86,23 +77,20 @@ class Sampling:
             logits.device)
 
 
-def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-
-
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                    stop_strings: Sequence[str] = (), pad_id: int | None = None,
                    sampling: Sampling | None = None, seeds: Sequence[int] | None = None) -> list[Generation]:
     """Decode one batch of prompt token lists together (left padded, one KV cache): greedy, or with
     `sampling` (then `seeds` gives each row's generator seed)."""
-    generators = row_generators(seeds if seeds is not None else range(len(prompts))) if sampling else None
+    generators = [torch.Generator().manual_seed(int(s)) for s in (range(len(prompts)) if seeds is None else seeds)]
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer) if pad_id is None else pad_id
+    if pad_id is None:
+        pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
     stops = eos_ids(model, tokenizer)
     ids, attn = pad_batch(prompts, pad_id, side="left")
     ids, attn = ids.to(device), attn.to(device)
-    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)   # real tokens only: a padded row sees what it would alone
     params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     cache_arg = "cache" if "cache" in params else "past_key_values"   # transformers >= 5.2x renamed it
@@ -166,10 +154,3 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         if on_batch:
             on_batch(len(batch))
     return results
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0

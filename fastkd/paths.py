@@ -42,6 +42,10 @@ def source_checkout() -> Path | None:
 
 # ----------------------------------------------------------------------------- BIG-Bench Hard
 
+class BBHError(UserError):
+    """BBH data that is missing or does not match what was asked for."""
+
+
 def bbh_get_hint() -> str:
     return (f"get it once with `git clone https://github.com/suzgunmirac/BIG-Bench-Hard {user_data_dir() / 'bbh'}` "
             f"(found there from then on), or pass its folder with --bbh-dir or ${BBH_ENV}, or go online so the "
@@ -70,9 +74,8 @@ def bbh_task_file(root: Path, task: str) -> Path | None:
 
 
 def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path | None:
-    """The first candidate folder holding every asked-for task file (any task file when none is
-    named); None when no folder has them. An explicit folder that lacks them is an error: a typo
-    must not fall through to another copy."""
+    """The first candidate folder holding every asked-for task file (any when none is named), else None; an explicit
+    folder that lacks them is an error, so a typo does not fall through to another copy."""
     for i, root in enumerate(bbh_candidates(explicit)):
         if tasks:
             missing = [t for t in tasks if bbh_task_file(root, t) is None]
@@ -81,7 +84,8 @@ def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path
         if not missing:
             return root
         if i == 0 and explicit:
-            raise UserError(f"{root}: no BBH task files for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            more = " ..." if len(missing) > 5 else ""
+            raise BBHError(f"{root}: no BBH task files for {', '.join(missing[:5])}{more} "
                             f"(looked for {root}/bbh/<task>.json and {root}/<task>.json); {bbh_get_hint()}")
     return None
 
@@ -89,9 +93,8 @@ def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path
 # ----------------------------------------------------------------------------- model names
 
 def resolve_model(name: str | os.PathLike, role: str = "model", need: str = "model") -> str:
-    """What a model name means: an embedded name, an existing local folder (checked to hold a model
-    or tokenizer, as `need` says), or a hub id. A name that can only be a local path and does not
-    exist is an error saying so, instead of the hub's repo-id rules."""
+    """An embedded name, an existing local folder (checked to hold a model or tokenizer, as `need` says) or a hub id;
+    a name that can only be a local path and does not exist is an error saying so, not the hub's repo-id rules."""
     text = os.fspath(name)
     if text in EMBEDDED_NAMES:
         return str(embedded_student() if text == "embedded-student" else EMBEDDED_TEACHER)

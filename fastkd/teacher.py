@@ -1,6 +1,5 @@
-"""The teacher's signal at loss positions: top-k log-probs with the exact tail mass (or sampled ids with
-counts) and chosen hidden states, for `cache-teacher` and online KD. A cache-teacher backend is a `Backend`:
-`load_hf` here (transformers) or `fastkd.teacher_vllm.load_vllm`; `capturing` wraps either."""
+"""The teacher's signal at loss positions (top-k log-probs + exact tail, or sampled ids with counts; hidden states) for
+cache-teacher and online KD; a backend is a `Backend`: `load_hf` here, `teacher_vllm.load_vllm`, `capturing` wraps."""
 
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ import torch
 
 from fastkd.errors import UserError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -82,9 +80,7 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing files, bad config, size mismatches
         raise UserError(f"cannot load the {role} model {path!r}: {one_line(err)}") from None
-    if kwargs:
-        return model.eval()
-    return model.to(dev).eval()
+    return (model if kwargs else model.to(dev)).eval()
 
 
 DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -156,11 +152,8 @@ def load_tokenizer(path: str, role: str = "tokenizer"):
 
 def model_identity(model, path: str) -> dict:
     """Teacher identity for the manifest: path, a hash of its config, dtype, size."""
-    ident = config_identity(model.config, path)
-    ident.update(dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                 num_parameters=sum(p.numel() for p in model.parameters()))
-    return {key: ident[key] for key in ("path", "config_sha256", "model_type", "dtype", "num_parameters",
-                                        "num_hidden_layers", "hidden_size")}
+    return dict(config_identity(model.config, path), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                num_parameters=sum(p.numel() for p in model.parameters()))
 
 
 def config_identity(config, path: str) -> dict:

@@ -1,6 +1,5 @@
-"""`cache-teacher --backend vllm`: the top-k from vLLM's prompt log-probs (per prompt token a dict id ->
-Logprob holding the top k and the token itself); no hidden states, so the tail is -expm1(logsumexp(top-k)).
-"""
+"""`cache-teacher --backend vllm`: the top-k from vLLM's prompt log-probs (per prompt token a dict id -> Logprob of
+the top k and the token itself); no hidden states, and the tail is -expm1(logsumexp(top-k))."""
 
 from __future__ import annotations
 
@@ -34,16 +33,13 @@ def exact_tail(topk_logprobs: np.ndarray) -> np.ndarray:
     return np.clip(-np.expm1(np.minimum(lse, 0.0)), 0.0, 1.0)
 
 
-def _entry_logprob(value) -> float:
-    return float(value.logprob if hasattr(value, "logprob") else value)
-
-
 def top_k_of(position: dict, k: int, where: str) -> tuple[list[int], list[float]]:
     """The k most likely (id, log-prob) of one prompt position's dict (the dict may also hold the
     prompt token itself, ranked below k)."""
     if not isinstance(position, dict) and not hasattr(position, "items"):
         raise UserError(f"{where}: vLLM returned {type(position).__name__} instead of a dict of log-probs")
-    items = sorted(((int(tid), _entry_logprob(v)) for tid, v in position.items()), key=lambda kv: (-kv[1], kv[0]))
+    items = sorted(((int(tid), float(getattr(v, "logprob", v))) for tid, v in position.items()),
+                   key=lambda kv: (-kv[1], kv[0]))
     if len(items) < k:
         raise UserError(f"{where}: vLLM returned {len(items)} log-probs, {k} were asked (--top-k); "
                         f"the engine's max_logprobs must be >= --top-k")
@@ -72,9 +68,8 @@ def start_engine(config):
     """A vllm.LLM for the teacher (max_logprobs = --vllm-max-logprobs or --top-k) and the sampling params
     that ask it for --top-k prompt log-probs."""
     vllm = require_vllm()
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(config.dtype, config.dtype)
     try:
-        engine = vllm.LLM(model=config.teacher, tokenizer=config.teacher, dtype=dtype,
+        engine = vllm.LLM(model=config.teacher, tokenizer=config.teacher, dtype=config.dtype,
                           max_logprobs=config.vllm_max_logprobs or config.top_k,
                           tensor_parallel_size=config.vllm_tensor_parallel, max_model_len=config.max_length,
                           enable_prefix_caching=False, gpu_memory_utilization=0.9, seed=config.seed)

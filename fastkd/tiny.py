@@ -1,10 +1,5 @@
-"""Tiny tokenizers and models built from configs, for the demo and the tests (no downloads).
-
-A BPE tokenizer is trained with `tokenizers` on a small corpus, wrapped as a
-`PreTrainedTokenizerFast` and saved with `save_pretrained`; a Qwen2 or Llama model of a few
-hundred thousand parameters is built from its config and saved next to it, so every caller
-loads both through the real `from_pretrained` path.
-"""
+"""Tiny tokenizers (a BPE trained with `tokenizers`) and Qwen2 / Llama models of a few hundred thousand parameters,
+built from configs and saved, so the demo and the tests load them through the real `from_pretrained` path."""
 
 from __future__ import annotations
 

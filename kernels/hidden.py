@@ -32,11 +32,8 @@ class HiddenProjector(nn.Module):
                     f"do not match widths {self.student_width} -> {proj.out_features} over the same rows")
             diff = proj(h_s.to(proj.weight.dtype)).float() - h_t.float()
             per_row = diff.pow(2).sum(-1) / proj.out_features
-            if mask is None:
-                term = per_row.mean() if per_row.numel() else per_row.sum()
-            else:
-                m = mask.to(per_row.dtype)
-                term = (per_row * m).sum() / m.sum().clamp_min(1.0)
+            m = torch.ones_like(per_row) if mask is None else mask.to(per_row.dtype)
+            term = (per_row * m).sum() / m.sum().clamp_min(1.0)
             total = term if total is None else total + term
         return torch.zeros(()) if total is None else total / pairs
 

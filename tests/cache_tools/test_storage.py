@@ -306,7 +306,7 @@ def test_a_shuffled_training_epoch_is_fetched_ahead(cache, memory_url):
     from fastkd.loader import CacheSource, PlanMaker, make_loader
 
     source = CacheSource(memory_url)
-    source.reader._read_ahead.budget = 1 << 30  # room for every block
+    source.reader.read_ahead.budget = 1 << 30  # room for every block
     plans = PlanMaker(source.lengths, source.shards, 4, seed=5, shuffle_buffer=8)
     got = [r for _, _, micro in make_loader(source, plans, 0, epochs=1) for b in micro for r in b.record_indices]
     local = CacheSource(cache)
