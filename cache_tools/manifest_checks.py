@@ -24,6 +24,9 @@ MAX_COUNT = 1 << 48
 MODES = ("topk", "sample")
 CAPTURE_BY = ("entropy", "random")              # how selective capture chose its rows (cache-teacher --capture-by)
 CAPTURE_KEYS = ("share", "by", "seed")
+# records.sha256 is over: the --data file's bytes, or a hub dataset's records as canonical JSON (absent: the unit
+# digests of a cache begun before work units were cut on the raw records; such a cache is read, not resumed)
+RECORDS_DIGESTS = ("file", "records")
 TEACHER_DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64",
                   "float8_e4m3fn", "float8_e5m2")   # a --dtype choice, or the loaded model's torch dtype
 TEACHER_BACKENDS = ("transformers", "vllm")
@@ -205,10 +208,12 @@ def _check_settings(m: dict, f: _Fields) -> None:
     f.may(m, "sample_n", "sample_n", _or_null(_count(1)), "a number of draws or null")
     f.may(m, "seed", "seed", _or_null(_seed), "an integer or null")
     f.need(m, "work_unit", "work_unit", _count(1), "sequences per work unit (at least 1)")
-    records = f.may(m, "records", "records", _is_obj, "an object {count, sha256}")
+    records = f.may(m, "records", "records", _is_obj, "an object {count, sha256, digest}")
     if records is not None:
         f.need(records, "count", "records.count", _count(), "a count")
         f.need(records, "sha256", "records.sha256", is_hex_digest, "64 lowercase hex digits")
+        f.may(records, "digest", "records.digest", lambda v: v in RECORDS_DIGESTS,
+              f"one of {', '.join(RECORDS_DIGESTS)} (what records.sha256 is taken over)")
     _check_capture(m, f)
     _check_teacher_tokenizer(m, f)
 

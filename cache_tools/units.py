@@ -15,13 +15,13 @@ import numpy as np
 from .errors import CacheError
 from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, SHARD_DIR, atomic_write_bytes, jsonable,
                      read_manifest, write_manifest)
-from .integrity import canonical_json, digest_bytes, seal, seal_matches
+from .integrity import canonical_json, digest_bytes, is_hex_digest, seal, seal_matches
 from .lock import acquire_lock, clear_stale_lock, release_lock
 from .manifest_checks import manifest_totals
 from .reader import check_shard_matches, open_shard
 from .storage import LocalStorage, refuse_url_for_writing
-from .writing import (SHARD_NAME, _owned_copy, check_sequence, fastkd_version, layout_of, normalize_settings, now,
-                      resume_settings, shard_file, write_shard_file)
+from .writing import (SHARD_NAME, check_sequence, fastkd_version, layout_of, normalize_settings, now, resume_settings,
+                      shard_file, typed, write_shard_file)
 
 UNIT_DIR = "units"
 RECEIPT_NAME = re.compile(r"^unit-(\d{5,})\.json$")
@@ -56,14 +56,26 @@ def unit_of(number: int, examples) -> Unit:
     return Unit(number, tuple(int(ex.record_index) for ex in examples), h.hexdigest())
 
 
-def make_units(examples, work_unit: int) -> tuple[list[Unit], dict]:
-    """Cut examples into units of `work_unit`; also the `records` setting: count and sha256 over the unit digests."""
-    if work_unit < 1:
-        raise CacheError(f"work unit (sequences per shard) must be >= 1, got {work_unit}")
-    units = [unit_of(number, examples[start:start + work_unit])
-             for number, start in enumerate(range(0, len(examples), work_unit))]
-    whole = hashlib.sha256("".join(u.sha256 for u in units).encode())
-    return units, {"count": len(examples), "sha256": whole.hexdigest()}
+@dataclass(frozen=True)
+class RecordCut:
+    """The work units of `count` records, known before any is read: unit u holds the kept records whose index
+    lies in [u * work_unit, (u + 1) * work_unit), in order (skipped records leave it shorter, or empty: no shard)."""
+
+    count: int
+    work_unit: int
+
+    def __post_init__(self):
+        if self.work_unit < 1 or self.count < 0:
+            raise CacheError(f"work unit (sequences per shard) must be >= 1 and the record count >= 0, got "
+                             f"{self.work_unit} and {self.count}")
+
+    @property
+    def numbers(self) -> range:
+        return range(-(-self.count // self.work_unit))
+
+    def span(self, number: int) -> range:
+        """The record indices unit `number` may hold."""
+        return range(number * self.work_unit, min((number + 1) * self.work_unit, self.count))
 
 
 def settings_digest(settings: dict) -> str:
@@ -82,19 +94,24 @@ def _unlink(path: Path) -> None:
 
 
 class UnitWriter:
-    """Writes work units of one cache: `open` (the coordinator, rank 0), `join` (other ranks). `units=None`:
-    units are registered as written (CacheWriter); settings hold `work_unit` (and `records` for a cut)."""
+    """Writes work units of one cache: `open` (the coordinator, rank 0), `join` (other ranks). `cut`: the units of
+    records known by number (the cache stage); None: units are registered as written (CacheWriter). Settings hold
+    `work_unit` (and `records` for a cut)."""
 
-    def __init__(self, root, settings: dict, units: list[Unit] | None, *, rank: int = 0,
+    def __init__(self, root, settings: dict, cut: RecordCut | None, *, rank: int = 0,
                  block_bytes: int = 1 << 20, max_block_sequences: int = 16):
         refuse_url_for_writing(root)
         self.root = Path(root)
         self.settings = normalize_settings(settings)
-        if "work_unit" not in self.settings or (units is not None and "records" not in self.settings):
+        if "work_unit" not in self.settings or (cut is not None and "records" not in self.settings):
             raise CacheError("unit cache settings need 'work_unit' (and 'records' for a cut of known records)")
+        if cut is not None and cut.work_unit != self.settings["work_unit"]:
+            raise CacheError(f"cache {root}: the cut's work unit {cut.work_unit} is not the settings' "
+                             f"{self.settings['work_unit']}")
         self.layout = layout_of(self.settings)
-        self.units = {u.number: u for u in units or []}
-        self.open_ended = units is None
+        self.cut = cut
+        self.units: dict[int, Unit] = {}    # open-ended: the units registered so far
+        self.open_ended = cut is None
         self.rank = rank
         self.block_bytes = block_bytes
         self.max_block_sequences = max_block_sequences
@@ -107,9 +124,9 @@ class UnitWriter:
 
     # --- coordinator ---------------------------------------------------------------------
     @classmethod
-    def open(cls, root, settings: dict, units: list[Unit] | None, **kw) -> "UnitWriter":
+    def open(cls, root, settings: dict, cut: RecordCut | None, **kw) -> "UnitWriter":
         """Take the cache lock, check or create the manifest, merge the receipts of earlier runs."""
-        self = cls(root, settings, units, rank=0, **kw)
+        self = cls(root, settings, cut, rank=0, **kw)
         self._coordinate()
         return self
 
@@ -152,13 +169,13 @@ class UnitWriter:
             return
         resume_settings(self.root, existing, self.settings)
         for j, entry in enumerate(existing["shards"]):  # every finished unit is checked before it counts as done
-            unit = self.units.get(entry["unit"])
-            if not self.open_ended and (unit is None or entry["unit_sha256"] != unit.sha256):
-                raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
-                                 f"{entry['unit']}) was written from other records than this run's unit; resume "
-                                 f"with the same --data file contents, or write to a new cache folder")
             shard = open_shard(LocalStorage(self.root), entry, j)
             check_shard_matches(self.root, existing, entry, shard, j)
+            problem = None if self.open_ended else self._records_problem(entry["unit"], shard.record_index)
+            if problem:
+                raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
+                                 f"{entry['unit']}) {problem}; resume with the same --data file contents, or write "
+                                 f"to a new cache folder")
             self.listed_records.append(shard.record_index)
         self.manifest = existing
 
@@ -181,7 +198,7 @@ class UnitWriter:
             number = int(m.group(1))
             if number in listed:
                 continue
-            problem, entry = self._check_receipt(path, self.units.get(number))
+            problem, entry = self._check_receipt(path, number)
             if problem and clean:
                 self.warnings.append(f"{UNIT_DIR}/{path.name}: {problem}; unit {number} is written again")
                 _unlink(path)
@@ -205,10 +222,26 @@ class UnitWriter:
                 _unlink(path)
         return len(added)
 
-    def _check_receipt(self, path: Path, unit: Unit | None) -> tuple[str | None, dict | None]:
+    def _records_problem(self, number: int, records) -> str | None:
+        """Why a shard holding `records` (in its order) cannot be unit `number` of this run; None when it can."""
+        got = tuple(int(r) for r in records)
+        if self.cut is None:
+            unit = self.units.get(number)
+            if unit is None:
+                return "names a unit this run's records do not have"
+            return None if got == unit.records else "holds other records than the unit"
+        if number not in self.cut.numbers:
+            return "names a unit this run's records do not have"
+        span = self.cut.span(number)
+        if not got or not all(r in span for r in got) or any(b <= a for a, b in zip(got, got[1:])):
+            return f"holds other records than unit {number} may (indices {span.start} to {span.stop - 1}, in order)"
+        return None
+
+    def _check_receipt(self, path: Path, number: int) -> tuple[str | None, dict | None]:
         """(problem, entry): a receipt counts only if sealed, written under these settings, for this
         unit's records, and its shard opens and matches."""
-        if unit is None:
+        known = number in self.units if self.cut is None else number in self.cut.numbers
+        if not known:
             return "names a unit this run's records do not have", None
         try:
             receipt = json.loads(path.read_text())
@@ -220,26 +253,29 @@ class UnitWriter:
         if receipt.get("settings_sha256") != self.settings_sha256:
             return "written under other settings (stale)", None
         entry = receipt.get("entry")
-        if not isinstance(entry, dict) or entry.get("unit") != unit.number or entry.get("unit_sha256") != unit.sha256 \
-                or entry.get("file") != shard_file(unit.number):
+        if not isinstance(entry, dict):
+            return "written from other records (stale)", None
+        sha = self.units[number].sha256 if self.cut is None else entry.get("unit_sha256")   # a cut: the writer's
+        if entry.get("unit") != number or entry.get("unit_sha256") != sha or not is_hex_digest(sha) \
+                or entry.get("file") != shard_file(number):
             return "written from other records (stale)", None
         try:
-            shard = open_shard(LocalStorage(self.root), entry, unit.number)
+            shard = open_shard(LocalStorage(self.root), entry, number)
             check_shard_matches(self.root, self.manifest, entry, shard)
         except CacheError as err:
             return f"its shard fails its checks ({err})", None
-        if tuple(int(r) for r in shard.record_index) != unit.records:
-            return "its shard holds other records than the unit", None
-        return None, entry
+        problem = self._records_problem(number, shard.record_index)
+        return (f"its shard {problem}", None) if problem else (None, entry)
 
-    def finish(self, summary: dict | None = None) -> bool:
-        """Coordinator: merge every receipt, store `summary`, mark complete when every unit is in,
-        release the lock; other ranks: release their lock. True when the cache is complete."""
+    def finish(self, summary: dict | None = None, empty=()) -> bool:
+        """Coordinator: merge every receipt, store `summary`, mark complete when every unit is in (`empty`: units
+        of the cut found to hold no kept record), release the lock; other ranks: release their lock. True when
+        the cache is complete."""
         try:
             if not self.coordinator:
                 return False
             self.merge()
-            complete = set(self.units) <= self.done_units
+            complete = (set(self.units) if self.cut is None else set(self.cut.numbers) - set(empty)) <= self.done_units
             if summary is not None:
                 try:
                     self.manifest["summary"] = jsonable(summary)
@@ -253,26 +289,28 @@ class UnitWriter:
 
     # --- any rank ------------------------------------------------------------------------
     @classmethod
-    def join(cls, root, settings: dict, units: list[Unit], settings_sha256: str, rank: int, **kw) -> "UnitWriter":
+    def join(cls, root, settings: dict, cut: RecordCut, settings_sha256: str, rank: int, **kw) -> "UnitWriter":
         """A non-coordinating rank, after the coordinator opened the cache: takes its own rank lock."""
-        self = cls(root, settings, units, rank=rank, **kw)
+        self = cls(root, settings, cut, rank=rank, **kw)
         self.settings_sha256 = settings_sha256
         acquire_lock(self.root / f"{LOCK}.rank-{rank}")
         self._lock = self.root / f"{LOCK}.rank-{rank}"
         return self
 
-    def write_unit(self, number: int, seqs: list) -> dict:
-        """Write unit `number` (its sequences, in the unit's record order) as a shard, then its receipt."""
-        unit = self.units[number]
+    def write_unit(self, number: int, seqs: list, blocks: tuple | None = None) -> dict:
+        """Write unit `number` (its sequences, in record order) as a shard, then its receipt. `blocks`: (starts,
+        payloads) an EncodePool encoded and checked (`seqs` then need only their index fields)."""
         got = tuple(int(s.record_index) for s in seqs)
-        if got != unit.records:
-            raise CacheError(f"cache {self.root}: unit {number} must hold records {unit.records[:4]}..., got "
-                             f"{got[:4]}...")
-        for seq in seqs:
-            check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
-        seqs = [_owned_copy(s) for s in seqs]
+        problem = self._records_problem(number, got)
+        if problem:
+            raise CacheError(f"cache {self.root}: unit {number} {problem}: got records {got[:4]}...")
+        unit = self.units[number] if self.cut is None else unit_of(number, seqs)
+        if blocks is None:
+            for seq in seqs:
+                check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
+            seqs = [typed(s) for s in seqs]
         name = shard_file(number)
-        entry = write_shard_file(self.root, name, number, seqs, self.layout, self.settings,
+        entry = write_shard_file(self.root, name, number, seqs, self.layout, self.settings, blocks=blocks,
                                  block_bytes=self.block_bytes, max_block_sequences=self.max_block_sequences)
         entry.update(unit=number, unit_sha256=unit.sha256)
         receipt = seal({"format": RECEIPT_FORMAT, "settings_sha256": self.settings_sha256, "entry": entry,

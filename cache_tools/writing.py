@@ -4,6 +4,7 @@ file written atomically (temporary file, fsync, rename), and the settings compar
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from .codecs import normalize_codec
 from .errors import CacheError, CodecError
 from .format import RESERVED_KEYS, SHARD_DIR, CachedSequence, fsync_dir, jsonable, settings_differences, settings_of
 from .integrity import digest_bytes, file_digest
-from .shard import EncodeError, Layout, write_shard
+from .shard import EncodeError, Layout, assemble_shard, encode_block, plan_blocks, write_shard
 from .shard_read import shard_head
 from .storage import LocalStorage
 
@@ -175,14 +176,33 @@ def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = F
                              f"forward overflowed; nothing of this record was written (try --dtype float32)")
 
 
+def block_plan(layout: Layout, lengths, losses, block_bytes: int, max_block_sequences: int) -> list[int]:
+    """The block starts (plus the end) write_shard gives sequences of these lengths and loss counts."""
+    return plan_blocks([layout.raw_bytes(n, m) for n, m in zip(lengths, losses)], block_bytes, max_block_sequences)
+
+
+def encode_shard_block(root, name: str, layout: Layout, settings: dict, seqs) -> dict[str, bytes]:
+    """One block's payloads, as write_shard encodes them; a codec refusal is the CacheError write_shard_file gives."""
+    try:
+        return encode_block(layout, seqs)
+    except EncodeError as err:
+        raise _encode_error(root, name, err, settings) from None
+
+
 def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Layout, settings: dict, *,
-                     block_bytes: int, max_block_sequences: int) -> dict:
-    """Write one shard atomically (temp file, fsync, rename, fsync the folder); its manifest entry."""
+                     block_bytes: int, max_block_sequences: int, blocks: tuple | None = None) -> dict:
+    """Write one shard atomically (temp file, fsync, rename, fsync the folder); its manifest entry. `blocks`:
+    (starts, payloads) already encoded (an EncodePool's), else write_shard encodes `seqs` here."""
     final = Path(root) / name
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        info = write_shard(tmp, seqs, layout, number, block_bytes=block_bytes, max_block_sequences=max_block_sequences)
+        if blocks is None:
+            info = write_shard(tmp, seqs, layout, number, block_bytes=block_bytes,
+                               max_block_sequences=max_block_sequences)
+        else:
+            info = assemble_shard(tmp, seqs, layout, number, *blocks)
         with open(tmp, "rb+") as fh:
+            canonical_header(fh)
             os.fsync(fh.fileno())
         digest, size = file_digest(tmp)
         head = shard_head(LocalStorage(tmp.parent), tmp.name, size)
@@ -195,7 +215,7 @@ def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Lay
         except OSError:
             pass
         if isinstance(err, EncodeError):
-            raise CacheError(f"cache {root}: shard {name}: cannot encode {err} (codecs {settings['codecs']})") from None
+            raise _encode_error(root, name, err, settings) from None
         if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
             raise CacheError(f"cache {root}: cannot write shard {name}: {err}; the finished shards are kept: free "
                              f"space and re-run the same command to resume") from None
@@ -204,9 +224,29 @@ def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Lay
             "first_record": int(seqs[0].record_index), "last_record": int(seqs[-1].record_index)}
 
 
+def canonical_header(fh) -> None:
+    """Rewrite a safetensors file's JSON header in place with its keys sorted: safetensors writes the metadata in
+    a random order (a hash map), so the same shard would differ in its bytes and digests from run to run. The same
+    characters in another order: the length and every offset stay; a header that would not fit is left as is."""
+    fh.seek(0)
+    size = int.from_bytes(fh.read(8), "little")
+    text = fh.read(size)
+    header = json.loads(text)
+    data = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(data) <= size:
+        fh.seek(8)
+        fh.write(data + b" " * (size - len(data)))
+
+
+def _encode_error(root, name: str, err: EncodeError, settings: dict) -> CacheError:
+    return CacheError(f"cache {root}: shard {name}: cannot encode {err} (codecs {settings['codecs']})")
+
+
 def resume_settings(root: Path, existing: dict, settings: dict) -> None:
     """The run's settings checked against a cache's manifest (CacheError naming what differs)."""
     diffs = settings_differences(settings_of(existing), settings)
+    if "digest" in (settings.get("records") or {}):
+        refuse_token_cut(root, existing)
     if diffs and all(path.startswith("records") for path, _, _ in diffs):
         old, new = existing.get("records") or {}, settings.get("records") or {}
         raise CacheError(f"cache {root}: cannot resume on other data: the records differ from those the cache was "
@@ -220,9 +260,28 @@ def resume_settings(root: Path, existing: dict, settings: dict) -> None:
                          f"use the same settings or a new cache folder")
 
 
+def refuse_token_cut(root, existing: dict) -> None:
+    """A cache begun before work units were cut on the raw records (its `records` has no `digest`) cannot be resumed
+    by a cut on the raw records: its units hold other records."""
+    if isinstance(existing.get("records"), dict) and "digest" not in existing["records"]:
+        raise CacheError(f"cache {root}: cannot resume: it was begun by an earlier fastkd, which identified the "
+                         f"records by their token ids and cut work units after skipped records; finish it with that "
+                         f"fastkd, or write to a new cache folder")
+
+
 def _first_bad(mask: np.ndarray) -> int:
     rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)) if mask.size else []
     return int(rows[0]) if len(rows) else -1
+
+
+def typed(seq: CachedSequence) -> CachedSequence:
+    """The sequence with the dtypes a shard stores (arrays shared, not copied, where they already have them)."""
+    return CachedSequence(
+        record_index=int(seq.record_index), task=str(seq.task), input_ids=np.asarray(seq.input_ids, np.int32),
+        loss_mask=np.asarray(seq.loss_mask, np.uint8), topk_ids=np.asarray(seq.topk_ids, np.int64),
+        topk_logprobs=np.asarray(seq.topk_logprobs, np.float32), tail=np.asarray(seq.tail, np.float32),
+        counts=None if seq.counts is None else np.asarray(seq.counts, np.int32),
+        hidden={int(layer): np.asarray(x, np.float32) for layer, x in seq.hidden.items()})
 
 
 def _owned_copy(seq: CachedSequence) -> CachedSequence:

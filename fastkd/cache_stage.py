@@ -8,26 +8,28 @@ positions only -> compressed safetensors shards + manifest.json (+ this run's co
 with other settings or other records is refused.
 
 Many processes: `torchrun --nproc-per-node N -m fastkd cache-teacher ...` (gloo between ranks,
-each rank on cuda:LOCAL_RANK); the records are cut into fixed work units (--sequences-per-shard),
-each rank writes its share, rank 0 merges them; any N can resume a cache begun with any other N.
+each rank on cuda:LOCAL_RANK); the records are cut into fixed work units (--sequences-per-shard consecutive
+records), each rank reads and tokenises only its share and writes it, rank 0 merges them; any N can resume a
+cache begun with any other N. Each rank's shards are encoded and written by --encode-threads worker threads while
+its teacher runs the next batches (fastkd.cache_pipeline).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastkd.batching import length_sorted_batches
 from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageConfig
 from fastkd.config import option as _opt
 from fastkd.cache_tools.manifest_checks import CAPTURE_BY
 from fastkd.errors import UserError
 from fastkd.records import FieldMap
-from fastkd.templates import LOSS_TURNS, BuildReport, Template, build_examples
+from fastkd.templates import LOSS_TURNS, Template
 from fastkd.tokenizer_identity import tokenizer_identity
-
 
 
 @dataclass
@@ -71,8 +73,12 @@ class CacheConfig(StageConfig):
     loss_turns: str = _opt("all", "messages records: the assistant turns that carry loss: all, last (the final "
                                   "one), reasoning (their reasoning only) or answer (their answer only)",
                            choices=list(LOSS_TURNS))
-    sequences_per_shard: int = _opt(256, "the work unit: sequences per shard, the unit of resume and of the split "
-                                         "across ranks (a resume keeps the cache's own)", minimum=1)
+    sequences_per_shard: int = _opt(256, "the work unit: consecutive records per shard (fewer where records are "
+                                         "skipped), the unit of resume and of the split across ranks (a resume "
+                                         "keeps the cache's own)", minimum=1)
+    encode_threads: int = _opt(2, "threads per rank that encode and write shards while the teacher runs the next "
+                                  "batches (0: each unit after its forward, in the main thread)", minimum=0,
+                               metavar="N")
     hidden_codec: str | None = _opt(None, "hidden-state codec: kh:method=int8 (the default, "
                                                             "block=128), kh:method=bf16 or kh:method=fp8, optionally "
                                                             "with ,block=N (docs/cache-format.md)")
@@ -109,7 +115,8 @@ class CacheConfig(StageConfig):
         return Template(cot=self.cot, chat=self.chat_template, loss_turns=self.loss_turns)
 
     def field_map(self) -> FieldMap:
-        return FieldMap(self.source_field, self.rationale_field, self.target_field, self.task_field, self.messages_field)
+        return FieldMap(self.source_field, self.rationale_field, self.target_field, self.task_field,
+                        self.messages_field)
 
 
 @dataclass
@@ -122,7 +129,8 @@ class CacheSummary:
     report: dict = field(default_factory=dict)
     seconds_total: float = 0.0
     seconds_teacher: float = 0.0
-    seconds_write: float = 0.0
+    seconds_write: float = 0.0     # main-thread time outside the teacher's forward (what the device waits for)
+    seconds_encode: float = 0.0    # CPU seconds spent checking, encoding and writing shards (worker threads)
     seconds_units: float = 0.0     # wall time from the first unit to the last rank's end (rank 0; startup excluded)
     world_size: int = 1
     per_rank: list = field(default_factory=list)   # rank 0 of a torchrun: each rank's counts and seconds
@@ -133,8 +141,9 @@ class CacheSummary:
 
 
 def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSummary:
-    """The whole stage (a CacheConfig, or a dict of its fields): records -> examples -> teacher backend ->
-    work units -> summary. Under torchrun every rank calls it. `vllm_engine` stands in for vllm.LLM (tests)."""
+    """The whole stage (a CacheConfig, or a dict of its fields): records -> this rank's examples -> teacher backend
+    -> work units -> summary. Under torchrun every rank calls it. `vllm_engine` stands in for vllm.LLM (tests)."""
+    from fastkd.cache_pipeline import read_plan, tokenise_own_units, write_units
     from fastkd.cache_tools.storage import refuse_url_for_writing
     from fastkd.runtime import join_ranks
     from fastkd.teacher import capturing, load_hf, load_tokenizer
@@ -149,11 +158,11 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
 
             hf_logging.disable_progress_bar()
         tokenizer = load_tokenizer(config.teacher, "--teacher")
-        template, report = config.template(), BuildReport()
-        examples = build_examples(config.data, tokenizer, template, config.field_map(), config.max_length,
-                                  config.overflow, config.skip_bad, config.split, report)
-        if not examples:
-            raise UserError(f"{config.data}: no usable records ({report.as_dict()})")
+        template = config.template()
+        plan = read_plan(config, env)
+        own = tokenise_own_units(config, tokenizer, template, plan, env)   # this rank's units only
+        if not own.report["kept"] and not plan.done:
+            raise UserError(f"{config.data}: no usable records ({own.report})")
         if config.backend == "vllm":
             from fastkd.teacher_vllm import load_vllm
 
@@ -162,27 +171,38 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
             backend = load_hf(config, tokenizer, env)
         if config.capture_share < 1.0:
             backend = capturing(backend, config.capture_share, config.capture_by, config.seed)
-        settings, units = _settings(config, backend, tokenizer, template, examples, env)
-        summary = CacheSummary(report=report.as_dict(), is_main=env.is_main)
-        _write_units(config, settings, examples, units, backend, summary, env)
+        settings, cut = _settings(config, backend, tokenizer, template, own, plan, env)
+        summary = CacheSummary(report=own.report, is_main=env.is_main)
+        writer, done = _open_writer(config, settings, cut, env, summary)
+        try:
+            if env.is_main:
+                config.save(Path(config.out) / "config.yaml")
+            t_units = time.perf_counter()
+            empty = write_units(config, writer, own, done, backend, summary, env, lambda: _after_unit())
+            env.barrier()                                   # every rank's units are on disk with their receipts
+            summary.seconds_units = time.perf_counter() - t_units
+            _finish(writer, summary, empty, env)
+        except BaseException:
+            writer.abort()      # finished units stay with their receipts; re-running the command resumes
+            raise
         summary.seconds_total = time.perf_counter() - started
         return summary
     finally:
         env.close()
 
 
-def _settings(config: CacheConfig, backend, tokenizer, template, examples, env) -> tuple[dict, list]:
-    """The manifest's settings (the config's and the backend's) and the work units; on a resume the
+def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env) -> tuple[dict, object]:
+    """The manifest's settings (the config's and the backend's) and the cut into work units; on a resume the
     cache's own codecs (when none is asked), teacher tokenizer and work unit are kept."""
     from fastkd.cache_tools.format import MANIFEST, read_manifest
-    from fastkd.cache_tools.units import make_units
+    from fastkd.cache_tools.units import RecordCut
     from fastkd.cross_tokenizer import with_teacher_tokenizer
 
-    settings = {**backend.settings, "tokenizer": tokenizer_identity(tokenizer), "template": template.describe(),
-                "mode": "sample" if config.sample else "topk", "k": int(config.sample or config.top_k),
-                "sample_n": config.sample, "seed": config.seed if config.sample else None,
-                "max_length": config.max_length, "overflow": config.overflow, "fields": config.field_map().__dict__,
-                "data": str(config.data)}
+    settings = {**backend.settings, "tokenizer": tokenizer_identity(tokenizer), "template": _template_setting(
+                template, tokenizer, own.conversations), "mode": "sample" if config.sample else "topk",
+                "k": int(config.sample or config.top_k), "sample_n": config.sample,
+                "seed": config.seed if config.sample else None, "max_length": config.max_length,
+                "overflow": config.overflow, "fields": config.field_map().__dict__, "data": str(config.data)}
     settings.update({name: getattr(config, name) for name in ("hidden_codec", "logits_codec") if getattr(config, name)})
     out = Path(config.out)
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
@@ -193,65 +213,40 @@ def _settings(config: CacheConfig, backend, tokenizer, template, examples, env) 
             settings["codecs"] = kept
     # the teacher tokenizer inside the cache (its files' sha256 in the manifest): cross-tokenizer students
     settings = with_teacher_tokenizer(settings, tokenizer, out, existing, write=env.is_main)
-    work_unit = int((existing or {}).get("work_unit") or config.sequences_per_shard)   # the cache's cut, not this run's
-    units, records = make_units(examples, work_unit)
-    return dict(settings, records=records, work_unit=work_unit), units
+    records = {"count": own.count}      # rank 0 adds the digest of the raw records (_open_writer)
+    return dict(settings, records=records, work_unit=plan.work_unit), RecordCut(own.count, plan.work_unit)
 
 
-def _write_units(config: CacheConfig, settings, examples, units, backend, summary, env) -> None:
-    """Every rank writes its share of the units the cache lacks; rank 0 merges them as they come."""
-    import torch
-    from tqdm.auto import tqdm
-
-    writer, done = _open_writer(config, settings, units, env)
-    try:
-        if env.is_main:
-            config.save(Path(config.out) / "config.yaml")
-        t_units = time.perf_counter()
-        mine = [u for u in units if u.number not in done][env.rank::env.world]   # disjoint; any N finishes them
-        summary.sequences_resumed = sum(len(u.records) for u in units if u.number in done)
-        bar = tqdm(total=sum(len(u.records) for u in mine), unit="seq", desc="cache-teacher",
-                   disable=not config.progress or not env.is_main, postfix={"resumed": summary.sequences_resumed})
-        for unit in mine:
-            start = unit.number * settings["work_unit"]
-            generator = None   # --sample: one seed per unit, whatever the number of ranks
-            if config.sample:
-                generator = torch.Generator(device=backend.device).manual_seed(config.seed * 1_000_003 + unit.number)
-            seqs = _teacher_pass(examples[start:start + len(unit.records)], backend, generator, config.batch_size,
-                                 summary, bar)
-            t1 = time.perf_counter()
-            writer.write_unit(unit.number, [seqs[r] for r in unit.records])
-            if env.is_main:
-                writer.merge(clean=False)              # the partial cache stays readable while ranks run
-            summary.seconds_write += time.perf_counter() - t1
-            _after_unit()
-        bar.close()
-        env.barrier()                                   # every rank's units are on disk with their receipts
-        summary.seconds_units = time.perf_counter() - t_units
-        _finish(writer, summary, env)
-    except BaseException:
-        writer.abort()          # finished units stay with their receipts; re-running the command resumes
-        raise
+def _template_setting(template: Template, tokenizer, conversations: dict | None = None) -> dict:
+    """The template's description, with the digest of the tokenizer's chat template when it has one (it makes the
+    text of chat and messages records, and the tokenizer's identity does not cover it)."""
+    chat = getattr(tokenizer, "chat_template", None)
+    if not chat:
+        return template.describe(conversations)
+    text = chat if isinstance(chat, str) else json.dumps(chat, sort_keys=True)
+    return dict(template.describe(conversations), chat_template_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _after_unit() -> None:
     """Called after each unit a rank wrote; tests replace it to slow a run down so that a kill lands part-way."""
 
 
-def _open_writer(config: CacheConfig, settings: dict, units: list, env):
-    """Rank 0 opens the cache (lock, checks, earlier receipts merged) and tells the other ranks which units
-    are done and under which settings; returns (writer, done unit numbers)."""
+def _open_writer(config: CacheConfig, settings: dict, cut, env, summary: CacheSummary):
+    """Rank 0 digests the raw records, opens the cache (lock, checks, earlier receipts merged) and tells the other
+    ranks which units are done and under which settings (rank 0's are the cache's); returns (writer, done units)."""
+    from fastkd.cache_pipeline import records_identity
     from fastkd.cache_tools.units import UnitWriter
 
     writer, state = None, None
     if env.is_main:
         try:
-            writer = UnitWriter.open(config.out, settings, units)
+            records = dict(settings["records"], **records_identity(config.data, config.split))
+            writer = UnitWriter.open(config.out, dict(settings, records=records), cut)
         except Exception as err:   # the other ranks stop with the same message instead of waiting
             env.broadcast({"error": str(err)})
             raise
         state = {"error": None, "done": sorted(writer.done_units), "settings_sha256": writer.settings_sha256,
-                 "settings": writer.settings}
+                 "settings": writer.settings, "resumed": sum(e["num_sequences"] for e in writer.manifest["shards"])}
         if config.progress:
             for warning in writer.warnings:
                 print(f"fastkd cache-teacher: note: {warning}")
@@ -259,66 +254,27 @@ def _open_writer(config: CacheConfig, settings: dict, units: list, env):
     if state["error"]:
         raise UserError(state["error"])
     if writer is None:
-        writer = UnitWriter.join(config.out, state["settings"], units, state["settings_sha256"], env.rank)
+        writer = UnitWriter.join(config.out, state["settings"], cut, state["settings_sha256"], env.rank)
+    summary.sequences_resumed = state["resumed"]
     return writer, set(state["done"])
 
 
-def _finish(writer, summary: CacheSummary, env) -> None:
-    """Rank 0 adds up every rank's counts, merges the last receipts and seals the manifest with the summary."""
-    keys = ("sequences_written", "loss_positions", "seconds_teacher", "seconds_write")
-    parts = env.gather({key: getattr(summary, key) for key in keys})
+def _finish(writer, summary: CacheSummary, empty: list[int], env) -> None:
+    """Rank 0 adds up every rank's counts, merges the last receipts and seals the manifest with the summary
+    (complete when every unit is listed or was found to hold no kept record)."""
+    keys = ("sequences_written", "loss_positions", "seconds_teacher", "seconds_write", "seconds_encode")
+    parts = env.gather(dict({key: getattr(summary, key) for key in keys}, empty=empty))
     if not env.is_main:
         writer.finish()
         return
     summary.world_size = env.world
     if env.world > 1:
-        summary.per_rank = parts
+        summary.per_rank = [{key: p[key] for key in keys} for p in parts]
         summary.sequences_written = sum(p["sequences_written"] for p in parts)
         summary.loss_positions = sum(p["loss_positions"] for p in parts)
     t_close = time.perf_counter()
-    writer.finish(summary=summary.as_dict())
+    writer.finish(summary=summary.as_dict(), empty={u for p in parts for u in p["empty"]})
     summary.seconds_write += time.perf_counter() - t_close
-
-
-def _teacher_pass(todo, backend, generator, batch_size: int, summary: CacheSummary, bar) -> dict:
-    """The teacher over `todo` in length-sorted batches; returns the cached sequences by record index."""
-    seqs = {}
-    for batch in length_sorted_batches([len(ex.input_ids) for ex in todo], batch_size):
-        chunk = [todo[i] for i in batch]
-        t0 = time.perf_counter()
-        sig = backend.signal(chunk, generator)
-        t1 = time.perf_counter()
-        seqs.update((seq.record_index, seq) for seq in _sequences(chunk, sig))
-        summary.seconds_teacher += t1 - t0
-        summary.seconds_write += time.perf_counter() - t1
-        summary.sequences_written += len(chunk)
-        summary.loss_positions += sum(sig.rows_per_sequence)
-        bar.update(len(chunk))
-        rate = summary.loss_positions / max(summary.seconds_teacher + summary.seconds_write, 1e-9)
-        bar.set_postfix(tok_s=f"{rate:.0f}")
-    return seqs
-
-
-def _sequences(chunk, sig) -> list:
-    """Split a batch's rows back into sequences (row-major order)."""
-    import numpy as np
-
-    from fastkd.cache_tools import CachedSequence
-
-    ids, logprobs, tail = sig.topk_ids.cpu().numpy(), sig.topk_logprobs.cpu().numpy(), sig.tail.cpu().numpy()
-    counts = sig.counts.cpu().numpy() if sig.counts is not None else None
-    hidden = {layer: h.cpu().numpy() for layer, h in sig.hidden.items()}
-    start, out = 0, []
-    for ex, rows in zip(chunk, sig.rows_per_sequence):
-        end = start + rows
-        out.append(CachedSequence(
-            record_index=ex.record_index, task=ex.task,
-            input_ids=np.asarray(ex.input_ids, dtype=np.int32), loss_mask=np.asarray(ex.loss_mask, dtype=np.uint8),
-            topk_ids=ids[start:end], topk_logprobs=logprobs[start:end], tail=tail[start:end],
-            counts=counts[start:end] if counts is not None else None,
-            hidden={layer: h[start:end] for layer, h in hidden.items()}))
-        start = end
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -342,7 +298,7 @@ def format_summary(s: CacheSummary, out: str) -> str:
     report = s.report
     lines = [
         f"cache: {Path(out)}",
-        f"  records: {report.get('kept', 0)} kept, {report.get('truncated', 0)} truncated, skipped "
+        f"  records read this run: {report.get('kept', 0)} kept, {report.get('truncated', 0)} truncated, skipped "
         f"{report.get('skipped', {}) or 'none'}",
         f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written"
         f"{f' by {s.world_size} ranks' if s.world_size > 1 else ''}; {s.sequences_resumed} already cached",
@@ -353,7 +309,8 @@ def format_summary(s: CacheSummary, out: str) -> str:
         logits = payload.get("topk", 0) + payload.get("counts", 0) + payload.get("rows", 0)
         lines.append(f"  bytes per loss position: logits {logits / positions:.1f}, hidden "
                      f"{payload.get('hidden', 0) / positions:.1f}, all files {counts.get('bytes', 0) / positions:.1f}")
-    if s.seconds_write > 0:
-        lines.append(f"  throughput: {s.loss_positions / max(s.seconds_total, 1e-9):.0f} positions/s overall, "
-                     f"{s.loss_positions / s.seconds_write:.0f} positions/s cache write (teacher forward excluded)")
+    if s.loss_positions:
+        lines.append(f"  throughput: {s.loss_positions / max(s.seconds_total, 1e-9):.0f} positions/s overall; teacher "
+                     f"forward {s.seconds_teacher:.1f} s, the rest of the unit loop {s.seconds_write:.1f} s, encoding "
+                     f"{s.seconds_encode:.1f} CPU s ({1e6 * s.seconds_encode / s.loss_positions:.1f} us per position)")
     return "\n".join(lines)

@@ -163,6 +163,10 @@ HOSTILE = [
     ("tokenizer file with ..", set_value("teacher_tokenizer.files", {"../x": HEX}), "teacher_tokenizer.files"),
     ("shard listed out of place", set_value("shards.1.file", "shards/shard-00007.safetensors"), "shards[1].file"),
     ("complete is not a bool", set_value("complete", "yes"), "complete"),
+    ("records digest of an unknown kind", set_value("records", {"count": 12, "sha256": HEX, "digest": "tokens"}),
+     "records.digest"),
+    ("records count not a count", set_value("records", {"count": -1, "sha256": HEX, "digest": "file"}),
+     "records.count"),
 ]
 
 

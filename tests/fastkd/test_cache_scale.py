@@ -67,13 +67,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _cli_args(teacher, data, out):
+def _cli_args(teacher, data, out, extra=()):
     return ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
             "--top-k", str(ARGS["top_k"]), "--layers", ARGS["layers"], "--sequences-per-shard",
-            str(ARGS["sequences_per_shard"]), "--batch-size", str(ARGS["batch_size"]), "--no-progress"]
+            str(ARGS["sequences_per_shard"]), "--batch-size", str(ARGS["batch_size"]), "--no-progress", *extra]
 
 
-def start_ranks(world, teacher, data, out, slow=0.0):
+def start_ranks(world, teacher, data, out, slow=0.0, extra=()):
     """`world` gloo ranks on loopback, as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), one thread each."""
     port = _port()
     procs = []
@@ -83,7 +83,7 @@ def start_ranks(world, teacher, data, out, slow=0.0):
                    TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         command = slow_cli(slow) if slow else [sys.executable, "-m", "fastkd"]
-        procs.append(subprocess.Popen([*command, *_cli_args(teacher, data, out)], env=env,
+        procs.append(subprocess.Popen([*command, *_cli_args(teacher, data, out, extra)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -114,6 +114,46 @@ def test_three_ranks_equal_one_process(tiny_qwen_dir, recs, reference, tmp_path)
     results = wait_all(start_ranks(3, tiny_qwen_dir, recs, out))
     assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
     assert_same_cache(reference, out)
+
+
+@pytest.mark.slow
+def test_three_ranks_with_skipped_records_equal_one_process(tiny_qwen_dir, tmp_path):
+    """Each rank reads and tokenises only its own units (cut on the raw records): skipped records, a unit with
+    none kept and a blank line give the same cache and the same counts with 3 ranks as with one process."""
+    records = random_records(22, seed=9)
+    for i in (3, 4, 5, 13):                      # unit 1 (records 3-5) has no usable record, unit 4 one fewer
+        del records[i]["target"]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(17, "")
+    data = tmp_path / "recs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_cache(tiny_qwen_dir, data, one, skip_bad=True, **ARGS)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "three"
+    results = wait_all(start_ranks(3, tiny_qwen_dir, data, out, extra=["--skip-bad"]))
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert_same_cache(one, out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert 1 not in [e["unit"] for e in m["shards"]] and m["records"] == CacheReader(one).manifest["records"]
+    assert "18 kept, 0 truncated, skipped {'missing': 4}" in results[0][1]         # every rank's counts
+    assert single.report == {"kept": 18, "truncated": 0, "skipped": {"missing": 4}}
+
+
+@pytest.mark.slow
+def test_a_bad_record_on_one_rank_stops_every_rank_with_its_message(tiny_qwen_dir, tmp_path):
+    records = random_records(22, seed=4)
+    del records[16]["target"]                     # unit 5 of units of 3: rank 1's of 2, the only rank that reads it
+    data = tmp_path / "recs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = wait_all(start_ranks(2, tiny_qwen_dir, data, tmp_path / "c"), timeout=120)
+    for rc, _, err in results:
+        assert rc == 2 and "record 16" in err and "'target'" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "c" / "shards").exists()          # stopped before the cache was opened
 
 
 def _receipted(out: Path) -> int:

@@ -1,0 +1,167 @@
+"""Work units encoded and written on worker threads while the caller computes the next ones: each block of a unit
+is checked and encoded (numpy and zstd release the GIL) once its sequences are all in, the shard is written and
+receipted once its last block is; at most `units_in_flight` units are held, and a failure stops the caller."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import CacheError
+from .format import CachedSequence
+from .writing import block_plan, check_sequence, encode_shard_block, shard_file, typed
+
+UNITS_IN_FLIGHT = 2   # the unit the caller is filling and one being finished: memory for two units' signal
+
+
+class _Unit:
+    """One unit being filled and encoded: its sequences by position (stubs once their block is encoded)."""
+
+    def __init__(self, number: int, records: list[int], lengths: list[int], losses: list[int], starts: list[int]):
+        self.number = number
+        self.records, self.lengths, self.losses = list(records), list(lengths), list(losses)
+        self.slots: list = [None] * len(records)
+        self.starts = starts
+        self.missing = [b - a for a, b in zip(starts, starts[1:])]   # sequences each block still waits for
+        self.payloads: list = [None] * (len(starts) - 1)
+        self.blocks_left = len(starts) - 1
+        self.arrived = 0
+
+
+def _stub(seq: CachedSequence) -> CachedSequence:
+    """What the shard's index needs of a sequence once its block is encoded (its signal can be freed)."""
+    return CachedSequence(seq.record_index, seq.task, seq.input_ids, seq.loss_mask, None, None, None)
+
+
+class EncodePool:
+    """Takes the sequences of `writer`'s units as they are computed (`begin` a unit, then `add` each of its
+    sequences, in any order, before the next unit begins) and writes each unit on `threads` worker threads;
+    threads=0 writes a unit in the caller's thread once it is complete (the sequential path). `on_commit()` runs after
+    each receipt, in the thread that wrote it. An error raised by a worker is raised again by the caller's next call."""
+
+    def __init__(self, writer, threads: int, units_in_flight: int = UNITS_IN_FLIGHT, on_commit=None):
+        if threads < 0 or units_in_flight < 1:
+            raise CacheError(f"encode pool: threads must be >= 0 and units in flight >= 1, got {threads}, "
+                             f"{units_in_flight}")
+        self.writer, self.threads, self.units_in_flight = writer, threads, units_in_flight
+        self.on_commit = on_commit      # called after each unit's receipt, in the thread that wrote it (a merge)
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="fastkd-encode") if threads else None
+        self.cond = threading.Condition()
+        self.pending: dict[int, _Unit] = {}
+        self.where: dict[int, tuple[_Unit, int]] = {}   # record index -> (its unit, its position there)
+        self.done: list[int] = []                        # receipted units not yet reported by committed()
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.encode_seconds = 0.0                        # CPU seconds the workers spent (threads=0: the caller)
+
+    def begin(self, number: int, records: list[int], lengths: list[int], losses: list[int]) -> None:
+        """Announce unit `number`: its record indices (in order) with their token and loss counts; waits while
+        `units_in_flight` units are unfinished."""
+        if not records:
+            raise CacheError(f"cache {self.writer.root}: unit {number} holds no record: it has no shard")
+        w = self.writer
+        starts = block_plan(w.layout, lengths, losses, w.block_bytes, w.max_block_sequences)
+        with self.cond:
+            self._check_filled()
+            while len(self.pending) >= self.units_in_flight and self.error is None:
+                self.cond.wait()
+            self._raise()
+            unit = self.pending[number] = _Unit(number, records, lengths, losses, starts)
+        self.where.update((r, (unit, i)) for i, r in enumerate(records))
+
+    def add(self, seq: CachedSequence) -> None:
+        """One sequence of a unit begun before; its block goes to a worker when it is the block's last."""
+        self._raise()
+        if int(seq.record_index) not in self.where:
+            raise CacheError(f"cache {self.writer.root}: record {seq.record_index} is in no unit begun, or given twice")
+        unit, i = self.where.pop(int(seq.record_index))
+        if len(seq.input_ids) != unit.lengths[i] or seq.num_loss_positions != unit.losses[i]:
+            raise CacheError(f"cache {self.writer.root}: record {seq.record_index}: {len(seq.input_ids)} tokens, "
+                             f"{seq.num_loss_positions} loss positions; unit {unit.number} was begun with "
+                             f"{unit.lengths[i]} and {unit.losses[i]}")
+        unit.slots[i] = seq
+        unit.arrived += 1
+        if self.executor is None:
+            if unit.arrived == len(unit.slots):
+                started = time.thread_time()
+                self.writer.write_unit(unit.number, unit.slots)
+                self.encode_seconds += time.thread_time() - started
+                self._finished(unit)
+            return
+        b = bisect.bisect_right(unit.starts, i) - 1
+        unit.missing[b] -= 1
+        if not unit.missing[b]:
+            self.executor.submit(self._encode, unit, b)
+        if unit.arrived == len(unit.slots) and any(unit.missing):   # never wait for a block that cannot come
+            raise CacheError(f"cache {self.writer.root}: unit {unit.number}: blocks {unit.missing} short of sequences")
+
+    def _encode(self, unit: _Unit, b: int) -> None:
+        """A worker: check and encode block b of `unit`; the worker that encodes a unit's last block writes it."""
+        if self.stopping.is_set():
+            return
+        started = time.thread_time()
+        try:
+            w = self.writer
+            a, z = unit.starts[b], unit.starts[b + 1]
+            seqs = [typed(s) for s in unit.slots[a:z]]
+            for seq in seqs:
+                check_sequence(w.root, w.layout, seq, captured="capture" in w.settings)
+            unit.payloads[b] = encode_shard_block(w.root, shard_file(unit.number), w.layout, w.settings, seqs)
+            unit.slots[a:z] = [_stub(s) for s in seqs]
+            with self.cond:
+                unit.blocks_left -= 1
+                last = not unit.blocks_left
+            if last and not self.stopping.is_set():
+                w.write_unit(unit.number, unit.slots, blocks=(unit.starts, unit.payloads))
+                self._finished(unit)
+        except BaseException as err:   # noqa: BLE001 - handed to the caller's thread, which raises it
+            with self.cond:
+                self.error = self.error or err
+                self.stopping.set()
+                self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.encode_seconds += time.thread_time() - started
+
+    def _finished(self, unit: _Unit) -> None:
+        if self.on_commit is not None:
+            self.on_commit()
+        with self.cond:
+            del self.pending[unit.number]
+            self.done.append(unit.number)
+            self.cond.notify_all()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def committed(self) -> list[int]:
+        """The units receipted since the last call, in order; a worker's error is raised here."""
+        with self.cond:
+            self._raise()
+            done, self.done = sorted(self.done), []
+        return done
+
+    def drain(self) -> list[int]:
+        """Wait until every unit begun is receipted (each must have all its sequences); returns committed()."""
+        with self.cond:
+            self._check_filled()
+            while self.pending and self.error is None:
+                self.cond.wait()
+        return self.committed()
+
+    def _check_filled(self) -> None:
+        """Units are filled one after the other: a unit begun before must have all its sequences (else no worker
+        could ever finish it, and waiting for it would never end)."""
+        short = sorted(u.number for u in self.pending.values() if u.arrived < len(u.slots))
+        if short:
+            raise CacheError(f"cache {self.writer.root}: unit(s) {short} lack sequences")
+
+    def close(self) -> None:
+        """Stop the workers and wait for them: a shard being written is finished with its receipt, other blocks are
+        dropped (their unit is written by the next run). Called after drain(), and on any failure."""
+        self.stopping.set()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
