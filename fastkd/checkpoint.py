@@ -1,11 +1,5 @@
-"""Training checkpoints without pickle: tensors in safetensors, everything else in sealed JSON.
-
-A checkpoint is a folder `<run>/checkpoint/` with `state.safetensors` (every tensor of the
-state: model, optimizer moments, RNG states) and `checkpoint.json` (the state's structure with
-references to those tensors, the file's sha256, and a seal over the JSON itself). Loading checks
-both digests before anything is used and runs no code from the files; a pickled `state.pt` of a
-pre-release fastkd is refused, never unpickled.
-"""
+"""Training checkpoints without pickle: `<run>/checkpoint/` holds state.safetensors (every tensor) and checkpoint.json
+(the state's structure, the file's sha256, a seal); both digests are checked before use, a pickled state.pt refused."""
 
 from __future__ import annotations
 
@@ -20,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fastkd.errors import UserError
+from fastkd.cache_tools.format import atomic_write_bytes, fsync_dir, reject_constant
 from fastkd.cache_tools.integrity import file_digest, seal, seal_matches
+from fastkd.errors import UserError
 
 if TYPE_CHECKING:  # type names only: the run's pieces import this module, not the other way round
     from torch import nn
@@ -40,12 +35,9 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------- state tree <-> JSON
 
 def encode_tree(obj, tensors: dict[str, torch.Tensor], seen: dict, path: str = "state"):
-    """JSON for a nested state (dicts, lists, tuples, numbers, strings, None, tensors, numpy
-    arrays); tensors go into `tensors` under generated names. Raises TypeError naming the path
-    of anything else, so a state that cannot be stored fails when saved, not when resumed."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
+    """JSON for a nested state (containers, numbers, strings, None, tensors into `tensors`, numpy arrays); TypeError
+    naming the path of anything else, so a state that cannot be stored fails when saved, not when resumed."""
+    if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else {"__float__": repr(obj)}
@@ -143,14 +135,14 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / TENSORS))
-        _fsync_file(tmp / TENSORS)
+        with open(tmp / TENSORS, "rb+") as fh:
+            os.fsync(fh.fileno())
         digest, size = file_digest(tmp / TENSORS)
         index = seal({"format": FORMAT, "format_version": FORMAT_VERSION,
                       "files": {TENSORS: {"sha256": digest, "bytes": size}}, "state": tree})
-        _write_synced(tmp / INDEX, json.dumps(index, allow_nan=False).encode())
-        _write_synced(tmp / "progress.json", json.dumps({"step": state.get("step"), "epoch": state.get("epoch"),
-                                                         "position": state.get("position")}).encode())
-        _fsync_dir(tmp)
+        atomic_write_bytes(tmp / INDEX, json.dumps(index, allow_nan=False).encode())
+        atomic_write_bytes(tmp / "progress.json", json.dumps({"step": state.get("step"), "epoch": state.get("epoch"),
+                                                              "position": state.get("position")}).encode())
     except Exception as err:  # noqa: BLE001 - disk full (OSError or safetensors' own error), permissions
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous checkpoint is kept" if final.exists() else "no earlier checkpoint exists"
@@ -159,7 +151,7 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -185,7 +177,7 @@ def _load_folder(folder: Path) -> dict:
 
     where = f"--resume: checkpoint {folder}"
     try:
-        index = json.loads((folder / INDEX).read_text(encoding="utf-8"), parse_constant=_refuse)
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"), parse_constant=reject_constant)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise UserError(f"{where}: {INDEX} cannot be read ({err}); it is corrupt") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -209,30 +201,6 @@ def _load_folder(folder: Path) -> dict:
         raise UserError(f"{where}: the state cannot be rebuilt ({err})") from None
 
 
-def _refuse(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- training runs
 
 def full_state(module: nn.Module, optimizer, config: TrainConfig, env: Env) -> tuple[dict, dict | None]:
@@ -249,7 +217,6 @@ def full_state(module: nn.Module, optimizer, config: TrainConfig, env: Env) -> t
     return module.state_dict(), optimizer.state_dict() if optimizer is not None else None
 
 
-
 def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state: dict, config: TrainConfig,
                     env: Env) -> None:
     if env.world > 1 and config.distributed == "fsdp":
@@ -260,7 +227,6 @@ def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state
         return
     module.load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)
-
 
 
 # what a run writes into its folder: a folder holding any of them holds a run
@@ -297,8 +263,7 @@ def clear_run(found: list[Path]) -> None:
 
 # settings that decide which sequences each step sees: a resumed run must keep them
 DATA_ORDER_KEYS = ("cache", "data", "seed", "batch_size", "grad_accum", "shuffle_buffer", "group_batches",
-                   "eval_sequences", "max_length", "cot")
-
+                   "eval_sequences", "max_length", "cot", "packing")
 
 
 def check_resumable(state: dict, config: TrainConfig, env: Env, run_dir: Path) -> None:
@@ -310,7 +275,6 @@ def check_resumable(state: dict, config: TrainConfig, env: Env, run_dir: Path) -
     if diffs:
         raise UserError(f"--resume {run_dir}: the checkpoint was made with other data-order settings "
                         f"({'; '.join(diffs)}); resume with the same ones or start a new run folder")
-
 
 
 def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model_state: dict | None = None) -> Path:

@@ -4,7 +4,6 @@ tokenizer, with teacher rows per student loss row by method, uld or exact (docs/
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 import shutil
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastkd.cache_tools.format import atomic_write_bytes
+from fastkd.cache_tools.integrity import digest_bytes
 from fastkd.errors import UserError, user_errors
 
 TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
@@ -23,47 +24,35 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 # ----------------------------------------------------------------------------- the teacher tokenizer in the cache
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> dict:
     """save_pretrained the tokenizer into `<out>/teacher_tokenizer/` (staged, then renamed into place);
     returns the manifest entry {dir, files: name -> sha256}. write=False only computes the entry."""
     out = Path(out)
     try:
-        return _save_teacher_tokenizer(tokenizer, out, write)
+        with tempfile.TemporaryDirectory(prefix="fastkd-tok-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = {p.name: digest_bytes(p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+            bad = [name for name in files if not _FILE_NAME.match(name)]
+            if bad:
+                raise UserError(f"the teacher tokenizer saves a file named {bad[0]!r}, which a cache cannot list; "
+                                f"rename it or save the tokenizer differently")
+            if write:
+                out.mkdir(parents=True, exist_ok=True)
+                staging = out / f".{TEACHER_TOKENIZER_DIR}.{os.getpid()}.tmp"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                for name in files:
+                    atomic_write_bytes(staging / name, (Path(tmp) / name).read_bytes())
+                dest = out / TEACHER_TOKENIZER_DIR
+                if dest.exists():       # no manifest names it yet (checked by the caller): an earlier attempt's
+                    shutil.rmtree(dest)
+                os.replace(staging, dest)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for OS errors (disk full)
         raise UserError(f"cache {out}: cannot save the teacher tokenizer into the cache ({str(err).splitlines()[0]}); "
                         f"free space (or fix the folder's permissions) and re-run the same command: nothing "
                         f"written is lost") from None
-
-
-def _save_teacher_tokenizer(tokenizer, out: Path, write: bool) -> dict:
-    with tempfile.TemporaryDirectory(prefix="fastkd-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: _sha256(p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-        bad = [name for name in files if not _FILE_NAME.match(name)]
-        if bad:
-            raise UserError(f"the teacher tokenizer saves a file named {bad[0]!r}, which a cache cannot list; "
-                            f"rename it or save the tokenizer differently")
-        if write:
-            out.mkdir(parents=True, exist_ok=True)
-            staging = out / f".{TEACHER_TOKENIZER_DIR}.{os.getpid()}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            for name in files:
-                data = (Path(tmp) / name).read_bytes()
-                with open(staging / name, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            dest = out / TEACHER_TOKENIZER_DIR
-            if dest.exists():       # no manifest names it yet (checked by the caller): an earlier attempt's
-                shutil.rmtree(dest)
-            os.replace(staging, dest)
     return {"dir": TEACHER_TOKENIZER_DIR, "files": files}
 
 
@@ -110,7 +99,7 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
             except (OSError, *user_errors()) as err:
                 raise UserError(f"cache {cache}: cannot read {where} ({str(err).splitlines()[0]}), listed in {field}; "
                                 f"restore the folder or re-create the cache") from None
-            if _sha256(data) != digest:
+            if digest_bytes(data) != digest:
                 raise UserError(f"cache {cache}: {where} does not match its sha256 in {field}: corrupted or edited; "
                                 f"nothing of it was used; restore it or re-create the cache")
             (Path(tmp) / name).write_bytes(data)       # loaded from the checked bytes only
@@ -151,17 +140,10 @@ def vocab_map(teacher_tok, student_tok) -> np.ndarray:
 
 
 def response_offsets(tokenizer, body: list[int], text: str, eos: bool) -> np.ndarray:
-    """Start offsets of a response's tokens in its text, plus the EOS row (at the end of the text)."""
-    return np.concatenate([start_offsets(tokenizer, body, text), [len(text)] if eos else []]).astype(np.int64)
-
-
-def start_offsets(tokenizer, ids: list[int], text: str) -> np.ndarray:
-    """Character offset in `text` where each token starts (-1 where the tokens before it do not decode to a
-    prefix of `text`, e.g. inside a multi-byte character)."""
-    if not ids:
-        return np.zeros(0, dtype=np.int64)
-    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], clean_up_tokenization_spaces=False)
-    return np.array([len(p) if text.startswith(p) else -1 for p in prefixes], dtype=np.int64)
+    """Character offset in `text` where each response token starts (-1 where the tokens before it do not decode to a
+    prefix of `text`, e.g. inside a multi-byte character), plus the EOS row (at the end of the text)."""
+    prefixes = tokenizer.batch_decode([body[:i] for i in range(len(body))], clean_up_tokenization_spaces=False)
+    return np.array([len(p) if text.startswith(p) else -1 for p in prefixes] + ([len(text)] if eos else []), np.int64)
 
 
 # ----------------------------------------------------------------------------- re-tokenisation
@@ -207,13 +189,15 @@ def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int |
 
 # ----------------------------------------------------------------------------- teacher rows per student row
 
+def _no_teacher(n: int, width: int):
+    """(ids, log-probs, tail) of n rows holding no teacher: ids -1, log-probs -inf, tail 1."""
+    return np.full((n, width), -1, np.int64), np.full((n, width), -np.inf, np.float32), np.ones(n, np.float32)
+
+
 def uld_rows(topk_ids, topk_logprobs, tail, n_student: int):
     """Row i of the student's response gets the teacher's row i (up to the shorter); later rows: ids -1."""
-    k = topk_ids.shape[1]
     m = min(n_student, len(topk_ids))
-    ids = np.full((n_student, k), -1, dtype=np.int64)
-    lp = np.full((n_student, k), -np.inf, dtype=np.float32)
-    tl = np.ones(n_student, dtype=np.float32)
+    ids, lp, tl = _no_teacher(n_student, topk_ids.shape[1])
     ids[:m], lp[:m], tl[:m] = topk_ids[:m], topk_logprobs[:m], tail[:m]
     return ids, lp, tl
 
@@ -222,10 +206,7 @@ def exact_rows(teacher_offsets: np.ndarray, student_offsets: np.ndarray, topk_id
                id_map: np.ndarray, width: int):
     """Student row j gets teacher row i where both next tokens start at the same unique offset, ids mapped through
     id_map, repeats merged, unmapped mass (or beyond `width` slots) in the tail; other rows: ids -1, tail 1."""
-    n_s = len(student_offsets)
-    ids = np.full((n_s, width), -1, dtype=np.int64)
-    lp = np.full((n_s, width), -np.inf, dtype=np.float32)
-    tl = np.ones(n_s, dtype=np.float32)
+    ids, lp, tl = _no_teacher(len(student_offsets), width)
     teacher_at = _unique_positions(teacher_offsets[:len(topk_ids)])
     student_at = _unique_positions(student_offsets)
     for off, j in student_at.items():
@@ -321,6 +302,10 @@ def wrap_cache(source, student_tok, config, where: str):
     if (manifest.get("template") or {}).get("chat"):
         raise UserError(f"{where}: --cross-tokenizer does not support caches made with --chat-template (the chat "
                         f"markup is the teacher's); re-create the cache without --chat-template")
+    if (manifest.get("template") or {}).get("messages"):
+        raise UserError(f"{where}: --cross-tokenizer does not support caches of conversation records (their text is "
+                        f"the teacher's chat template and their loss spans several turns); distil them into a student "
+                        f"with the teacher's tokenizer and chat template")
     teacher_tok = load_teacher_tokenizer(source.path, manifest, config.teacher_tokenizer)
     if teacher_tok is None:
         need = ("the teacher's token strings (to map its top-k ids to student ids)" if method == "exact"

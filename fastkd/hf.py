@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from fastkd.errors import UserError
 from fastkd.loader import CacheSource, collate, epoch_plan
+from fastkd.packing import pack_sequences
 from fastkd.student import StudentWithLoss, batch_inputs, causal_lm
 from fastkd.train_config import TrainConfig
 from fastkd.train_data import check_cache_tokenizer
@@ -98,15 +99,22 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
 @dataclass
 class DistillCollator:
     """Cached sequences -> StudentWithLoss's keyword arguments: input_ids, attention_mask, labels (-100 off the
-    response), the teacher's rows in row-major order of the loss rows, teacher_hidden and loss_index."""
+    response), the teacher's rows in row-major order of the loss rows, teacher_hidden and loss_index.
+    `pack_length`: the micro-batch's sequences packed into rows of that many tokens (+ position_ids, cu_seqlens,
+    max_seqlen: attention kept inside each sequence); a longer sequence is refused."""
 
     pad_token_id: int
     teacher_layers: tuple[int, ...] = ()
+    pack_length: int | None = None
 
     def __call__(self, sequences: list) -> dict:
         if not sequences:
             raise UserError("DistillCollator: got an empty batch")
-        return batch_inputs(collate(list(sequences), self.pad_token_id), list(self.teacher_layers))
+        if self.pack_length:
+            batch = pack_sequences(list(sequences), self.pad_token_id, self.pack_length)
+        else:
+            batch = collate(list(sequences), self.pad_token_id)
+        return batch_inputs(batch, list(self.teacher_layers))
 
 
 def loss_settings(**overrides) -> TrainConfig:

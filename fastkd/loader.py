@@ -1,5 +1,6 @@
 """Sequences of a source (a teacher cache, or records: train_data.RecordSource) -> seeded epoch plans of
-global batches -> padded `Batch`es built in DataLoader workers, each rank taking its slice of every batch."""
+global batches (fastkd.plans) -> padded `Batch`es built in DataLoader workers, each rank taking its slice of every
+batch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import torch
 
 from fastkd.batching import labels_from_mask, pad_batch
 from fastkd.errors import UserError, user_errors
+from fastkd.plans import FixedPlan, PlanMaker, epoch_plan, epoch_stream, plan_for, rank_slice
+
+__all__ = ["CacheSource", "Batch", "collate", "attach_teacher", "batch_positions", "BatchStream", "StreamFailure",
+           "Loader", "read_ahead", "make_loader", "IGNORE_INDEX",
+           # the plan's names (fastkd.plans), importable from here as before the split
+           "FixedPlan", "PlanMaker", "epoch_plan", "epoch_stream", "plan_for", "rank_slice"]
 
 IGNORE_INDEX = -100
 
@@ -90,64 +97,11 @@ class CacheSource:
         return positions.astype(np.int64), [message for _, message in bad]
 
 
-# ----------------------------------------------------------------------------- the plan
-
-def epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], global_batch: int, *, seed: int, epoch: int,
-               shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
-               allowed: np.ndarray | None = None) -> list[np.ndarray]:
-    """One epoch's global batches (arrays of positions), seeded: shards in shuffled order through a shuffle buffer,
-    windows of `group_batches` batches sorted by length, batches shuffled (without shuffle: cache order)."""
-    rng = np.random.default_rng([seed, epoch])
-    keep = None
-    if allowed is not None:
-        keep = np.zeros(len(lengths), dtype=bool)
-        keep[allowed] = True
-    order_shards = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
-    stream = [shards[j][keep[shards[j]]] if keep is not None else shards[j] for j in order_shards]
-    stream = np.concatenate(stream) if stream else np.zeros(0, dtype=np.int64)
-    if shuffle:
-        stream = _buffer_shuffle(stream, shuffle_buffer, rng)
-    window = max(1, group_batches) * global_batch
-    plan = []
-    for start in range(0, len(stream), window):
-        chunk = stream[start:start + window]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches = [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
-        if shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        plan.extend(batches)
-    return plan
-
-
-def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A streaming shuffle: keep `size` items, emit a random one, refill from the stream."""
-    size = max(1, int(size))
-    if size >= len(stream):
-        return stream[rng.permutation(len(stream))]
-    buffer = list(stream[:size])
-    out = np.empty(len(stream), dtype=stream.dtype)
-    picks = rng.integers(0, size, size=len(stream))
-    n = 0
-    for item in stream[size:]:
-        j = picks[n]
-        out[n] = buffer[j]
-        buffer[j] = item
-        n += 1
-    tail = np.array(buffer, dtype=stream.dtype)[rng.permutation(size)]
-    out[n:] = tail
-    return out
-
-
-def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's contiguous share of a global batch (shares differ by at most one sequence)."""
-    return np.array_split(batch, world)[rank]
-
-
 # ----------------------------------------------------------------------------- batches
 
 @dataclass
 class Batch:
-    """A padded micro-batch and the teacher signal for its loss rows (row-major order)."""
+    """A padded micro-batch (or packed rows: fastkd.packing) and the teacher signal for its loss rows (row-major)."""
 
     input_ids: torch.Tensor             # long [B, T], right-padded
     attention_mask: torch.Tensor        # long [B, T]
@@ -160,6 +114,11 @@ class Batch:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> float [M, d]
     record_indices: list[int] = field(default_factory=list)
     loss_index: torch.Tensor | None = None      # long [M]: flat (b*T + t) index of each loss row, made on the host
+    # packed rows (fastkd.packing): positions restart per sequence; cu_seqlens/max_seqlen for flash attention
+    position_ids: torch.Tensor | None = None    # long [B, T]
+    cu_seqlens: torch.Tensor | None = None      # int32 [S + 1]: segment starts in the flattened [B * T] grid
+    max_seqlen: int | None = None
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (row, start, length) of each sequence
 
     @property
     def num_rows(self) -> int:
@@ -199,6 +158,11 @@ def collate(sequences: list, pad_id: int) -> Batch:
     loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
     batch = Batch(ids, attn, loss, labels, record_indices=[int(s.record_index) for s in sequences],
                   loss_index=loss_index)
+    return attach_teacher(batch, sequences)
+
+
+def attach_teacher(batch: Batch, sequences: list) -> Batch:
+    """The sequences' teacher rows (if any), concatenated in order: the batch's loss rows are theirs, in order."""
     if getattr(sequences[0], "topk_ids", None) is None:
         return batch
     for s in sequences:
@@ -218,13 +182,20 @@ def collate(sequences: list, pad_id: int) -> Batch:
     return batch
 
 
+def batch_positions(batch: np.ndarray) -> np.ndarray:
+    """The positions of a global batch: an array of positions, or of packed rows (an object array of arrays)."""
+    if batch.dtype != object:
+        return batch
+    return np.concatenate(list(batch)) if len(batch) else np.zeros(0, np.int64)
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """This rank's steps from (epoch, start) as (epoch, position after, [micro-batches]): its share of each global
     batch cut into `accum` micro-batches; worker w builds items w, w+W, ... (the plan's order for any W)."""
 
     def __init__(self, source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1,
-                 epoch: int = 0, start: int = 0, epochs: int | None = None):
-        self.source, self.plans, self.pad_id = source, plans, pad_id
+                 epoch: int = 0, start: int = 0, epochs: int | None = None, collate_fn=collate):
+        self.source, self.plans, self.pad_id, self.collate_fn = source, plans, pad_id, collate_fn
         self.rank, self.world, self.accum = rank, world, accum
         self.epoch, self.start, self.epochs = epoch, start, epochs
 
@@ -240,12 +211,12 @@ class BatchStream(torch.utils.data.IterableDataset):
             expect = getattr(self.source, "expect", None)
             if expect is not None:  # a remote cache fetches this worker's blocks ahead, in the order they come
                 expect(p for index in range(start, len(plan)) if (item + index - start) % workers == worker
-                       for p in rank_slice(plan[index], self.rank, self.world))
+                       for p in batch_positions(rank_slice(plan[index], self.rank, self.world)))
             for index in range(start, len(plan)):
                 if item % workers == worker:
                     mine = rank_slice(plan[index], self.rank, self.world)
                     try:
-                        micro = [collate([self.source[p] for p in part], self.pad_id)
+                        micro = [self.collate_fn([self._item(p) for p in part], self.pad_id)
                                  for part in np.array_split(mine, self.accum) if len(part)]
                     except user_errors() as err:  # crosses the worker boundary as a message, not a traceback
                         yield StreamFailure(err)
@@ -253,6 +224,10 @@ class BatchStream(torch.utils.data.IterableDataset):
                     yield epoch, index + 1, micro
                 item += 1
             epoch, start = epoch + 1, 0
+
+    def _item(self, entry):
+        """A sequence, or (a packed row: an array of positions) its sequences."""
+        return self.source[entry] if np.ndim(entry) == 0 else [self.source[p] for p in entry]
 
 
 @dataclass
@@ -333,49 +308,14 @@ def read_ahead(items, depth: int):
 
 def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
                 start: int = 0, epochs: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, prefetch: int = 0) -> Loader:
+                pin_memory: bool = False, prefetch: int = 0, collate_fn=collate) -> Loader:
     """A DataLoader over `BatchStream`; `plans`: a picklable epoch -> global batches (PlanMaker) or a fixed list;
-    prefetch > 0 builds that many steps ahead in a background thread (Loader)."""
+    prefetch > 0 builds that many steps ahead in a background thread (Loader); collate_fn(items, pad_id) -> Batch
+    (fastkd.packing.collate_packed for packed plans)."""
     if isinstance(plans, list):
         plans = FixedPlan(plans)
     stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
-                         epochs=epochs)
+                         epochs=epochs, collate_fn=collate_fn)
     return Loader(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                               prefetch_factor=4 if num_workers else None, persistent_workers=False),
                   prefetch=prefetch)
-
-
-@dataclass
-class FixedPlan:
-    """The same plan every epoch (evaluation)."""
-
-    plan: list
-
-    def __call__(self, epoch: int) -> list:
-        return self.plan
-
-
-@dataclass
-class PlanMaker:
-    """epoch -> that epoch's global batches for a source; picklable, so workers recompute it."""
-
-    lengths: np.ndarray
-    shards: list
-    global_batch: int
-    seed: int
-    min_size: int = 1
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
-    group_batches: int = 32
-    allowed: np.ndarray | None = None
-
-    def __call__(self, epoch: int) -> list[np.ndarray]:
-        plan = epoch_plan(self.lengths, self.shards, self.global_batch, seed=self.seed, epoch=epoch,
-                          shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=self.group_batches,
-                          allowed=self.allowed)
-        return [b for b in plan if len(b) >= self.min_size]
-
-
-def plan_for(source, global_batch: int, *, seed: int, epoch: int = 0, **options) -> list[np.ndarray]:
-    """One epoch's global batches for a source (see PlanMaker for the options)."""
-    return PlanMaker(source.lengths, source.shards, global_batch, seed, **options)(epoch)

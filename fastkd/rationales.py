@@ -7,7 +7,8 @@ answer matches the record's target (the answer extraction of eval-bbh), written 
 Every sample, kept or rejected (and why), is logged with its provenance (teacher, settings, sample
 index) in <out>.provenance.jsonl; a killed run resumes from that log with the same outputs (each
 sample draws from its own seeded generator). The prompt is the CoT template of fastkd.templates, the one
-the student is trained and evaluated with.
+the student is trained and evaluated with. With --messages the records are written as conversations
+(messages form, docs/data.md) instead.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class RationalesConfig(StageConfig):
     device: str = DEVICE()
     dtype: str = DTYPE("teacher")
     skip_bad: bool = option(False, "skip (and count) malformed records instead of stopping")
+    messages: bool = option(False, "write the kept rationales as conversations (messages form: the source as the "
+                                   "user turn; an assistant turn with the rationale as reasoning_content and 'So "
+                                   "the answer is <target>.' as content) instead of source/rationale/target records")
     progress: bool = PROGRESS()
 
 
@@ -127,13 +131,28 @@ def append_lines(path: Path, entries: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def write_records(out: Path, done: dict[tuple[int, int], dict]) -> int:
-    """The kept samples as records (in record, then sample order), written atomically."""
+def write_records(out: Path, done: dict[tuple[int, int], dict], messages: bool = False) -> int:
+    """The kept samples as records (in record, then sample order; as conversations with `messages`), written
+    atomically."""
     from fastkd.synth import write_jsonl
 
     kept = [done[key]["record"] for key in sorted(done) if done[key]["kept"]]
-    write_jsonl(out, kept)
+    write_jsonl(out, [as_conversation(r) for r in kept] if messages else kept)
     return len(kept)
+
+
+def as_conversation(record: dict) -> dict:
+    """A kept record in messages form: the source as the user turn, the rationale up to its last `So the answer
+    is` as the assistant's reasoning_content, `So the answer is <target>.` as its content; other keys kept."""
+    from fastkd.bbh import ANSWER_PHRASE
+
+    rationale = record["rationale"]
+    cut = rationale.rfind(ANSWER_PHRASE)
+    reasoning = (rationale[:cut] if cut >= 0 else rationale).strip()
+    assistant = {"role": "assistant", **({"reasoning_content": reasoning} if reasoning else {}),
+                 "content": f"{ANSWER_PHRASE}{record['target'].strip()}."}
+    rest = {key: value for key, value in record.items() if key not in ("source", "rationale", "target")}
+    return {"messages": [{"role": "user", "content": record["source"]}, assistant], **rest}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -165,7 +184,7 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not log_path.exists():
         append_lines(log_path, [{"settings": settings}])
-    write_records(out_path, done)  # the view of the log: consistent again after a kill
+    write_records(out_path, done, config.messages)  # the view of the log: consistent again after a kill
     from tqdm.auto import tqdm
 
     template = Template(cot=True, chat=config.chat_template)
@@ -184,7 +203,7 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
                                 "reason": reason, "finish": finish, "record": record})
             append_lines(log_path, entries)
             done.update({(entry["record_index"], entry["sample"]): entry for entry in entries})
-            write_records(out_path, done)
+            write_records(out_path, done, config.messages)
             bar.update(len(part))
     return dict(summarise(done, config.n), bad_records_skipped=bad)
 

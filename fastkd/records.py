@@ -1,4 +1,4 @@
-"""Record files -> validated records {cot, source, rationale, target, task}.
+"""Record files -> validated records {cot, source, rationale, target, task} (conversations: fastkd.conversations).
 
 JSONL, JSON (a list, or an id -> record map as CoT-Collection ships), parquet, or a Hugging Face
 dataset name; every refusal names the file, the record and the field.
@@ -57,6 +57,8 @@ class FieldMap:
 #   an object (a single record, not a mapping of records). A value of the list or mapping that
 #   is not an object is an error for that record.
 # - parquet and Hugging Face datasets: each row is a record, checked by validate_record.
+# - A record whose messages field (FieldMap.messages) is present and not null is a conversation,
+#   checked by fastkd.conversations.validate_conversation (its rules are listed there).
 # - NaN, Infinity and -Infinity (which Python's json accepts) are numbers: in a field that must
 #   be a string they are an error like any number; elsewhere they are left alone.
 # - Keys that appear twice in one record are an error (which value is meant depends on the
@@ -97,12 +99,13 @@ def _object_pairs(pairs: list) -> dict:
     return obj
 
 
-def _short(value: object, limit: int = 60) -> str:
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for a message."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 5] + "...'"
 
 
-def _kind(value: object) -> str:
+def describe_kind(value: object) -> str:
     """A value's type for a message, without echoing a possibly huge value."""
     if isinstance(value, float) and value != value:
         return "float (NaN)"
@@ -244,7 +247,8 @@ def _scan_json(path: Path):
         raise DataError(f"{path}: {message}; a .json file is parsed whole, so it cannot be skipped per record "
                         f"(JSONL can)", reason=problem[0])
     if isinstance(obj, dict) and getattr(obj, "duplicates", None):
-        raise DataError(f"{path}: the top-level object has duplicate ids/keys {', '.join(_short(k) for k in obj.duplicates[:5])}; "
+        ids = ", ".join(short_repr(k) for k in obj.duplicates[:5])
+        raise DataError(f"{path}: the top-level object has duplicate ids/keys {ids}; "
                         f"only the last record of each would be kept", reason="duplicate key")
     if isinstance(obj, dict) and isinstance(obj.get("examples"), list):
         obj = obj["examples"]
@@ -254,13 +258,13 @@ def _scan_json(path: Path):
     elif isinstance(obj, dict):
         if obj and not any(isinstance(v, dict) for v in obj.values()):
             raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping, got one object whose "
-                            f"values are not objects (keys {', '.join(_short(k, 30) for k in list(obj)[:5])}); "
+                            f"values are not objects (keys {', '.join(short_repr(k, 30) for k in list(obj)[:5])}); "
                             f"a single record goes in a list: [{{...}}]", reason="expected an object")
         for index, (key, record) in enumerate(obj.items()):
-            yield index, f"record {index} (id {_short(key)})", record, None
+            yield index, f"record {index} (id {short_repr(key)})", record, None
     else:
-        raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping, got {_kind(obj)}",
-                        reason="expected an object")
+        raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping, got "
+                        f"{describe_kind(obj)}", reason="expected an object")
 
 
 def _scan_parquet(path: Path):
@@ -305,25 +309,26 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
         raise DataError(f"{loc}: {message}", reason=reason)
 
     if not isinstance(record, dict):
-        fail(f"expected an object, got {_kind(record)}", "expected an object")
+        fail(f"expected an object, got {describe_kind(record)}", "expected an object")
     duplicates = getattr(record, "duplicates", None)
     if duplicates:
-        fail(f"duplicate key(s) {', '.join(_short(k) for k in duplicates[:5])}: which value is meant is ambiguous",
-             "duplicate key")
+        fail(f"duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value is meant is "
+             f"ambiguous", "duplicate key")
     flag = record.get("cot")
     if flag is not None and not isinstance(flag, bool):
-        fail(f"field 'cot' is {_kind(flag)}, not true or false", "bad cot")
+        fail(f"field 'cot' is {describe_kind(flag)}, not true or false", "bad cot")
     out = {"cot": bool(cot) and flag is not False}
     for role, key in (("source", fields.source), ("target", fields.target), ("rationale", fields.rationale)):
         value = record.get(key)
         if value is None:
             if role != "rationale" or out["cot"]:
-                fail(f"field {key!r} is missing" + (" (null)" if key in record else ""), "missing")
+                null = " (null)" if key in record else ""
+                fail(f"field {key!r} is missing{null}{_conversation_hint(record, fields)}", "missing")
             value = ""
         elif not isinstance(value, str):
-            fail(f"field {key!r} is {_kind(value)}, not a string", "not a string")
+            fail(f"field {key!r} is {describe_kind(value)}, not a string", "not a string")
         else:
-            _check_text(value, key, fail)
+            check_text(value, key, fail)
         out[role] = value
     if not out["target"].strip():
         fail(f"field {fields.target!r} is empty (empty response)", "empty response")
@@ -333,18 +338,30 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
     if task is None:
         task = ""
     elif not isinstance(task, str):
-        fail(f"field {fields.task!r} is {_kind(task)}, not a string", "bad task")
+        fail(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
     else:
-        _check_text(task, fields.task, fail)
+        check_text(task, fields.task, fail)
     out["task"] = task
     return out
 
 
-def _check_text(value: str, key: str, fail) -> None:
+def _conversation_hint(record: dict, fields: FieldMap) -> str:
+    """A note for a record that looks like a conversation under another key than --messages-field."""
+    for key, value in record.items():
+        if key != fields.messages and isinstance(value, list) and value and isinstance(value[0], dict) \
+                and ("role" in value[0] or "from" in value[0]):
+            return (f"; its field {short_repr(key, 40)} looks like a conversation: to read it as one, pass "
+                    f"--messages-field {key}")
+    return ""
+
+
+def check_text(value: str, key: str, fail, label: str | None = None) -> None:
+    """Refuse (through fail(message, reason)) text the tokenizer cannot take: a NUL or a lone surrogate."""
+    label = label or f"field {key!r}"
     nul = value.find("\x00")
     if nul >= 0:
-        fail(f"field {key!r} holds a NUL character (at character {nul}): binary or mis-decoded text", "invalid text")
+        fail(f"{label} holds a NUL character (at character {nul}): binary or mis-decoded text", "invalid text")
     lone = _SURROGATE.search(value)
     if lone:
-        fail(f"field {key!r} holds a lone surrogate \\u{ord(lone.group()):04x} (at character {lone.start()}): "
+        fail(f"{label} holds a lone surrogate \\u{ord(lone.group()):04x} (at character {lone.start()}): "
              f"not valid Unicode text", "invalid text")

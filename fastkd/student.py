@@ -10,6 +10,7 @@ from fastkd.errors import UserError
 from fastkd.kernels import LossSpec, LossTerms, Teacher, distill_loss, fused_linear_distill_loss, uld_loss
 from fastkd.kernels.hidden import add_hidden_term
 from fastkd.loader import IGNORE_INDEX, Batch
+from fastkd.packing import packed_attention
 from fastkd.train_config import TrainConfig
 
 
@@ -38,14 +39,18 @@ class StudentWithLoss(nn.Module):
         self.teacher_loss = LOSS_PATHS[self.loss_path]
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
-                teacher_hidden=None, loss_index=None, runner: nn.Module | None = None):
+                teacher_hidden=None, loss_index=None, runner: nn.Module | None = None, position_ids=None,
+                cu_seqlens=None, max_seqlen=None):
         """The loss terms of a batch. `runner`: a wrapper of the student (e.g. DDP made by another trainer)
-        to run the full forward through, so its gradient hooks fire; logits then come from its output."""
+        to run the full forward through, so its gradient hooks fire; logits then come from its output.
+        `position_ids` (+ cu_seqlens, max_seqlen): a packed batch, attention kept inside each sequence."""
         if loss_index is None:  # callers without a collated Batch: found here (a host sync on a GPU)
             loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
         pick = lambda x: x.flatten(0, 1).index_select(0, loss_index)  # noqa: E731 - the loss rows, row-major
         want_hidden = bool(self.projector is not None and self.spec.hidden_weight)
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=want_hidden)
+        if position_ids is not None:
+            kw.update(packed_attention(self.student.config, position_ids, cu_seqlens, max_seqlen))
         if self.full_forward or runner is not None:
             out = (runner or self.student)(**kw)
             h, logits = None, pick(out.logits)[:, :self.vocab_size]
@@ -140,11 +145,14 @@ def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
 
 
 def batch_inputs(batch: Batch, teacher_layers: list[int]) -> dict:
-    """The keyword arguments StudentWithLoss takes, from a batch."""
-    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, tail=batch.tail, counts=batch.counts,
-                teacher_hidden=[batch.hidden[layer] for layer in teacher_layers] if batch.hidden else None,
-                loss_index=batch.loss_index)
+    """The keyword arguments StudentWithLoss takes, from a batch (a packed one adds its position ids)."""
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                  topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, tail=batch.tail, counts=batch.counts,
+                  teacher_hidden=[batch.hidden[layer] for layer in teacher_layers] if batch.hidden else None,
+                  loss_index=batch.loss_index)
+    if batch.position_ids is not None:
+        inputs.update(position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    return inputs
 
 
 def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0) -> nn.Module:

@@ -33,8 +33,9 @@ class TrainConfig(StageConfig):
     messages_field: str = _opt("messages", "records: key holding a conversation (messages form), as in cache-teacher")
     loss_turns: str = _opt("all", "records in messages form: the assistant turns that carry loss: all, last, "
                                   "reasoning or answer", choices=["all", "last", "reasoning", "answer"])
-    packing: bool = _opt(False, "concatenate sequences into rows of --max-length tokens, attention kept inside each "
-                                "sequence (position ids restart per sequence): no padding")
+    packing: bool = _opt(False, "concatenate whole sequences into rows of --max-length tokens (--batch-size rows per "
+                                "micro-batch), attention kept inside each sequence (position ids restart per "
+                                "sequence): almost no padding; a cached sequence longer than a row is refused")
     # models
     student: str | None = _opt(None, "student: a local folder or hub id (AutoModelForCausalLM)")
     student_config: str | None = _opt(None, "train from scratch: a config.json (or folder holding one) for AutoConfig")
@@ -84,7 +85,8 @@ class TrainConfig(StageConfig):
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
     max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)", minimum=1)
     epochs: float = _opt(1.0, "epochs over the training source, when --max-steps is not given")
-    batch_size: int = _opt(8, "sequences per micro-batch on each process", minimum=1)
+    batch_size: int = _opt(8, "sequences per micro-batch on each process (with --packing: rows of --max-length "
+                              "tokens)", minimum=1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step (global batch = batch_size x processes x grad_accum)",
                            minimum=1)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
@@ -158,6 +160,11 @@ class TrainConfig(StageConfig):
             raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.lora_rank and self.distributed == "fsdp":
             raise UserError("--lora-rank with --distributed fsdp is not supported; use --distributed ddp")
+        if self.packing and not self.max_length:
+            raise UserError("--packing packs sequences into rows of --max-length tokens: give --max-length")
+        if self.packing and self.cross_tokenizer:
+            raise UserError(f"--packing with --cross-tokenizer {self.cross_tokenizer} is not supported (the student's "
+                            f"token counts are known only once a sequence is re-tokenised); drop one of them")
         if self.cross_tokenizer:
             if not self.cache:
                 raise UserError(f"--cross-tokenizer {self.cross_tokenizer} distils from a teacher cache: give --cache")

@@ -104,8 +104,7 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         train = CacheSource(config.cache, layers=layers, verify=config.verify_cache)
         if config.skip_corrupt_blocks:
             excluded = skip_corrupt(train, config.cache, config, env)
-        span = config.shuffle_buffer + config.group_batches * config.batch_size * env.world * config.grad_accum
-        train.cached_blocks = 2 + math.ceil(span / max(1.0, len(train) / max(1, len(train.shards))))
+        train.cached_blocks = blocks_spanned(train, config, env)
         manifest = train.manifest
         if config.cross_tokenizer:    # the student's own tokens, re-tokenised from the cache (cross_tokenizer.py)
             from fastkd.cross_tokenizer import wrap_cache
@@ -164,8 +163,23 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         eval_positions = None if eval_positions is None else keep(eval_positions)
         if not len(train_positions):
             raise UserError(f"cache {config.cache}: every block fails its digests; nothing is left to train on")
+    if config.packing:
+        from fastkd.packing import check_rows_fit
+
+        check_rows_fit(train, train_positions, config.max_length, f"--packing: cache {config.cache}" if config.cache
+                       else f"--packing: {config.data}")
     return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher,
                     excluded=excluded)
+
+
+
+def blocks_spanned(source: CacheSource, config: TrainConfig, env: Env) -> int:
+    """Decoded blocks to keep: enough for the shuffle buffer and one length-grouping window of the plan."""
+    window = config.group_batches * config.batch_size * env.world * config.grad_accum  # sequences, or rows
+    if config.packing:  # a window of rows holds about this many sequences (+ the carried rows)
+        window = math.ceil((window + 1) * config.max_length / max(1.0, float(np.mean(source.lengths))))
+    span = config.shuffle_buffer + window
+    return 2 + math.ceil(span / max(1.0, len(source) / max(1, len(source.shards))))
 
 
 
@@ -179,6 +193,9 @@ def check_cache_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     except DataError as err:
         raise DataError(f"{err}; to distil into a student with its own tokenizer, add --cross-tokenizer uld "
                         f"(or exact)", reason=err.reason) from None
+    from fastkd.chat_masks import check_student_template
+
+    check_student_template(manifest.get("template"), tokenizer, where)
 
 
 
@@ -217,8 +234,13 @@ def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_
         return batch
     from fastkd.teacher import teacher_signal
 
-    sig = teacher_signal(data.teacher, batch.input_ids, batch.attention_mask, batch.loss_mask, k=config.top_k,
-                         layers=tuple(data.teacher_layers), vocab_size=vocab_size)
+    ids, attn, loss = batch.input_ids, batch.attention_mask, batch.loss_mask
+    if batch.position_ids is not None:  # packed: the teacher sees each sequence on its own row, in the same order
+        from fastkd.packing import unpack
+
+        ids, attn, loss = unpack(batch)
+    sig = teacher_signal(data.teacher, ids, attn, loss, k=config.top_k, layers=tuple(data.teacher_layers),
+                         vocab_size=vocab_size)
     batch.topk_ids, batch.topk_logprobs, batch.tail = sig.topk_ids, sig.topk_logprobs, sig.tail
     batch.hidden = dict(sig.hidden)
     return batch
@@ -226,17 +248,27 @@ def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_
 
 
 def train_plans(data: DataSide, config: TrainConfig, env: Env):
-    """epoch -> the epoch's global batches; one global batch = one optimizer step."""
+    """epoch -> the epoch's global batches; one global batch = one optimizer step: batch_size x processes x
+    grad_accum sequences, or with --packing that many rows of at most --max-length tokens."""
     from fastkd.loader import PlanMaker
+    from fastkd.packing import PackedPlanMaker
 
-    return PlanMaker(data.train.lengths, data.train.shards, config.batch_size * env.world * config.grad_accum,
-                     config.seed, min_size=env.world * config.grad_accum, shuffle_buffer=config.shuffle_buffer,
-                     group_batches=config.group_batches, allowed=data.train_positions)
+    common = dict(shuffle_buffer=config.shuffle_buffer, group_batches=config.group_batches,
+                  allowed=data.train_positions)
+    size, least = config.batch_size * env.world * config.grad_accum, env.world * config.grad_accum
+    if config.packing:
+        return PackedPlanMaker(data.train.lengths, data.train.shards, size, config.max_length, config.seed,
+                               min_rows=least, **common)
+    return PlanMaker(data.train.lengths, data.train.shards, size, config.seed, min_size=least, **common)
 
 
 
 def step_stream(data: DataSide, config: TrainConfig, env: Env, pad_id: int, epoch: int, position: int):
     """Endless (epoch, position-after, micro-batches) over the training source from a saved position."""
+    from fastkd.loader import collate
+    from fastkd.packing import collate_packed
+
     return iter(make_loader(data.train, train_plans(data, config, env), pad_id, rank=env.rank, world=env.world,
                             accum=config.grad_accum, epoch=epoch, start=position, num_workers=config.num_workers,
-                            pin_memory=env.device.type == "cuda", prefetch=config.prefetch))
+                            pin_memory=env.device.type == "cuda", prefetch=config.prefetch,
+                            collate_fn=collate_packed if config.packing else collate))

@@ -252,6 +252,11 @@ def build_run(config: TrainConfig, env: Env) -> Run:
     data = build_data(config, tokenizer, env)
     student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
     check_vocab(student, vocab_size, config.student or config.student_config)
+    if config.packing:  # the student's attention must keep packed sequences apart (a tiny forward proves it)
+        from fastkd.packing import check_packed_attention
+
+        where = f"student {config.student or config.student_config}"
+        check_packed_attention(student, env.device, autocast(config, env), where)
     projector, student_layers = None, []
     if config.hidden_weight:
         from fastkd.kernels import HiddenProjector

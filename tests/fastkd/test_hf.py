@@ -102,6 +102,35 @@ def test_collator_rows_follow_the_labels(kd, tiny_llama_dir):
         DistillCollator(tok.pad_token_id)([])
 
 
+def test_packing_collator_gives_the_padded_collators_loss(tmp_path, tiny_tokenizer, tiny_llama_dir):
+    """DistillCollator(pack_length=...) packs the micro-batch into rows (position ids restart per sequence):
+    DistillTrainer's loss, plain and through a wrapper's full forward, equals the padded batch's."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from fastkd.hf import CacheDataset, DistillCollator, DistillTrainer
+    from helpers import write_cache
+
+    ds = CacheDataset(str(write_cache(tmp_path / "cache", tiny_tokenizer, count=12, seed=3)), layers=[])
+    seqs = [ds[i] for i in range(8)]
+    longest = max(len(s.input_ids) for s in seqs)
+    packed = DistillCollator(tiny_tokenizer.pad_token_id, pack_length=2 * longest)(seqs)
+    padded = DistillCollator(tiny_tokenizer.pad_token_id)(seqs)
+    assert packed["input_ids"].shape[0] < len(seqs) and "position_ids" in packed and "position_ids" not in padded
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    trainer = DistillTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[],
+                                                                 use_cpu=True),
+                             train_dataset=ds, data_collator=DistillCollator(0, pack_length=64),
+                             processing_class=tiny_tokenizer, fastkd_config={"kl_weight": 0.5})
+    module = trainer.loss_module(model)
+    with torch.no_grad():
+        want = module(**padded).total.item()
+        got = trainer.compute_loss(model, packed).item()
+        wrapped = module(**packed, runner=model).total.item()      # the full forward: logits from the wrapper
+    assert got == pytest.approx(want, rel=1e-5) and wrapped == pytest.approx(want, rel=1e-5)
+    with pytest.raises(UserError, match=f"has {longest} tokens, longer than the packed row length {longest - 1}"):
+        DistillCollator(0, pack_length=longest - 1)(seqs)
+
+
 def test_linear_loss_module_equals_the_logits_loss():
     from fastkd.kernels import DistillLoss, LinearDistillLoss, LossSpec
     from loss_cases import make_case, teacher_of

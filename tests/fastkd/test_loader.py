@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.loader import IGNORE_INDEX, PlanMaker, _buffer_shuffle, collate, epoch_plan, make_loader, rank_slice
+from fastkd.loader import IGNORE_INDEX, PlanMaker, collate, epoch_plan, make_loader, rank_slice
+from fastkd.plans import _buffer_shuffle
 from fastkd.train_data import RecordSource, split_holdout
 
 

@@ -167,3 +167,26 @@ def test_hf_backend_output_feeds_cache_teacher(tmp_path, tiny_qwen_dir):
     cache_teacher(dict(teacher=str(tiny_qwen_dir), data=str(records), out=str(tmp_path / "cache"), top_k=4,
                        progress=False))
     assert len(CacheReader(tmp_path / "cache")) == 8
+
+
+def test_messages_form_output_is_a_conversation_cache_teacher_reads(tmp_path, tiny_tokenizer):
+    """--messages: the same kept samples, as a user turn and an assistant turn whose reasoning_content is the
+    rationale without its answer sentence; read back as conversations whose answer turn carries the loss."""
+    from fastkd.templates import Template, build_examples
+
+    data = write_answers(tmp_path / "answers.jsonl")
+    plain, chat = tmp_path / "plain.jsonl", tmp_path / "chat.jsonl"
+    generate("fake-teacher", str(data), str(plain), n=3, engine=FakeEngine(), progress=False)
+    generate("fake-teacher", str(data), str(chat), n=3, engine=FakeEngine(), progress=False, messages=True)
+    plain_recs = [json.loads(x) for x in plain.read_text().splitlines()]
+    chat_recs = [json.loads(x) for x in chat.read_text().splitlines()]
+    assert len(chat_recs) == len(plain_recs) > 0
+    for p, c in zip(plain_recs, chat_recs):
+        user, assistant = c["messages"]
+        assert user == {"role": "user", "content": p["source"]}
+        assert assistant["content"] == f"So the answer is {p['target']}."
+        assert p["rationale"] == f"{assistant['reasoning_content']} {assistant['content']}"
+        assert c["task"] == p["task"] and c["provenance"] == p["provenance"] and "source" not in c
+    examples = build_examples(chat, tiny_tokenizer, Template(loss_turns="answer"))
+    assert [tiny_tokenizer.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in examples] == \
+        [f"So the answer is {p['target']}." for p in plain_recs]

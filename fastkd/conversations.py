@@ -1,0 +1,178 @@
+"""Conversation records (messages form of TRL / OpenAI, or ShareGPT turns) -> validated turns.
+
+A record whose messages field (--messages-field, default `messages`) is present and not null is a
+conversation; fastkd.chat_masks renders it with the tokenizer's chat template. The rules are
+listed below; every refusal is a DataError naming the file, the record, the field and the turn.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastkd.records import DataError, FieldMap, check_text, describe_kind, short_repr
+
+# Rules (docs/data.md says the same to users):
+#
+# - The field holds a non-empty list of turns; a turn is an object with `role` and `content`
+#   (OpenAI / TRL) or `from` and `value` (ShareGPT: human, gpt, system, tool).
+# - Roles: system, user, assistant, tool. Order: an optional system turn first (only there), then
+#   a user turn; a user turn is followed by an assistant turn; an assistant turn by a user turn, or
+#   by tool turns when it made tool calls; tool turns by more tool turns, an assistant or a user
+#   turn. So two user turns in a row, two assistant turns in a row, an assistant turn first, and a
+#   tool turn that answers no call (more tool turns than calls, or an unknown tool_call_id) are
+#   errors. A conversation may end with any turn but must hold at least one assistant turn.
+# - content is a string (a list of parts, a number... is an error); it may be null or absent only
+#   on an assistant turn that has tool_calls or reasoning. An assistant turn with an empty answer
+#   and neither tool calls nor reasoning is an error (nothing to learn but the end of the turn).
+# - An assistant turn's reasoning: `reasoning_content` or `thinking` (a string, passed to the
+#   template under the key the record uses), or `<think>...</think>` at the start of content.
+# - tool_calls (assistant turns only) is a list of objects; `tools` (a record key beside the
+#   messages) is a list of tool definitions given to the template.
+# - Text may not hold a NUL character or a lone surrogate, as in the other record form.
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+REASONING_KEYS = ("reasoning_content", "thinking")
+_THINK = re.compile(r"\A(\s*<think>)(.*?)(</think>)(.*)\Z", re.DOTALL)
+# what may follow a turn of each role (None: the start of the conversation)
+_NEXT = {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
+         "assistant": ("user", "tool"), "tool": ("tool", "assistant", "user")}
+
+
+def is_conversation(record: object, fields: FieldMap) -> bool:
+    """A record in messages form: its messages field is present and not null."""
+    return isinstance(record, dict) and record.get(fields.messages) is not None
+
+
+def validate_conversation(record: dict, index: int, fields: FieldMap, origin: str, where: str | None = None) -> dict:
+    """{"messages", "tools", "task", "where"} of a conversation record, or a DataError naming file, record,
+    field and turn (the rules are above). `where` (the record's label) is kept for later errors."""
+    loc = f"{origin}: {where or f'record {index}'}"
+
+    def fail(message: str, reason: str):
+        raise DataError(f"{loc}: field {fields.messages!r}{message}", reason=reason)
+
+    duplicates = getattr(record, "duplicates", None)
+    if duplicates:
+        raise DataError(f"{loc}: duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value "
+                        f"is meant is ambiguous", reason="duplicate key")
+    turns = record[fields.messages]
+    if not isinstance(turns, list):
+        fail(f" is {describe_kind(turns)}, not a list of turns", "not a list")
+    if not turns:
+        fail(" is an empty list (no assistant turn)", "no assistant turn")
+    messages = [_turn(turn, k, fail) for k, turn in enumerate(turns)]
+    _check_order(messages, fail)
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{loc}: field 'tools' is {describe_kind(tools)}, not a list of tool definitions (objects)",
+                        reason="bad tools")
+    task = record.get(fields.task)
+    if task is not None and not isinstance(task, str):
+        raise DataError(f"{loc}: field {fields.task!r} is {describe_kind(task)}, not a string", reason="bad task")
+    return {"messages": messages, "tools": tools or None, "task": task or "", "where": loc}
+
+
+def _turn(turn: object, k: int, fail) -> dict:
+    """One turn checked and put in messages form (ShareGPT's from/value become role/content)."""
+    label = f", turn {k}"
+    if not isinstance(turn, dict):
+        fail(f"{label} is {describe_kind(turn)}, not an object", "expected an object")
+    if getattr(turn, "duplicates", None):
+        fail(f"{label} has duplicate key(s) {', '.join(short_repr(x) for x in turn.duplicates[:5])}", "duplicate key")
+    out = dict(turn)
+    if "role" not in out and "from" in out:     # ShareGPT
+        speaker = out.pop("from")
+        role = SHAREGPT_ROLES.get(speaker, speaker) if isinstance(speaker, str) else speaker
+        out = {"role": role, **({"content": out.pop("value")} if "value" in out else {}), **out}
+    role = out.get("role")
+    if not isinstance(role, str):
+        fail(f"{label} has no role" if role is None else f"{label}: role is {describe_kind(role)}, not a string",
+             "unknown role")
+    if role not in ROLES:
+        fail(f"{label}: unknown role {short_repr(role)} (roles: {', '.join(ROLES)}; ShareGPT 'from': "
+             f"{', '.join(SHAREGPT_ROLES)})", "unknown role")
+    for key in ("content",) + REASONING_KEYS:
+        value = out.get(key)
+        if value is not None and not isinstance(value, str):
+            fail(f"{label} ({role}): {key} is {describe_kind(value)}, not a string", "not a string")
+        if value is not None:
+            check_text(value, key, lambda message, reason: fail(f"{label}: {message}", reason), label=key)
+    calls = out.get("tool_calls")
+    if calls is not None:
+        if not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            fail(f"{label}: tool_calls is {describe_kind(calls)}, not a list of objects", "bad tool_calls")
+        if calls and role != "assistant":
+            fail(f"{label} ({role}) has tool_calls; only assistant turns make tool calls", "roles out of order")
+    if out.get("content") is None:
+        if role != "assistant" or not (calls or reasoning_of(out)[0]):
+            fail(f"{label} ({role}) has no content" + (" (null)" if "content" in out else "")
+                 + (" and neither tool_calls nor reasoning" if role == "assistant" else ""), "missing")
+    elif role == "assistant" and not out["content"].strip() and not calls and not reasoning_of(out)[0]:
+        fail(f"{label} (assistant) is empty: no answer, reasoning or tool calls", "empty response")
+    return out
+
+
+def _check_order(messages: list[dict], fail) -> None:
+    """Roles in an order chat templates accept; every tool turn answers a call made before it."""
+    previous, pending, call_ids = None, 0, set()
+    for k, turn in enumerate(messages):
+        role = turn["role"]
+        if role == "tool" and pending == 0:
+            fail(f", turn {k}: a tool turn with no tool call before it to answer (the assistant turn before it needs "
+                 f"tool_calls, one per tool turn)", "tool turn without a call")
+        if role not in _NEXT[previous]:
+            what = "the conversation starts with" if previous is None else \
+                f"{_a(previous)} turn (turn {k - 1}) is followed by"
+            fail(f", turn {k}: roles out of order: {what} {_a(role)} turn (only the first turn may be a system turn; "
+                 f"user and assistant turns alternate; tool turns answer an assistant turn's tool calls)",
+                 "roles out of order")
+        if role == "assistant":
+            calls = turn.get("tool_calls") or []
+            pending, call_ids = len(calls), {c.get("id") for c in calls if isinstance(c.get("id"), str)}
+        elif role == "tool":
+            answers = turn.get("tool_call_id")
+            if isinstance(answers, str) and call_ids and answers not in call_ids:
+                fail(f", turn {k}: tool_call_id {short_repr(answers)} answers no call of the assistant turn before "
+                     f"it (its calls: {', '.join(sorted(call_ids))})", "tool turn without a call")
+            pending -= 1
+        else:
+            pending, call_ids = 0, set()
+        previous = role
+    if not any(turn["role"] == "assistant" for turn in messages):
+        fail(" has no assistant turn (nothing to learn)", "no assistant turn")
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def reasoning_of(turn: dict) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant turn: its reasoning_content / thinking field, or a <think> block
+    opening its content; (None, content) when it has none."""
+    content = turn.get("content") or ""
+    for key in REASONING_KEYS:
+        if isinstance(turn.get(key), str) and turn[key].strip():
+            return turn[key], content
+    match = _THINK.match(content)
+    if match and match.group(2).strip():
+        return match.group(2), match.group(4)
+    return None, content
+
+
+def with_answer(turn: dict, answer: str) -> dict:
+    """A copy of an assistant turn whose answer (its content after any <think> block) is `answer`."""
+    content = turn.get("content") or ""
+    match = None if any(isinstance(turn.get(k), str) and turn[k].strip() for k in REASONING_KEYS) \
+        else _THINK.match(content)
+    return dict(turn, content=(content[:match.start(4)] + answer) if match else answer)
+
+
+def with_reasoning(turn: dict, reasoning: str) -> dict:
+    """A copy of an assistant turn whose reasoning (field or <think> block, as the turn holds it) is `reasoning`."""
+    for key in REASONING_KEYS:
+        if isinstance(turn.get(key), str) and turn[key].strip():
+            return dict(turn, **{key: reasoning})
+    content = turn.get("content") or ""
+    match = _THINK.match(content)
+    return dict(turn, content=content[:match.start(2)] + reasoning + content[match.end(2):]) if match else dict(turn)

@@ -1,0 +1,235 @@
+"""--packing: whole sequences concatenated into rows of --max-length tokens (seeded best-fit-decreasing plans of
+global batches of rows), packed `Batch`es whose position ids restart per sequence, and the model arguments that keep
+attention inside each sequence (transformers' masking_utils finds the sequences from the position ids)."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastkd.errors import UserError
+from fastkd.loader import IGNORE_INDEX, Batch, attach_teacher
+from fastkd.plans import epoch_stream
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def best_fit_decreasing(positions: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Rows (arrays of positions) of at most `capacity` tokens: longest sequence first, each into the row it fills
+    most tightly (a new row when none has room); deterministic for given positions."""
+    order = positions[np.argsort(-lengths[positions], kind="stable")].tolist()
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for p, need in zip(order, lengths[order].tolist()):
+        if need > capacity:
+            raise UserError(f"sequence {p} has {need} tokens, more than the packed row length {capacity}")
+        i = bisect.bisect_left(room, (need, -1))
+        if i == len(room):
+            rows.append([p])
+            free, row = capacity - need, len(rows) - 1
+        else:
+            free, row = room.pop(i)
+            rows[row].append(p)
+            free -= need
+        bisect.insort(room, (free, row))
+    return [np.asarray(row, dtype=np.int64) for row in rows]
+
+
+def _as_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """An object array of rows: np.array_split cuts it by rows (ranks, micro-batches) like a batch of positions."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = rows
+    return out
+
+
+def _enough_rows(rows: list[np.ndarray], min_rows: int) -> list[np.ndarray]:
+    """The epoch's last global batch: rows split into single sequences until every rank and micro-batch gets one
+    (none when even that is too few, as a sequence-count plan drops such a batch)."""
+    rows = list(rows)
+    while len(rows) < min_rows:
+        widest = max(range(len(rows)), key=lambda i: len(rows[i]), default=None)
+        if widest is None or len(rows[widest]) < 2:
+            return []
+        rows.append(rows[widest][-1:])
+        rows[widest] = rows[widest][:-1]
+    return rows
+
+
+def packed_epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], rows_per_batch: int, row_length: int, *,
+                      seed: int, epoch: int, shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
+                      allowed: np.ndarray | None = None, min_rows: int = 1) -> list[np.ndarray]:
+    """One epoch's global batches of `rows_per_batch` rows (object arrays of position arrays): the epoch_stream in
+    windows of `group_batches` batches' worth of tokens, packed best-fit-decreasing; rows that do not fill a
+    batch go to the next window; batches shuffled within their window. Every position once, seeded."""
+    stream, rng = epoch_stream(lengths, shards, seed=seed, epoch=epoch, shuffle=shuffle,
+                               shuffle_buffer=shuffle_buffer, allowed=allowed)
+    budget = max(1, group_batches) * rows_per_batch * row_length
+    ends = np.cumsum(lengths[stream])
+    plan, carry, start = [], np.zeros(0, dtype=np.int64), 0
+    while start < len(stream) or len(carry):
+        if start < len(stream):  # the window: the carried sequences + the stream's next `budget` tokens
+            need = max(budget - int(lengths[carry].sum()), 1)
+            base = int(ends[start - 1]) if start else 0
+            stop = min(int(np.searchsorted(ends, base + need, side="left")) + 1, len(stream))
+            window, start = np.concatenate([carry, stream[start:stop]]), stop
+        else:
+            window = carry
+        rows = best_fit_decreasing(window, lengths, row_length)
+        last = start >= len(stream)
+        keep = len(rows) if last else len(rows) // rows_per_batch * rows_per_batch
+        carry = np.concatenate(rows[keep:]) if keep < len(rows) else np.zeros(0, dtype=np.int64)
+        batches = [rows[i:i + rows_per_batch] for i in range(0, keep, rows_per_batch)]
+        if last and batches:
+            batches[-1] = _enough_rows(batches[-1], min_rows)
+            batches = [b for b in batches if b]
+        if shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        plan.extend(_as_rows(b) for b in batches)
+    return plan
+
+
+@dataclass
+class PackedPlanMaker:
+    """epoch -> that epoch's global batches of packed rows (packed_epoch_plan); picklable, so workers recompute it."""
+
+    lengths: np.ndarray
+    shards: list
+    rows_per_batch: int
+    row_length: int
+    seed: int
+    min_rows: int = 1
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    group_batches: int = 32
+    allowed: np.ndarray | None = None
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        return packed_epoch_plan(self.lengths, self.shards, self.rows_per_batch, self.row_length, seed=self.seed,
+                                 epoch=epoch, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
+                                 group_batches=self.group_batches, allowed=self.allowed, min_rows=self.min_rows)
+
+
+def check_rows_fit(source, positions: np.ndarray | None, row_length: int, where: str) -> None:
+    """Refuse (one line, naming the first) sequences longer than a packed row: packing never splits a sequence."""
+    positions = np.arange(len(source.lengths)) if positions is None else np.asarray(positions, dtype=np.int64)
+    lengths = np.asarray(source.lengths)[positions]
+    over = np.flatnonzero(lengths > row_length)
+    if not len(over):
+        return
+    first = int(positions[over[0]])
+    record = getattr(source[first], "record_index", first)
+    raise UserError(f"{where}: record {record} has {int(lengths[over[0]])} tokens, longer than a packed row "
+                    f"(--max-length {row_length}; {len(over)} sequences are, the longest {int(lengths.max())}); "
+                    f"--packing never splits a sequence (its teacher rows were made with all of it as context): "
+                    f"raise --max-length to at least {int(lengths.max())}, or train without --packing")
+
+
+# ----------------------------------------------------------------------------- packed batches
+
+def collate_packed(rows: list[list], pad_id: int) -> Batch:
+    """Rows of sequences -> one right-padded Batch: each row the concatenation of its sequences, position ids
+    restarting at 0 per sequence (and for the padding), labels per sequence (a sequence's last token predicts
+    nothing), teacher rows concatenated in the same row-major order."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    shape = (len(rows), width)
+    ids, attn = np.full(shape, pad_id, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+    loss, labels = np.zeros(shape, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(shape, dtype=np.int64)
+    sequences, segments, starts = [], [], []
+    for r, row in enumerate(rows):
+        t = 0
+        for s in row:
+            x, m = np.asarray(s.input_ids, dtype=np.int64), np.asarray(s.loss_mask, dtype=np.int64)
+            n = len(x)
+            ids[r, t:t + n], attn[r, t:t + n], positions[r, t:t + n] = x, 1, np.arange(n)
+            loss[r, t + 1:t + n] = m[1:]  # a sequence's first token is predicted by nothing of its own
+            labels[r, t:t + n - 1] = np.where(m[1:] > 0, x[1:], IGNORE_INDEX)
+            if n:
+                starts.append(r * width + t)
+            sequences.append(s)
+            segments.append((r, t, n))
+            t += n
+        if t < width:  # the padding: a segment of its own, after every real token (so never attended to)
+            positions[r, t:] = np.arange(width - t)
+            starts.append(r * width + t)
+    cu_seqlens = np.asarray(starts + [len(rows) * width], dtype=np.int32)
+    labels_t = torch.from_numpy(labels)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(loss), labels_t,
+                  record_indices=[int(s.record_index) for s in sequences],
+                  loss_index=(labels_t.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1),
+                  position_ids=torch.from_numpy(positions), cu_seqlens=torch.from_numpy(cu_seqlens),
+                  max_seqlen=int(np.diff(cu_seqlens).max()), segments=segments)
+    return attach_teacher(batch, sequences)
+
+
+def pack_sequences(sequences: list, pad_id: int, row_length: int) -> Batch:
+    """Sequences (a library collator's micro-batch) packed best-fit-decreasing into rows of `row_length` tokens."""
+    lengths = np.asarray([len(s.input_ids) for s in sequences], dtype=np.int64)
+    over = np.flatnonzero(lengths > row_length)
+    if len(over):
+        s = sequences[int(over[0])]
+        raise UserError(f"record {getattr(s, 'record_index', int(over[0]))} has {int(lengths[over[0]])} tokens, "
+                        f"longer than the packed row length {row_length}; packing never splits a sequence")
+    rows = best_fit_decreasing(np.arange(len(sequences)), lengths, row_length)
+    return collate_packed([[sequences[i] for i in row] for row in rows], pad_id)
+
+
+def unpack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, loss_mask) of a packed batch's sequences, one right-padded row each, in the
+    batch's order (so their loss rows come in the packed batch's order): for a model run without packing."""
+    longest = max((n for _, _, n in batch.segments), default=0)
+    shape = (len(batch.segments), longest)
+    ids = torch.zeros(shape, dtype=batch.input_ids.dtype, device=batch.input_ids.device)
+    attn, loss = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (r, t, n) in enumerate(batch.segments):
+        ids[i, :n] = batch.input_ids[r, t:t + n]
+        attn[i, :n] = 1
+        loss[i, :n] = batch.loss_mask[r, t:t + n]
+    return ids, attn, loss
+
+
+# ----------------------------------------------------------------------------- attention inside each sequence
+
+def packed_attention(config, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                     max_seqlen: int | None = None) -> dict:
+    """A packed batch's attention arguments for a transformers model: no 2-D mask and the restarting position ids
+    (masking_utils then builds the block-diagonal causal mask for eager/sdpa/flex); flash attention, which reads
+    the packing from position ids only for one flattened row, gets the sequence boundaries of every row."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    kwargs = {"attention_mask": None, "position_ids": position_ids}
+    if cu_seqlens is not None and is_flash_attention_requested(config):
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                      max_length_k=max_seqlen)
+    return kwargs
+
+
+@torch.no_grad()
+def check_packed_attention(model, device, context, where: str) -> None:
+    """Refuse a model whose attention crosses sequence boundaries under packing: two sequences packed in one row
+    must give the logits each gives alone (up to a tenth of what attending across would change)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
+    both = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+    seqs = [{"input_ids": a}, {"input_ids": both, **packed_attention(model.config, positions)}, {"input_ids": b},
+            {"input_ids": both}]
+    was_training = model.training
+    model.eval()
+    try:
+        with context:
+            alone_a, packed, alone_b, across = (model(**kw, use_cache=False).logits.float() for kw in seqs)
+    finally:
+        model.train(was_training)
+    error = max((packed[:, :5] - alone_a).abs().max().item(), (packed[:, 5:] - alone_b).abs().max().item())
+    leak = (across[:, 5:] - alone_b).abs().max().item()
+    if error > max(0.1 * leak, 1e-4 * alone_b.abs().max().item()):
+        impl = getattr(model.config, "_attn_implementation", None)
+        raise UserError(f"--packing: {where} attends across packed sequences with attention implementation "
+                        f"{impl!r} (packed logits differ from the sequence alone by {error:.3g}); use an attention "
+                        f"that reads packed position ids (sdpa, eager, flex_attention, flash_attention_2) or train "
+                        f"without --packing")
