@@ -11,7 +11,7 @@ from .errors import CacheError
 from .format import MANIFEST, CachedSequence, read_manifest
 from .storage import refuse_url_for_writing
 from .units import UnitWriter, unit_of
-from .writing import _owned_copy, check_sequence, normalize_settings, shard_file  # noqa: F401 - the writer's API
+from .writing import check_sequence, typed, normalize_settings, shard_file  # noqa: F401 - the writer's API
 
 __all__ = ["CacheWriter", "normalize_settings", "shard_file"]
 
@@ -48,7 +48,7 @@ class CacheWriter(UnitWriter):
             raise CacheError(f"cache {self.root}: record {seq.record_index}: already in the cache (skip the indices in "
                              f"writer.done when resuming)")
         check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
-        self._buffer.append(_owned_copy(seq))  # the caller may reuse its arrays before the unit is written
+        self._buffer.append(typed(seq, copy=True))  # the caller may reuse its arrays before the unit is written
         self._buffered.add(r)
         if len(self._buffer) >= self.work_unit:
             self._flush()

@@ -274,23 +274,16 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(rows[0]) if len(rows) else -1
 
 
-def typed(seq: CachedSequence) -> CachedSequence:
-    """The sequence with the dtypes a shard stores (arrays shared, not copied, where they already have them)."""
+def typed(seq: CachedSequence, copy: bool = False) -> CachedSequence:
+    """The sequence with the dtypes a shard stores: arrays shared where they already have them, or (copy=True)
+    copies the caller may not change under us."""
+    arr = np.array if copy else np.asarray
     return CachedSequence(
-        record_index=int(seq.record_index), task=str(seq.task), input_ids=np.asarray(seq.input_ids, np.int32),
-        loss_mask=np.asarray(seq.loss_mask, np.uint8), topk_ids=np.asarray(seq.topk_ids, np.int64),
-        topk_logprobs=np.asarray(seq.topk_logprobs, np.float32), tail=np.asarray(seq.tail, np.float32),
-        counts=None if seq.counts is None else np.asarray(seq.counts, np.int32),
-        hidden={int(layer): np.asarray(x, np.float32) for layer, x in seq.hidden.items()})
-
-
-def _owned_copy(seq: CachedSequence) -> CachedSequence:
-    return CachedSequence(
-        record_index=int(seq.record_index), task=str(seq.task), input_ids=np.array(seq.input_ids, np.int32),
-        loss_mask=np.array(seq.loss_mask, np.uint8), topk_ids=np.array(seq.topk_ids, np.int64),
-        topk_logprobs=np.array(seq.topk_logprobs, np.float32), tail=np.array(seq.tail, np.float32),
-        counts=None if seq.counts is None else np.array(seq.counts, np.int32),
-        hidden={int(layer): np.array(x, np.float32) for layer, x in seq.hidden.items()})
+        record_index=int(seq.record_index), task=str(seq.task), input_ids=arr(seq.input_ids, np.int32),
+        loss_mask=arr(seq.loss_mask, np.uint8), topk_ids=arr(seq.topk_ids, np.int64),
+        topk_logprobs=arr(seq.topk_logprobs, np.float32), tail=arr(seq.tail, np.float32),
+        counts=None if seq.counts is None else arr(seq.counts, np.int32),
+        hidden={int(layer): arr(x, np.float32) for layer, x in seq.hidden.items()})
 
 
 def fastkd_version() -> str:

@@ -17,8 +17,6 @@ its teacher runs the next batches (fastkd.cache_pipeline).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,11 +218,10 @@ def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env)
 def _template_setting(template: Template, tokenizer, conversations: dict | None = None) -> dict:
     """The template's description, with the digest of the tokenizer's chat template when it has one (it makes the
     text of chat and messages records, and the tokenizer's identity does not cover it)."""
-    chat = getattr(tokenizer, "chat_template", None)
-    if not chat:
-        return template.describe(conversations)
-    text = chat if isinstance(chat, str) else json.dumps(chat, sort_keys=True)
-    return dict(template.describe(conversations), chat_template_sha256=hashlib.sha256(text.encode()).hexdigest())
+    from fastkd.chat_masks import template_sha256
+
+    digest, described = template_sha256(tokenizer), template.describe(conversations)
+    return described if digest is None else dict(described, chat_template_sha256=digest)
 
 
 def _after_unit() -> None:

@@ -73,8 +73,7 @@ def describe(tokenizer, loss_turns: str, where: str = "conversation records") ->
     checked against it by check_student_template)."""
     text = require_template(tokenizer, where)
     return {"kind": "messages", "loss_turns": loss_turns,
-            "spans": "generation markers" if GENERATION_MARKER.search(text) else "turn by turn",
-            "chat_template_sha256": template_sha256(tokenizer)}
+            "spans": "generation markers" if GENERATION_MARKER.search(text) else "turn by turn"}
 
 
 def check_student_template(settings_template: dict | None, tokenizer, where: str) -> None:
@@ -83,8 +82,8 @@ def check_student_template(settings_template: dict | None, tokenizer, where: str
     masks) differently. A cache whose text no chat template made passes."""
     settings_template = settings_template or {}
     made = settings_template.get("messages") or {}
-    theirs = made.get("chat_template_sha256") or (settings_template.get("chat_template_sha256")
-                                                 if settings_template.get("chat") else None)
+    # the digest sits beside the template's description (cache_stage._template_setting), one per cache
+    theirs = settings_template.get("chat_template_sha256") if made or settings_template.get("chat") else None
     ours = template_sha256(tokenizer)
     if theirs is not None and ours != theirs:
         has = "no chat template" if ours is None else f"chat template sha256 {ours[:12]}..."

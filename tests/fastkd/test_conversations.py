@@ -526,9 +526,8 @@ def test_truncation_cuts_the_end_and_skips_what_has_no_loss_left(tok, tmp_path):
 
 def test_describe_and_the_student_template_check(tok):
     using(tok, CHATML_PLAIN)
-    described = Template().describe(describe(tok, "last"))
-    assert described["messages"] == {"kind": "messages", "loss_turns": "last", "spans": "turn by turn",
-                                     "chat_template_sha256": template_sha256(tok)}
+    described = dict(Template().describe(describe(tok, "last")), chat_template_sha256=template_sha256(tok))
+    assert described["messages"] == {"kind": "messages", "loss_turns": "last", "spans": "turn by turn"}
     assert Template().describe() == Template().describe(None) and "messages" not in Template().describe()
     assert describe(using(tok, CHATML_MARKED), "all")["spans"] == "generation markers"
     check_student_template(described, using(tok, CHATML_PLAIN), "cache c")

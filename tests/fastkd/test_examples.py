@@ -5,23 +5,27 @@ import runpy
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
-def test_the_conversations_example_answers_help_without_torch_or_transformers():
+@pytest.mark.parametrize("example, flags", [("conversations.py", ("--loss-turns", "--held-out")),
+                                           ("hf_trainer.py", ("--max-steps",))])
+def test_an_example_answers_help_without_torch_or_transformers(example, flags):
     code = (
         "import runpy, sys\n"
-        "sys.argv = ['conversations.py', '--help']\n"
+        "sys.argv = [%r, '--help']\n"
         "try:\n"
         "    runpy.run_path(%r, run_name='__main__')\n"
         "except SystemExit as stop:\n"
         "    assert stop.code in (0, None), stop.code\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
-    ) % str(ROOT / "examples" / "conversations.py")
+    ) % (example, str(ROOT / "examples" / example))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "--loss-turns" in run.stdout and "--held-out" in run.stdout
+    assert all(flag in run.stdout for flag in flags), run.stdout
 
 
 def test_the_conversations_example_runs_cache_train_and_scores(tmp_path, one_thread):
