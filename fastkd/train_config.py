@@ -10,6 +10,7 @@ from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageCon
 from fastkd.config import option as _opt
 from fastkd.errors import UserError
 from fastkd.paths import BBH_DIR_LOOKUP
+from fastkd.templates import LOSS_TURNS
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainConfig(StageConfig):
                                         "--packing, the length of a packed row")
     messages_field: str = _opt("messages", "records: key holding a conversation (messages form), as in cache-teacher")
     loss_turns: str = _opt("all", "records in messages form: the assistant turns that carry loss: all, last, "
-                                  "reasoning or answer", choices=["all", "last", "reasoning", "answer"])
+                                  "reasoning or answer", choices=list(LOSS_TURNS))
     packing: bool = _opt(False, "concatenate whole sequences into rows of --max-length tokens (--batch-size rows per "
                                 "micro-batch), attention kept inside each sequence (position ids restart per "
                                 "sequence): almost no padding; a cached sequence longer than a row is refused")
