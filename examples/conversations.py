@@ -1,6 +1,6 @@
 """Conversations with reasoning traces and tool turns, distilled end to end: cache -> train -> a scored student.
 
-    python examples/conversations.py                       # 1.5 to 3 minutes on 2 busy CPU cores
+    python examples/conversations.py                       # about 20 s on 2 idle CPU cores
     python examples/conversations.py --steps 150 --loss-turns answer
 
 1. A small conversation dataset in messages form (TRL / OpenAI), written here from fastkd's synthetic
