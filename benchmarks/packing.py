@@ -101,10 +101,10 @@ def lognormal_mix(n: int, median: int, longest: int, vocab: int, k: int) -> Sequ
 
 def batches(source: Sequences, method: str, batch_size: int, row_length: int, rows: int) -> list:
     from fastkd.loader import PlanMaker, collate
-    from fastkd.packing import PackedPlanMaker, collate_packed
+    from fastkd.packing import collate_packed
 
     if method.startswith("packed"):
-        plan = PackedPlanMaker(source.lengths, source.shards, rows, row_length, seed=0)(0)
+        plan = PlanMaker(source.lengths, source.shards, rows, seed=0, row_length=row_length)(0)
         return [collate_packed([[source[p] for p in row] for row in b], 0) for b in plan]
     plan = PlanMaker(source.lengths, source.shards, batch_size, 0, group_batches=32 if method == "grouped" else 1)(0)
     return [collate([source[p] for p in b], 0) for b in plan]

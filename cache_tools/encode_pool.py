@@ -21,7 +21,7 @@ class _Unit:
 
     def __init__(self, number: int, records: list[int], lengths: list[int], losses: list[int], starts: list[int]):
         self.number = number
-        self.records, self.lengths, self.losses = list(records), list(lengths), list(losses)
+        self.lengths, self.losses = list(lengths), list(losses)
         self.slots: list = [None] * len(records)
         self.starts = starts
         self.missing = [b - a for a, b in zip(starts, starts[1:])]   # sequences each block still waits for

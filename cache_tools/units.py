@@ -110,8 +110,7 @@ class UnitWriter:
                              f"{self.settings['work_unit']}")
         self.layout = layout_of(self.settings)
         self.cut = cut
-        self.units: dict[int, Unit] = {}    # open-ended: the units registered so far
-        self.open_ended = cut is None
+        self.units: dict[int, Unit] = {}    # open-ended (no cut): the units registered so far
         self.rank = rank
         self.block_bytes = block_bytes
         self.max_block_sequences = max_block_sequences
@@ -171,7 +170,7 @@ class UnitWriter:
         for j, entry in enumerate(existing["shards"]):  # every finished unit is checked before it counts as done
             shard = open_shard(LocalStorage(self.root), entry, j)
             check_shard_matches(self.root, existing, entry, shard, j)
-            problem = None if self.open_ended else self._records_problem(entry["unit"], shard.record_index)
+            problem = None if self.cut is None else self._records_problem(entry["unit"], shard.record_index)
             if problem:
                 raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
                                  f"{entry['unit']}) {problem}; resume with the same --data file contents, or write "
@@ -297,15 +296,16 @@ class UnitWriter:
         self._lock = self.root / f"{LOCK}.rank-{rank}"
         return self
 
-    def write_unit(self, number: int, seqs: list, blocks: tuple | None = None) -> dict:
+    def write_unit(self, number: int, seqs: list, blocks: tuple | None = None, checked: bool = False) -> dict:
         """Write unit `number` (its sequences, in record order) as a shard, then its receipt. `blocks`: (starts,
-        payloads) an EncodePool encoded and checked (`seqs` then need only their index fields)."""
+        payloads) an EncodePool encoded and checked (`seqs` then need only their index fields); `checked`: `seqs`
+        were checked and typed already (CacheWriter.add)."""
         got = tuple(int(s.record_index) for s in seqs)
         problem = self._records_problem(number, got)
         if problem:
             raise CacheError(f"cache {self.root}: unit {number} {problem}: got records {got[:4]}...")
         unit = self.units[number] if self.cut is None else unit_of(number, seqs)
-        if blocks is None:
+        if blocks is None and not checked:
             for seq in seqs:
                 check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
             seqs = [typed(s) for s in seqs]

@@ -57,7 +57,7 @@ class CacheWriter(UnitWriter):
         if not self._buffer:
             return
         unit = self.units[self._next] = unit_of(self._next, self._buffer)
-        self.write_unit(unit.number, self._buffer)
+        self.write_unit(unit.number, self._buffer, checked=True)
         self.merge(clean=False)
         self._next += 1
         self.done |= self._buffered

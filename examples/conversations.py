@@ -50,13 +50,15 @@ TEMPLATE = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The options; parsed before torch and transformers are imported, so --help answers at once."""
+    from fastkd.templates import LOSS_TURNS     # light: no torch or transformers
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/conversations", help="work folder (default: %(default)s)")
     ap.add_argument("--train", type=int, default=48, help="training conversations (default: %(default)s)")
     ap.add_argument("--held-out", type=int, default=16, help="held-out conversations (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=60, help="student optimizer steps (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
-    ap.add_argument("--loss-turns", default="all", choices=["all", "last", "reasoning", "answer"],
+    ap.add_argument("--loss-turns", default="all", choices=LOSS_TURNS,
                     help="assistant parts the cache (and so the student) learns from (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="records, student initialisation, data order (default: 0)")
     return ap.parse_args(argv)
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def conversation(record: dict, second: dict | None = None) -> dict:
     """A synthetic record (and optionally a second one, asked next) as a conversation in messages form."""
-    from fastkd.templates import COT_TRIGGER, strip_answer_phrase
+    from fastkd.templates import ANSWER_PHRASE, COT_TRIGGER, strip_answer_phrase
 
     messages = []
     for rec in [record] + ([second] if second else []):
@@ -79,7 +81,7 @@ def conversation(record: dict, second: dict | None = None) -> dict:
                           "reasoning_content": f"{COT_TRIGGER} I will evaluate the expression."},
                          {"role": "tool", "tool_call_id": "call-1", "content": rec["target"]}]
         messages.append({"role": "assistant", "reasoning_content": f"{COT_TRIGGER} {body}".strip(),
-                         "content": f"So the answer is {rec['target']}."})
+                         "content": f"{ANSWER_PHRASE}{rec['target']}."})
     return {"messages": messages, "task": record["task"]}
 
 

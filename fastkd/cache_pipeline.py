@@ -70,6 +70,8 @@ def read_plan(config, env) -> Plan:
 
 def own_records(config, tokenizer, template, plan: Plan, rank: int, world: int, report: BuildReport) -> OwnRecords:
     """Read every record but validate and tokenise only those of this rank's units; `report` counts them."""
+    from fastkd.cache_tools.units import RecordCut
+
     done = set(plan.done)
     last = [-1]
 
@@ -81,8 +83,8 @@ def own_records(config, tokenizer, template, plan: Plan, rank: int, world: int, 
     examples = build_examples(config.data, tokenizer, template, config.field_map(), config.max_length,
                               config.overflow, config.skip_bad, config.split, report, keep=keep)
     count = last[0] + 1
-    units = {u: [] for u in range(-(-count // plan.work_unit)) if u not in done and unit_rank(u, plan.done, world)
-             == rank}
+    units = {u: [] for u in RecordCut(count, plan.work_unit).numbers if u not in done
+             and unit_rank(u, plan.done, world) == rank}
     for ex in examples:
         units[ex.record_index // plan.work_unit].append(ex)
     return OwnRecords(units, count, report.as_dict(), report.conversations)

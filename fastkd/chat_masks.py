@@ -19,6 +19,7 @@ from fastkd.conversations import reasoning_of, with_answer, with_reasoning
 from fastkd.errors import UserError
 from fastkd.records import DataError, short_repr
 
+LOSS_TURNS = ("all", "last", "reasoning", "answer")     # the assistant parts select_spans can pick
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # two stand-in answers whose first characters differ (and differ from any real answer's at most once):
 # the text before the first difference from the real rendering is the turn's text before its answer
@@ -125,7 +126,7 @@ def select_spans(turns: list[Turn], loss_turns: str) -> list[tuple[int, int]]:
         return [(t.start, t.answer) for t in turns if t.answer > t.start]
     if loss_turns == "answer":
         return [(t.answer, t.end) for t in turns]
-    raise ValueError(f"loss_turns must be one of all, last, reasoning, answer, not {loss_turns!r}")
+    raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {loss_turns!r}")
 
 
 def _mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> list[int]:

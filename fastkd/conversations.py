@@ -49,13 +49,16 @@ def validate_conversation(record: dict, index: int, fields: FieldMap, origin: st
     field and turn (the rules are above). `where` (the record's label) is kept for later errors."""
     loc = f"{origin}: {where or f'record {index}'}"
 
+    def refuse(message: str, reason: str):
+        raise DataError(f"{loc}: {message}", reason=reason)
+
     def fail(message: str, reason: str):
-        raise DataError(f"{loc}: field {fields.messages!r}{message}", reason=reason)
+        refuse(f"field {fields.messages!r}{message}", reason)
 
     duplicates = getattr(record, "duplicates", None)
     if duplicates:
-        raise DataError(f"{loc}: duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value "
-                        f"is meant is ambiguous", reason="duplicate key")
+        refuse(f"duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value is meant is "
+               f"ambiguous", "duplicate key")
     turns = record[fields.messages]
     if not isinstance(turns, list):
         fail(f" is {describe_kind(turns)}, not a list of turns", "not a list")
@@ -65,11 +68,12 @@ def validate_conversation(record: dict, index: int, fields: FieldMap, origin: st
     _check_order(messages, fail)
     tools = record.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise DataError(f"{loc}: field 'tools' is {describe_kind(tools)}, not a list of tool definitions (objects)",
-                        reason="bad tools")
+        refuse(f"field 'tools' is {describe_kind(tools)}, not a list of tool definitions (objects)", "bad tools")
     task = record.get(fields.task)
     if task is not None and not isinstance(task, str):
-        raise DataError(f"{loc}: field {fields.task!r} is {describe_kind(task)}, not a string", reason="bad task")
+        refuse(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
+    if task:
+        check_text(task, fields.task, refuse)
     return {"messages": messages, "tools": tools or None, "task": task or "", "where": loc}
 
 
@@ -147,13 +151,18 @@ def _a(role: str) -> str:
     return f"an {role}" if role == "assistant" else f"a {role}"
 
 
+def _reasoning_key(turn: dict) -> str | None:
+    """The field (reasoning_content or thinking) holding an assistant turn's reasoning, None when neither does."""
+    return next((key for key in REASONING_KEYS if isinstance(turn.get(key), str) and turn[key].strip()), None)
+
+
 def reasoning_of(turn: dict) -> tuple[str | None, str]:
     """(reasoning, answer) of an assistant turn: its reasoning_content / thinking field, or a <think> block
     opening its content; (None, content) when it has none."""
     content = turn.get("content") or ""
-    for key in REASONING_KEYS:
-        if isinstance(turn.get(key), str) and turn[key].strip():
-            return turn[key], content
+    key = _reasoning_key(turn)
+    if key is not None:
+        return turn[key], content
     match = _THINK.match(content)
     if match and match.group(2).strip():
         return match.group(2), match.group(4)
@@ -163,16 +172,15 @@ def reasoning_of(turn: dict) -> tuple[str | None, str]:
 def with_answer(turn: dict, answer: str) -> dict:
     """A copy of an assistant turn whose answer (its content after any <think> block) is `answer`."""
     content = turn.get("content") or ""
-    match = None if any(isinstance(turn.get(k), str) and turn[k].strip() for k in REASONING_KEYS) \
-        else _THINK.match(content)
+    match = None if _reasoning_key(turn) is not None else _THINK.match(content)
     return dict(turn, content=(content[:match.start(4)] + answer) if match else answer)
 
 
 def with_reasoning(turn: dict, reasoning: str) -> dict:
     """A copy of an assistant turn whose reasoning (field or <think> block, as the turn holds it) is `reasoning`."""
-    for key in REASONING_KEYS:
-        if isinstance(turn.get(key), str) and turn[key].strip():
-            return dict(turn, **{key: reasoning})
+    key = _reasoning_key(turn)
+    if key is not None:
+        return dict(turn, **{key: reasoning})
     content = turn.get("content") or ""
     match = _THINK.match(content)
     return dict(turn, content=content[:match.start(2)] + reasoning + content[match.end(2):]) if match else dict(turn)

@@ -1,116 +1,17 @@
-"""--packing: whole sequences concatenated into rows of --max-length tokens (seeded best-fit-decreasing plans of
-global batches of rows), packed `Batch`es whose position ids restart per sequence, and the model arguments that keep
-attention inside each sequence (transformers' masking_utils finds the sequences from the position ids)."""
+"""--packing: whole sequences concatenated into rows of --max-length tokens (the plans of rows: fastkd.plans),
+packed `Batch`es whose position ids restart per sequence, and the model arguments that keep attention inside each
+sequence (transformers' masking_utils finds the sequences from the position ids)."""
 
 from __future__ import annotations
-
-import bisect
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fastkd.errors import UserError
 from fastkd.loader import IGNORE_INDEX, Batch, attach_teacher
-from fastkd.plans import epoch_stream
+from fastkd.plans import best_fit_decreasing
 
-# ----------------------------------------------------------------------------- the plan
-
-
-def best_fit_decreasing(positions: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
-    """Rows (arrays of positions) of at most `capacity` tokens: longest sequence first, each into the row it fills
-    most tightly (a new row when none has room); deterministic for given positions."""
-    order = positions[np.argsort(-lengths[positions], kind="stable")].tolist()
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, row), sorted
-    for p, need in zip(order, lengths[order].tolist()):
-        if need > capacity:
-            raise UserError(f"sequence {p} has {need} tokens, more than the packed row length {capacity}")
-        i = bisect.bisect_left(room, (need, -1))
-        if i == len(room):
-            rows.append([p])
-            free, row = capacity - need, len(rows) - 1
-        else:
-            free, row = room.pop(i)
-            rows[row].append(p)
-            free -= need
-        bisect.insort(room, (free, row))
-    return [np.asarray(row, dtype=np.int64) for row in rows]
-
-
-def _as_rows(rows: list[np.ndarray]) -> np.ndarray:
-    """An object array of rows: np.array_split cuts it by rows (ranks, micro-batches) like a batch of positions."""
-    out = np.empty(len(rows), dtype=object)
-    out[:] = rows
-    return out
-
-
-def _enough_rows(rows: list[np.ndarray], min_rows: int) -> list[np.ndarray]:
-    """The epoch's last global batch: rows split into single sequences until every rank and micro-batch gets one
-    (none when even that is too few, as a sequence-count plan drops such a batch)."""
-    rows = list(rows)
-    while len(rows) < min_rows:
-        widest = max(range(len(rows)), key=lambda i: len(rows[i]), default=None)
-        if widest is None or len(rows[widest]) < 2:
-            return []
-        rows.append(rows[widest][-1:])
-        rows[widest] = rows[widest][:-1]
-    return rows
-
-
-def packed_epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], rows_per_batch: int, row_length: int, *,
-                      seed: int, epoch: int, shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
-                      allowed: np.ndarray | None = None, min_rows: int = 1) -> list[np.ndarray]:
-    """One epoch's global batches of `rows_per_batch` rows (object arrays of position arrays): the epoch_stream in
-    windows of `group_batches` batches' worth of tokens, packed best-fit-decreasing; rows that do not fill a
-    batch go to the next window; batches shuffled within their window. Every position once, seeded."""
-    stream, rng = epoch_stream(lengths, shards, seed=seed, epoch=epoch, shuffle=shuffle,
-                               shuffle_buffer=shuffle_buffer, allowed=allowed)
-    budget = max(1, group_batches) * rows_per_batch * row_length
-    ends = np.cumsum(lengths[stream])
-    plan, carry, start = [], np.zeros(0, dtype=np.int64), 0
-    while start < len(stream) or len(carry):
-        if start < len(stream):  # the window: the carried sequences + the stream's next `budget` tokens
-            need = max(budget - int(lengths[carry].sum()), 1)
-            base = int(ends[start - 1]) if start else 0
-            stop = min(int(np.searchsorted(ends, base + need, side="left")) + 1, len(stream))
-            window, start = np.concatenate([carry, stream[start:stop]]), stop
-        else:
-            window = carry
-        rows = best_fit_decreasing(window, lengths, row_length)
-        last = start >= len(stream)
-        keep = len(rows) if last else len(rows) // rows_per_batch * rows_per_batch
-        carry = np.concatenate(rows[keep:]) if keep < len(rows) else np.zeros(0, dtype=np.int64)
-        batches = [rows[i:i + rows_per_batch] for i in range(0, keep, rows_per_batch)]
-        if last and batches:
-            batches[-1] = _enough_rows(batches[-1], min_rows)
-            batches = [b for b in batches if b]
-        if shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        plan.extend(_as_rows(b) for b in batches)
-    return plan
-
-
-@dataclass
-class PackedPlanMaker:
-    """epoch -> that epoch's global batches of packed rows (packed_epoch_plan); picklable, so workers recompute it."""
-
-    lengths: np.ndarray
-    shards: list
-    rows_per_batch: int
-    row_length: int
-    seed: int
-    min_rows: int = 1
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
-    group_batches: int = 32
-    allowed: np.ndarray | None = None
-
-    def __call__(self, epoch: int) -> list[np.ndarray]:
-        return packed_epoch_plan(self.lengths, self.shards, self.rows_per_batch, self.row_length, seed=self.seed,
-                                 epoch=epoch, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
-                                 group_batches=self.group_batches, allowed=self.allowed, min_rows=self.min_rows)
-
+# ----------------------------------------------------------------------------- the plan's rows
 
 def check_rows_fit(source, positions: np.ndarray | None, row_length: int, where: str) -> None:
     """Refuse (one line, naming the first) sequences longer than a packed row: packing never splits a sequence."""

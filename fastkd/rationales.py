@@ -144,7 +144,7 @@ def write_records(out: Path, done: dict[tuple[int, int], dict], messages: bool =
 def as_conversation(record: dict) -> dict:
     """A kept record in messages form: the source as the user turn, the rationale up to its last `So the answer
     is` as the assistant's reasoning_content, `So the answer is <target>.` as its content; other keys kept."""
-    from fastkd.bbh import ANSWER_PHRASE
+    from fastkd.templates import ANSWER_PHRASE
 
     rationale = record["rationale"]
     cut = rationale.rfind(ANSWER_PHRASE)

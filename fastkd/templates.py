@@ -18,7 +18,7 @@ from fastkd.records import DataError, FieldMap, scan_records, validate_record
 
 ANSWER_PHRASE = "So the answer is "
 COT_TRIGGER = "Let's think step by step."
-LOSS_TURNS = ("all", "last", "reasoning", "answer")
+LOSS_TURNS = chat_masks.LOSS_TURNS     # --loss-turns choices (cache-teacher, train)
 
 
 @dataclass(frozen=True)

@@ -251,15 +251,11 @@ def train_plans(data: DataSide, config: TrainConfig, env: Env):
     """epoch -> the epoch's global batches; one global batch = one optimizer step: batch_size x processes x
     grad_accum sequences, or with --packing that many rows of at most --max-length tokens."""
     from fastkd.loader import PlanMaker
-    from fastkd.packing import PackedPlanMaker
 
-    common = dict(shuffle_buffer=config.shuffle_buffer, group_batches=config.group_batches,
-                  allowed=data.train_positions)
-    size, least = config.batch_size * env.world * config.grad_accum, env.world * config.grad_accum
-    if config.packing:
-        return PackedPlanMaker(data.train.lengths, data.train.shards, size, config.max_length, config.seed,
-                               min_rows=least, **common)
-    return PlanMaker(data.train.lengths, data.train.shards, size, config.seed, min_size=least, **common)
+    return PlanMaker(data.train.lengths, data.train.shards, config.batch_size * env.world * config.grad_accum,
+                     config.seed, min_size=env.world * config.grad_accum, shuffle_buffer=config.shuffle_buffer,
+                     group_batches=config.group_batches, allowed=data.train_positions,
+                     row_length=config.max_length if config.packing else None)
 
 
 

@@ -11,6 +11,7 @@ from fastkd.cache_tools import CachedSequence, CacheWriter
 from fastkd.cache_tools.stats import entropy_bounds
 from fastkd.cache_tools.synthetic import random_sequences, synthetic_settings
 from fastkd.cli import main
+from helpers import tensor_ranges
 
 
 def run_cli(capsys, *argv):
@@ -28,13 +29,6 @@ def cache(tmp_path):
             w.add(s)
         w.close(summary={"teacher_seconds": 1.5})
     return root
-
-
-def _tensor_ranges(path):
-    raw = open(path, "rb").read()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + n])
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
 def test_inspect_numbers_match_the_files(capsys, cache):
@@ -70,7 +64,7 @@ def test_verify_ok_then_flipped_byte_names_shard_and_block(capsys, cache):
     code, out, _ = run_cli(capsys, "verify", cache, "--no-progress")
     assert code == 0 and out.startswith("OK: 3 shards, 10 blocks, 25 sequences")
     shard = cache / "shards" / "shard-00001.safetensors"
-    a, b = _tensor_ranges(shard)["block.00002.topk"]
+    a, b = tensor_ranges(shard)["block.00002.topk"]
     data = bytearray(shard.read_bytes())
     data[(a + b) // 2] ^= 0x10
     shard.write_bytes(bytes(data))

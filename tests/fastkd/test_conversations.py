@@ -501,6 +501,22 @@ def test_bad_conversation_names_file_record_field_and_turn(tok, tmp_path, messag
     assert report.skipped == {reason: 1}
 
 
+@pytest.mark.parametrize("extra, reason, text", [
+    ({"task": 3}, "bad task", "field 'task' is int, not a string"),
+    ({"task": "ad\ud800d"}, "invalid text", "field 'task' holds a lone surrogate \\ud800 (at character 2)"),
+    ({"tools": "add"}, "bad tools", "field 'tools' is str, not a list of tool definitions")])
+def test_bad_task_or_tools_beside_the_messages(tok, tmp_path, extra, reason, text):
+    """The record's other fields follow the first form's rules, a task's text included."""
+    using(tok, CHATML_PLAIN)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONV}, {"messages": CONV, **extra}])
+    with pytest.raises(DataError) as err:
+        build_examples(path, tok, Template())
+    assert str(err.value).startswith(f"{path}: record 1 (line 2): {text}")
+    report = BuildReport()
+    assert [e.record_index for e in build_examples(path, tok, Template(), skip_bad=True, report=report)] == [0]
+    assert report.skipped == {reason: 1}
+
+
 def test_truncation_cuts_the_end_and_skips_what_has_no_loss_left(tok, tmp_path):
     using(tok, CHATML_PLAIN)
     full = example(tok, CONV)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastkd.errors import UserError
-from fastkd.loader import IGNORE_INDEX, collate, epoch_plan, make_loader
-from fastkd.packing import (PackedPlanMaker, check_packed_attention, collate_packed, best_fit_decreasing,
-                            packed_epoch_plan, unpack)
+from fastkd.loader import IGNORE_INDEX, PlanMaker, collate, epoch_plan, make_loader
+from fastkd.packing import check_packed_attention, collate_packed, unpack
+from fastkd.plans import best_fit_decreasing, packed_epoch_plan
 from fastkd.train_config import TrainConfig
 from helpers import assert_resume_is_exact, quiet, write_cache
 
@@ -51,7 +51,8 @@ def test_packed_plan_covers_every_sequence_once_is_seeded_and_fills_batches(min_
     rng = np.random.default_rng(1)
     lengths = np.exp(rng.normal(3.0, 0.9, size=500)).astype(np.int64).clip(2, 120)   # long-tailed
     shards = [np.arange(s, min(s + 40, 500)) for s in range(0, 500, 40)]
-    make = PackedPlanMaker(lengths, shards, 6, 128, seed=3, min_rows=min_rows, shuffle_buffer=50, group_batches=3)
+    make = PlanMaker(lengths, shards, 6, seed=3, row_length=128, min_size=min_rows, shuffle_buffer=50,
+                     group_batches=3)
     plan = make(0)
     flat = np.concatenate([np.concatenate(list(b)) for b in plan])
     assert sorted(flat.tolist()) == list(range(500))
@@ -220,7 +221,7 @@ def test_resume_mid_epoch_under_packing_is_exact(tmp_path, tiny_tokenizer, tiny_
 
     cache = write_cache(tmp_path / "cache", tiny_tokenizer, count=40, seed=4)
     source = CacheSource(cache)
-    steps = len(PackedPlanMaker(source.lengths, source.shards, 2, 40, seed=2)(0))
+    steps = len(PlanMaker(source.lengths, source.shards, 2, seed=2, row_length=40)(0))
     assert 4 < steps < 20     # the run stops and resumes inside the first epoch, on packed steps of 2 rows
     assert_resume_is_exact(tmp_path, cache=str(cache), student=str(tiny_llama_dir), packing=True, max_length=40,
                            batch_size=2, lr=3e-3, schedule="constant", seed=2, hidden_weight=0.5)
@@ -261,7 +262,7 @@ def test_records_pack_and_the_online_teacher_sees_each_sequence_alone(tmp_path, 
 
     records = write_arith_records(tmp_path / "r.jsonl", n=40, seed=1)
     source = RecordSource(records, tiny_tokenizer, max_length=64)
-    plan = PackedPlanMaker(source.lengths, source.shards, 2, 64, seed=0)(0)
+    plan = PlanMaker(source.lengths, source.shards, 2, seed=0, row_length=64)(0)
     items = [[source[p] for p in row] for row in plan[0]]
     packed, padded = collate_packed(items, 0), collate([s for row in items for s in row], 0)
     teacher = load_causal_lm(str(tiny_qwen_dir), dtype="float32", device="cpu")
@@ -294,13 +295,12 @@ def test_packed_stream_resumes_from_any_position():
         def __getitem__(self, i):
             return seqs[int(i)]
 
-    plans = PackedPlanMaker(Source.lengths, Source.shards, 4, 48, seed=1, min_rows=2, shuffle_buffer=9,
-                            group_batches=2)
-    from fastkd.packing import collate_packed as packed_collate
+    plans = PlanMaker(Source.lengths, Source.shards, 4, seed=1, row_length=48, min_size=2, shuffle_buffer=9,
+                      group_batches=2)
 
     def run(**kw):
         return [(e, p, [b.record_indices for b in m]) for e, p, m in
-                make_loader(Source(), plans, 0, accum=2, collate_fn=packed_collate, **kw)]
+                make_loader(Source(), plans, 0, accum=2, collate_fn=collate_packed, **kw)]
 
     items = run(epochs=2)
     assert sorted(r for e, _, m in items if e == 0 for b in m for r in b) == [100 + i for i in range(60)]

@@ -101,7 +101,7 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
     monkeypatch.setattr(rationales, "append_lines", dying_append)
     with pytest.raises(KeyboardInterrupt):
         generate("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=FakeEngine(),
-                            progress=False)
+                 progress=False)
     monkeypatch.setattr(rationales, "append_lines", real_append)
     engine = FakeEngine()
     generate("fake-teacher", str(data), str(killed), n=3, batch_size=2, engine=engine, progress=False)
@@ -110,7 +110,7 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
     assert len(log) == 1 + 12 * 3  # every sample once, the partial line gone
     with pytest.raises(UserError, match="other settings.*temperature"):
         generate("fake-teacher", str(data), str(killed), n=3, temperature=1.3, engine=FakeEngine(),
-                            progress=False)
+                 progress=False)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
@@ -157,7 +157,7 @@ def test_hf_backend_output_feeds_cache_teacher(tmp_path, tiny_qwen_dir):
     data = write_answers(tmp_path / "answers.jsonl", n=4)
     out = tmp_path / "records.jsonl"
     summary = generate(str(tiny_qwen_dir), str(data), str(out), n=2, max_new_tokens=12, batch_size=3,
-                                  temperature=1.0, progress=False, device="cpu")
+                       temperature=1.0, progress=False, device="cpu")
     assert summary["samples"] == 8
     # a random tiny teacher rarely reaches the target: keep everything it wrote, as a stand-in set of records
     log = [json.loads(x) for x in (tmp_path / ("records.jsonl" + LOG_SUFFIX)).read_text().splitlines()[1:]]
