@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
+from codec_table import decode_variant, encode_variant  # noqa: E402
 from synthetic_lm import synthetic_teacher  # noqa: E402
 
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden  # noqa: E402
@@ -43,8 +44,8 @@ TOPK = {
     "raw+zstd": (lambda s: zstandard.ZstdCompressor(level=3).compress(_raw(s)),
                  lambda p: zstandard.ZstdDecompressor().decompress(p)),
     "kt-fine": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V), lambda p: decode_topk(p, N, K, V)),
-    "kt-fine-value-layout": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V, layout="value"),
-                             lambda p: decode_topk(p, N, K, V)),
+    "kt-fine-value-layout": (lambda s: encode_variant(s.ids, s.logprobs, s.tail, V, layout="value"),
+                             lambda p: decode_variant(p, N, K)),   # an idea not taken: benchmark code
     "kt-exact": (lambda s: encode_topk(s.ids, s.logprobs, s.tail, V, exact=True), lambda p: decode_topk(p, N, K, V)),
     # precision small with the top-1 as the label: the case of a teacher whose top-1 is the next token
     "kt-small": (lambda s: encode_topk2(s.ids, s.logprobs, s.tail, V, labels=s.ids[:, 0]),

@@ -28,6 +28,8 @@ from synthetic_lm import TeacherSample, concat, synthetic_contexts, synthetic_te
 
 from fastkd.cache_tools import topk_codec  # noqa: E402
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection  # noqa: E402
+from fastkd.cache_tools.planes import (compress_planes, decompress_planes, pack_frames, plane_count,  # noqa: E402
+                                       unpack_frames)
 from fastkd.cache_tools.topk2_codec import DEFAULT_TOPK2_PARAMS, decode_topk2, encode_topk2  # noqa: E402
 from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk,  # noqa: E402
                                            encode_sampled, encode_topk)
@@ -330,6 +332,63 @@ def ours(vocab, k, **params):
             lambda payload, n: decode_topk(payload, n, k, vocab, **params))
 
 
+def encode_variant(ids, lp, tail, vocab, layout="id", reference="top1", rank_of_id=None, **params) -> bytes:
+    """kt:precision=fine with an option measured and not taken (docs/codec.md), as the library wrote it while it
+    had them: rows sorted by value (layout byte 0), x measured below log-prob 0, ids coded as ranks of a table."""
+    p = {**DEFAULT_TOPK_PARAMS, **params}
+    ids, lp, tail, steps, unused = topk_codec.prepared(ids, lp, tail, vocab, (p["step"], p["max_step"], p["growth"]),
+                                                       1e-3)
+    assert unused is None, "the variants take full rows only"
+    n, k = ids.shape
+    keys = ids.astype(np.int64) if rank_of_id is None else np.asarray(rank_of_id, np.int64)[ids]
+    finite = np.isfinite(lp)
+    ref = (np.zeros((n, 1), np.float32) if reference == "absolute"
+           else np.where(finite, lp, -np.inf).max(axis=1, initial=-np.inf, keepdims=True))
+    with np.errstate(invalid="ignore"):
+        codes = topk_codec._to_code(np.maximum(np.where(finite, ref - lp, np.float32(0)), np.float32(0)), *steps)
+    codes[~finite] = topk_codec.NEG_INF_CODE
+    if layout == "value":   # ids raw in value order, the ascending codes as differences
+        id_bits = max(1, int(vocab + k - 1).bit_length())
+        packed = np.sort((codes << id_bits) | keys, axis=1)
+        key_stream, codes = packed & ((1 << id_bits) - 1), packed >> id_bits
+        code_stream = np.concatenate([codes[:, :1], np.diff(codes, axis=1)], axis=1)
+    else:
+        packed = np.sort((keys << 16) | codes, axis=1)
+        keys, code_stream = packed >> 16, packed & 0xFFFF
+        key_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)
+    flags = (1 if rank_of_id is not None else 0) | (2 if reference == "absolute" else 0)
+    header = topk_codec._TOPK_HEADER.pack(b"KT", 1, 0 if layout == "value" else 1, flags, n, k, *steps)
+    code_planes = plane_count(max(int(code_stream.max(initial=0)), 1))
+    return pack_frames(header, [compress_planes(key_stream, plane_count(vocab + k), p["level"]),
+                                compress_planes(code_stream, code_planes, p["level"]),
+                                compress_planes(tail.view(np.uint32), 4, p["level"])])
+
+
+def decode_variant(payload: bytes, n: int, k: int, id_of_rank=None):
+    """Inverse of encode_variant (the inverse rank table passed when it had one)."""
+    _, _, layout, _, _, _, *steps = topk_codec._TOPK_HEADER.unpack_from(payload)
+    g_keys, g_codes, g_tail = unpack_frames(payload, topk_codec._TOPK_HEADER.size, 3)
+    tail = decompress_planes(g_tail, n).view(np.float32)
+    keys = decompress_planes(g_keys, n * k).reshape(n, k).astype(np.int64)
+    codes = decompress_planes(g_codes, n * k).reshape(n, k).astype(np.int64)
+    if layout == 0:
+        np.cumsum(codes, axis=1, out=codes)
+    else:
+        np.cumsum(keys, axis=1, out=keys)
+        keys += np.arange(k)
+    ids = keys if id_of_rank is None else id_of_rank[keys]
+    return ids, topk_codec._decoded_logprobs(codes, tail, *steps), tail
+
+
+def variant(vocab, k, layout="id", reference="top1", rank_of_id=None, **params):
+    """(encode, decode) of kt:precision=fine with the options of encode_variant; the library's own without them."""
+    if layout == "id" and reference == "top1" and rank_of_id is None:
+        return ours(vocab, k, **params)
+    id_of_rank = None if rank_of_id is None else np.argsort(rank_of_id)
+    return (lambda ids, lp, tail: encode_variant(ids, lp, tail, vocab, layout, reference, rank_of_id, **params),
+            lambda payload, n: decode_variant(payload, n, k, id_of_rank))
+
+
 def size_without_plane_split(sample, vocab, block, **params) -> float:
     """Bytes/position of the same streams stored as whole little-endian integers (one zstd frame
     per stream) instead of byte planes: an ablation, measured by swapping the plane splitter."""
@@ -370,7 +429,7 @@ def topk2_rows(sample, vocab, labels, block, repeats):
             measure_topk(f"{SMALL}, no labels", sample, vocab,
                          lambda i, l, t: encode_topk2(i, l, t, vocab), lambda p, m: decode_topk2(p, m, k, vocab),
                          block, repeats)]
-    for params in (dict(step=0.12), dict(step=0.07), dict(level=1), dict(reference="absolute", step=0.03, growth=0.5)):
+    for params in (dict(step=0.12), dict(step=0.07), dict(level=1)):
         rows.append(measure_topk(f"{SMALL}, {fmt_params(params)}", sample, vocab, *ours2(vocab, k, **params), block,
                                  repeats, labels))
     for other in (256, 4096):
@@ -383,12 +442,12 @@ def topk2_rows(sample, vocab, labels, block, repeats):
 def topk2_parts(sample, vocab, labels, block) -> str:
     """kt:precision=small bytes per position by part, and the ideal cost of the id sets alone (an arithmetic
     coder with each id's inclusion probability taken from the other half of the positions)."""
-    from fastkd.cache_tools.topk2_codec import topk2_section_sizes
+    from fastkd.cache_tools.topk2_codec import topk_section_sizes
     n = len(sample.ids)
     totals: dict[str, float] = {}
     for a, b in blocks(n, block):
         p = encode_topk2(sample.ids[a:b], sample.logprobs[a:b], sample.tail[a:b], vocab, labels=labels[a:b])
-        for key, v in topk2_section_sizes(p).items():
+        for key, v in topk_section_sizes(p).items():
             totals[key] = totals.get(key, 0) + v / n
     half = n // 2
     cost = held_out_set_bits(sample.ids[:half], sample.ids[half:], vocab) + held_out_set_bits(
@@ -507,7 +566,7 @@ def value_floors(sample) -> tuple[float, float, float]:
     all rows). Fitted on the same codes (in-sample), so all three figures flatter the coder."""
     n = len(sample.ids)
     p = DEFAULT_TOPK2_PARAMS
-    codes = topk_codec._value_codes(sample.logprobs, p["reference"], p["step"], p["max_step"], p["growth"])
+    codes = topk_codec._value_codes(sample.logprobs, p["step"], p["max_step"], p["growth"])
     scale = np.minimum(codes, 2000).mean(axis=1)          # clipped so -inf codes (65535) do not set a row's class
     scale_class = np.searchsorted(np.quantile(scale, np.linspace(0, 1, 17)[1:-1]), scale)
     given_scale = plug_in_bits(codes, np.broadcast_to(scale_class[:, None], codes.shape)) + 4 * n
@@ -546,11 +605,11 @@ def topk_rows(sample, vocab, block, repeats, full: bool):
         variants += [dict(default, layout="value", step=0.1, max_step=0.1), dict(default, level=9)]
     for params in variants:
         changed = {key: v for key, v in params.items() if default.get(key) != v}
-        rows.append(measure_topk(f"{FINE}, {fmt_params(changed)}", sample, vocab, *ours(vocab, k, **params), block,
+        rows.append(measure_topk(f"{FINE}, {fmt_params(changed)}", sample, vocab, *variant(vocab, k, **params), block,
                                  repeats))
     table = frequency_table(sample, vocab)
     rows.append(measure_topk(f"{FINE} + frequency-rank table (from first 25%)", sample, vocab,
-                             *ours(vocab, k, rank_of_id=table), block, repeats))
+                             *variant(vocab, k, rank_of_id=table), block, repeats))
     rows.append(dict(codec=f"{FINE}, no byte-plane split [size only]", k=k, V=vocab,
                      bytes=size_without_plane_split(sample, vocab, block)))
     for other in (256, 4096):

@@ -157,7 +157,9 @@ def build_hot_cache(work: Path, args) -> Path:
     import numpy as np
 
     from fastkd.cache_tools import CacheWriter
-    from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import random_sequence, synthetic_settings   # the tests' synthetic cache sequences
 
     root = work / f"cache-v{args.vocab}-k{args.top_k}-t{args.seq}"
     if (root / "manifest.json").exists():

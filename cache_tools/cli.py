@@ -10,8 +10,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .codecs import spell_codec
+from .reader import CacheReader, load_manifest
 from .stats import METRICS, QUANTILES, cache_stats
+from .storage import is_url, open_storage
 from .verify import verify_cache
+
+SUMMARY_KEYS = ("teacher", "tokenizer", "template", "k", "mode", "sample_n", "capture", "layers", "hidden_widths",
+                "codecs", "max_length")   # shown as the manifest holds them
 
 
 def add_inspect_arguments(parser) -> None:
@@ -20,43 +25,31 @@ def add_inspect_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
 
-# --- inspect -------------------------------------------------------------------------------
-
 def cache_summary(root) -> dict:
     """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache (its
     manifest, checked as every reader checks it; the shards are not opened)."""
-    from .reader import load_manifest
-    from .storage import is_url, open_storage
-
     root = str(root) if is_url(root) else Path(root)
     m = load_manifest(open_storage(root))
-    c = m.get("counts", {})
-    parts = c.get("payload_bytes", {})
-    positions = c.get("loss_positions", 0)
-    sequences = c.get("sequences", 0)
-    total = c.get("bytes", 0)
+    c = m["counts"]
+    parts = c["payload_bytes"]   # a cache with no shard yet may lack a part
+    positions = c["loss_positions"]
     logits = parts.get("topk", 0) + parts.get("rows", 0)
-    hidden = parts.get("hidden", 0)
 
     def per(x):
         return x / positions if positions else None
 
     return {
-        "cache": str(root), "format_version": m["format_version"], "complete": bool(m.get("complete")),
-        "teacher": m.get("teacher"), "tokenizer": m.get("tokenizer"), "template": m.get("template"),
-        "k": m.get("k"), "mode": m.get("mode"), "sample_n": m.get("sample_n"), "capture": m.get("capture"),
-        "layers": m.get("layers", []),
-        "hidden_widths": m.get("hidden_widths", []), "codecs": m.get("codecs"), "max_length": m.get("max_length"),
-        "shards": len(m["shards"]), "sequences": sequences, "tokens": c.get("tokens", 0), "loss_positions": positions,
-        "bytes": total,
+        "cache": str(root), "format_version": m["format_version"], "complete": m["complete"],
+        **{key: m.get(key) for key in SUMMARY_KEYS}, "shards": len(m["shards"]),
+        **{key: c[key] for key in ("sequences", "tokens", "loss_positions", "bytes")},
         "bytes_per_loss_position": {
-            "total": per(total), "logits": per(logits), "hidden": per(hidden),
-            "hidden_by_layer": {layer: per(v) for layer, v in c.get("hidden_bytes", {}).items()},
+            "total": per(c["bytes"]), "logits": per(logits), "hidden": per(parts.get("hidden", 0)),
+            "hidden_by_layer": {layer: per(v) for layer, v in c["hidden_bytes"].items()},
             "tokens": per(parts.get("tokens", 0)),
-            "index_and_headers": per(total - logits - hidden - parts.get("tokens", 0)),
+            "index_and_headers": per(c["bytes"] - logits - parts.get("hidden", 0) - parts.get("tokens", 0)),
         },
-        "mean_loss_positions_per_sequence": positions / sequences if sequences else None,
-        "summary": m.get("summary"),
+        "mean_loss_positions_per_sequence": positions / c["sequences"] if c["sequences"] else None,
+        "summary": m["summary"],
     }
 
 
@@ -69,7 +62,6 @@ def _human(n: int) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
-    return str(n)
 
 
 def _brief(value, width: int = 72) -> str:
@@ -137,8 +129,6 @@ def run_inspect(args) -> int:
     return 0
 
 
-# --- verify --------------------------------------------------------------------------------
-
 def add_verify_arguments(parser) -> None:
     add_inspect_arguments(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -157,14 +147,13 @@ def run_verify(args) -> int:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         for p in report.problems:
-            print(f"BAD {args.cache}: {p}")
+            print(f"BAD {args.cache}: shard {p.shard}" + (f" block {p.block}" if p.block is not None else "")
+                  + f": {p.message}")
         state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
         print(f"{state}: {report.shards} shards, {report.blocks} blocks, {report.sequences:,} sequences, "
               f"{report.loss_positions:,} loss positions checked in {args.cache}")
     return 0 if report.ok else 1
 
-
-# --- stats ---------------------------------------------------------------------------------
 
 def add_stats_arguments(parser) -> None:
     add_verify_arguments(parser)
@@ -173,8 +162,6 @@ def add_stats_arguments(parser) -> None:
 
 
 def run_stats(args) -> int:
-    from .reader import CacheReader
-
     reader = CacheReader(args.cache, layers=[])  # hidden states are not needed
     s = cache_stats(reader, args.max_sequences, _progress(args, "stats", "seq"))
     if args.json:
@@ -184,8 +171,7 @@ def run_stats(args) -> int:
         f" ({s['loss_positions_with_teacher']:,} hold the teacher: the metrics are over those)"
     print(f"{s['cache']}: {s['sequences']:,} sequences, {s['loss_positions']:,} loss positions{kept}, "
           f"mode {s['mode']}, k {s['k']}, vocab {s['vocab_size']:,}; entropies in nats")
-    head = f"{'metric':<14}{'mean':>9}" + "".join(f"{'q' + format(q, 'g'):>9}" for q in QUANTILES)
-    print(head)
+    print(f"{'metric':<14}{'mean':>9}" + "".join(f"{'q' + format(q, 'g'):>9}" for q in QUANTILES))
     for name in METRICS:
         row = s["metrics"][name]
         print(f"{name:<14}{_fmt(row['mean'], 4):>9}"

@@ -1,6 +1,6 @@
 """Work units encoded and written on worker threads while the caller computes the next ones: each block of a unit
 is checked and encoded (numpy and zstd release the GIL) once its sequences are all in, the shard is written and
-receipted once its last block is; at most `units_in_flight` units are held, and a failure stops the caller."""
+receipted once its last block is; at most UNITS_IN_FLIGHT units are held, and a failure stops the caller."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import bisect
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from .errors import CacheError
 from .format import CachedSequence
-from .writing import block_plan, check_sequence, encode_shard_block, shard_file, typed
+from .shard import encode_block, plan_blocks
+from .writing import check_sequence, shard_file
 
 UNITS_IN_FLIGHT = 2   # the unit the caller is filling and one being finished: memory for two units' signal
 
@@ -19,33 +21,25 @@ UNITS_IN_FLIGHT = 2   # the unit the caller is filling and one being finished: m
 class _Unit:
     """One unit being filled and encoded: its sequences by position (stubs once their block is encoded)."""
 
-    def __init__(self, number: int, records: list[int], lengths: list[int], losses: list[int], starts: list[int]):
+    def __init__(self, number: int, lengths: list[int], losses: list[int], starts: list[int]):
         self.number = number
         self.lengths, self.losses = list(lengths), list(losses)
-        self.slots: list = [None] * len(records)
+        self.slots: list = [None] * len(lengths)
         self.starts = starts
         self.missing = [b - a for a, b in zip(starts, starts[1:])]   # sequences each block still waits for
         self.payloads: list = [None] * (len(starts) - 1)
-        self.blocks_left = len(starts) - 1
         self.arrived = 0
-
-
-def _stub(seq: CachedSequence) -> CachedSequence:
-    """What the shard's index needs of a sequence once its block is encoded (its signal can be freed)."""
-    return CachedSequence(seq.record_index, seq.task, seq.input_ids, seq.loss_mask, None, None, None)
 
 
 class EncodePool:
     """Takes the sequences of `writer`'s units as they are computed (`begin` a unit, then `add` each of its
-    sequences, in any order, before the next unit begins) and writes each unit on `threads` worker threads;
-    threads=0 writes a unit in the caller's thread once it is complete (the sequential path). `on_commit()` runs after
-    each receipt, in the thread that wrote it. An error raised by a worker is raised again by the caller's next call."""
+    sequences, in any order, before the next unit begins) and writes each unit on `threads` worker threads
+    (threads=0: in the caller's thread once it is complete); a worker's error is raised by the caller's next call."""
 
-    def __init__(self, writer, threads: int, units_in_flight: int = UNITS_IN_FLIGHT, on_commit=None):
-        if threads < 0 or units_in_flight < 1:
-            raise CacheError(f"encode pool: threads must be >= 0 and units in flight >= 1, got {threads}, "
-                             f"{units_in_flight}")
-        self.writer, self.threads, self.units_in_flight = writer, threads, units_in_flight
+    def __init__(self, writer, threads: int, on_commit=None):
+        if threads < 0:
+            raise CacheError(f"encode pool: threads must be >= 0, got {threads}")
+        self.writer = writer
         self.on_commit = on_commit      # called after each unit's receipt, in the thread that wrote it (a merge)
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="fastkd-encode") if threads else None
         self.cond = threading.Condition()
@@ -58,17 +52,17 @@ class EncodePool:
 
     def begin(self, number: int, records: list[int], lengths: list[int], losses: list[int]) -> None:
         """Announce unit `number`: its record indices (in order) with their token and loss counts; waits while
-        `units_in_flight` units are unfinished."""
+        UNITS_IN_FLIGHT units are unfinished."""
         if not records:
             raise CacheError(f"cache {self.writer.root}: unit {number} holds no record: it has no shard")
         w = self.writer
-        starts = block_plan(w.layout, lengths, losses, w.block_bytes, w.max_block_sequences)
+        starts = plan_blocks(w.layout, lengths, losses, w.block_bytes, w.max_block_sequences)
         with self.cond:
             self._check_filled()
-            while len(self.pending) >= self.units_in_flight and self.error is None:
+            while len(self.pending) >= UNITS_IN_FLIGHT and self.error is None:
                 self.cond.wait()
             self._raise()
-            unit = self.pending[number] = _Unit(number, records, lengths, losses, starts)
+            unit = self.pending[number] = _Unit(number, lengths, losses, starts)
         self.where.update((r, (unit, i)) for i, r in enumerate(records))
 
     def add(self, seq: CachedSequence) -> None:
@@ -105,14 +99,13 @@ class EncodePool:
         try:
             w = self.writer
             a, z = unit.starts[b], unit.starts[b + 1]
-            seqs = [typed(s) for s in unit.slots[a:z]]
-            for seq in seqs:
-                check_sequence(w.root, w.layout, seq, captured="capture" in w.settings)
-            unit.payloads[b] = encode_shard_block(w.root, shard_file(unit.number), w.layout, w.settings, seqs)
-            unit.slots[a:z] = [_stub(s) for s in seqs]
+            seqs = [check_sequence(w.root, w.layout, s) for s in unit.slots[a:z]]
+            payload = encode_block(w.layout, seqs, f"cache {w.root}: shard {shard_file(unit.number)}")
+            unit.slots[a:z] = [replace(s, topk_ids=None, topk_logprobs=None, tail=None, counts=None, hidden={})
+                               for s in seqs]   # what the shard's index needs: the signal can be freed
             with self.cond:
-                unit.blocks_left -= 1
-                last = not unit.blocks_left
+                unit.payloads[b] = payload
+                last = None not in unit.payloads
             if last and not self.stopping.is_set():
                 w.write_unit(unit.number, unit.slots, blocks=(unit.starts, unit.payloads))
                 self._finished(unit)

@@ -31,11 +31,8 @@ class CorruptCacheError(CacheError):
 
     def __init__(self, message: str, shard: str | None = None, block: int | None = None):
         super().__init__(message)
-        self.shard = shard
+        self.shard = shard   # both kept by the default pickling (across DataLoader workers)
         self.block = block
-
-    def __reduce__(self):  # crosses DataLoader worker boundaries whole
-        return (type(self), (str(self), self.shard, self.block))
 
 
 class CorruptShard(ValueError):

@@ -46,11 +46,9 @@ class CachedSequence:
 def jsonable(value):
     """Settings as plain JSON (tuples -> lists, paths -> str, numpy scalars -> python, NaN and infinities -> None)."""
     def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
+        if isinstance(obj, (np.generic, np.ndarray)):
             return obj.tolist()
-        if isinstance(obj, (Path, os.PathLike)):
+        if isinstance(obj, os.PathLike):
             return os.fspath(obj)
         if isinstance(obj, (set, frozenset)):
             return sorted(obj)
@@ -64,12 +62,7 @@ def settings_differences(old, new, path: str = "") -> list[tuple[str, object, ob
         out = []
         for key in sorted(set(old) | set(new), key=str):
             sub = f"{path}.{key}" if path else str(key)
-            if key not in old:
-                out.append((sub, "<absent>", new[key]))
-            elif key not in new:
-                out.append((sub, old[key], "<absent>"))
-            else:
-                out.extend(settings_differences(old[key], new[key], sub))
+            out.extend(settings_differences(old.get(key, "<absent>"), new.get(key, "<absent>"), sub))
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         out = []

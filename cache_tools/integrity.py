@@ -53,11 +53,9 @@ def seal(document: dict) -> dict:
 
 def seal_matches(document: dict) -> bool | None:
     """True/False when the document carries a seal (it matches or not); None when it has none."""
-    stored = document.get(SEAL_KEY)
-    if stored is None:
+    if document.get(SEAL_KEY) is None:
         return None
-    body = {k: v for k, v in document.items() if k != SEAL_KEY}
     try:
-        return stored == digest_bytes(canonical_json(body))
+        return document[SEAL_KEY] == seal(document)[SEAL_KEY]
     except ValueError:  # NaN/Infinity cannot be in a sealed document
         return False

@@ -43,12 +43,11 @@ def _holder(path: Path) -> dict | None:
         return None
 
 
-def acquire_lock(path: Path) -> None:
-    """Create the lock file, or take over one whose process (on this host) is gone."""
-    path = Path(path)
+def acquire_lock(path: Path) -> Path:
+    """Create the lock file, or take over one whose process (on this host) is gone; returns its path."""
     for _ in range(3):
         if _try_create(path):
-            return
+            return path
         holder = _holder(path)
         if holder is None:  # half-written or unreadable: only stale if it stays that way
             try:
@@ -65,7 +64,6 @@ def acquire_lock(path: Path) -> None:
 
 def release_lock(path: Path) -> None:
     """Remove the lock file if this process holds it."""
-    path = Path(path)
     holder = _holder(path)
     if holder and int(holder.get("pid", -1)) == os.getpid():
         with contextlib.suppress(OSError):
@@ -74,7 +72,6 @@ def release_lock(path: Path) -> None:
 
 def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
     """Remove a lock left by a dead process; CacheError naming `what` if its holder may still run."""
-    path = Path(path)
     holder = _holder(path) if holder is None else holder
     if holder is not None:
         pid, host = int(holder.get("pid", -1)), holder.get("host")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from itertools import accumulate
 
 import numpy as np
 import zstandard
@@ -37,43 +38,41 @@ def decompress_planes(frames: list[bytes], count: int) -> np.ndarray:
     dctx = zstandard.ZstdDecompressor()
     out = np.zeros(count, dtype=np.uint32)
     for b, frame in enumerate(frames):
-        try:
-            plane = np.frombuffer(dctx.decompress(frame, max_output_size=count), dtype=np.uint8)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"corrupt codec payload: byte plane {b} does not decompress ({exc})") from None
-        if plane.size != count:
-            raise CodecError(f"corrupt codec payload: byte plane {b} holds {plane.size} values, expected {count}")
-        out |= plane.astype(np.uint32) << np.uint32(8 * b)
+        out |= decompress_plane(frame, count, b, dctx).astype(np.uint32) << np.uint32(8 * b)
     return out
+
+
+def decompress_plane(frame: bytes, count: int, b: int = 0, dctx=None) -> np.ndarray:
+    """Byte plane `b` as `count` uint8 values; CodecError when its frame does not decompress to exactly that."""
+    try:
+        plane = np.frombuffer((dctx or zstandard.ZstdDecompressor()).decompress(frame, max_output_size=count), np.uint8)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt codec payload: byte plane {b} does not decompress ({exc})") from None
+    if plane.size != count:
+        raise CodecError(f"corrupt codec payload: byte plane {b} holds {plane.size} values, expected {count}")
+    return plane
 
 
 def pack_frames(header: bytes, groups: list[list[bytes]]) -> bytes:
     """header + per group [plane count u8] + per frame [length u32] + the frames."""
-    table = b"".join(struct.pack("<B", len(g)) for g in groups)
-    lengths = b"".join(struct.pack("<I", len(f)) for g in groups for f in g)
-    return header + table + lengths + b"".join(f for g in groups for f in g)
+    frames = [f for g in groups for f in g]
+    lengths = struct.pack(f"<{len(frames)}I", *map(len, frames))
+    return header + bytes(len(g) for g in groups) + lengths + b"".join(frames)
 
 
 def unpack_frames(payload: bytes, offset: int, n_groups: int) -> list[list[bytes]]:
     """Inverse of pack_frames, starting after the header."""
+    counts = list(payload[offset:offset + n_groups])
     try:
-        counts = list(payload[offset:offset + n_groups])
-        offset += n_groups
-        total = sum(counts)
-        lengths = struct.unpack_from(f"<{total}I", payload, offset)
-        offset += 4 * total
+        lengths = struct.unpack_from(f"<{sum(counts)}I", payload, offset + n_groups)
     except struct.error as exc:
         raise CodecError(f"corrupt codec payload: truncated frame table ({exc})") from None
-    frames, groups = [], []
-    for length in lengths:
-        frames.append(payload[offset:offset + length])
-        offset += length
-    if offset != len(payload):
-        raise CodecError(f"corrupt codec payload: {len(payload)} bytes, frame table says {offset}")
-    for c in counts:
-        groups.append(frames[:c])
-        frames = frames[c:]
-    return groups
+    ends = list(accumulate(lengths, initial=offset + n_groups + 4 * len(lengths)))
+    if ends[-1] != len(payload):
+        raise CodecError(f"corrupt codec payload: {len(payload)} bytes, frame table says {ends[-1]}")
+    frames = [payload[a:b] for a, b in zip(ends, ends[1:])]
+    cuts = list(accumulate(counts, initial=0))
+    return [frames[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def peek(payload: bytes, magic: bytes, what: str) -> int:
@@ -81,12 +80,6 @@ def peek(payload: bytes, magic: bytes, what: str) -> int:
     if len(payload) < 3 or payload[:2] != magic:
         raise CodecError(f"not a {what} codec payload (starts with {bytes(payload[:2])!r}, expected {magic!r})")
     return payload[2]
-
-
-def section_sizes(payload: bytes, header_size: int, names: tuple) -> dict[str, int]:
-    """Bytes spent on each group of frames of a payload (named), and on its header, for reports."""
-    parts = {name: sum(map(len, group)) for name, group in zip(names, unpack_frames(payload, header_size, len(names)))}
-    return dict(parts, header=len(payload) - sum(parts.values()))
 
 
 def unpack_header(payload: bytes, header, magic: bytes, what: str, version: int, shape: tuple, expected: tuple):

@@ -3,7 +3,6 @@ URL (s3://, gs://, hf://, file://, memory://), both through one storage interfac
 
 from __future__ import annotations
 
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -13,8 +12,8 @@ from .errors import CacheError, CodecError, CorruptCacheError, CorruptShard
 from .format import CachedSequence
 from .integrity import digest_bytes
 from .manifest_checks import check_manifest_totals
-from .shard import Layout, part_kind
-from .shard_read import Shard, ShardFile, shard_head
+from .shard import INDEX_DTYPES, Layout, part_kind, payload_sizes
+from .shard_read import Shard, shard_head
 from .storage import ReadAhead, open_storage, read_ahead_bytes
 
 OPEN_THREADS = 8               # shards opened (header + index fetched) at once
@@ -24,9 +23,7 @@ def load_manifest(storage) -> dict:
     """The manifest of a storage, checked completely (fields, seal, `counts` totals, symlinks out of a folder):
     every reader opens a cache here (CacheReader, `fastkd cache verify | inspect | stats`)."""
     manifest = storage.manifest()
-    where = f"cache {storage.label}: manifest.json"
-    check_manifest_totals(manifest, where)
-    storage.check_links(manifest, where)
+    check_manifest_totals(manifest, f"cache {storage.label}: manifest.json")
     return manifest
 
 
@@ -46,7 +43,7 @@ def open_shard(storage, entry: dict, number: int, *, verify: bool = True) -> Sha
         head = shard_head(storage, name, size)
         if verify and digest_bytes(head[:8 + int.from_bytes(head[:8], "little")]) != entry["header_sha256"]:
             raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
-        return Shard(ShardFile(storage, name, size, head), where, verify=verify)
+        return Shard(storage, name, size, head, verify=verify)
     except CorruptShard as err:
         raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", name) from None
     except CacheError:
@@ -125,7 +122,10 @@ class CacheReader:
         bad = []
         for shard, block, positions in (progress(table) if progress else table):
             try:
-                self.check_block(shard, block)
+                self._fetch(shard, block, sequential=True)
+                self._shards[shard].read_parts(self._shards[shard].part_names(block))
+            except CorruptShard as err:
+                bad.append((positions, str(self._corrupt(shard, block, err))))
             except CacheError as err:
                 bad.append((positions, str(err)))
         return bad
@@ -135,12 +135,12 @@ class CacheReader:
         blocks do not."""
         return dict(self.__dict__, _block=None)
 
-    # --- blocks: one range read per block, through the read-ahead -----------------------------
     def _block_item(self, number: int, block: int):
+        """(key, size, load) of a block for the read-ahead: its tensors, one range read per contiguous run."""
         shard = self._shards[number]
         names = shard.part_names(block, self.layers)
-        size = sum(length for _, length, _ in shard.handle.ranges(names))
-        return (number, block), size, lambda: shard.handle.fetch(names)
+        size = sum(length for _, length, _ in shard.ranges(names))
+        return (number, block), size, lambda: shard.fetch(names)
 
     def _fetch(self, number: int, block: int, sequential: bool = False) -> None:
         """Stage a block's bytes in its shard file (fetched ahead or now), then plan the next fetches:
@@ -150,7 +150,7 @@ class CacheReader:
             parts = self.read_ahead.take(key, load)
         except CorruptShard as err:
             raise self._corrupt(number, block, err) from None
-        self._shards[number].handle.stage(parts)
+        self._shards[number].stage(parts)
         here = int(self._block_offsets[number]) + block
         if key in self._expected:
             self._expected = self._expected[self._expected.index(key) + 1:]
@@ -161,17 +161,7 @@ class CacheReader:
         else:
             self._expected, upcoming = [], iter(())
         self._recent = (self._recent[1], here)
-        self.read_ahead.want(self._within_budget(upcoming))
-
-    def _within_budget(self, blocks):
-        items, total = [], 0
-        for number, block in blocks if self.read_ahead.budget > 0 else ():
-            item = self._block_item(number, block)
-            total += item[1]
-            if total > self.read_ahead.budget:
-                break
-            items.append(item)
-        return items
+        self.read_ahead.want(self._block_item(*key) for key in upcoming)
 
     def _global_block(self, g: int) -> tuple[int, int]:
         number = int(np.searchsorted(self._block_offsets, g, side="right") - 1)
@@ -181,7 +171,7 @@ class CacheReader:
         """Announce the (shard, block) pairs about to be read, in order: the reader fetches them ahead
         within its read-ahead budget."""
         self._expected = [(int(s), int(b)) for s, b in blocks]
-        self.read_ahead.want(self._within_budget(self._expected))
+        self.read_ahead.want(self._block_item(*key) for key in self._expected)
 
     def _decode(self, number: int, block: int, sequential: bool = False) -> list[CachedSequence]:
         if self._block is not None and self._block[:2] == (number, block):
@@ -203,17 +193,9 @@ class CacheReader:
                                  f"sequences are not used. Run `fastkd cache verify {self.root}` to list every "
                                  f"damaged block", entry["file"], block)
 
-    def check_block(self, shard: int, block: int) -> None:
-        """Check a block's bytes against their digests without decoding (CorruptCacheError if bad)."""
-        try:
-            self._fetch(shard, block, sequential=True)
-            self._shards[shard].check_block(block)
-        except CorruptShard as err:
-            raise self._corrupt(shard, block, err) from None
-
-    def read_block(self, shard: int, block: int) -> list[CachedSequence]:
-        """Decode one block (the sequences of `blocks()`' matching range) without caching it."""
-        seqs = self._decode(shard, block)
+    def read_block(self, shard: int, block: int, sequential: bool = False) -> list[CachedSequence]:
+        """Decode one block (the sequences of `blocks()`' matching range) without keeping it."""
+        seqs = self._decode(shard, block, sequential)
         self._block = None
         return seqs
 
@@ -238,9 +220,7 @@ class CacheReader:
         """Every sequence in cache order, decoding one block at a time."""
         for number in range(self.num_shards):
             for block in range(self._shards[number].num_blocks):
-                seqs = self._decode(number, block, sequential=True)
-                self._block = None  # streaming: do not keep the block alive
-                yield from seqs
+                yield from self.read_block(number, block, sequential=True)
 
 
 def check_shard_matches(root, manifest: dict, entry: dict, shard, number: int | None = None) -> None:
@@ -251,10 +231,9 @@ def check_shard_matches(root, manifest: dict, entry: dict, shard, number: int | 
     _check_entry_counts(where, name, entry, shard)
     _check_layout_matches(where, manifest, entry, shard.layout)
     try:
-        sizes = shard.block_tensor_bytes()
+        _check_payload_sizes(where, name, entry, shard)
     except CorruptShard as err:
         raise CorruptCacheError(f"{where}: {err}; it is not used", entry["file"]) from None
-    _check_payload_sizes(where, name, entry, sizes)
 
 
 def _mismatch(where: str, entry: dict, field: str, value, expected, source: str) -> CorruptCacheError:
@@ -305,13 +284,23 @@ def _codec(spec):
     return {"name": spec.get("name"), "params": spec.get("params", {})} if isinstance(spec, dict) else spec
 
 
-def _check_payload_sizes(where: str, name: str, entry: dict, sizes: dict[str, int]) -> None:
-    """payload_bytes per part and hidden_bytes per layer equal the sizes of the shard's block tensors."""
-    parts, hidden = Counter(), Counter()
-    for tensor, size in sizes.items():
-        parts[part_kind(tensor)] += size
-        if part_kind(tensor) == "hidden":
-            hidden[tensor.rsplit(".", 1)[1]] += size
+def _check_payload_sizes(where: str, name: str, entry: dict, shard) -> None:
+    """The block tensors are the layout's parts, 1-D U8 (from the header alone: nothing is read), and
+    payload_bytes per part and hidden_bytes per layer equal their sizes."""
+    expected = {tensor for b in range(shard.num_blocks) for tensor in shard.part_names(b)}
+    names = [tensor for tensor in shard.tensors if tensor not in INDEX_DTYPES]
+    unknown = sorted(set(names) - expected)
+    if unknown:
+        raise CorruptShard(f"tensor {unknown[0]} is not one of its {shard.num_blocks} blocks' parts "
+                           f"({', '.join(sorted({part_kind(n) for n in expected})) or 'none'})")
+    missing = sorted(expected - set(names))
+    if missing:
+        raise CorruptShard(f"tensor {missing[0]} is missing (the index announces {shard.num_blocks} blocks)")
+    for tensor in names:
+        dtype, shape, _, _ = shard.tensors[tensor]
+        if dtype != "U8" or len(shape) != 1:
+            raise CorruptShard(f"tensor {tensor} is {dtype} {list(shape)}, expected 1-D U8 (a block part)")
+    parts, hidden = payload_sizes(shard.layout, {tensor: int(shard.tensors[tensor][1][0]) for tensor in names})
     for label, table, actual in (("payload_bytes", entry.get("payload_bytes"), parts),
                                  ("hidden_bytes", entry.get("hidden_bytes"), hidden)):
         if not isinstance(table, dict):

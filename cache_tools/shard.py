@@ -4,12 +4,13 @@ hidden.<layer>), each tensor digested; written and decoded part by part. Spec: d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from .codecs import default_codec, get_codec
+from .codecs import get_codec
+from .errors import CacheError
 from .format import FORMAT_NAME, FORMAT_VERSION, CachedSequence
 from .integrity import BLOCK_DIGEST, digest_bytes
 from .planes import ZSTD_LEVEL, compress_planes, decompress_planes, pack_frames, unpack_frames
@@ -26,11 +27,11 @@ class Layout:
     k: int
     vocab_size: int
     mode: str  # "topk" or "sample"
-    layers: tuple[int, ...] = ()
-    widths: tuple[int, ...] = ()
-    topk_codec: dict = field(default_factory=lambda: default_codec("topk"))
-    hidden_codec: dict = field(default_factory=lambda: default_codec("hidden"))
-    captured: bool = False   # selective capture: a `rows` tensor per block says which rows hold the teacher
+    layers: tuple[int, ...]
+    widths: tuple[int, ...]
+    topk_codec: dict
+    hidden_codec: dict
+    captured: bool   # selective capture: a `rows` tensor per block says which rows hold the teacher
 
     @property
     def sampled(self) -> bool:
@@ -58,19 +59,19 @@ class Layout:
                    captured=meta.get("captured", "") == "1")
 
 
-def plan_blocks(raw_sizes: list[int], block_bytes: int, max_block_sequences: int) -> list[int]:
-    """Block start positions (plus the end): consecutive sequences, at most `block_bytes` raw
-    bytes and `max_block_sequences` sequences each, never an empty block."""
+def plan_blocks(layout: Layout, lengths, losses, block_bytes: int, max_block_sequences: int) -> list[int]:
+    """Block start positions (plus the end) for sequences of these token and loss counts: consecutive
+    sequences, at most `block_bytes` raw bytes and `max_block_sequences` sequences each, never an empty block."""
     starts = [0]
     size = 0
-    for i, raw in enumerate(raw_sizes):
+    for i, raw in enumerate(layout.raw_bytes(n, m) for n, m in zip(lengths, losses)):
         count = i - starts[-1]
         if count and (size + raw > block_bytes or count >= max_block_sequences):
             starts.append(i)
             size = 0
         size += raw
-    starts.append(len(raw_sizes))
-    return starts if raw_sizes else [0, 0]
+    starts.append(len(lengths))
+    return starts
 
 
 def part_names(layout: Layout, block: int, layers=None) -> list[str]:
@@ -84,8 +85,19 @@ def part_kind(name: str) -> str:
     return name.split(".")[2]
 
 
-class EncodeError(ValueError):
-    """A codec refused a block; names the record it could not encode when one can be found."""
+def payload_sizes(layout: Layout, sizes: dict[str, int]) -> tuple[dict, dict]:
+    """The manifest's payload_bytes (per part) and hidden_bytes (per layer) of block tensors of these sizes."""
+    parts = {"tokens": 0, "topk": 0, "hidden": 0, **({"rows": 0} if layout.captured else {})}
+    hidden = {str(layer): 0 for layer in layout.layers}
+    for name, size in sizes.items():
+        parts[part_kind(name)] += size
+        if part_kind(name) == "hidden":
+            hidden[name.rsplit(".", 1)[1]] += size
+    return parts, hidden
+
+
+class EncodeError(CacheError):
+    """A codec refused a block; names the shard, the record it could not encode (when one can be found), the codecs."""
 
 
 def _le_bytes(a: np.ndarray) -> bytes:
@@ -94,21 +106,24 @@ def _le_bytes(a: np.ndarray) -> bytes:
     return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-# --- writing: one function per part ---------------------------------------------------------
+def empty_rows(ids, logprobs, tail) -> np.ndarray:
+    """Rows a selective-capture cache stores without the teacher (bool [n]): every id -1, every log-prob -inf,
+    tail exactly 1."""
+    return ((np.asarray(ids) == -1).all(axis=1) & np.isneginf(np.asarray(logprobs, np.float64)).all(axis=1)
+            & (np.asarray(tail) == 1.0))
 
-def _rows(seqs, get, dtype, width: int) -> np.ndarray:
+
+def _rows(seqs, get, dtype, width: int = 0) -> np.ndarray:
     """The block's rows of one field, the sequences' rows concatenated ([N, width], or [N] for width 0)."""
     shape = (-1, width) if width else (-1,)
-    if not seqs:
-        return np.zeros((0, width) if width else (0,), dtype)
-    return np.concatenate([np.asarray(get(s), dtype).reshape(shape) for s in seqs])
+    empty = np.zeros((0, *shape[1:]), dtype)
+    return np.concatenate([empty, *(np.asarray(get(s), dtype).reshape(shape) for s in seqs)])
 
 
 def _encode_tokens(seqs) -> bytes:
     """The block's token ids (4 byte planes) and loss masks (1 plane), sequences concatenated."""
-    ids = np.concatenate([np.asarray(s.input_ids, np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64)
-    masks = np.concatenate([np.asarray(s.loss_mask, np.uint8) for s in seqs]) if seqs else np.zeros(0, np.uint8)
-    return pack_frames(b"", [compress_planes(ids, 4, ZSTD_LEVEL), compress_planes(masks, 1, ZSTD_LEVEL)])
+    return pack_frames(b"", [compress_planes(_rows(seqs, lambda s: s.input_ids, np.int64), 4, ZSTD_LEVEL),
+                             compress_planes(_rows(seqs, lambda s: s.loss_mask, np.uint8), 1, ZSTD_LEVEL)])
 
 
 def _encode_topk(layout: Layout, seqs) -> dict[str, bytes]:
@@ -118,11 +133,12 @@ def _encode_topk(layout: Layout, seqs) -> dict[str, bytes]:
     ids = _rows(seqs, lambda s: s.topk_ids, np.int64, k)
     if codec.sampled:   # ids + counts in one payload; the log-probs and tail are not stored (section 4.2)
         return {"topk": codec.encode(ids, _rows(seqs, lambda s: s.counts, np.int64, k), layout.vocab_size, **params)}
-    lp, tail = _rows(seqs, lambda s: s.topk_logprobs, np.float32, k), _rows(seqs, lambda s: s.tail, np.float32, 0)
-    labels = block_labels(seqs)
+    lp, tail = _rows(seqs, lambda s: s.topk_logprobs, np.float32, k), _rows(seqs, lambda s: s.tail, np.float32)
+    # row j is the teacher's distribution for the j-th masked token: kt at small precision codes ids against it
+    labels = _rows(seqs, lambda s: s.input_ids, np.int64)[_rows(seqs, lambda s: s.loss_mask, bool)]
     parts = {}
     if layout.captured:   # only the rows that hold the teacher go to the codec; a bit per row says which
-        kept = ~((ids == -1).all(axis=1) & np.isneginf(lp).all(axis=1) & (tail == 1.0))
+        kept = ~empty_rows(ids, lp, tail)
         parts["rows"] = pack_frames(b"", [compress_planes(np.packbits(kept), 1, ZSTD_LEVEL)])
         ids, lp, tail, labels = ids[kept], lp[kept], tail[kept], labels[kept]
     parts["topk"] = codec.encode(ids, lp, tail, layout.vocab_size, labels=labels, **params) if len(tail) else b""
@@ -136,9 +152,9 @@ def _encode_hidden(layout: Layout, seqs) -> dict[str, bytes]:
             for layer, width in zip(layout.layers, layout.widths)}
 
 
-def encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]:
+def encode_block(layout: Layout, seqs: list[CachedSequence], where: str) -> dict[str, bytes]:
     """All parts of one block (empty payloads when it has no loss position); a codec failure is traced
-    to the record that causes it."""
+    to the record that causes it (`where`: the shard, as the error names it)."""
     try:
         if sum(s.num_loss_positions for s in seqs) == 0:
             empty = {"topk": b"", **({"rows": b""} if layout.captured else {})}
@@ -149,27 +165,11 @@ def encode_block(layout: Layout, seqs: list[CachedSequence]) -> dict[str, bytes]
     except Exception as err:  # noqa: BLE001 - re-raised with the record named
         if len(seqs) > 1:
             for s in seqs:
-                encode_block(layout, [s])  # raises EncodeError naming the record
+                encode_block(layout, [s], where)  # raises EncodeError naming the record
         records = ", ".join(str(s.record_index) for s in seqs[:4]) + (", ..." if len(seqs) > 4 else "")
-        raise EncodeError(f"record{'s' if len(seqs) > 1 else ''} {records}: {type(err).__name__}: {err}") from err
-
-
-def block_labels(seqs) -> np.ndarray:
-    """The token at each loss position of a block, in row order: row j is the teacher's distribution
-    for the j-th masked token, so these are the labels kt at precision small codes its ids against."""
-    if not seqs:
-        return np.zeros(0, np.int64)
-    flat = np.concatenate([np.asarray(s.input_ids, np.int64) for s in seqs])
-    return flat[np.concatenate([np.asarray(s.loss_mask, bool) for s in seqs])]
-
-
-def write_shard(path, seqs: list[CachedSequence], layout: Layout, shard_number: int, *,
-                block_bytes: int = 1 << 20, max_block_sequences: int = 16) -> dict:
-    """Encode `seqs` into one safetensors file at `path`; returns counts for the manifest."""
-    raw = [layout.raw_bytes(len(s.input_ids), s.num_loss_positions) for s in seqs]
-    starts = plan_blocks(raw, block_bytes, max_block_sequences)
-    payloads = [encode_block(layout, seqs[lo:hi]) for lo, hi in zip(starts[:-1], starts[1:])]
-    return assemble_shard(path, seqs, layout, shard_number, starts, payloads)
+        codecs = {"topk": layout.topk_codec, "hidden": layout.hidden_codec}
+        raise EncodeError(f"{where}: cannot encode record{'s' if len(seqs) > 1 else ''} {records}: "
+                          f"{type(err).__name__}: {err} (codecs {codecs})") from None
 
 
 def assemble_shard(path, seqs, layout: Layout, number: int, starts: list[int], payloads: list[dict]) -> dict:
@@ -182,14 +182,9 @@ def assemble_shard(path, seqs, layout: Layout, number: int, starts: list[int], p
     index = {"index.record_index": [s.record_index for s in seqs], "index.length": lengths, "index.num_loss": nloss,
              "index.task": [task_ids[s.task] for s in seqs], "index.block_start": starts}
     tensors = {name: np.array(values, INDEX_DTYPES[name]) for name, values in index.items()}
-    part_bytes = {"tokens": 0, "topk": 0, "hidden": 0, **({"rows": 0} if layout.captured else {})}
-    hidden_bytes = {str(layer): 0 for layer in layout.layers}
-    for b, parts in enumerate(payloads):
-        for kind, payload in parts.items():
-            tensors[f"block.{b:05d}.{kind}"] = np.frombuffer(payload, np.uint8)
-            part_bytes[kind.split(".")[0]] += len(payload)
-            if kind.startswith("hidden."):
-                hidden_bytes[kind.split(".", 1)[1]] += len(payload)
+    blocks = {f"block.{b:05d}.{kind}": payload for b, parts in enumerate(payloads) for kind, payload in parts.items()}
+    tensors.update((name, np.frombuffer(payload, np.uint8)) for name, payload in blocks.items())
+    part_bytes, hidden_bytes = payload_sizes(layout, {name: len(payload) for name, payload in blocks.items()})
     meta = dict(layout.metadata(), shard=str(number), num_sequences=str(len(seqs)), num_blocks=str(len(starts) - 1),
                 tasks=json.dumps(tasks), digest=BLOCK_DIGEST,
                 digests=json.dumps({name: digest_bytes(_le_bytes(t), BLOCK_DIGEST) for name, t in tensors.items()},
@@ -198,8 +193,6 @@ def assemble_shard(path, seqs, layout: Layout, number: int, starts: list[int], p
     return {"num_sequences": len(seqs), "num_loss_positions": int(sum(nloss)), "num_tokens": int(sum(lengths)),
             "num_blocks": len(starts) - 1, "payload_bytes": part_bytes, "hidden_bytes": hidden_bytes}
 
-
-# --- reading: one function per part ---------------------------------------------------------
 
 def _decode_tokens(payload: bytes, prefix: str, total_len: int) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = unpack_frames(payload, 0, 2)

@@ -12,7 +12,7 @@ from .format import FORMAT_VERSION, CachedSequence
 from .integrity import BLOCK_DIGEST, digest_bytes, is_hex_digest
 from .manifest_checks import MAX_COUNT, MAX_K, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH
 from .shard import (INDEX_DTYPES, MAX_BLOCK_RAW_BYTES, Layout, _decode_hidden, _decode_tokens, _decode_topk,
-                    part_kind, part_names)
+                    _le_bytes, part_names)
 
 FIRST_READ = 64 << 10              # first range read of a shard: its header and usually its index
 MAX_HEADER_BYTES = 100 << 20       # safetensors' own limit on the JSON header
@@ -21,47 +21,67 @@ DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "
           "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
 
 
-class ShardFile:
-    """A safetensors file of a storage read by byte ranges: its header parsed and checked here (whatever the
-    digests say), the index from its first bytes, a block by one request per contiguous run (or staged)."""
-
-    def __init__(self, storage, name: str, size: int, head: bytes):
-        self.storage, self.name, self.size = storage, name, size
-        header_len = int.from_bytes(head[:8], "little")
-        self.data_start = 8 + header_len
+def parse_header(head: bytes, size: int) -> tuple[dict, dict, int]:
+    """(metadata, tensors: name -> (dtype, shape, begin, end), data start) of a safetensors file of `size` bytes
+    from its first bytes, checked whatever the digests say: the tensors must tile the data section exactly."""
+    data_start = 8 + int.from_bytes(head[:8], "little")
+    try:
+        header = json.loads(head[8:data_start])
+    except (ValueError, RecursionError) as err:
+        raise CorruptShard(f"header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CorruptShard("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CorruptShard("header __metadata__ is not a map of strings")
+    tensors = {}
+    for key, info in header.items():
         try:
-            header = json.loads(head[8:self.data_start])
-        except (ValueError, RecursionError) as err:
-            raise CorruptShard(f"header is not valid JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise CorruptShard("header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise CorruptShard("header __metadata__ is not a map of strings")
-        self.meta = meta
-        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, begin, end
-        for key, info in header.items():
-            try:
-                dtype, itemsize = info["dtype"], np.dtype(DTYPES[info["dtype"]]).itemsize
-                shape = tuple(int(x) for x in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-                if any(x < 0 for x in shape) or not all(isinstance(x, int) for x in info["shape"]):
-                    raise ValueError("shape")
-            except (KeyError, TypeError, ValueError):
-                raise CorruptShard(f"header entry for tensor {key!r} is not valid (dtype, shape, "
-                                   f"data_offsets)") from None
-            if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
-                raise CorruptShard(f"tensor {key} has data_offsets {[begin, end]} that do not fit its shape "
-                                   f"{list(shape)}")
-            self.tensors[key] = (dtype, shape, begin, end)
-        spans = sorted((b, e) for _, _, b, e in self.tensors.values())
-        position = 0
-        for begin, end in spans:  # the tensors tile the data section exactly, as safetensors requires
-            if begin != position:
-                raise CorruptShard("tensor data_offsets overlap or leave a hole")
-            position = end
-        if self.data_start + position != size:
-            raise CorruptShard(f"header describes {self.data_start + position} bytes, the file has {size}")
+            dtype, itemsize = info["dtype"], np.dtype(DTYPES[info["dtype"]]).itemsize
+            shape = tuple(int(x) for x in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if any(x < 0 for x in shape) or not all(isinstance(x, int) for x in info["shape"]):
+                raise ValueError("shape")
+        except (KeyError, TypeError, ValueError):
+            raise CorruptShard(f"header entry for tensor {key!r} is not valid (dtype, shape, data_offsets)") from None
+        if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
+            raise CorruptShard(f"tensor {key} has data_offsets {[begin, end]} that do not fit its shape "
+                               f"{list(shape)}")
+        tensors[key] = (dtype, shape, begin, end)
+    position = 0
+    for begin, end in sorted((b, e) for _, _, b, e in tensors.values()):  # as safetensors requires
+        if begin != position:
+            raise CorruptShard("tensor data_offsets overlap or leave a hole")
+        position = end
+    if data_start + position != size:
+        raise CorruptShard(f"header describes {data_start + position} bytes, the file has {size}")
+    return meta, tensors, data_start
+
+
+def shard_head(storage, name: str, size: int) -> bytes:
+    """The first bytes of a shard, at least its length prefix and JSON header (one request
+    when they fit in FIRST_READ, which for a typical shard also holds its index tensors)."""
+    head = storage.read_range(name, 0, min(size, FIRST_READ))
+    if len(head) < 8:
+        raise CorruptShard("file is shorter than a safetensors header")
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise CorruptShard(f"header length {header_len} is impossible for this file")
+    if len(head) < 8 + header_len:
+        head += storage.read_range(name, len(head), 8 + header_len - len(head))
+        if len(head) < 8 + header_len:
+            raise CorruptShard("file ends inside its header (truncated)")
+    return head
+
+
+class Shard:
+    """One shard of a storage, read by byte ranges: header and index read and checked at open (`head`: its first
+    bytes), then one block at a time, every tensor checked against its digest first (verify=True)."""
+
+    def __init__(self, storage, name: str, size: int, head: bytes, *, verify: bool = True):
+        self.storage, self.name, self.size, self.verify = storage, name, size, verify
+        self.meta, self.tensors, self.data_start = parse_header(head, size)
+        self._staged: dict[str, bytes] = {}
         index_end = self.data_start + max([e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")],
                                           default=0)
         if index_end > len(head):  # the index tensors (first in the file) did not fit the first read
@@ -69,13 +89,33 @@ class ShardFile:
             if len(more) != index_end - len(head):
                 raise CorruptShard(f"file ended after {len(head) + len(more)} of {size} bytes (truncated)")
             head += more
-        self._head = head
-        self._staged: dict[str, bytes] = {}
+        try:
+            self.layout = Layout.from_metadata(self.meta)
+            self.tasks = json.loads(self.meta["tasks"])
+            self.digests = json.loads(self.meta["digests"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise CorruptShard(f"metadata field {err} is missing or not valid") from None
+        check_metadata(self)
+        index = {}
+        for name, dtype in INDEX_DTYPES.items():
+            try:
+                kind, shape, begin, end = self.tensors[name]
+                array = np.frombuffer(head[self.data_start + begin: self.data_start + end], DTYPES[kind]).reshape(shape)
+            except Exception as err:  # noqa: BLE001 - a missing or unreadable index tensor
+                raise CorruptShard(f"index tensor {name} cannot be read ({err})") from None
+            self._check_digest(name, _le_bytes(array))
+            if array.dtype != dtype or array.ndim != 1:
+                raise CorruptShard(f"index tensor {name} has dtype {array.dtype} and {array.ndim} dimensions, "
+                                   f"expected 1-D {np.dtype(dtype)}")
+            index[name] = array.astype(np.int64)
+        self.record_index, self.length = index["index.record_index"], index["index.length"]
+        self.num_loss, self.task = index["index.num_loss"], index["index.task"]
+        self.block_start = index["index.block_start"]
+        check_index(self)
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_staged"] = {}  # memoryviews do not pickle; a worker fetches its own blocks
-        return state
+        """Picklable (DataLoader workers): staged bytes (memoryviews) stay; a worker fetches its own blocks."""
+        return dict(self.__dict__, _staged={})
 
     def ranges(self, names) -> list[tuple[int, int, list[str]]]:
         """(file offset, length, tensor names) of the contiguous runs covering `names`."""
@@ -108,102 +148,12 @@ class ShardFile:
         return out
 
     def stage(self, parts: dict) -> None:
-        """Bytes fetched ahead (a block's tensors): get_tensor takes them instead of reading again."""
+        """Bytes fetched ahead (a block's tensors): fetch takes them instead of reading again."""
         self._staged = dict(parts)
-
-    def get_tensor(self, name: str) -> np.ndarray:
-        """A tensor as an array: from the first bytes (the index), else fetched."""
-        dtype, shape, begin, end = self.tensors[name]
-        start = self.data_start + begin
-        data = memoryview(self._head)[start: start + end - begin] if start + end - begin <= len(self._head) \
-            else self.fetch([name])[name]
-        return np.frombuffer(data, DTYPES[dtype]).reshape(shape)
-
-    def drop_head(self) -> None:
-        """Forget the first bytes once the index is read (a reader keeps every shard open)."""
-        self._head = b""
-
-
-def shard_head(storage, name: str, size: int) -> bytes:
-    """The first bytes of a shard, at least its length prefix and JSON header (one request
-    when they fit in FIRST_READ, which for a typical shard also holds its index tensors)."""
-    head = storage.read_range(name, 0, min(size, FIRST_READ))
-    if len(head) < 8:
-        raise CorruptShard("file is shorter than a safetensors header")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len > min(MAX_HEADER_BYTES, size - 8):
-        raise CorruptShard(f"header length {header_len} is impossible for this file")
-    if len(head) < 8 + header_len:
-        head += storage.read_range(name, len(head), 8 + header_len - len(head))
-        if len(head) < 8 + header_len:
-            raise CorruptShard("file ends inside its header (truncated)")
-    return head
-
-
-class Shard:
-    """One shard: its index read at open, then one block at a time, every tensor checked against its digest
-    first (verify=True); the index is checked for impossible values either way."""
-
-    def __init__(self, handle: ShardFile, where: str, *, verify: bool = True):
-        self.handle, self.where, self.verify = handle, where, verify
-        self.meta = handle.meta
-        try:
-            self.layout = Layout.from_metadata(self.meta)
-            self.tasks = json.loads(self.meta["tasks"])
-            self.digests = json.loads(self.meta["digests"])
-        except (KeyError, ValueError, TypeError) as err:
-            raise CorruptShard(f"metadata field {err} is missing or not valid") from None
-        check_layout(self.layout)
-        if self.meta.get("format_version") != str(FORMAT_VERSION) or self.meta.get("digest") != BLOCK_DIGEST:
-            raise CorruptShard(f"metadata format_version {self.meta.get('format_version')!r} and digest "
-                               f"{self.meta.get('digest')!r}: expected {str(FORMAT_VERSION)!r} and {BLOCK_DIGEST!r}")
-        if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
-            raise CorruptShard("metadata field 'tasks' is not a list of names")
-        if not isinstance(self.digests, dict) or not all(is_hex_digest(v, BLOCK_DIGEST) for v in self.digests.values()):
-            raise CorruptShard(f"metadata field 'digests' is not a map of tensor names to {BLOCK_DIGEST} digests")
-        if set(self.digests) != set(handle.tensors):
-            extra = sorted(set(handle.tensors) ^ set(self.digests))[:3]
-            raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
-        index = {}
-        for name, dtype in INDEX_DTYPES.items():
-            try:
-                array = handle.get_tensor(name)
-            except Exception as err:  # noqa: BLE001 - a missing or unreadable index tensor
-                raise CorruptShard(f"index tensor {name} cannot be read ({err})") from None
-            self._check_digest(name, array.astype(array.dtype.newbyteorder('<'), copy=False).tobytes())
-            if array.dtype != dtype or array.ndim != 1:
-                raise CorruptShard(f"index tensor {name} has dtype {array.dtype} and {array.ndim} dimensions, "
-                                   f"expected 1-D {np.dtype(dtype)}")
-            index[name] = array.astype(np.int64)
-        self.record_index, self.length = index["index.record_index"], index["index.length"]
-        self.num_loss, self.task = index["index.num_loss"], index["index.task"]
-        self.block_start = index["index.block_start"]
-        check_index(self)
-        handle.drop_head()
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_start) - 1
-
-    def block_tensor_bytes(self) -> dict[str, int]:
-        """Stored size of every block tensor, from the header alone (nothing is read): what the manifest's
-        payload_bytes / hidden_bytes count. Refuses tensors that are not 1-D U8 or not of this layout."""
-        expected = {name for b in range(self.num_blocks) for name in self.part_names(b)}
-        names = [name for name in self.handle.tensors if name not in INDEX_DTYPES]
-        unknown = sorted(set(names) - expected)
-        if unknown:
-            raise CorruptShard(f"tensor {unknown[0]} is not one of its {self.num_blocks} blocks' parts "
-                               f"({', '.join(sorted({part_kind(n) for n in expected})) or 'none'})")
-        missing = sorted(expected - set(names))
-        if missing:
-            raise CorruptShard(f"tensor {missing[0]} is missing (the index announces {self.num_blocks} blocks)")
-        sizes = {}
-        for name in names:
-            dtype, shape, _, _ = self.handle.tensors[name]
-            if dtype != "U8" or len(shape) != 1:
-                raise CorruptShard(f"tensor {name} is {dtype} {list(shape)}, expected 1-D U8 (a block part)")
-            sizes[name] = int(shape[0])
-        return sizes
 
     def block_of(self, position: int) -> int:
         return int(np.searchsorted(self.block_start, position, side="right") - 1)
@@ -216,7 +166,7 @@ class Shard:
     def read_parts(self, names) -> dict[str, bytes]:
         """The bytes of block tensors, each checked against its digest (when verify is on)."""
         try:
-            parts = self.handle.fetch(names)
+            parts = self.fetch(names)
         except (CorruptShard, CacheError):
             raise
         except Exception as err:  # noqa: BLE001 - unreadable bytes
@@ -228,10 +178,6 @@ class Shard:
     def _check_digest(self, name: str, data) -> None:
         if self.verify and digest_bytes(data, BLOCK_DIGEST) != self.digests[name]:
             raise CorruptShard(f"tensor {name} fails its {BLOCK_DIGEST} check (corrupted bytes)")
-
-    def check_block(self, block: int) -> None:
-        """Check every tensor of a block against its digest without decoding it."""
-        self.read_parts(self.part_names(block))
 
     def decode_block(self, block: int, layers=None) -> list[CachedSequence]:
         """The sequences of one block; `layers` limits which hidden layers are decoded (None: all)."""
@@ -260,8 +206,10 @@ class Shard:
         return out
 
 
-def check_layout(lay: Layout) -> None:
-    """Impossible layouts (hostile or corrupt metadata) are refused before any size is computed."""
+def check_metadata(shard) -> None:
+    """Impossible metadata (hostile or corrupt: layout, version, tasks, digests) is refused before any size
+    is computed."""
+    lay = shard.layout
     if not 1 <= lay.vocab_size <= MAX_VOCAB or not 1 <= lay.k <= min(MAX_K, lay.vocab_size):
         raise CorruptShard(f"metadata k={lay.k}, vocab_size={lay.vocab_size} out of range")
     if lay.mode not in ("topk", "sample"):
@@ -275,6 +223,17 @@ def check_layout(lay: Layout) -> None:
         if not isinstance(codec, dict) or not isinstance(codec.get("name"), str) \
                 or not isinstance(codec.get("params", {}), dict):
             raise CorruptShard(f"metadata {part} {codec!r} is not {{name, params}}")
+    meta = shard.meta
+    if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("digest") != BLOCK_DIGEST:
+        raise CorruptShard(f"metadata format_version {meta.get('format_version')!r} and digest "
+                           f"{meta.get('digest')!r}: expected {str(FORMAT_VERSION)!r} and {BLOCK_DIGEST!r}")
+    if not isinstance(shard.tasks, list) or not all(isinstance(t, str) for t in shard.tasks):
+        raise CorruptShard("metadata field 'tasks' is not a list of names")
+    if not isinstance(shard.digests, dict) or not all(is_hex_digest(v, BLOCK_DIGEST) for v in shard.digests.values()):
+        raise CorruptShard(f"metadata field 'digests' is not a map of tensor names to {BLOCK_DIGEST} digests")
+    if set(shard.digests) != set(shard.tensors):
+        extra = sorted(set(shard.tensors) ^ set(shard.digests))[:3]
+        raise CorruptShard(f"tensors and metadata field 'digests' do not list the same names ({extra})")
 
 
 def check_index(shard) -> None:

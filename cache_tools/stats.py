@@ -55,11 +55,8 @@ def summarise(values: dict[str, list[np.ndarray]]) -> dict:
     out = {}
     for name in METRICS:
         x = np.concatenate(values[name]) if values[name] else np.zeros(0)
-        if x.size == 0:
-            out[name] = {"mean": None, "quantiles": {str(q): None for q in QUANTILES}}
-            continue
-        out[name] = {"mean": float(x.mean()),
-                     "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))}}
+        found = [float(v) for v in (x.mean(), *np.quantile(x, QUANTILES))] if x.size else [None] * (1 + len(QUANTILES))
+        out[name] = {"mean": found[0], "quantiles": dict(zip(map(str, QUANTILES), found[1:]))}
     return out
 
 

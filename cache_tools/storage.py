@@ -23,14 +23,13 @@ PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "h
 READ_AHEAD_ENV = "FASTKD_CACHE_READ_AHEAD"
 DEFAULT_READ_AHEAD = 16 << 20      # bytes of upcoming blocks a remote reader may hold (per process)
 NO_LATENCY = (None, "file", "local", "memory")  # a folder, and schemes with no latency: read-ahead off unless asked
+READ_AHEAD_THREADS = 4
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
 
 
 def url_scheme(root) -> str | None:
     """The scheme of a URL (`s3`, `memory`, ...), None for a local path (str or Path)."""
-    if not isinstance(root, str):
-        return None
-    match = URL.match(root)
+    match = URL.match(root) if isinstance(root, str) else None
     return match.group(1).lower() if match else None
 
 
@@ -38,12 +37,12 @@ def is_url(root) -> bool:
     return url_scheme(root) is not None
 
 
-def refuse_url_for_writing(root, what: str = "cache-teacher --out") -> None:
+def refuse_url_for_writing(root) -> None:
     """Writers take a local folder only (atomic renames, fsync, a lock file): refuse a URL clearly."""
     if is_url(root):
-        raise CacheError(f"{what} {root}: a cache is written to a local folder, not a URL; write it locally, then "
-                         f"copy the folder up (e.g. `aws s3 sync DIR {root}`) and read it with `fastkd train "
-                         f"--cache {root}`")
+        raise CacheError(f"cache-teacher --out {root}: a cache is written to a local folder, not a URL; write it "
+                         f"locally, then copy the folder up (e.g. `aws s3 sync DIR {root}`) and read it with `fastkd "
+                         f"train --cache {root}`")
 
 
 def read_ahead_bytes(value=None, scheme: str | None = None) -> int:
@@ -81,12 +80,11 @@ class LocalStorage:
         self.requests = self.bytes_read = 0   # what was read, per process (as RemoteStorage counts it)
 
     def manifest(self) -> dict:
-        """manifest.json, read and checked (format.read_manifest: the folder's own messages)."""
-        return read_manifest(self.root)
-
-    def check_links(self, manifest: dict, where: str) -> None:
-        """A folder the manifest names may not be a symlink leading outside the cache."""
-        check_local_paths(self.root, manifest, where)
+        """manifest.json, read and checked (format.read_manifest: the folder's own messages); a folder it names
+        may not be a symlink leading outside the cache (object storage has no symlinks)."""
+        manifest = read_manifest(self.root)
+        check_local_paths(self.root, manifest, f"cache {self.label}: manifest.json")
+        return manifest
 
     def list(self, folder: str) -> dict[str, int]:
         """File name -> size of the files in `folder` (empty when there is none)."""
@@ -119,8 +117,7 @@ class RemoteStorage:
     fetched (per process), so tests and benchmarks can see a resume seek instead of re-reading."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url.rstrip("/")
-        self.label = self.url
+        self.label = url.rstrip("/")
         self.scheme = url_scheme(url)
         self.storage_options = dict(storage_options or {})
         self.requests = 0
@@ -131,10 +128,7 @@ class RemoteStorage:
         self._connect()
 
     def _connect(self) -> None:
-        try:
-            import fsspec
-        except ImportError:  # pragma: no cover - fsspec comes with fastkd's dependencies
-            raise CacheError(f"cache {self.label}: reading a URL needs fsspec: pip install fsspec") from None
+        import fsspec   # a dependency of fastkd, imported when a URL is read
         try:
             fsspec.get_filesystem_class(self.scheme)
         except ImportError:
@@ -145,7 +139,7 @@ class RemoteStorage:
             raise CacheError(f"cache {self.label}: fsspec knows no file system for {self.scheme}://; give a local "
                              f"folder or a URL such as s3://bucket/cache") from None
         try:
-            self._fs, self._base = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._fs, self._base = fsspec.core.url_to_fs(self.label, **self.storage_options)
         except ImportError as err:
             raise CacheError(f"cache {self.label}: {self.scheme}:// needs a package that is missing ({err}): "
                              f"pip install {PACKAGES.get(self.scheme, 'it')}") from None
@@ -193,7 +187,8 @@ class RemoteStorage:
                 raise CacheError(f"cache {self.label}: cannot read {name} ({what}; {type(err).__name__}: {err}); "
                                  f"check the URL, credentials and network, then run again (train: --resume)") from None
 
-    def _listing(self, folder: str) -> dict[str, int]:
+    def list(self, folder: str) -> dict[str, int]:
+        """File name -> size of the files in `folder` (one listing per folder, kept: read it, do not change it)."""
         if folder not in self._sizes:
             path = self.full_path(folder) if folder else self._base
             try:
@@ -214,17 +209,10 @@ class RemoteStorage:
                              f"being uploaded: upload manifest.json last)") from None
         return parse_manifest(data, self.label)
 
-    def check_links(self, manifest: dict, where: str) -> None:
-        """Object storage has no symlinks to follow out of the cache."""
-
-    def list(self, folder: str) -> dict[str, int]:
-        """File name -> size of the files in `folder` (one listing per folder, kept)."""
-        return dict(self._listing(folder))
-
     def size(self, name: str) -> int:
         """File size from one listing of its folder (one request for all shards); FileNotFoundError if absent."""
         folder, _, base = name.rpartition("/")
-        sizes = self._listing(folder)
+        sizes = self.list(folder)
         if base not in sizes:
             raise FileNotFoundError(self.full_path(name))
         return sizes[base]
@@ -254,15 +242,12 @@ class RemoteStorage:
         return list(out)
 
 
-# ----------------------------------------------------------------------------- bounded read-ahead
-
 class ReadAhead:
     """Fetches the items `want(items)` names next in background threads, never holding more than `budget`
     bytes; `take(key, load)` returns one (waiting for its fetch, or loading it here) and drops it."""
 
-    def __init__(self, budget: int, threads: int = 4):
+    def __init__(self, budget: int):
         self.budget = int(budget)
-        self.threads = threads
         self._lock = threading.RLock()   # a done-callback may run in the thread holding it
         self._items: dict[object, tuple[int, Future]] = {}   # key -> (size, future), in wanted order
         self._pool: ThreadPoolExecutor | None = None
@@ -276,7 +261,7 @@ class ReadAhead:
         if self._pid != os.getpid():  # a forked child: the parent's threads do not exist here
             self._items, self._pool, self.held, self._pid = {}, None, 0, os.getpid()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fastkd-read-ahead")
+            self._pool = ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS, thread_name_prefix="fastkd-read-ahead")
         return self._pool
 
     def take(self, key, load):
@@ -294,21 +279,23 @@ class ReadAhead:
             self.hits += 1
 
     def want(self, items) -> None:
-        """`items`: (key, size, load) in the order they will be taken."""
+        """`items`: (key, size, load) in the order they will be taken; the first ones within the budget are kept."""
         if self.budget <= 0:
             return
         pool = self._executor()
-        items = list(items)
-        keep = {key for key, _, _ in items}
+        wanted, total = [], 0
+        for item in items:
+            total += item[1]
+            if total > self.budget:
+                break
+            wanted.append(item)
+        keep = {key for key, _, _ in wanted}
         with self._lock:
             for key in [k for k in self._items if k not in keep]:
                 size, future = self._items.pop(key)
-                future.cancel()
-                if future.done():
-                    self.held -= size
-                else:  # a running fetch still holds its bytes until it ends
-                    future.add_done_callback(lambda _f, s=size: self._release(s))
-            for key, size, load in items:
+                future.cancel()   # released now if done (or cancelled), else when the running fetch ends
+                future.add_done_callback(lambda _f, s=size: self._release(s))
+            for key, size, load in wanted:
                 if key in self._items:
                     continue
                 if self.held + size > self.budget:
@@ -321,8 +308,5 @@ class ReadAhead:
         with self._lock:
             self.held -= size
 
-    def __getstate__(self):
-        return {"budget": self.budget, "threads": self.threads}
-
-    def __setstate__(self, state):
-        self.__init__(state["budget"], state["threads"])
+    def __reduce__(self):   # a copy (a DataLoader worker's) starts with nothing fetched
+        return ReadAhead, (self.budget,)

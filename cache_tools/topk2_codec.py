@@ -9,16 +9,17 @@ import numpy as np
 import zstandard
 
 from .errors import CodecError
-from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count,
-                     section_sizes, unpack_frames, unpack_header)
-from .topk_codec import NEG_INF_CODE, TOPK_MAGIC, _check_distinct, _check_ids, _decoded_logprobs, _value_codes, prepared
+from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count, unpack_frames,
+                     unpack_header)
+from .topk_codec import (_TOPK_HEADER, NEG_INF_CODE, TOPK_MAGIC, _check_distinct, _check_ids, _decoded_logprobs,
+                         _value_codes, prepared)
 
 TOPK2_VERSION = 2
-DEFAULT_TOPK2_PARAMS = {"reference": "top1", "step": 0.09, "max_step": 8.0, "growth": 0.35, "level": 1}
-TOPK2_PARAMS = {"reference", "step", "max_step", "growth", "level", "mass_tol"}
+DEFAULT_TOPK2_PARAMS = {"step": 0.09, "max_step": 8.0, "growth": 0.35, "level": 1}
+TOPK2_PARAMS = {"step", "max_step", "growth", "level", "mass_tol"}
 _TOPK2_HEADER = struct.Struct("<2sBBIIIfff")   # magic, version, flags, n, k, vocab_size, step, max_step, growth
 _FLAG2_LABELS = 1
-_FLAG2_ABSOLUTE = 2
+_FLAG2_ABSOLUTE = 2    # reference "absolute": no longer written; decoding does not depend on it
 
 
 def _table_order(counts: np.ndarray) -> np.ndarray:
@@ -29,23 +30,20 @@ def _table_order(counts: np.ndarray) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def _column_major(a: np.ndarray) -> np.ndarray:
-    """[n, k] -> the k columns one after the other, so each slot's values sit together for zstd."""
-    return np.ascontiguousarray(a.T).reshape(-1)
-
-
 def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, *,
-                 labels: np.ndarray | None = None, reference: str = DEFAULT_TOPK2_PARAMS["reference"],
+                 labels: np.ndarray | None = None,
                  step: float = DEFAULT_TOPK2_PARAMS["step"], max_step: float = DEFAULT_TOPK2_PARAMS["max_step"],
                  growth: float = DEFAULT_TOPK2_PARAMS["growth"], level: int = DEFAULT_TOPK2_PARAMS["level"],
                  mass_tol: float = 1e-3, **unused) -> bytes:
     """KT version 2: ids ranked by a per-block frequency table stored in the payload, the row's
     label (next token, when given) as key 0, sorted keys gap-coded; values as in version 1; exact tail."""
     check_params(unused, set(), "top-k v2")
-    ids, logprobs, tail, (step, max_step, growth), unused_slots = prepared(ids, logprobs, tail, vocab_size, reference,
+    ids, logprobs, tail, (step, max_step, growth), unused_slots = prepared(ids, logprobs, tail, vocab_size,
                                                                            (step, max_step, growth), mass_tol)
     n, k = ids.shape
     clean = ids.astype(np.int64) if unused_slots is None else np.where(unused_slots, 0, ids).astype(np.int64)
+    counts = np.bincount(clean.reshape(-1) if unused_slots is None else clean[~unused_slots], minlength=vocab_size)
+    is_label = None
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
         if labels.shape != (n,):
@@ -54,38 +52,29 @@ def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_
         is_label = clean == labels[:, None]
         if unused_slots is not None:
             is_label &= ~unused_slots
-    else:
-        is_label = None
-    # the block's table: distinct ids (not counting label hits) and how often each occurs
-    counts = np.bincount(clean.reshape(-1) if unused_slots is None else clean[~unused_slots], minlength=vocab_size)
-    hit_rows = None
-    if is_label is not None:
-        hit_rows = is_label.any(axis=1)
-        counts -= np.bincount(labels[hit_rows], minlength=vocab_size)   # a label hit is key 0, not a table entry
+        counts -= np.bincount(labels[is_label.any(axis=1)], minlength=vocab_size)  # a label hit is key 0, no entry
     table_ids = np.flatnonzero(counts)
     table_counts = counts[table_ids]
     order = _table_order(table_counts)
     key_of_id = np.empty(vocab_size, np.int64)            # only the table's entries are ever read
     key_of_id[table_ids[order]] = np.arange(1, len(table_ids) + 1)
     keys = key_of_id[clean]
-    if hit_rows is not None and hit_rows.any():
+    if is_label is not None:
         keys *= ~is_label
-    d = len(table_ids)
     if unused_slots is not None:   # unused slots (sampled mode) sort last with keys d+1, d+2, ...
-        keys = np.where(unused_slots, d + np.cumsum(unused_slots, axis=1), keys)
-
-    codes = _value_codes(logprobs, reference, step, max_step, growth)
+        keys = np.where(unused_slots, len(table_ids) + np.cumsum(unused_slots, axis=1), keys)
+    codes = _value_codes(logprobs, step, max_step, growth)
     packed = np.sort((keys << 16) | codes, axis=1)
     keys, codes = packed >> 16, packed & 0xFFFF
     _check_distinct(keys, "top-k codec field 'ids'")
     gaps = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)
-    flags = (_FLAG2_LABELS if labels is not None else 0) | (_FLAG2_ABSOLUTE if reference == "absolute" else 0)
+    flags = _FLAG2_LABELS if labels is not None else 0
     header = _TOPK2_HEADER.pack(TOPK_MAGIC, TOPK2_VERSION, flags, n, k, vocab_size, step, max_step, growth)
     table_gaps = np.diff(table_ids, prepend=-1) - 1
     groups = [
         compress_planes(table_gaps, plane_count(vocab_size), level),
         compress_planes(table_counts - 1, plane_count(max(int(table_counts.max(initial=1)) - 1, 1)), level),
-        compress_planes(_column_major(gaps), plane_count(max(int(gaps.max(initial=0)), 1)), level),
+        compress_planes(np.ascontiguousarray(gaps.T).reshape(-1), plane_count(max(int(gaps.max(initial=0)), 1)), level),
         compress_planes(codes, plane_count(max(int(codes.max(initial=0)), 1)), level),
         compress_planes(tail.view(np.uint32), 4, level),
     ]
@@ -110,9 +99,7 @@ def decode_topk2(payload: bytes, n: int, k: int, vocab_size: int, *, labels: np.
     g_tab, g_cnt, g_gaps, g_codes, g_tail = unpack_frames(payload, _TOPK2_HEADER.size, 5)
     table_gaps = _decompress_frames_any(g_tab, vocab_size)
     d = len(table_gaps)
-    table_ids = table_gaps.astype(np.int64) + 1
-    np.cumsum(table_ids, out=table_ids)
-    table_ids -= 1
+    table_ids = np.cumsum(table_gaps.astype(np.int64) + 1) - 1   # first id, then gap - 1
     if d and (table_ids[-1] >= vocab_size):
         raise CodecError("corrupt top-k codec payload: table id out of range")
     table_counts = decompress_planes(g_cnt, d).astype(np.int64)
@@ -149,7 +136,11 @@ def _decompress_frames_any(frames: list[bytes], limit: int) -> np.ndarray:
     return decompress_planes(frames, count)
 
 
-def topk2_section_sizes(payload: bytes) -> dict[str, int]:
-    """Bytes spent on each part of a KT version-2 payload, for reports."""
-    peek(payload, TOPK_MAGIC, "top-k")
-    return section_sizes(payload, _TOPK2_HEADER.size, ("table_ids", "table_counts", "ids", "values", "tail"))
+def topk_section_sizes(payload: bytes) -> dict[str, int]:
+    """Bytes spent on each part of a KT payload (version 1 or 2) and on its header, for reports."""
+    names = ("ids", "values", "tail")
+    header = _TOPK_HEADER
+    if peek(payload, TOPK_MAGIC, "top-k") == TOPK2_VERSION:
+        names, header = ("table_ids", "table_counts") + names, _TOPK2_HEADER
+    parts = {name: sum(map(len, group)) for name, group in zip(names, unpack_frames(payload, header.size, len(names)))}
+    return dict(parts, header=len(payload) - sum(parts.values()))

@@ -4,36 +4,31 @@ ids gap-coded, the tail exact) and the sampled codec (`KS`: draws as id multiset
 from __future__ import annotations
 
 import struct
-import weakref
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import CodecError
-from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count,
-                     section_sizes, unpack_frames, unpack_header)
+from .planes import (check_params, compress_planes, decompress_planes, pack_frames, plane_count, unpack_frames,
+                     unpack_header)
 
 TOPK_MAGIC = b"KT"
 SAMPLED_MAGIC = b"KS"
 TOPK_VERSION = 1
 SAMPLED_VERSION = 1
-LAYOUTS = {"value": 0, "id": 1}
 NEG_INF_CODE = 65535          # code reserved for a log-prob of -inf (zero mass)
 MAX_FINITE_CODE = 65534
 
-DEFAULT_TOPK_PARAMS = {"layout": "id", "reference": "top1", "step": 0.08, "max_step": 5.0, "growth": 0.25, "level": 1}
+DEFAULT_TOPK_PARAMS = {"step": 0.08, "max_step": 5.0, "growth": 0.25, "level": 1}
 
 _TOPK_HEADER = struct.Struct("<2sBBBxIIfff")   # magic, version, layout, flags, n, k, step, max_step, growth
 _SAMPLED_HEADER = struct.Struct("<2sBBII")     # magic, version, flags, n, s
-_FLAG_RANKS = 1
-_FLAG_ABSOLUTE = 2
-_FLAG_EXACT = 4
+_LAYOUT_ID = 1         # rows sorted by id (0, rows by value, is no longer written or read)
+_FLAG_RANKS = 1        # ids as ranks of a table passed beside the payload: no longer written or read
+_FLAG_EXACT = 4        # (bit 1, reference "absolute", is no longer written; decoding does not depend on it)
 
-TOPK_PARAMS = {"layout", "reference", "step", "max_step", "growth", "level", "rank_of_id", "mass_tol", "exact"}
-SAMPLED_PARAMS = {"level", "rank_of_id"}
+TOPK_PARAMS = {"step", "max_step", "growth", "level", "mass_tol", "exact"}
 
-
-# ---------------------------------------------------------------------------- quantiser
 
 def _companding(step: float, max_step: float, growth: float) -> tuple[float, float]:
     """Knee of the companded scale: x* (nats below the reference) and t* (code units there)."""
@@ -67,16 +62,12 @@ def _decoded_logprobs(codes: np.ndarray, tail: np.ndarray, step, max_step, growt
         return shift[:, None] - x[codes]
 
 
-def _value_codes(logprobs: np.ndarray, reference: str, step, max_step, growth) -> np.ndarray:
-    """Quantised distances below the row's top-1 (reference "top1") or below 0, -inf as NEG_INF_CODE."""
-    n = logprobs.shape[0]
-    finite = None if np.isfinite(logprobs).all() else np.isfinite(logprobs)
-    if finite is None:       # the common case: one subtraction
-        x = logprobs.max(axis=1, keepdims=True) - logprobs if reference == "top1" \
-            else np.maximum(-logprobs, np.float32(0))
-        return _to_code(x, step, max_step, growth)
-    ref = (np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True) if reference == "top1"
-           else np.zeros((n, 1), dtype=np.float32))
+def _value_codes(logprobs: np.ndarray, step, max_step, growth) -> np.ndarray:
+    """Quantised distances below the row's top-1, -inf as NEG_INF_CODE."""
+    finite = np.isfinite(logprobs)
+    if finite.all():       # the common case: one subtraction
+        return _to_code(logprobs.max(axis=1, keepdims=True) - logprobs, step, max_step, growth)
+    ref = np.where(finite, logprobs, -np.inf).max(axis=1, initial=-np.inf, keepdims=True)
     with np.errstate(invalid="ignore"):
         x = np.maximum(np.where(finite, ref - logprobs, np.float32(0)), np.float32(0))
     codes = _to_code(x, step, max_step, growth)
@@ -95,14 +86,6 @@ def _code_table(step: float, max_step: float, growth: float) -> tuple[np.ndarray
     return x.astype(np.float32), np.exp(-x).astype(np.float32)
 
 
-def _check_steps(step: float, max_step: float, growth: float) -> None:
-    if not (0 < step <= max_step) or not np.isfinite(max_step) or not (0 < growth <= 4):
-        raise CodecError(f"top-k codec: need 0 < step <= max_step (finite) and 0 < growth <= 4, "
-                         f"got step={step}, max_step={max_step}, growth={growth}")
-
-
-# ---------------------------------------------------------------------------- validation
-
 def _check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = np.argwhere((ids < 0) | (ids >= vocab_size))[0]
@@ -118,8 +101,16 @@ def _check_distinct(sorted_ids: np.ndarray, what: str, valid: np.ndarray | None 
         raise CodecError(f"{what}: id {sorted_ids[row, col]} appears twice in row {row}")
 
 
-def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray | None:
-    """Refuse rows the codec cannot store faithfully; return the unused-slot mask (None if none)."""
+def prepared(ids, logprobs, tail, vocab_size: int, steps: tuple, mass_tol: float):
+    """A top-k encoder's inputs as checked arrays (rows the codec cannot store faithfully are refused), its steps
+    as the header stores them (float32), and the unused-slot mask (None if none)."""
+    ids, logprobs, tail = np.asarray(ids), np.asarray(logprobs, dtype=np.float32), np.asarray(tail, dtype=np.float32)
+    if ids.ndim != 2:
+        raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
+    step, max_step, growth = steps
+    if not (0 < step <= max_step) or not np.isfinite(max_step) or not (0 < growth <= 4):
+        raise CodecError(f"top-k codec: need 0 < step <= max_step (finite) and 0 < growth <= 4, "
+                         f"got step={step}, max_step={max_step}, growth={growth}")
     n, k = ids.shape
     if logprobs.shape != (n, k) or tail.shape != (n,):
         raise CodecError(f"top-k codec: shapes ids {ids.shape}, logprobs {logprobs.shape}, tail {tail.shape} do not "
@@ -133,9 +124,7 @@ def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray 
             row = np.argwhere(unused & ~np.isneginf(logprobs))[0][0]
             raise CodecError(f"top-k codec fields 'ids'/'logprobs': row {row} has an unused slot (id -1) with a "
                              f"finite log-prob")
-        _check_ids(np.where(unused, 0, ids), vocab_size, "top-k codec field 'ids'")
-    elif ids.max(initial=0) >= vocab_size:
-        _check_ids(ids, vocab_size, "top-k codec field 'ids'")
+    _check_ids(ids if unused is None else np.where(unused, 0, ids), vocab_size, "top-k codec field 'ids'")
     if not logprobs.max(initial=-np.inf) <= 1e-4:      # also true when a NaN is present
         row = np.argwhere(np.isnan(logprobs) | (logprobs > 1e-4))[0][0]
         raise CodecError(f"top-k codec field 'logprobs': row {row} holds NaN or a log-prob above 0: "
@@ -149,129 +138,58 @@ def _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol) -> np.ndarray 
         row = np.argwhere(off)[0][0]
         raise CodecError(f"top-k codec fields 'logprobs'+'tail': row {row} sums to {total[row]:.6g}, not 1 "
                          f"(tolerance {mass_tol})")
-    return unused
+    return ids, logprobs, tail, tuple(float(np.float32(v)) for v in steps), unused
 
-
-_RANK_CACHE: dict[int, tuple] = {}
-
-
-def prepared(ids, logprobs, tail, vocab_size: int, reference: str, steps: tuple, mass_tol: float):
-    """A top-k encoder's inputs as checked arrays (shapes, ids, a distribution per row), its steps as the
-    header stores them (float32), and the unused-slot mask (None if none)."""
-    ids, logprobs, tail = np.asarray(ids), np.asarray(logprobs, dtype=np.float32), np.asarray(tail, dtype=np.float32)
-    if ids.ndim != 2:
-        raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
-    if reference not in ("top1", "absolute"):
-        raise CodecError(f"top-k codec: unknown reference {reference!r}; choose 'top1' or 'absolute'")
-    _check_steps(*steps)
-    steps = tuple(float(np.float32(v)) for v in steps)
-    return ids, logprobs, tail, steps, _check_topk_inputs(ids, logprobs, tail, vocab_size, mass_tol)
-
-
-def _rank_maps(rank_of_id, vocab_size):
-    """The optional global frequency table: rank_of_id (a permutation of the vocabulary) and its
-    inverse; checked once per array object (the same table is passed for every block)."""
-    if rank_of_id is None:
-        return None, None
-    hit = _RANK_CACHE.get(id(rank_of_id))
-    if hit is not None and hit[0]() is rank_of_id and hit[1] == vocab_size:
-        return hit[2], hit[3]
-    table = np.asarray(rank_of_id, dtype=np.int64)
-    if table.shape != (vocab_size,) or not np.array_equal(np.sort(table), np.arange(vocab_size)):
-        raise CodecError(f"codec parameter 'rank_of_id' must be a permutation of range({vocab_size})")
-    id_of_rank = np.empty_like(table)
-    id_of_rank[table] = np.arange(vocab_size)
-    if isinstance(rank_of_id, np.ndarray):
-        _RANK_CACHE.clear()
-        _RANK_CACHE[id(rank_of_id)] = (weakref.ref(rank_of_id), vocab_size, table, id_of_rank)
-    return table, id_of_rank
-
-
-# ---------------------------------------------------------------------------- top-k
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, *,
-                layout: str = DEFAULT_TOPK_PARAMS["layout"], step: float = DEFAULT_TOPK_PARAMS["step"],
-                max_step: float = DEFAULT_TOPK_PARAMS["max_step"], growth: float = DEFAULT_TOPK_PARAMS["growth"],
-                level: int = DEFAULT_TOPK_PARAMS["level"],
-                reference: str = DEFAULT_TOPK_PARAMS["reference"], rank_of_id: np.ndarray | None = None,
+                step: float = DEFAULT_TOPK_PARAMS["step"], max_step: float = DEFAULT_TOPK_PARAMS["max_step"],
+                growth: float = DEFAULT_TOPK_PARAMS["growth"], level: int = DEFAULT_TOPK_PARAMS["level"],
                 mass_tol: float = 1e-3, exact: bool = False, **unused) -> bytes:
     """Encode [n, k] top-k ids/log-probs and the [n] tail mass into one payload (see module doc); `exact`
     keeps the log-probs' float32 bits. An id of -1 with log-prob -inf is an unused slot, decoded last in its row."""
     check_params(unused, set(), "top-k")
-    if layout not in LAYOUTS or (exact and layout != "id"):
-        raise CodecError(f"top-k codec: unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} ('id' when exact)")
-    ids, logprobs, tail, (step, max_step, growth), unused = prepared(ids, logprobs, tail, vocab_size, reference,
+    ids, logprobs, tail, (step, max_step, growth), unused = prepared(ids, logprobs, tail, vocab_size,
                                                                      (step, max_step, growth), mass_tol)
     n, k = ids.shape
-    rank_of_id, _ = _rank_maps(rank_of_id, vocab_size)
-    keys = ids.astype(np.int64, copy=False) if unused is None else np.where(unused, 0, ids).astype(np.int64)
-    if rank_of_id is not None:
-        keys = rank_of_id[keys]
+    keys = ids.astype(np.int64, copy=False)
     if unused is not None:   # unused slots (sampled mode) get keys V, V+1, ... so they sort last and cost ~nothing
         keys = np.where(unused, vocab_size + np.cumsum(unused, axis=1) - 1, keys)
-    id_bits = max(1, int(vocab_size + k - 1).bit_length())
-    if exact:                # the float32 bits, in id order
-        order = np.argsort(keys, axis=1, kind="stable")
-        keys, codes = np.take_along_axis(keys, order, 1), np.take_along_axis(logprobs.view(np.uint32), order, 1)
-        _check_distinct(keys, "top-k codec field 'ids'")
-        key_stream, code_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1), codes
-    elif layout == "value":
-        codes = _value_codes(logprobs, reference, step, max_step, growth)
-        packed = np.sort((codes << id_bits) | keys, axis=1)
-        keys, codes = packed & ((1 << id_bits) - 1), packed >> id_bits
-        _check_distinct(np.sort(keys, axis=1), "top-k codec field 'ids'")
-        code_stream = np.concatenate([codes[:, :1], np.diff(codes, axis=1)], axis=1)   # codes ascend: gaps >= 0
-        key_stream = keys
-    else:
-        packed = np.sort((keys << 16) | _value_codes(logprobs, reference, step, max_step, growth), axis=1)
-        keys, codes = packed >> 16, packed & 0xFFFF
-        _check_distinct(keys, "top-k codec field 'ids'")
-        key_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)  # ids ascend: gaps >= 0
-        code_stream = codes
-    flags = (_FLAG_RANKS if rank_of_id is not None else 0) | (_FLAG_ABSOLUTE if reference == "absolute" else 0) \
-        | (_FLAG_EXACT if exact else 0)
-    header = _TOPK_HEADER.pack(TOPK_MAGIC, TOPK_VERSION, LAYOUTS[layout], flags, n, k, step, max_step, growth)
+    bits = 32 if exact else 16   # exact: the float32 bits as they are
+    codes = logprobs.view(np.uint32).astype(np.int64) if exact else _value_codes(logprobs, step, max_step, growth)
+    packed = np.sort((keys << bits) | codes, axis=1)
+    keys, codes = packed >> bits, packed & ((1 << bits) - 1)
+    _check_distinct(keys, "top-k codec field 'ids'")
+    gaps = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)  # ids ascend: gaps >= 0
+    flags = _FLAG_EXACT if exact else 0
+    header = _TOPK_HEADER.pack(TOPK_MAGIC, TOPK_VERSION, _LAYOUT_ID, flags, n, k, step, max_step, growth)
     groups = [
-        compress_planes(key_stream, plane_count(vocab_size + k), level),
-        compress_planes(code_stream, 4 if exact else plane_count(max(int(code_stream.max(initial=0)), 1)), level),
+        compress_planes(gaps, plane_count(vocab_size + k), level),
+        compress_planes(codes, 4 if exact else plane_count(max(int(codes.max(initial=0)), 1)), level),
         compress_planes(tail.view(np.uint32), 4, level),
     ]
     return pack_frames(header, groups)
 
 
-def decode_topk(payload: bytes, n: int, k: int, vocab_size: int, *, rank_of_id: np.ndarray | None = None,
-                **unused) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_topk(payload: bytes, n: int, k: int, vocab_size: int, **unused) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode a payload from encode_topk into ids int64 [n, k], log-probs float32 [n, k], tail float32 [n].
-    Accepts the encoder's parameters (they are stored in the header; only rank_of_id must be passed again)."""
+    Accepts the encoder's parameters (they are stored in the header)."""
     check_params(unused, TOPK_PARAMS, "top-k")
     _, _, layout, flags, _, _, step, max_step, growth = unpack_header(payload, _TOPK_HEADER, TOPK_MAGIC, "top-k",
                                                                       TOPK_VERSION, (4, 5), (n, k))
-    if bool(flags & _FLAG_RANKS) != (rank_of_id is not None):
-        raise CodecError("top-k codec payload was written " + ("with" if flags & _FLAG_RANKS else "without")
-                         + " a rank table ('rank_of_id'); pass the same table to decode it")
-    _, id_of_rank = _rank_maps(rank_of_id, vocab_size)
+    if layout != _LAYOUT_ID or flags & _FLAG_RANKS:
+        raise CodecError("top-k codec payload was written with rows sorted by value or a rank table "
+                         "('layout'/'rank_of_id'), experimental options this fastkd no longer reads")
     g_keys, g_codes, g_tail = unpack_frames(payload, _TOPK_HEADER.size, 3)
     tail = decompress_planes(g_tail, n).view(np.float32)
-    key_stream = decompress_planes(g_keys, n * k).reshape(n, k)
-    code_stream = decompress_planes(g_codes, n * k).reshape(n, k)
-    keys = key_stream.astype(np.int64)     # (cumsum in place on int64: ~15x faster than cumsum(dtype=...))
-    if layout == LAYOUTS["value"]:
-        codes = code_stream.astype(np.int64)
-        np.cumsum(codes, axis=1, out=codes)
-    else:
-        codes = code_stream
-        np.cumsum(keys, axis=1, out=keys)
-        keys += np.arange(k)
+    keys = decompress_planes(g_keys, n * k).reshape(n, k).astype(np.int64)
+    codes = decompress_planes(g_codes, n * k).reshape(n, k)
+    np.cumsum(keys, axis=1, out=keys)     # (in place on int64: ~15x faster than cumsum(dtype=...))
+    keys += np.arange(k)
     exact = bool(flags & _FLAG_EXACT)
-    if (not exact and codes.max(initial=0) > NEG_INF_CODE) or (keys.max(initial=0) >= vocab_size + k):
+    top = keys.max(initial=0)
+    if (not exact and codes.max(initial=0) > NEG_INF_CODE) or top >= vocab_size + k:
         raise CodecError("corrupt top-k codec payload: code or id out of range")
-    unused = keys >= vocab_size if keys.max(initial=0) >= vocab_size else None
-    if id_of_rank is not None:
-        ids = id_of_rank[keys if unused is None else np.where(unused, 0, keys)]
-    else:
-        ids = keys
-    if unused is not None:
-        ids = np.where(unused, -1, ids)
+    ids = np.where(keys >= vocab_size, -1, keys) if top >= vocab_size else keys
     logprobs = codes.view(np.float32) if exact else _decoded_logprobs(codes, tail, step, max_step, growth)
     return ids, logprobs, tail
 
@@ -281,25 +199,7 @@ def topk_exact(payload: bytes) -> bool:
     return len(payload) >= _TOPK_HEADER.size and bool(_TOPK_HEADER.unpack_from(payload)[3] & _FLAG_EXACT)
 
 
-def topk_error_bound(x: np.ndarray, step: float = DEFAULT_TOPK_PARAMS["step"],
-                     max_step: float = DEFAULT_TOPK_PARAMS["max_step"],
-                     growth: float = DEFAULT_TOPK_PARAMS["growth"]) -> np.ndarray:
-    """Bound on the quantisation error |x_decoded - x| (nats) of an entry x nats below the row's
-    reference, before the decoder's common rescaling: half the widest step within reach of x."""
-    x = np.asarray(x, dtype=np.float64)
-    return 0.5 * np.minimum(step * np.exp(growth * (x + 0.5 * max_step)), max_step) + 1e-6 * (1 + x)
-
-
-def topk_section_sizes(payload: bytes) -> dict[str, int]:
-    """Bytes spent on each part of a top-k payload (header, ids, values, tail), for reports."""
-    peek(payload, TOPK_MAGIC, "top-k")
-    return section_sizes(payload, _TOPK_HEADER.size, ("ids", "values", "tail"))
-
-
-# ---------------------------------------------------------------------------- sampled
-
-def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, level: int = 3,
-                   rank_of_id: np.ndarray | None = None, **unused) -> bytes:
+def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, level: int = 3, **unused) -> bytes:
     """Encode sampled-mode rows (ids [n, s], -1 = unused slot; counts [n, s], 0 = unused), lossless
     as a multiset: decoding returns each row's (id, count) pairs sorted by id, unused slots last."""
     check_params(unused, set(), "sampled")
@@ -313,19 +213,15 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, leve
         raise CodecError("sampled codec fields 'ids'/'counts': a used slot needs id >= 0 and count > 0, an unused "
                          "one id -1 and count 0")
     _check_ids(np.where(valid, ids, 0), vocab_size, "sampled codec field 'ids'")
-    rank_of_id, _ = _rank_maps(rank_of_id, vocab_size)
-    keys = np.where(valid, rank_of_id[np.where(valid, ids, 0)] if rank_of_id is not None else ids, -1).astype(np.int64)
-    big = np.int64(1) << 40
-    order = np.argsort(np.where(valid, keys, big), axis=1, kind="stable")
+    keys = ids.astype(np.int64)
+    order = np.argsort(np.where(valid, keys, vocab_size), axis=1, kind="stable")   # unused slots last
     keys = np.take_along_axis(keys, order, axis=1)
     counts = np.take_along_axis(counts.astype(np.int64), order, axis=1)
     valid = keys >= 0
     _check_distinct(keys, "sampled codec field 'ids'", valid)
     used = valid.sum(axis=1)
-    gaps = np.diff(keys, axis=1) - 1
-    stream = np.concatenate([keys[:, :1], gaps], axis=1)[valid]
-    flags = _FLAG_RANKS if rank_of_id is not None else 0
-    header = _SAMPLED_HEADER.pack(SAMPLED_MAGIC, SAMPLED_VERSION, flags, n, s)
+    stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)[valid]
+    header = _SAMPLED_HEADER.pack(SAMPLED_MAGIC, SAMPLED_VERSION, 0, n, s)
     cnt = counts[valid] - 1
     groups = [
         compress_planes(used, plane_count(s), level),
@@ -335,14 +231,13 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, leve
     return pack_frames(header, groups)
 
 
-def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_id: np.ndarray | None = None,
-                   **unused) -> tuple[np.ndarray, np.ndarray]:
+def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, **unused) -> tuple[np.ndarray, np.ndarray]:
     """Decode a payload from encode_sampled into ids int64 [n, s] (-1 padded) and counts int32 [n, s]."""
-    check_params(unused, SAMPLED_PARAMS, "sampled")
+    check_params(unused, {"level"}, "sampled")
     flags = unpack_header(payload, _SAMPLED_HEADER, SAMPLED_MAGIC, "sampled", SAMPLED_VERSION, (3, 4), (n, s))[2]
-    if bool(flags & _FLAG_RANKS) != (rank_of_id is not None):
-        raise CodecError("sampled codec payload and caller disagree on the rank table ('rank_of_id')")
-    _, id_of_rank = _rank_maps(rank_of_id, vocab_size)
+    if flags & _FLAG_RANKS:
+        raise CodecError("sampled codec payload was written with a rank table ('rank_of_id'), an experimental "
+                         "option this fastkd no longer reads")
     g_used, g_ids, g_counts = unpack_frames(payload, _SAMPLED_HEADER.size, 3)
     used = decompress_planes(g_used, n).astype(np.int64)
     if (used > s).any():
@@ -358,7 +253,7 @@ def decode_sampled(payload: bytes, n: int, s: int, vocab_size: int, *, rank_of_i
         raise CodecError("corrupt sampled codec payload: id out of range")
     mask = np.arange(s)[None, :] < used[:, None]
     ids = np.full((n, s), -1, dtype=np.int64)
-    ids[mask] = id_of_rank[flat] if id_of_rank is not None else flat
+    ids[mask] = flat
     counts = np.zeros((n, s), dtype=np.int32)
     counts[mask] = decompress_planes(g_counts, total).astype(np.int32) + 1
     return ids, counts

@@ -21,7 +21,7 @@ from .manifest_checks import manifest_totals
 from .reader import check_shard_matches, open_shard
 from .storage import LocalStorage, refuse_url_for_writing
 from .writing import (SHARD_NAME, check_sequence, fastkd_version, layout_of, normalize_settings, now, resume_settings,
-                      shard_file, typed, write_shard_file)
+                      shard_file, write_shard_file)
 
 UNIT_DIR = "units"
 RECEIPT_NAME = re.compile(r"^unit-(\d{5,})\.json$")
@@ -38,21 +38,17 @@ class Unit:
     sha256: str
 
 
-def sequence_digest(h, record_index: int, task: str, input_ids, loss_mask) -> None:
-    """Feed one tokenised record into a running sha256 (what the cache's content depends on)."""
-    ids = np.asarray(input_ids, np.int64)
-    task_bytes = str(task).encode()
-    h.update(np.array([record_index, len(ids), len(task_bytes)], np.int64).tobytes())
-    h.update(task_bytes)
-    h.update(ids.astype("<i8").tobytes())
-    h.update(np.asarray(loss_mask, np.uint8).tobytes())
-
-
 def unit_of(number: int, examples) -> Unit:
-    """The unit `number` holding `examples` (objects with record_index, task, input_ids, loss_mask), in order."""
+    """The unit `number` holding `examples` (objects with record_index, task, input_ids, loss_mask), in order;
+    its digest covers each one's index, task, token ids and loss mask (what the cache's content depends on)."""
     h = hashlib.sha256()
     for ex in examples:
-        sequence_digest(h, int(ex.record_index), ex.task, ex.input_ids, ex.loss_mask)
+        ids = np.asarray(ex.input_ids, np.int64)
+        task = str(ex.task).encode()
+        h.update(np.array([int(ex.record_index), len(ids), len(task)], np.int64).tobytes())
+        h.update(task)
+        h.update(ids.astype("<i8").tobytes())
+        h.update(np.asarray(ex.loss_mask, np.uint8).tobytes())
     return Unit(number, tuple(int(ex.record_index) for ex in examples), h.hexdigest())
 
 
@@ -116,12 +112,11 @@ class UnitWriter:
         self.max_block_sequences = max_block_sequences
         self.coordinator = False
         self.manifest: dict | None = None
-        self.listed_records: list[np.ndarray] = []   # record indices of the shards listed when the cache was opened
+        self.listed_records: set[int] = set()   # record indices of the shards listed when the cache was opened
         self.settings_sha256 = settings_digest(self.settings)
         self.warnings: list[str] = []
         self._lock: Path | None = None
 
-    # --- coordinator ---------------------------------------------------------------------
     @classmethod
     def open(cls, root, settings: dict, cut: RecordCut | None, **kw) -> "UnitWriter":
         """Take the cache lock, check or create the manifest, merge the receipts of earlier runs."""
@@ -136,8 +131,7 @@ class UnitWriter:
             (self.root / UNIT_DIR).mkdir(exist_ok=True)
         except OSError as err:
             raise CacheError(f"cache {self.root}: cannot create the folder: {err}") from None
-        acquire_lock(self.root / LOCK)
-        self._lock = self.root / LOCK   # only once taken: a refused writer must not release another's lock
+        self._lock = acquire_lock(self.root / LOCK)   # set once taken: a refused writer keeps off another's lock
         try:
             for path in self.root.iterdir():   # ranks of an earlier run must be gone before anything is removed
                 m = WORKER_LOCK.match(path.name)
@@ -175,7 +169,7 @@ class UnitWriter:
                 raise CacheError(f"cache {self.root}: cannot resume on other data: manifest.json shards[{j}] (unit "
                                  f"{entry['unit']}) {problem}; resume with the same --data file contents, or write "
                                  f"to a new cache folder")
-            self.listed_records.append(shard.record_index)
+            self.listed_records.update(shard.record_index.tolist())
         self.manifest = existing
 
     @property
@@ -190,12 +184,8 @@ class UnitWriter:
         listed, added = self.done_units, []
         for path in sorted((self.root / UNIT_DIR).iterdir()):
             m = RECEIPT_NAME.match(path.name)
-            if not m:
-                if clean and path.name.endswith(".tmp"):
-                    _unlink(path)
-                continue
-            number = int(m.group(1))
-            if number in listed:
+            number = int(m.group(1)) if m else None
+            if number is None or number in listed:
                 continue
             problem, entry = self._check_receipt(path, number)
             if problem and clean:
@@ -211,26 +201,23 @@ class UnitWriter:
             self.manifest = manifest
         for e in (self.manifest["shards"] if clean else added):   # the manifest now records these units
             _unlink(self.root / receipt_file(int(e["unit"])))
-        if clean:
+        if clean:   # shards of a run killed between shard and receipt, and temporary files
             keep = {e["file"] for e in self.manifest["shards"]}
-            for path in (self.root / SHARD_DIR).iterdir():   # killed between shard and receipt, or temp files
-                listed = f"{SHARD_DIR}/{path.name}" in keep
-                if path.name.endswith(".tmp") or (SHARD_NAME.match(path.name) and not listed):
+            for path in (self.root / SHARD_DIR).iterdir():
+                if SHARD_NAME.match(path.name) and f"{SHARD_DIR}/{path.name}" not in keep:
                     _unlink(path)
-            for path in self.root.glob(f".{MANIFEST}.*.tmp"):
-                _unlink(path)
+            for pattern in (f"{SHARD_DIR}/*.tmp", f"{UNIT_DIR}/*.tmp", f".{MANIFEST}.*.tmp"):
+                for path in self.root.glob(pattern):
+                    _unlink(path)
         return len(added)
 
     def _records_problem(self, number: int, records) -> str | None:
         """Why a shard holding `records` (in its order) cannot be unit `number` of this run; None when it can."""
         got = tuple(int(r) for r in records)
-        if self.cut is None:
-            unit = self.units.get(number)
-            if unit is None:
-                return "names a unit this run's records do not have"
-            return None if got == unit.records else "holds other records than the unit"
-        if number not in self.cut.numbers:
+        if number not in (self.units if self.cut is None else self.cut.numbers):
             return "names a unit this run's records do not have"
+        if self.cut is None:
+            return None if got == self.units[number].records else "holds other records than the unit"
         span = self.cut.span(number)
         if not got or not all(r in span for r in got) or any(b <= a for a, b in zip(got, got[1:])):
             return f"holds other records than unit {number} may (indices {span.start} to {span.stop - 1}, in order)"
@@ -239,8 +226,7 @@ class UnitWriter:
     def _check_receipt(self, path: Path, number: int) -> tuple[str | None, dict | None]:
         """(problem, entry): a receipt counts only if sealed, written under these settings, for this
         unit's records, and its shard opens and matches."""
-        known = number in self.units if self.cut is None else number in self.cut.numbers
-        if not known:
+        if number not in (self.units if self.cut is None else self.cut.numbers):
             return "names a unit this run's records do not have", None
         try:
             receipt = json.loads(path.read_text())
@@ -251,9 +237,7 @@ class UnitWriter:
             return "not a sealed unit receipt (corrupt or cut short)", None
         if receipt.get("settings_sha256") != self.settings_sha256:
             return "written under other settings (stale)", None
-        entry = receipt.get("entry")
-        if not isinstance(entry, dict):
-            return "written from other records (stale)", None
+        entry = receipt["entry"] if isinstance(receipt.get("entry"), dict) else {}
         sha = self.units[number].sha256 if self.cut is None else entry.get("unit_sha256")   # a cut: the writer's
         if entry.get("unit") != number or entry.get("unit_sha256") != sha or not is_hex_digest(sha) \
                 or entry.get("file") != shard_file(number):
@@ -286,14 +270,12 @@ class UnitWriter:
         finally:
             self.abort()
 
-    # --- any rank ------------------------------------------------------------------------
     @classmethod
     def join(cls, root, settings: dict, cut: RecordCut, settings_sha256: str, rank: int, **kw) -> "UnitWriter":
         """A non-coordinating rank, after the coordinator opened the cache: takes its own rank lock."""
         self = cls(root, settings, cut, rank=rank, **kw)
         self.settings_sha256 = settings_sha256
-        acquire_lock(self.root / f"{LOCK}.rank-{rank}")
-        self._lock = self.root / f"{LOCK}.rank-{rank}"
+        self._lock = acquire_lock(self.root / f"{LOCK}.rank-{rank}")
         return self
 
     def write_unit(self, number: int, seqs: list, blocks: tuple | None = None, checked: bool = False) -> dict:
@@ -306,11 +288,9 @@ class UnitWriter:
             raise CacheError(f"cache {self.root}: unit {number} {problem}: got records {got[:4]}...")
         unit = self.units[number] if self.cut is None else unit_of(number, seqs)
         if blocks is None and not checked:
-            for seq in seqs:
-                check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
-            seqs = [typed(s) for s in seqs]
+            seqs = [check_sequence(self.root, self.layout, s) for s in seqs]
         name = shard_file(number)
-        entry = write_shard_file(self.root, name, number, seqs, self.layout, self.settings, blocks=blocks,
+        entry = write_shard_file(self.root, name, number, seqs, self.layout, blocks=blocks,
                                  block_bytes=self.block_bytes, max_block_sequences=self.max_block_sequences)
         entry.update(unit=number, unit_sha256=unit.sha256)
         receipt = seal({"format": RECEIPT_FORMAT, "settings_sha256": self.settings_sha256, "entry": entry,

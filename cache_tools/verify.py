@@ -17,12 +17,8 @@ from .writing import SHARD_NAME
 @dataclass
 class Problem:
     shard: str
-    block: int | None
+    block: int | None   # None: the shard as a whole
     message: str
-
-    def __str__(self) -> str:
-        where = f"shard {self.shard}" + (f" block {self.block}" if self.block is not None else "")
-        return f"{where}: {self.message}"
 
 
 @dataclass
@@ -40,8 +36,7 @@ class VerifyReport:
         return not self.problems
 
     def as_dict(self) -> dict:
-        fields = asdict(self)
-        return {"cache": fields.pop("cache"), "ok": self.ok, **fields}
+        return {"cache": self.cache, "ok": self.ok, **asdict(self)}   # the key order of the JSON report
 
 
 def file_sha256(storage, name: str, size: int, chunk: int = 8 << 20) -> str:

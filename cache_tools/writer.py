@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .errors import CacheError
 from .format import MANIFEST, CachedSequence, read_manifest
 from .storage import refuse_url_for_writing
 from .units import UnitWriter, unit_of
-from .writing import check_sequence, typed, normalize_settings, shard_file  # noqa: F401 - the writer's API
-
-__all__ = ["CacheWriter", "normalize_settings", "shard_file"]
+from .writing import check_sequence
 
 
 class CacheWriter(UnitWriter):
@@ -33,8 +29,7 @@ class CacheWriter(UnitWriter):
         super().__init__(root, dict(settings, work_unit=work_unit), None, block_bytes=block_bytes,
                          max_block_sequences=max_block_sequences)
         self._coordinate()
-        self.work_unit = work_unit
-        self.done: set[int] = set(np.concatenate(self.listed_records).tolist()) if self.listed_records else set()
+        self.done: set[int] = set(self.listed_records)
         self._next = max(self.done_units, default=-1) + 1
         self._buffer: list[CachedSequence] = []
         self._buffered: set[int] = set()
@@ -47,10 +42,9 @@ class CacheWriter(UnitWriter):
         if r in self.done or r in self._buffered:
             raise CacheError(f"cache {self.root}: record {seq.record_index}: already in the cache (skip the indices in "
                              f"writer.done when resuming)")
-        check_sequence(self.root, self.layout, seq, captured="capture" in self.settings)
-        self._buffer.append(typed(seq, copy=True))  # the caller may reuse its arrays before the unit is written
+        self._buffer.append(check_sequence(self.root, self.layout, seq, copy=True))  # the caller may reuse its arrays
         self._buffered.add(r)
-        if len(self._buffer) >= self.work_unit:
+        if len(self._buffer) >= self.settings["work_unit"]:
             self._flush()
 
     def _flush(self) -> None:

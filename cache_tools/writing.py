@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,7 @@ from .codecs import normalize_codec
 from .errors import CacheError, CodecError
 from .format import RESERVED_KEYS, SHARD_DIR, CachedSequence, fsync_dir, jsonable, settings_differences, settings_of
 from .integrity import digest_bytes, file_digest
-from .shard import EncodeError, Layout, assemble_shard, encode_block, plan_blocks, write_shard
-from .shard_read import shard_head
-from .storage import LocalStorage
+from .shard import Layout, assemble_shard, empty_rows, encode_block, plan_blocks
 
 SHARD_NAME = re.compile(r"^shard-(\d{5,})\.safetensors$")
 CODEC_SETTINGS = (("logits_codec", "topk"), ("hidden_codec", "hidden"))   # flat spellings of settings["codecs"]
@@ -113,17 +112,9 @@ def layout_of(settings: dict) -> Layout:
                   captured="capture" in settings)
 
 
-def empty_rows(seq: CachedSequence) -> np.ndarray:
-    """Rows a selective-capture cache stores without the teacher (bool [n]): every id -1, every
-    log-prob -inf, tail exactly 1."""
-    ids = np.asarray(seq.topk_ids)
-    return ((ids == -1).all(axis=1) & np.isneginf(np.asarray(seq.topk_logprobs, np.float64)).all(axis=1)
-            & (np.asarray(seq.tail) == 1.0))
-
-
-def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = False) -> None:
-    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution.
-    `captured`: a selective-capture cache, whose topk mode also holds empty rows (see `empty_rows`)."""
+def check_sequence(root, lay: Layout, seq: CachedSequence, copy: bool = False) -> CachedSequence:
+    """Refuse a sequence whose shapes do not fit the layout or whose teacher values are not a distribution
+    (a selective-capture cache's topk mode also holds `empty_rows`); returns it `typed`."""
     where = f"cache {root}: record {seq.record_index}"
     ids = np.asarray(seq.input_ids)
     mask = np.asarray(seq.loss_mask)
@@ -141,16 +132,17 @@ def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = F
             raise CacheError(f"{where}: field {name} has shape {np.shape(arr)}, expected {shape} "
                              f"({n} loss positions, k={k})")
     lp = np.asarray(seq.topk_logprobs, np.float64)
-    empty = empty_rows(seq) if captured and not lay.sampled else np.zeros(n, bool)
-    if np.isnan(lp).any() or (lp > 1e-3).any() or (not lay.sampled and (np.isneginf(lp).all(axis=1) & ~empty).any()):
+    empty = empty_rows(seq.topk_ids, lp, seq.tail) if lay.captured and not lay.sampled else np.zeros(n, bool)
+    bad = np.isnan(lp) | (lp > 1e-3)
+    if bad.any() or (not lay.sampled and (np.isneginf(lp).all(axis=1) & ~empty).any()):
         raise CacheError(f"{where}: field topk_logprobs holds NaN, positive, or all -inf values (row "
-                         f"{_first_bad(np.isnan(lp) | (lp > 1e-3))}): the teacher's forward overflowed or "
-                         f"produced NaN; nothing of this record was written (try --dtype float32)")
+                         f"{_first_bad(bad)}): the teacher's forward overflowed or produced NaN; nothing of this "
+                         f"record was written (try --dtype float32)")
     tail = np.asarray(seq.tail, np.float64)
-    if not np.isfinite(tail).all() or (tail < -1e-3).any() or (tail > 1 + 1e-3).any():
-        raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row "
-                         f"{_first_bad(~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3))}); the teacher's "
-                         f"output is not a distribution (try --dtype float32)")
+    bad = ~np.isfinite(tail) | (tail < -1e-3) | (tail > 1 + 1e-3)
+    if bad.any():
+        raise CacheError(f"{where}: field tail holds NaN or values outside [0, 1] (row {_first_bad(bad)}); the "
+                         f"teacher's output is not a distribution (try --dtype float32)")
     tids = np.asarray(seq.topk_ids)
     low = -1 if lay.sampled else 0
     if tids[~empty].size and (tids[~empty].min() < low or tids.max() >= lay.vocab_size):
@@ -174,48 +166,31 @@ def check_sequence(root, lay: Layout, seq: CachedSequence, *, captured: bool = F
         if not np.isfinite(np.asarray(seq.hidden[layer], np.float32)).all():
             raise CacheError(f"{where}: field hidden[{layer}] holds NaN or infinite values: the teacher's "
                              f"forward overflowed; nothing of this record was written (try --dtype float32)")
+    return typed(seq, copy)
 
 
-def block_plan(layout: Layout, lengths, losses, block_bytes: int, max_block_sequences: int) -> list[int]:
-    """The block starts (plus the end) write_shard gives sequences of these lengths and loss counts."""
-    return plan_blocks([layout.raw_bytes(n, m) for n, m in zip(lengths, losses)], block_bytes, max_block_sequences)
-
-
-def encode_shard_block(root, name: str, layout: Layout, settings: dict, seqs) -> dict[str, bytes]:
-    """One block's payloads, as write_shard encodes them; a codec refusal is the CacheError write_shard_file gives."""
-    try:
-        return encode_block(layout, seqs)
-    except EncodeError as err:
-        raise _encode_error(root, name, err, settings) from None
-
-
-def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Layout, settings: dict, *,
+def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Layout, *,
                      block_bytes: int, max_block_sequences: int, blocks: tuple | None = None) -> dict:
     """Write one shard atomically (temp file, fsync, rename, fsync the folder); its manifest entry. `blocks`:
-    (starts, payloads) already encoded (an EncodePool's), else write_shard encodes `seqs` here."""
+    (starts, payloads) already encoded (an EncodePool's), else `seqs` are encoded here."""
+    if blocks is None:
+        starts = plan_blocks(layout, [len(s.input_ids) for s in seqs], [s.num_loss_positions for s in seqs],
+                             block_bytes, max_block_sequences)
+        blocks = starts, [encode_block(layout, seqs[a:z], f"cache {root}: shard {name}")
+                          for a, z in zip(starts, starts[1:])]
     final = Path(root) / name
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        if blocks is None:
-            info = write_shard(tmp, seqs, layout, number, block_bytes=block_bytes,
-                               max_block_sequences=max_block_sequences)
-        else:
-            info = assemble_shard(tmp, seqs, layout, number, *blocks)
+        info = assemble_shard(tmp, seqs, layout, number, *blocks)
         with open(tmp, "rb+") as fh:
-            canonical_header(fh)
+            header_digest = canonical_header(fh)
             os.fsync(fh.fileno())
         digest, size = file_digest(tmp)
-        head = shard_head(LocalStorage(tmp.parent), tmp.name, size)
-        header_digest = digest_bytes(head[:8 + int.from_bytes(head[:8], "little")])
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as err:
-        try:
+        with suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(err, EncodeError):
-            raise _encode_error(root, name, err, settings) from None
         if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # disk full, permissions
             raise CacheError(f"cache {root}: cannot write shard {name}: {err}; the finished shards are kept: free "
                              f"space and re-run the same command to resume") from None
@@ -224,22 +199,19 @@ def write_shard_file(root: Path, name: str, number: int, seqs: list, layout: Lay
             "first_record": int(seqs[0].record_index), "last_record": int(seqs[-1].record_index)}
 
 
-def canonical_header(fh) -> None:
-    """Rewrite a safetensors file's JSON header in place with its keys sorted: safetensors writes the metadata in
-    a random order (a hash map), so the same shard would differ in its bytes and digests from run to run. The same
-    characters in another order: the length and every offset stay; a header that would not fit is left as is."""
+def canonical_header(fh) -> str:
+    """Rewrite a safetensors file's JSON header in place with its keys sorted, so the same shard has the same bytes
+    in every run (safetensors writes the metadata in a hash map's random order); returns the header's digest."""
     fh.seek(0)
-    size = int.from_bytes(fh.read(8), "little")
+    prefix = fh.read(8)
+    size = int.from_bytes(prefix, "little")
     text = fh.read(size)
-    header = json.loads(text)
-    data = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(data) <= size:
+    data = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(data) <= size:   # the same characters in another order: the length and every offset stay
+        text = data + b" " * (size - len(data))
         fh.seek(8)
-        fh.write(data + b" " * (size - len(data)))
-
-
-def _encode_error(root, name: str, err: EncodeError, settings: dict) -> CacheError:
-    return CacheError(f"cache {root}: shard {name}: cannot encode {err} (codecs {settings['codecs']})")
+        fh.write(text)
+    return digest_bytes(prefix + text)
 
 
 def resume_settings(root: Path, existing: dict, settings: dict) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Iterable
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int, descending: bool = True) -> list[list[int]]:
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Group indices into batches of similar length (longest first, so OOM shows at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i] if descending else lengths[i], i))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -19,17 +19,14 @@ def pad_batch(sequences: Iterable[list[int]], pad_id: int, side: str = "right", 
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss = torch.zeros((len(seqs), width), dtype=torch.long) if masks is not None else None
+    loss, masks = torch.zeros_like(attn), None if masks is None else list(masks)
     for row, s in enumerate(seqs):
         sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
         ids[row, sl] = torch.tensor(s, dtype=torch.long)
         attn[row, sl] = 1
-    if masks is not None:
-        for row, m in enumerate(masks):
-            sl = slice(width - len(m), width) if side == "left" else slice(0, len(m))
-            loss[row, sl] = torch.tensor(m, dtype=torch.long)
-        return ids, attn, loss
-    return ids, attn
+        if masks is not None:
+            loss[row, sl] = torch.tensor(masks[row], dtype=torch.long)
+    return (ids, attn, loss) if masks is not None else (ids, attn)
 
 
 def labels_from_mask(input_ids, loss_mask, ignore_index: int = -100):

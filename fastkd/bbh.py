@@ -60,8 +60,6 @@ def select_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-# ----------------------------------------------------------------------------- locating and loading
-
 def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None, limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
     """{task: items} (the first `limit` of each) and where they came from: a folder, else the hub when online."""
     root = resolve_bbh_dir(bbh_dir, tasks)
@@ -99,8 +97,6 @@ def _load_hub(task: str, limit: int | None) -> list[BBHItem]:
     return [BBHItem(task, i, r["input"], r["target"]) for i, r in enumerate(rows)]
 
 
-# ----------------------------------------------------------------------------- prompts
-
 @dataclass(frozen=True)
 class FewShot:
     """A cot-prompt file, split: the text after `-----`, its task description and exemplars
@@ -112,7 +108,7 @@ class FewShot:
 
 
 def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
-    """Read cot-prompts/<task>.txt and keep what follows its `-----` line."""
+    """cot-prompts/<task>.txt: what follows its `-----` line, split into the task description and exemplars."""
     path = Path(root) / "cot-prompts" / f"{task}.txt" if root and not str(root).startswith("hub:") else None
     if path is None or not path.is_file():
         raise BBHError(f"{path or 'cot-prompts/' + task + '.txt'}: no CoT prompt file; the few-shot prompt formats "
@@ -121,16 +117,12 @@ def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
     head, sep, text = raw.partition("\n-----\n")
     if not sep:
         raise BBHError(f"{path}: no '-----' line separating the canary from the prompt")
-    return split_few_shot(text, str(path))
-
-
-def split_few_shot(text: str, origin: str = "prompt") -> FewShot:
     chunks = text.split("\n\nQ: ")
     pairs = []
     for n, chunk in enumerate(chunks[1:], 1):
         question, sep, answer = chunk.partition("\nA: ")
         if not sep:
-            raise BBHError(f"{origin}: exemplar {n} has no '\\nA: ' line")
+            raise BBHError(f"{path}: exemplar {n} has no '\\nA: ' line")
         pairs.append((question, answer))
     return FewShot(text, chunks[0], tuple(pairs))
 
@@ -148,20 +140,17 @@ def build_prompt(fmt: str, item_input: str, few_shot: FewShot | None = None) -> 
     raise ValueError(f"no text prompt for format {fmt!r}; choose one of {PROMPT_FORMATS[:3]}")
 
 
-def cut_at_stop(text: str, stop: str = STOP_STRING) -> str:
+def cut_at_stop(text: str) -> str:
     """The generation up to (not including) the first stop string."""
-    k = text.find(stop)
-    return text if k < 0 else text[:k]
+    return text.split(STOP_STRING, 1)[0]
 
-
-# ----------------------------------------------------------------------------- scoring
 
 def extract_answer(generation: str) -> str:
     """The authors' extraction: text after the LAST `So the answer is `, stripped, one
     trailing `.` removed; without the phrase, the whole stripped generation."""
     k = generation.rfind(ANSWER_PHRASE)
     answer = (generation[k + len(ANSWER_PHRASE):] if k >= 0 else generation).strip()
-    return answer[:-1] if answer.endswith(".") else answer
+    return answer.removesuffix(".")
 
 
 _LENIENT_PHRASE = re.compile(r"\banswer is(?![\w'’])\s*:?\s*", re.IGNORECASE)  # not "answer isn't"
@@ -235,7 +224,7 @@ def lenient_answer(generation: str, target: str) -> str | None:
 
 def _normalise_text(text: str) -> str:
     text = " ".join(text.split()).lower()
-    return (text[:-1] if text.endswith(".") else text).strip()
+    return text.removesuffix(".").strip()
 
 
 def _format_number(x: float) -> str:
@@ -268,26 +257,3 @@ def score(generation: str, target: str) -> ItemScore:
     strict = answer == target
     loose = lenient_answer(generation, target)
     return ItemScore(answer, strict, loose, strict or (loose is not None and loose == normalise_target(target)))
-
-
-def accuracy(flags: list[bool]) -> float | None:
-    return 100.0 * sum(flags) / len(flags) if flags else None
-
-
-def summarise(per_task: dict[str, dict[str, list[bool]]]) -> dict:
-    """{task: {"strict": [...], "lenient": [...]}} -> per-task accuracies (percent) and the micro (all items), macro
-    (mean over tasks), NLP and algorithmic (macro within the group) averages, for both scores."""
-    tasks = {t: {"n": len(v["strict"]), "group": task_group(t),
-                 "strict": accuracy(v["strict"]), "lenient": accuracy(v["lenient"])}
-             for t, v in per_task.items()}
-    summary = {"n_items": sum(v["n"] for v in tasks.values()), "n_tasks": len(tasks)}
-    for metric in ("strict", "lenient"):
-        flat = [x for v in per_task.values() for x in v[metric]]
-
-        def macro(names):
-            vals = [tasks[t][metric] for t in names if t in tasks]
-            return sum(vals) / len(vals) if vals else None
-
-        summary[metric] = {"micro": accuracy(flat), "macro": macro(tasks),
-                           "nlp": macro(NLP_TASKS), "algorithmic": macro(ALGORITHMIC_TASKS)}
-    return {"tasks": tasks, "summary": summary}

@@ -29,13 +29,31 @@ def item_row(item: bbh.BBHItem, prompt: str | None, prompt_tokens: int | None, g
 
 
 def results_from_rows(rows: list[dict]) -> dict:
-    """Per-task and summary scores from per-item rows (the report is derived only from these)."""
+    """Per-task accuracies (percent) of per-item rows and the micro (all items), macro (mean over tasks), NLP and
+    algorithmic (macro within the group) averages, for both scores; the report is derived only from these."""
     per_task: dict[str, dict[str, list[bool]]] = {}
     for row in rows:
         slot = per_task.setdefault(row["task"], {"strict": [], "lenient": []})
         slot["strict"].append(bool(row["correct"]))
         slot["lenient"].append(bool(row["lenient_correct"]))
-    return bbh.summarise(per_task)
+    tasks = {t: {"n": len(v["strict"]), "group": bbh.task_group(t),
+                 "strict": _accuracy(v["strict"]), "lenient": _accuracy(v["lenient"])}
+             for t, v in per_task.items()}
+    summary = {"n_items": sum(v["n"] for v in tasks.values()), "n_tasks": len(tasks)}
+    for metric in ("strict", "lenient"):
+        flat = [x for v in per_task.values() for x in v[metric]]
+
+        def macro(names):
+            vals = [tasks[t][metric] for t in names if t in tasks]
+            return sum(vals) / len(vals) if vals else None
+
+        summary[metric] = {"micro": _accuracy(flat), "macro": macro(tasks),
+                           "nlp": macro(bbh.NLP_TASKS), "algorithmic": macro(bbh.ALGORITHMIC_TASKS)}
+    return {"tasks": tasks, "summary": summary}
+
+
+def _accuracy(flags: list[bool]) -> float | None:
+    return 100.0 * sum(flags) / len(flags) if flags else None
 
 
 def write_run(out: Path, rows: list[dict], name: str, config: dict, source: dict, timing: dict | None,
@@ -125,8 +143,6 @@ def plot_scores(runs: list[dict], path: Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- compare
-
 def load_results(run: str | Path) -> dict:
     """results.json of a run folder (or the file itself)."""
     path = Path(run)
@@ -158,11 +174,7 @@ def compare_runs(runs: list[dict], metric: str = "strict") -> str:
 
     def cells(values):
         base = values[0]
-        out = [_pct(base)]
-        for v in values[1:]:
-            diff = "" if v is None or base is None else f" ({v - base:+.2f})"
-            out.append(_pct(v) + diff)
-        return out
+        return [_pct(base)] + [_pct(v) + ("" if None in (v, base) else f" ({v - base:+.2f})") for v in values[1:]]
 
     for task in tasks:
         values = [r["tasks"].get(task, {}).get(metric) for r in runs]

@@ -1,6 +1,5 @@
-"""The cache stage's work on one rank: which work units it writes (cut on the raw records, so a rank reads and
-tokenises only its own), the records' identity from their raw bytes, and the unit loop, in which the teacher's
-forward of the next batches runs while the last ones are encoded and written (fastkd.cache_tools.encode_pool)."""
+"""The cache stage's work on one rank: which work units it writes (cut on the raw records), the records' identity,
+and the unit loop, where the teacher runs while the last units are encoded and written (cache_tools.encode_pool)."""
 
 from __future__ import annotations
 
@@ -100,8 +99,7 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
         if env.world == 1:
             raise
         own, error, at = None, err, _error_index(err)
-    parts = env.gather({"error": str(error) if error else None, "at": at, "report": report.as_dict(),
-                        "count": own.count if own else -1})
+    parts = env.gather({"error": str(error) if error else None, "at": at, "report": report.as_dict()})
     failed = sorted((p["at"], p["error"]) for p in parts if p["error"])
     if failed:
         if error is not None and str(error) == failed[0][1]:
@@ -118,26 +116,21 @@ def _error_index(err: Exception) -> int:
 
 
 def _add_reports(reports: list[dict]) -> dict:
-    skipped = Counter()
-    for r in reports:
-        skipped.update(r["skipped"])
     return {"kept": sum(r["kept"] for r in reports), "truncated": sum(r["truncated"] for r in reports),
-            "skipped": dict(skipped)}
+            "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter()))}
 
 
 def records_identity(source, split: str) -> dict:
     """The `records` setting's digest: SHA-256 of the --data file's bytes, or for a hub dataset of its records'
     canonical JSON (one line each, keys sorted), so a resume on other data is refused before any is tokenised."""
-    path = Path(source)
-    h = hashlib.sha256()
-    if path.is_file():
+    from fastkd.cache_tools.integrity import file_digest
+
+    if Path(source).is_file():
         try:
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+            return {"sha256": file_digest(Path(source))[0], "digest": "file"}
         except OSError as err:
             raise DataError(f"{source}: cannot read ({err.strerror or err})", reason="unreadable") from None
-        return {"sha256": h.hexdigest(), "digest": "file"}
+    h = hashlib.sha256()
     for _index, _where, record, _error in scan_records(source, split):
         h.update(json.dumps(record, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str).encode())
         h.update(b"\n")
@@ -163,10 +156,19 @@ def write_units(config, writer, own: OwnRecords, done: set, backend, summary, en
             exs = own.units[number]
             pool.begin(number, [ex.record_index for ex in exs], [len(ex.input_ids) for ex in exs],
                        [sum(ex.loss_mask) for ex in exs])
-            generator = None   # --sample: one seed per unit, whatever the number of ranks
-            if config.sample:
-                generator = torch.Generator(device=backend.device).manual_seed(config.seed * 1_000_003 + number)
-            _teacher_pass(exs, backend, generator, config.batch_size, summary, bar, pool, started)
+            seed = config.seed * 1_000_003 + number      # --sample: one seed per unit, whatever the number of ranks
+            generator = torch.Generator(device=backend.device).manual_seed(seed) if config.sample else None
+            for batch in length_sorted_batches([len(ex.input_ids) for ex in exs], config.batch_size):
+                chunk = [exs[i] for i in batch]
+                t0 = time.perf_counter()
+                sig = backend.signal(chunk, generator)
+                summary.seconds_teacher += time.perf_counter() - t0
+                for seq in _sequences(chunk, sig):
+                    pool.add(seq)
+                summary.sequences_written += len(chunk)
+                summary.loss_positions += sum(sig.rows_per_sequence)
+                bar.update(len(chunk))
+                bar.set_postfix(tok_s=f"{summary.loss_positions / max(time.perf_counter() - started, 1e-9):.0f}")
             for _ in pool.committed():
                 after_unit()
         for _ in pool.drain():
@@ -180,9 +182,8 @@ def write_units(config, writer, own: OwnRecords, done: set, backend, summary, en
 
 
 class Merges:
-    """Rank 0 merges receipts into manifest.json as units are written, so the partial cache stays readable while
-    ranks run; in whichever thread wrote the unit, one at a time, and at most a fifth of the time (a manifest
-    rewritten after each of 10,000s of units would cost more than the units)."""
+    """Rank 0 merges receipts into manifest.json as units are written (the partial cache stays readable), one thread
+    at a time and at most a fifth of the time (rewriting it after each of 10,000s of units would cost more)."""
 
     def __init__(self, writer):
         self.writer, self.lock, self.next_at = writer, threading.Lock(), 0.0
@@ -195,38 +196,17 @@ class Merges:
                 self.next_at = time.perf_counter() + 4 * (time.perf_counter() - started)
 
 
-def _teacher_pass(todo, backend, generator, batch_size: int, summary, bar, pool, started: float) -> None:
-    """The teacher over `todo` in length-sorted batches, each batch's sequences handed to the pool."""
-    for batch in length_sorted_batches([len(ex.input_ids) for ex in todo], batch_size):
-        chunk = [todo[i] for i in batch]
-        t0 = time.perf_counter()
-        sig = backend.signal(chunk, generator)
-        summary.seconds_teacher += time.perf_counter() - t0
-        for seq in _sequences(chunk, sig):
-            pool.add(seq)
-        summary.sequences_written += len(chunk)
-        summary.loss_positions += sum(sig.rows_per_sequence)
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{summary.loss_positions / max(time.perf_counter() - started, 1e-9):.0f}")
-
-
 def _sequences(chunk, sig) -> list:
     """Split a batch's rows back into sequences (row-major order)."""
     import numpy as np
 
     from fastkd.cache_tools import CachedSequence
 
-    ids, logprobs, tail = sig.topk_ids.cpu().numpy(), sig.topk_logprobs.cpu().numpy(), sig.tail.cpu().numpy()
-    counts = sig.counts.cpu().numpy() if sig.counts is not None else None
-    hidden = {layer: h.cpu().numpy() for layer, h in sig.hidden.items()}
-    start, out = 0, []
-    for ex, rows in zip(chunk, sig.rows_per_sequence):
-        end = start + rows
-        out.append(CachedSequence(
-            record_index=ex.record_index, task=ex.task,
-            input_ids=np.asarray(ex.input_ids, dtype=np.int32), loss_mask=np.asarray(ex.loss_mask, dtype=np.uint8),
-            topk_ids=ids[start:end], topk_logprobs=logprobs[start:end], tail=tail[start:end],
-            counts=counts[start:end] if counts is not None else None,
-            hidden={layer: h[start:end] for layer, h in hidden.items()}))
-        start = end
-    return out
+    cuts = np.cumsum(sig.rows_per_sequence)[:-1]
+    ids, logprobs, tail = (np.split(t.cpu().numpy(), cuts) for t in (sig.topk_ids, sig.topk_logprobs, sig.tail))
+    counts = np.split(sig.counts.cpu().numpy(), cuts) if sig.counts is not None else [None] * len(chunk)
+    hidden = {layer: np.split(h.cpu().numpy(), cuts) for layer, h in sig.hidden.items()}
+    return [CachedSequence(record_index=ex.record_index, task=ex.task, input_ids=np.asarray(ex.input_ids, np.int32),
+                           loss_mask=np.asarray(ex.loss_mask, np.uint8), topk_ids=ids[i], topk_logprobs=logprobs[i],
+                           tail=tail[i], counts=counts[i], hidden={layer: h[i] for layer, h in hidden.items()})
+            for i, ex in enumerate(chunk)]

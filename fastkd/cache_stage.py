@@ -1,18 +1,5 @@
-"""Run the teacher once over a CoT dataset and cache its signal at the response positions.
-
-For every record: template (with or without the rationale) -> token ids -> teacher forward in
-length-sorted batches -> top-k log-probs with the exact tail mass (or, with --sample N, N ids
-drawn from the teacher with their counts) and the hidden states of the chosen layers, at loss
-positions only -> compressed safetensors shards + manifest.json (+ this run's config.yaml, which
---config reads back). Re-running the same command on a partial cache resumes it; a cache made
-with other settings or other records is refused.
-
-Many processes: `torchrun --nproc-per-node N -m fastkd cache-teacher ...` (gloo between ranks,
-each rank on cuda:LOCAL_RANK); the records are cut into fixed work units (--sequences-per-shard consecutive
-records), each rank reads and tokenises only its share and writes it, rank 0 merges them; any N can resume a
-cache begun with any other N. Each rank's shards are encoded and written by --encode-threads worker threads while
-its teacher runs the next batches (fastkd.cache_pipeline).
-"""
+"""`fastkd cache-teacher`: the teacher run once over CoT records, its signal at the loss positions cached as shards +
+manifest.json + config.yaml; the same command resumes a partial cache, on one process or many (docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -34,10 +21,11 @@ from fastkd.tokenizer_identity import tokenizer_identity
 class CacheConfig(StageConfig):
     """Every option of `fastkd cache-teacher`: its flags, its --config YAML and the cache's config.yaml."""
 
-    teacher: str | None = _opt(None, "teacher model: a local folder or a Hugging Face hub id; required")
+    teacher: str | None = _opt(None, "teacher model: a local folder or a Hugging Face hub id", required=True)
     data: str | None = _opt(None, "records: .jsonl, .json (a list, or an id->record map as CoT-Collection), .parquet "
-                                  "or a hub dataset; required")
-    out: str | None = _opt(None, "cache folder to create, or a partial cache of the same settings to resume; required")
+                                  "or a hub dataset", required=True)
+    out: str | None = _opt(None, "cache folder to create, or a partial cache of the same settings to resume",
+                           required=True)
     top_k: int = _opt(64, "teacher log-probs kept per position (the rest is one exact tail-mass bucket)")
     sample: int | None = _opt(None, "instead of the top-k, draw N ids with replacement from the teacher, stored as "
                                     "unique ids with counts (Random-Sampling KD)", minimum=1, metavar="N")
@@ -71,21 +59,18 @@ class CacheConfig(StageConfig):
     loss_turns: str = _opt("all", "messages records: the assistant turns that carry loss: all, last (the final "
                                   "one), reasoning (their reasoning only) or answer (their answer only)",
                            choices=list(LOSS_TURNS))
-    sequences_per_shard: int = _opt(256, "the work unit: consecutive records per shard (fewer where records are "
-                                         "skipped), the unit of resume and of the split across ranks (a resume "
-                                         "keeps the cache's own)", minimum=1)
+    sequences_per_shard: int = _opt(256, "the work unit: consecutive records per shard, the unit of resume and of "
+                                         "the split across ranks (a resume keeps the cache's own)", minimum=1)
     encode_threads: int = _opt(2, "threads per rank that encode and write shards while the teacher runs the next "
-                                  "batches (0: each unit after its forward, in the main thread)", minimum=0,
-                               metavar="N")
-    hidden_codec: str | None = _opt(None, "hidden-state codec: kh:method=int8 (the default, "
-                                                            "block=128), kh:method=bf16 or kh:method=fp8, optionally "
-                                                            "with ,block=N (docs/cache-format.md)")
+                                  "batches (0: in the main thread, after each forward)", minimum=0, metavar="N")
+    hidden_codec: str | None = _opt(None, "hidden-state codec (docs/cache-format.md): kh:method=int8 (the default, "
+                                          "block=128), kh:method=bf16 or kh:method=fp8, optionally with ,block=N")
     hidden_project: int | None = _opt(None, "store hidden states through a fixed random projection to width D (seed "
                                             "--seed, in the manifest); the student then projects to D", minimum=1,
                                       metavar="D")
-    logits_codec: str | None = _opt(None, "top-k codec: kt:precision=fine (the default), "
-                                                     "kt:precision=small (fewer bytes, more KL) or kt:precision=exact "
-                                                     "(float32 bits); a --sample cache always uses ks (docs/codec.md)")
+    logits_codec: str | None = _opt(None, "top-k codec (docs/codec.md): kt:precision=fine (the default), "
+                                          "kt:precision=small (fewer bytes, more KL) or kt:precision=exact (float32 "
+                                          "bits); a --sample cache always uses ks")
     capture_share: float = _opt(1.0, "selective capture: the teacher's top-k at this share of each sequence's loss "
                                      "positions (e.g. 0.2), CE alone at the others", metavar="F")
     capture_by: str = _opt("entropy", "with --capture-share < 1: entropy (the highest-entropy positions) or random "
@@ -93,9 +78,6 @@ class CacheConfig(StageConfig):
     progress: bool = PROGRESS()
 
     def validate(self) -> "CacheConfig":
-        missing = [f"--{name}" for name in ("teacher", "data", "out") if not getattr(self, name)]
-        if missing:
-            raise UserError(f"give {', '.join(missing)}")
         if self.top_k < 1 and not self.sample:
             raise UserError(f"--top-k must be >= 1, got {self.top_k}")
         if not 0.0 < self.capture_share <= 1.0:
@@ -194,13 +176,17 @@ def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env)
     cache's own codecs (when none is asked), teacher tokenizer and work unit are kept."""
     from fastkd.cache_tools.format import MANIFEST, read_manifest
     from fastkd.cache_tools.units import RecordCut
+    from fastkd.chat_masks import template_sha256
     from fastkd.cross_tokenizer import with_teacher_tokenizer
 
-    settings = {**backend.settings, "tokenizer": tokenizer_identity(tokenizer), "template": _template_setting(
-                template, tokenizer, own.conversations), "mode": "sample" if config.sample else "topk",
-                "k": int(config.sample or config.top_k), "sample_n": config.sample,
-                "seed": config.seed if config.sample else None, "max_length": config.max_length,
-                "overflow": config.overflow, "fields": config.field_map().__dict__, "data": str(config.data)}
+    described, digest = template.describe(own.conversations), template_sha256(tokenizer)
+    if digest is not None:      # the chat template makes the text of chat and messages records
+        described["chat_template_sha256"] = digest
+    settings = {**backend.settings, "tokenizer": tokenizer_identity(tokenizer), "template": described,
+                "mode": "sample" if config.sample else "topk", "k": int(config.sample or config.top_k),
+                "sample_n": config.sample, "seed": config.seed if config.sample else None,
+                "max_length": config.max_length, "overflow": config.overflow, "fields": config.field_map().__dict__,
+                "data": str(config.data)}
     settings.update({name: getattr(config, name) for name in ("hidden_codec", "logits_codec") if getattr(config, name)})
     out = Path(config.out)
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
@@ -213,15 +199,6 @@ def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env)
     settings = with_teacher_tokenizer(settings, tokenizer, out, existing, write=env.is_main)
     records = {"count": own.count}      # rank 0 adds the digest of the raw records (_open_writer)
     return dict(settings, records=records, work_unit=plan.work_unit), RecordCut(own.count, plan.work_unit)
-
-
-def _template_setting(template: Template, tokenizer, conversations: dict | None = None) -> dict:
-    """The template's description, with the digest of the tokenizer's chat template when it has one (it makes the
-    text of chat and messages records, and the tokenizer's identity does not cover it)."""
-    from fastkd.chat_masks import template_sha256
-
-    digest, described = template_sha256(tokenizer), template.describe(conversations)
-    return described if digest is None else dict(described, chat_template_sha256=digest)
 
 
 def _after_unit() -> None:
@@ -287,25 +264,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(s: CacheSummary, out: str) -> str:
-    from fastkd.cache_tools import CacheReader
+    from fastkd.cache_tools.cli import cache_summary
 
-    reader = CacheReader(out)
-    counts = reader.manifest.get("counts", {})
-    positions = max(int(counts.get("loss_positions", 0)), 1)
-    report = s.report
+    cache, report = cache_summary(out), s.report
+    per = cache["bytes_per_loss_position"]
     lines = [
         f"cache: {Path(out)}",
         f"  records read this run: {report.get('kept', 0)} kept, {report.get('truncated', 0)} truncated, skipped "
         f"{report.get('skipped', {}) or 'none'}",
         f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written"
         f"{f' by {s.world_size} ranks' if s.world_size > 1 else ''}; {s.sequences_resumed} already cached",
-        f"  total: {len(reader)} sequences, {counts.get('loss_positions', '?')} loss positions",
+        f"  total: {cache['sequences']} sequences, {cache['loss_positions']} loss positions",
     ]
-    payload = counts.get("payload_bytes", {})
-    if payload:
-        logits = payload.get("topk", 0) + payload.get("counts", 0) + payload.get("rows", 0)
-        lines.append(f"  bytes per loss position: logits {logits / positions:.1f}, hidden "
-                     f"{payload.get('hidden', 0) / positions:.1f}, all files {counts.get('bytes', 0) / positions:.1f}")
+    if cache["loss_positions"]:
+        lines.append(f"  bytes per loss position: logits {per['logits']:.1f}, hidden {per['hidden']:.1f}, all files "
+                     f"{per['total']:.1f}")
     if s.loss_positions:
         lines.append(f"  throughput: {s.loss_positions / max(s.seconds_total, 1e-9):.0f} positions/s overall; teacher "
                      f"forward {s.seconds_teacher:.1f} s, the rest of the unit loop {s.seconds_write:.1f} s, encoding "

@@ -1,9 +1,6 @@
 """Conversations -> the tokenizer's own chat template -> token ids and a loss mask over the assistant's turns.
 
-The spans come from the template: its `{% generation %}` blocks where it has them, else each assistant
-turn's own text (rendered after the turns before it) found in the whole conversation's rendering, which
-is the truth: a template that renders a turn differently once later turns follow it is handled when the
-difference is the dropped reasoning (Qwen3, DeepSeek-R1), and refused otherwise.
+The spans come from the template's `{% generation %}` blocks, else turn by turn (docs/data.md says how).
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ from fastkd.records import DataError, short_repr
 
 LOSS_TURNS = ("all", "last", "reasoning", "answer")     # the assistant parts select_spans can pick
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# two stand-in answers whose first characters differ (and differ from any real answer's at most once):
-# the text before the first difference from the real rendering is the turn's text before its answer
+# two stand-in answers whose first characters differ: where the renderings first differ, the answer starts
 _STAND_INS = ("\u2460", "\u2461")
 _FIX = ("add {% generation %} ... {% endgeneration %} around the assistant's output in the chat template "
         "(docs/data.md shows how), so that the template itself says which tokens are the assistant's")
@@ -47,11 +43,13 @@ def template_text(tokenizer) -> str | None:
 
 
 def template_sha256(tokenizer) -> str | None:
+    """SHA-256 of template_text (None: no chat template), recorded in caches so a student can be checked."""
     text = template_text(tokenizer)
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def tokenizer_name(tokenizer) -> str:
+    """The tokenizer's name or path, for messages."""
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
@@ -79,11 +77,10 @@ def describe(tokenizer, loss_turns: str, where: str = "conversation records") ->
 
 def check_student_template(settings_template: dict | None, tokenizer, where: str) -> None:
     """Refuse a student whose chat template is not the one the cache's conversations (or --chat-template
-    prompts, when the cache recorded its digest) were rendered with: it would tokenise them (and place their
-    masks) differently. A cache whose text no chat template made passes."""
+    prompts) were rendered with: it would tokenise them differently. A cache no chat template made passes."""
     settings_template = settings_template or {}
     made = settings_template.get("messages") or {}
-    # the digest sits beside the template's description (cache_stage._template_setting), one per cache
+    # the digest sits beside the template's description (cache_stage._settings), one per cache
     theirs = settings_template.get("chat_template_sha256") if made or settings_template.get("chat") else None
     ours = template_sha256(tokenizer)
     if theirs is not None and ours != theirs:
@@ -95,8 +92,6 @@ def check_student_template(settings_template: dict | None, tokenizer, where: str
                         f"(tokenizer.chat_template, saved with save_pretrained), or re-create the cache with the "
                         f"student's", reason="chat template mismatch")
 
-
-# ----------------------------------------------------------------------------- ids and masks
 
 def conversation_ids(tokenizer, conversation: dict, loss_turns: str) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of a validated conversation (fastkd.conversations): the template's rendering,
@@ -118,15 +113,12 @@ def conversation_ids(tokenizer, conversation: dict, loss_turns: str) -> tuple[li
 
 def select_spans(turns: list[Turn], loss_turns: str) -> list[tuple[int, int]]:
     """The character spans that carry loss: every assistant turn, the last one, or their reasoning or answer parts."""
-    if loss_turns == "all":
-        return [(t.start, t.end) for t in turns]
-    if loss_turns == "last":
-        return [(turns[-1].start, turns[-1].end)] if turns else []
+    if loss_turns not in LOSS_TURNS:
+        raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {loss_turns!r}")
     if loss_turns == "reasoning":
         return [(t.start, t.answer) for t in turns if t.answer > t.start]
-    if loss_turns == "answer":
-        return [(t.answer, t.end) for t in turns]
-    raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {loss_turns!r}")
+    picked = turns[-1:] if loss_turns == "last" else turns
+    return [(t.answer if loss_turns == "answer" else t.start, t.end) for t in picked]
 
 
 def _mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> list[int]:
@@ -167,10 +159,8 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _answer_at(render, messages: list[dict], i: int, rendered: str) -> int | None:
-    """Where turn i's answer starts in `rendered` (the rendering of messages[:i + 1] or of all of them): the
-    first character that changes when the answer is replaced by either stand-in. When the template does not
-    render the answer (a tool-call turn under Llama 3's), just after the reasoning: the last character that
-    changes when the reasoning is replaced. None when neither shows."""
+    """Where turn i's answer starts in `rendered` (messages rendered): the first character the stand-in answers
+    change, else just after the last one stand-in reasoning changes; None when neither shows (docs/data.md)."""
     def changed(edit) -> list[str] | None:
         try:
             others = [render(messages[:i] + [edit(messages[i], s)] + messages[i + 1:]) for s in _STAND_INS]
@@ -211,11 +201,8 @@ def _marked_turns(tokenizer, conversation, text, ids, offsets, assistants, rende
 
 
 def _prefix_turns(render, messages: list[dict], text: str, assistants: list[int], refuse) -> list[Turn]:
-    """Each assistant turn's text as the template renders it after the turns before it (up to its last
-    non-space character), found in the whole rendering `text`: right after those turns when the whole
-    rendering starts with them, else after the previous turn, behind the turn's header. It may be found from
-    its answer on, when the whole rendering leaves out what comes before the answer (the reasoning, or an
-    empty <think> block, that templates such as Qwen3's drop from earlier turns)."""
+    """Each assistant turn's text as rendered after the turns before it, found in the whole rendering `text`
+    after the previous turn (or from its answer on, when `text` drops its reasoning); docs/data.md, step 2."""
     turns, cursor = [], 0
     for k, i in enumerate(assistants):
         before, prompt, alone = render(messages[:i]), render(messages[:i], True), render(messages[:i + 1])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -32,11 +33,9 @@ FORMAT = "fastkd-checkpoint"
 FORMAT_VERSION = 1
 
 
-# ----------------------------------------------------------------------------- state tree <-> JSON
-
 def encode_tree(obj, tensors: dict[str, torch.Tensor], seen: dict, path: str = "state"):
-    """JSON for a nested state (containers, numbers, strings, None, tensors into `tensors`, numpy arrays); TypeError
-    naming the path of anything else, so a state that cannot be stored fails when saved, not when resumed."""
+    """JSON for a nested state, its tensors put in `tensors`; TypeError naming the path of anything else (so a state
+    that cannot be stored fails when saved, not when resumed)."""
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
@@ -93,16 +92,10 @@ def decode_tree(obj, tensors: dict[str, torch.Tensor], path: str = "state"):
     if "__tuple__" in obj:
         return tuple(decode_tree(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj["__tuple__"]))
     if "__items__" in obj:
-        return {_hashable(decode_tree(k, tensors, path)): decode_tree(v, tensors, f"{path}[{k!r}]")
+        return {decode_tree(k, tensors, path): decode_tree(v, tensors, f"{path}[{k!r}]")
                 for k, v in obj["__items__"]}
     return {k: decode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
 
-
-def _hashable(key):
-    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
-
-
-# ----------------------------------------------------------------------------- RNG state
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -119,8 +112,6 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-# ----------------------------------------------------------------------------- save / load
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
     """Write <run>/checkpoint atomically: a temporary folder (files fsynced), then a rename over
@@ -201,8 +192,6 @@ def _load_folder(folder: Path) -> dict:
         raise UserError(f"{where}: the state cannot be rebuilt ({err})") from None
 
 
-# ----------------------------------------------------------------------------- training runs
-
 def full_state(module: nn.Module, optimizer, config: TrainConfig, env: Env) -> tuple[dict, dict | None]:
     """Unsharded model (and optimizer) state; under FSDP every rank takes part in gathering it."""
     if env.world > 1 and config.distributed == "fsdp":
@@ -277,14 +266,16 @@ def check_resumable(state: dict, config: TrainConfig, env: Env, run_dir: Path) -
                         f"({'; '.join(diffs)}); resume with the same ones or start a new run folder")
 
 
-def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model_state: dict | None = None) -> Path:
+def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model_state: dict) -> Path:
     """save_pretrained the student + its tokenizer (loadable by plain transformers), and the projector."""
     from safetensors.torch import save_file
 
-    model_state = model_state if model_state is not None else module.state_dict()
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(module.student, "peft_config"):  # LoRA: the adapter (peft), and the merged model beside it
-        save_lora(module.student, tokenizer, out)
+    if hasattr(module.student, "peft_config"):  # LoRA: the adapter (PeftModel.from_pretrained(base, out) loads it)
+        module.student.save_pretrained(out)
+        merged = copy.deepcopy(module.student).merge_and_unload()  # <out>/merged: a plain transformers model
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
     else:
         student_state = {k[len("student."):]: v for k, v in model_state.items() if k.startswith("student.")}
         module.student.save_pretrained(out, state_dict=student_state)
@@ -296,13 +287,3 @@ def save_final(module: StudentWithLoss, tokenizer, out: Path, extra: dict, model
     (out / "fastkd_train.json").write_text(json.dumps(extra, indent=2, default=str))
     return out
 
-
-def save_lora(peft_model, tokenizer, out: Path) -> None:
-    """<out>: the LoRA adapter (PeftModel.from_pretrained(base, out) loads it; merge_and_unload merges it);
-    <out>/merged: adapter merged into the base weights, a plain transformers model (+ tokenizer)."""
-    import copy
-
-    peft_model.save_pretrained(out)
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(out / "merged")
-    tokenizer.save_pretrained(out / "merged")

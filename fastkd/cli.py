@@ -67,25 +67,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + default_note(action, text)
 
 
-class _Help(argparse.Action):
-    """-h/--help: the help; exits 2 instead of 0 when a stage below this parser cannot be imported."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.print_help()
-        parser.exit(2 if getattr(parser, "broken_stages", None) else 0)
-
-
 class Parser(argparse.ArgumentParser):
     """The parser of `fastkd` and every subcommand: `broken` (its stage cannot be imported) exits 2 with that line
-    whatever it is given; `broken_stages` are listed after its help; an unknown argument names the closest option."""
+    whatever it is given; its help lists `broken_stages` and exits 2; an unknown argument names the closest option."""
 
     def __init__(self, *args, broken: str | None = None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, add_help=False, **kwargs)   # its own -h/--help (_Help)
-        self.add_argument("-h", "--help", action=_Help, help="show this help message and exit")
+        super().__init__(*args, **kwargs)
         self.broken = broken
         self.broken_stages: list[str] = []
 
@@ -108,6 +96,8 @@ class Parser(argparse.ArgumentParser):
         super().print_help(file)
         for message in self.broken_stages:
             print(message, file=sys.stderr)
+        if self.broken_stages:
+            self.exit(2)
 
 
 def closest_option(parser: argparse.ArgumentParser, word: str) -> str | None:
@@ -130,8 +120,6 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: list[str]) -> 
             after_option = True
         elif not after_option:
             listed.append(word)
-    if not listed:
-        listed = list(extras)
     noun = "argument" if len(listed) == 1 else "arguments:"
     return f"unrecognized {noun} {', '.join(listed)}"
 

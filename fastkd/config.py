@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import field
 from pathlib import Path
 
 from fastkd.errors import UserError
 
 # the attribute of an argparse action holding the default its help shows (its real default is SUPPRESS)
 SHOWN_DEFAULT = "shown_default"
+# a field's annotation -> (its value type, whether it is a list)
+_TYPES = {"int": (int, False), "float": (float, False), "str": (str, False), "bool": (bool, False),
+          "list[int]": (int, True), "list[str]": (str, True)}
 
 
 def option(default, help: str, **extra):
-    """A config field: its default and help text; optional `choices`, `minimum`, `required`, `metavar`, `flag`
-    (another spelling of its flag)."""
+    """A config field: its default and help text; optional `choices`, `minimum`, `required`, `metavar`."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
 
-
-# ----------------------------------------------------------------------------- shared options
 
 def DEVICE():
     return option("auto", "auto (cuda when available), cpu, cuda, cuda:1 ...")
@@ -45,8 +44,6 @@ def CHAT_TEMPLATE():
     return option(False, "wrap the prompt in the tokenizer's chat template (user turn + generation prompt)")
 
 
-# ----------------------------------------------------------------------------- the machinery
-
 class StageConfig:
     """Base of every stage's config dataclass: flags, YAML and saving, made the same way for all."""
 
@@ -55,13 +52,13 @@ class StageConfig:
         for name, f in self.fields().items():
             value, choices, minimum = getattr(self, name), f.metadata.get("choices"), f.metadata.get("minimum")
             if value is None and f.metadata.get("required"):
-                raise UserError(f"give {_flag(name, f)}: {f.metadata['help']}")
+                raise UserError(f"give {_flag(name)}: {f.metadata['help']}")
             if value is None:
                 continue
             if choices and value not in choices:
                 raise UserError(f"option {name}: {value!r} is not one of {', '.join(map(str, choices))}")
             if minimum is not None and isinstance(value, (int, float)) and not value >= minimum:
-                raise UserError(f"{_flag(name, f)} must be >= {minimum}, got {value}")
+                raise UserError(f"{_flag(name)} must be >= {minimum}, got {value}")
 
     def validate(self):
         """Cross-field checks a stage adds; returns self."""
@@ -77,17 +74,15 @@ class StageConfig:
         parser.add_argument("--config", default=argparse.SUPPRESS,
                             help="YAML file with any of the options below; flags override it")
         for name, f in cls.fields().items():
-            flag, kind = _flag(name, f), _kind(f)
+            kind, many = _kind(f)
             text = f.metadata["help"] + (" (required)" if f.metadata.get("required") else "")
             common = {"dest": name, "default": argparse.SUPPRESS, "help": text}
             if kind is bool:
-                action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-            elif kind in ("list[int]", "list[str]"):
-                action = parser.add_argument(flag, type=int if kind == "list[int]" else str, nargs="+",
-                                             metavar=f.metadata.get("metavar"), **common)
+                action = parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **common)
             else:
-                action = parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
-                                             metavar=f.metadata.get("metavar"), **common)
+                action = parser.add_argument(_flag(name), type=kind, nargs="+" if many else None,
+                                             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                                             **common)
             setattr(action, SHOWN_DEFAULT, f.default if f.default is not dataclasses.MISSING else f.default_factory())
 
     @classmethod
@@ -137,38 +132,33 @@ class StageConfig:
     @classmethod
     def coerce(cls, name: str, value):
         """A value as its field's type (YAML reads `1e-4` as a string, for one)."""
-        f = cls.fields()[name]
         if value is None:
             return None
+        kind, many = _kind(cls.fields()[name])
         try:
-            return _as(_kind(f), value)
+            if many:
+                return [kind(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+            return _as(kind, value)
         except (TypeError, ValueError):
-            raise UserError(f"option {name}: {value!r} is not a valid {_annotation(f)}") from None
+            raise UserError(f"option {name}: {value!r} is not a valid {_annotation(cls.fields()[name])}") from None
 
 
-def _flag(name: str, f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _as(kind, value):
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, (bool, int)):
-            return bool(value)
+def _as(kind: type, value):
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if kind is bool and not isinstance(value, (bool, int)):
         raise ValueError(value)
-    if kind in ("list[int]", "list[str]"):
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        return [int(x) if kind == "list[int]" else str(x) for x in items]
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     return kind(value)
 
 
-def _kind(f: dataclasses.Field):
-    base = _annotation(f).replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "bool": bool, "list[int]": "list[int]",
-            "list[str]": "list[str]"}[base]
+def _kind(f: dataclasses.Field) -> tuple[type, bool]:
+    return _TYPES[_annotation(f).replace(" | None", "")]
 
 
 def _annotation(f: dataclasses.Field) -> str:

@@ -1,34 +1,15 @@
 """Conversation records (messages form of TRL / OpenAI, or ShareGPT turns) -> validated turns.
 
 A record whose messages field (--messages-field, default `messages`) is present and not null is a
-conversation; fastkd.chat_masks renders it with the tokenizer's chat template. The rules are
-listed below; every refusal is a DataError naming the file, the record, the field and the turn.
+conversation; fastkd.chat_masks renders it with the tokenizer's chat template. The rules are docs/data.md's
+("Form 2", "What is refused"); every refusal is a DataError naming the file, the record, the field and the turn.
 """
 
 from __future__ import annotations
 
 import re
 
-from fastkd.records import DataError, FieldMap, check_text, describe_kind, short_repr
-
-# Rules (docs/data.md says the same to users):
-#
-# - The field holds a non-empty list of turns; a turn is an object with `role` and `content`
-#   (OpenAI / TRL) or `from` and `value` (ShareGPT: human, gpt, system, tool).
-# - Roles: system, user, assistant, tool. Order: an optional system turn first (only there), then
-#   a user turn; a user turn is followed by an assistant turn; an assistant turn by a user turn, or
-#   by tool turns when it made tool calls; tool turns by more tool turns, an assistant or a user
-#   turn. So two user turns in a row, two assistant turns in a row, an assistant turn first, and a
-#   tool turn that answers no call (more tool turns than calls, or an unknown tool_call_id) are
-#   errors. A conversation may end with any turn but must hold at least one assistant turn.
-# - content is a string (a list of parts, a number... is an error); it may be null or absent only
-#   on an assistant turn that has tool_calls or reasoning. An assistant turn with an empty answer
-#   and neither tool calls nor reasoning is an error (nothing to learn but the end of the turn).
-# - An assistant turn's reasoning: `reasoning_content` or `thinking` (a string, passed to the
-#   template under the key the record uses), or `<think>...</think>` at the start of content.
-# - tool_calls (assistant turns only) is a list of objects; `tools` (a record key beside the
-#   messages) is a list of tool definitions given to the template.
-# - Text may not hold a NUL character or a lone surrogate, as in the other record form.
+from fastkd.records import DataError, FieldMap, check_text, check_unique_keys, describe_kind, read_task, short_repr
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
@@ -39,14 +20,9 @@ _NEXT = {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
          "assistant": ("user", "tool"), "tool": ("tool", "assistant", "user")}
 
 
-def is_conversation(record: object, fields: FieldMap) -> bool:
-    """A record in messages form: its messages field is present and not null."""
-    return isinstance(record, dict) and record.get(fields.messages) is not None
-
-
 def validate_conversation(record: dict, index: int, fields: FieldMap, origin: str, where: str | None = None) -> dict:
     """{"messages", "tools", "task", "where"} of a conversation record, or a DataError naming file, record,
-    field and turn (the rules are above). `where` (the record's label) is kept for later errors."""
+    field and turn (docs/data.md). `where` (the record's label) is kept for later errors."""
     loc = f"{origin}: {where or f'record {index}'}"
 
     def refuse(message: str, reason: str):
@@ -55,10 +31,7 @@ def validate_conversation(record: dict, index: int, fields: FieldMap, origin: st
     def fail(message: str, reason: str):
         refuse(f"field {fields.messages!r}{message}", reason)
 
-    duplicates = getattr(record, "duplicates", None)
-    if duplicates:
-        refuse(f"duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value is meant is "
-               f"ambiguous", "duplicate key")
+    check_unique_keys(record, refuse)
     turns = record[fields.messages]
     if not isinstance(turns, list):
         fail(f" is {describe_kind(turns)}, not a list of turns", "not a list")
@@ -69,12 +42,8 @@ def validate_conversation(record: dict, index: int, fields: FieldMap, origin: st
     tools = record.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         refuse(f"field 'tools' is {describe_kind(tools)}, not a list of tool definitions (objects)", "bad tools")
-    task = record.get(fields.task)
-    if task is not None and not isinstance(task, str):
-        refuse(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
-    if task:
-        check_text(task, fields.task, refuse)
-    return {"messages": messages, "tools": tools or None, "task": task or "", "where": loc}
+    task = read_task(record, fields, refuse)
+    return {"messages": messages, "tools": tools or None, "task": task, "where": loc}
 
 
 def _turn(turn: object, k: int, fail) -> dict:
@@ -82,8 +51,7 @@ def _turn(turn: object, k: int, fail) -> dict:
     label = f", turn {k}"
     if not isinstance(turn, dict):
         fail(f"{label} is {describe_kind(turn)}, not an object", "expected an object")
-    if getattr(turn, "duplicates", None):
-        fail(f"{label} has duplicate key(s) {', '.join(short_repr(x) for x in turn.duplicates[:5])}", "duplicate key")
+    check_unique_keys(turn, lambda message, reason: fail(f"{label}: {message}", reason))
     out = dict(turn)
     if "role" not in out and "from" in out:     # ShareGPT
         speaker = out.pop("from")
@@ -157,8 +125,7 @@ def _reasoning_key(turn: dict) -> str | None:
 
 
 def reasoning_of(turn: dict) -> tuple[str | None, str]:
-    """(reasoning, answer) of an assistant turn: its reasoning_content / thinking field, or a <think> block
-    opening its content; (None, content) when it has none."""
+    """(reasoning, answer) of an assistant turn: its reasoning field or opening <think> block; (None, content)."""
     content = turn.get("content") or ""
     key = _reasoning_key(turn)
     if key is not None:

@@ -22,8 +22,6 @@ METHODS = ("uld", "exact")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
-# ----------------------------------------------------------------------------- the teacher tokenizer in the cache
-
 def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> dict:
     """save_pretrained the tokenizer into `<out>/teacher_tokenizer/` (staged, then renamed into place);
     returns the manifest entry {dir, files: name -> sha256}. write=False only computes the entry."""
@@ -109,8 +107,6 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
     return tok
 
 
-# ----------------------------------------------------------------------------- token strings and offsets
-
 def token_strings(tokenizer) -> list[str]:
     """The decoded text of every id as it reads inside a text (decoded after an anchor token, so decoders
     that drop a leading space at the start of a text do not change it). None where it is not whole text."""
@@ -119,19 +115,14 @@ def token_strings(tokenizer) -> list[str]:
     anchor = anchor if len(anchor) == 1 else []
     head = tokenizer.decode(anchor, clean_up_tokenization_spaces=False) if anchor else ""
     texts = tokenizer.batch_decode([anchor + [i] for i in range(n)], clean_up_tokenization_spaces=False)
-    out = []
-    for text in texts:
-        s = text[len(head):] if text.startswith(head) else None
-        out.append(None if not s or "\ufffd" in s else s)
-    return out
+    cut = [text[len(head):] if text.startswith(head) else None for text in texts]
+    return [s if s and "\ufffd" not in s else None for s in cut]
 
 
 def vocab_map(teacher_tok, student_tok) -> np.ndarray:
     """teacher id -> the student id with the identical decoded string (-1: none); teacher EOS -> student EOS."""
-    by_string: dict[str, int] = {}
-    for sid, s in enumerate(token_strings(student_tok)):
-        if s is not None and s not in by_string:
-            by_string[s] = sid
+    strings = list(enumerate(token_strings(student_tok)))
+    by_string = {s: sid for sid, s in reversed(strings) if s is not None}      # the first id of each string
     strings = token_strings(teacher_tok)
     mapped = np.array([by_string.get(s, -1) if s is not None else -1 for s in strings], dtype=np.int64)
     if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
@@ -145,8 +136,6 @@ def response_offsets(tokenizer, body: list[int], text: str, eos: bool) -> np.nda
     prefixes = tokenizer.batch_decode([body[:i] for i in range(len(body))], clean_up_tokenization_spaces=False)
     return np.array([len(p) if text.startswith(p) else -1 for p in prefixes] + ([len(text)] if eos else []), np.int64)
 
-
-# ----------------------------------------------------------------------------- re-tokenisation
 
 @dataclass
 class Retokenized:
@@ -180,14 +169,11 @@ def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int |
         if student_tok.eos_token_id is None:
             raise UserError("--cross-tokenizer: the student tokenizer has no EOS token; set tokenizer.eos_token")
         r.append(int(student_tok.eos_token_id))
-    student_eos = eos
-    if max_length is not None and len(p) + len(r) > max_length:
+    cut = max_length is not None and len(p) + len(r) > max_length
+    if cut:
         r = r[:max(1, max_length - len(p))]
-        student_eos = False
-    return Retokenized(p, r, prompt_text, response_text, eos, student_eos)
+    return Retokenized(p, r, prompt_text, response_text, eos, eos and not cut)
 
-
-# ----------------------------------------------------------------------------- teacher rows per student row
 
 def _no_teacher(n: int, width: int):
     """(ids, log-probs, tail) of n rows holding no teacher: ids -1, log-probs -inf, tail 1."""
@@ -209,10 +195,8 @@ def exact_rows(teacher_offsets: np.ndarray, student_offsets: np.ndarray, topk_id
     ids, lp, tl = _no_teacher(len(student_offsets), width)
     teacher_at = _unique_positions(teacher_offsets[:len(topk_ids)])
     student_at = _unique_positions(student_offsets)
-    for off, j in student_at.items():
-        i = teacher_at.get(off)
-        if i is None:
-            continue
+    for off in student_at.keys() & teacher_at.keys():
+        i, j = teacher_at[off], student_at[off]
         t_ids = np.asarray(topk_ids[i], dtype=np.int64)
         p = np.exp(np.asarray(topk_logprobs[i], dtype=np.float64))
         ok = (t_ids >= 0) & (t_ids < len(id_map)) & (p > 0)
@@ -237,8 +221,6 @@ def _unique_positions(offsets: np.ndarray) -> dict[int, int]:
     return {int(o): i for i, o in enumerate(offsets.tolist()) if o in once}
 
 
-# ----------------------------------------------------------------------------- the source
-
 class CrossTokenizerSource:
     """A CacheSource seen in the student's tokens, with teacher rows per student loss row (see the module
     notes). Positions, lengths (the teacher's, used for length grouping) and blocks are the cache's."""
@@ -253,8 +235,7 @@ class CrossTokenizerSource:
         self.manifest = base.manifest
         self.path = base.path
         self.lengths, self.shards = base.lengths, base.shards
-        self.k = int(self.manifest.get("k") or 0)
-        self.width = min(self.k, len(student_tok) - 1)        # a student-vocabulary target leaves a tail bucket
+        self.width = min(int(self.manifest.get("k") or 0), len(student_tok) - 1)   # leaves the student a tail bucket
         self.id_map = vocab_map(teacher_tok, student_tok) if method == "exact" else None
 
     def __len__(self) -> int:

@@ -56,9 +56,8 @@ class DemoConfig(StageConfig):
 
 # the prompt each model answers in: its training template (KD learned from answers only)
 PROMPT_FORMAT = {"SFT": "trained", "KD": "trained-direct", "KD+CoT": "trained"}
-# the synthetic test split: generated items no teacher or student trains on (build_teacher.py,
-# benchmarks/replication.py), scored beside the real BBH items
-# (2,000 per task; boolean_expressions has only 1,872 inputs outside BBH, so 250 of them)
+# the synthetic test split no teacher or student trains on (benchmarks/), scored beside the real BBH items:
+# 2,000 per task; boolean_expressions has only 1,872 inputs outside BBH, so 250 of them
 HELD_OUT_SEED, HELD_OUT_PER_TASK = 200, 2000
 HELD_OUT_SMALL_TASKS = {"boolean_expressions": 250}
 
@@ -199,8 +198,7 @@ def score_models(work: Path, models: list[tuple[str, Path, str]], config: DemoCo
     return runs
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    DemoConfig.add_flags(p)
+add_arguments = DemoConfig.add_flags
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,8 +80,7 @@ class EvalConfig(StageConfig):
         return self
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    EvalConfig.add_flags(parser)
+add_arguments = EvalConfig.add_flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,8 +138,6 @@ def compare(config: EvalConfig) -> str:
     return table
 
 
-# ----------------------------------------------------------------------------- predictions
-
 def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
     """{task: {idx: row}} from a JSONL of {task, idx, prediction[, target]}; bad lines are errors."""
     path = Path(path)
@@ -196,14 +193,11 @@ def predictions_rows(path, given, items, root, fmt, limit: int | None = None) ->
             if "target" in row and row["target"] != it.target:
                 raise EvalError(f"{path}: line {row['line']}: field 'target' {row['target']!r} differs from "
                                 f"{task} idx {it.idx} in the BBH data ({it.target!r}); wrong data version?")
-            # the recipe's stop string applies to saved predictions too (a raw continuation from a server without
-            # stop strings would otherwise be scored on the next, hallucinated question); cutting twice changes nothing
+            # cut at the recipe's stop string too: a raw server continuation would run into a hallucinated next question
             cut = bbh.cut_at_stop(row["prediction"])
             rows.append(item_row(it, prompt, None, cut, "given" if cut == row["prediction"] else "given-cut"))
     return rows
 
-
-# ----------------------------------------------------------------------------- generation
 
 def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat: bool,
                   root: str) -> list[tuple[str, list[int] | None]]:
@@ -224,25 +218,18 @@ def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat
     return out
 
 
-def load_model(name: str, tokenizer_name: str | None, device: str, dtype: str):
-    """Tokenizer and eval-mode model on the device; pad falls back to EOS."""
-    from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
-
-    device = str(resolve_device(device))
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    tokenizer = load_tokenizer(tokenizer_name or name, "--tokenizer" if tokenizer_name else "--model")
-    return tokenizer, load_causal_lm(name, dtype=dtype, device=device, role="--model"), device, dtype
-
-
 def generate_rows(config: EvalConfig, items, root, saved: dict) -> tuple[list[dict], dict]:
     """Generate for every item and score it; `saved` (the results' config) gets the device and dtype used."""
     from tqdm.auto import tqdm
 
     from fastkd.generate import greedy_generate
+    from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
 
-    tokenizer, model, saved["device"], saved["dtype"] = load_model(config.model, config.tokenizer, config.device,
-                                                                   config.dtype)
+    device = saved["device"] = str(resolve_device(config.device))
+    auto = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = saved["dtype"] = auto if config.dtype == "auto" else config.dtype
+    tokenizer = load_tokenizer(config.tokenizer or config.model, "--tokenizer" if config.tokenizer else "--model")
+    model = load_causal_lm(config.model, dtype=dtype, device=device, role="--model")
     prompts = build_prompts(items, tokenizer, config.prompt_format, config.chat_template, root)
     flat = [it for task_items in items.values() for it in task_items]
     limit, budget = getattr(model.config, "max_position_embeddings", None), config.max_new_tokens

@@ -78,15 +78,12 @@ class Sampling:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                   stop_strings: Sequence[str] = (), pad_id: int | None = None,
-                   sampling: Sampling | None = None, seeds: Sequence[int] | None = None) -> list[Generation]:
-    """Decode one batch of prompt token lists together (left padded, one KV cache): greedy, or with
-    `sampling` (then `seeds` gives each row's generator seed)."""
-    generators = [torch.Generator().manual_seed(int(s)) for s in (range(len(prompts)) if seeds is None else seeds)]
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_strings: Sequence[str],
+                   sampling: Sampling | None, seeds: Sequence[int]) -> list[Generation]:
+    """Decode one batch of prompts together (left padded, one KV cache), greedy or with `sampling` (a seed per row)."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     device = next(model.parameters()).device
-    if pad_id is None:
-        pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
+    pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
     stops = eos_ids(model, tokenizer)
     ids, attn = pad_batch(prompts, pad_id, side="left")
     ids, attn = ids.to(device), attn.to(device)
@@ -104,14 +101,12 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         last = out.logits[:, -1, :]
         tokens = last.argmax(-1) if sampling is None else sampling.draw(last, [generators[r] for r in active])
         for r, t in zip(active, tokens.tolist()):
-            if finish[r]:
-                continue
-            if t in stops:
+            if finish[r] is None and t in stops:
                 finish[r] = "eos"
-                continue
-            generated[r].append(t)
-            if stop_strings and cut_text(tokenizer.decode(generated[r][-STOP_WINDOW:]), stop_strings)[1]:
-                finish[r] = "stop"
+            elif finish[r] is None:
+                generated[r].append(t)
+                if stop_strings and cut_text(tokenizer.decode(generated[r][-STOP_WINDOW:]), stop_strings)[1]:
+                    finish[r] = "stop"
         if all(finish) or step == max_new_tokens - 1:
             break
         keep = [b for b, r in enumerate(active) if finish[r] is None]
@@ -127,11 +122,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
                     use_cache=True, **{cache_arg: cache})
         cache, next_pos = _kv_cache(out), next_pos + 1
-    results = []
-    for r in range(rows):
-        text, found = cut_text(tokenizer.decode(generated[r], skip_special_tokens=True), stop_strings)
-        results.append(Generation(text, generated[r], "stop" if found else (finish[r] or "length")))
-    return results
+    texts = [cut_text(tokenizer.decode(ids, skip_special_tokens=True), stop_strings) for ids in generated]
+    return [Generation(text, ids, "stop" if found else (end or "length"))
+            for (text, found), ids, end in zip(texts, generated, finish)]
 
 
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 512,
@@ -147,9 +140,9 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     results: list[Generation | None] = [None] * len(prompts)
     for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
         row_seeds = [seeds[i] for i in batch] if seeds is not None else list(batch)
-        for i, gen in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                                max_new_tokens, stop_strings, sampling=sampling,
-                                                seeds=row_seeds)):
+        gens = generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop_strings, sampling,
+                              row_seeds)
+        for i, gen in zip(batch, gens):
             results[i] = gen
         if on_batch:
             on_batch(len(batch))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,9 +21,8 @@ class CacheDataset(torch.utils.data.Dataset):
     """A teacher cache (folder or fsspec URL) as a map-style Dataset: item i is the i-th cached sequence,
     every block checked against its digests before it is decoded. `layers=[]` skips hidden states."""
 
-    def __init__(self, path: str, *, layers: list[int] | None = None, verify: bool = True, cached_blocks: int = 8,
-                 tokenizer=None):
-        self.source = CacheSource(path, layers=layers, verify=verify, cached_blocks=cached_blocks)
+    def __init__(self, path: str, *, layers: list[int] | None = None, verify: bool = True, tokenizer=None):
+        self.source = CacheSource(path, layers=layers, verify=verify)
         self.manifest = self.source.manifest
         if tokenizer is not None:  # the cache's ids must mean what the student's tokenizer means
             check_cache_tokenizer(self.manifest, tokenizer, f"cache {path}")
@@ -62,15 +61,11 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
         self.rank, self.world = rank, world_size
         self.consumed = 0
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Every position of the cache once, in this epoch's seeded order (the same on every rank)."""
+    def mine(self, epoch: int) -> np.ndarray:
+        """This rank's share (items rank, rank + world, ...) of the epoch's seeded order, the same on every rank."""
         plan = epoch_plan(self.source.lengths, self.source.shards, 1, seed=self.seed, epoch=epoch,
                           shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=1)
-        return np.concatenate(plan) if plan else np.zeros(0, np.int64)
-
-    def mine(self, epoch: int) -> np.ndarray:
-        """This rank's share of the epoch, from the global order: items rank, rank + world, ..."""
-        return self.order(epoch)[self.rank::self.world]
+        return (np.concatenate(plan) if plan else np.zeros(0, np.int64))[self.rank::self.world]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -120,8 +115,7 @@ class DistillCollator:
 def loss_settings(**overrides) -> TrainConfig:
     """The loss options of `fastkd train` (mode, ce_weight, kl_weight, temperature, hidden_weight, loss_impl,
     chunk_size), as the TrainConfig the loss module reads; everything else keeps its default."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(overrides) - set(TrainConfig.fields()))
     if unknown:
         raise UserError(f"unknown fastkd option(s) {', '.join(unknown)}")
     return TrainConfig(**overrides)
@@ -153,9 +147,7 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         module = self.loss_module(model)
-        core = module.student
-        runner = None if model is core else model
-        terms = module(**inputs, runner=runner)
+        terms = module(**inputs, runner=None if model is module.student else model)
         self.last_terms = {name: float(getattr(terms, name)) for name in ("ce", "kl", "hidden")}
         return (terms.total, {"terms": terms}) if return_outputs else terms.total
 

@@ -1,29 +1,23 @@
-"""Sequences of a source (a teacher cache, or records: train_data.RecordSource) -> seeded epoch plans of
-global batches (fastkd.plans) -> padded `Batch`es built in DataLoader workers, each rank taking its slice of every
-batch."""
+"""Sequences of a source (a teacher cache, or records: train_data.RecordSource) -> seeded epoch plans (fastkd.plans)
+-> padded `Batch`es built in DataLoader workers, each rank taking its slice of every global batch."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from dataclasses import dataclass, field, fields
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from fastkd.batching import labels_from_mask, pad_batch
 from fastkd.errors import UserError, user_errors
-from fastkd.plans import FixedPlan, PlanMaker, epoch_plan, epoch_stream, plan_for, rank_slice
+from fastkd.plans import PlanMaker, epoch_plan, rank_slice
 
-__all__ = ["CacheSource", "Batch", "collate", "attach_teacher", "batch_positions", "BatchStream", "StreamFailure",
-           "Loader", "read_ahead", "make_loader", "IGNORE_INDEX",
-           # the plan's names (fastkd.plans), importable from here as before the split
-           "FixedPlan", "PlanMaker", "epoch_plan", "epoch_stream", "plan_for", "rank_slice"]
+__all__ = ["PlanMaker", "epoch_plan"]  # fastkd.plans' names, importable from here as before the split
 
 IGNORE_INDEX = -100
 
-
-# ----------------------------------------------------------------------------- sources
 
 class CacheSource:
     """Sequences of a teacher cache (fastkd.cache_tools.CacheReader, opened lazily so it pickles into workers);
@@ -75,20 +69,12 @@ class CacheSource:
             self._blocks.pop(next(iter(self._blocks)))
         return seqs[inside]
 
-
     def expect(self, positions) -> None:
         """The positions about to be read, in order (an iterable, consumed only by a reader with a read-ahead
         budget, a URL's by default, which fetches their blocks ahead)."""
         reader = self.reader
-        if not reader.read_ahead.budget:
-            return
-        order, seen = [], set()
-        for position in positions:
-            key = reader.locate(int(position))[:2]
-            if key not in seen:
-                seen.add(key)
-                order.append(key)
-        reader.expect(order)
+        if reader.read_ahead.budget:  # their blocks in first-use order, each once
+            reader.expect(list(dict.fromkeys(reader.locate(int(position))[:2] for position in positions)))
 
     def corrupt_positions(self, progress=None) -> tuple[np.ndarray, list[str]]:
         """Positions held by blocks that fail their digests, and one message per such block."""
@@ -96,8 +82,6 @@ class CacheSource:
         positions = np.concatenate([np.arange(r.start, r.stop) for r, _ in bad]) if bad else np.zeros(0, np.int64)
         return positions.astype(np.int64), [message for _, message in bad]
 
-
-# ----------------------------------------------------------------------------- batches
 
 @dataclass
 class Batch:
@@ -122,24 +106,15 @@ class Batch:
 
     @property
     def num_rows(self) -> int:
-        if self.loss_index is not None:
-            return int(self.loss_index.numel())  # shape metadata: no read of the tensor
-        return int((self.labels != IGNORE_INDEX).sum())
+        return int(self.loss_index.numel())  # shape metadata: no read of the tensor
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def _map(self, fn) -> "Batch":
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = fn(value)
-            elif f.name == "hidden":
-                value = {layer: fn(h) for layer, h in value.items()}
-            out[f.name] = value
-        return Batch(**out)
+        tensors = {f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors, hidden={layer: fn(h) for layer, h in self.hidden.items()})
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -170,23 +145,17 @@ def attach_teacher(batch: Batch, sequences: list) -> Batch:
         if len(s.topk_ids) != predicts:
             raise UserError(f"cache record {s.record_index}: {len(s.topk_ids)} teacher rows but {predicts} "
                             f"predictable loss positions (field topk_ids); the cache is inconsistent")
-    batch.topk_ids = torch.from_numpy(np.concatenate([np.asarray(s.topk_ids, dtype=np.int64) for s in sequences]))
-    batch.topk_logprobs = torch.from_numpy(np.concatenate([np.asarray(s.topk_logprobs, dtype=np.float32)
-                                                           for s in sequences]))
-    batch.tail = torch.from_numpy(np.concatenate([np.asarray(s.tail, dtype=np.float32) for s in sequences]))
-    if sequences[0].counts is not None:
-        batch.counts = torch.from_numpy(np.concatenate([np.asarray(s.counts, dtype=np.int32) for s in sequences]))
+
+    def joined(rows, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([np.asarray(r, dtype=dtype) for r in rows]))
+
+    for name, dtype in (("topk_ids", np.int64), ("topk_logprobs", np.float32), ("tail", np.float32),
+                        ("counts", np.int32)):
+        if getattr(sequences[0], name) is not None:
+            setattr(batch, name, joined([getattr(s, name) for s in sequences], dtype))
     for layer in sequences[0].hidden:
-        batch.hidden[int(layer)] = torch.from_numpy(np.concatenate([np.asarray(s.hidden[layer], dtype=np.float32)
-                                                                    for s in sequences]))
+        batch.hidden[int(layer)] = joined([s.hidden[layer] for s in sequences], np.float32)
     return batch
-
-
-def batch_positions(batch: np.ndarray) -> np.ndarray:
-    """The positions of a global batch: an array of positions, or of packed rows (an object array of arrays)."""
-    if batch.dtype != object:
-        return batch
-    return np.concatenate(list(batch)) if len(batch) else np.zeros(0, np.int64)
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -204,22 +173,22 @@ class BatchStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         item, epoch, start = 0, self.epoch, self.start
         while self.epochs is None or epoch < self.epoch + self.epochs:
-            plan = self.plans(epoch)
+            plan = self.plans(epoch) if callable(self.plans) else self.plans  # a list: the same plan every epoch
             if not plan:
                 raise UserError("the data source gives no batch for one step (too few sequences for the processes "
                                 "and micro-batches of one step)")
             expect = getattr(self.source, "expect", None)
             if expect is not None:  # a remote cache fetches this worker's blocks ahead, in the order they come
                 expect(p for index in range(start, len(plan)) if (item + index - start) % workers == worker
-                       for p in batch_positions(rank_slice(plan[index], self.rank, self.world)))
+                       for entry in rank_slice(plan[index], self.rank, self.world) for p in np.atleast_1d(entry))
             for index in range(start, len(plan)):
                 if item % workers == worker:
                     mine = rank_slice(plan[index], self.rank, self.world)
                     try:
                         micro = [self.collate_fn([self._item(p) for p in part], self.pad_id)
                                  for part in np.array_split(mine, self.accum) if len(part)]
-                    except user_errors() as err:  # crosses the worker boundary as a message, not a traceback
-                        yield StreamFailure(err)
+                    except user_errors() as err:  # yielded across the worker boundary: make_loader raises it
+                        yield err
                         return
                     yield epoch, index + 1, micro
                 item += 1
@@ -230,92 +199,39 @@ class BatchStream(torch.utils.data.IterableDataset):
         return self.source[entry] if np.ndim(entry) == 0 else [self.source[p] for p in entry]
 
 
-@dataclass
-class StreamFailure:
-    """A user-facing error raised while building a batch (e.g. a corrupt cache block), carried out of a
-    DataLoader worker so the main process raises it with its own message, not a worker traceback."""
-
-    error: Exception
-
-
-@dataclass
-class Loader:
-    """A DataLoader raising the error a StreamFailure carries; prefetch > 0 builds that many items ahead in a
-    thread (read_ahead), in plan order with their (epoch, position), so a resume is exact."""
-
-    dataloader: torch.utils.data.DataLoader
-    prefetch: int = 0
-
-    def _items(self):
-        for item in self.dataloader:
-            if isinstance(item, StreamFailure):
-                raise item.error
-            yield item
-
-    def __iter__(self):
-        return read_ahead(self._items(), self.prefetch) if self.prefetch > 0 else self._items()
-
-
 _END = object()
 
 
 def read_ahead(items, depth: int):
-    """Iterate `items` in a daemon thread at most `depth` items ahead; its exception is raised in the consumer (the
-    same object), and closing the consumer stops the thread at its next item."""
-    slots: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
-    stop = threading.Event()
-
-    def offer(entry) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not offer((True, item)):
-                    return
-            offer((True, _END))
-        except BaseException as err:  # noqa: BLE001 - carried to the consumer and raised there
-            offer((False, err))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    worker = threading.Thread(target=produce, name="fastkd-read-ahead", daemon=True)
-    worker.start()
-
-    def consume():
-        try:
-            while True:
-                ok, item = slots.get()
-                if not ok:
-                    raise item
-                if item is _END:
-                    return
-                yield item
-        finally:
-            stop.set()  # the producer stops at its next item; wait for it, so no thread outlives the run
-            worker.join(timeout=60)
-
-    return consume()
+    """Iterate `items` on a background thread at most `depth` items ahead, in order; its exception is raised here,
+    and closing this generator stops the thread and closes `items`."""
+    pool, items = ThreadPoolExecutor(1, thread_name_prefix="fastkd-read-ahead"), iter(items)
+    ahead = deque(pool.submit(next, items, _END) for _ in range(max(1, int(depth))))
+    try:
+        while (item := ahead.popleft().result()) is not _END:
+            ahead.append(pool.submit(next, items, _END))
+            yield item
+    finally:
+        pool.shutdown(cancel_futures=True)  # waits for the item being made, so no thread outlives the run
+        getattr(items, "close", lambda: None)()
 
 
 def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
                 start: int = 0, epochs: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, prefetch: int = 0, collate_fn=collate) -> Loader:
-    """A DataLoader over `BatchStream`; `plans`: a picklable epoch -> global batches (PlanMaker) or a fixed list;
-    prefetch > 0 builds that many steps ahead in a background thread (Loader); collate_fn(items, pad_id) -> Batch
-    (fastkd.packing.collate_packed for packed plans)."""
-    if isinstance(plans, list):
-        plans = FixedPlan(plans)
+                pin_memory: bool = False, prefetch: int = 0, collate_fn=collate):
+    """This rank's steps from a DataLoader over `BatchStream` (a user error a worker yielded raised as itself, not a
+    worker traceback); prefetch > 0: that many steps built ahead in a thread (read_ahead), in order."""
     stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
                          epochs=epochs, collate_fn=collate_fn)
-    return Loader(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                              prefetch_factor=4 if num_workers else None, persistent_workers=False),
-                  prefetch=prefetch)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    items = _raise_failures(iter(loader))  # workers start here, in the caller's thread, never in read_ahead's
+    return read_ahead(items, prefetch) if prefetch > 0 else items
+
+
+def _raise_failures(batches):
+    for item in batches:
+        if isinstance(item, BaseException):
+            del batches  # its workers stop now, not when the error is freed
+            raise item
+        yield item

@@ -1,6 +1,5 @@
-"""--packing: whole sequences concatenated into rows of --max-length tokens (the plans of rows: fastkd.plans),
-packed `Batch`es whose position ids restart per sequence, and the model arguments that keep attention inside each
-sequence (transformers' masking_utils finds the sequences from the position ids)."""
+"""--packing: whole sequences concatenated into rows of --max-length tokens (planned in fastkd.plans), their position
+ids restarting per sequence, and the model arguments that keep attention inside each sequence."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from fastkd.errors import UserError
 from fastkd.loader import IGNORE_INDEX, Batch, attach_teacher
 from fastkd.plans import best_fit_decreasing
 
-# ----------------------------------------------------------------------------- the plan's rows
 
 def check_rows_fit(source, positions: np.ndarray | None, row_length: int, where: str) -> None:
     """Refuse (one line, naming the first) sequences longer than a packed row: packing never splits a sequence."""
@@ -28,12 +26,9 @@ def check_rows_fit(source, positions: np.ndarray | None, row_length: int, where:
                     f"raise --max-length to at least {int(lengths.max())}, or train without --packing")
 
 
-# ----------------------------------------------------------------------------- packed batches
-
 def collate_packed(rows: list[list], pad_id: int) -> Batch:
-    """Rows of sequences -> one right-padded Batch: each row the concatenation of its sequences, position ids
-    restarting at 0 per sequence (and for the padding), labels per sequence (a sequence's last token predicts
-    nothing), teacher rows concatenated in the same row-major order."""
+    """Rows of sequences -> one right-padded Batch, each row its sequences concatenated: position ids and labels per
+    sequence (its last token predicts nothing), teacher rows in the same row-major order."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     shape = (len(rows), width)
     ids, attn = np.full(shape, pad_id, dtype=np.int64), np.zeros(shape, dtype=np.int64)
@@ -92,13 +87,10 @@ def unpack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, attn, loss
 
 
-# ----------------------------------------------------------------------------- attention inside each sequence
-
 def packed_attention(config, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                      max_seqlen: int | None = None) -> dict:
-    """A packed batch's attention arguments for a transformers model: no 2-D mask and the restarting position ids
-    (masking_utils then builds the block-diagonal causal mask for eager/sdpa/flex); flash attention, which reads
-    the packing from position ids only for one flattened row, gets the sequence boundaries of every row."""
+    """A packed batch's attention arguments: no 2-D mask, the restarting position ids (masking_utils builds the
+    block-diagonal mask from them), and for flash attention the sequence boundaries of every row."""
     from transformers.utils.generic import is_flash_attention_requested
 
     kwargs = {"attention_mask": None, "position_ids": position_ids}

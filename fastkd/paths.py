@@ -40,8 +40,6 @@ def source_checkout() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "kernels").is_dir() else None
 
 
-# ----------------------------------------------------------------------------- BIG-Bench Hard
-
 class BBHError(UserError):
     """BBH data that is missing or does not match what was asked for."""
 
@@ -55,22 +53,15 @@ def bbh_get_hint() -> str:
 def bbh_candidates(explicit: str | os.PathLike | None = None) -> list[Path]:
     """Folders to look in, first wins: the option, $FASTKD_BBH_DIR, <user data dir>/bbh, and from a
     source checkout its ../shared/bbh."""
-    found = [Path(explicit).expanduser()] if explicit else []
-    if os.environ.get(BBH_ENV):
-        found.append(Path(os.environ[BBH_ENV]).expanduser())
-    found.append(user_data_dir() / "bbh")
     checkout = source_checkout()
-    if checkout is not None:
-        found.append(checkout.parent / "shared" / "bbh")
-    return found
+    beside = checkout.parent / "shared" / "bbh" if checkout else None
+    found = (explicit, os.environ.get(BBH_ENV), user_data_dir() / "bbh", beside)
+    return [Path(p).expanduser() for p in found if p]
 
 
 def bbh_task_file(root: Path, task: str) -> Path | None:
     """A task's items: <root>/bbh/<task>.json as in the authors' repository, or <root>/<task>.json."""
-    for p in (Path(root) / "bbh" / f"{task}.json", Path(root) / f"{task}.json"):
-        if p.is_file():
-            return p
-    return None
+    return next((p for p in (Path(root) / "bbh" / f"{task}.json", Path(root) / f"{task}.json") if p.is_file()), None)
 
 
 def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path | None:
@@ -89,8 +80,6 @@ def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path
                             f"(looked for {root}/bbh/<task>.json and {root}/<task>.json); {bbh_get_hint()}")
     return None
 
-
-# ----------------------------------------------------------------------------- model names
 
 def resolve_model(name: str | os.PathLike, role: str = "model", need: str = "model") -> str:
     """An embedded name, an existing local folder (checked to hold a model or tokenizer, as `need` says) or a hub id;
@@ -126,7 +115,7 @@ def _looks_local(text: str) -> bool:
 def embedded_student(seed: int = 0) -> Path:
     """A randomly initialised 0.55M-parameter Llama sharing the embedded teacher's tokenizer (the
     demo's student), built once into the user cache folder; the same weights for the same seed."""
-    from fastkd.tiny import STUDENT_SHAPE, make_student_init
+    from fastkd.tiny import make_student_init
 
     folder = user_cache_dir() / f"embedded-student-seed{seed}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -134,7 +123,7 @@ def embedded_student(seed: int = 0) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        make_student_init(EMBEDDED_TEACHER, tmp, seed, STUDENT_SHAPE)
+        make_student_init(EMBEDDED_TEACHER, tmp, seed)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished it first

@@ -1,6 +1,5 @@
 """The epoch plan: a source's positions in a seeded order (shards shuffled, a shuffle buffer), grouped into global
-batches of similar lengths, or (--packing) of rows packed best-fit-decreasing; each rank takes its slice of every
-batch. Plain numpy: workers recompute it."""
+batches of similar lengths or (--packing) of rows packed best-fit-decreasing. Plain numpy: workers recompute it."""
 
 from __future__ import annotations
 
@@ -56,14 +55,10 @@ def _buffer_shuffle(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
     buffer = list(stream[:size])
     out = np.empty(len(stream), dtype=stream.dtype)
     picks = rng.integers(0, size, size=len(stream))
-    n = 0
-    for item in stream[size:]:
-        j = picks[n]
-        out[n] = buffer[j]
-        buffer[j] = item
-        n += 1
-    tail = np.array(buffer, dtype=stream.dtype)[rng.permutation(size)]
-    out[n:] = tail
+    for n, item in enumerate(stream[size:]):
+        out[n] = buffer[picks[n]]
+        buffer[picks[n]] = item
+    out[len(stream) - size:] = np.array(buffer, dtype=stream.dtype)[rng.permutation(size)]
     return out
 
 
@@ -108,58 +103,15 @@ def _enough_rows(rows: list[np.ndarray], min_rows: int) -> list[np.ndarray]:
     return rows
 
 
-def packed_epoch_plan(lengths: np.ndarray, shards: list[np.ndarray], rows_per_batch: int, row_length: int, *,
-                      seed: int, epoch: int, shuffle: bool = True, shuffle_buffer: int = 1024, group_batches: int = 32,
-                      allowed: np.ndarray | None = None, min_rows: int = 1) -> list[np.ndarray]:
-    """One epoch's global batches of `rows_per_batch` rows (object arrays of position arrays): the epoch_stream in
-    windows of `group_batches` batches' worth of tokens, packed best-fit-decreasing; rows that do not fill a
-    batch go to the next window; batches shuffled within their window. Every position once, seeded."""
-    stream, rng = epoch_stream(lengths, shards, seed=seed, epoch=epoch, shuffle=shuffle,
-                               shuffle_buffer=shuffle_buffer, allowed=allowed)
-    budget = max(1, group_batches) * rows_per_batch * row_length
-    ends = np.cumsum(lengths[stream])
-    plan, carry, start = [], np.zeros(0, dtype=np.int64), 0
-    while start < len(stream) or len(carry):
-        if start < len(stream):  # the window: the carried sequences + the stream's next `budget` tokens
-            need = max(budget - int(lengths[carry].sum()), 1)
-            base = int(ends[start - 1]) if start else 0
-            stop = min(int(np.searchsorted(ends, base + need, side="left")) + 1, len(stream))
-            window, start = np.concatenate([carry, stream[start:stop]]), stop
-        else:
-            window = carry
-        rows = best_fit_decreasing(window, lengths, row_length)
-        last = start >= len(stream)
-        keep = len(rows) if last else len(rows) // rows_per_batch * rows_per_batch
-        carry = np.concatenate(rows[keep:]) if keep < len(rows) else np.zeros(0, dtype=np.int64)
-        batches = [rows[i:i + rows_per_batch] for i in range(0, keep, rows_per_batch)]
-        if last and batches:
-            batches[-1] = _enough_rows(batches[-1], min_rows)
-            batches = [b for b in batches if b]
-        if shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        plan.extend(_as_rows(b) for b in batches)
-    return plan
-
-
 def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's contiguous share of a global batch (shares differ by at most one sequence)."""
     return np.array_split(batch, world)[rank]
 
 
 @dataclass
-class FixedPlan:
-    """The same plan every epoch (evaluation)."""
-
-    plan: list
-
-    def __call__(self, epoch: int) -> list:
-        return self.plan
-
-
-@dataclass
 class PlanMaker:
     """epoch -> that epoch's global batches for a source, of `global_batch` sequences (or, with `row_length`,
-    packed rows: packed_epoch_plan), each at least `min_size` of them; picklable, so workers recompute it."""
+    packed rows), each at least `min_size` of them; picklable, so workers recompute it."""
 
     lengths: np.ndarray
     shards: list
@@ -174,15 +126,38 @@ class PlanMaker:
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
         if self.row_length:
-            return packed_epoch_plan(self.lengths, self.shards, self.global_batch, self.row_length, seed=self.seed,
-                                     epoch=epoch, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
-                                     group_batches=self.group_batches, allowed=self.allowed, min_rows=self.min_size)
+            return self._packed(epoch)
         plan = epoch_plan(self.lengths, self.shards, self.global_batch, seed=self.seed, epoch=epoch,
                           shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=self.group_batches,
                           allowed=self.allowed)
         return [b for b in plan if len(b) >= self.min_size]
 
-
-def plan_for(source, global_batch: int, *, seed: int, epoch: int = 0, **options) -> list[np.ndarray]:
-    """One epoch's global batches for a source (see PlanMaker for the options)."""
-    return PlanMaker(source.lengths, source.shards, global_batch, seed, **options)(epoch)
+    def _packed(self, epoch: int) -> list[np.ndarray]:
+        """Batches of `global_batch` rows (object arrays of position arrays): windows of `group_batches` batches' worth
+        of tokens packed best-fit-decreasing, rows short of a batch carried on, batches shuffled within their window."""
+        lengths, per_batch, row_length = self.lengths, self.global_batch, self.row_length
+        stream, rng = epoch_stream(lengths, self.shards, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                   shuffle_buffer=self.shuffle_buffer, allowed=self.allowed)
+        budget = max(1, self.group_batches) * per_batch * row_length
+        ends = np.cumsum(lengths[stream])
+        plan, carry, start = [], np.zeros(0, dtype=np.int64), 0
+        while start < len(stream) or len(carry):
+            if start < len(stream):  # the window: the carried sequences + the stream's next `budget` tokens
+                need = max(budget - int(lengths[carry].sum()), 1)
+                base = int(ends[start - 1]) if start else 0
+                stop = min(int(np.searchsorted(ends, base + need, side="left")) + 1, len(stream))
+                window, start = np.concatenate([carry, stream[start:stop]]), stop
+            else:
+                window = carry
+            rows = best_fit_decreasing(window, lengths, row_length)
+            last = start >= len(stream)
+            keep = len(rows) if last else len(rows) // per_batch * per_batch
+            carry = np.concatenate(rows[keep:]) if keep < len(rows) else np.zeros(0, dtype=np.int64)
+            batches = [rows[i:i + per_batch] for i in range(0, keep, per_batch)]
+            if last and batches:
+                batches[-1] = _enough_rows(batches[-1], self.min_size)
+                batches = [b for b in batches if b]
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            plan.extend(_as_rows(b) for b in batches)
+        return plan

@@ -1,15 +1,6 @@
-"""Have the teacher write the rationales: n sampled chains of thought per record, kept when their final
-answer matches the record's target (the answer extraction of eval-bbh), written as records that
-`fastkd cache-teacher` reads as they are.
-
-  fastkd generate-rationales --teacher T --data answers.jsonl --out records.jsonl --n 4 --temperature 0.7
-
-Every sample, kept or rejected (and why), is logged with its provenance (teacher, settings, sample
-index) in <out>.provenance.jsonl; a killed run resumes from that log with the same outputs (each
-sample draws from its own seeded generator). The prompt is the CoT template of fastkd.templates, the one
-the student is trained and evaluated with. With --messages the records are written as conversations
-(messages form, docs/data.md) instead.
-"""
+"""`fastkd generate-rationales`: n sampled chains of thought per record from the teacher (fastkd.templates' CoT prompt),
+kept when eval-bbh's extraction gives the target, written as records cache-teacher reads (or conversations with
+--messages); every sample is logged with its provenance in <out>.provenance.jsonl, which a killed run resumes from."""
 
 from __future__ import annotations
 
@@ -49,9 +40,8 @@ class RationalesConfig(StageConfig):
     device: str = DEVICE()
     dtype: str = DTYPE("teacher")
     skip_bad: bool = option(False, "skip (and count) malformed records instead of stopping")
-    messages: bool = option(False, "write the kept rationales as conversations (messages form: the source as the "
-                                   "user turn; an assistant turn with the rationale as reasoning_content and 'So "
-                                   "the answer is <target>.' as content) instead of source/rationale/target records")
+    messages: bool = option(False, "write the kept rationales as conversations (messages form, docs/data.md: the "
+                                   "rationale as reasoning_content) instead of source/rationale/target records")
     progress: bool = PROGRESS()
 
 
@@ -89,8 +79,6 @@ def judge(generation: str, target: str, finish: str) -> tuple[bool, str]:
     return True, "answer matches the target"
 
 
-# ----------------------------------------------------------------------------- the resumable log
-
 def read_log(path: Path, settings: dict) -> dict[tuple[int, int], dict]:
     """Samples already done, by (record index, sample); a partial last line (a kill mid-write) is dropped,
     and a log made with other settings is refused."""
@@ -115,6 +103,9 @@ def read_log(path: Path, settings: dict) -> dict[tuple[int, int], dict]:
                 raise UserError(f"{path}: line 1 holds no settings; not a fastkd provenance log")
             continue
         done[(int(entry["record_index"]), int(entry["sample"]))] = entry
+    if header is None:              # killed while its first line was written: nothing was logged yet
+        path.unlink()
+        return {}
     if header != settings:
         diffs = [f"{k}: log {header.get(k)!r}, now {v!r}" for k, v in settings.items() if header.get(k) != v]
         raise UserError(f"{path}: made with other settings ({'; '.join(diffs)}); use the same ones to resume, or "
@@ -132,8 +123,7 @@ def append_lines(path: Path, entries: list[dict]) -> None:
 
 
 def write_records(out: Path, done: dict[tuple[int, int], dict], messages: bool = False) -> int:
-    """The kept samples as records (in record, then sample order; as conversations with `messages`), written
-    atomically."""
+    """The kept samples as records (in record, then sample order; as conversations with `messages`), atomically."""
     from fastkd.synth import write_jsonl
 
     kept = [done[key]["record"] for key in sorted(done) if done[key]["kept"]]
@@ -142,8 +132,7 @@ def write_records(out: Path, done: dict[tuple[int, int], dict], messages: bool =
 
 
 def as_conversation(record: dict) -> dict:
-    """A kept record in messages form: the source as the user turn, the rationale up to its last `So the answer
-    is` as the assistant's reasoning_content, `So the answer is <target>.` as its content; other keys kept."""
+    """A kept record as a conversation, the form docs/data.md's "Conversations from generate-rationales" gives."""
     from fastkd.templates import ANSWER_PHRASE
 
     rationale = record["rationale"]
@@ -154,8 +143,6 @@ def as_conversation(record: dict) -> dict:
     rest = {key: value for key, value in record.items() if key not in ("source", "rationale", "target")}
     return {"messages": [{"role": "user", "content": record["source"]}, assistant], **rest}
 
-
-# ----------------------------------------------------------------------------- the run
 
 def generate_rationales(config: RationalesConfig, engine=None) -> dict:
     """Sample, judge and log; returns the per-task summary. `engine`: a vLLM-like engine (tests, vllm)."""
@@ -176,10 +163,10 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
 
             engine = require_vllm().LLM(model=config.teacher, dtype=config.dtype, seed=0)
         else:
-            from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
+            from fastkd.teacher import load_causal_lm, load_tokenizer
 
             tok = load_tokenizer(config.teacher, "--teacher")
-            model = load_causal_lm(config.teacher, dtype=config.dtype, device=str(resolve_device(config.device))).eval()
+            model = load_causal_lm(config.teacher, dtype=config.dtype, device=config.device)
     # inputs read and the teacher loaded: only now is anything written (a refusal leaves no empty files)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not log_path.exists():
@@ -248,40 +235,27 @@ def engine_samples(engine, prompts: list[str], seeds: list[int], config: Rationa
     from fastkd import bbh
 
     try:
-        from vllm import SamplingParams
+        from vllm import SamplingParams as make
     except ImportError:
-        SamplingParams = None
-    params = []
-    for seed in seeds:
-        kwargs = dict(n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or -1,
-                      max_tokens=config.max_new_tokens, seed=seed, stop=[bbh.STOP_STRING])
-        params.append(SamplingParams(**kwargs) if SamplingParams is not None else kwargs)
-    outputs = engine.generate(prompts, params)
-    results = []
-    for output in outputs:
-        best = output.outputs[0]
-        finish = {"stop": "stop", "length": "length"}.get(getattr(best, "finish_reason", None), "eos")
-        results.append((best.text, finish))
-    return results
+        make = dict                 # a stand-in engine (tests) reads the plain settings
+    params = [make(n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or -1,
+                   max_tokens=config.max_new_tokens, seed=seed, stop=[bbh.STOP_STRING]) for seed in seeds]
+    finish = {"stop": "stop", "length": "length"}
+    return [(out.outputs[0].text, finish.get(getattr(out.outputs[0], "finish_reason", None), "eos"))
+            for out in engine.generate(prompts, params)]
 
 
 def summarise(done: dict[tuple[int, int], dict], n: int) -> dict:
     """Keep rate per task: samples, kept, records with at least one kept rationale, and rejection reasons."""
-    tasks: dict[str, dict] = defaultdict(lambda: {"records": set(), "samples": 0, "kept": 0, "covered": set(),
-                                                  "reasons": Counter()})
+    tasks: dict[str, list] = defaultdict(list)
     for (index, _), entry in done.items():
-        slot = tasks[entry["task"] or "(no task)"]
-        slot["records"].add(index)
-        slot["samples"] += 1
-        slot["kept"] += int(entry["kept"])
-        if entry["kept"]:
-            slot["covered"].add(index)
-        else:
-            slot["reasons"][entry["reason"].split(":")[0]] += 1
-    table = {task: {"records": len(v["records"]), "samples": v["samples"], "kept": v["kept"],
-                    "keep_rate": v["kept"] / v["samples"] if v["samples"] else 0.0,
-                    "records_with_a_rationale": len(v["covered"]), "rejected": dict(v["reasons"])}
-             for task, v in sorted(tasks.items())}
+        tasks[entry["task"] or "(no task)"].append((index, entry))
+    table = {}
+    for task, items in sorted(tasks.items()):
+        kept = [index for index, entry in items if entry["kept"]]
+        table[task] = {"records": len({index for index, _ in items}), "samples": len(items), "kept": len(kept),
+                       "keep_rate": len(kept) / len(items), "records_with_a_rationale": len(set(kept)),
+                       "rejected": dict(Counter(e["reason"].split(":")[0] for _, e in items if not e["kept"]))}
     total = sum(v["samples"] for v in table.values())
     kept = sum(v["kept"] for v in table.values())
     return {"tasks": table, "samples": total, "kept": kept, "keep_rate": kept / total if total else 0.0,

@@ -6,7 +6,9 @@ dataset name; every refusal names the file, the record and the field.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from fastkd.errors import UserError
 
 class DataError(UserError, ValueError):
     """A record that cannot be used; the message names the file, record and field. `reason` is
-    the short key build_examples(skip_bad=True) counts it under (None: derived from the text)."""
+    the short key build_examples(skip_bad=True) counts it under (None: "other")."""
 
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
@@ -35,44 +37,7 @@ class FieldMap:
     messages: str = "messages"
 
 
-# ----------------------------------------------------------------------------- reading
-#
-# Rules for record files (every refusal is a DataError naming the file, the record and, for a
-# JSONL file, its line; with skip_bad the per-record ones are counted per reason and skipped):
-#
-# - Bytes: UTF-8. A byte order mark at the very start of a file is accepted (utf-8-sig); one at
-#   the start of a later JSONL line (files concatenated) is an error for that line. Invalid
-#   UTF-8 (including encoded surrogates) is an error naming the line and byte offset; for a
-#   whole-file .json it is an error for the whole file.
-# - JSONL: one JSON object per line, lines split on "\n" only; "\r\n" endings are accepted.
-#   Lines holding only JSON whitespace (space, tab, CR) are skipped and not counted; record
-#   numbers are 0-based line numbers, so `record 4 (line 5)`. A line longer than
-#   MAX_LINE_BYTES is not read into memory: it is an error for that line. Per line, invalid
-#   JSON (truncated, trailing garbage, raw control characters, an integer longer than Python
-#   converts), nesting so deep that the parser gives up, and a value that is not an object are
-#   errors for that record, skippable.
-# - .json: a list of records, {"examples": [...]}, or an id -> record mapping (CoT-Collection).
-#   The file is parsed whole, so a file that does not parse is one error for the whole file,
-#   never skipped; so are duplicate ids in the mapping and an object none of whose values is
-#   an object (a single record, not a mapping of records). A value of the list or mapping that
-#   is not an object is an error for that record.
-# - parquet and Hugging Face datasets: each row is a record, checked by validate_record.
-# - A record whose messages field (FieldMap.messages) is present and not null is a conversation,
-#   checked by fastkd.conversations.validate_conversation (its rules are listed there).
-# - NaN, Infinity and -Infinity (which Python's json accepts) are numbers: in a field that must
-#   be a string they are an error like any number; elsewhere they are left alone.
-# - Keys that appear twice in one record are an error (which value is meant depends on the
-#   parser).
-#
-# Field rules (validate_record): source, target (and rationale for a CoT record) must be
-# present, non-null strings; target and source must be non-empty after strip. A CoT record's
-# rationale may be empty (as before: the response is then `So the answer is <target>.` alone;
-# an answer-only record says "cot": false and needs no rationale); a rationale that is present
-# in an answer-only record must still be a string or null. `cot`,
-# when present and not null, must be true or false. `task`, when present and not null, must be
-# a string (absent or null -> ""). Text fields may not hold a NUL character or a lone
-# surrogate (a JSON escape such as "\ud800" with no partner): the tokenizer cannot encode
-# the latter, and the former marks binary or mis-decoded data. Other keys are ignored.
+# The rules for record files, each enforced here: docs/data.md, "Every rule".
 
 MAX_LINE_BYTES = 64 << 20
 """The longest JSONL line read (bytes, without the newline); a longer one is an error for that
@@ -92,6 +57,7 @@ class _JSONObject(dict):
 
 
 def _object_pairs(pairs: list) -> dict:
+    """json's object hook: a _JSONObject listing any keys seen twice."""
     obj = _JSONObject(pairs)
     if len(obj) != len(pairs):
         seen: set = set()
@@ -107,10 +73,8 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 def describe_kind(value: object) -> str:
     """A value's type for a message, without echoing a possibly huge value."""
-    if isinstance(value, float) and value != value:
-        return "float (NaN)"
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return f"float ({'-' if value < 0 else ''}Infinity)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float ({'NaN' if math.isnan(value) else '-Infinity' if value < 0 else 'Infinity'})"
     return "dict" if isinstance(value, dict) else type(value).__name__
 
 
@@ -130,12 +94,8 @@ def _parse_json(text: str):
 
 
 def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[int, dict]]:
-    """Yield (record number, record) from JSONL, JSON (list or id->record mapping, as
-    CoT-Collection ships), parquet, or a Hugging Face dataset name when online.
-
-    The first problem a file has (see the rules above this function) raises a DataError that
-    names the file, record and line; build_examples(skip_bad=True) skips per-record problems
-    instead. Records are yielded as read: validate_record checks their fields."""
+    """Yield (record number, record) from a record file or dataset (the rules above); the first problem
+    raises a DataError naming file, record and line. validate_record checks the fields."""
     for index, _where, record, error in scan_records(source, split):
         if error is not None:
             raise error
@@ -171,15 +131,13 @@ def _scan_jsonl(path: Path):
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})", reason="unreadable") from None
     with fh:
-        lineno = -1
-        while True:
+        for lineno in itertools.count():
             try:
                 raw = fh.readline(limit + 1)
             except OSError as err:
-                raise DataError(f"{path}: line {lineno + 2}: cannot read ({err.strerror or err})", reason="unreadable") from None
+                raise DataError(f"{path}: line {lineno + 1}: cannot read ({err.strerror or err})", reason="unreadable") from None
             if not raw:
                 return
-            lineno += 1
             where = f"record {lineno} (line {lineno + 1})"
 
             def bad(reason: str, message: str):
@@ -187,10 +145,8 @@ def _scan_jsonl(path: Path):
 
             if len(raw) > limit and not raw.endswith(b"\n"):   # over the limit: skip to the next newline
                 size = len(raw)
-                while not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
                     raw = fh.readline(1 << 20)
-                    if not raw:
-                        break
                     size += len(raw)
                 size -= raw.endswith(b"\n")
                 yield bad("line too long", f"line is {size} bytes, over the limit of {limit} bytes "
@@ -298,11 +254,8 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
 
 def validate_record(record: object, index: int, fields: FieldMap, origin: str, cot: bool,
                     where: str | None = None) -> dict:
-    """Return {cot, source, rationale, target, task} or raise DataError naming file, record
-    (`where`, default `record <index>`) and field. The rules are listed above read_records.
-
-    `cot` is the template's mode; a record with `"cot": false` is answer-only even under a CoT
-    template (and then needs no rationale)."""
+    """{cot, source, rationale, target, task} of a record, or a DataError naming file, record (`where`) and
+    field (the rules above read_records). `cot` is the template's mode; `"cot": false` overrides it."""
     loc = f"{origin}: {where or f'record {index}'}"
 
     def fail(message: str, reason: str):
@@ -310,10 +263,7 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
 
     if not isinstance(record, dict):
         fail(f"expected an object, got {describe_kind(record)}", "expected an object")
-    duplicates = getattr(record, "duplicates", None)
-    if duplicates:
-        fail(f"duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value is meant is "
-             f"ambiguous", "duplicate key")
+    check_unique_keys(record, fail)
     flag = record.get("cot")
     if flag is not None and not isinstance(flag, bool):
         fail(f"field 'cot' is {describe_kind(flag)}, not true or false", "bad cot")
@@ -334,15 +284,25 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
         fail(f"field {fields.target!r} is empty (empty response)", "empty response")
     if not out["source"].strip():
         fail(f"field {fields.source!r} is empty", "empty source")
-    task = record.get(fields.task)
-    if task is None:
-        task = ""
-    elif not isinstance(task, str):
-        fail(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
-    else:
-        check_text(task, fields.task, fail)
-    out["task"] = task
+    out["task"] = read_task(record, fields, fail)
     return out
+
+
+def check_unique_keys(record: dict, fail) -> None:
+    """Refuse a record that held a key twice (which value is meant depends on the parser)."""
+    duplicates = getattr(record, "duplicates", None)
+    if duplicates:
+        fail(f"duplicate key(s) {', '.join(short_repr(k) for k in duplicates[:5])}: which value is meant is "
+             f"ambiguous", "duplicate key")
+
+
+def read_task(record: dict, fields: FieldMap, fail) -> str:
+    """The record's task: a string, "" when absent or null."""
+    task = record.get(fields.task)
+    if task is not None and not isinstance(task, str):
+        fail(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
+    check_text(task or "", fields.task, fail)
+    return task or ""
 
 
 def _conversation_hint(record: dict, fields: FieldMap) -> str:

@@ -1,5 +1,5 @@
-"""The student side of a step: loading the student, its loss module (forward + distillation loss at the
-loss rows), the loss path, and the mapping of teacher to student layers."""
+"""The student side of a step: loading the student, its loss module (forward + distillation loss at the loss rows,
+by the loss path picked once at set-up) and the mapping of teacher to student layers."""
 
 from __future__ import annotations
 
@@ -32,18 +32,14 @@ class StudentWithLoss(nn.Module):
         # models whose logits are not lm_head(last hidden) (soft-capping, logit scale) take the full forward
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
                                  or not isinstance(causal_lm(student).get_output_embeddings(), nn.Linear))
-        # the loss path, chosen once: uld under --cross-tokenizer uld, else the lightest correct one unless
-        # --loss-impl chose (describe_loss_path says which and why)
         self.loss_path = ("uld" if getattr(config, "cross_tokenizer", None) == "uld"
                           else choose_loss_path(config.loss_impl, self.full_forward))
-        self.teacher_loss = LOSS_PATHS[self.loss_path]
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
                 teacher_hidden=None, loss_index=None, runner: nn.Module | None = None, position_ids=None,
                 cu_seqlens=None, max_seqlen=None):
-        """The loss terms of a batch. `runner`: a wrapper of the student (e.g. DDP made by another trainer)
-        to run the full forward through, so its gradient hooks fire; logits then come from its output.
-        `position_ids` (+ cu_seqlens, max_seqlen): a packed batch, attention kept inside each sequence."""
+        """The loss terms of a batch. `runner`: a wrapper of the student (e.g. another trainer's DDP) run for the full
+        forward so its hooks fire; `position_ids` (+ cu_seqlens, max_seqlen): a packed batch."""
         if loss_index is None:  # callers without a collated Batch: found here (a host sync on a GPU)
             loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
         pick = lambda x: x.flatten(0, 1).index_select(0, loss_index)  # noqa: E731 - the loss rows, row-major
@@ -58,45 +54,26 @@ class StudentWithLoss(nn.Module):
             out = causal_lm(self.student).base_model(**kw)
             h, logits = pick(out.last_hidden_state), None
         teacher = None if topk_ids is None else Teacher(topk_ids, topk_logprobs, tail, counts)
-        # a batch without a teacher signal (SFT) takes cross-entropy alone
-        terms = (_ce_only if teacher is None else self.teacher_loss)(self, h, logits, pick(labels), teacher)
+        terms = self._loss(h, logits, pick(labels), teacher)
         student_hidden = [pick(out.hidden_states[layer]) for layer in self.student_layers] if want_hidden else None
         return add_hidden_term(terms, self.spec, self.projector, student_hidden, teacher_hidden)
 
-
-def _head_logits(module: StudentWithLoss, h, logits):
-    """The loss rows' logits over the tokenizer's vocabulary: as given, or lm_head(h)."""
-    head = causal_lm(module.student).get_output_embeddings()
-    return logits if logits is not None else head(h)[:, :module.vocab_size]
-
-
-def _ce_only(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
-    logits = _head_logits(module, h, logits)
-    ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
-    zero = torch.zeros((), device=ce.device)
-    return LossTerms(total=module.spec.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero, num_tokens=int(y.numel()))
-
-
-def _fused_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
-    if h is None:  # a runner's forward made the logits: the fused path needs the bare model
-        return _logits_path(module, h, logits, y, teacher)
-    head = causal_lm(module.student).get_output_embeddings()
-    bias = head.bias[:module.vocab_size] if head.bias is not None else None
-    return fused_linear_distill_loss(h, head.weight[:module.vocab_size], y, teacher, module.spec, bias=bias)
-
-
-def _logits_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
-    # the logits are this step's own intermediate (nothing else reads them): the gradient may overwrite them,
-    # saving one [rows, V] buffer
-    return distill_loss(_head_logits(module, h, logits).float(), y, teacher, module.spec, inplace=True)
-
-
-def _uld_path(module: StudentWithLoss, h, logits, y, teacher) -> LossTerms:
-    # sorted-probability L1 (kernels/uld.py); terms.kl holds it
-    return uld_loss(_head_logits(module, h, logits), y, teacher, module.spec)
-
-
-LOSS_PATHS = {"fused": _fused_path, "logits": _logits_path, "uld": _uld_path}
+    def _loss(self, h, logits, y, teacher) -> LossTerms:
+        """The loss path's terms from hidden states `h` or `logits` (one is None); no teacher (SFT): CE alone."""
+        head = causal_lm(self.student).get_output_embeddings()
+        if teacher is not None and self.loss_path == "fused" and h is not None:  # h None: a runner made the logits
+            bias = head.bias[:self.vocab_size] if head.bias is not None else None
+            return fused_linear_distill_loss(h, head.weight[:self.vocab_size], y, teacher, self.spec, bias=bias)
+        logits = logits if logits is not None else head(h)[:, :self.vocab_size]
+        if teacher is None:
+            ce = nn.functional.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
+            zero = torch.zeros((), device=ce.device)
+            return LossTerms(total=self.spec.ce_weight * ce, ce=ce.detach(), kl=zero, hidden=zero,
+                             num_tokens=int(y.numel()))
+        if self.loss_path == "uld":  # sorted-probability L1 (kernels/uld.py); terms.kl holds it
+            return uld_loss(logits, y, teacher, self.spec)
+        # the logits are this step's own intermediate: the gradient may overwrite them, saving a [rows, V] buffer
+        return distill_loss(logits.float(), y, teacher, self.spec, inplace=True)
 
 
 def causal_lm(student: nn.Module) -> nn.Module:
@@ -122,13 +99,11 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
-    """auto: the fused linear + loss (no [rows, V] logits: the lightest in time and memory on CPU and CUDA,
-    see benchmarks/train_step_table.py) unless the model's logits are not lm_head(hidden)."""
-    if loss_impl == "auto":
-        return "logits" if full_forward else "fused"
-    if loss_impl == "fused" and full_forward:
-        return "logits"  # soft-capped / scaled logits: the fused path would compute other logits
-    return loss_impl
+    """auto: fused (no [rows, V] logits: the lightest on CPU and CUDA, benchmarks/train_step_table.py); logits
+    whatever was asked when the model's logits are not lm_head(hidden) (soft-capped or scaled)."""
+    if full_forward:
+        return "logits"
+    return "fused" if loss_impl == "auto" else loss_impl
 
 
 def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:
@@ -156,8 +131,8 @@ def batch_inputs(batch: Batch, teacher_layers: list[int]) -> dict:
 
 
 def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0) -> nn.Module:
-    """From a folder/hub id, or initialised from a config (seeded); a config whose vocabulary is smaller than the
-    tokenizer's (or the cache's ids) is refused before any weight is loaded."""
+    """From a folder/hub id, or initialised from a config (seeded); a student with fewer output rows than the
+    tokenizer's (or the cache's) ids is refused, from its config before any weight is loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = config.student or config.student_config
@@ -179,23 +154,19 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
     else:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config).to(device)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise UserError(f"{flag} {source}: the student's output layer has {rows} rows, fewer than the {vocab_size} "
+                        f"token ids the tokenizer and teacher cache use; student and tokenizer do not belong together")
     if config.lora_rank:
         model = add_lora(model, config)
     if config.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)     # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()
-
-
-def check_vocab(model: nn.Module, vocab_size: int, where: str) -> None:
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise UserError(f"{where}: the student's output layer has {rows} rows, fewer than the tokenizer's "
-                        f"{vocab_size} tokens; student and tokenizer do not belong together")
 
 
 def map_layers(teacher_layers: list[int], teacher_depth: int, student_depth: int, given: list[int] | None) -> list[int]:

@@ -3,6 +3,7 @@ cache-teacher and online KD; a backend is a `Backend`: `load_hf` here, `teacher_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -67,11 +68,8 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
             isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
         if dtype == "auto" and not on_gpu:
             torch_dtype = torch.float32
-        kwargs = {"device_map": device_map}
-        if max_memory is not None:
-            kwargs["max_memory"] = parse_max_memory(max_memory)
-        if offload_folder:
-            kwargs["offload_folder"] = str(offload_folder)
+        kwargs = {"device_map": device_map, "offload_folder": str(offload_folder) if offload_folder else None,
+                  "max_memory": parse_max_memory(max_memory) if max_memory is not None else None}
     else:
         dev = resolve_device(device)
         if dtype == "auto" and dev.type == "cpu":
@@ -88,8 +86,6 @@ DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def parse_device_map(value):
     """--device-map: a strategy name, or a JSON object module name -> device (0, "cpu", "disk")."""
-    if isinstance(value, dict):
-        return value
     text = str(value).strip()
     if text in DEVICE_MAP_NAMES:
         return text
@@ -150,32 +146,30 @@ def load_tokenizer(path: str, role: str = "tokenizer"):
                         f"damaged or were written by an incompatible library version") from None
 
 
-def model_identity(model, path: str) -> dict:
-    """Teacher identity for the manifest: path, a hash of its config, dtype, size."""
-    return dict(config_identity(model.config, path), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                num_parameters=sum(p.numel() for p in model.parameters()))
-
-
-def config_identity(config, path: str) -> dict:
-    """The config part of a teacher's identity (for backends without a torch model, e.g. vLLM)."""
+def config_identity(config, path: str, model=None) -> dict:
+    """Teacher identity for the manifest: path, a hash of its config, its shape; dtype and size given a torch model."""
     cfg = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
         cfg.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-    return {"path": str(path), "config_sha256": digest, "model_type": cfg.get("model_type"),
-            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
-            "hidden_size": getattr(config, "hidden_size", None)}
+    identity = {"path": str(path), "config_sha256": digest, "model_type": cfg.get("model_type"),
+                "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+                "hidden_size": getattr(config, "hidden_size", None)}
+    if model is not None:
+        identity.update(dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                        num_parameters=sum(p.numel() for p in model.parameters()))
+    return identity
 
 
 HEAD_CHUNK_BYTES = 256 * 2**20   # bounds the [chunk, V] fp32 buffer of the chunked output head
 UNREPRODUCED = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier", "logit_multiplier",
                 "mup_width_multiplier", "scale_width", "dim_model_base")    # head-side scalings not applied here
-_SAID: set[str] = set()
 _HEAD_AGREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its chunked head matches its logits
 
 
 def split_head(model):
-    """(decoder, output head, final soft-cap) for the chunked path, or why a model cannot take it."""
+    """(decoder, head: last hidden states -> logits, soft-capped as the model does; its width) for the chunked
+    path, or why a model cannot take it."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, torch.nn.Module) or getattr(head, "weight", None) is None:
@@ -187,36 +181,33 @@ def split_head(model):
     odd = [name for name in UNREPRODUCED if getattr(config, name, None) not in (None, 1, 1.0)]
     if odd:
         return f"its config sets {', '.join(odd)}"
-    return base, head, getattr(config, "final_logit_softcapping", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def apply(rows: torch.Tensor) -> torch.Tensor:
+        logits = head(rows)                                      # the module's own bias and device hooks apply
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return base, apply, int(head.weight.shape[0])
 
 
+@functools.cache
 def _say_once(reason: str) -> None:
     """Why the full-logits path is taken, on stderr once per process and reason."""
-    if reason not in _SAID:
-        _SAID.add(reason)
-        print(f"fastkd: the teacher's output head is applied by the model on the whole batch ([B, T, V] logits in "
-              f"memory), as {reason}", file=sys.stderr)
+    print(f"fastkd: the teacher's output head is applied by the model on the whole batch ([B, T, V] logits in "
+          f"memory), as {reason}", file=sys.stderr)
 
 
 def _head_agrees(model, split, ids: torch.Tensor) -> bool:
     """Once per model: the chunked head on a few tokens equals the model's own logits, so a head transform the
     config does not announce can never go unnoticed (the full-logits path is taken instead)."""
     if model not in _HEAD_AGREES:
-        base, head, cap = split
+        base, head, _ = split
         full = model(input_ids=ids, use_cache=False).logits
-        mine = _head_logits(head, base(input_ids=ids, use_cache=False).last_hidden_state, cap).float()
+        mine = head(base(input_ids=ids, use_cache=False).last_hidden_state).float()
         tol = 1e-4 if full.dtype == torch.float32 else 5e-2
         full = full.float()
         _HEAD_AGREES[model] = bool(torch.allclose(mine, full, rtol=tol, atol=tol * max(1.0, float(full.abs().max()))))
     return _HEAD_AGREES[model]
-
-
-def _head_logits(head, rows: torch.Tensor, cap) -> torch.Tensor:
-    """The output head on a chunk of last hidden states, soft-capped as the model does when its config says so."""
-    logits = head(rows)                                          # the module's own bias and device hooks apply
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 @torch.no_grad()
@@ -232,16 +223,15 @@ def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         split = "its logits differ from its output head applied to its decoder's last hidden states"
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers),
                   use_cache=False)
-    if isinstance(split, str):                                   # today's path: the model builds [B, T, V]
+    if isinstance(split, str):                                   # the model builds [B, T, V]
         _say_once(split)
         out = model(**kwargs)
-        source, head, cap = out.logits[:, :-1][predicts_loss.to(out.logits.device)], None, None
-        width = source.shape[1]
+        states, head, width = out.logits, None, out.logits.shape[-1]
     else:
-        base, head, cap = split
+        base, head, width = split
         out = base(**kwargs)
-        last = out.last_hidden_state
-        source, width = last[:, :-1][predicts_loss.to(last.device)], int(head.weight.shape[0])
+        states = out.last_hidden_state
+    source = states[:, :-1][predicts_loss.to(states.device)]
     width = min(width, vocab_size) if vocab_size is not None else width    # drop padded embedding rows
     if not sample_n and not 1 <= k <= width:
         raise UserError(f"--top-k {k}: must be between 1 and the vocabulary size ({width})")
@@ -249,7 +239,7 @@ def teacher_signal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     parts = []
     for start in range(0, source.shape[0], step) or [0]:
         rows = source[start:start + step]
-        logits = rows if head is None else _head_logits(head, rows, cap)
+        logits = rows if head is None else head(rows)
         parts.append(_rows_signal(torch.log_softmax(logits[:, :width].float(), dim=-1), k, sample_n, generator))
     ids, values, counts = (torch.cat(part) if part[0] is not None else None for part in zip(*parts))
     tail = (1.0 - values.double().exp().sum(dim=1)).clamp(min=0.0).float()
@@ -320,7 +310,7 @@ def load_hf(config, tokenizer, env) -> Backend:
                            max_memory=_rank_max_memory(config, env), offload_folder=config.offload_folder)
     layers = parse_layers(config.layers, int(getattr(model.config, "num_hidden_layers", 0)))
     d_in = int(model.config.hidden_size)
-    settings = {"teacher": model_identity(model, config.teacher), "layers": layers,
+    settings = {"teacher": config_identity(model.config, config.teacher, model), "layers": layers,
                 "hidden_widths": [int(config.hidden_project or d_in)] * len(layers)}
     projection = None
     if config.hidden_project:       # fixed random projection: smaller hidden part, seed in the manifest
@@ -343,24 +333,17 @@ def load_hf(config, tokenizer, env) -> Backend:
     return Backend(settings, signal, where)
 
 
-def capture_entropy(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row's top-k + tail-bucket distribution: a lower bound of the full
-    entropy that both backends can compute (vLLM returns only the top-k)."""
-    p = logprobs.double().exp()
-    t = tail.double()
-    return -(torch.special.xlogy(p, p).sum(dim=1) + torch.special.xlogy(t, t))
-
-
 def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by: str, seed: int) -> torch.Tensor:
     """Selective capture: per sequence, the ceil(share * rows) highest-entropy rows (ties: the earlier) or a
     random choice seeded by (seed, record), so a resumed or re-split run keeps the same rows (bool [M])."""
     keep = torch.zeros(sig.tail.shape[0], dtype=torch.bool)
-    score = capture_entropy(sig.topk_logprobs, sig.tail).cpu() if by == "entropy" else None
+    p, t = sig.topk_logprobs.double().exp(), sig.tail.double()   # entropy of top-k + tail: what both backends have
+    entropy = -(torch.special.xlogy(p, p).sum(dim=1) + torch.special.xlogy(t, t)).cpu()
     start = 0
     for record, rows in zip(record_indices, sig.rows_per_sequence):
         chosen = min(rows, math.ceil(share * rows - 1e-9))
         if by == "entropy":
-            order = torch.sort(-score[start:start + rows], stable=True).indices
+            order = torch.sort(-entropy[start:start + rows], stable=True).indices
         else:
             order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(record)))
         keep[start + order[:chosen]] = True
@@ -368,22 +351,16 @@ def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by
     return keep
 
 
-def drop_rows(sig: TeacherSignal, keep: torch.Tensor) -> TeacherSignal:
-    """Empty the rows not kept: ids -1, log-probs -inf, tail 1, which every loss path reads as KL 0 with no
-    gradient (CE alone there). Hidden states stay."""
-    drop = ~keep.to(sig.tail.device)
-    sig.topk_ids = sig.topk_ids.masked_fill(drop[:, None], -1)
-    sig.topk_logprobs = sig.topk_logprobs.masked_fill(drop[:, None], float("-inf"))
-    sig.tail = sig.tail.masked_fill(drop, 1.0)
-    return sig
-
-
 def capturing(backend: Backend, share: float, by: str, seed: int) -> Backend:
-    """Selective capture around any backend: the teacher's top-k kept at `share` of each sequence's loss
-    positions, empty rows elsewhere (CE alone there); the choice is recorded in the manifest's settings."""
+    """Selective capture around any backend: rows not chosen are emptied (ids -1, log-probs -inf, tail 1: KL 0, CE
+    alone there; hidden states stay); the choice is recorded in the manifest's settings."""
     def signal(chunk, generator) -> TeacherSignal:
         sig = backend.signal(chunk, generator)
-        return drop_rows(sig, capture_rows(sig, [ex.record_index for ex in chunk], share, by, seed))
+        drop = ~capture_rows(sig, [ex.record_index for ex in chunk], share, by, seed).to(sig.tail.device)
+        sig.topk_ids = sig.topk_ids.masked_fill(drop[:, None], -1)
+        sig.topk_logprobs = sig.topk_logprobs.masked_fill(drop[:, None], float("-inf"))
+        sig.tail = sig.tail.masked_fill(drop, 1.0)
+        return sig
 
     capture = {"share": float(share), "by": by, "seed": int(seed) if by == "random" else None}
     return Backend(dict(backend.settings, capture=capture), signal, backend.device)

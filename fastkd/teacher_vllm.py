@@ -9,16 +9,13 @@ import torch
 from fastkd.errors import UserError
 from fastkd.teacher import Backend, TeacherSignal, config_identity, one_line
 
-INSTALL_HINT = ("pip install vllm (Linux with a CUDA GPU; "
-                "https://docs.vllm.ai/en/latest/getting_started/installation/), or use --backend hf")
-
-
 def require_vllm():
     """The vllm module, or a UserError saying how to install it."""
     try:
         import vllm
     except ImportError:
-        raise UserError(f"--backend vllm: the vllm package is not installed; {INSTALL_HINT}") from None
+        raise UserError("--backend vllm: the vllm package is not installed; pip install vllm (Linux with a CUDA GPU; "
+                        "https://docs.vllm.ai/en/latest/getting_started/installation/), or use --backend hf") from None
     return vllm
 
 
@@ -34,17 +31,15 @@ def exact_tail(topk_logprobs: np.ndarray) -> np.ndarray:
 
 
 def top_k_of(position: dict, k: int, where: str) -> tuple[list[int], list[float]]:
-    """The k most likely (id, log-prob) of one prompt position's dict (the dict may also hold the
-    prompt token itself, ranked below k)."""
-    if not isinstance(position, dict) and not hasattr(position, "items"):
+    """The k most likely (id, log-prob) of one prompt position's dict (which may also hold the prompt token)."""
+    if not hasattr(position, "items"):
         raise UserError(f"{where}: vLLM returned {type(position).__name__} instead of a dict of log-probs")
     items = sorted(((int(tid), float(getattr(v, "logprob", v))) for tid, v in position.items()),
                    key=lambda kv: (-kv[1], kv[0]))
     if len(items) < k:
         raise UserError(f"{where}: vLLM returned {len(items)} log-probs, {k} were asked (--top-k); "
                         f"the engine's max_logprobs must be >= --top-k")
-    items = items[:k]
-    return [tid for tid, _ in items], [lp for _, lp in items]
+    return [tid for tid, _ in items[:k]], [lp for _, lp in items[:k]]
 
 
 def check_vllm_request(config, world_size: int) -> None:
@@ -65,8 +60,7 @@ def check_vllm_request(config, world_size: int) -> None:
 
 
 def start_engine(config):
-    """A vllm.LLM for the teacher (max_logprobs = --vllm-max-logprobs or --top-k) and the sampling params
-    that ask it for --top-k prompt log-probs."""
+    """A vllm.LLM for the teacher and the sampling params that ask it for --top-k prompt log-probs."""
     vllm = require_vllm()
     try:
         engine = vllm.LLM(model=config.teacher, tokenizer=config.teacher, dtype=config.dtype,
@@ -108,9 +102,9 @@ def prompt_signal(engine, params, chunk, k: int, vocab_size: int) -> TeacherSign
         rows.append(len(positions))
     ids = np.asarray(ids_rows, np.int64).reshape(-1, k)
     lps = np.asarray(lp_rows, np.float64).reshape(-1, k)
-    if lps.size and (np.isnan(lps).any() or (lps > 1e-3).any()):
-        bad = int(np.flatnonzero(np.isnan(lps).any(1) | (lps > 1e-3).any(1))[0])
-        raise UserError(f"--backend vllm: log-probs hold NaN or positive values (row {bad}); try --dtype float32")
+    bad = np.flatnonzero(np.isnan(lps).any(1) | (lps > 1e-3).any(1))
+    if bad.size:
+        raise UserError(f"--backend vllm: log-probs hold NaN or positive values (row {bad[0]}); try --dtype float32")
     tail = exact_tail(lps) if lps.size else np.zeros(0)
     return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps.astype(np.float32)),
                          torch.from_numpy(tail.astype(np.float32)), None, {}, rows)

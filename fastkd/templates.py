@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastkd import chat_masks
-from fastkd.conversations import is_conversation, validate_conversation
+from fastkd.conversations import validate_conversation
 from fastkd.records import DataError, FieldMap, scan_records, validate_record
 
 ANSWER_PHRASE = "So the answer is "
@@ -23,16 +23,8 @@ LOSS_TURNS = chat_masks.LOSS_TURNS     # --loss-turns choices (cache-teacher, tr
 
 @dataclass(frozen=True)
 class Template:
-    """How a record becomes prompt text and response text.
-
-    cot=True: prompt `Q: {source}\nA: Let's think step by step.` (the BBH authors' CoT frame),
-    response = the rationale, then `So the answer is <target>.` (added once);
-    cot=False: prompt `Q: {source}\nA:`, response = the target alone. The two prompts differ,
-    so one model trained on both modes is told which one to use. chat=True puts the bare source
-    in the tokenizer's chat template (user turn + generation prompt) and, with cot, starts the
-    response with the trigger phrase instead. Conversation records (messages form) always use the
-    tokenizer's chat template; loss_turns picks their assistant parts that carry loss (docs/data.md).
-    """
+    """How a record becomes prompt and response text (docs/data.md's table: CoT, answer-only, chat template);
+    loss_turns picks the assistant parts of conversation records that carry loss."""
 
     cot: bool = True
     chat: bool = False
@@ -55,18 +47,16 @@ class Template:
     def describe(self, conversations: dict | None = None) -> dict:
         """The template as a cache's settings record it; `conversations` (BuildReport.conversations: how
         conversation records were rendered and masked) is added under "messages" when there were any."""
-        if self.cot:
-            prompt = "{source}" if self.chat else "Q: {source}\\nA: " + COT_TRIGGER
-            response = (" " + COT_TRIGGER if self.chat else "") + " {rationale} So the answer is {target}."
-        else:
-            prompt, response = ("{source}" if self.chat else "Q: {source}\\nA:"), " {target}"
+        prompt = "{source}" if self.chat else "Q: {source}\\nA:" + (f" {COT_TRIGGER}" if self.cot else "")
+        trigger = f" {COT_TRIGGER}" if self.chat else ""
+        response = f"{trigger} {{rationale}} So the answer is {{target}}." if self.cot else " {target}"
         described = {"cot": self.cot, "chat": self.chat, "prompt": prompt, "response": response}
         return dict(described, messages=conversations) if conversations else described
 
 
 def strip_answer_phrase(rationale: str, target: str) -> str:
-    """Remove a trailing `So the answer is <target>.` the rationale already has (CoT-Collection
-    rationales sometimes restate the answer), so the template adds it exactly once."""
+    """The rationale without a trailing `So the answer is <target>.` (CoT-Collection's sometimes have one),
+    so the template adds it exactly once."""
     text = rationale.strip()
     pattern = re.compile(r"\s*(So|so|Therefore|therefore|Thus|thus),?\s+the answer is\s*"
                          + re.escape(target.strip()) + r"\s*\.?\s*$")
@@ -75,8 +65,7 @@ def strip_answer_phrase(rationale: str, target: str) -> str:
 
 @dataclass
 class Example:
-    """One tokenised record. loss_mask[t] = 1 where token t is a response token (or EOS)
-    that the model is trained to predict from the tokens before it."""
+    """One tokenised record; loss_mask[t] = 1 where token t is one the model learns to predict (response, EOS)."""
 
     input_ids: list[int]
     loss_mask: list[int]
@@ -84,14 +73,6 @@ class Example:
     task: str = ""
     truncated: bool = False
     cot: bool = True          # built with the CoT template (False: answer-only response)
-
-    @property
-    def prompt_length(self) -> int:
-        return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(self.loss_mask)
 
 
 @dataclass
@@ -109,8 +90,6 @@ class BuildReport:
     def as_dict(self) -> dict:
         return {"kept": self.kept, "truncated": self.truncated, "skipped": dict(self.skipped)}
 
-
-# ----------------------------------------------------------------------------- tokenising
 
 def text_prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Token ids of a ready prompt string: as is (BOS when the tokenizer adds one), or as one
@@ -138,54 +117,41 @@ def response_ids(tokenizer, template: Template, rationale: str | None, target: s
 
 def build_example(record: dict, index: int, tokenizer, template: Template, max_length: int | None = None,
                   overflow: str = "truncate") -> Example | None:
-    """Tokenise one validated record (a record with `"cot": false` gets the answer-only
-    response even under a CoT template: mixed teacher training). Over-long: truncate the response end (`truncate`) or
-    return None (`skip`). A prompt that leaves no room for one response token is skipped. A conversation (a record
-    from validate_conversation) goes through conversation_example, None when it is skipped."""
+    """Tokenise one validated record (or conversation); None when it is skipped (_tokenise says why)."""
+    ex = _tokenise(record, index, tokenizer, template, max_length, overflow)
+    return ex if isinstance(ex, Example) else None
+
+
+def _tokenise(record: dict, index: int, tokenizer, template: Template, max_length: int | None,
+              overflow: str) -> Example | str:
+    """An Example, or why it is skipped: "no loss tokens" or "too long" (none left after the cut at max_length,
+    or any cut under overflow="skip"). `"cot": false` gets the answer-only response under a CoT template."""
     if "messages" in record:
-        ex = conversation_example(record, index, tokenizer, template, max_length, overflow)
-        return ex if isinstance(ex, Example) else None
-    if template.cot and record.get("cot") is False:
-        template = Template(cot=False, chat=template.chat)
-    p = prompt_ids(tokenizer, template, record["source"])
-    r = response_ids(tokenizer, template, record.get("rationale"), record["target"])
-    ids, mask, truncated = p + r, [0] * len(p) + [1] * len(r), False
-    if max_length is not None and len(ids) > max_length:
-        if overflow == "skip" or len(p) >= max_length:
-            return None
-        ids, mask, truncated = ids[:max_length], mask[:max_length], True
-    return Example(ids, mask, index, record.get("task", ""), truncated, template.cot)
-
-
-def conversation_example(record: dict, index: int, tokenizer, template: Template, max_length: int | None = None,
-                         overflow: str = "truncate") -> Example | str:
-    """Tokenise one validated conversation with the tokenizer's chat template, loss on the assistant parts
-    template.loss_turns picks; the end is cut at max_length (or the record skipped: `skip`). Returns the reason
-    instead when it is skipped: "no loss tokens" (none picked) or "too long" (none left after the cut)."""
-    ids, mask = chat_masks.conversation_ids(tokenizer, record, template.loss_turns)
-    if 1 not in mask[1:]:          # the first token is never predicted
-        return "no loss tokens"
-    truncated = False
-    if max_length is not None and len(ids) > max_length:
+        ids, mask = chat_masks.conversation_ids(tokenizer, record, template.loss_turns)
+        cot = template.loss_turns != "answer"
+        if 1 not in mask[1:]:          # the first token is never predicted
+            return "no loss tokens"
+    else:
+        if template.cot and record.get("cot") is False:
+            template = Template(cot=False, chat=template.chat)
+        p = prompt_ids(tokenizer, template, record["source"])
+        r = response_ids(tokenizer, template, record.get("rationale"), record["target"])
+        ids, mask, cot = p + r, [0] * len(p) + [1] * len(r), template.cot
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
         if overflow == "skip" or 1 not in mask[1:max_length]:
             return "too long"
-        ids, mask, truncated = ids[:max_length], mask[:max_length], True
-    return Example(ids, mask, index, record.get("task", ""), truncated, cot=template.loss_turns != "answer")
+        ids, mask = ids[:max_length], mask[:max_length]
+    return Example(ids, mask, index, record.get("task", ""), truncated, cot)
 
 
 def build_examples(source: str | Path, tokenizer, template: Template, fields: FieldMap = FieldMap(),
                    max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
                    split: str = "train", report: BuildReport | None = None, keep=None) -> list[Example]:
-    """Read, validate and tokenise every record of `source`; counts go into `report`.
-
-    Without skip_bad the first bad record raises a DataError naming the file, record (and JSONL
-    line) and field. With skip_bad every per-record problem (a bad field, and for JSONL also a
-    line that is not valid UTF-8 or JSON, or is too long) is counted in report.skipped under a
-    short reason and skipped; problems that spoil a whole file (a .json that does not parse, an
-    unreadable parquet) still raise. keep(index) -> bool, when given, picks the records to validate and
-    tokenise (a rank's own work units); the others are passed over unread and uncounted. A record holding
-    `fields.messages` is a conversation (conversation_example); report.conversations then says how they were
-    rendered and masked (the same for every rank: set by the first conversation read, kept or not)."""
+    """Read, validate and tokenise the records of `source` that keep(index) picks (all by default), counting
+    into `report`. The first bad record raises a DataError; skip_bad counts per-record problems under their
+    reason and skips them (a whole-file problem still raises). report.conversations is set by the first
+    conversation read, kept or not, so every rank records the same."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
     if template.loss_turns not in LOSS_TURNS:
@@ -193,7 +159,7 @@ def build_examples(source: str | Path, tokenizer, template: Template, fields: Fi
     report = report if report is not None else BuildReport()
     examples = []
     for index, where, raw, error in scan_records(source, split):
-        conversation = error is None and is_conversation(raw, fields)
+        conversation = error is None and isinstance(raw, dict) and raw.get(fields.messages) is not None
         if conversation and report.conversations is None:
             report.conversations = chat_masks.describe(tokenizer, template.loss_turns, f"{source}: {where}")
         if keep is not None and not keep(index):
@@ -203,18 +169,18 @@ def build_examples(source: str | Path, tokenizer, template: Template, fields: Fi
                 raise error
             if conversation:
                 rec = validate_conversation(raw, index, fields, str(source), where=where)
-                ex = conversation_example(rec, index, tokenizer, template, max_length, overflow)
+                ex = _tokenise(rec, index, tokenizer, template, max_length, overflow)
             else:
                 rec, ex = validate_record(raw, index, fields, str(source), template.cot, where=where), None
         except DataError as err:
             if not skip_bad:
                 raise
-            report.skipped[err.reason or _reason(str(err))] += 1
+            report.skipped[err.reason or "other"] += 1
             if len(report.first_errors) < report.MAX_ERRORS_KEPT:
                 report.first_errors.append(str(err))
             continue
-        if ex is None:
-            ex = build_example(rec, index, tokenizer, template, max_length, overflow) or "too long"
+        if ex is None:          # tokenised outside the try: a tokenizer without EOS is no record's fault
+            ex = _tokenise(rec, index, tokenizer, template, max_length, overflow)
         if isinstance(ex, str):
             report.skipped[ex] += 1
             continue
@@ -223,9 +189,3 @@ def build_examples(source: str | Path, tokenizer, template: Template, fields: Fi
         examples.append(ex)
     return examples
 
-
-def _reason(message: str) -> str:
-    for key in ("missing", "not a string", "empty response", "is empty", "expected an object", "invalid JSON"):
-        if key in message:
-            return key
-    return "other"

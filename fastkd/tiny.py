@@ -106,8 +106,7 @@ def save_tiny(out_dir: str | Path, arch: str = "qwen2", tokenizer=None, **model_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or train_tokenizer()
-    model = build_model(tokenizer, arch=arch, **model_kwargs)
-    model.save_pretrained(out)
+    build_model(tokenizer, arch=arch, **model_kwargs).save_pretrained(out)
     tokenizer.save_pretrained(out)
     pin_tokenizer_class(out)
     return out

@@ -3,43 +3,13 @@ added tokens, as digests) and the check that refuses a tokenizer that differs fr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 
 from fastkd.records import DataError
 
-# What is hashed, and why. A cache holds the teacher's distribution over token ids for token
-# sequences made by one tokenizer; a student is only trained correctly on it when its tokenizer
-# turns every text into the same ids. So the identity covers what decides text -> ids, one
-# SHA-256 per part (canonical JSON, sorted keys), so a refusal says which part differs:
-#
-#   vocab_sha256     the vocabulary with ids (get_vocab(), added tokens included; as before)
-#   merges           the BPE merge list, in rank order (the two spellings tokenizers has used,
-#                    "a b" and ["a", "b"], hash the same)
-#   model            the model's other settings: type, unk token, byte fallback, fuse_unk,
-#                    subword prefix / suffix ("" and null hash the same), dropout, ignore_merges;
-#                    for a Unigram model also its scored vocabulary
-#   normalizer, pre_tokenizer, post_processor
-#                    the tokenizer.json parts (the post-processor is where BOS/EOS are added);
-#                    `trim_offsets` is dropped (it changes offsets, never ids) and a Sequence of
-#                    one part hashes as that part (none: as null)
-#   added_tokens     every added token: id, content and its flags (special, single_word,
-#                    lstrip, rstrip, normalized), sorted by id
-#   special_tokens   bos/eos/pad/unk strings and ids as transformers reports them
-#   probe            the ids of a fixed set of texts, with and without special tokens: catches
-#                    anything the parts above miss (e.g. a transformers-level add_bos_token);
-#                    left out for a BPE model with dropout, whose ids vary from call to call
-#
-# Not hashed: the decoder (it maps ids back to text; which ids a text becomes, and so the cached
-# targets, do not depend on it, and eval decodes with the student's own tokenizer),
-# truncation/padding (per-call runtime settings) and the class name (kept for reading: two
-# classes that load the same tokenizer.json tokenise alike; where they do not, the parts show it).
-# A tokenizer without a `tokenizers` backend (a slow tokenizer) gets a partial identity:
-# vocabulary, added and special tokens, the class with its tokenisation flags, the
-# sentencepiece model when it has one, and the probe; merges, normaliser, pre-tokenizer and
-# post-processor cannot be read and are listed as unchecked.
-#
-# Manifests written before this (keys vocab_size, vocab_sha256, eos_token_id, pad_token_id,
-# class only) are still checked on what they hold, with a warning that the rest could not be.
+# What is hashed, and why: docs/cache-format.md, "The tokenizer identity".
 
 IDENTITY_VERSION = 2
 
@@ -73,8 +43,6 @@ _SLOW_FLAGS = ("do_lower_case", "add_prefix_space", "add_bos_token", "add_eos_to
 
 
 def _sha(obj) -> str:
-    import hashlib
-
     text = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -94,14 +62,9 @@ def _canonical_part(obj):
 
 
 def _canonical_merges(merges) -> list:
-    out = []
-    for m in merges or []:
-        if isinstance(m, str):
-            parts = m.split(" ")
-            out.append(parts if len(parts) == 2 else [m])
-        else:
-            out.append(list(m))
-    return out
+    """BPE merges in one spelling: "a b" and ["a", "b"] both as ["a", "b"]."""
+    pairs = [m.split(" ") if isinstance(m, str) and m.count(" ") == 1 else m for m in merges or []]
+    return [[m] if isinstance(m, str) else list(m) for m in pairs]
 
 
 def _special_tokens(tokenizer) -> dict:
@@ -126,8 +89,6 @@ def _probe(tokenizer):
 
 def _vocab_sha256(tokenizer) -> str:
     """The vocabulary hash as the first manifests stored it (kept byte for byte: old caches compare)."""
-    import hashlib
-
     vocab = tokenizer.get_vocab()
     return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()).hexdigest()
 
@@ -135,7 +96,7 @@ def _vocab_sha256(tokenizer) -> str:
 def tokenizer_identity(tokenizer) -> dict:
     """What must match between the cache's tokenizer and a student's (stored in the manifest):
     size, vocabulary hash, special ids (the first identity's keys), then one hash per part that
-    decides tokenisation under `components` (see the notes above). Deterministic across
+    decides tokenisation under `components` (docs/cache-format.md). Deterministic across
     save_pretrained / from_pretrained."""
     special = _special_tokens(tokenizer)
     ident = {"vocab_size": len(tokenizer), "vocab_sha256": _vocab_sha256(tokenizer),
@@ -172,8 +133,6 @@ def tokenizer_identity(tokenizer) -> dict:
                                   **{f: getattr(tokenizer, f) for f in _SLOW_FLAGS if hasattr(tokenizer, f)}}
         sp = getattr(tokenizer, "sp_model", None)
         if sp is not None and hasattr(sp, "serialized_model_proto"):
-            import hashlib
-
             parts["sentencepiece"] = hashlib.sha256(sp.serialized_model_proto()).hexdigest()
     parts["special_tokens"] = special
     stochastic = spec is not None and bool((spec.get("model") or {}).get("dropout"))   # BPE dropout: ids vary per call
@@ -193,8 +152,6 @@ def check_tokenizer(expected: dict, tokenizer, where: str) -> None:
     """Refuse a tokenizer whose identity differs from `expected` (a manifest's), saying which
     parts differ. What `expected` lacks (a manifest from before the full identity, or a partial
     identity of a slow tokenizer) is not refused: a warning says what could not be checked."""
-    import warnings
-
     actual = tokenizer_identity(tokenizer)
     expected = expected if isinstance(expected, dict) else {}
     theirs = "teacher" if where.startswith("teacher") else "cache"
@@ -209,8 +166,10 @@ def check_tokenizer(expected: dict, tokenizer, where: str) -> None:
         unchecked = ["merges", "model settings", "normalizer", "pre-tokenizer", "post-processor", "added tokens",
                      "special tokens other than EOS"]
         note = f"the {theirs}'s tokenizer identity predates fastkd's full identity (it holds only size, vocabulary and special ids)"
+        compared = "vocabulary size, vocabulary and EOS id were compared; re-create the cache to check the rest"
     else:
         note = "one of the two tokenizers has no `tokenizers` backend (a partial identity)"
+        compared = "the other parts were compared and match"
         for name, label in _COMPONENTS.items():
             a, b = theirs_parts.get(name), actual["components"].get(name)
             if a is None and b is None:
@@ -223,8 +182,6 @@ def check_tokenizer(expected: dict, tokenizer, where: str) -> None:
         raise DataError(f"{where}: the tokenizer does not match the one the {theirs} was made with ({'; '.join(diffs)})",
                         reason="tokenizer mismatch")
     if unchecked:
-        compared = ("vocabulary size, vocabulary and EOS id were compared; re-create the cache to check the rest"
-                    if not isinstance(theirs_parts, dict) else "the other parts were compared and match")
         warnings.warn(f"{where}: {note}: {', '.join(unchecked)} could not be checked; {compared}",
                       TokenizerIdentityWarning, stacklevel=2)
 

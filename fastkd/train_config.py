@@ -1,6 +1,5 @@
-"""Every option of `fastkd train` as one dataclass (TrainConfig): its flags, its YAML file and the
-saved <out>/config.yaml all come from the fields (fastkd.config); `TrainConfig.make(overrides={...})`
-builds one from Python."""
+"""Every option of `fastkd train` as one dataclass (TrainConfig): its flags, its YAML file and the saved
+<out>/config.yaml all come from the fields (fastkd.config); `TrainConfig.make(overrides={...})` builds one."""
 
 from __future__ import annotations
 
@@ -135,49 +134,43 @@ class TrainConfig(StageConfig):
 
     def validate(self) -> "TrainConfig":
         """The checks between options (each option's own range is checked as the config is built)."""
-        if not (self.cache or self.data):
-            raise UserError("give --cache (offline KD) or --data (online KD with --teacher, or SFT)")
-        if self.cache and self.data:
-            raise UserError("give either --cache or --data, not both")
-        if not (self.student or self.student_config):
-            raise UserError("give --student (a model folder or hub id) or --student-config (from scratch)")
-        if self.student and self.student_config:
-            raise UserError("give either --student or --student-config, not both")
-        if self.student_config and not self.tokenizer:
-            raise UserError("--student-config needs --tokenizer (a from-scratch student has no tokenizer of its own)")
-        if self.data and not self.teacher and (self.kl_weight or self.hidden_weight):
-            raise UserError("--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give "
-                            "--teacher for online KD")
-        if self.teacher and self.mode == "sampled":
-            raise UserError("--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or "
-                            "renorm")
-        if self.cache and self.teacher:
-            raise UserError("--teacher is for online KD from --data; with --cache the teacher is already cached")
-        if self.skip_corrupt_blocks and not self.verify_cache:
-            raise UserError("--skip-corrupt-blocks needs the digests: drop --no-verify-cache")
-        if not self.epochs > 0:
-            raise UserError(f"--epochs must be > 0, got {self.epochs}")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite deletes it: give one of them")
-        if self.lora_rank and self.distributed == "fsdp":
-            raise UserError("--lora-rank with --distributed fsdp is not supported; use --distributed ddp")
-        if self.packing and not self.max_length:
-            raise UserError("--packing packs sequences into rows of --max-length tokens: give --max-length")
-        if self.packing and self.cross_tokenizer:
-            raise UserError(f"--packing with --cross-tokenizer {self.cross_tokenizer} is not supported (the student's "
-                            f"token counts are known only once a sequence is re-tokenised); drop one of them")
-        if self.cross_tokenizer:
-            if not self.cache:
-                raise UserError(f"--cross-tokenizer {self.cross_tokenizer} distils from a teacher cache: give --cache")
-            if self.hidden_weight:
-                raise UserError("--cross-tokenizer: hidden states are not aligned across tokenizers; set "
-                                "--hidden-weight 0")
-            if self.mode != "tail":
-                raise UserError(f"--cross-tokenizer {self.cross_tokenizer} uses the top-k values and the exact tail: "
-                                f"use --mode tail (not {self.mode})")
-            if self.cross_tokenizer == "uld" and self.temperature != 1.0:
-                raise UserError("--cross-tokenizer uld compares the cached (temperature 1) probabilities: use "
-                                "--temperature 1")
-        elif self.teacher_tokenizer:
-            raise UserError("--teacher-tokenizer is read only with --cross-tokenizer uld|exact")
+        cross = self.cross_tokenizer
+        checks = [
+            (not (self.cache or self.data), "give --cache (offline KD) or --data (online KD with --teacher, or SFT)"),
+            (self.cache and self.data, "give either --cache or --data, not both"),
+            (not (self.student or self.student_config),
+             "give --student (a model folder or hub id) or --student-config (from scratch)"),
+            (self.student and self.student_config, "give either --student or --student-config, not both"),
+            (self.student_config and not self.tokenizer,
+             "--student-config needs --tokenizer (a from-scratch student has no tokenizer of its own)"),
+            (self.data and not self.teacher and (self.kl_weight or self.hidden_weight),
+             "--data without --teacher trains SFT: set --kl-weight 0 and --hidden-weight 0, or give --teacher for "
+             "online KD"),
+            (self.teacher and self.mode == "sampled",
+             "--mode sampled reads ids sampled at cache time; online KD (--teacher) uses --mode tail or renorm"),
+            (self.cache and self.teacher, "--teacher is for online KD from --data; with --cache the teacher is already "
+                                          "cached"),
+            (self.skip_corrupt_blocks and not self.verify_cache,
+             "--skip-corrupt-blocks needs the digests: drop --no-verify-cache"),
+            (not self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.resume and self.overwrite,
+             "--resume continues the run in --out and --overwrite deletes it: give one of them"),
+            (self.lora_rank and self.distributed == "fsdp",
+             "--lora-rank with --distributed fsdp is not supported; use --distributed ddp"),
+            (self.packing and not self.max_length,
+             "--packing packs sequences into rows of --max-length tokens: give --max-length"),
+            (self.packing and cross, f"--packing with --cross-tokenizer {cross} is not supported (the student's token "
+                                     f"counts are known only once a sequence is re-tokenised); drop one of them"),
+            (cross and not self.cache, f"--cross-tokenizer {cross} distils from a teacher cache: give --cache"),
+            (cross and self.hidden_weight,
+             "--cross-tokenizer: hidden states are not aligned across tokenizers; set --hidden-weight 0"),
+            (cross and self.mode != "tail",
+             f"--cross-tokenizer {cross} uses the top-k values and the exact tail: use --mode tail (not {self.mode})"),
+            (cross == "uld" and self.temperature != 1.0,
+             "--cross-tokenizer uld compares the cached (temperature 1) probabilities: use --temperature 1"),
+            (self.teacher_tokenizer and not cross, "--teacher-tokenizer is read only with --cross-tokenizer uld|exact"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise UserError(message)
         return self

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
+from fastkd.chat_masks import check_student_template
 from fastkd.errors import UserError
-from fastkd.loader import Batch, CacheSource, make_loader
+from fastkd.loader import Batch, CacheSource, PlanMaker, collate, make_loader
+from fastkd.packing import check_rows_fit, collate_packed, unpack
+from fastkd.records import DataError, FieldMap
 from fastkd.runtime import Env
+from fastkd.templates import BuildReport, Template, build_examples
+from fastkd.tokenizer_identity import check_tokenizer, tokenizer_identity
 from fastkd.train_config import TrainConfig
 
 
@@ -35,17 +41,11 @@ class RecordSource:
     has_teacher = False
     manifest = None
 
-    def __init__(self, data, tokenizer, *, cot: bool = True, chat: bool = False,
-                 max_length: int | None = None, overflow: str = "truncate", skip_bad: bool = False,
-                 split: str = "train", fields=None, loss_turns: str = "all"):
-        from fastkd.templates import BuildReport, Template, build_examples
-        from fastkd.records import FieldMap
-
-        self.path = str(data)
-        self.report = BuildReport()
+    def __init__(self, data, tokenizer, *, cot: bool = True, chat: bool = False, max_length: int | None = None,
+                 fields=None, loss_turns: str = "all"):
+        self.path, self.report = str(data), BuildReport()
         examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat, loss_turns=loss_turns),
-                                  fields or FieldMap(), max_length, overflow,
-                                  skip_bad, split, self.report)
+                                  fields or FieldMap(), max_length, report=self.report)
         self.sequences: list[RecordSequence] = [
             RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
                            np.asarray(ex.loss_mask, dtype=np.uint8), ex.cot) for ex in examples]
@@ -70,9 +70,7 @@ def split_holdout(num: int, holdout: int, seed: int) -> tuple[np.ndarray, np.nda
                         f"sequences)")
     rng = np.random.default_rng([seed, 0xE7A1])
     held = np.sort(rng.choice(num, size=holdout, replace=False)) if holdout else np.zeros(0, dtype=np.int64)
-    keep = np.ones(num, dtype=bool)
-    keep[held] = False
-    return np.flatnonzero(keep), held
+    return np.setdiff1d(np.arange(num), held), held
 
 
 @dataclass
@@ -87,15 +85,11 @@ class DataSide:
     teacher_widths: list[int]
     teacher_depth: int
     teacher: nn.Module | None = None
-    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # corrupt blocks' positions
-
 
 
 def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
     """Open the cache (checking tokenizer and mode) or tokenise the records (+ load a live teacher)."""
-    from fastkd.tokenizer_identity import check_tokenizer, tokenizer_identity
-
-    excluded = np.zeros(0, dtype=np.int64)
+    excluded, teacher, evaluation = np.zeros(0, dtype=np.int64), None, None
     if config.cache:
         layers = None if config.hidden_weight else []          # skip decoding hidden states nobody uses
         if not config.verify_cache and env.is_main:
@@ -106,12 +100,7 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
             excluded = skip_corrupt(train, config.cache, config, env)
         train.cached_blocks = blocks_spanned(train, config, env)
         manifest = train.manifest
-        if config.cross_tokenizer:    # the student's own tokens, re-tokenised from the cache (cross_tokenizer.py)
-            from fastkd.cross_tokenizer import wrap_cache
-
-            train = wrap_cache(train, tokenizer, config, f"cache {config.cache}")
-        else:
-            check_cache_tokenizer(manifest, tokenizer, f"cache {config.cache}")
+        train = student_view(train, tokenizer, config, f"cache {config.cache}")
         cached_mode = manifest.get("mode", "topk")
         if (cached_mode == "sample") != (config.mode == "sampled"):
             hint = "--mode sampled" if cached_mode == "sample" else "--mode tail or --mode renorm"
@@ -124,24 +113,15 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         if config.hidden_weight and not layers:
             raise UserError(f"--hidden-weight {config.hidden_weight}: cache {config.cache} holds no hidden states "
                             f"(make it with `fastkd cache-teacher --layers ...`)")
-        teacher = None
-        evaluation = None
         if config.eval_cache:
-            evaluation = CacheSource(config.eval_cache, layers=layers, verify=config.verify_cache)
-            if config.cross_tokenizer:
-                from fastkd.cross_tokenizer import wrap_cache
-
-                evaluation = wrap_cache(evaluation, tokenizer, config, f"eval cache {config.eval_cache}")
-            else:
-                check_cache_tokenizer(evaluation.manifest, tokenizer, f"eval cache {config.eval_cache}")
+            evaluation = student_view(CacheSource(config.eval_cache, layers=layers, verify=config.verify_cache),
+                                      tokenizer, config, f"eval cache {config.eval_cache}")
     else:
-        from fastkd.records import FieldMap
-
         rec = dict(cot=config.cot, chat=config.chat_template, max_length=config.max_length,
                    fields=FieldMap(messages=config.messages_field), loss_turns=config.loss_turns)
         train = RecordSource(config.data, tokenizer, **rec)
         evaluation = RecordSource(config.eval_data, tokenizer, **rec) if config.eval_data else None
-        teacher, layers, widths, depth = None, [], [], 0
+        layers, widths, depth = [], [], 0
         if config.teacher:
             from fastkd.teacher import load_causal_lm, load_tokenizer
 
@@ -158,19 +138,24 @@ def build_data(config: TrainConfig, tokenizer, env: Env) -> DataSide:
         # its own reader and block cache: the training stream decodes in a background thread meanwhile
         evaluation = copy.copy(train) if isinstance(train, CacheSource) else train
     if len(excluded):
-        keep = lambda positions: np.setdiff1d(positions, excluded)  # noqa: E731
-        train_positions = keep(np.arange(len(train)) if train_positions is None else train_positions)
-        eval_positions = None if eval_positions is None else keep(eval_positions)
+        train_positions = np.setdiff1d(np.arange(len(train)) if train_positions is None else train_positions, excluded)
+        eval_positions = None if eval_positions is None else np.setdiff1d(eval_positions, excluded)
         if not len(train_positions):
             raise UserError(f"cache {config.cache}: every block fails its digests; nothing is left to train on")
     if config.packing:
-        from fastkd.packing import check_rows_fit
-
         check_rows_fit(train, train_positions, config.max_length, f"--packing: cache {config.cache}" if config.cache
                        else f"--packing: {config.data}")
-    return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher,
-                    excluded=excluded)
+    return DataSide(train, train_positions, evaluation, eval_positions, layers, widths, depth, teacher)
 
+
+def student_view(source: CacheSource, tokenizer, config: TrainConfig, where: str):
+    """A cache checked against the student's tokenizer, or (--cross-tokenizer) re-tokenised into the student's."""
+    if not config.cross_tokenizer:
+        check_cache_tokenizer(source.manifest, tokenizer, where)
+        return source
+    from fastkd.cross_tokenizer import wrap_cache
+
+    return wrap_cache(source, tokenizer, config, where)
 
 
 def blocks_spanned(source: CacheSource, config: TrainConfig, env: Env) -> int:
@@ -182,27 +167,18 @@ def blocks_spanned(source: CacheSource, config: TrainConfig, env: Env) -> int:
     return 2 + math.ceil(span / max(1.0, len(source) / max(1, len(source.shards))))
 
 
-
 def check_cache_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     """The cache's tokenizer identity against the student's; a mismatch names --cross-tokenizer."""
-    from fastkd.records import DataError
-    from fastkd.tokenizer_identity import check_tokenizer
-
     try:
         check_tokenizer(manifest.get("tokenizer", {}), tokenizer, where)
     except DataError as err:
         raise DataError(f"{err}; to distil into a student with its own tokenizer, add --cross-tokenizer uld "
                         f"(or exact)", reason=err.reason) from None
-    from fastkd.chat_masks import check_student_template
-
     check_student_template(manifest.get("template"), tokenizer, where)
-
 
 
 def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) -> np.ndarray:
     """--skip-corrupt-blocks: check every block's digests once; the positions of the bad ones."""
-    import sys
-
     from tqdm.auto import tqdm
 
     show = config.progress and env.is_main
@@ -218,14 +194,12 @@ def skip_corrupt(source: CacheSource, path: str, config: TrainConfig, env: Env) 
     return positions
 
 
-
 def cache_vocab(data: "DataSide") -> int:
     """The vocabulary size the cache's ids were drawn from (0 without a cache)."""
     if getattr(data.train, "method", None) in ("uld", "exact"):   # --cross-tokenizer: ids are the student's own
         return 0
     manifest = getattr(data.train, "manifest", None) or {}
     return int((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
-
 
 
 def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_size: int) -> Batch:
@@ -236,8 +210,6 @@ def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_
 
     ids, attn, loss = batch.input_ids, batch.attention_mask, batch.loss_mask
     if batch.position_ids is not None:  # packed: the teacher sees each sequence on its own row, in the same order
-        from fastkd.packing import unpack
-
         ids, attn, loss = unpack(batch)
     sig = teacher_signal(data.teacher, ids, attn, loss, k=config.top_k, layers=tuple(data.teacher_layers),
                          vocab_size=vocab_size)
@@ -246,24 +218,17 @@ def add_teacher_signal(batch: Batch, data: DataSide, config: TrainConfig, vocab_
     return batch
 
 
-
 def train_plans(data: DataSide, config: TrainConfig, env: Env):
     """epoch -> the epoch's global batches; one global batch = one optimizer step: batch_size x processes x
     grad_accum sequences, or with --packing that many rows of at most --max-length tokens."""
-    from fastkd.loader import PlanMaker
-
     return PlanMaker(data.train.lengths, data.train.shards, config.batch_size * env.world * config.grad_accum,
                      config.seed, min_size=env.world * config.grad_accum, shuffle_buffer=config.shuffle_buffer,
                      group_batches=config.group_batches, allowed=data.train_positions,
                      row_length=config.max_length if config.packing else None)
 
 
-
 def step_stream(data: DataSide, config: TrainConfig, env: Env, pad_id: int, epoch: int, position: int):
     """Endless (epoch, position-after, micro-batches) over the training source from a saved position."""
-    from fastkd.loader import collate
-    from fastkd.packing import collate_packed
-
     return iter(make_loader(data.train, train_plans(data, config, env), pad_id, rank=env.rank, world=env.world,
                             accum=config.grad_accum, epoch=epoch, start=position, num_workers=config.num_workers,
                             pin_memory=env.device.type == "cuda", prefetch=config.prefetch,

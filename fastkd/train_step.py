@@ -8,11 +8,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastkd.loader import Batch, make_loader, plan_for
+from fastkd.loader import Batch, PlanMaker, make_loader
 from fastkd.runtime import Env
 from fastkd.student import StudentWithLoss, batch_inputs
 from fastkd.train_config import TrainConfig
 from fastkd.train_data import DataSide, add_teacher_signal
+
+
+def _terms(model: nn.Module, batch: Batch, data: DataSide, config: TrainConfig, env: Env, vocab_size: int):
+    """The loss terms of one batch on the device, the live teacher's signal added (online KD)."""
+    batch = add_teacher_signal(batch.to(env.device, non_blocking=True), data, config, vocab_size)
+    with autocast(config, env):
+        return model(**batch_inputs(batch, data.teacher_layers))
 
 
 def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: list[Batch], data: DataSide,
@@ -28,11 +35,9 @@ def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: li
     else:
         step_rows = divisor = max(float(sum(counts)), 1.0)
     for i, (batch, n) in enumerate(zip(micro, counts)):
-        batch = add_teacher_signal(batch.to(env.device, non_blocking=True), data, config, vocab_size)
         last = i == len(micro) - 1
         with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
-            with autocast(config, env):
-                terms = model(**batch_inputs(batch, data.teacher_layers))
+            terms = _terms(model, batch, data, config, env, vocab_size)
             (terms.total * (n * env.world / divisor)).backward()
         window += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=env.device)] +
                               [t.detach().double() * n for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
@@ -48,21 +53,17 @@ def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: 
     """Row-weighted CE and KL to the teacher (in the loss's KL mode) over the held-out sequences."""
     if data.eval is None:
         return {}
-    plan = plan_for(data.eval, config.batch_size * env.world, seed=config.seed, epoch=0, min_size=env.world,
-                    shuffle=False, group_batches=1 << 20, allowed=data.eval_positions)
-    if config.eval_batches:
-        plan = plan[:config.eval_batches]
+    plan = PlanMaker(data.eval.lengths, data.eval.shards, config.batch_size * env.world, config.seed,
+                     min_size=env.world, shuffle=False, group_batches=1 << 20, allowed=data.eval_positions)(0)
+    plan = plan[:config.eval_batches] if config.eval_batches else plan
     if not plan:
         return {}
     was_training = module.training
     module.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # rows, ce*rows, kl*rows
-    has_teacher = data.eval.has_teacher or data.teacher is not None
     for _, _, (batch,) in make_loader(data.eval, plan, pad_id, rank=env.rank, world=env.world, epochs=1):
         n = float(batch.num_rows)                                   # counted on the host
-        batch = add_teacher_signal(batch.to(env.device), data, config, module.vocab_size)
-        with autocast(config, env):
-            terms = module(**batch_inputs(batch, data.teacher_layers))
+        terms = _terms(module, batch, data, config, env, module.vocab_size)
         sums += torch.stack([torch.tensor(n, dtype=torch.float64, device=env.device),
                              terms.ce.double() * n, terms.kl.double() * n])
     if env.world > 1:
@@ -70,7 +71,7 @@ def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: 
     module.train(was_training)
     total_rows, ce, kl = sums.tolist()
     result = {"ce": ce / max(total_rows, 1.0), "rows": int(total_rows)}
-    if has_teacher:
+    if data.eval.has_teacher or data.teacher is not None:
         result["kl"] = kl / max(total_rows, 1.0)
     return result
 
@@ -80,38 +81,31 @@ def autocast(config: TrainConfig, env: Env):
     return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-class BBHProbe:
-    """--eval-bbh-tasks: a BBH subset scored by greedy generation at every evaluation (main process only),
-    with the prompts eval-bbh builds for a trained student (`--prompt-format trained`, same template)."""
+def bbh_probe(config: TrainConfig, tokenizer):
+    """--eval-bbh-tasks: student -> BBH subset scores by greedy generation (main process only), on the prompts
+    eval-bbh builds for a trained student (`--prompt-format trained`, same template)."""
+    from fastkd import bbh
+    from fastkd.bbh_results import item_row, results_from_rows
+    from fastkd.evaluate import build_prompts
+    from fastkd.generate import greedy_generate
 
-    def __init__(self, config: TrainConfig, tokenizer):
-        from fastkd import bbh
-        from fastkd.evaluate import build_prompts
-
-        tasks = bbh.select_tasks(config.eval_bbh_tasks)
-        self.items, root = bbh.load_tasks(tasks, config.bbh_dir, config.eval_bbh_limit)
-        fmt = "trained" if config.cot else "trained-direct"
-        self.prompts = [ids for _, ids in build_prompts(self.items, tokenizer, fmt, config.chat_template, root)]
-        self.tokenizer = tokenizer
-        self.max_new_tokens = config.eval_bbh_max_new_tokens
-        self.batch_size = config.batch_size
+    items, root = bbh.load_tasks(bbh.select_tasks(config.eval_bbh_tasks), config.bbh_dir, config.eval_bbh_limit)
+    fmt = "trained" if config.cot else "trained-direct"
+    prompts = [ids for _, ids in build_prompts(items, tokenizer, fmt, config.chat_template, root)]
+    flat = [it for task_items in items.values() for it in task_items]
 
     @torch.no_grad()
-    def __call__(self, student: nn.Module) -> dict:
-        from fastkd import bbh
-        from fastkd.generate import greedy_generate
-
+    def probe(student: nn.Module) -> dict:
         was_training = student.training
         student.eval()
         try:
-            gens = greedy_generate(student, self.tokenizer, self.prompts, self.max_new_tokens,
-                                   stop_strings=(bbh.STOP_STRING,), batch_size=self.batch_size)
+            gens = greedy_generate(student, tokenizer, prompts, config.eval_bbh_max_new_tokens,
+                                   stop_strings=(bbh.STOP_STRING,), batch_size=config.batch_size)
         finally:
             student.train(was_training)
-        from fastkd.bbh_results import item_row, results_from_rows
-
-        flat = [it for task_items in self.items.values() for it in task_items]
         summary = results_from_rows([item_row(item, None, None, gen.text, gen.finish)
                                      for item, gen in zip(flat, gens)])["summary"]
         return {"bbh_strict": summary["strict"]["micro"], "bbh_lenient": summary["lenient"]["micro"],
                 "bbh_items": summary["n_items"]}
+
+    return probe

@@ -1,13 +1,5 @@
-"""The training loop: student + loss from kernels/ + AdamW, on one process or under torchrun.
-
-Read top to bottom: `train(config)` sets up the run (data, student, loss, optimizer, resume),
-then loops: take `grad_accum` micro-batches, count their loss rows across ranks, forward and
-backward each (its loss weighted by its share of the rows, so the step's gradient is the mean
-over every loss row of the global batch, whatever the split), clip, step, log, evaluate,
-checkpoint. Checkpoints hold everything needed to continue bit for bit. Each stage has its own
-module: train_config (options), train_data (data side), student (model set-up and loss module),
-train_step (the step and evaluation), checkpoint (saving and resuming), runtime (processes).
-"""
+"""The training loop, on one process or under torchrun: `train(config)` sets up the run (data, student, loss,
+optimizer, resume), then steps, logs, evaluates and checkpoints (everything needed to continue bit for bit)."""
 
 from __future__ import annotations
 
@@ -16,6 +8,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,20 +18,17 @@ import torch.distributed as dist
 from fastkd.checkpoint import (CHECKPOINT, check_resumable, clear_run, existing_run, full_state, load_checkpoint,
                                load_full_state, rng_state, save_checkpoint, save_final, set_rng_state)
 from fastkd.errors import Interrupted, UserError
+from fastkd.kernels import HiddenProjector
+from fastkd.packing import check_packed_attention
 from fastkd.runtime import Env, StopSignals, agree, seed_everything, setup_env, wrap_distributed
-from fastkd.student import (StudentWithLoss, batch_inputs, causal_lm, check_vocab, choose_loss_path,
-                            describe_loss_path, load_student, map_layers)
+from fastkd.student import StudentWithLoss, batch_inputs, causal_lm, describe_loss_path, load_student, map_layers
 from fastkd.train_config import TrainConfig
-from fastkd.train_data import (DataSide, add_teacher_signal, build_data, cache_vocab, skip_corrupt, step_stream,
-                               train_plans)
-from fastkd.train_step import BBHProbe, autocast, evaluate, train_step
+from fastkd.train_data import DataSide, add_teacher_signal, build_data, cache_vocab, step_stream, train_plans
+from fastkd.train_step import autocast, bbh_probe, evaluate, train_step
 
-__all__ = ["train", "TrainResult", "MetricsLog", "make_schedule",
-           # the stages' pieces, importable from here as before the split
-           "Env", "setup_env", "seed_everything", "wrap_distributed", "StudentWithLoss", "batch_inputs", "check_vocab",
-           "choose_loss_path", "describe_loss_path", "load_student", "map_layers", "DataSide", "add_teacher_signal",
-           "build_data", "cache_vocab", "skip_corrupt", "step_stream", "train_plans", "autocast", "evaluate",
-           "train_step", "check_resumable", "full_state", "load_full_state", "save_final"]
+__all__ = ["train", "TrainResult", "make_schedule",  # and, importable from here as before the split:
+           "Env", "StudentWithLoss", "batch_inputs", "load_student", "DataSide", "add_teacher_signal", "build_data",
+           "step_stream", "train_step"]
 
 
 def _clock() -> float:
@@ -62,28 +52,21 @@ def make_schedule(optimizer, config: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
 class MetricsLog:
     """JSONL metrics (+ TensorBoard when installed), written by the main process only."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
+        self.path, self.enabled, self.tb = run_dir / "metrics.jsonl", enabled, None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():  # drop lines written after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None:
-            self.path.write_text("")
+        # a new run starts it empty; a resumed one drops the lines written after its checkpoint
+        old = self.path.read_text().splitlines() if resume_step is not None and self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in old if line and json.loads(line)["step"] <= resume_step))
         if tensorboard:
-            try:
+            with suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                self.tb = None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -100,16 +83,12 @@ class MetricsLog:
             self.tb.close()
 
 
-
 @dataclass
 class TrainResult:
     """What a run produced (paths) and the held-out metrics before and after training."""
 
     run_dir: Path
     final_dir: Path | None
-    checkpoint_dir: Path
-    metrics_path: Path
-    config_path: Path
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     steps: int = 0
@@ -127,10 +106,10 @@ class TrainResult:
         return "\n".join(lines)
 
 
-
 @dataclass
 class Run:
-    """One training run while it trains: what it was built from, and the counters a checkpoint saves."""
+    """One training run while it trains: what it was built from, the counters a checkpoint saves, and the loss
+    window (the terms summed over the loss rows of every step since the last log line)."""
 
     config: TrainConfig
     env: Env
@@ -149,20 +128,66 @@ class Run:
     tokens: int = 0
     before: dict | None = None
     log: MetricsLog | None = None
-    probe: BBHProbe | None = None
+    probe: object = None            # --eval-bbh-tasks: student -> BBH scores (train_step.bbh_probe)
     last_saved: int = 0             # the newest step whose weights are on disk (or the start)
     saved_at: float = 0.0
+    sums: torch.Tensor | None = None            # rows, row-weighted total, ce, kl, hidden (this rank)
+    pending_tokens: torch.Tensor | None = None  # global loss rows not yet in `tokens` (kept on the device)
+    first_step: int = 1
+    started: float = 0.0
 
     def evaluate(self) -> dict:
-        """Held-out CE/KL on every rank together, then the BBH subset on the main one."""
+        """Held-out CE/KL on every rank together, then the BBH subset on the main one; logged as eval_*."""
         result = evaluate(self.module, self.data, self.config, self.env, self.tokenizer.pad_token_id)
         if self.probe is not None:
             result.update(self.probe(causal_lm(self.module.student)))
+        if result:
+            self.log.write(self.step, {f"eval_{k}": v for k, v in result.items()})
         return result
 
-    def checkpoint(self, window: LossWindow) -> None:
-        window.check_finite(self)
-        window.settle_tokens(self)
+    def restart_window(self) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+            self.pending_tokens = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        self.sums.zero_()
+        self.first_step, self.started = self.step + 1, time.perf_counter()
+
+    def settle_tokens(self) -> None:
+        """Fold the device-side token count into the host one (a sync: at log or save time only)."""
+        self.tokens += int(round(float(self.pending_tokens)))
+        self.pending_tokens.zero_()
+
+    def check_finite(self) -> None:
+        """Stop at the first non-finite loss (any rank) before it reaches a log line or a checkpoint: its optimizer
+        step has already spoilt the weights, and saving them would overwrite the last good ones."""
+        bad = (~torch.isfinite(self.sums)).any().double()
+        if self.env.world > 1:
+            dist.all_reduce(bad)
+        if bad:
+            raise UserError(f"training loss became NaN or inf in steps {self.first_step}..{self.step}; stopped "
+                            f"before saving, so {self.run_dir / CHECKPOINT} still holds step {self.last_saved} "
+                            "(if any). Check the data (`fastkd cache verify`; a label or teacher id outside the "
+                            "student's vocabulary makes its rows NaN on CUDA), or lower --lr, then resume with "
+                            "--resume")
+
+    def log_line(self, grad_norm, bar) -> None:
+        """The averages since the last line, to metrics.jsonl, TensorBoard and the progress bar; then restart."""
+        self.check_finite()
+        if self.env.world > 1:
+            dist.all_reduce(self.sums)
+        totals = self.sums.tolist()
+        values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
+        lr = self.scheduler.get_last_lr()[0]
+        rate = totals[0] / max(time.perf_counter() - self.started, 1e-9)
+        self.log.write(self.step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                   "loss_tokens_per_s": rate, "epoch": self.epoch})
+        bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
+                        tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+        self.restart_window()
+
+    def checkpoint(self) -> None:
+        self.check_finite()
+        self.settle_tokens()
         model_state, optim_state = full_state(self.module, self.optimizer, self.config, self.env)
         if self.env.is_main:
             save_checkpoint(self.run_dir, {
@@ -171,59 +196,6 @@ class Run:
                 "tokens": self.tokens, "before": self.before, "config": asdict(self.config), "world": self.env.world})
         self.last_saved, self.saved_at = self.step, _clock()
         self.env.barrier()
-
-
-class LossWindow:
-    """The loss terms summed over the loss rows of every step since the last log line (all ranks at log time)."""
-
-    def __init__(self, run: Run):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=run.env.device)  # rows, row-weighted total, ce, kl, hidden
-        self.pending_tokens = torch.zeros((), dtype=torch.float64, device=run.env.device)  # other ranks' rows
-        self.first_step, self.started = run.step + 1, time.perf_counter()
-
-    def add_rows(self, run: Run, step_rows) -> None:
-        if run.env.world > 1:
-            self.pending_tokens += step_rows
-        else:
-            run.tokens += int(step_rows)
-
-    def settle_tokens(self, run: Run) -> None:
-        """Fold the device-side token count into the host one (a sync: at log or save time only)."""
-        if run.env.world > 1:
-            run.tokens += int(round(float(self.pending_tokens)))
-            self.pending_tokens.zero_()
-
-    def check_finite(self, run: Run, totals: list[float] | None = None) -> None:
-        """Stop at the first non-finite loss (bad data, or divergence) before it reaches a log line or a checkpoint:
-        its optimizer step has already spoilt the weights, and saving them would overwrite the last good ones."""
-        if totals is None:
-            bad = (~torch.isfinite(self.sums)).any().double()
-            if run.env.world > 1:
-                dist.all_reduce(bad)
-            finite = not bool(bad)
-        else:
-            finite = all(math.isfinite(x) for x in totals)
-        if not finite:
-            raise UserError(f"training loss became NaN or inf in steps {self.first_step}..{run.step}; stopped before "
-                            f"saving, so {run.run_dir / CHECKPOINT} still holds step {run.last_saved} (if any). Check "
-                            "the data (`fastkd cache verify`; a label or teacher id outside the student's vocabulary "
-                            "makes its rows NaN on CUDA), or lower --lr, then resume with --resume")
-
-    def log_line(self, run: Run, grad_norm, bar) -> None:
-        """The averages since the last line, to metrics.jsonl, TensorBoard and the progress bar; then restart."""
-        if run.env.world > 1:
-            dist.all_reduce(self.sums)
-        totals = self.sums.tolist()
-        self.check_finite(run, totals)
-        values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
-        lr = run.scheduler.get_last_lr()[0]
-        rate = totals[0] / max(time.perf_counter() - self.started, 1e-9)
-        run.log.write(run.step, {**values, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                 "loss_tokens_per_s": rate, "epoch": run.epoch})
-        bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}", kl=f"{values['kl']:.3f}",
-                        tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-        self.sums.zero_()
-        self.first_step, self.started = run.step + 1, time.perf_counter()
 
 
 def train(config: TrainConfig | dict) -> TrainResult:
@@ -238,9 +210,10 @@ def train(config: TrainConfig | dict) -> TrainResult:
         resume(run)
     open_run_folder(run, old_run)
     if run.before is None:
-        run.before = log_eval(run)
+        run.before = run.evaluate()
     announce(run)
-    return finish(run, loop(run), started)
+    loop(run)
+    return finish(run, started)
 
 
 def build_run(config: TrainConfig, env: Env) -> Run:
@@ -251,16 +224,11 @@ def build_run(config: TrainConfig, env: Env) -> Run:
     vocab_size = len(tokenizer)
     data = build_data(config, tokenizer, env)
     student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
-    check_vocab(student, vocab_size, config.student or config.student_config)
     if config.packing:  # the student's attention must keep packed sequences apart (a tiny forward proves it)
-        from fastkd.packing import check_packed_attention
-
         where = f"student {config.student or config.student_config}"
         check_packed_attention(student, env.device, autocast(config, env), where)
     projector, student_layers = None, []
     if config.hidden_weight:
-        from fastkd.kernels import HiddenProjector
-
         student_layers = map_layers(data.teacher_layers, data.teacher_depth, student.config.num_hidden_layers,
                                     config.student_layers)
         projector = HiddenProjector(student.config.hidden_size, data.teacher_widths).to(env.device)
@@ -299,14 +267,7 @@ def open_run_folder(run: Run, old_run: list[Path]) -> None:
     run.env.barrier()
     run.log = MetricsLog(run.run_dir, run.env.is_main, run.config.tensorboard, run.step if run.config.resume else None)
     if run.config.eval_bbh_tasks and run.env.is_main:
-        run.probe = BBHProbe(run.config, run.tokenizer)
-
-
-def log_eval(run: Run) -> dict:
-    result = run.evaluate()
-    if result:
-        run.log.write(run.step, {f"eval_{k}": v for k, v in result.items()})
-    return result
+        run.probe = bbh_probe(run.config, run.tokenizer)
 
 
 def announce(run: Run) -> None:
@@ -320,34 +281,34 @@ def announce(run: Run) -> None:
               f"CE + KL there, CE alone elsewhere", file=sys.stderr)
 
 
-def loop(run: Run) -> LossWindow:
+def loop(run: Run) -> None:
     """Optimizer steps until total_steps: log, evaluate and checkpoint on schedule; on SIGTERM/SIGINT save and stop."""
     from tqdm.auto import tqdm
 
     config, total = run.config, run.total_steps
     stream = step_stream(run.data, config, run.env, run.tokenizer.pad_token_id, run.epoch, run.position)
     bar = tqdm(total=total, initial=run.step, desc="train", unit="step", disable=not (config.progress and run.env.is_main))
-    window, run.saved_at, interval = LossWindow(run), _clock(), 60.0 * config.save_every_minutes
+    run.restart_window()
+    run.saved_at, interval = _clock(), 60.0 * config.save_every_minutes
     run.module.train()
     try:
         with StopSignals() as stops:
             while run.step < total:
-                # one optimizer step: grad_accum micro-batches, each weighted by its share of the step's loss rows
                 run.epoch, run.position, micro = next(stream)
                 step_rows, grad_norm = train_step(run.model, run.module, run.optimizer, micro, run.data, config,
-                                                  run.env, len(run.tokenizer), window.sums)
-                window.add_rows(run, step_rows)
+                                                  run.env, len(run.tokenizer), run.sums)
+                run.pending_tokens += step_rows
                 run.scheduler.step()
                 run.step += 1
                 bar.update(1)
                 if run.step % max(1, config.log_every) == 0 or run.step == total:
-                    window.log_line(run, grad_norm, bar)
+                    run.log_line(grad_norm, bar)
                 if config.eval_every and run.step % config.eval_every == 0 and run.step < total:
-                    log_eval(run)
+                    run.evaluate()
                 timed, stop = agree(run.env, bool(interval) and _clock() - run.saved_at >= interval,
                                     stops.received is not None)
                 if (timed or stop or (config.save_every and run.step % config.save_every == 0)) and run.step < total:
-                    run.checkpoint(window)
+                    run.checkpoint()
                 if stop and run.step < total:
                     name = signal.Signals(stops.received).name if stops.received else "a signal on another rank"
                     raise Interrupted(f"stopped by {name} after step {run.step} of {total}; the checkpoint in "
@@ -356,18 +317,16 @@ def loop(run: Run) -> LossWindow:
     finally:
         bar.close()
         stream.close()  # stops the read-ahead thread
-    window.settle_tokens(run)
-    return window
+    run.settle_tokens()
 
 
-def finish(run: Run, window: LossWindow, started: float) -> TrainResult:
+def finish(run: Run, started: float) -> TrainResult:
     """Held-out metrics after training, the last checkpoint, the final student, and what the run produced."""
-    after = log_eval(run)
-    run.checkpoint(window)
+    after = run.evaluate()
+    run.checkpoint()
     final_dir, env, config = None, run.env, run.config
     if config.save_final:
-        model_state = full_state(run.module, None, config, env)[0] if env.world > 1 and config.distributed == "fsdp" \
-            else None
+        model_state = full_state(run.module, None, config, env)[0]  # under FSDP every rank gathers it
         if env.is_main:
             final_dir = save_final(run.module, run.tokenizer, run.run_dir / "final",
                                    {"config": asdict(config), "before": run.before, "after": after, "steps": run.step,
@@ -376,5 +335,5 @@ def finish(run: Run, window: LossWindow, started: float) -> TrainResult:
     run.log.close()
     env.barrier()
     env.close()
-    return TrainResult(run.run_dir, final_dir, run.run_dir / CHECKPOINT, run.log.path, run.run_dir / "config.yaml",
-                       run.before, after, run.step, run.tokens, time.perf_counter() - started, env.is_main)
+    return TrainResult(run.run_dir, final_dir, run.before, after, run.step, run.tokens, time.perf_counter() - started,
+                       env.is_main)

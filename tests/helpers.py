@@ -1,4 +1,5 @@
-"""Helpers the tests of several folders share (plain functions; the shared fixtures are in conftest.py)."""
+"""Helpers the tests of several folders share (plain functions; the shared fixtures are in conftest.py), light to
+import (the app's heavy modules load inside the functions that need them): subprocess scripts use it too."""
 
 import json
 import os
@@ -9,11 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastkd.cache_stage import cache_teacher
-from fastkd.cache_tools import CacheWriter
-from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
-from fastkd.train_config import TrainConfig
-from fastkd.trainer import train
+from fastkd.cache_tools import CacheWriter, CachedSequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +30,15 @@ def write_arith_records(path: Path, n: int = 48, seed: int = 0, answer_only_ever
 
 
 def quiet(**overrides):
+    from fastkd.train_config import TrainConfig
+
     return TrainConfig.make(overrides={"progress": False, "tensorboard": False, **overrides})
 
 
 def build_teacher_and_cache(root: Path, qwen_dir: Path, k: int = 16, layers: str | None = "1") -> dict:
     """SFT the tiny Qwen2 a little (so it is far from uniform, like a real teacher), then cache it."""
     from fastkd.cache_stage import cache_teacher
+    from fastkd.trainer import train
 
     records = write_arith_records(root / "records.jsonl")
     sft = train(quiet(data=str(records), student=str(qwen_dir), out=str(root / "teacher_run"), kl_weight=0.0,
@@ -70,6 +70,8 @@ def cli_env():
 
 def run_cache(teacher, data, out, vllm_engine=None, **options):
     """cache_teacher with a dict config (paths as strings, no progress bars)."""
+    from fastkd.cache_stage import cache_teacher
+
     return cache_teacher(dict(teacher=str(teacher), data=str(data), out=str(out), progress=False, **options),
                          vllm_engine=vllm_engine)
 
@@ -127,6 +129,8 @@ def assert_resume_is_exact(root: Path, weights: str = "model.safetensors", **opt
     import torch
     from safetensors.torch import load_file
 
+    from fastkd.trainer import train
+
     train(quiet(out=str(root / "straight"), max_steps=4, **options))
     train(quiet(out=str(root / "split"), max_steps=2, **options))
     train(quiet(out=str(root / "split"), max_steps=4, resume=True, **options))
@@ -134,3 +138,80 @@ def assert_resume_is_exact(root: Path, weights: str = "model.safetensors", **opt
     b = load_file(str(root / "split" / "final" / weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+def synthetic_settings(vocab_size: int = 1000, k: int = 8, mode: str = "topk", layers=(1, 3),
+                       widths=(16, 24), **extra) -> dict:
+    """Settings as the cache stage passes them (placeholder identities), with exact codecs pinned (kt at
+    precision exact, ks in mode sample, kh bf16) so format tests compare bit for bit."""
+    topk = "ks" if mode == "sample" else "kt:precision=exact"
+    extra.setdefault("codecs", {"topk": topk, "hidden": "kh:method=bf16"})
+    return {"teacher": {"path": "synthetic-teacher", "config_sha256": "0" * 64, "dtype": "bfloat16"},
+            "tokenizer": {"vocab_size": vocab_size, "vocab_sha256": "1" * 64},
+            "template": {"cot": True, "chat": False}, "k": k, "mode": mode,
+            "sample_n": 32 if mode == "sample" else None,
+            "layers": list(layers), "hidden_widths": list(widths), "max_length": 512, **extra}
+
+
+def random_sequence(rng: np.random.Generator, record_index: int, settings: dict, length: int | None = None,
+                    num_loss: int | None = None) -> CachedSequence:
+    """One sequence whose teacher rows are a real distribution: top-k log-probs sorted, tail = 1 - sum."""
+    vocab, k = settings["tokenizer"]["vocab_size"], settings["k"]
+    L = int(rng.integers(1, 40)) if length is None else length
+    n = int(rng.integers(0, L + 1)) if num_loss is None else num_loss
+    mask = np.zeros(L, np.uint8)
+    mask[L - n:] = 1  # the response is the end of the sequence
+    logits = rng.standard_normal((n, vocab)) * 3.0
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    part = np.argpartition(-logp, min(k, vocab - 1), axis=1)[:, :k] if n else np.zeros((0, k), np.int64)
+    order = np.take_along_axis(part, np.argsort(-np.take_along_axis(logp, part, axis=1), axis=1), axis=1)
+    top = np.take_along_axis(logp, order, axis=1)
+    counts = None
+    ids = order.astype(np.int64)
+    lp = top.astype(np.float32)
+    tail = (1.0 - np.exp(top).sum(axis=1)).astype(np.float32)
+    if settings.get("mode") == "sample":
+        ids = np.full((n, k), -1, np.int64)
+        lp = np.full((n, k), -np.inf, np.float32)
+        counts = np.zeros((n, k), np.int32)
+        for j in range(n):
+            draws = rng.choice(vocab, size=settings.get("sample_n") or 16, p=np.exp(logp[j]))
+            uniq, cnt = np.unique(draws, return_counts=True)
+            uniq, cnt = uniq[:k], cnt[:k]
+            ids[j, : len(uniq)] = uniq
+            lp[j, : len(uniq)] = logp[j, uniq]
+            counts[j, : len(uniq)] = cnt
+        tail = (1.0 - np.exp(lp.astype(np.float64)).sum(axis=1)).astype(np.float32)
+    hidden = {layer: (rng.standard_normal((n, d)) * 2).astype(np.float32)
+              for layer, d in zip(settings.get("layers", []), settings.get("hidden_widths", []))}
+    return CachedSequence(record_index=record_index, task=f"task_{record_index % 3}",
+                          input_ids=rng.integers(0, vocab, L).astype(np.int32), loss_mask=mask,
+                          topk_ids=ids, topk_logprobs=lp, tail=tail, counts=counts, hidden=hidden)
+
+
+def random_sequences(seed: int, count: int, settings: dict, start: int = 0) -> list[CachedSequence]:
+    """`count` random_sequence()s from `seed`, record indices from `start`."""
+    rng = np.random.default_rng(seed)
+    return [random_sequence(rng, start + i, settings) for i in range(count)]
+
+
+def topk_error_bound(x: np.ndarray, step: float = 0.08, max_step: float = 5.0, growth: float = 0.25) -> np.ndarray:
+    """docs/codec.md's bound on kt's quantisation error (nats) of an entry x nats below the row's top-1, before
+    the decoder's common rescaling: half the widest step within reach of x."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * np.minimum(step * np.exp(growth * (x + 0.5 * max_step)), max_step) + 1e-6 * (1 + x)
+
+
+def hidden_error_bound(x: np.ndarray, method: str, block: int = 128) -> np.ndarray:
+    """docs/codec.md's per-element bound on kh's |decoded - x| for [n, d] inputs (blocks zero-padded)."""
+    x = np.asarray(x, dtype=np.float32)
+    if method == "bf16":
+        return np.abs(x) * 2.0 ** -8 + 1e-38   # half an ulp of an 8-bit significand, plus subnormals
+    n, d = x.shape
+    size = block or d
+    blocks = np.pad(x, ((0, 0), (0, -d % size))).reshape(n, -1, size)
+    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    if method == "int8":
+        bound = np.broadcast_to(absmax / 254.0, blocks.shape)
+    else:   # e4m3: 3 mantissa bits -> relative 2^-4; below 2^-6 * scale the absolute subnormal step 2^-10 * scale
+        bound = np.maximum(np.abs(blocks) * 2.0 ** -4, absmax / 448.0 * 2.0 ** -10)
+    return (bound * (1 + 1e-6)).reshape(n, -1)[:, :d]

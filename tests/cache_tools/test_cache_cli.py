@@ -9,9 +9,8 @@ from safetensors import safe_open
 
 from fastkd.cache_tools import CachedSequence, CacheWriter
 from fastkd.cache_tools.stats import entropy_bounds
-from fastkd.cache_tools.synthetic import random_sequences, synthetic_settings
 from fastkd.cli import main
-from helpers import tensor_ranges
+from helpers import random_sequences, synthetic_settings, tensor_ranges
 
 
 def run_cli(capsys, *argv):

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,9 @@ import torch
 from safetensors import safe_open
 
 from fastkd.cache_tools import FORMAT_VERSION, CacheError, CachedSequence, CacheReader, CacheWriter
-from fastkd.cache_tools.hidden_codec import hidden_error_bound
 from fastkd.cache_tools.integrity import seal
-from fastkd.cache_tools.synthetic import random_sequence, random_sequences, synthetic_settings
 from fastkd.errors import user_errors
-from helpers import tensor_ranges
+from helpers import hidden_error_bound, random_sequence, random_sequences, synthetic_settings, tensor_ranges
 
 
 def bf16_reference(x):
@@ -213,8 +212,9 @@ def test_every_shard_is_plain_safetensors(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from fastkd.cache_tools import CacheWriter, units as wmod
-    from fastkd.cache_tools.synthetic import random_sequences, synthetic_settings
     root, where = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, sys.argv[3])
+    from helpers import random_sequences, synthetic_settings
     settings = synthetic_settings()
     seqs = random_sequences(11, 40, settings)
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -248,7 +248,8 @@ def test_resume_after_sigkill(tmp_path, where):
     settings = synthetic_settings()
     seqs = random_sequences(11, 40, settings)
     root = tmp_path / "c"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(root), where], capture_output=True, text=True)
+    tests = str(Path(__file__).resolve().parents[1])   # where helpers.py is
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(root), where, tests], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (root / ".lock").exists()  # left behind by the dead process: taken over below
     partial = json.loads((root / "manifest.json").read_text())

@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.cache_tools.hidden_codec import (decode_hidden, encode_hidden, hidden_error_bound,
-                                             random_projection)
+from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection
 from fastkd.cache_tools.errors import CodecError
-from fastkd.cache_tools.topk_codec import (DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk, encode_sampled,
-                                           encode_topk, topk_error_bound, topk_section_sizes)
+from fastkd.cache_tools.topk2_codec import topk_section_sizes
+from fastkd.cache_tools.topk_codec import DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk, encode_sampled, encode_topk
 from fastkd.errors import user_errors
+from helpers import hidden_error_bound, topk_error_bound
 
-LAYOUTS = [dict(layout="id"), dict(layout="value"), dict(layout="value", reference="absolute"),
-           dict(layout="id", step=0.1, max_step=0.1)]
+STEPS = [{}, dict(step=0.1, max_step=0.1), dict(step=0.05, max_step=4.0)]
 
 
 def exact_topk(logits: np.ndarray, k: int):
@@ -60,7 +59,7 @@ def assert_valid_distribution(logp, tail):
     assert (mass.sum(1) + tail.astype(np.float64) <= 1 + 1e-6).all()
 
 
-@pytest.mark.parametrize("params", LAYOUTS)
+@pytest.mark.parametrize("params", STEPS)
 def test_topk_roundtrip_random_matches_float64_reference(params):
     rng = np.random.default_rng(1)
     vocab, k = 3000, 48
@@ -80,8 +79,7 @@ def test_topk_roundtrip_random_matches_float64_reference(params):
     a, b = np.take_along_axis(logp, o1, 1), np.take_along_axis(logp2, o2, 1).astype(np.float64)
     top = a.argmax(1)
     rows = np.arange(len(a))
-    ref = a.max(1, keepdims=True) if params.get("reference", "top1") == "top1" else np.zeros((len(a), 1))
-    bound = topk_error_bound(ref - a, **bound_params)
+    bound = topk_error_bound(a.max(1, keepdims=True) - a, **bound_params)
     err = np.abs((b - b[rows, top][:, None]) - (a - a[rows, top][:, None]))
     assert (err <= bound + bound[rows, top][:, None] + 1e-5).all()
     # KL(decoded || exact) over K u {tail}, measured in float64
@@ -102,7 +100,7 @@ def test_default_topk_is_small_and_accurate_on_peaked_large_vocab():
     assert set(topk_section_sizes(payload)) == {"ids", "values", "tail", "header"}
 
 
-@pytest.mark.parametrize("params", LAYOUTS)
+@pytest.mark.parametrize("params", STEPS)
 def test_topk_adversarial_rows(params):
     vocab, k = 50, 8
     rows = []
@@ -139,31 +137,54 @@ def test_topk_adversarial_rows(params):
     assert np.all(kl[[0, 2, 3]] < 1e-6) and kl[1] < 1e-3 and kl[5] < 1e-12 and kl[6] < 1e-6
 
 
-def test_topk_k_equals_vocab_and_rank_table():
+def test_topk_k_equals_vocab_and_the_options_not_taken():
     rng = np.random.default_rng(3)
     vocab = 64
     ids, logp, tail = random_teacher(rng, 30, vocab, vocab)
     assert (tail < 1e-12).all()
-    rank_of_id = rng.permutation(vocab)
-    for params in (dict(layout="id", rank_of_id=rank_of_id), dict(layout="value", rank_of_id=rank_of_id)):
-        _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, **params)
-        assert np.array_equal(np.sort(ids2, 1), np.tile(np.arange(vocab), (30, 1)))
-        assert_valid_distribution(logp2, tail2)
-        assert kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail).max() < 5e-3
-    payload = encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, rank_of_id=rank_of_id)
-    with pytest.raises(CodecError, match="rank table"):
-        decode_topk(payload, 30, vocab, vocab)
-    with pytest.raises(CodecError, match="permutation"):
-        encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, rank_of_id=np.zeros(vocab, int))
+    payload, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab)
+    assert np.array_equal(np.sort(ids2, 1), np.tile(np.arange(vocab), (30, 1)))
+    assert_valid_distribution(logp2, tail2)
+    assert kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail).max() < 5e-3
+    # rows sorted by value (layout byte 0) and rank tables (flag bit 0) are benchmark code now: refused
+    for retired in (payload[:3] + b"\0" + payload[4:], payload[:4] + bytes([payload[4] | 1]) + payload[5:]):
+        with pytest.raises(CodecError, match="no longer reads"):
+            decode_topk(retired, 30, vocab, vocab)
+    # reference "absolute" (flag bit 1) only moved the codes; decoding never depended on it
+    absolute = payload[:4] + bytes([payload[4] | 2]) + payload[5:]
+    assert all(np.array_equal(a, b) for a, b in zip(decode_topk(absolute, 30, vocab, vocab), (ids2, logp2, tail2)))
+    for option in (dict(layout="value"), dict(reference="absolute"), dict(rank_of_id=np.arange(vocab))):
+        with pytest.raises(CodecError, match="unknown parameter"):
+            encode_topk(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, **option)
 
 
-@pytest.mark.parametrize("layout", ["id", "value"])
-def test_topk_rejects_bad_inputs(layout):
+@pytest.mark.parametrize("option", ["layout", "reference", "rank_of_id"])
+def test_the_options_not_taken_round_trip_in_benchmark_code(option):
+    """benchmarks/codec_table.py keeps the options docs/codec.md measured and did not take: exact ids and tail."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from codec_table import variant
+
+    rng = np.random.default_rng(9)
+    vocab, k = 3000, 48
+    ids, logp, tail = random_teacher(rng, 200, vocab, k)
+    params = {"layout": dict(layout="value"), "reference": dict(reference="absolute"),
+              "rank_of_id": dict(rank_of_id=rng.permutation(vocab))}[option]
+    encode, decode = variant(vocab, k, **params)
+    ids2, logp2, tail2 = decode(encode(ids, logp.astype(np.float32), tail.astype(np.float32)), 200)
+    assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1)) and np.array_equal(tail2, tail.astype(np.float32))
+    assert_valid_distribution(logp2, tail2)
+    kl = kl_over_k_and_tail(ids2, logp2, tail2, ids, logp, tail)
+    assert kl.mean() < 1e-3 and kl.max() < 1e-2
+
+
+def test_topk_rejects_bad_inputs():
     vocab = 100
     ids = np.array([[1, 2, 3]], dtype=np.int64)
     good = np.log(np.array([[0.5, 0.25, 0.125]], dtype=np.float32))
     tail = np.array([0.125], dtype=np.float32)
-    encode_topk(ids, good, tail, vocab, layout=layout)
+    encode_topk(ids, good, tail, vocab)
     cases = [
         (np.array([[1, 2, 1]]), good, tail, "twice"),
         (np.array([[1, 2, 100]]), good, tail, "outside the vocabulary"),
@@ -177,7 +198,7 @@ def test_topk_rejects_bad_inputs(layout):
     ]
     for bad_ids, lp, t, msg in cases:
         with pytest.raises(CodecError, match=msg):
-            encode_topk(bad_ids, lp, t, vocab, layout=layout)
+            encode_topk(bad_ids, lp, t, vocab)
     assert issubclass(CodecError, user_errors())   # the cache layer's own error, printed by the CLI as one line
 
 
@@ -220,8 +241,6 @@ def test_topk_exact_keeps_every_bit(vocab, k):
     assert np.array_equal(np.take_along_axis(ids, o1, 1), ids2) and np.array_equal(o2, np.tile(np.arange(k), (200, 1)))
     assert np.array_equal(np.take_along_axis(logp, o1, 1).view(np.uint32), logp2.view(np.uint32))
     assert np.array_equal(tail2.view(np.uint32), tail.astype(np.float32).view(np.uint32))
-    with pytest.raises(CodecError, match="'id' when exact"):
-        encode_topk(ids, logp, tail.astype(np.float32), vocab, exact=True, layout="value")
     unused = np.where(np.arange(k) >= k - 2, -1, ids)            # unused slots (id -1, log-prob -inf) stay so
     lp_unused = np.where(unused < 0, -np.inf, logp).astype(np.float32)
     mass = np.clip(1 - np.exp(lp_unused.astype(np.float64)).sum(1), 0, 1)
@@ -277,15 +296,16 @@ def test_sampled_roundtrip_is_lossless(s):
     ids, counts = random_samples(rng, 60, s, vocab)
     ids[3, 0], counts[3, 0] = vocab - 1, s  # the largest id
     ids[3, 1:], counts[3, 1:] = -1, 0
-    for params in ({}, {"rank_of_id": rng.permutation(vocab)}):
-        payload = encode_sampled(ids, counts, vocab, **params)
-        assert payload[:2] == b"KS" and payload[2] == 1
-        ids2, counts2 = decode_sampled(payload, 60, s, vocab, **params)
-        assert ids2.dtype == np.int64 and ids2.shape == (60, s) and counts2.shape == (60, s)
-        assert as_multisets(ids2, counts2) == as_multisets(ids, counts)
-        used = (ids2 >= 0)
-        assert np.array_equal(used, np.arange(s)[None] < used.sum(1, keepdims=True))   # used slots first
-        assert np.array_equal(counts2 > 0, used)
+    payload = encode_sampled(ids, counts, vocab)
+    assert payload[:2] == b"KS" and payload[2] == 1
+    ids2, counts2 = decode_sampled(payload, 60, s, vocab)
+    assert ids2.dtype == np.int64 and ids2.shape == (60, s) and counts2.shape == (60, s)
+    assert as_multisets(ids2, counts2) == as_multisets(ids, counts)
+    used = (ids2 >= 0)
+    assert np.array_equal(used, np.arange(s)[None] < used.sum(1, keepdims=True))   # used slots first
+    assert np.array_equal(counts2 > 0, used)
+    with pytest.raises(CodecError, match="no longer reads"):     # a rank table (flag bit 0): benchmark code now
+        decode_sampled(payload[:3] + b"\1" + payload[4:], 60, s, vocab)
 
 
 def test_sampled_rejects_bad_inputs():
@@ -371,8 +391,7 @@ def test_random_projection_fixed_and_norm_preserving():
     assert abs(r.mean()) < 0.05 / np.sqrt(32)    # balanced signs
 
 
-@pytest.mark.parametrize("layout", ["id", "value"])
-def test_topk_unused_slots_roundtrip(layout):
+def test_topk_unused_slots_roundtrip():
     """Sampled-mode rows through the top-k codec: id -1 with log-prob -inf marks an unused slot."""
     vocab = 151_936
     rng = np.random.default_rng(8)
@@ -386,7 +405,7 @@ def test_topk_unused_slots_roundtrip(layout):
         p = rng.dirichlet(np.ones(m)) * 0.9 if m else np.zeros(0)
         ids[i, slots], logp[i, slots] = chosen, np.log(p)
         tail[i] = np.float32(1 - p.sum())
-    _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab, layout=layout)
+    _, (ids2, logp2, tail2) = roundtrip(ids, logp, tail, vocab)
     assert np.array_equal(np.sort(ids2, 1), np.sort(ids, 1))
     assert np.array_equal(np.isneginf(logp2), ids2 == -1) and np.array_equal(tail2, tail)
     assert_valid_distribution(logp2, tail2)
@@ -418,7 +437,7 @@ def roundtrip2(ids, logp, tail, vocab, labels=None, **params):
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-@pytest.mark.parametrize("params", [{}, dict(reference="absolute", step=0.03), dict(step=0.05, growth=0.5, max_step=3.0)])
+@pytest.mark.parametrize("params", [{}, dict(step=0.03), dict(step=0.05, growth=0.5, max_step=3.0)])
 def test_topk2_roundtrip_exact_ids_and_tail_kl_within_bounds(with_labels, params):
     rng = np.random.default_rng(11)
     vocab, k = 3000, 48
@@ -573,7 +592,7 @@ import json as _json  # noqa: E402
 
 from fastkd.cache_tools import FORMAT_VERSION, CacheError, CacheReader, CacheWriter, CorruptCacheError  # noqa: E402
 from fastkd.cache_tools.integrity import seal  # noqa: E402
-from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings  # noqa: E402
+from helpers import random_sequence, synthetic_settings  # noqa: E402
 
 
 def _cache(root, settings, count=14, seed=0):
@@ -670,3 +689,49 @@ def test_kt_small_blocks_keep_every_integrity_check(tmp_path):
     manifest.write_text(_json.dumps(seal(m)))                 # and, sealed, by the shards' own metadata
     with pytest.raises(CorruptCacheError, match="manifest.json field 'codecs.topk' says"):
         CacheReader(tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------- the byte format, pinned
+
+def _format_digest(payload: bytes, header_size: int, n_groups: int) -> str:
+    """sha256 of a payload with its zstd frames decompressed: pins the format's bytes, not zstd's own output."""
+    import hashlib
+
+    import zstandard
+
+    from fastkd.cache_tools.planes import unpack_frames
+
+    digest = hashlib.sha256(payload[:header_size])
+    for group in unpack_frames(payload, header_size, n_groups):
+        digest.update(bytes([len(group)]))
+        for frame in group:
+            digest.update(zstandard.ZstdDecompressor().decompress(frame))
+    return digest.hexdigest()[:16]
+
+
+FORMAT_DIGESTS = {"fine": "b0a7446bab5c06d3", "exact": "c9c70bd53e484321", "small": "ab02bda28bba340c",
+                  "small-unused": "76dbf389d9cb7af2", "ks": "80548423f6e00bc8", "kh-bf16": "ef2adc2f4cc1e607",
+                  "kh-int8": "767b97f61195b886", "kh-fp8": "12acd576b0685e45"}
+
+
+def test_default_payloads_keep_their_bytes():
+    """Each codec's payload on a fixed input, frames decompressed, equals the one pinned (fastkd 1.0's encoders)."""
+    rng = np.random.default_rng(2026)
+    vocab, k = 700, 16
+    ids, logp, tail = random_teacher(rng, 48, vocab, k)
+    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
+    labels = labels_from(rng, ids, logp, tail, vocab)
+    unused_ids = np.where(np.arange(k) >= 12, -1, ids)
+    unused_lp = np.where(unused_ids < 0, -np.inf, lp32).astype(np.float32)
+    unused_tail = np.clip(1 - np.exp(unused_lp.astype(np.float64)).sum(1), 0, 1).astype(np.float32)
+    sampled_ids, counts = random_samples(rng, 40, 24, vocab)
+    x = hidden_inputs(rng)
+    small_unused = encode_topk2(unused_ids, unused_lp, unused_tail, vocab, labels=labels)
+    got = {"fine": _format_digest(encode_topk(ids, lp32, t32, vocab), 26, 3),
+           "exact": _format_digest(encode_topk(ids, lp32, t32, vocab, exact=True), 26, 3),
+           "small": _format_digest(encode_topk2(ids, lp32, t32, vocab, labels=labels), 28, 5),
+           "small-unused": _format_digest(small_unused, 28, 5),
+           "ks": _format_digest(encode_sampled(sampled_ids, counts, vocab), 12, 3)}
+    for method in ("bf16", "int8", "fp8"):
+        got[f"kh-{method}"] = _format_digest(encode_hidden(x, method, block=64), 16, 2)
+    assert got == FORMAT_DIGESTS

@@ -15,10 +15,10 @@ import pytest
 from fastkd.cache_tools import FORMAT_VERSION, CacheError, CacheReader, CacheWriter
 from fastkd.cache_tools import format as fmt
 from fastkd.cache_tools.integrity import seal
-from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
 from fastkd.cache_tools.verify import verify_cache
 from fastkd.cli import main
 from fastkd.loader import CacheSource
+from helpers import random_sequence, synthetic_settings
 
 HEX = "ab" * 32
 

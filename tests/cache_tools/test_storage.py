@@ -287,7 +287,7 @@ def test_a_scheme_without_its_package_names_the_package(monkeypatch):
 def test_writers_refuse_a_url(tmp_path, monkeypatch):
     from fastkd.cache_stage import cache_teacher
     from fastkd.cache_tools import CacheWriter
-    from fastkd.cache_tools.synthetic import synthetic_settings
+    from helpers import synthetic_settings
 
     refuse_url_for_writing("runs/cache")
     with pytest.raises(CacheError, match="cache-teacher --out s3://b/c: a cache is written to a local folder"):

@@ -117,16 +117,22 @@ def test_stop_string_is_not_a_bare_q():
     assert bbh.cut_at_stop("Q and Q: still here") == "Q and Q: still here"
 
 
+def _summarise(per: dict) -> dict:
+    """bbh_results.results_from_rows of the item rows behind {task: {"strict": [...], "lenient": [...]}}."""
+    return bbh_results.results_from_rows([{"task": t, "correct": s, "lenient_correct": le}
+                                          for t, v in per.items() for s, le in zip(v["strict"], v["lenient"])])
+
+
 def test_summarise_averages_by_hand():
     per = {"snarks": {"strict": [True, False], "lenient": [True, True]},
            "navigate": {"strict": [True, True, True, False], "lenient": [True, True, True, False]}}
-    res = bbh.summarise(per)
+    res = _summarise(per)
     s = res["summary"]["strict"]
     assert res["tasks"]["snarks"]["strict"] == 50.0 and res["tasks"]["navigate"]["strict"] == 75.0
     assert s["micro"] == pytest.approx(400 / 6) and s["macro"] == pytest.approx(62.5)
     assert s["nlp"] == 50.0 and s["algorithmic"] == 75.0
     assert res["summary"]["lenient"]["nlp"] == 100.0
-    only_nlp = bbh.summarise({"snarks": per["snarks"]})
+    only_nlp = _summarise({"snarks": per["snarks"]})
     assert only_nlp["summary"]["strict"]["algorithmic"] is None
 
 
@@ -259,7 +265,7 @@ def _write(path, obj):
 
 def _fake_results(name, scores):
     per = {t: {"strict": [True] * c + [False] * (4 - c), "lenient": [True] * 4} for t, c in scores.items()}
-    return {"schema": bbh_results.SCHEMA, "name": name, "config": {"limit": None}, **bbh.summarise(per)}
+    return {"schema": bbh_results.SCHEMA, "name": name, "config": {"limit": None}, **_summarise(per)}
 
 
 def test_compare_table_differences(tmp_path):

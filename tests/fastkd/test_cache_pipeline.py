@@ -10,7 +10,7 @@ import pytest
 
 from fastkd.cache_tools import CacheError, CacheReader
 from fastkd.cache_tools.encode_pool import EncodePool
-from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
+from helpers import random_sequence, synthetic_settings
 from fastkd.cache_tools.units import RecordCut, UnitWriter
 from fastkd.cache_tools.verify import verify_cache
 from fastkd.cli import main as cli_main

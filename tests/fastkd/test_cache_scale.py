@@ -215,7 +215,7 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
     """A shard without its receipt (killed in between), a receipt from other settings, a corrupt
     receipt: each unit is written again; a sound receipt is merged, not rewritten."""
     from fastkd.cache_tools.units import receipt_file
-    from fastkd.cache_tools.writer import shard_file
+    from fastkd.cache_tools.writing import shard_file
     from fastkd.cache_tools.integrity import canonical_json, seal
 
     data = tmp_path / "recs.jsonl"

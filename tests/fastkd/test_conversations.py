@@ -223,7 +223,7 @@ def test_default_system_prompt_and_header_carry_no_loss(tok):
     for template, injected, turn in ((CHATML_PLAIN, "You are a helpful assistant.", "Yes<|im_end|>"),
                                      (LLAMA3, "Cutting Knowledge Date", "Yes<|eot_id|>")):
         ex = example(using(tok, template), conv)
-        prompt = tok.decode(ex.input_ids[:ex.prompt_length], skip_special_tokens=False)
+        prompt = tok.decode(ex.input_ids[:ex.loss_mask.index(1)], skip_special_tokens=False)
         assert injected in prompt and prompt.endswith("assistant\n" if template == CHATML_PLAIN else "\n\n")
         assert masked_texts(tok, ex.input_ids, ex.loss_mask) == [turn]
 

@@ -13,10 +13,9 @@ from safetensors import safe_open
 
 from fastkd.cache_tools import CacheError, CacheReader, CacheWriter, CorruptCacheError
 from fastkd.cache_tools.integrity import digest_bytes, seal
-from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
 from fastkd.errors import UserError
 from fastkd.loader import CacheSource, PlanMaker, make_loader
-from helpers import tensor_ranges, write_cache
+from helpers import random_sequence, synthetic_settings, tensor_ranges, write_cache
 
 
 def flip(path: Path, offset: int, mask: int = 0x20) -> None:

@@ -163,7 +163,7 @@ def test_record_source_mixes_cot_and_answer_only(tmp_path, tiny_tokenizer):
 def test_cache_source_matches_the_reader_through_its_block_lru(tmp_path):
     """Random-order reads through CacheSource (small LRU, hidden layers skipped) equal CacheReader's."""
     from fastkd.cache_tools import CacheReader, CacheWriter
-    from fastkd.cache_tools.synthetic import random_sequences, synthetic_settings
+    from helpers import random_sequences, synthetic_settings
     from fastkd.loader import CacheSource
 
     settings = synthetic_settings()

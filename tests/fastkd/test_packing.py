@@ -9,7 +9,7 @@ import torch
 from fastkd.errors import UserError
 from fastkd.loader import IGNORE_INDEX, PlanMaker, collate, epoch_plan, make_loader
 from fastkd.packing import check_packed_attention, collate_packed, unpack
-from fastkd.plans import best_fit_decreasing, packed_epoch_plan
+from fastkd.plans import best_fit_decreasing
 from fastkd.train_config import TrainConfig
 from helpers import assert_resume_is_exact, quiet, write_cache
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def cache_like(rng, vocab, lengths, k=8, width=16, first_in_loss=(), no_loss=()):
     """Random sequences with cache-like teacher rows (sorted top-k log-probs, exact tail, hidden rows of a layer)."""
-    from fastkd.cache_tools.synthetic import random_sequence, synthetic_settings
+    from helpers import random_sequence, synthetic_settings
 
     settings = synthetic_settings(vocab_size=vocab, k=k, layers=(1,), widths=(width,))
     out = []
@@ -63,7 +63,7 @@ def test_packed_plan_covers_every_sequence_once_is_seeded_and_fills_batches(min_
     assert [np.concatenate(list(b)).tolist() for b in other] != [np.concatenate(list(b)).tolist() for b in plan]
     # an allowed subset (a held-out split) is respected
     allowed = np.arange(0, 500, 3)
-    sub = packed_epoch_plan(lengths, shards, 6, 128, seed=3, epoch=0, allowed=allowed)
+    sub = PlanMaker(lengths, shards, 6, 3, allowed=allowed, row_length=128)(0)
     assert sorted(np.concatenate([np.concatenate(list(b)) for b in sub]).tolist()) == allowed.tolist()
     # padding: packed rows against today's length-grouped batches of as many sequences per step
     packed_padding = 1 - lengths.sum() / (128 * sum(len(b) for b in plan))
@@ -74,9 +74,9 @@ def test_packed_plan_covers_every_sequence_once_is_seeded_and_fills_batches(min_
 
 def test_the_last_batch_gives_every_rank_and_micro_batch_a_row():
     lengths = np.array([10, 10, 10])   # one row holds all three
-    plan = packed_epoch_plan(lengths, [np.arange(3)], 4, 40, seed=0, epoch=0, min_rows=3)
+    plan = PlanMaker(lengths, [np.arange(3)], 4, 0, min_size=3, row_length=40)(0)
     assert len(plan) == 1 and len(plan[0]) == 3
-    assert packed_epoch_plan(lengths[:2], [np.arange(2)], 4, 40, seed=0, epoch=0, min_rows=3) == []
+    assert PlanMaker(lengths[:2], [np.arange(2)], 4, 0, min_size=3, row_length=40)(0) == []
 
 
 # ----------------------------------------------------------------------------- packed batches

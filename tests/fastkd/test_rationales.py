@@ -111,6 +111,11 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
     with pytest.raises(UserError, match="other settings.*temperature"):
         generate("fake-teacher", str(data), str(killed), n=3, temperature=1.3, engine=FakeEngine(),
                  progress=False)
+    header_cut = tmp_path / "cut.jsonl"       # killed while the header itself was written: a fresh start
+    (tmp_path / ("cut.jsonl" + LOG_SUFFIX)).write_text(json.dumps(log[0])[:20])
+    generate("fake-teacher", str(data), str(header_cut), n=3, batch_size=2, engine=FakeEngine(), progress=False)
+    assert header_cut.read_text() == whole.read_text()
+    assert (tmp_path / ("cut.jsonl" + LOG_SUFFIX)).read_text().splitlines()[0] == json.dumps(log[0])
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -161,7 +161,7 @@ def test_empty_rows_train_on_ce_alone_in_every_loss_path(impl):
 # ---------------------------------------------------------------- the format: a bit per row, only kept rows coded
 
 def _captured_sequences(settings, seed, share):
-    from fastkd.cache_tools.synthetic import random_sequences
+    from helpers import random_sequences
 
     rng = np.random.default_rng(seed)
     seqs = random_sequences(seed, 24, settings)
@@ -179,7 +179,7 @@ def _captured_sequences(settings, seed, share):
 @pytest.mark.parametrize("precision,share", [("exact", 0.3), ("fine", 0.3), ("small", 0.3), ("fine", 0.0)])
 def test_captured_cache_round_trip_and_rows_tensor(tmp_path, precision, share):
     from fastkd.cache_tools import FORMAT_VERSION, CacheWriter
-    from fastkd.cache_tools.synthetic import synthetic_settings
+    from helpers import synthetic_settings
     from safetensors import safe_open
 
     settings = synthetic_settings(vocab_size=300, k=8, layers=(1,), widths=(16,),
@@ -211,7 +211,7 @@ def test_captured_cache_round_trip_and_rows_tensor(tmp_path, precision, share):
 
 def test_empty_rows_are_refused_without_capture_and_a_flipped_row_bit_is_caught(tmp_path):
     from fastkd.cache_tools import CacheError, CacheWriter
-    from fastkd.cache_tools.synthetic import synthetic_settings
+    from helpers import synthetic_settings
 
     plain = synthetic_settings(vocab_size=300, k=8, layers=(), widths=())
     seqs = _captured_sequences(plain, 6, 0.5)

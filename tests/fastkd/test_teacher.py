@@ -97,7 +97,7 @@ def test_default_chunk_is_bitwise_the_full_logits_path(model, batch, tiny_tokeni
     """One chunk holds every row of a tiny batch: the bytes equal those of the model's own full logits."""
     vocab = len(tiny_tokenizer)
     chunked = teacher.teacher_signal(model, *batch, k=8, layers=(1,), vocab_size=vocab)
-    monkeypatch.setattr(teacher, "_SAID", set())
+    teacher._say_once.cache_clear()
     monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
     assert teacher.split_head(model) == "it has no output embeddings"
     for _ in range(2):
@@ -110,7 +110,7 @@ def test_default_chunk_is_bitwise_the_full_logits_path(model, batch, tiny_tokeni
 
 def test_unreproduced_config_falls_back_and_softcap_applies(model, batch, tiny_tokenizer, monkeypatch, capsys):
     vocab = len(tiny_tokenizer)
-    monkeypatch.setattr(teacher, "_SAID", set())
+    teacher._say_once.cache_clear()
     monkeypatch.setattr(model.config, "logit_scale", 0.5, raising=False)
     assert teacher.split_head(model) == "its config sets logit_scale"
     sig = teacher.teacher_signal(model, *batch, k=4, vocab_size=vocab)
@@ -146,7 +146,7 @@ def test_a_head_transform_the_config_does_not_announce_is_caught_once(model, bat
         return out
 
     scaled.forward = doubled
-    monkeypatch.setattr(teacher, "_SAID", set())     # each model's reason is said once per process
+    teacher._say_once.cache_clear()     # each model's reason is said once per process
     vocab = len(tiny_tokenizer)
     sig = teacher.teacher_signal(scaled, *batch, k=8, vocab_size=vocab)
     ids, attn, loss = batch

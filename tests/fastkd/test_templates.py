@@ -24,7 +24,7 @@ def test_cot_template_tokens_and_mask(tiny_tokenizer):
     response = _ids(tok, " True or False is True. So the answer is True.") + [tok.eos_token_id]
     assert ex.input_ids == prompt + response
     assert ex.loss_mask == [0] * len(prompt) + [1] * len(response)
-    assert ex.record_index == 7 and ex.prompt_length == len(prompt) and ex.num_loss_tokens == len(response)
+    assert ex.record_index == 7 and ex.loss_mask.index(1) == len(prompt) and sum(ex.loss_mask) == len(response)
 
 
 def test_no_cot_template_is_target_alone(tiny_tokenizer):
@@ -54,9 +54,9 @@ def test_answer_phrase_kept_when_target_differs():
 def test_chat_template_prompt(tiny_tokenizer):
     ex = build_example(REC, 0, tiny_tokenizer, Template(cot=False, chat=True))
     assert tiny_tokenizer.decode(ex.input_ids) == "<|user|>True or False is<|assistant|> True<|endoftext|>"
-    assert tiny_tokenizer.decode(ex.input_ids[:ex.prompt_length]) == "<|user|>True or False is<|assistant|>"
+    assert tiny_tokenizer.decode(ex.input_ids[:ex.loss_mask.index(1)]) == "<|user|>True or False is<|assistant|>"
     ex = build_example(REC, 0, tiny_tokenizer, Template(cot=True, chat=True))
-    assert tiny_tokenizer.decode(ex.input_ids[ex.prompt_length:]) == \
+    assert tiny_tokenizer.decode(ex.input_ids[ex.loss_mask.index(1):]) == \
         " Let's think step by step. True or False is True. So the answer is True.<|endoftext|>"
 
 
