@@ -78,11 +78,6 @@ def join_ranks(device: str | None, backend: str | None = None, timeout_hours: fl
     return Env(dev, rank, world, owns, local, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
-def setup_env(config) -> Env:
-    """Training's place among the ranks (config.device)."""
-    return join_ranks(config.device)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -20,7 +20,7 @@ from fastkd.checkpoint import (CHECKPOINT, check_resumable, clear_run, existing_
 from fastkd.errors import Interrupted, UserError
 from fastkd.kernels import HiddenProjector
 from fastkd.packing import check_packed_attention
-from fastkd.runtime import Env, StopSignals, agree, seed_everything, setup_env, wrap_distributed
+from fastkd.runtime import Env, StopSignals, agree, join_ranks, seed_everything, wrap_distributed
 from fastkd.student import StudentWithLoss, batch_inputs, causal_lm, describe_loss_path, load_student, map_layers
 from fastkd.train_config import TrainConfig
 from fastkd.train_data import DataSide, add_teacher_signal, build_data, cache_vocab, step_stream, train_plans
@@ -202,7 +202,7 @@ def train(config: TrainConfig | dict) -> TrainResult:
     """Run one training job described by `config` (a TrainConfig, or a dict of its fields)."""
     config = TrainConfig.make(overrides=config) if isinstance(config, dict) else config.validate()
     started = time.perf_counter()
-    env = setup_env(config)
+    env = join_ranks(config.device)
     old_run = existing_run(Path(config.out), config)  # refused here, before anything is loaded or created
     seed_everything(config.seed)
     run = build_run(config, env)

@@ -306,13 +306,12 @@ def test_the_edits_do_change_tokenisation(tiny_tokenizer):
     assert base == _variant(tiny_tokenizer)(text)["input_ids"]
 
 
-def test_old_manifest_identity_compares_what_it_has_and_warns(tiny_tokenizer):
-    import fastkd.tokenizer_identity as data
-
+def test_identity_without_components_is_refused(tiny_tokenizer):
+    """A pre-release identity (size, vocabulary and special ids only) cannot vouch for merges and the rest: refused."""
     ident = tokenizer_identity(tiny_tokenizer)
     old = {key: ident[key] for key in ("vocab_size", "vocab_sha256", "eos_token_id", "pad_token_id", "class")}
-    with pytest.warns(data.TokenizerIdentityWarning, match="predates.*merges, model settings, normalizer, pre-tokenizer"):
-        check_tokenizer(old, _variant(tiny_tokenizer, _drop_last_merge), "cache /c")   # cannot tell: accepted
+    with pytest.raises(DataError, match="cache /c: .*no per-part hashes .*re-create the cache"):
+        check_tokenizer(old, tiny_tokenizer, "cache /c")
     from fastkd.tiny import train_tokenizer
 
     with pytest.raises(DataError, match="vocab_size: cache has"):
