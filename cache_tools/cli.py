@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 from .codecs import spell_codec
 from .reader import CacheReader, load_manifest
 from .stats import METRICS, QUANTILES, cache_stats
-from .storage import is_url, open_storage
+from .storage import open_storage
 from .verify import verify_cache
 
 SUMMARY_KEYS = ("teacher", "tokenizer", "template", "k", "mode", "sample_n", "capture", "layers", "hidden_widths",
@@ -28,8 +27,8 @@ def add_inspect_arguments(parser) -> None:
 def cache_summary(root) -> dict:
     """Counts, bytes per loss position by part, and the teacher/tokenizer/template of a cache (its
     manifest, checked as every reader checks it; the shards are not opened)."""
-    root = str(root) if is_url(root) else Path(root)
-    m = load_manifest(open_storage(root))
+    storage = open_storage(root)
+    m = load_manifest(storage)
     c = m["counts"]
     parts = c["payload_bytes"]   # a cache with no shard yet may lack a part
     positions = c["loss_positions"]
@@ -39,7 +38,7 @@ def cache_summary(root) -> dict:
         return x / positions if positions else None
 
     return {
-        "cache": str(root), "format_version": m["format_version"], "complete": m["complete"],
+        "cache": storage.label, "format_version": m["format_version"], "complete": m["complete"],
         **{key: m.get(key) for key in SUMMARY_KEYS}, "shards": len(m["shards"]),
         **{key: c[key] for key in ("sequences", "tokens", "loss_positions", "bytes")},
         "bytes_per_loss_position": {

@@ -14,19 +14,20 @@ from .topk2_codec import decode_topk2, encode_topk2
 from .topk_codec import TOPK_MAGIC, decode_sampled, decode_topk, encode_sampled, encode_topk, topk_exact
 
 PRECISIONS = ("fine", "small", "exact")   # kt: quantised (default), table + labels (smaller), float32 bits
+CHOICES = {"kt": ("precision", PRECISIONS), "kh": ("method", tuple(METHODS))}  # params with a fixed set of values
 
 
 def encode_kt(ids, logprobs, tail, vocab_size: int, *, labels=None, precision: str = "fine", **params) -> bytes:
     """The top-k codec at its precision: fine and exact are KT version 1, small is KT version 2 (labels used)."""
     if precision == "small":
         return encode_topk2(ids, logprobs, tail, vocab_size, labels=labels, **params)
-    check_precision(precision)
+    check_choice("kt", precision)
     return encode_topk(ids, logprobs, tail, vocab_size, exact=precision == "exact", **params)
 
 
 def decode_kt(payload: bytes, n: int, k: int, vocab_size: int, *, labels=None, precision: str = "fine", **params):
     """Inverse of encode_kt; a payload of another precision than the cache names is refused."""
-    check_precision(precision)
+    check_choice("kt", precision)
     version = peek(payload, TOPK_MAGIC, "top-k")
     stored = "small" if version == 2 else "exact" if topk_exact(payload) else "fine"
     if stored != precision:
@@ -36,25 +37,30 @@ def decode_kt(payload: bytes, n: int, k: int, vocab_size: int, *, labels=None, p
     return decode_topk(payload, n, k, vocab_size, **params)
 
 
-def check_precision(precision) -> None:
-    if precision not in PRECISIONS:
-        raise CodecError(f"kt codec: unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+def check_choice(name: str, value) -> None:
+    """The value of codec `name`'s param in CHOICES is one this fastkd knows; CodecError naming them."""
+    key, values = CHOICES[name]
+    if value not in values:
+        raise CodecError(f"{name} codec: unknown {key} {value!r}; choose {', '.join(values)}")
 
 
 @dataclass(frozen=True)
 class Codec:
-    """One codec: its functions and default params. `sampled`: ids + counts (mode sample), not log-probs."""
+    """One codec: its functions, default and known params. `sampled`: ids + counts (mode sample), not log-probs."""
 
     name: str
     encode: Callable
     decode: Callable
     defaults: dict = field(default_factory=dict)
+    params: frozenset = frozenset()
     sampled: bool = False
 
 
-TOPK_CODECS = {"kt": Codec("kt", encode_kt, decode_kt, {"precision": "fine"}),
-               "ks": Codec("ks", encode_sampled, decode_sampled, {}, sampled=True)}
-HIDDEN_CODECS = {"kh": Codec("kh", encode_hidden, decode_hidden, {"method": "int8", "block": 128})}
+TOPK_CODECS = {"kt": Codec("kt", encode_kt, decode_kt, {"precision": "fine"},
+                           frozenset({"precision", "step", "max_step", "growth", "level", "mass_tol"})),
+               "ks": Codec("ks", encode_sampled, decode_sampled, {}, frozenset({"level"}), sampled=True)}
+HIDDEN_CODECS = {"kh": Codec("kh", encode_hidden, decode_hidden, {"method": "int8", "block": 128},
+                             frozenset({"method", "block", "level"}))}
 REGISTRY = {"topk": TOPK_CODECS, "hidden": HIDDEN_CODECS}
 WHAT = {"topk": "logits", "hidden": "hidden"}
 
@@ -74,7 +80,7 @@ def default_codec(part: str, mode: str = "topk") -> dict:
 
 def normalize_codec(spec, part: str = "topk", mode: str = "topk") -> dict:
     """None, 'name', 'name:key=value,key=value' or {'name', 'params'} -> {'name', 'params'} with the
-    codec's default params filled in; ValueError for an unknown name or a malformed spelling."""
+    codec's defaults filled in; KeyError: unknown name, ValueError: malformed, CodecError: unknown param or value."""
     if spec is None:
         return default_codec(part, mode)
     if isinstance(spec, str):
@@ -90,10 +96,11 @@ def normalize_codec(spec, part: str = "topk", mode: str = "topk") -> dict:
         raise ValueError(f"codec must be a name or {{'name': ..., 'params': {{...}}}}, got {spec!r}")
     codec = get_codec(part, spec["name"])
     params = {**codec.defaults, **(spec.get("params") or {})}
-    if codec.name == "kt":
-        check_precision(params["precision"])
-    if codec.name == "kh" and params["method"] not in METHODS:
-        raise ValueError(f"kh codec: unknown method {params['method']!r}; choose {', '.join(METHODS)}")
+    if set(params) - codec.params:
+        raise CodecError(f"{codec.name} codec: unknown parameter(s) {', '.join(sorted(set(params) - codec.params))}; "
+                         f"known: {', '.join(sorted(codec.params))}")
+    if codec.name in CHOICES:
+        check_choice(codec.name, params[CHOICES[codec.name][0]])
     return {"name": codec.name, "params": params}
 
 

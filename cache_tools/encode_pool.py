@@ -66,7 +66,8 @@ class EncodePool:
         self.where.update((r, (unit, i)) for i, r in enumerate(records))
 
     def add(self, seq: CachedSequence) -> None:
-        """One sequence of a unit begun before; its block goes to a worker when it is the block's last."""
+        """One sequence of a unit begun before; its block goes to a worker when it is the block's last (threads=0:
+        the whole unit is written here with its last sequence)."""
         self._raise()
         if int(seq.record_index) not in self.where:
             raise CacheError(f"cache {self.writer.root}: record {seq.record_index} is in no unit begun, or given twice")
@@ -77,22 +78,20 @@ class EncodePool:
                              f"{unit.lengths[i]} and {unit.losses[i]}")
         unit.slots[i] = seq
         unit.arrived += 1
-        if self.executor is None:
-            if unit.arrived == len(unit.slots):
-                started = time.thread_time()
-                self.writer.write_unit(unit.number, unit.slots)
-                self.encode_seconds += time.thread_time() - started
-                self._finished(unit)
-            return
         b = bisect.bisect_right(unit.starts, i) - 1
         unit.missing[b] -= 1
-        if not unit.missing[b]:
+        if self.executor is not None and not unit.missing[b]:
             self.executor.submit(self._encode, unit, b)
+        elif self.executor is None and unit.arrived == len(unit.slots):    # threads=0: the whole unit, here
+            for block in range(len(unit.payloads)):
+                self._encode(unit, block)
+            self._raise()
         if unit.arrived == len(unit.slots) and any(unit.missing):   # never wait for a block that cannot come
             raise CacheError(f"cache {self.writer.root}: unit {unit.number}: blocks {unit.missing} short of sequences")
 
     def _encode(self, unit: _Unit, b: int) -> None:
-        """A worker: check and encode block b of `unit`; the worker that encodes a unit's last block writes it."""
+        """A worker (or the caller, threads=0): check and encode block b of `unit`; who encodes a unit's last block
+        writes it."""
         if self.stopping.is_set():
             return
         started = time.thread_time()
@@ -108,7 +107,12 @@ class EncodePool:
                 last = None not in unit.payloads
             if last and not self.stopping.is_set():
                 w.write_unit(unit.number, unit.slots, blocks=(unit.starts, unit.payloads))
-                self._finished(unit)
+                if self.on_commit is not None:
+                    self.on_commit()
+                with self.cond:
+                    del self.pending[unit.number]
+                    self.done.append(unit.number)
+                    self.cond.notify_all()
         except BaseException as err:   # noqa: BLE001 - handed to the caller's thread, which raises it
             with self.cond:
                 self.error = self.error or err
@@ -117,14 +121,6 @@ class EncodePool:
         finally:
             with self.cond:
                 self.encode_seconds += time.thread_time() - started
-
-    def _finished(self, unit: _Unit) -> None:
-        if self.on_commit is not None:
-            self.on_commit()
-        with self.cond:
-            del self.pending[unit.number]
-            self.done.append(unit.number)
-            self.cond.notify_all()
 
     def _raise(self) -> None:
         if self.error is not None:

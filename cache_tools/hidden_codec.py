@@ -40,8 +40,11 @@ def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, leve
     header = _HEADER.pack(HIDDEN_MAGIC, HIDDEN_VERSION, METHODS[method], n, d, block)
     if method == "bf16":
         return pack_frames(header, [[], compress_planes(_to_bf16_bits(x), 2, level)])
-    blocks = _blocks(x, block)
-    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    per_row, size = _block_shape(d, block)
+    if per_row * size != d:   # the last block zero-padded
+        x = np.pad(x, ((0, 0), (0, per_row * size - d)))
+    blocks = x.reshape(n, per_row, size)
+    absmax = np.abs(blocks).max(axis=2, keepdims=True, initial=0)
     top = INT8_MAX if method == "int8" else FP8_MAX
     scale = (absmax / np.float32(top)).astype(np.float32)
     y = blocks / np.where(scale > 0, scale, np.float32(1.0))
@@ -68,8 +71,7 @@ def decode_hidden(payload: bytes, n: int, d: int, method: str = "bf16", **unused
     if method == "bf16":
         bits = decompress_planes(g_values, n * d) << np.uint32(16)
         return bits.view(np.float32).reshape(n, d)
-    size = block or d
-    per_row = -(-d // size) if d else 0
+    per_row, size = _block_shape(d, block)
     scale = decompress_planes(g_scale, n * per_row).view(np.float32).reshape(n, per_row, 1)
     if len(g_values) != 1:
         raise CodecError(f"corrupt hidden codec payload: {len(g_values)} value frames, expected 1")
@@ -95,18 +97,10 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def _blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """[n, d] as [n, ceil(d/block), block], the last block zero-padded (block=0: one block per row)."""
-    n, d = x.shape
+def _block_shape(d: int, block: int) -> tuple[int, int]:
+    """(blocks per row, values per block) of rows of width d: ceil(d / block) blocks, or one per row (block=0)."""
     size = block or d
-    if size < 0:
-        raise CodecError(f"hidden codec: block must be >= 0, got {block}")
-    if size == 0:
-        return x.reshape(n, 0, 0)
-    per_row = -(-d // size)
-    if per_row * size != d:
-        x = np.concatenate([x, np.zeros((n, per_row * size - d), x.dtype)], axis=1)
-    return x.reshape(n, per_row, size)
+    return (-(-d // size) if size else 0), size
 
 
 def random_projection(d_in: int, d_out: int, seed: int) -> np.ndarray:

@@ -24,15 +24,20 @@ def digest_bytes(data, algorithm: str = DIGEST) -> str:
     raise ValueError(f"unknown digest algorithm {algorithm!r} (known: {', '.join(_HEX_LENGTH)})")
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, read in 4 MiB chunks."""
+def chunks_digest(chunks) -> tuple[str, int]:
+    """(sha256 hex, size) of the bytes of an iterable of chunks (a file's, or ranges of a remote one)."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-            size += len(chunk)
+    for chunk in chunks:
+        h.update(chunk)
+        size += len(chunk)
     return h.hexdigest(), size
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in 4 MiB chunks."""
+    with open(path, "rb") as fh:
+        return chunks_digest(iter(lambda: fh.read(1 << 22), b""))
 
 
 def is_hex_digest(value, algorithm: str = DIGEST) -> bool:

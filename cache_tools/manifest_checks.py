@@ -9,9 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .codecs import PRECISIONS, get_codec
+from .codecs import CHOICES, REGISTRY
 from .errors import CacheError
-from .hidden_codec import METHODS
 from .integrity import SEAL_KEY, is_hex_digest, seal_matches
 
 SHARD_PATH = re.compile(r"^shards/shard-\d{5,9}\.safetensors$")  # nothing outside shards/, no `..`
@@ -30,7 +29,6 @@ TEACHER_DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf1
                   "float8_e4m3fn", "float8_e5m2")   # a --dtype choice, or the loaded model's torch dtype
 TEACHER_BACKENDS = ("transformers", "vllm")
 PROJECTION_KINDS = ("rademacher-splitmix64",)
-CODEC_PARAMS = {"kh": ("method", tuple(METHODS)), "kt": ("precision", PRECISIONS)}  # params with known values
 PAYLOAD_PARTS = ("tokens", "topk", "hidden")     # + "rows" in a selective-capture cache
 SUMS = {"sequences": "num_sequences", "loss_positions": "num_loss_positions", "tokens": "num_tokens",
         "bytes": "bytes"}                        # counts[key] = the sum of shards[*][SUMS[key]]
@@ -191,13 +189,16 @@ def _check_codecs(m: dict, f: _Fields) -> None:
         spec = f.at("codecs").need(codecs, part, _is_obj, "an object {name, params}")
         c = f.at(f"codecs.{part}")
         name = c.need(spec, "name", lambda v: isinstance(v, str), "a codec name")
-        try:
-            codec = get_codec(part, name)
-        except KeyError as err:
-            c.fail("name", name, f"a codec this fastkd knows ({str(err.args[0]).split('(', 1)[-1]}")
+        if name not in REGISTRY[part]:
+            c.fail("name", name, f"a codec this fastkd knows (known: {', '.join(sorted(REGISTRY[part]))})")
+        codec = REGISTRY[part][name]
         params = c.need(spec, "params", _is_obj, "an object")
-        if name in CODEC_PARAMS:
-            key, values = CODEC_PARAMS[name]
+        for key in sorted(set(params) - codec.params):
+            known = ", ".join(sorted(codec.params))
+            c.at("params").fail(key, params[key], f"a parameter of {name} this fastkd reads ({known}); a cache made "
+                                f"with an option no longer read must be re-created")
+        if name in CHOICES:
+            key, values = CHOICES[name]
             c.at("params").need(params, key + "?", *_choice(values))
         if part == "topk" and codec.sampled != (m["mode"] == "sample"):
             c.fail("name", name, f"the logits codec of mode {m['mode']!r} ({'ks' if codec.sampled else 'kt'} "

@@ -10,10 +10,9 @@ import numpy as np
 
 from .errors import CacheError, CodecError, CorruptCacheError, CorruptShard
 from .format import CachedSequence
-from .integrity import digest_bytes
 from .manifest_checks import check_manifest_totals
 from .shard import INDEX_DTYPES, Layout, part_kind, payload_sizes
-from .shard_read import Shard, shard_head
+from .shard_read import Shard
 from .storage import ReadAhead, open_storage, read_ahead_bytes
 
 OPEN_THREADS = 8               # shards opened (header + index fetched) at once
@@ -40,10 +39,7 @@ def open_shard(storage, entry: dict, number: int, *, verify: bool = True) -> Sha
     try:
         if verify and size != entry["bytes"]:
             raise CorruptShard(f"file has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
-        head = shard_head(storage, name, size)
-        if verify and digest_bytes(head[:8 + int.from_bytes(head[:8], "little")]) != entry["header_sha256"]:
-            raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
-        return Shard(storage, name, size, head, verify=verify)
+        return Shard(storage, name, size, entry["header_sha256"], verify=verify)
     except CorruptShard as err:
         raise CorruptCacheError(f"{where}: {err}; it is not used. {hint}", name) from None
     except CacheError:

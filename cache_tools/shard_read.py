@@ -58,37 +58,25 @@ def parse_header(head: bytes, size: int) -> tuple[dict, dict, int]:
     return meta, tensors, data_start
 
 
-def shard_head(storage, name: str, size: int) -> bytes:
-    """The first bytes of a shard, at least its length prefix and JSON header (one request
-    when they fit in FIRST_READ, which for a typical shard also holds its index tensors)."""
-    head = storage.read_range(name, 0, min(size, FIRST_READ))
-    if len(head) < 8:
-        raise CorruptShard("file is shorter than a safetensors header")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len > min(MAX_HEADER_BYTES, size - 8):
-        raise CorruptShard(f"header length {header_len} is impossible for this file")
-    if len(head) < 8 + header_len:
-        head += storage.read_range(name, len(head), 8 + header_len - len(head))
-        if len(head) < 8 + header_len:
-            raise CorruptShard("file ends inside its header (truncated)")
-    return head
-
-
 class Shard:
-    """One shard of a storage, read by byte ranges: header and index read and checked at open (`head`: its first
-    bytes), then one block at a time, every tensor checked against its digest first (verify=True)."""
+    """One shard of a storage, read by byte ranges: header and index read and checked at open, then one block at a
+    time, every tensor checked against its digest first (verify=True)."""
 
-    def __init__(self, storage, name: str, size: int, head: bytes, *, verify: bool = True):
+    def __init__(self, storage, name: str, size: int, header_sha256: str, *, verify: bool = True):
         self.storage, self.name, self.size, self.verify = storage, name, size, verify
-        self.meta, self.tensors, self.data_start = parse_header(head, size)
         self._staged: dict[str, bytes] = {}
-        index_end = self.data_start + max([e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")],
-                                          default=0)
-        if index_end > len(head):  # the index tensors (first in the file) did not fit the first read
-            more = storage.read_range(name, len(head), index_end - len(head))
-            if len(more) != index_end - len(head):
-                raise CorruptShard(f"file ended after {len(head) + len(more)} of {size} bytes (truncated)")
-            head += more
+        head = storage.read_range(name, 0, min(size, FIRST_READ))  # for a typical shard: header and index tensors
+        if len(head) < 8:
+            raise CorruptShard("file is shorter than a safetensors header")
+        header_end = 8 + int.from_bytes(head[:8], "little")
+        if header_end - 8 > min(MAX_HEADER_BYTES, size - 8):
+            raise CorruptShard(f"header length {header_end - 8} is impossible for this file")
+        head = self._read_on(head, header_end)
+        if verify and digest_bytes(head[:header_end]) != header_sha256:
+            raise CorruptShard("header fails its sha256 check against manifest.json (corrupted bytes)")
+        self.meta, self.tensors, self.data_start = parse_header(head, size)
+        head = self._read_on(head, self.data_start + max(  # the index tensors come first in the file
+            [e for k, (_, _, _, e) in self.tensors.items() if not k.startswith("block.")], default=0))
         try:
             self.layout = Layout.from_metadata(self.meta)
             self.tasks = json.loads(self.meta["tasks"])
@@ -112,6 +100,14 @@ class Shard:
         self.num_loss, self.task = index["index.num_loss"], index["index.task"]
         self.block_start = index["index.block_start"]
         check_index(self)
+
+    def _read_on(self, head: bytes, end: int) -> bytes:
+        """The file's first bytes `head`, read on to byte `end`."""
+        if len(head) < end:
+            head += self.storage.read_range(self.name, len(head), end - len(head))
+            if len(head) < end:
+                raise CorruptShard(f"file ended after {len(head)} of {self.size} bytes (truncated)")
+        return head
 
     def __getstate__(self):
         """Picklable (DataLoader workers): staged bytes (memoryviews) stay; a worker fetches its own blocks."""

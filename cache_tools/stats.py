@@ -33,18 +33,14 @@ def entropy_bounds(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, voca
     return known + lower_tail, known + np.maximum(upper_tail, lower_tail)
 
 
-def teacher_rows(seq) -> np.ndarray:
-    """Rows that hold the teacher (bool [n]): all but a selective-capture cache's empty rows."""
-    return (np.asarray(seq.topk_ids) >= 0).any(axis=1)
-
-
 def position_stats(seq, vocab_size: int, sampled: bool) -> dict[str, np.ndarray]:
-    """The per-position metrics of one CachedSequence, over the rows that hold the teacher."""
-    keep = teacher_rows(seq)
+    """The per-position metrics of one CachedSequence, over the rows that hold the teacher (all but a
+    selective-capture cache's empty rows)."""
+    keep = (np.asarray(seq.topk_ids) >= 0).any(axis=1)
     ids, lp = np.asarray(seq.topk_ids)[keep], np.asarray(seq.topk_logprobs, np.float64)[keep]
     tail = np.asarray(seq.tail)[keep]
     valid = (ids >= 0) & np.isfinite(lp)
-    top1 = np.where(valid, np.exp(np.where(valid, lp, -np.inf)), 0.0).max(axis=1, initial=0.0)
+    top1 = np.exp(np.where(valid, lp, -np.inf)).max(axis=1, initial=0.0)
     lower, upper = entropy_bounds(ids, lp, tail, vocab_size, capped=not sampled)
     return {"tail_mass": np.asarray(tail, np.float64), "top1_prob": top1, "entropy_lower": lower,
             "entropy_upper": upper, "entropy_gap": upper - lower}
@@ -66,16 +62,14 @@ def cache_stats(reader, max_sequences: int | None = None, progress=None) -> dict
     sampled = reader.manifest.get("mode") == "sample"
     values: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
     total = len(reader) if max_sequences is None else min(max_sequences, len(reader))
-    seen = positions = with_teacher = 0
+    positions = 0
     it = iter(reader)
     for _ in (progress(range(total)) if progress else range(total)):
         seq = next(it)
         for name, v in position_stats(seq, vocab, sampled).items():
             values[name].append(v)
-        seen += 1
         positions += len(seq.tail)
-        with_teacher += int(teacher_rows(seq).sum())
-    return {"cache": str(reader.root), "sequences": seen, "loss_positions": positions,
-            "loss_positions_with_teacher": with_teacher, "vocab_size": vocab,
+    return {"cache": str(reader.root), "sequences": total, "loss_positions": positions,
+            "loss_positions_with_teacher": sum(map(len, values["tail_mass"])), "vocab_size": vocab,
             "k": reader.manifest["k"], "mode": reader.manifest.get("mode", "topk"), "units": "nats",
             "metrics": summarise(values)}

@@ -25,6 +25,7 @@ DEFAULT_READ_AHEAD = 16 << 20      # bytes of upcoming blocks a remote reader ma
 NO_LATENCY = (None, "file", "local", "memory")  # a folder, and schemes with no latency: read-ahead off unless asked
 READ_AHEAD_THREADS = 4
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
+_COUNTING = threading.Lock()       # every storage's `requests` / `bytes_read` (read-ahead threads add to them)
 
 
 def url_scheme(root) -> str | None:
@@ -62,6 +63,13 @@ def read_ahead_bytes(value=None, scheme: str | None = None) -> int:
     if number < 0:
         raise CacheError(f"read-ahead budget {value!r}: must be >= 0 bytes")
     return number
+
+
+def count_read(storage, nbytes: int, requests: int = 1) -> None:
+    """Add `requests` reads of `nbytes` in all to a storage's counts (from any thread)."""
+    with _COUNTING:
+        storage.requests += requests
+        storage.bytes_read += nbytes
 
 
 def open_storage(root, storage_options: dict | None = None):
@@ -107,8 +115,7 @@ class LocalStorage:
             for offset, length in ranges:
                 fh.seek(offset)
                 out.append(fh.read(max(length, 0)))
-        self.requests += len(ranges)
-        self.bytes_read += sum(map(len, out))
+        count_read(self, sum(map(len, out)), len(ranges))
         return out
 
 
@@ -120,9 +127,7 @@ class RemoteStorage:
         self.label = url.rstrip("/")
         self.scheme = url_scheme(url)
         self.storage_options = dict(storage_options or {})
-        self.requests = 0
-        self.bytes_read = 0
-        self._count_lock = threading.Lock()
+        self.requests = self.bytes_read = 0
         self._sizes: dict[str, dict[str, int]] = {}   # folder -> {file name: size}, one listing per folder
         self._fs = self._base = None
         self._connect()
@@ -157,21 +162,12 @@ class RemoteStorage:
     def __getstate__(self):
         """Picklable (DataLoader workers): the file system is reopened from the URL in the child."""
         state = dict(self.__dict__)
-        state["_fs"], state["_count_lock"] = None, None
+        state["_fs"] = None
         state["requests"] = state["bytes_read"] = 0
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._count_lock = threading.Lock()
-
     def full_path(self, name: str) -> str:
         return f"{self._base}/{name}"
-
-    def _count(self, nbytes: int, requests: int = 1) -> None:
-        with self._count_lock:
-            self.requests += requests
-            self.bytes_read += nbytes
 
     def _call(self, name: str, what: str, fn):
         """Run one file-system call, retried on transient errors; CacheError naming the file otherwise."""
@@ -195,7 +191,7 @@ class RemoteStorage:
                 entries = self._call(folder or ".", "listing", lambda: self.fs.ls(path, detail=True))
             except FileNotFoundError:
                 entries = []
-            self._count(0)
+            count_read(self, 0)
             self._sizes[folder] = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
                                    for e in entries if e.get("type") == "file"}
         return self._sizes[folder]
@@ -219,7 +215,7 @@ class RemoteStorage:
 
     def read_bytes(self, name: str) -> bytes:
         data = self._call(name, "whole file", lambda: self.fs.cat_file(self.full_path(name)))
-        self._count(len(data))
+        count_read(self, len(data))
         return data
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
@@ -228,7 +224,7 @@ class RemoteStorage:
             return b""
         data = self._call(name, f"bytes {offset}..{offset + length}",
                           lambda: self.fs.cat_file(self.full_path(name), start=offset, end=offset + length))
-        self._count(len(data))
+        count_read(self, len(data))
         return data
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -238,7 +234,7 @@ class RemoteStorage:
         path = self.full_path(name)
         out = self._call(name, f"{len(ranges)} ranges", lambda: self.fs.cat_ranges(
             [path] * len(ranges), [o for o, _ in ranges], [o + n for o, n in ranges], on_error="raise"))
-        self._count(sum(len(d) for d in out), len(ranges))
+        count_read(self, sum(len(d) for d in out), len(ranges))
         return list(out)
 
 
@@ -274,8 +270,7 @@ class ReadAhead:
         try:
             return future.result()
         finally:
-            with self._lock:
-                self.held -= size
+            self._release(size)
             self.hits += 1
 
     def want(self, items) -> None:

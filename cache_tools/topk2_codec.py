@@ -11,7 +11,7 @@ import zstandard
 from .errors import CodecError
 from .planes import (check_params, compress_planes, decompress_planes, pack_frames, peek, plane_count, unpack_frames,
                      unpack_header)
-from .topk_codec import (_TOPK_HEADER, NEG_INF_CODE, TOPK_MAGIC, _check_distinct, _check_ids, _decoded_logprobs,
+from .topk_codec import (_TOPK_HEADER, NEG_INF_CODE, TOPK_MAGIC, _check_ids, _decoded_logprobs, _sorted_gaps,
                          _value_codes, prepared)
 
 TOPK2_VERSION = 2
@@ -30,6 +30,15 @@ def _table_order(counts: np.ndarray) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
+def _checked_labels(labels, n: int, vocab_size: int) -> np.ndarray:
+    """The rows' next-token ids as int64 [n], each inside the vocabulary."""
+    labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
+    if labels.shape != (n,):
+        raise CodecError(f"top-k codec field 'labels': expected {n} next-token ids, got shape {labels.shape}")
+    _check_ids(labels[None, :], vocab_size, "top-k codec field 'labels'")
+    return labels
+
+
 def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, *,
                  labels: np.ndarray | None = None,
                  step: float = DEFAULT_TOPK2_PARAMS["step"], max_step: float = DEFAULT_TOPK2_PARAMS["max_step"],
@@ -41,15 +50,11 @@ def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_
     ids, logprobs, tail, (step, max_step, growth), unused_slots = prepared(ids, logprobs, tail, vocab_size,
                                                                            (step, max_step, growth), mass_tol)
     n, k = ids.shape
-    clean = ids.astype(np.int64) if unused_slots is None else np.where(unused_slots, 0, ids).astype(np.int64)
-    counts = np.bincount(clean.reshape(-1) if unused_slots is None else clean[~unused_slots], minlength=vocab_size)
+    counts = np.bincount(ids.reshape(-1) if unused_slots is None else ids[~unused_slots], minlength=vocab_size)
     is_label = None
     if labels is not None:
-        labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
-        if labels.shape != (n,):
-            raise CodecError(f"top-k codec field 'labels': expected {n} next-token ids, got shape {labels.shape}")
-        _check_ids(labels[None, :], vocab_size, "top-k codec field 'labels'")
-        is_label = clean == labels[:, None]
+        labels = _checked_labels(labels, n, vocab_size)
+        is_label = ids == labels[:, None]
         if unused_slots is not None:
             is_label &= ~unused_slots
         counts -= np.bincount(labels[is_label.any(axis=1)], minlength=vocab_size)  # a label hit is key 0, no entry
@@ -58,24 +63,21 @@ def encode_topk2(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_
     order = _table_order(table_counts)
     key_of_id = np.empty(vocab_size, np.int64)            # only the table's entries are ever read
     key_of_id[table_ids[order]] = np.arange(1, len(table_ids) + 1)
-    keys = key_of_id[clean]
+    keys = key_of_id[ids]
     if is_label is not None:
         keys *= ~is_label
     if unused_slots is not None:   # unused slots (sampled mode) sort last with keys d+1, d+2, ...
         keys = np.where(unused_slots, len(table_ids) + np.cumsum(unused_slots, axis=1), keys)
     codes = _value_codes(logprobs, step, max_step, growth)
-    packed = np.sort((keys << 16) | codes, axis=1)
-    keys, codes = packed >> 16, packed & 0xFFFF
-    _check_distinct(keys, "top-k codec field 'ids'")
-    gaps = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)
+    gaps, codes = _sorted_gaps(keys, codes, 16)
     flags = _FLAG2_LABELS if labels is not None else 0
     header = _TOPK2_HEADER.pack(TOPK_MAGIC, TOPK2_VERSION, flags, n, k, vocab_size, step, max_step, growth)
     table_gaps = np.diff(table_ids, prepend=-1) - 1
     groups = [
         compress_planes(table_gaps, plane_count(vocab_size), level),
-        compress_planes(table_counts - 1, plane_count(max(int(table_counts.max(initial=1)) - 1, 1)), level),
-        compress_planes(np.ascontiguousarray(gaps.T).reshape(-1), plane_count(max(int(gaps.max(initial=0)), 1)), level),
-        compress_planes(codes, plane_count(max(int(codes.max(initial=0)), 1)), level),
+        compress_planes(table_counts - 1, plane_count(table_counts.max(initial=1) - 1), level),
+        compress_planes(np.ascontiguousarray(gaps.T).reshape(-1), plane_count(gaps.max(initial=0)), level),
+        compress_planes(codes, plane_count(codes.max(initial=0)), level),
         compress_planes(tail.view(np.uint32), 4, level),
     ]
     return pack_frames(header, groups)
@@ -93,9 +95,7 @@ def decode_topk2(payload: bytes, n: int, k: int, vocab_size: int, *, labels: np.
     if flags & _FLAG2_LABELS:
         if labels is None:
             raise CodecError("top-k codec payload was written with the next-token labels; pass them to decode it")
-        labels = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
-        if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= vocab_size)):
-            raise CodecError(f"top-k codec: labels must be {n} ids in [0, {vocab_size})")
+        labels = _checked_labels(labels, n, vocab_size)
     g_tab, g_cnt, g_gaps, g_codes, g_tail = unpack_frames(payload, _TOPK2_HEADER.size, 5)
     table_gaps = _decompress_frames_any(g_tab, vocab_size)
     d = len(table_gaps)

@@ -101,9 +101,18 @@ def _check_distinct(sorted_ids: np.ndarray, what: str, valid: np.ndarray | None 
         raise CodecError(f"{what}: id {sorted_ids[row, col]} appears twice in row {row}")
 
 
+def _sorted_gaps(keys: np.ndarray, codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (key, code) pairs sorted by key: the keys as gaps (the first key, then each step - 1: ids
+    ascend, so gaps >= 0) and the codes in that order; a key repeated in a row is refused."""
+    packed = np.sort((keys << bits) | codes, axis=1)
+    keys = packed >> bits
+    _check_distinct(keys, "top-k codec field 'ids'")
+    return np.diff(keys, axis=1, prepend=-1) - 1, packed & ((1 << bits) - 1)
+
+
 def prepared(ids, logprobs, tail, vocab_size: int, steps: tuple, mass_tol: float):
-    """A top-k encoder's inputs as checked arrays (rows the codec cannot store faithfully are refused), its steps
-    as the header stores them (float32), and the unused-slot mask (None if none)."""
+    """A top-k encoder's inputs as checked arrays (rows the codec cannot store faithfully are refused; ids int64,
+    unused slots as 0), its steps as the header stores them (float32), and the unused-slot mask (None if none)."""
     ids, logprobs, tail = np.asarray(ids), np.asarray(logprobs, dtype=np.float32), np.asarray(tail, dtype=np.float32)
     if ids.ndim != 2:
         raise CodecError(f"top-k codec field 'ids': expected a 2-D [n, k] array, got shape {ids.shape}")
@@ -124,7 +133,8 @@ def prepared(ids, logprobs, tail, vocab_size: int, steps: tuple, mass_tol: float
             row = np.argwhere(unused & ~np.isneginf(logprobs))[0][0]
             raise CodecError(f"top-k codec fields 'ids'/'logprobs': row {row} has an unused slot (id -1) with a "
                              f"finite log-prob")
-    _check_ids(ids if unused is None else np.where(unused, 0, ids), vocab_size, "top-k codec field 'ids'")
+        ids = np.where(unused, 0, ids)
+    _check_ids(ids, vocab_size, "top-k codec field 'ids'")
     if not logprobs.max(initial=-np.inf) <= 1e-4:      # also true when a NaN is present
         row = np.argwhere(np.isnan(logprobs) | (logprobs > 1e-4))[0][0]
         raise CodecError(f"top-k codec field 'logprobs': row {row} holds NaN or a log-prob above 0: "
@@ -138,7 +148,7 @@ def prepared(ids, logprobs, tail, vocab_size: int, steps: tuple, mass_tol: float
         row = np.argwhere(off)[0][0]
         raise CodecError(f"top-k codec fields 'logprobs'+'tail': row {row} sums to {total[row]:.6g}, not 1 "
                          f"(tolerance {mass_tol})")
-    return ids, logprobs, tail, tuple(float(np.float32(v)) for v in steps), unused
+    return ids.astype(np.int64, copy=False), logprobs, tail, tuple(float(np.float32(v)) for v in steps), unused
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_size: int, *,
@@ -151,20 +161,17 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, vocab_s
     ids, logprobs, tail, (step, max_step, growth), unused = prepared(ids, logprobs, tail, vocab_size,
                                                                      (step, max_step, growth), mass_tol)
     n, k = ids.shape
-    keys = ids.astype(np.int64, copy=False)
+    keys = ids
     if unused is not None:   # unused slots (sampled mode) get keys V, V+1, ... so they sort last and cost ~nothing
-        keys = np.where(unused, vocab_size + np.cumsum(unused, axis=1) - 1, keys)
+        keys = np.where(unused, vocab_size + np.cumsum(unused, axis=1) - 1, ids)
     bits = 32 if exact else 16   # exact: the float32 bits as they are
     codes = logprobs.view(np.uint32).astype(np.int64) if exact else _value_codes(logprobs, step, max_step, growth)
-    packed = np.sort((keys << bits) | codes, axis=1)
-    keys, codes = packed >> bits, packed & ((1 << bits) - 1)
-    _check_distinct(keys, "top-k codec field 'ids'")
-    gaps = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)  # ids ascend: gaps >= 0
+    gaps, codes = _sorted_gaps(keys, codes, bits)
     flags = _FLAG_EXACT if exact else 0
     header = _TOPK_HEADER.pack(TOPK_MAGIC, TOPK_VERSION, _LAYOUT_ID, flags, n, k, step, max_step, growth)
     groups = [
         compress_planes(gaps, plane_count(vocab_size + k), level),
-        compress_planes(codes, 4 if exact else plane_count(max(int(codes.max(initial=0)), 1)), level),
+        compress_planes(codes, 4 if exact else plane_count(codes.max(initial=0)), level),
         compress_planes(tail.view(np.uint32), 4, level),
     ]
     return pack_frames(header, groups)
@@ -220,13 +227,13 @@ def encode_sampled(ids: np.ndarray, counts: np.ndarray, vocab_size: int, *, leve
     valid = keys >= 0
     _check_distinct(keys, "sampled codec field 'ids'", valid)
     used = valid.sum(axis=1)
-    stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)[valid]
+    stream = (np.diff(keys, axis=1, prepend=-1) - 1)[valid]
     header = _SAMPLED_HEADER.pack(SAMPLED_MAGIC, SAMPLED_VERSION, 0, n, s)
     cnt = counts[valid] - 1
     groups = [
         compress_planes(used, plane_count(s), level),
-        compress_planes(stream, plane_count(max(int(stream.max(initial=0)), 1)), level),
-        compress_planes(cnt, plane_count(max(int(cnt.max(initial=0)), 1)), level),
+        compress_planes(stream, plane_count(stream.max(initial=0)), level),
+        compress_planes(cnt, plane_count(cnt.max(initial=0)), level),
     ]
     return pack_frames(header, groups)
 

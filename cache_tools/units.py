@@ -14,14 +14,14 @@ import numpy as np
 
 from .errors import CacheError
 from .format import (FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, SHARD_DIR, atomic_write_bytes, jsonable,
-                     read_manifest, write_manifest)
+                     write_manifest)
 from .integrity import canonical_json, digest_bytes, is_hex_digest, seal, seal_matches
 from .lock import acquire_lock, clear_stale_lock, release_lock
 from .manifest_checks import manifest_totals
 from .reader import check_shard_matches, open_shard
 from .storage import LocalStorage, refuse_url_for_writing
-from .writing import (SHARD_NAME, check_sequence, fastkd_version, layout_of, normalize_settings, now, resume_settings,
-                      shard_file, write_shard_file)
+from .writing import (SHARD_NAME, check_sequence, existing_manifest, fastkd_version, layout_of, normalize_settings,
+                      now, resume_settings, shard_file, write_shard_file)
 
 UNIT_DIR = "units"
 RECEIPT_NAME = re.compile(r"^unit-(\d{5,})\.json$")
@@ -107,6 +107,7 @@ class UnitWriter:
         self.layout = layout_of(self.settings)
         self.cut = cut
         self.units: dict[int, Unit] = {}    # open-ended (no cut): the units registered so far
+        self.numbers = self.units if cut is None else cut.numbers    # this run's units (open-ended: self.units)
         self.rank = rank
         self.block_bytes = block_bytes
         self.max_block_sequences = max_block_sequences
@@ -145,7 +146,7 @@ class UnitWriter:
             raise
 
     def _open_manifest(self) -> None:
-        existing = read_manifest(self.root) if (self.root / MANIFEST).exists() else None
+        existing = existing_manifest(self.root)
         receipts = [p.name for p in (self.root / UNIT_DIR).iterdir() if RECEIPT_NAME.match(p.name)]
         if existing is not None and not existing["shards"] and not receipts:
             existing = None      # an empty cache: nothing to keep
@@ -214,7 +215,7 @@ class UnitWriter:
     def _records_problem(self, number: int, records) -> str | None:
         """Why a shard holding `records` (in its order) cannot be unit `number` of this run; None when it can."""
         got = tuple(int(r) for r in records)
-        if number not in (self.units if self.cut is None else self.cut.numbers):
+        if number not in self.numbers:
             return "names a unit this run's records do not have"
         if self.cut is None:
             return None if got == self.units[number].records else "holds other records than the unit"
@@ -226,7 +227,7 @@ class UnitWriter:
     def _check_receipt(self, path: Path, number: int) -> tuple[str | None, dict | None]:
         """(problem, entry): a receipt counts only if sealed, written under these settings, for this
         unit's records, and its shard opens and matches."""
-        if number not in (self.units if self.cut is None else self.cut.numbers):
+        if number not in self.numbers:
             return "names a unit this run's records do not have", None
         try:
             receipt = json.loads(path.read_text())
@@ -258,7 +259,7 @@ class UnitWriter:
             if not self.coordinator:
                 return False
             self.merge()
-            complete = (set(self.units) if self.cut is None else set(self.cut.numbers) - set(empty)) <= self.done_units
+            complete = set(self.numbers) - set(empty) <= self.done_units
             if summary is not None:
                 try:
                     self.manifest["summary"] = jsonable(summary)

@@ -3,13 +3,12 @@ and what the manifest says of it, and every block's digests and decoding."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .errors import CacheError, CorruptShard
+from .integrity import chunks_digest
 from .reader import check_shard_matches, load_manifest, open_shard
-from .storage import is_url, open_storage
+from .storage import open_storage
 from .units import RECEIPT_NAME, UNIT_DIR
 from .writing import SHARD_NAME
 
@@ -39,14 +38,6 @@ class VerifyReport:
         return {"cache": self.cache, "ok": self.ok, **asdict(self)}   # the key order of the JSON report
 
 
-def file_sha256(storage, name: str, size: int, chunk: int = 8 << 20) -> str:
-    """sha256 of a whole file of a storage, streamed by ranges."""
-    h = hashlib.sha256()
-    for offset in range(0, size, chunk):
-        h.update(storage.read_range(name, offset, min(chunk, size - offset)))
-    return h.hexdigest()
-
-
 def verify_shard(storage, manifest: dict, number: int, report: VerifyReport, seen: dict[int, str]) -> None:
     """Append to `report` every problem found in one shard: size and whole-file digest, header and index
     (the checks the reader makes), then every block's digests and decode."""
@@ -60,7 +51,8 @@ def verify_shard(storage, manifest: dict, number: int, report: VerifyReport, see
         return
     if size != entry["bytes"]:
         bad(None, f"has {size} bytes, manifest.json says {entry['bytes']} (truncated or replaced)")
-    digest = file_sha256(storage, name, size)
+    chunk = 8 << 20   # the whole file's sha256, streamed by ranges
+    digest = chunks_digest(storage.read_range(name, at, min(chunk, size - at)) for at in range(0, size, chunk))[0]
     if digest != entry["sha256"]:
         bad(None, f"sha256 {digest[:16]}... differs from manifest.json's {entry['sha256'][:16]}... (file corrupted)")
     try:
@@ -87,7 +79,7 @@ def verify_shard(storage, manifest: dict, number: int, report: VerifyReport, see
 def verify_cache(root, progress=None) -> VerifyReport:
     """Verify every shard the manifest lists; `progress` wraps the shard iterable (e.g. tqdm). A manifest
     that fails its checks is a CacheError (as for any reader)."""
-    storage = open_storage(str(root) if is_url(root) else Path(root))
+    storage = open_storage(root)
     manifest = load_manifest(storage)
     report = VerifyReport(storage.label)
     entries = manifest["shards"]

@@ -3,13 +3,10 @@ written with: the sequences are buffered into units, each full unit written (sha
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .errors import CacheError
-from .format import MANIFEST, CachedSequence, read_manifest
-from .storage import refuse_url_for_writing
+from .format import CachedSequence
 from .units import UnitWriter, unit_of
-from .writing import check_sequence
+from .writing import check_sequence, existing_manifest
 
 
 class CacheWriter(UnitWriter):
@@ -20,12 +17,11 @@ class CacheWriter(UnitWriter):
                  block_bytes: int = 1 << 20, max_block_sequences: int = 16):
         if sequences_per_shard < 1:
             raise CacheError(f"sequences_per_shard must be >= 1, got {sequences_per_shard}")
-        refuse_url_for_writing(root)
-        existing = read_manifest(Path(root)) if (Path(root) / MANIFEST).exists() else None
-        if existing is not None and existing["shards"] and not resume:
-            raise CacheError(f"cache {root}: already holds {len(existing['shards'])} shard(s); "
-                             f"resume it or write to a new folder")
-        work_unit = existing["work_unit"] if existing is not None and existing["shards"] else sequences_per_shard
+        existing = existing_manifest(root)   # None for a URL, which UnitWriter refuses
+        listed = existing["shards"] if existing is not None else []
+        if listed and not resume:
+            raise CacheError(f"cache {root}: already holds {len(listed)} shard(s); resume it or write to a new folder")
+        work_unit = existing["work_unit"] if listed else sequences_per_shard
         super().__init__(root, dict(settings, work_unit=work_unit), None, block_bytes=block_bytes,
                          max_block_sequences=max_block_sequences)
         self._coordinate()

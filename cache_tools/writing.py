@@ -15,7 +15,8 @@ import numpy as np
 
 from .codecs import normalize_codec
 from .errors import CacheError, CodecError
-from .format import RESERVED_KEYS, SHARD_DIR, CachedSequence, fsync_dir, jsonable, settings_differences, settings_of
+from .format import (MANIFEST, RESERVED_KEYS, SHARD_DIR, CachedSequence, fsync_dir, jsonable, read_manifest,
+                     settings_differences, settings_of)
 from .integrity import digest_bytes, file_digest
 from .shard import Layout, assemble_shard, empty_rows, encode_block, plan_blocks
 
@@ -25,6 +26,11 @@ CODEC_SETTINGS = (("logits_codec", "topk"), ("hidden_codec", "hidden"))   # flat
 
 def shard_file(number: int) -> str:
     return f"{SHARD_DIR}/shard-{number:05d}.safetensors"
+
+
+def existing_manifest(root) -> dict | None:
+    """The manifest of the cache at `root` (checked), or None when there is none yet."""
+    return read_manifest(Path(root)) if (Path(root) / MANIFEST).exists() else None
 
 
 def now() -> str:

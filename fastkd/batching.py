@@ -34,5 +34,5 @@ def labels_from_mask(input_ids, loss_mask, ignore_index: int = -100):
     import torch
 
     labels = torch.full_like(input_ids, ignore_index)
-    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], torch.full_like(input_ids[:, 1:], ignore_index))
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), ignore_index)
     return labels

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastkd import paths
 from fastkd.paths import BBHError, resolve_bbh_dir
 from fastkd.records import DataError, read_records
-from fastkd.templates import ANSWER_PHRASE
+from fastkd.templates import ANSWER_PHRASE, COT_TRIGGER
 
 NLP_TASKS = (
     "causal_judgement", "date_understanding", "disambiguation_qa", "formal_fallacies", "hyperbaton",
@@ -29,7 +29,6 @@ ALL_TASKS = tuple(sorted(NLP_TASKS + ALGORITHMIC_TASKS))
 GROUPS = {"all": ALL_TASKS, "nlp": NLP_TASKS, "algorithmic": ALGORITHMIC_TASKS}
 
 STOP_STRING = "\n\nQ:"  # never a bare "Q": answers can be "(Q)"
-COT_CUE = "Let's think step by step."
 PROMPT_FORMATS = ("cot", "direct", "zeroshot", "trained", "trained-direct")
 
 
@@ -60,7 +59,8 @@ def select_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None, limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
+def load_tasks(tasks: list[str], bbh_dir: str | Path | None = None,
+               limit: int | None = None) -> tuple[dict[str, list[BBHItem]], str]:
     """{task: items} (the first `limit` of each) and where they came from: a folder, else the hub when online."""
     root = resolve_bbh_dir(bbh_dir, tasks)
     if root is not None:
@@ -112,7 +112,8 @@ def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
     path = Path(root) / "cot-prompts" / f"{task}.txt" if root and not str(root).startswith("hub:") else None
     if path is None or not path.is_file():
         raise BBHError(f"{path or 'cot-prompts/' + task + '.txt'}: no CoT prompt file; the few-shot prompt formats "
-                       f"need the BBH folder's cot-prompts/ (or use --prompt-format zeroshot or trained); {paths.bbh_get_hint()}")
+                       f"need the BBH folder's cot-prompts/ (or use --prompt-format zeroshot or trained); "
+                       f"{paths.bbh_get_hint()}")
     raw = path.read_text(encoding="utf-8")
     head, sep, text = raw.partition("\n-----\n")
     if not sep:
@@ -128,15 +129,15 @@ def load_cot_prompt(root: str | Path | None, task: str) -> FewShot:
 
 
 def build_prompt(fmt: str, item_input: str, few_shot: FewShot | None = None) -> str:
-    """Prompt text of cot (the published 3-shot prompt + `\\n\\nQ: {input}\\nA: ` + COT_CUE), direct (its exemplars
-    with final answers only, ending `\\nA:`) or zeroshot (`Q: {input}\\nA: ` + COT_CUE); trained: fastkd.templates."""
+    """Prompt text of cot (the published 3-shot prompt + `\\n\\nQ: {input}\\nA: ` + COT_TRIGGER), direct (its
+    exemplars with answers only, ending `\\nA:`) or zeroshot (`Q: {input}\\nA: ` + COT_TRIGGER); trained: templates."""
     if fmt == "cot":
-        return few_shot.text + "\n\nQ: " + item_input + "\nA: " + COT_CUE
+        return few_shot.text + "\n\nQ: " + item_input + "\nA: " + COT_TRIGGER
     if fmt == "direct":
         shots = "".join(f"\n\nQ: {q}\nA: {extract_answer(a)}" for q, a in few_shot.exemplars)
         return few_shot.description + shots + "\n\nQ: " + item_input + "\nA:"
     if fmt == "zeroshot":
-        return "Q: " + item_input + "\nA: " + COT_CUE
+        return "Q: " + item_input + "\nA: " + COT_TRIGGER
     raise ValueError(f"no text prompt for format {fmt!r}; choose one of {PROMPT_FORMATS[:3]}")
 
 

@@ -13,6 +13,7 @@ from fastkd import bbh
 from fastkd.errors import UserError
 
 SCHEMA = "fastkd-bbh-results/1"
+AVERAGES = {"micro": "micro", "macro": "macro", "nlp": "NLP average", "algorithmic": "algorithmic average"}
 
 
 class EvalError(UserError):
@@ -101,12 +102,11 @@ def report_markdown(results: dict) -> str:
         v = results["tasks"][task]
         lines.append(f"| {task} | {v['group']} | {v['n']} | {_pct(v['strict'])} | {_pct(v['lenient'])} |")
     n_nlp = sum(1 for t in results["tasks"] if bbh.task_group(t) == "nlp")
-    labels = {"micro": f"micro ({s['n_items']} items)", "macro": f"macro ({s['n_tasks']} tasks)",
-              "nlp": f"NLP average ({n_nlp} tasks)",
-              "algorithmic": f"algorithmic average ({s['n_tasks'] - n_nlp} tasks)"}
+    counts = {"micro": f"{s['n_items']} items", "macro": f"{s['n_tasks']} tasks", "nlp": f"{n_nlp} tasks",
+              "algorithmic": f"{s['n_tasks'] - n_nlp} tasks"}
     lines += ["", "| average | strict | lenient |", "|---|---:|---:|"]
-    lines += [f"| {label} | {_pct(s['strict'][k])} | {_pct(s['lenient'][k])} |" for k, label in labels.items()
-              if s["strict"][k] is not None]
+    lines += [f"| {label} ({counts[k]}) | {_pct(s['strict'][k])} | {_pct(s['lenient'][k])} |"
+              for k, label in AVERAGES.items() if s["strict"][k] is not None]
     if results.get("timing"):
         t = results["timing"]
         lines += ["", f"Generation: {t['seconds']} s, {t['items_per_s']} items/s, {t['new_tokens']} new tokens; "
@@ -179,11 +179,10 @@ def compare_runs(runs: list[dict], metric: str = "strict") -> str:
     for task in tasks:
         values = [r["tasks"].get(task, {}).get(metric) for r in runs]
         lines.append(f"| {task} | " + " | ".join(cells(values)) + " |")
-    for key, label in (("micro", "**micro**"), ("macro", "**macro**"), ("nlp", "**NLP average**"),
-                       ("algorithmic", "**algorithmic average**")):
+    for key, label in AVERAGES.items():
         values = [r["summary"][metric][key] for r in runs]
         if any(v is not None for v in values):  # a group none of the runs scored gets no row
-            lines.append(f"| {label} | " + " | ".join(cells(values)) + " |")
+            lines.append(f"| **{label}** | " + " | ".join(cells(values)) + " |")
     sets = {tuple(sorted(r["tasks"])) for r in runs}
     limits = {r["config"].get("limit") for r in runs}
     if len(sets) > 1 or len(limits) > 1:

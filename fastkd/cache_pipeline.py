@@ -43,27 +43,33 @@ def unit_rank(number: int, done: list[int], world: int) -> int:
     return (number - bisect.bisect_left(done, number)) % world
 
 
-def read_plan(config, env) -> Plan:
-    """Rank 0 reads the cache's work unit and listed units (a new cache: --sequences-per-shard, none) and tells
-    every rank; a manifest that cannot be read stops every rank with the same message."""
-    from fastkd.cache_tools.format import MANIFEST, read_manifest
-    from fastkd.cache_tools.writing import refuse_token_cut
-
+def from_main(env, work) -> dict:
+    """Rank 0's `work()` (a dict) on every rank; its failure stops every rank with the same message."""
     state = None
     if env.is_main:
-        out = Path(config.out)
         try:
-            existing = read_manifest(out) if (out / MANIFEST).exists() else None
-            if existing is not None:
-                refuse_token_cut(out, existing)     # before any record is tokenised or the model loaded
+            state = dict(work(), error=None)
         except Exception as err:
             env.broadcast({"error": str(err)})
             raise
-        state = {"error": None, "work_unit": int((existing or {}).get("work_unit") or config.sequences_per_shard),
-                 "done": sorted(int(e["unit"]) for e in (existing or {}).get("shards", []))}
     state = env.broadcast(state)
     if state["error"]:
         raise UserError(state["error"])
+    return state
+
+
+def read_plan(config, env) -> Plan:
+    """Rank 0 reads the cache's work unit and listed units (a new cache: --sequences-per-shard, none) and tells
+    every rank."""
+    from fastkd.cache_tools.writing import existing_manifest, refuse_token_cut
+
+    def read() -> dict:
+        existing = existing_manifest(config.out) or {}
+        refuse_token_cut(Path(config.out), existing)     # before any record is tokenised or the model loaded
+        return {"work_unit": int(existing.get("work_unit") or config.sequences_per_shard),
+                "done": sorted(int(e["unit"]) for e in existing.get("shards", []))}
+
+    state = from_main(env, read)
     return Plan(state["work_unit"], state["done"])
 
 
@@ -74,16 +80,17 @@ def own_records(config, tokenizer, template, plan: Plan, rank: int, world: int, 
     done = set(plan.done)
     last = [-1]
 
+    def mine(number: int) -> bool:
+        return number not in done and unit_rank(number, plan.done, world) == rank
+
     def keep(index: int) -> bool:
         last[0] = index
-        number = index // plan.work_unit
-        return number not in done and unit_rank(number, plan.done, world) == rank
+        return mine(index // plan.work_unit)
 
     examples = build_examples(config.data, tokenizer, template, config.field_map(), config.max_length,
                               config.overflow, config.skip_bad, config.split, report, keep=keep)
     count = last[0] + 1
-    units = {u: [] for u in RecordCut(count, plan.work_unit).numbers if u not in done
-             and unit_rank(u, plan.done, world) == rank}
+    units = {u: [] for u in RecordCut(count, plan.work_unit).numbers if mine(u)}
     for ex in examples:
         units[ex.record_index // plan.work_unit].append(ex)
     return OwnRecords(units, count, report.as_dict(), report.conversations)
@@ -105,7 +112,9 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
         if error is not None and str(error) == failed[0][1]:
             raise error
         raise DataError(failed[0][1])
-    own.report = _add_reports([p["report"] for p in parts])
+    reports = [p["report"] for p in parts]
+    own.report = {"kept": sum(r["kept"] for r in reports), "truncated": sum(r["truncated"] for r in reports),
+                  "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter()))}
     return own
 
 
@@ -113,11 +122,6 @@ def _error_index(err: Exception) -> int:
     """The record a DataError names (its index), to pick the earliest of several ranks' errors."""
     hit = re.search(r"record (\d+)", str(err))
     return int(hit.group(1)) if hit else -1
-
-
-def _add_reports(reports: list[dict]) -> dict:
-    return {"kept": sum(r["kept"] for r in reports), "truncated": sum(r["truncated"] for r in reports),
-            "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter()))}
 
 
 def records_identity(source, split: str) -> dict:
@@ -154,11 +158,11 @@ def write_units(config, writer, own: OwnRecords, done: set, backend, summary, en
     try:
         for number in (u for u in mine if own.units[u]):
             exs = own.units[number]
-            pool.begin(number, [ex.record_index for ex in exs], [len(ex.input_ids) for ex in exs],
-                       [sum(ex.loss_mask) for ex in exs])
+            lengths = [len(ex.input_ids) for ex in exs]
+            pool.begin(number, [ex.record_index for ex in exs], lengths, [sum(ex.loss_mask) for ex in exs])
             seed = config.seed * 1_000_003 + number      # --sample: one seed per unit, whatever the number of ranks
             generator = torch.Generator(device=backend.device).manual_seed(seed) if config.sample else None
-            for batch in length_sorted_batches([len(ex.input_ids) for ex in exs], config.batch_size):
+            for batch in length_sorted_batches(lengths, config.batch_size):
                 chunk = [exs[i] for i in batch]
                 t0 = time.perf_counter()
                 sig = backend.signal(chunk, generator)

@@ -174,8 +174,8 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
 def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env) -> tuple[dict, object]:
     """The manifest's settings (the config's and the backend's) and the cut into work units; on a resume the
     cache's own codecs (when none is asked), teacher tokenizer and work unit are kept."""
-    from fastkd.cache_tools.format import MANIFEST, read_manifest
     from fastkd.cache_tools.units import RecordCut
+    from fastkd.cache_tools.writing import CODEC_SETTINGS, existing_manifest
     from fastkd.chat_masks import template_sha256
     from fastkd.cross_tokenizer import with_teacher_tokenizer
 
@@ -187,16 +187,14 @@ def _settings(config: CacheConfig, backend, tokenizer, template, own, plan, env)
                 "sample_n": config.sample, "seed": config.seed if config.sample else None,
                 "max_length": config.max_length, "overflow": config.overflow, "fields": config.field_map().__dict__,
                 "data": str(config.data)}
-    settings.update({name: getattr(config, name) for name in ("hidden_codec", "logits_codec") if getattr(config, name)})
-    out = Path(config.out)
-    existing = read_manifest(out) if (out / MANIFEST).exists() else None
-    if existing is not None:  # a codec not asked for is the cache's own: a newer default must not strand it
-        kept = {part: existing["codecs"][part] for flag, part in (("logits_codec", "topk"), ("hidden_codec", "hidden"))
-                if flag not in settings and part in (existing.get("codecs") or {})}
-        if kept:
-            settings["codecs"] = kept
+    existing = existing_manifest(config.out)
+    for flag, part in CODEC_SETTINGS:   # a codec not asked for is the cache's own: a newer default must not strand it
+        if getattr(config, flag):
+            settings[flag] = getattr(config, flag)
+        elif part in ((existing or {}).get("codecs") or {}):
+            settings.setdefault("codecs", {})[part] = existing["codecs"][part]
     # the teacher tokenizer inside the cache (its files' sha256 in the manifest): cross-tokenizer students
-    settings = with_teacher_tokenizer(settings, tokenizer, out, existing, write=env.is_main)
+    settings = with_teacher_tokenizer(settings, tokenizer, config.out, existing, write=env.is_main)
     records = {"count": own.count}      # rank 0 adds the digest of the raw records (_open_writer)
     return dict(settings, records=records, work_unit=plan.work_unit), RecordCut(own.count, plan.work_unit)
 
@@ -208,27 +206,24 @@ def _after_unit() -> None:
 def _open_writer(config: CacheConfig, settings: dict, cut, env, summary: CacheSummary):
     """Rank 0 digests the raw records, opens the cache (lock, checks, earlier receipts merged) and tells the other
     ranks which units are done and under which settings (rank 0's are the cache's); returns (writer, done units)."""
-    from fastkd.cache_pipeline import records_identity
+    from fastkd.cache_pipeline import from_main, records_identity
     from fastkd.cache_tools.units import UnitWriter
 
-    writer, state = None, None
-    if env.is_main:
-        try:
-            records = dict(settings["records"], **records_identity(config.data, config.split))
-            writer = UnitWriter.open(config.out, dict(settings, records=records), cut)
-        except Exception as err:   # the other ranks stop with the same message instead of waiting
-            env.broadcast({"error": str(err)})
-            raise
-        state = {"error": None, "done": sorted(writer.done_units), "settings_sha256": writer.settings_sha256,
-                 "settings": writer.settings, "resumed": sum(e["num_sequences"] for e in writer.manifest["shards"])}
-        if config.progress:
-            for warning in writer.warnings:
-                print(f"fastkd cache-teacher: note: {warning}")
-    state = env.broadcast(state)
-    if state["error"]:
-        raise UserError(state["error"])
+    writer = None
+
+    def open_cache() -> dict:
+        nonlocal writer
+        records = dict(settings["records"], **records_identity(config.data, config.split))
+        writer = UnitWriter.open(config.out, dict(settings, records=records), cut)
+        return {"done": sorted(writer.done_units), "settings_sha256": writer.settings_sha256,
+                "settings": writer.settings, "resumed": sum(e["num_sequences"] for e in writer.manifest["shards"])}
+
+    state = from_main(env, open_cache)
     if writer is None:
         writer = UnitWriter.join(config.out, state["settings"], cut, state["settings_sha256"], env.rank)
+    elif config.progress:
+        for warning in writer.warnings:
+            print(f"fastkd cache-teacher: note: {warning}")
     summary.sequences_resumed = state["resumed"]
     return writer, set(state["done"])
 

@@ -107,14 +107,14 @@ def conversation_ids(tokenizer, conversation: dict, loss_turns: str) -> tuple[li
     if GENERATION_MARKER.search(template):
         turns = _marked_turns(tokenizer, conversation, text, ids, offsets, assistants, render)
     else:
-        turns = _prefix_turns(render, messages, text, assistants, _refusal(tokenizer, where))
+        turns = _prefix_turns(render, messages, text, assistants, f"{where}: the chat template of "
+                              f"{tokenizer_name(tokenizer)} gives no consistent span for assistant turn")
     return ids, _mask(offsets, select_spans(turns, loss_turns))
 
 
 def select_spans(turns: list[Turn], loss_turns: str) -> list[tuple[int, int]]:
-    """The character spans that carry loss: every assistant turn, the last one, or their reasoning or answer parts."""
-    if loss_turns not in LOSS_TURNS:
-        raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {loss_turns!r}")
+    """The character spans that carry loss: every assistant turn, the last one, or their reasoning or answer parts
+    (loss_turns, one of LOSS_TURNS: templates.Template checks it)."""
     if loss_turns == "reasoning":
         return [(t.start, t.answer) for t in turns if t.answer > t.start]
     picked = turns[-1:] if loss_turns == "last" else turns
@@ -200,9 +200,12 @@ def _marked_turns(tokenizer, conversation, text, ids, offsets, assistants, rende
     return turns
 
 
-def _prefix_turns(render, messages: list[dict], text: str, assistants: list[int], refuse) -> list[Turn]:
+def _prefix_turns(render, messages: list[dict], text: str, assistants: list[int], refusal: str) -> list[Turn]:
     """Each assistant turn's text as rendered after the turns before it, found in the whole rendering `text`
     after the previous turn (or from its answer on, when `text` drops its reasoning); docs/data.md, step 2."""
+    def refuse(k: int, why: str):
+        raise DataError(f"{refusal} {k} of this conversation ({why}); {_FIX}", reason="template spans")
+
     turns, cursor = [], 0
     for k, i in enumerate(assistants):
         before, prompt, alone = render(messages[:i]), render(messages[:i], True), render(messages[:i + 1])
@@ -235,10 +238,3 @@ def _prefix_turns(render, messages: list[dict], text: str, assistants: list[int]
         turns.append(Turn(start, min(start + answer, end) if reasoning else start, end))
         cursor = start + len(body)
     return turns
-
-
-def _refusal(tokenizer, where: str):
-    def refuse(k: int, why: str):
-        raise DataError(f"{where}: the chat template of {tokenizer_name(tokenizer)} gives no consistent span for "
-                        f"assistant turn {k} of this conversation ({why}); {_FIX}", reason="template spans")
-    return refuse

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # type names only: the run's pieces import this module, not t
     from fastkd.train_config import TrainConfig
 
 CHECKPOINT = "checkpoint"
+READABLE = (CHECKPOINT, f".{CHECKPOINT}.old")   # where a complete checkpoint may be, newest first
 TENSORS = "state.safetensors"
 INDEX = "checkpoint.json"
 FORMAT = "fastkd-checkpoint"
@@ -105,9 +106,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(tuple(state["numpy"]))
+    random.setstate(state["python"])   # tuples come back as tuples (encode_tree's __tuple__)
+    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -151,7 +151,7 @@ def load_checkpoint(run_dir: Path) -> dict:
     """The latest complete checkpoint (a crash between the two renames leaves the previous one as
     .old), every file checked against its digest first; UserError saying what is wrong."""
     run_dir = Path(run_dir)
-    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+    for name in READABLE:
         folder = run_dir / name
         if (folder / INDEX).exists():
             return _load_folder(folder)
@@ -219,8 +219,7 @@ def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state
 
 
 # what a run writes into its folder: a folder holding any of them holds a run
-RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.tmp", "final",
-             "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.jsonl", *READABLE, f".{CHECKPOINT}.tmp", "final", "tensorboard")
 
 
 def existing_run(run_dir: Path, config: TrainConfig) -> list[Path]:
@@ -230,7 +229,7 @@ def existing_run(run_dir: Path, config: TrainConfig) -> list[Path]:
         raise UserError(f"--out {run_dir} is a file; give a folder for the run")
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if config.resume:
-        if not any((run_dir / name / f).exists() for name in (CHECKPOINT, f".{CHECKPOINT}.old") for f in (INDEX, "state.pt")):
+        if not any((run_dir / name / f).exists() for name in READABLE for f in (INDEX, "state.pt")):
             what = "holds a run that stopped before its first checkpoint" if found else "holds no run"
             raise UserError(f"--resume: {run_dir} {what} (no {run_dir / CHECKPOINT / INDEX}); start it over with "
                             f"--overwrite instead of --resume")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import os
 import re
 import sys
+from importlib import import_module
 
-from fastkd.config import SHOWN_DEFAULT   # an action's default to show when its real one is SUPPRESS (--config wins)
+from fastkd import __version__
+from fastkd.config import SHOWN_DEFAULT
+from fastkd.errors import user_errors
 
 # (command, module, one-line help); nested groups list their own subcommands
 COMMANDS = [
@@ -124,13 +126,9 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: list[str]) -> 
     return f"unrecognized {noun} {', '.join(listed)}"
 
 
-def _load(module: str):
-    return importlib.import_module(module)
-
-
 def _add(sub, name: str, module: str, help_text: str, broken_stages: list[list[str]]) -> None:
     try:
-        mod = _load(module)
+        mod = import_module(module)
     except ImportError as err:
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         message = (f"cannot import the module {module} ({detail}); this fastkd installation is incomplete: reinstall "
@@ -153,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="White-box knowledge distillation of chain-of-thought reasoning from a cached teacher.\n"
                     "Flow: cache-teacher (once) -> train (many epochs, from the cache) -> eval-bbh.",
     )
-    from fastkd import __version__
-
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, module, help_text in COMMANDS:
@@ -175,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from fastkd.errors import user_errors
-
     try:
         return int(args._run(args) or 0)
     except user_errors() as err:

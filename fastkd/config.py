@@ -51,7 +51,7 @@ class StageConfig:
         """Each field's own rules (required, choices, minimum), however the config was built."""
         for name, f in self.fields().items():
             value, choices, minimum = getattr(self, name), f.metadata.get("choices"), f.metadata.get("minimum")
-            if value is None and f.metadata.get("required"):
+            if value in (None, "") and f.metadata.get("required"):  # "" too: `--out "$UNSET"` is not the cwd
                 raise UserError(f"give {_flag(name)}: {f.metadata['help']}")
             if value is None:
                 continue

@@ -145,6 +145,7 @@ class Retokenized:
     response_ids: list[int]     # ends with the student's EOS when the teacher's ended with its own (and it fits)
     prompt_text: str
     response_text: str          # the response without EOS
+    teacher_response: list[int]     # the teacher's response ids (without EOS) that response_text decodes
     eos: bool                   # the teacher's response ended with EOS
     student_eos: bool           # response_ids ends with the EOS appended for it
 
@@ -154,10 +155,9 @@ def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int |
     builds them: prompt with its BOS, response + EOS), the response end cut at max_length like build_example."""
     from fastkd.templates import text_prompt_ids
 
-    ids = [int(x) for x in np.asarray(input_ids)]
     mask = np.asarray(loss_mask).astype(bool)
-    prompt = [t for t, m in zip(ids, mask) if not m]
-    response = [t for t, m in zip(ids, mask) if m]
+    prompt = np.asarray(input_ids)[~mask].tolist()
+    response = np.asarray(input_ids)[mask].tolist()
     eos = bool(response) and response[-1] == teacher_tok.eos_token_id
     if eos:
         response = response[:-1]
@@ -172,7 +172,7 @@ def retokenize(input_ids, loss_mask, teacher_tok, student_tok, max_length: int |
     cut = max_length is not None and len(p) + len(r) > max_length
     if cut:
         r = r[:max(1, max_length - len(p))]
-    return Retokenized(p, r, prompt_text, response_text, eos, eos and not cut)
+    return Retokenized(p, r, prompt_text, response_text, response, eos, eos and not cut)
 
 
 def _no_teacher(n: int, width: int):
@@ -259,9 +259,7 @@ class CrossTokenizerSource:
         if self.method == "uld":
             ids, lp, tl = uld_rows(np.asarray(seq.topk_ids), np.asarray(seq.topk_logprobs), np.asarray(seq.tail), n_s)
         else:
-            mask = np.asarray(seq.loss_mask).astype(bool)
-            t_resp = [int(t) for t in np.asarray(seq.input_ids)[mask]]
-            t_off = response_offsets(self.teacher_tok, t_resp[:-1] if rt.eos else t_resp, rt.response_text, rt.eos)
+            t_off = response_offsets(self.teacher_tok, rt.teacher_response, rt.response_text, rt.eos)
             s_resp = rt.response_ids
             s_off = response_offsets(self.student_tok, s_resp[:-1] if rt.student_eos else s_resp, rt.response_text,
                                      rt.student_eos)[len(s_resp) - n_s:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ def write_held_out(folder: Path, tasks: list[str], n: int | None = None,
     """Generated test items (BBH inputs rejected, at most `n` per task) as `<folder>/<task>.json`, which `eval-bbh
     --bbh-dir folder` scores as is; returns their inputs. build_teacher.py keeps the default split out of training."""
     from fastkd import synth
+    from fastkd.cache_tools.format import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {}
@@ -74,9 +74,8 @@ def write_held_out(folder: Path, tasks: list[str], n: int | None = None,
         size = HELD_OUT_SMALL_TASKS.get(task, HELD_OUT_PER_TASK)   # at most the default size: a prefix of the split
         items = [{"input": r["source"], "target": r["target"]}
                  for r in synth.generate(task, size if n is None else min(n, size), seed=seed)]
-        tmp = folder / f".{task}.json.tmp"
-        tmp.write_text(json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}))
-        os.replace(tmp, folder / f"{task}.json")
+        atomic_write_bytes(folder / f"{task}.json",
+                           json.dumps({"canary": "fastkd synthetic held-out items", "examples": items}).encode())
         inputs[task] = [item["input"] for item in items]
     return inputs
 

@@ -106,7 +106,7 @@ def evaluate_bbh(config: EvalConfig) -> dict:
              "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "stop": bbh.STOP_STRING,
              "bbh_dir": root, "device": None, "dtype": None}
     if config.predictions:
-        rows = predictions_rows(config.predictions, given, items, root, config.prompt_format, config.limit)
+        rows = predictions_rows(config, given, items, root)
         timing = None
     else:
         rows, timing = generate_rows(config, items, root, saved)
@@ -168,9 +168,9 @@ def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
     return dict(found)
 
 
-def predictions_rows(path, given, items, root, fmt, limit: int | None = None) -> list[dict]:
+def predictions_rows(config: EvalConfig, given, items, root) -> list[dict]:
     """Per-item rows for saved predictions; every asked-for item must have one."""
-    rows = []
+    path, rows = config.predictions, []
     for task, task_items in items.items():
         preds = given[task]
         missing = [it.idx for it in task_items if it.idx not in preds]
@@ -179,13 +179,13 @@ def predictions_rows(path, given, items, root, fmt, limit: int | None = None) ->
                             f"(first idx {missing[0]}); pass --limit N when the file covers the first N items")
         known = {it.idx for it in task_items}
         # beyond the items read: fine under --limit when idx >= 0 (the rest of the task), otherwise not BBH items
-        stray = [row for idx, row in preds.items() if idx < 0 or (idx not in known and limit is None)]
+        stray = [row for idx, row in preds.items() if idx < 0 or (idx not in known and config.limit is None)]
         if stray:
             row = min(stray, key=lambda r: r["line"])
             raise EvalError(f"{path}: line {row['line']}: field 'idx' {row['idx']} is not an item of {task} "
                             f"(idx 0..{len(task_items) - 1}): a 1-based file, or another data version?")
         try:   # the prompt texts, hashed into the rows when they can be rebuilt without a tokenizer
-            prompts = [text for text, _ in build_prompts({task: task_items}, None, fmt, False, root)]
+            prompts = [text for text, _ in build_prompts({task: task_items}, None, config.prompt_format, False, root)]
         except bbh.BBHError:
             prompts = [None] * len(task_items)
         for it, prompt in zip(task_items, prompts):

@@ -10,11 +10,20 @@ import torch
 from transformers import Trainer
 
 from fastkd.errors import UserError
-from fastkd.loader import CacheSource, collate, epoch_plan
+from fastkd.loader import CacheSource, collate
 from fastkd.packing import pack_sequences
+from fastkd.plans import epoch_stream
 from fastkd.student import StudentWithLoss, batch_inputs, causal_lm
 from fastkd.train_config import TrainConfig
 from fastkd.train_data import check_cache_tokenizer
+
+
+def open_cache(path: str, layers: list[int] | None, verify: bool, tokenizer) -> CacheSource:
+    """The cache as a CacheSource; with a `tokenizer`, the cache's ids must mean what the student's tokenizer means."""
+    source = CacheSource(path, layers=layers, verify=verify)
+    if tokenizer is not None:
+        check_cache_tokenizer(source.manifest, tokenizer, f"cache {path}")
+    return source
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -22,10 +31,8 @@ class CacheDataset(torch.utils.data.Dataset):
     every block checked against its digests before it is decoded. `layers=[]` skips hidden states."""
 
     def __init__(self, path: str, *, layers: list[int] | None = None, verify: bool = True, tokenizer=None):
-        self.source = CacheSource(path, layers=layers, verify=verify)
+        self.source = open_cache(path, layers, verify, tokenizer)
         self.manifest = self.source.manifest
-        if tokenizer is not None:  # the cache's ids must mean what the student's tokenizer means
-            check_cache_tokenizer(self.manifest, tokenizer, f"cache {path}")
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "CacheDataset":
@@ -46,9 +53,7 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
     def __init__(self, path: str, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  epoch: int = 0, start: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  layers: list[int] | None = None, verify: bool = True, tokenizer=None):
-        self.source = CacheSource(path, layers=layers, verify=verify)
-        if tokenizer is not None:
-            check_cache_tokenizer(self.source.manifest, tokenizer, f"cache {path}")
+        self.source = open_cache(path, layers, verify, tokenizer)
         self.seed, self.epoch, self.start = seed, epoch, start
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         if rank is None or world_size is None:
@@ -63,9 +68,9 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
 
     def mine(self, epoch: int) -> np.ndarray:
         """This rank's share (items rank, rank + world, ...) of the epoch's seeded order, the same on every rank."""
-        plan = epoch_plan(self.source.lengths, self.source.shards, 1, seed=self.seed, epoch=epoch,
-                          shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, group_batches=1)
-        return (np.concatenate(plan) if plan else np.zeros(0, np.int64))[self.rank::self.world]
+        order, _ = epoch_stream(self.source.lengths, self.source.shards, seed=self.seed, epoch=epoch,
+                                shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
+        return order[self.rank::self.world]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -127,7 +132,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args, fastkd_config: TrainConfig | dict | None = None, vocab_size: int | None = None,
                  **kwargs):
-        args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        args_obj = kwargs.get("args", args[1] if len(args) > 1 else None)
         if args_obj is not None and getattr(args_obj, "remove_unused_columns", False):
             args_obj.remove_unused_columns = False  # the teacher columns are not the model's arguments
         super().__init__(*args, **kwargs)

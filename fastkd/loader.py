@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -51,9 +51,8 @@ class CacheSource:
         return self._reader
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_reader"], state["_blocks"] = None, {}
-        return state
+        """Picklable (DataLoader workers) and copied (the held-out split): each copy opens its own reader."""
+        return dict(self.__dict__, _reader=None, _blocks={})
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -128,16 +127,16 @@ def collate(sequences: list, pad_id: int) -> Batch:
     labels, so row r of the teacher tensors belongs to the r-th label != IGNORE_INDEX."""
     ids, attn, loss = pad_batch([s.input_ids.tolist() for s in sequences], pad_id, "right",
                                 [s.loss_mask.tolist() for s in sequences])
-    labels = labels_from_mask(ids, loss, IGNORE_INDEX)
+    return make_batch(sequences, ids, attn, loss, labels_from_mask(ids, loss, IGNORE_INDEX))
+
+
+def make_batch(sequences: list, ids, attn, loss, labels: torch.Tensor, **packed) -> Batch:
+    """The Batch of `sequences` laid out in these tensors (`packed`: a packed one's fields), with their teacher
+    rows (if any) concatenated in order: the batch's loss rows are theirs, in order."""
     # the loss rows as indices, found here on the host: a boolean mask on the device would sync every step
     loss_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
     batch = Batch(ids, attn, loss, labels, record_indices=[int(s.record_index) for s in sequences],
-                  loss_index=loss_index)
-    return attach_teacher(batch, sequences)
-
-
-def attach_teacher(batch: Batch, sequences: list) -> Batch:
-    """The sequences' teacher rows (if any), concatenated in order: the batch's loss rows are theirs, in order."""
+                  loss_index=loss_index, **packed)
     if getattr(sequences[0], "topk_ids", None) is None:
         return batch
     for s in sequences:
@@ -171,27 +170,27 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        item, epoch, start = 0, self.epoch, self.start
+        item, epoch, start = 0, self.epoch, self.start   # item: steps so far, counted from (self.epoch, self.start)
+        expect = getattr(self.source, "expect", None)
         while self.epochs is None or epoch < self.epoch + self.epochs:
             plan = self.plans(epoch) if callable(self.plans) else self.plans  # a list: the same plan every epoch
             if not plan:
                 raise UserError("the data source gives no batch for one step (too few sequences for the processes "
                                 "and micro-batches of one step)")
-            expect = getattr(self.source, "expect", None)
+            mine = range(start + (worker - item) % workers, len(plan), workers)  # this worker's steps of the epoch
+            item += len(plan) - start
             if expect is not None:  # a remote cache fetches this worker's blocks ahead, in the order they come
-                expect(p for index in range(start, len(plan)) if (item + index - start) % workers == worker
-                       for entry in rank_slice(plan[index], self.rank, self.world) for p in np.atleast_1d(entry))
-            for index in range(start, len(plan)):
-                if item % workers == worker:
-                    mine = rank_slice(plan[index], self.rank, self.world)
-                    try:
-                        micro = [self.collate_fn([self._item(p) for p in part], self.pad_id)
-                                 for part in np.array_split(mine, self.accum) if len(part)]
-                    except user_errors() as err:  # yielded across the worker boundary: make_loader raises it
-                        yield err
-                        return
-                    yield epoch, index + 1, micro
-                item += 1
+                expect(p for index in mine for entry in rank_slice(plan[index], self.rank, self.world)
+                       for p in np.atleast_1d(entry))
+            for index in mine:
+                try:
+                    micro = [self.collate_fn([self._item(p) for p in part], self.pad_id)
+                             for part in np.array_split(rank_slice(plan[index], self.rank, self.world), self.accum)
+                             if len(part)]
+                except user_errors() as err:  # yielded across the worker boundary: make_loader raises it
+                    yield err
+                    return
+                yield epoch, index + 1, micro
             epoch, start = epoch + 1, 0
 
     def _item(self, entry):
@@ -211,19 +210,18 @@ def read_ahead(items, depth: int):
         while (item := ahead.popleft().result()) is not _END:
             ahead.append(pool.submit(next, items, _END))
             yield item
-    finally:
-        pool.shutdown(cancel_futures=True)  # waits for the item being made, so no thread outlives the run
-        getattr(items, "close", lambda: None)()
+    finally:  # wait up to a minute for the item being made (a stalled read must not hang the run's end)
+        pool.shutdown(wait=False, cancel_futures=True)
+        if not wait([f for f in ahead if not f.cancelled()], timeout=60).not_done:  # (cancelled: never notified)
+            getattr(items, "close", lambda: None)()
 
 
-def make_loader(source, plans, pad_id: int, *, rank: int = 0, world: int = 1, accum: int = 1, epoch: int = 0,
-                start: int = 0, epochs: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, prefetch: int = 0, collate_fn=collate):
-    """This rank's steps from a DataLoader over `BatchStream` (a user error a worker yielded raised as itself, not a
-    worker traceback); prefetch > 0: that many steps built ahead in a thread (read_ahead), in order."""
-    stream = BatchStream(source, plans, pad_id, rank=rank, world=world, accum=accum, epoch=epoch, start=start,
-                         epochs=epochs, collate_fn=collate_fn)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+def make_loader(source, plans, pad_id: int, *, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 0,
+                **stream):
+    """This rank's steps from a DataLoader over `BatchStream(source, plans, pad_id, **stream)`, a worker's user error
+    raised as itself (no worker traceback); prefetch > 0: that many steps built ahead in a thread (read_ahead)."""
+    loader = torch.utils.data.DataLoader(BatchStream(source, plans, pad_id, **stream), batch_size=None,
+                                         num_workers=num_workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if num_workers else None, persistent_workers=False)
     items = _raise_failures(iter(loader))  # workers start here, in the caller's thread, never in read_ahead's
     return read_ahead(items, prefetch) if prefetch > 0 else items

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import UserError
-from fastkd.loader import IGNORE_INDEX, Batch, attach_teacher
+from fastkd.loader import IGNORE_INDEX, Batch, make_batch
 from fastkd.plans import best_fit_decreasing
 
 
@@ -52,13 +52,9 @@ def collate_packed(rows: list[list], pad_id: int) -> Batch:
             positions[r, t:] = np.arange(width - t)
             starts.append(r * width + t)
     cu_seqlens = np.asarray(starts + [len(rows) * width], dtype=np.int32)
-    labels_t = torch.from_numpy(labels)
-    batch = Batch(torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(loss), labels_t,
-                  record_indices=[int(s.record_index) for s in sequences],
-                  loss_index=(labels_t.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1),
-                  position_ids=torch.from_numpy(positions), cu_seqlens=torch.from_numpy(cu_seqlens),
-                  max_seqlen=int(np.diff(cu_seqlens).max()), segments=segments)
-    return attach_teacher(batch, sequences)
+    return make_batch(sequences, *map(torch.from_numpy, (ids, attn, loss, labels)),
+                      position_ids=torch.from_numpy(positions), cu_seqlens=torch.from_numpy(cu_seqlens),
+                      max_seqlen=int(np.diff(cu_seqlens).max()), segments=segments)
 
 
 def pack_sequences(sequences: list, pad_id: int, row_length: int) -> Batch:

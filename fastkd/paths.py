@@ -17,7 +17,8 @@ EMBEDDED_NAMES = ("embedded", "embedded-teacher", "embedded-student")
 BBH_ENV = "FASTKD_BBH_DIR"
 HOME_ENV = "FASTKD_HOME"
 BBH_HUB_DATASET = "lukaemon/bbh"
-BBH_DIR_LOOKUP = "$FASTKD_BBH_DIR, then <user data dir>/bbh (~/.local/share/fastkd/bbh), then a source checkout's ../shared/bbh"
+BBH_DIR_LOOKUP = ("$FASTKD_BBH_DIR, then <user data dir>/bbh (~/.local/share/fastkd/bbh), "
+                  "then a source checkout's ../shared/bbh")
 
 
 def user_data_dir() -> Path:
@@ -105,7 +106,7 @@ def resolve_model(name: str | os.PathLike, role: str = "model", need: str = "mod
 
 
 def _looks_local(text: str) -> bool:
-    """A name that cannot be a hub id ('name' or 'org/name' of letters, digits, -_.), or whose folder part exists here."""
+    """A name that cannot be a hub id ('name' or 'org/name' of letters, digits, -_.), or whose folder part exists."""
     if text.startswith(("/", "./", "../", "~")) or "\\" in text or text.endswith("/") or text.count("/") > 1:
         return True
     head, sep, _ = text.partition("/")

@@ -104,6 +104,8 @@ def read_log(path: Path, settings: dict) -> dict[tuple[int, int], dict]:
             continue
         done[(int(entry["record_index"]), int(entry["sample"]))] = entry
     if header is None:              # killed while its first line was written: nothing was logged yet
+        if not lines[0].startswith(b'{"settings"'):
+            raise UserError(f"{path}: line 1 holds no settings; not a fastkd provenance log")
         path.unlink()
         return {}
     if header != settings:

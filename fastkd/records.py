@@ -78,15 +78,18 @@ def describe_kind(value: object) -> str:
     return "dict" if isinstance(value, dict) else type(value).__name__
 
 
-def _parse_json(text: str):
-    """json.loads with duplicate-key tracking; ValueError/RecursionError come out as (reason, message)."""
+def _parse_json(text: str, line: bool = False):
+    """json.loads with duplicate-key tracking; ValueError/RecursionError come out as (reason, message).
+    line: the text is one JSONL line (positions by column, an incomplete value named as such)."""
     try:
         return json.loads(text, object_pairs_hook=_object_pairs), None
     except json.JSONDecodeError as err:
         msg = err.msg[:-3] if err.msg.endswith(" at") else err.msg
         if err.pos >= len(text.rstrip()):  # the text ran out: say so, not the position past its last line
-            return None, ("invalid JSON", f"invalid JSON: {msg} at the end of the text (the JSON value is incomplete)")
-        return None, ("invalid JSON", f"invalid JSON: {msg} (line {err.lineno}, column {err.colno})")
+            end = "line (a JSONL line holds one whole JSON object)" if line else "text (the JSON value is incomplete)"
+            return None, ("invalid JSON", f"invalid JSON: {msg} at the end of the {end}")
+        at = "" if line and err.lineno == 1 else f"line {err.lineno}, "
+        return None, ("invalid JSON", f"invalid JSON: {msg} ({at}column {err.colno})")
     except RecursionError:
         return None, ("too deeply nested", "invalid JSON: nested too deeply to parse")
     except ValueError as err:  # e.g. an integer literal longer than int() converts
@@ -106,22 +109,17 @@ def scan_records(source: str | Path, split: str = "train") -> Iterator[tuple[int
     """(index, location label, record or None, per-record DataError or None) for every record.
     Problems that spoil the whole file are raised, not yielded."""
     path = Path(source)
+    suffix = path.suffix.lower()
     if not path.is_file():
-        looks_local = path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet") or str(source).startswith((".", "/"))
+        looks_local = suffix in _SCANNERS or str(source).startswith((".", "/"))
         if looks_local and not path.exists():
             raise DataError(f"{source}: no such file", reason="no such file")
         for index, record in _read_hub(str(source), split):
             yield index, f"record {index}", record, None
         return
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _scan_jsonl(path)
-    elif suffix == ".json":
-        yield from _scan_json(path)
-    elif suffix == ".parquet":
-        yield from _scan_parquet(path)
-    else:
+    if suffix not in _SCANNERS:
         raise DataError(f"{path}: unknown record format {suffix!r}; use .jsonl, .json or .parquet", reason="unknown format")
+    yield from _SCANNERS[suffix](path)
 
 
 def _scan_jsonl(path: Path):
@@ -167,14 +165,9 @@ def _scan_jsonl(path: Path):
                 hint = " (the file looks like UTF-16; re-save it as UTF-8)" if lineno == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
                 yield bad("invalid UTF-8", f"invalid UTF-8 at byte {err.start} of the line ({err.reason}){hint}")
                 continue
-            record, problem = _parse_json(text)
+            record, problem = _parse_json(text, line=True)
             if problem is not None:
-                reason, message = problem
-                if reason == "invalid JSON":
-                    message = re.sub(r" \(line 1, column", " (column", message).replace(
-                        "end of the text (the JSON value is incomplete)",
-                        "end of the line (a JSONL line holds one whole JSON object)")
-                yield bad(reason, message)
+                yield bad(*problem)
                 continue
             yield lineno, where, record, None
 
@@ -241,6 +234,9 @@ def _scan_parquet(path: Path):
                         f"({type(err).__name__}: {str(err)[:200]})", reason="unreadable") from None
 
 
+_SCANNERS = {".jsonl": _scan_jsonl, ".ndjson": _scan_jsonl, ".json": _scan_json, ".parquet": _scan_parquet}
+
+
 def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
     try:
         import datasets
@@ -275,10 +271,7 @@ def validate_record(record: object, index: int, fields: FieldMap, origin: str, c
                 null = " (null)" if key in record else ""
                 fail(f"field {key!r} is missing{null}{_conversation_hint(record, fields)}", "missing")
             value = ""
-        elif not isinstance(value, str):
-            fail(f"field {key!r} is {describe_kind(value)}, not a string", "not a string")
-        else:
-            check_text(value, key, fail)
+        check_text(value, f"field {key!r}", fail)
         out[role] = value
     if not out["target"].strip():
         fail(f"field {fields.target!r} is empty (empty response)", "empty response")
@@ -299,9 +292,8 @@ def check_unique_keys(record: dict, fail) -> None:
 def read_task(record: dict, fields: FieldMap, fail) -> str:
     """The record's task: a string, "" when absent or null."""
     task = record.get(fields.task)
-    if task is not None and not isinstance(task, str):
-        fail(f"field {fields.task!r} is {describe_kind(task)}, not a string", "bad task")
-    check_text(task or "", fields.task, fail)
+    if task is not None:
+        check_text(task, f"field {fields.task!r}", fail, "bad task")
     return task or ""
 
 
@@ -315,9 +307,11 @@ def _conversation_hint(record: dict, fields: FieldMap) -> str:
     return ""
 
 
-def check_text(value: str, key: str, fail, label: str | None = None) -> None:
-    """Refuse (through fail(message, reason)) text the tokenizer cannot take: a NUL or a lone surrogate."""
-    label = label or f"field {key!r}"
+def check_text(value: object, label: str, fail, reason: str = "not a string") -> None:
+    """Refuse (through fail(message, reason)) a value that is not a string (under `reason`), or text the tokenizer
+    cannot take: a NUL or a lone surrogate."""
+    if not isinstance(value, str):
+        fail(f"{label} is {describe_kind(value)}, not a string", reason)
     nul = value.find("\x00")
     if nul >= 0:
         fail(f"{label} holds a NUL character (at character {nul}): binary or mis-decoded text", "invalid text")

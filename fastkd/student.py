@@ -32,8 +32,10 @@ class StudentWithLoss(nn.Module):
         # models whose logits are not lm_head(last hidden) (soft-capping, logit scale) take the full forward
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
                                  or not isinstance(causal_lm(student).get_output_embeddings(), nn.Linear))
-        self.loss_path = ("uld" if getattr(config, "cross_tokenizer", None) == "uld"
-                          else choose_loss_path(config.loss_impl, self.full_forward))
+        # a full forward: logits whatever was asked; auto: fused (no [rows, V] logits: the lightest on CPU and CUDA,
+        # benchmarks/train_step_table.py)
+        self.loss_path = ("uld" if config.cross_tokenizer == "uld" else "logits" if self.full_forward
+                          else "fused" if config.loss_impl == "auto" else config.loss_impl)
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,
                 teacher_hidden=None, loss_index=None, runner: nn.Module | None = None, position_ids=None,
@@ -96,14 +98,6 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         return get_peft_model(model, lora)
     except ValueError as err:  # e.g. target modules not found in the model
         raise UserError(f"--lora-targets {targets}: {str(err).splitlines()[0]}") from None
-
-
-def choose_loss_path(loss_impl: str, full_forward: bool) -> str:
-    """auto: fused (no [rows, V] logits: the lightest on CPU and CUDA, benchmarks/train_step_table.py); logits
-    whatever was asked when the model's logits are not lm_head(hidden) (soft-capped or scaled)."""
-    if full_forward:
-        return "logits"
-    return "fused" if loss_impl == "auto" else loss_impl
 
 
 def describe_loss_path(module: "StudentWithLoss", device: torch.device) -> str:

@@ -30,6 +30,10 @@ class Template:
     chat: bool = False
     loss_turns: str = "all"     # messages records: which assistant turns carry loss (LOSS_TURNS)
 
+    def __post_init__(self):
+        if self.loss_turns not in LOSS_TURNS:
+            raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {self.loss_turns!r}")
+
     def prompt(self, source: str) -> str:
         return f"Q: {source.strip()}\nA: {COT_TRIGGER}" if self.cot else f"Q: {source.strip()}\nA:"
 
@@ -47,9 +51,8 @@ class Template:
     def describe(self, conversations: dict | None = None) -> dict:
         """The template as a cache's settings record it; `conversations` (BuildReport.conversations: how
         conversation records were rendered and masked) is added under "messages" when there were any."""
-        prompt = "{source}" if self.chat else "Q: {source}\\nA:" + (f" {COT_TRIGGER}" if self.cot else "")
-        trigger = f" {COT_TRIGGER}" if self.chat else ""
-        response = f"{trigger} {{rationale}} So the answer is {{target}}." if self.cot else " {target}"
+        prompt = "{source}" if self.chat else self.prompt("{source}").replace("\n", "\\n")
+        response = self.response("{rationale}", "{target}")
         described = {"cot": self.cot, "chat": self.chat, "prompt": prompt, "response": response}
         return dict(described, messages=conversations) if conversations else described
 
@@ -95,10 +98,8 @@ def text_prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Token ids of a ready prompt string: as is (BOS when the tokenizer adds one), or as one
     user turn of the chat template followed by the generation prompt."""
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True, return_dict=True,
+                                                  add_generation_prompt=True)["input_ids"])
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
@@ -154,8 +155,6 @@ def build_examples(source: str | Path, tokenizer, template: Template, fields: Fi
     conversation read, kept or not, so every rank records the same."""
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"overflow must be 'truncate' or 'skip', not {overflow!r}")
-    if template.loss_turns not in LOSS_TURNS:
-        raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, not {template.loss_turns!r}")
     report = report if report is not None else BuildReport()
     examples = []
     for index, where, raw, error in scan_records(source, split):

@@ -75,7 +75,7 @@ def build_model(tokenizer, arch: str = "qwen2", hidden: int = 64, layers: int = 
     return model_cls(config)
 
 
-STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # 0.55M parameters: the demo's student
+STUDENT_SHAPE = dict(hidden=96, layers=3, heads=4, kv_heads=4, intermediate=288)   # the demo's 0.55M-parameter student
 
 
 def make_student_init(teacher: str | Path, out: str | Path, seed: int, shape: dict | None = None) -> Path:

@@ -7,7 +7,7 @@ import copy
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from torch import nn
@@ -23,17 +23,6 @@ from fastkd.tokenizer_identity import check_tokenizer, tokenizer_identity
 from fastkd.train_config import TrainConfig
 
 
-@dataclass
-class RecordSequence:
-    """A tokenised record without a teacher signal (SFT, online KD)."""
-
-    record_index: int
-    task: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    cot: bool = True
-
-
 class RecordSource:
     """Records tokenised with fastkd.templates, a data source beside the cache; a record with `"cot": false` is
     built with Template(cot=False), so CoT and answer-only records mix in one file."""
@@ -46,9 +35,9 @@ class RecordSource:
         self.path, self.report = str(data), BuildReport()
         examples = build_examples(data, tokenizer, Template(cot=cot, chat=chat, loss_turns=loss_turns),
                                   fields or FieldMap(), max_length, report=self.report)
-        self.sequences: list[RecordSequence] = [
-            RecordSequence(ex.record_index, ex.task, np.asarray(ex.input_ids, dtype=np.int32),
-                           np.asarray(ex.loss_mask, dtype=np.uint8), ex.cot) for ex in examples]
+        # templates.Examples (no teacher signal: SFT, online KD) holding their tokens as numpy arrays
+        self.sequences = [replace(ex, input_ids=np.asarray(ex.input_ids, dtype=np.int32),
+                                  loss_mask=np.asarray(ex.loss_mask, dtype=np.uint8)) for ex in examples]
         if not self.sequences:
             raise UserError(f"{self.path}: no usable records ({self.report.as_dict()})")
         self.lengths = np.array([len(s.input_ids) for s in self.sequences], dtype=np.int64)

@@ -22,6 +22,13 @@ def _terms(model: nn.Module, batch: Batch, data: DataSide, config: TrainConfig, 
         return model(**batch_inputs(batch, data.teacher_layers))
 
 
+def _weighted(terms, rows: int, device) -> torch.Tensor:
+    """[rows, then rows x total, ce, kl, hidden] in float64 on the device (rows counted on the host): what a
+    log line's window and an evaluation sum."""
+    return torch.stack([torch.tensor(float(rows), dtype=torch.float64, device=device)] +
+                       [t.detach().double() * rows for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
+
+
 def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: list[Batch], data: DataSide,
                config: TrainConfig, env: Env, vocab_size: int, window: torch.Tensor):
     """One optimizer step, each micro-batch weighted by its share of the step's loss rows (all ranks), no host sync;
@@ -39,8 +46,7 @@ def train_step(model: nn.Module, module: "StudentWithLoss", optimizer, micro: li
         with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
             terms = _terms(model, batch, data, config, env, vocab_size)
             (terms.total * (n * env.world / divisor)).backward()
-        window += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=env.device)] +
-                              [t.detach().double() * n for t in (terms.total, terms.ce, terms.kl, terms.hidden)])
+        window += _weighted(terms, n, env.device)
     grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                  if config.max_grad_norm else None)
     optimizer.step()
@@ -60,16 +66,13 @@ def evaluate(module: StudentWithLoss, data: DataSide, config: TrainConfig, env: 
         return {}
     was_training = module.training
     module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # rows, ce*rows, kl*rows
+    sums = torch.zeros(5, dtype=torch.float64, device=env.device)
     for _, _, (batch,) in make_loader(data.eval, plan, pad_id, rank=env.rank, world=env.world, epochs=1):
-        n = float(batch.num_rows)                                   # counted on the host
-        terms = _terms(module, batch, data, config, env, module.vocab_size)
-        sums += torch.stack([torch.tensor(n, dtype=torch.float64, device=env.device),
-                             terms.ce.double() * n, terms.kl.double() * n])
+        sums += _weighted(_terms(module, batch, data, config, env, module.vocab_size), batch.num_rows, env.device)
     if env.world > 1:
         dist.all_reduce(sums)
     module.train(was_training)
-    total_rows, ce, kl = sums.tolist()
+    total_rows, _, ce, kl, _ = sums.tolist()
     result = {"ce": ce / max(total_rows, 1.0), "rows": int(total_rows)}
     if data.eval.has_teacher or data.teacher is not None:
         result["kl"] = kl / max(total_rows, 1.0)

@@ -24,7 +24,7 @@ class HiddenProjector(nn.Module):
             raise LossInputError(
                 f"HiddenProjector: expected {pairs} student and teacher hidden tensors (one per mapped layer pair), "
                 f"got {len(student_hidden)} and {len(teacher_hidden)}")
-        total = None
+        terms = []
         for i, (proj, h_s, h_t) in enumerate(zip(self.projections, student_hidden, teacher_hidden)):
             if (h_s.shape[-1], h_t.shape[-1], h_s.shape[0]) != (self.student_width, proj.out_features, h_t.shape[0]):
                 raise LossInputError(
@@ -33,9 +33,8 @@ class HiddenProjector(nn.Module):
             diff = proj(h_s.to(proj.weight.dtype)).float() - h_t.float()
             per_row = diff.pow(2).sum(-1) / proj.out_features
             m = torch.ones_like(per_row) if mask is None else mask.to(per_row.dtype)
-            term = (per_row * m).sum() / m.sum().clamp_min(1.0)
-            total = term if total is None else total + term
-        return torch.zeros(()) if total is None else total / pairs
+            terms.append((per_row * m).sum() / m.sum().clamp_min(1.0))
+        return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def add_hidden_term(terms: LossTerms, spec: LossSpec, projector: HiddenProjector | None, student_hidden,

@@ -213,7 +213,7 @@ def chunk_loss_and_grad(z, labels, teacher: Teacher, spec: LossSpec, row_scale, 
     g_arg = z if g is None else g  # not written to without a gradient
     _distill_rows_kernel[(n,)](
         z, z.stride(0), g_arg, g_arg.stride(0),
-        labels.contiguous(), ids, ids.stride(0), lp, lp.stride(0) if lp is not ce_rows else 0, tail,
+        labels.contiguous(), ids, ids.stride(0), lp, lp.stride(0), tail,
         counts, counts.stride(0), ce_rows, kl_rows, row_scale.reshape(1).to(torch.float32),
         vocab, ids.shape[1], int(spec.ignore_index), float(spec.ce_weight), float(spec.kl_weight), tau, 1.0 / tau,
         MODE=MODE_IDS[mode], HAS_GRAD=g is not None, TEMPERED=tau != 1.0, INPLACE=g is z,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastkd.cache_tools.hidden_codec import decode_hidden, encode_hidden, random_projection
+from fastkd.cache_tools.codecs import normalize_codec
 from fastkd.cache_tools.errors import CodecError
 from fastkd.cache_tools.topk2_codec import topk_section_sizes
 from fastkd.cache_tools.topk_codec import DEFAULT_TOPK_PARAMS, decode_sampled, decode_topk, encode_sampled, encode_topk
@@ -735,3 +736,13 @@ def test_default_payloads_keep_their_bytes():
     for method in ("bf16", "int8", "fp8"):
         got[f"kh-{method}"] = _format_digest(encode_hidden(x, method, block=64), 16, 2)
     assert got == FORMAT_DIGESTS
+
+
+@pytest.mark.parametrize("spec", ["kt:layout=value", "kt:reference=absolute", "kt:rank_of_id=true", "ks:step=0.1",
+                                  "kh:precision=fine"])
+def test_an_option_the_codec_does_not_read_is_refused_when_spelled(spec):
+    """Refused where the user spells it (before any teacher runs), naming what the codec reads."""
+    with pytest.raises(CodecError, match=f"{spec.split(':')[0]} codec: unknown parameter.*; known: "):
+        normalize_codec(spec, "hidden" if spec.startswith("kh") else "topk",
+                        "sample" if spec.startswith("ks") else "topk")
+

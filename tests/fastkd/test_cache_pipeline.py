@@ -51,8 +51,16 @@ def synthetic_units(seed: int, settings: dict, count: int, skipped=()):
 
 
 def pool_write(root, settings, seqs, cut, threads, order_seed=None, **writer_kw):
-    """Every unit of `cut` through an EncodePool, each unit's sequences in a shuffled order."""
+    """Every unit of `cut` through an EncodePool, each unit's sequences in a shuffled order (threads=None: each unit
+    written whole by UnitWriter.write_unit, the reference)."""
     writer = UnitWriter.open(root, settings, cut, **writer_kw)
+    if threads is None:
+        units = {u: [s for s in seqs if s.record_index in cut.span(u)] for u in cut.numbers}
+        for number, unit in units.items():
+            if unit:
+                writer.write_unit(number, unit)
+        assert writer.finish(empty=[u for u, unit in units.items() if not unit])
+        return root
     pool = EncodePool(writer, threads)
     rng = np.random.default_rng(order_seed)
     empty = []
@@ -78,7 +86,7 @@ def pool_write(root, settings, seqs, cut, threads, order_seed=None, **writer_kw)
 
 
 @pytest.mark.parametrize("mode", ["topk", "sample", "captured"])
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [0, 1, 3])
 def test_pool_writes_the_bytes_of_the_sequential_path(tmp_path, mode, threads):
     extra = {"capture": {"share": 0.5, "by": "entropy", "seed": None}} if mode == "captured" else {}
     settings = synthetic_settings(vocab_size=300, k=8, mode="sample" if mode == "sample" else "topk", **extra)
@@ -89,7 +97,7 @@ def test_pool_writes_the_bytes_of_the_sequential_path(tmp_path, mode, threads):
             s.topk_ids[::2], s.topk_logprobs[::2], s.tail[::2] = -1, -np.inf, 1.0
     cut = RecordCut(23, 5)
     kw = dict(block_bytes=2_000, max_block_sequences=3)    # several blocks per unit, of uneven sizes
-    serial = pool_write(tmp_path / "serial", settings, seqs, cut, threads=0, **kw)
+    serial = pool_write(tmp_path / "serial", settings, seqs, cut, threads=None, **kw)
     pooled = pool_write(tmp_path / "pooled", settings, seqs, cut, threads=threads, order_seed=threads, **kw)
     assert_same_bytes(serial, pooled)
     manifest = json.loads((pooled / "manifest.json").read_text())
@@ -105,7 +113,8 @@ def test_pool_writes_the_bytes_of_the_sequential_path(tmp_path, mode, threads):
                                       np.take_along_axis(want.topk_ids, order_want, 1))
 
 
-def test_pool_error_reaches_the_caller_and_only_whole_units_stay(tmp_path):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_pool_error_reaches_the_caller_and_only_whole_units_stay(tmp_path, threads):
     settings = synthetic_settings(vocab_size=300, k=8)
     settings.update(work_unit=4, records={"count": 16, "sha256": HEX, "digest": "file"})
     seqs = synthetic_units(7, settings, 16)
@@ -114,15 +123,15 @@ def test_pool_error_reaches_the_caller_and_only_whole_units_stay(tmp_path):
     bad.topk_logprobs[-1, 0] = np.nan
     cut = RecordCut(16, 4)
     with pytest.raises(CacheError, match=r"record 9: field topk_logprobs holds NaN") as err:
-        pool_write(tmp_path / "c", settings, seqs, cut, threads=2, order_seed=0, max_block_sequences=2)
+        pool_write(tmp_path / "c", settings, seqs, cut, threads=threads, order_seed=0, max_block_sequences=2)
     assert "\n" not in str(err.value)
     assert not [t for t in threading.enumerate() if t.name.startswith("fastkd-encode")]
     assert not list((tmp_path / "c").glob(".lock*"))       # abort released the lock
     receipts = sorted(p.name for p in (tmp_path / "c" / "units").glob("unit-*.json"))
     assert receipts and "unit-00002.json" not in receipts   # units finished before the error keep their receipts
     bad.topk_logprobs[:] = good_lp
-    resumed = pool_write(tmp_path / "c", settings, seqs, cut, threads=2, order_seed=1, max_block_sequences=2)
-    reference = pool_write(tmp_path / "ref", settings, seqs, cut, threads=0, max_block_sequences=2)
+    resumed = pool_write(tmp_path / "c", settings, seqs, cut, threads=threads, order_seed=1, max_block_sequences=2)
+    reference = pool_write(tmp_path / "ref", settings, seqs, cut, threads=None, max_block_sequences=2)
     assert_same_bytes(reference, resumed)
 
 

@@ -141,6 +141,8 @@ def test_config_file_flags_and_the_saved_config(tiny_qwen_dir, records_file, tmp
     assert "this run: 0 sequences, 0 loss positions written; 12 already cached" in capsys.readouterr().out
     assert cli_main(["cache-teacher", "--data", str(records_file), "--out", str(tmp_path / "c")]) == 2
     assert "give --teacher" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(records_file), "--out", ""]) == 2
+    assert "give --out" in capsys.readouterr().err    # an empty --out ("$UNSET") is not the current folder
 
 
 def _contents(path):

@@ -53,14 +53,14 @@ def rendered_help(parser, action) -> str:
 
 def break_import(monkeypatch, module: str, missing: str) -> None:
     """Make the CLI's import of `module` fail as if `missing` were not installed."""
-    real = cli._load
+    real = cli.import_module
 
     def load(name):
         if name == module:
             raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
         return real(name)
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli, "import_module", load)
 
 
 @pytest.fixture

@@ -482,7 +482,7 @@ BAD = [
     ([{"role": "bot", "content": "x"}, A], "unknown role", "turn 0: unknown role 'bot'"),
     ([{"from": "robot", "value": "x"}, A], "unknown role", "unknown role 'robot'"),
     ([{"content": "x"}, A], "unknown role", "turn 0 has no role"),
-    ([U, dict(A, content="a\x00b")], "invalid text", "turn 1: content holds a NUL"),
+    ([U, dict(A, content="a\x00b")], "invalid text", "turn 1 (assistant): content holds a NUL"),
     ([dict(U, tool_calls=[CALL]), A], "roles out of order", "only assistant turns make tool calls"),
     ("not a list", "not a list", "is str, not a list of turns"),
     ([U, "text"], "expected an object", "turn 1 is str, not an object"),

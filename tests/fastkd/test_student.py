@@ -176,16 +176,23 @@ def test_read_ahead_keeps_order_bounds_its_queue_and_raises_the_producers_error(
 
 
 def test_closing_the_reader_stops_its_thread():
+    closed = []
+
     def endless():
         i = 0
-        while True:
-            yield i
-            i += 1
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
 
     before = threading.active_count()
-    reader = read_ahead(endless(), 2)
+    source = endless()    # held here, so only read_ahead can close it
+    reader = read_ahead(source, 2)
     assert [next(reader) for _ in range(5)] == [0, 1, 2, 3, 4]
     reader.close()
+    assert closed   # the source is closed by close() itself (its queued items cancelled, not waited for)
     deadline = time.time() + 5
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.05)
