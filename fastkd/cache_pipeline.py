@@ -114,7 +114,8 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
         raise DataError(failed[0][1])
     reports = [p["report"] for p in parts]
     own.report = {"kept": sum(r["kept"] for r in reports), "truncated": sum(r["truncated"] for r in reports),
-                  "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter()))}
+                  "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter())),
+                  "first_errors": [m for r in reports for m in r["first_errors"]][:BuildReport.MAX_ERRORS_KEPT]}
     return own
 
 

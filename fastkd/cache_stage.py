@@ -162,6 +162,7 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
             env.barrier()                                   # every rank's units are on disk with their receipts
             summary.seconds_units = time.perf_counter() - t_units
             _finish(writer, summary, empty, env)
+            env.barrier()   # ranks leave together: one leaving the process group early can abort another's teardown
         except BaseException:
             writer.abort()      # finished units stay with their receipts; re-running the command resumes
             raise
@@ -267,6 +268,7 @@ def format_summary(s: CacheSummary, out: str) -> str:
         f"cache: {Path(out)}",
         f"  records read this run: {report.get('kept', 0)} kept, {report.get('truncated', 0)} truncated, skipped "
         f"{report.get('skipped', {}) or 'none'}",
+        *(f"    skipped: {message}" for message in report.get("first_errors", [])),
         f"  this run: {s.sequences_written} sequences, {s.loss_positions} loss positions written"
         f"{f' by {s.world_size} ranks' if s.world_size > 1 else ''}; {s.sequences_resumed} already cached",
         f"  total: {cache['sequences']} sequences, {cache['loss_positions']} loss positions",

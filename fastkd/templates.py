@@ -91,7 +91,8 @@ class BuildReport:
     MAX_ERRORS_KEPT = 5
 
     def as_dict(self) -> dict:
-        return {"kept": self.kept, "truncated": self.truncated, "skipped": dict(self.skipped)}
+        return {"kept": self.kept, "truncated": self.truncated, "skipped": dict(self.skipped),
+                "first_errors": list(self.first_errors)}
 
 
 def text_prompt_ids(tokenizer, text: str, chat: bool = False) -> list[int]:

@@ -8,13 +8,13 @@ import threading
 import numpy as np
 import pytest
 
+from fastkd.cache_stage import format_summary
 from fastkd.cache_tools import CacheError, CacheReader
 from fastkd.cache_tools.encode_pool import EncodePool
-from helpers import random_sequence, synthetic_settings
 from fastkd.cache_tools.units import RecordCut, UnitWriter
 from fastkd.cache_tools.verify import verify_cache
 from fastkd.cli import main as cli_main
-from helpers import random_records, run_cache
+from helpers import random_records, random_sequence, run_cache, synthetic_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HEX = "ab" * 32
@@ -299,7 +299,13 @@ def test_skipped_records_leave_units_shorter_or_empty(tiny_qwen_dir, tmp_path):
     summary = run_cache(tiny_qwen_dir, path, out, top_k=4, sequences_per_shard=3, skip_bad=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(e["unit"], e["num_sequences"]) for e in manifest["shards"]] == [(0, 3), (2, 2), (3, 3), (4, 2)]
+    first = summary.report.pop("first_errors")
     assert manifest["complete"] and summary.report == {"kept": 10, "truncated": 0, "skipped": {"missing": 4}}
+    assert [m.split(": ")[1] for m in first] == [f"record {i} (line {i + 1})" for i in (3, 4, 5, 7)]
+    assert all(m.startswith(str(path)) and "target" in m for m in first)   # named: file, record, field
+    summary.report["first_errors"] = first
+    printed = format_summary(summary, str(out))
+    assert all(f"skipped: {m}" in printed for m in first)
     again = run_cache(tiny_qwen_dir, path, out, top_k=4, sequences_per_shard=3, skip_bad=True)
     assert again.sequences_written == 0 and again.sequences_resumed == 10
     assert json.loads((out / "manifest.json").read_text())["complete"]
