@@ -256,9 +256,7 @@ def test_kt_precisions_are_one_codec():
 
     rng = np.random.default_rng(13)
     vocab, k = 500, 16
-    ids, logp, tail = random_teacher(rng, 64, vocab, k)
-    labels = labels_from(rng, ids, logp, tail, vocab)
-    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
+    ids, logp, tail, lp32, t32, labels = teacher_case(rng, 64, vocab, k)
     sizes = {}
     for precision, version in (("fine", 1), ("small", 2), ("exact", 1)):
         payload = encode_kt(ids, lp32, t32, vocab, labels=labels, precision=precision)
@@ -428,6 +426,13 @@ def labels_from(rng, ids, logp, tail, vocab):
     return np.where(inside, ids[np.arange(len(ids)), np.minimum(slot, ids.shape[1] - 1)], out)
 
 
+def teacher_case(rng, n, vocab, k):
+    """random_teacher's rows, their float32 log-probs and tail, and labels drawn from them."""
+    ids, logp, tail = random_teacher(rng, n, vocab, k)
+    labels = labels_from(rng, ids, logp, tail, vocab)
+    return ids, logp, tail, logp.astype(np.float32), tail.astype(np.float32), labels
+
+
 def roundtrip2(ids, logp, tail, vocab, labels=None, **params):
     n, k = ids.shape
     payload = encode_topk2(ids, logp.astype(np.float32), tail.astype(np.float32), vocab, labels=labels, **params)
@@ -541,9 +546,7 @@ def test_topk2_unused_slots_roundtrip():
 def test_topk2_rejects_bad_inputs_and_corrupt_payloads():
     rng = np.random.default_rng(6)
     vocab, k = 200, 16
-    ids, logp, tail = random_teacher(rng, 20, vocab, k)
-    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
-    labels = labels_from(rng, ids, logp, tail, vocab)
+    ids, logp, tail, lp32, t32, labels = teacher_case(rng, 20, vocab, k)
     for bad_ids in (np.where(np.arange(k) == 3, vocab, ids), np.where(np.arange(k) == 3, ids[:, :1], ids)):
         with pytest.raises(CodecError):
             encode_topk2(bad_ids, lp32, t32, vocab, labels=labels)
@@ -719,9 +722,7 @@ def test_default_payloads_keep_their_bytes():
     """Each codec's payload on a fixed input, frames decompressed, equals the one pinned (fastkd 1.0's encoders)."""
     rng = np.random.default_rng(2026)
     vocab, k = 700, 16
-    ids, logp, tail = random_teacher(rng, 48, vocab, k)
-    lp32, t32 = logp.astype(np.float32), tail.astype(np.float32)
-    labels = labels_from(rng, ids, logp, tail, vocab)
+    ids, logp, tail, lp32, t32, labels = teacher_case(rng, 48, vocab, k)
     unused_ids = np.where(np.arange(k) >= 12, -1, ids)
     unused_lp = np.where(unused_ids < 0, -np.inf, lp32).astype(np.float32)
     unused_tail = np.clip(1 - np.exp(unused_lp.astype(np.float64)).sum(1), 0, 1).astype(np.float32)
