@@ -26,6 +26,7 @@ NO_LATENCY = (None, "file", "local", "memory")  # a folder, and schemes with no 
 READ_AHEAD_THREADS = 4
 RETRIES = (0.5, 2.0)               # seconds to wait before each retry of a failed remote read
 _COUNTING = threading.Lock()       # every storage's `requests` / `bytes_read` (read-ahead threads add to them)
+os.register_at_fork(after_in_child=lambda: globals().update(_COUNTING=threading.Lock()))  # a forked worker: free
 
 
 def url_scheme(root) -> str | None:

@@ -115,7 +115,8 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
     reports = [p["report"] for p in parts]
     own.report = {"kept": sum(r["kept"] for r in reports), "truncated": sum(r["truncated"] for r in reports),
                   "skipped": dict(sum((Counter(r["skipped"]) for r in reports), Counter())),
-                  "first_errors": [m for r in reports for m in r["first_errors"]][:BuildReport.MAX_ERRORS_KEPT]}
+                  "first_errors": sorted((m for r in reports for m in r["first_errors"]),
+                                         key=_record_number)[:BuildReport.MAX_ERRORS_KEPT]}
     return own
 
 
@@ -215,3 +216,10 @@ def _sequences(chunk, sig) -> list:
                            loss_mask=np.asarray(ex.loss_mask, np.uint8), topk_ids=ids[i], topk_logprobs=logprobs[i],
                            tail=tail[i], counts=counts[i], hidden={layer: h[i] for layer, h in hidden.items()})
             for i, ex in enumerate(chunk)]
+
+
+def _record_number(message: str) -> int:
+    """The record a skip message names ('<file>: record 12 (line 13): ...'), so every rank's firsts merge in order."""
+    found = re.search(r": record (\d+)", message)
+    return int(found.group(1)) if found else -1
+

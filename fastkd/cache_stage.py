@@ -89,6 +89,15 @@ class CacheConfig(StageConfig):
             raise UserError("--capture-share < 1 works with top-k caches only (not with --sample)")
         if self.hidden_project and not self.layers:
             raise UserError("--hidden-project needs --layers (there are no hidden states to project)")
+        from fastkd.cache_tools.codecs import normalize_codec
+        from fastkd.cache_tools.errors import CodecError
+        from fastkd.cache_tools.writing import CODEC_SETTINGS
+
+        for flag, part in CODEC_SETTINGS:   # spelled wrong: refused now, not after the teacher has loaded
+            try:
+                normalize_codec(getattr(self, flag), part, "sample" if self.sample else "topk")
+            except (KeyError, ValueError, CodecError) as err:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(self, flag)!r}: {err.args[0]}") from None
         return self
 
     def template(self) -> Template:
@@ -117,7 +126,10 @@ class CacheSummary:
     is_main: bool = True                            # rank 0 (prints the summary); not stored
 
     def as_dict(self) -> dict:
-        return {key: value for key, value in self.__dict__.items() if key != "is_main"}
+        """What the manifest stores: not is_main, nor the skipped records' messages (they quote the data)."""
+        out = {key: value for key, value in self.__dict__.items() if key != "is_main"}
+        out["report"] = {key: value for key, value in self.report.items() if key != "first_errors"}
+        return out
 
 
 def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSummary:

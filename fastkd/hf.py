@@ -18,7 +18,7 @@ from fastkd.train_config import TrainConfig
 from fastkd.train_data import check_cache_tokenizer
 
 
-def open_cache(path: str, layers: list[int] | None, verify: bool, tokenizer) -> CacheSource:
+def _open_cache(path: str, layers: list[int] | None, verify: bool, tokenizer) -> CacheSource:
     """The cache as a CacheSource; with a `tokenizer`, the cache's ids must mean what the student's tokenizer means."""
     source = CacheSource(path, layers=layers, verify=verify)
     if tokenizer is not None:
@@ -31,7 +31,7 @@ class CacheDataset(torch.utils.data.Dataset):
     every block checked against its digests before it is decoded. `layers=[]` skips hidden states."""
 
     def __init__(self, path: str, *, layers: list[int] | None = None, verify: bool = True, tokenizer=None):
-        self.source = open_cache(path, layers, verify, tokenizer)
+        self.source = _open_cache(path, layers, verify, tokenizer)
         self.manifest = self.source.manifest
 
     @classmethod
@@ -53,7 +53,7 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
     def __init__(self, path: str, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  epoch: int = 0, start: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
                  layers: list[int] | None = None, verify: bool = True, tokenizer=None):
-        self.source = open_cache(path, layers, verify, tokenizer)
+        self.source = _open_cache(path, layers, verify, tokenizer)
         self.seed, self.epoch, self.start = seed, epoch, start
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         if rank is None or world_size is None:

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
+import queue
+import threading
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -202,18 +202,50 @@ _END = object()
 
 
 def read_ahead(items, depth: int):
-    """Iterate `items` on a background thread at most `depth` items ahead, in order; its exception is raised here,
-    and closing this generator stops the thread and closes `items`."""
-    pool, items = ThreadPoolExecutor(1, thread_name_prefix="fastkd-read-ahead"), iter(items)
-    ahead = deque(pool.submit(next, items, _END) for _ in range(max(1, int(depth))))
-    try:
-        while (item := ahead.popleft().result()) is not _END:
-            ahead.append(pool.submit(next, items, _END))
-            yield item
-    finally:  # wait up to a minute for the item being made (a stalled read must not hang the run's end)
-        pool.shutdown(wait=False, cancel_futures=True)
-        if not wait([f for f in ahead if not f.cancelled()], timeout=60).not_done:  # (cancelled: never notified)
-            getattr(items, "close", lambda: None)()
+    """Iterate `items` in a daemon thread at most `depth` items ahead; its exception is raised in the consumer (the
+    same object), and closing the consumer stops the thread at its next item."""
+    slots: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((True, _END))
+        except BaseException as err:  # noqa: BLE001 - carried to the consumer and raised there
+            offer((False, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="fastkd-read-ahead", daemon=True)
+    worker.start()
+
+    def consume():
+        try:
+            while True:
+                ok, item = slots.get()
+                if not ok:
+                    raise item
+                if item is _END:
+                    return
+                yield item
+        finally:
+            stop.set()  # the producer stops at its next item; wait for it, so no thread outlives the run
+            worker.join(timeout=60)
+
+    return consume()
 
 
 def make_loader(source, plans, pad_id: int, *, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 0,

@@ -34,7 +34,7 @@ class StudentWithLoss(nn.Module):
                                  or not isinstance(causal_lm(student).get_output_embeddings(), nn.Linear))
         # a full forward: logits whatever was asked; auto: fused (no [rows, V] logits: the lightest on CPU and CUDA,
         # benchmarks/train_step_table.py)
-        self.loss_path = ("uld" if config.cross_tokenizer == "uld" else "logits" if self.full_forward
+        self.loss_path = ("uld" if getattr(config, "cross_tokenizer", None) == "uld" else "logits" if self.full_forward
                           else "fused" if config.loss_impl == "auto" else config.loss_impl)
 
     def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None, tail=None, counts=None,

@@ -304,11 +304,19 @@ def test_skipped_records_leave_units_shorter_or_empty(tiny_qwen_dir, tmp_path):
     assert [m.split(": ")[1] for m in first] == [f"record {i} (line {i + 1})" for i in (3, 4, 5, 7)]
     assert all(m.startswith(str(path)) and "target" in m for m in first)   # named: file, record, field
     summary.report["first_errors"] = first
+    assert manifest["summary"]["report"] == {"kept": 10, "truncated": 0, "skipped": {"missing": 4}}  # no data quoted
     printed = format_summary(summary, str(out))
     assert all(f"skipped: {m}" in printed for m in first)
     again = run_cache(tiny_qwen_dir, path, out, top_k=4, sequences_per_shard=3, skip_bad=True)
     assert again.sequences_written == 0 and again.sequences_resumed == 10
     assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_every_ranks_first_skips_merge_in_record_order():
+    from fastkd.cache_pipeline import _record_number
+
+    messages = [f"/d/r: 1.jsonl: record {i} (line {i + 1}): missing 'target'" for i in (12, 3, 40, 7)]
+    assert sorted(messages, key=_record_number) == [messages[1], messages[3], messages[0], messages[2]]
 
 
 def test_the_records_digest_is_the_file_bytes(tiny_qwen_dir, tmp_path, monkeypatch):

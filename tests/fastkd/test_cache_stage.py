@@ -143,6 +143,12 @@ def test_config_file_flags_and_the_saved_config(tiny_qwen_dir, records_file, tmp
     assert "give --teacher" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(records_file), "--out", ""]) == 2
     assert "give --out" in capsys.readouterr().err    # an empty --out ("$UNSET") is not the current folder
+    for codec, said in (("kt:layout=value", "unknown parameter(s) layout"), ("kt:precision=tiny", "precision 'tiny'"),
+                        ("zz", "unknown logits codec 'zz'")):   # refused before any model is looked for
+        assert cli_main(["cache-teacher", "--teacher", str(tmp_path / "no-model"), "--data", str(records_file),
+                         "--out", str(tmp_path / "d"), "--logits-codec", codec]) == 2
+        err = capsys.readouterr().err
+        assert f"--logits-codec {codec!r}" in err and said in err and not (tmp_path / "d").exists(), err
 
 
 def _contents(path):

@@ -116,6 +116,11 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
     generate("fake-teacher", str(data), str(header_cut), n=3, batch_size=2, engine=FakeEngine(), progress=False)
     assert header_cut.read_text() == whole.read_text()
     assert (tmp_path / ("cut.jsonl" + LOG_SUFFIX)).read_text().splitlines()[0] == json.dumps(log[0])
+    for cut in ("", '{"sett'):                  # a kill before the first byte, or inside the first key
+        (tmp_path / ("cut.jsonl" + LOG_SUFFIX)).write_text(cut)
+        header_cut.unlink()
+        generate("fake-teacher", str(data), str(header_cut), n=3, batch_size=2, engine=FakeEngine(), progress=False)
+        assert header_cut.read_text() == whole.read_text()
     foreign = tmp_path / ("other.jsonl" + LOG_SUFFIX)   # one unfinished line that no fastkd wrote: kept, refused
     foreign.write_text("notes: do not delete")
     with pytest.raises(UserError, match="not a fastkd provenance log"):
