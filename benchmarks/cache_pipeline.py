@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -154,8 +155,7 @@ def child(args) -> None:
               "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if summary is not None and summary.is_main:
         counts = json.loads((Path(args.out) / "manifest.json").read_text())["counts"]
-        result.update(positions=summary.loss_positions, bytes=counts["bytes"], encode=summary.seconds_encode,
-                      main_write=summary.seconds_write)
+        result.update(positions=summary.loss_positions, bytes=counts["bytes"], encode=summary.seconds_encode)
     if args.startup_only and result["rank"] == 0:     # what every rank did before issue 30: tokenise every record
         from fastkd.cache_pipeline import records_identity
         from fastkd.templates import Template, build_examples
@@ -164,8 +164,10 @@ def child(args) -> None:
                           ("read_all", lambda: build_examples(args.data, tokenizer, Template(), keep=lambda i: False)),
                           ("digest", lambda: records_identity(args.data, "train"))):
             t0 = time.perf_counter()
-            work()
+            out = work()
             result[key] = time.perf_counter() - t0
+            if key == "tokenise_all":
+                result["tokens"] = sum(len(e.input_ids) for e in out)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -225,7 +227,8 @@ def startup_rows(work: Path, args) -> list[dict]:
         data = write_records(work / f"records-{count}.jsonl", count)
         for world in _ints(args.startup_ranks):
             results = run_case(data, work / "startup", world, 0, 2, args, startup_only=True)
-            rows.append(dict({key: results[0][key] for key in ("tokenise_all", "read_all", "digest")}, records=count,
+            rows.append(dict({key: results[0][key] for key in ("tokenise_all", "tokens", "read_all", "digest")},
+                             records=count,
                              ranks=world, startup=max(r["startup"] for r in results),
                              rss_mib=max(r["rss_mib"] for r in results), mb=data.stat().st_size / 1e6))
     return rows
@@ -271,12 +274,6 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def format_pipeline(rows: list[dict], rate: float) -> str:
     head = ("| case | encode threads | loss positions | wall/fwd median | wall/fwd range | positions/s | "
             "peak RSS MiB | start-up s | bytes/pos | encode us/pos | cores/GPU |")
@@ -285,10 +282,10 @@ def format_pipeline(rows: list[dict], rate: float) -> str:
         runs = row["runs"]
         ratios = [r["wall"] / r["forward"] for r in runs]
         pos = runs[0]["positions"]
-        encode_us = _median([r["encode"] / r["positions"] * 1e6 for r in runs])
-        lines.append(f"| {row['case']} | {row['threads']} | {pos:,} | {_median(ratios):.3f} | "
-                     f"{min(ratios):.3f}-{max(ratios):.3f} | {pos / _median([r['wall'] for r in runs]):,.0f} | "
-                     f"{max(r['rss_mib'] for r in runs):,.0f} | {_median([r['startup'] for r in runs]):.2f} | "
+        encode_us = median([r["encode"] / r["positions"] * 1e6 for r in runs])
+        lines.append(f"| {row['case']} | {row['threads']} | {pos:,} | {median(ratios):.3f} | "
+                     f"{min(ratios):.3f}-{max(ratios):.3f} | {pos / median([r['wall'] for r in runs]):,.0f} | "
+                     f"{max(r['rss_mib'] for r in runs):,.0f} | {median([r['startup'] for r in runs]):.2f} | "
                      f"{runs[0]['bytes'] / pos:,.1f} | {encode_us:.1f} | {encode_us * 1e-6 * rate:.2f} |")
     lines.append(f"\n{len(rows[0]['runs'])} runs per row; cores/GPU = encode us/pos x {rate:,.0f} positions/s; "
                  f"bytes/pos with ids below 1,024")
@@ -297,10 +294,12 @@ def format_pipeline(rows: list[dict], rate: float) -> str:
 
 def format_startup(rows: list[dict]) -> str:
     lines = ["| records | MB | ranks | start-up s (slowest rank) | peak RSS MiB (largest rank) | tokenising every "
-             "record s (each rank, before issue 30) | reading every record s | SHA-256 of the file s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "record s (each rank, before issue 30) | tokens per record | reading every record s | SHA-256 of the "
+             "file s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['records']:,} | {r['mb']:.1f} | {r['ranks']} | {r['startup']:.2f} | {r['rss_mib']:,.0f} | "
-              f"{r['tokenise_all']:.2f} | {r['read_all']:.2f} | {r['digest']:.3f} |" for r in rows]
+              f"{r['tokenise_all']:.2f} | {r['tokens'] / r['records']:.0f} | {r['read_all']:.2f} | "
+              f"{r['digest']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 

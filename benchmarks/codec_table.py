@@ -353,9 +353,7 @@ def encode_variant(ids, lp, tail, vocab, layout="id", reference="top1", rank_of_
         key_stream, codes = packed & ((1 << id_bits) - 1), packed >> id_bits
         code_stream = np.concatenate([codes[:, :1], np.diff(codes, axis=1)], axis=1)
     else:
-        packed = np.sort((keys << 16) | codes, axis=1)
-        keys, code_stream = packed >> 16, packed & 0xFFFF
-        key_stream = np.concatenate([keys[:, :1], np.diff(keys, axis=1) - 1], axis=1)
+        key_stream, code_stream = topk_codec._sorted_gaps(keys, codes, 16)
     flags = (1 if rank_of_id is not None else 0) | (2 if reference == "absolute" else 0)
     header = topk_codec._TOPK_HEADER.pack(b"KT", 1, 0 if layout == "value" else 1, flags, n, k, *steps)
     code_planes = plane_count(max(int(code_stream.max(initial=0)), 1))

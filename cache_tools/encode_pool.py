@@ -86,8 +86,6 @@ class EncodePool:
             for block in range(len(unit.payloads)):
                 self._encode(unit, block)
             self._raise()
-        if unit.arrived == len(unit.slots) and any(unit.missing):   # never wait for a block that cannot come
-            raise CacheError(f"cache {self.writer.root}: unit {unit.number}: blocks {unit.missing} short of sequences")
 
     def _encode(self, unit: _Unit, b: int) -> None:
         """A worker (or the caller, threads=0): check and encode block b of `unit`; who encodes a unit's last block

@@ -23,7 +23,7 @@ _HEADER = struct.Struct("<2sBBIII")   # magic, version, method, n, d, block (0 =
 
 def encode_hidden(x: np.ndarray, method: str = "bf16", *, block: int = 128, level: int = 1, **unused) -> bytes:
     """Encode float32 [n, d] hidden states; int8/fp8 keep one scale per `block` values of a row (0: one per
-    row; a last partial block is zero-padded); every error is within hidden_error_bound()."""
+    row; a last partial block is zero-padded); errors within the bound of docs/codec.md (tests: hidden_error_bound)."""
     check_params(unused, set(), "hidden")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:

@@ -239,9 +239,9 @@ class UnitWriter:
         if receipt.get("settings_sha256") != self.settings_sha256:
             return "written under other settings (stale)", None
         entry = receipt["entry"] if isinstance(receipt.get("entry"), dict) else {}
-        sha = self.units[number].sha256 if self.cut is None else entry.get("unit_sha256")   # a cut: the writer's
-        if entry.get("unit") != number or entry.get("unit_sha256") != sha or not is_hex_digest(sha) \
-                or entry.get("file") != shard_file(number):
+        sha = entry.get("unit_sha256")   # a cut: the writer's digest; open-ended: the registered unit's
+        if entry.get("unit") != number or not is_hex_digest(sha) \
+                or (self.cut is None and sha != self.units[number].sha256) or entry.get("file") != shard_file(number):
             return "written from other records (stale)", None
         try:
             shard = open_shard(LocalStorage(self.root), entry, number)

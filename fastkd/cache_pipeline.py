@@ -105,7 +105,7 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
     except Exception as err:    # noqa: BLE001 - every rank must hear of it, or the others wait forever
         if env.world == 1:
             raise
-        own, error, at = None, err, _error_index(err)
+        own, error, at = None, err, _record_number(str(err))
     parts = env.gather({"error": str(error) if error else None, "at": at, "report": report.as_dict()})
     failed = sorted((p["at"], p["error"]) for p in parts if p["error"])
     if failed:
@@ -119,11 +119,6 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
                                          key=_record_number)[:BuildReport.MAX_ERRORS_KEPT]}
     return own
 
-
-def _error_index(err: Exception) -> int:
-    """The record a DataError names (its index), to pick the earliest of several ranks' errors."""
-    hit = re.search(r"record (\d+)", str(err))
-    return int(hit.group(1)) if hit else -1
 
 
 def records_identity(source, split: str) -> dict:
@@ -219,7 +214,8 @@ def _sequences(chunk, sig) -> list:
 
 
 def _record_number(message: str) -> int:
-    """The record a skip message names ('<file>: record 12 (line 13): ...'), so every rank's firsts merge in order."""
+    """The record a DataError's message names ('<file>: record 12 (line 13): ...'): the earliest of several ranks'
+    errors, and every rank's first skips merged in order."""
     found = re.search(r": record (\d+)", message)
     return int(found.group(1)) if found else -1
 

@@ -29,7 +29,7 @@ def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> di
     try:
         with tempfile.TemporaryDirectory(prefix="fastkd-tok-") as tmp:
             tokenizer.save_pretrained(tmp)
-            files = {p.name: digest_bytes(p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+            files = {p.name: digest_bytes(p.read_bytes(), "sha256") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
             bad = [name for name in files if not _FILE_NAME.match(name)]
             if bad:
                 raise UserError(f"the teacher tokenizer saves a file named {bad[0]!r}, which a cache cannot list; "
@@ -97,7 +97,7 @@ def load_teacher_tokenizer(cache: str, manifest: dict, given: str | None = None)
             except (OSError, *user_errors()) as err:
                 raise UserError(f"cache {cache}: cannot read {where} ({str(err).splitlines()[0]}), listed in {field}; "
                                 f"restore the folder or re-create the cache") from None
-            if digest_bytes(data) != digest:
+            if digest_bytes(data, "sha256") != digest:
                 raise UserError(f"cache {cache}: {where} does not match its sha256 in {field}: corrupted or edited; "
                                 f"nothing of it was used; restore it or re-create the cache")
             (Path(tmp) / name).write_bytes(data)       # loaded from the checked bytes only

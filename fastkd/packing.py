@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastkd.batching import labels_from_mask
 from fastkd.errors import UserError
 from fastkd.loader import IGNORE_INDEX, Batch, make_batch
 from fastkd.plans import best_fit_decreasing
@@ -32,7 +33,7 @@ def collate_packed(rows: list[list], pad_id: int) -> Batch:
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     shape = (len(rows), width)
     ids, attn = np.full(shape, pad_id, dtype=np.int64), np.zeros(shape, dtype=np.int64)
-    loss, labels = np.zeros(shape, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    loss = np.zeros(shape, dtype=np.int64)
     positions = np.zeros(shape, dtype=np.int64)
     sequences, segments, starts = [], [], []
     for r, row in enumerate(rows):
@@ -42,7 +43,6 @@ def collate_packed(rows: list[list], pad_id: int) -> Batch:
             n = len(x)
             ids[r, t:t + n], attn[r, t:t + n], positions[r, t:t + n] = x, 1, np.arange(n)
             loss[r, t + 1:t + n] = m[1:]  # a sequence's first token is predicted by nothing of its own
-            labels[r, t:t + n - 1] = np.where(m[1:] > 0, x[1:], IGNORE_INDEX)
             if n:
                 starts.append(r * width + t)
             sequences.append(s)
@@ -52,7 +52,8 @@ def collate_packed(rows: list[list], pad_id: int) -> Batch:
             positions[r, t:] = np.arange(width - t)
             starts.append(r * width + t)
     cu_seqlens = np.asarray(starts + [len(rows) * width], dtype=np.int32)
-    return make_batch(sequences, *map(torch.from_numpy, (ids, attn, loss, labels)),
+    ids, attn, loss = map(torch.from_numpy, (ids, attn, loss))   # labels: a first token and padding have loss 0
+    return make_batch(sequences, ids, attn, loss, labels_from_mask(ids, loss, IGNORE_INDEX),
                       position_ids=torch.from_numpy(positions), cu_seqlens=torch.from_numpy(cu_seqlens),
                       max_seqlen=int(np.diff(cu_seqlens).max()), segments=segments)
 

@@ -97,7 +97,7 @@ def _parse_json(text: str, line: bool = False):
 
 
 def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[int, dict]]:
-    """Yield (record number, record) from a record file or dataset (the rules above); the first problem
+    """Yield (record number, record) from a record file or dataset (docs/data.md, "Every rule"); the first problem
     raises a DataError naming file, record and line. validate_record checks the fields."""
     for index, _where, record, error in scan_records(source, split):
         if error is not None:
@@ -251,7 +251,7 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
 def validate_record(record: object, index: int, fields: FieldMap, origin: str, cot: bool,
                     where: str | None = None) -> dict:
     """{cot, source, rationale, target, task} of a record, or a DataError naming file, record (`where`) and
-    field (the rules above read_records). `cot` is the template's mode; `"cot": false` overrides it."""
+    field (docs/data.md, "Every rule"). `cot` is the template's mode; `"cot": false` overrides it."""
     loc = f"{origin}: {where or f'record {index}'}"
 
     def fail(message: str, reason: str):

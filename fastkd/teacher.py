@@ -337,8 +337,10 @@ def capture_rows(sig: TeacherSignal, record_indices: list[int], share: float, by
     """Selective capture: per sequence, the ceil(share * rows) highest-entropy rows (ties: the earlier) or a
     random choice seeded by (seed, record), so a resumed or re-split run keeps the same rows (bool [M])."""
     keep = torch.zeros(sig.tail.shape[0], dtype=torch.bool)
-    p, t = sig.topk_logprobs.double().exp(), sig.tail.double()   # entropy of top-k + tail: what both backends have
-    entropy = -(torch.special.xlogy(p, p).sum(dim=1) + torch.special.xlogy(t, t)).cpu()
+    entropy = None
+    if by == "entropy":
+        p, t = sig.topk_logprobs.double().exp(), sig.tail.double()   # entropy of top-k + tail: both backends have it
+        entropy = -(torch.special.xlogy(p, p).sum(dim=1) + torch.special.xlogy(t, t)).cpu()
     start = 0
     for record, rows in zip(record_indices, sig.rows_per_sequence):
         chosen = min(rows, math.ceil(share * rows - 1e-9))

@@ -172,10 +172,11 @@ class Run:
 
     def log_line(self, grad_norm, bar) -> None:
         """The averages since the last line, to metrics.jsonl, TensorBoard and the progress bar; then restart."""
-        self.check_finite()
         if self.env.world > 1:
             dist.all_reduce(self.sums)
         totals = self.sums.tolist()
+        if not all(map(math.isfinite, totals)):   # the reduced totals: every rank stops here together
+            self.check_finite()
         values = dict(zip(("loss", "ce", "kl", "hidden"), (x / max(totals[0], 1.0) for x in totals[1:])))
         lr = self.scheduler.get_last_lr()[0]
         rate = totals[0] / max(time.perf_counter() - self.started, 1e-9)

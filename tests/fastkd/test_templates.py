@@ -24,7 +24,7 @@ def test_cot_template_tokens_and_mask(tiny_tokenizer):
     response = _ids(tok, " True or False is True. So the answer is True.") + [tok.eos_token_id]
     assert ex.input_ids == prompt + response
     assert ex.loss_mask == [0] * len(prompt) + [1] * len(response)
-    assert ex.record_index == 7 and ex.loss_mask.index(1) == len(prompt) and sum(ex.loss_mask) == len(response)
+    assert ex.record_index == 7   # the mask above fixes where the prompt ends and how many tokens learn
 
 
 def test_no_cot_template_is_target_alone(tiny_tokenizer):
