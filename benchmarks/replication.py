@@ -87,7 +87,7 @@ def evaluate(model: Path, out: Path, name: str, bbh_dir: str | None, fmt: str = 
     if not scored_already(out / "results.json", counts):
         evaluate_bbh(EvalConfig.make(overrides=dict(
             model=str(model), prompt_format=fmt, tasks=",".join(DEMO_TASKS), max_new_tokens=400, batch_size=64,
-            out=str(out), name=name, bbh_dir=bbh_dir, limit=limit or None)))
+            out=str(out), name=name, bbh_dir=bbh_dir, limit=limit or None, overwrite=True)))
     res = json.loads((out / "results.json").read_text())
     return {t: v["strict"] for t, v in res["tasks"].items()} | {"micro": res["summary"]["strict"]["micro"]}
 

@@ -146,18 +146,29 @@ def run_verify(args) -> int:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         for p in report.problems:
-            print(f"BAD {args.cache}: shard {p.shard}" + (f" block {p.block}" if p.block is not None else "")
-                  + f": {p.message}")
+            what = f"shard {p.shard}" if p.shard.startswith("shards/") else p.shard   # or teacher_tokenizer/<name>
+            print(f"BAD {args.cache}: {what}" + (f" block {p.block}" if p.block is not None else "") + f": {p.message}")
         state = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
         print(f"{state}: {report.shards} shards, {report.blocks} blocks, {report.sequences:,} sequences, "
               f"{report.loss_positions:,} loss positions checked in {args.cache}")
     return 0 if report.ok else 1
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_stats_arguments(parser) -> None:
     add_verify_arguments(parser)
-    parser.add_argument("--max-sequences", type=int, default=None,
-                        help="only the first N sequences (None: all)")
+    parser.add_argument("--max-sequences", type=_positive_int, default=None, metavar="N",
+                        help="only the first N sequences (default: all)")
 
 
 def run_stats(args) -> int:

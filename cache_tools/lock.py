@@ -29,10 +29,16 @@ def _try_create(path: Path) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:   # a full disk: no empty lock left behind to refuse the re-run
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        err.filename = err.filename or str(path)
+        raise
     return True
 
 

@@ -1,12 +1,12 @@
 """Check a cache end to end, in a folder or under a URL: the manifest, each shard's size, sha256, header, index
-and what the manifest says of it, and every block's digests and decoding."""
+and what the manifest says of it, every block's digests and decoding, and the saved teacher tokenizer's sha256s."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from .errors import CacheError, CorruptShard
-from .integrity import chunks_digest
+from .integrity import chunks_digest, digest_bytes
 from .reader import check_shard_matches, load_manifest, open_shard
 from .storage import open_storage
 from .units import RECEIPT_NAME, UNIT_DIR
@@ -15,7 +15,7 @@ from .writing import SHARD_NAME
 
 @dataclass
 class Problem:
-    shard: str
+    shard: str          # the file: shards/shard-N.safetensors, or teacher_tokenizer/<name>
     block: int | None   # None: the shard as a whole
     message: str
 
@@ -76,6 +76,23 @@ def verify_shard(storage, manifest: dict, number: int, report: VerifyReport, see
             bad(block, f"{err}" if isinstance(err, CorruptShard) else f"does not decode: {err}")
 
 
+def verify_teacher_tokenizer(storage, manifest: dict, report: VerifyReport) -> None:
+    """Append a problem for each file of the teacher tokenizer saved in the cache (manifest `teacher_tokenizer`)
+    that is missing, unreadable or fails its sha256 (a --cross-tokenizer run would refuse it)."""
+    entry = manifest.get("teacher_tokenizer")
+    for name, digest in sorted((entry or {}).get("files", {}).items()):
+        where = f"{entry['dir']}/{name}"
+        try:
+            data = storage.read_bytes(where)
+        except OSError as err:
+            why = "file is missing" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+            report.problems.append(Problem(where, None, f"{why} (listed in manifest.json's teacher_tokenizer)"))
+            continue
+        if digest_bytes(data, "sha256") != digest:
+            report.problems.append(Problem(where, None, f"sha256 {digest_bytes(data, 'sha256')[:16]}... differs from "
+                                                        f"manifest.json's {digest[:16]}... (file corrupted or edited)"))
+
+
 def verify_cache(root, progress=None) -> VerifyReport:
     """Verify every shard the manifest lists; `progress` wraps the shard iterable (e.g. tqdm). A manifest
     that fails its checks is a CacheError (as for any reader)."""
@@ -86,6 +103,7 @@ def verify_cache(root, progress=None) -> VerifyReport:
     seen: dict[int, str] = {}
     for number in (progress(range(len(entries))) if progress else range(len(entries))):
         verify_shard(storage, manifest, number, report, seen)
+    verify_teacher_tokenizer(storage, manifest, report)
     listed = {e["file"] for e in entries}
     for name in sorted(storage.list("shards")):
         if (SHARD_NAME.match(name) or name.endswith(".tmp")) and f"shards/{name}" not in listed:

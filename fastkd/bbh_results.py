@@ -11,8 +11,10 @@ from pathlib import Path
 
 from fastkd import bbh
 from fastkd.errors import UserError
+from fastkd.paths import OUTPUT_MARKERS, check_out_folder
 
 SCHEMA = "fastkd-bbh-results/1"
+RUN_FILES = ("items.jsonl", "results.json", "report.md", "scores.png")   # what write_run writes into a run folder
 AVERAGES = {"micro": "micro", "macro": "macro", "nlp": "NLP average", "algorithmic": "algorithmic average"}
 
 
@@ -57,15 +59,30 @@ def _accuracy(flags: list[bool]) -> float | None:
     return 100.0 * sum(flags) / len(flags) if flags else None
 
 
-def write_run(out: Path, rows: list[dict], name: str, config: dict, source: dict, timing: dict | None,
-              plot: bool = True) -> dict:
-    """items.jsonl, results.json, report.md (and scores.png) in `out`; returns the results."""
+def existing_evaluation(out: Path, overwrite: bool) -> list[Path]:
+    """Checked before anything is loaded: an --out holding an evaluation is refused unless `overwrite`, then its files
+    are returned, to be deleted just before the new ones are written (never mixed with them)."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder (eval-bbh writes items.jsonl, results.json, "
+                        "report.md into a folder)")
+    check_out_folder(out, "BBH evaluation")
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite and any(p.name in OUTPUT_MARKERS["BBH evaluation"] for p in found):
+        raise EvalError(f"--out {out} already holds an evaluation ({', '.join(p.name for p in found)}); delete it "
+                        f"and start over with --overwrite, or choose another --out")
+    return found if overwrite else []
+
+
+def write_run(out: Path, rows: list[dict], name: str, config: dict, resolved: dict, source: dict,
+              timing: dict | None, plot: bool = True) -> dict:
+    """items.jsonl, results.json, report.md (and scores.png) in `out`; returns the results. `config`: the EvalConfig's
+    fields; `resolved`: what they came to (task list, data folder, stop string, device, dtype)."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "items.jsonl").open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     results = {"schema": SCHEMA, "name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "source": source, "config": config, **results_from_rows(rows),
+               "source": source, "config": config, "resolved": resolved, **results_from_rows(rows),
                "finish": dict(Counter(r["finish"] for r in rows)), "timing": timing}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(results), encoding="utf-8")
@@ -93,9 +110,10 @@ def _ordered(tasks) -> list[str]:
 def report_markdown(results: dict) -> str:
     cfg, s = results["config"], results["summary"]
     src = results["source"].get("model") or results["source"].get("predictions")
+    chat = " (chat template)" if cfg.get("chat_template") else ""
     lines = [f"# BBH: {results['name']}", "",
-             f"Source: `{src}`; prompt format `{cfg['prompt_format']}`{' (chat template)' if cfg.get('chat') else ''}; "
-             f"max new tokens {cfg['max_new_tokens']}; limit {cfg['limit'] or 'none'}; data `{cfg['bbh_dir']}`.",
+             f"Source: `{src}`; prompt format `{cfg['prompt_format']}`{chat}; max new tokens {cfg['max_new_tokens']}; "
+             f"limit {cfg['limit'] or 'none'}; data `{results['resolved']['bbh_dir']}`.",
              "Strict: the BBH authors' exact-match recipe. Lenient: option letter, case-insensitive labels, numbers.",
              "", "| task | group | n | strict | lenient |", "|---|---|---:|---:|---:|"]
     for task in _ordered(results["tasks"]):

@@ -4,6 +4,7 @@ manifest.json + config.yaml; the same command resumes a partial cache, on one pr
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageCon
 from fastkd.config import option as _opt
 from fastkd.cache_tools.manifest_checks import CAPTURE_BY
 from fastkd.errors import UserError
+from fastkd.paths import check_out_folder
 from fastkd.records import FieldMap
 from fastkd.templates import LOSS_TURNS, Template
 from fastkd.tokenizer_identity import tokenizer_identity
@@ -142,6 +144,7 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
 
     config = CacheConfig.make(overrides=config) if isinstance(config, dict) else config.validate()
     refuse_url_for_writing(config.out)  # before any model is loaded: a URL would become a local folder named s3:
+    check_out_folder(config.out, "teacher cache")   # nor a file, a training run's or an evaluation's folder
     started = time.perf_counter()
     env = join_ranks(config.device, backend="gloo", timeout_hours=24)   # ranks wait only at the start and the end
     try:
@@ -180,6 +183,10 @@ def cache_teacher(config: CacheConfig | dict, *, vllm_engine=None) -> CacheSumma
             raise
         summary.seconds_total = time.perf_counter() - started
         return summary
+    except OSError as err:
+        if not err.filename:    # a full disk met while writing or closing a file: the message names the cache
+            err.filename = str(config.out)
+        raise
     finally:
         env.close()
 
@@ -228,6 +235,7 @@ def _open_writer(config: CacheConfig, settings: dict, cut, env, summary: CacheSu
         nonlocal writer
         records = dict(settings["records"], **records_identity(config.data, config.split))
         writer = UnitWriter.open(config.out, dict(settings, records=records), cut)
+        _clear_dead_staging(config.out)
         return {"done": sorted(writer.done_units), "settings_sha256": writer.settings_sha256,
                 "settings": writer.settings, "resumed": sum(e["num_sequences"] for e in writer.manifest["shards"])}
 
@@ -239,6 +247,18 @@ def _open_writer(config: CacheConfig, settings: dict, cut, env, summary: CacheSu
             print(f"fastkd cache-teacher: note: {warning}")
     summary.sequences_resumed = state["resumed"]
     return writer, set(state["done"])
+
+
+def _clear_dead_staging(out: str) -> None:
+    """Under the cache lock: remove the `.teacher_tokenizer.<pid>.tmp` folders of runs whose process is gone (one
+    stopped while saving the teacher tokenizer leaves it), as the writer removes its own temporary files."""
+    from fastkd.cache_tools.lock import pid_alive
+    from fastkd.cross_tokenizer import TEACHER_TOKENIZER_DIR
+
+    for path in Path(out).glob(f".{TEACHER_TOKENIZER_DIR}.*.tmp"):
+        pid = path.name[len(TEACHER_TOKENIZER_DIR) + 2:-len(".tmp")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _finish(writer, summary: CacheSummary, empty: list[int], env) -> None:

@@ -7,7 +7,9 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 from importlib import import_module
 
 from fastkd import __version__
@@ -164,27 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_now(signum, frame) -> None:
+    """Ctrl-C while the stages are imported (torch, transformers): nothing is written yet, so leave in one line
+    (an import stopped half-way leaves a module half made, and the next import a traceback)."""
+    sys.stderr.write("fastkd: interrupted\n")
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _leave_now) if main_thread else None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # first: the next clause imports the lower layers, maybe the very import stopped here
+        print(f"fastkd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
     except user_errors() as err:
         print(f"fastkd {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)   # a run stopped by a signal: 128 + its number
     except OSError as err:  # disk full, file too large, permissions: the system's words, then what to do
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        again = "re-run with --resume" if args.command == "train" else "re-run the same command to resume"
         print(f"fastkd {args.command}: error: {err.strerror or err}{where}. What was finished before is kept; "
-              f"fix this and {again}", file=sys.stderr)
+              f"fix this and re-run the same command to resume", file=sys.stderr)   # train says its own (trainer)
         return 2
-    except KeyboardInterrupt:
-        print(f"fastkd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def save_teacher_tokenizer(tokenizer, out: str | Path, write: bool = True) -> di
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for OS errors (disk full)
+        if write:
+            shutil.rmtree(out / f".{TEACHER_TOKENIZER_DIR}.{os.getpid()}.tmp", ignore_errors=True)
         raise UserError(f"cache {out}: cannot save the teacher tokenizer into the cache ({str(err).splitlines()[0]}); "
                         f"free space (or fix the folder's permissions) and re-run the same command: nothing "
                         f"written is lost") from None

@@ -187,7 +187,7 @@ def score_models(work: Path, models: list[tuple[str, Path, str]], config: DemoCo
         run = EvalConfig.make(overrides=dict(
             model=str(model), prompt_format=fmt, tasks=",".join(DEMO_TASKS), limit=config.eval_items_per_task,
             max_new_tokens=config.max_new_tokens, batch_size=32, out=str(work / "bbh" / name.lower().replace("+", "-")),
-            name=name, bbh_dir=config.bbh_dir))
+            name=name, bbh_dir=config.bbh_dir, overwrite=True))   # the demo's folder: a rerun rescores
         runs[run.out] = evaluate_bbh(run)
         print(summary_line(runs[run.out], run.out))
     results = list(runs.values())

@@ -6,11 +6,13 @@
 
 A run folder (--out) receives items.jsonl (one line per item: task, idx, prompt_sha256,
 prompt_tokens, generation, answer, lenient_answer, target, correct, lenient_correct, finish),
-results.json, report.md and scores.png.
+results.json, report.md and scores.png; a folder already holding an evaluation is refused unless --overwrite, and
+one holding a teacher cache or a training run always is.
 
 results.json (schema "fastkd-bbh-results/1"; --compare reads it):
   name: str; created: ISO time; source: {model: str|null, predictions: str|null}
-  config: {prompt_format, chat, tasks: [str], limit, max_new_tokens, batch_size, stop, bbh_dir, device, dtype}
+  config: the EvalConfig's fields (StageConfig.as_dict: `eval-bbh --config` reads it back)
+  resolved: {tasks: [str], bbh_dir: str, stop: str, device: str|null, dtype: str|null}   (null: no model ran)
   tasks: {task: {n: int, group: "nlp"|"algorithmic", strict: float, lenient: float}}   (percent)
   summary: {n_items, n_tasks, strict: {micro, macro, nlp, algorithmic}, lenient: {same}}
            (percent; a group average is null when none of its tasks ran)
@@ -30,7 +32,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fastkd import bbh, paths
-from fastkd.bbh_results import EvalError, compare_runs, item_row, load_results, summary_line, write_run
+from fastkd.bbh_results import (EvalError, compare_runs, existing_evaluation, item_row, load_results, summary_line,
+                                write_run)
 from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, StageConfig, option
 
 @dataclass
@@ -61,6 +64,8 @@ class EvalConfig(StageConfig):
     dtype: str = DTYPE()
     out: str | None = option(None, "run folder for the outputs (default runs/eval-bbh/<name>-<format>-<time>); with "
                                    "--compare, where compare.md goes")
+    overwrite: bool = option(False, "delete the evaluation already in --out (its items.jsonl, results.json, report.md, "
+                                    "scores.png) and start over; without it a folder holding one is refused")
     name: str | None = option(None, "run name shown in reports and --compare tables (default: the model folder or "
                                     "predictions file name)")
     metric: str = option("strict", "with --compare: which score to tabulate", choices=["strict", "lenient"])
@@ -93,25 +98,24 @@ def evaluate_bbh(config: EvalConfig) -> dict:
     """Generate with config.model (or read config.predictions), score, write the run folder; returns its results."""
     if not (config.model or config.predictions):
         raise EvalError("evaluate_bbh scores --model or --predictions (a --compare table is compare(config))")
+    out = Path(config.out)
+    old = existing_evaluation(out, config.overwrite)   # refused here, before anything is read or loaded
     tasks = bbh.select_tasks(config.tasks)
     if config.predictions:
         given = read_predictions(config.predictions)
         tasks = _predicted_tasks(config, tasks, given)
-    items, root = bbh.load_tasks(tasks, config.bbh_dir, config.limit)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise EvalError(f"--out {out}: exists and is not a folder (eval-bbh writes items.jsonl, results.json, "
-                        "report.md into a folder)")
-    saved = {"prompt_format": config.prompt_format, "chat": config.chat_template, "tasks": tasks, "limit": config.limit,
-             "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "stop": bbh.STOP_STRING,
-             "bbh_dir": root, "device": None, "dtype": None}
+    # saved predictions: every item, to tell an idx past --limit (not scored) from one past the task (refused)
+    items, root = bbh.load_tasks(tasks, config.bbh_dir, None if config.predictions else config.limit)
+    resolved = {"tasks": tasks, "bbh_dir": root, "stop": bbh.STOP_STRING, "device": None, "dtype": None}
     if config.predictions:
         rows = predictions_rows(config, given, items, root)
         timing = None
     else:
-        rows, timing = generate_rows(config, items, root, saved)
-    return write_run(out, rows, config.name, saved, {"model": config.model, "predictions": config.predictions},
-                     timing, plot=config.plot)
+        rows, timing = generate_rows(config, items, root, resolved)
+    for path in old:   # --overwrite: the old evaluation goes only now, so a failed run leaves it as it was
+        path.unlink()
+    return write_run(out, rows, config.name, config.as_dict(), resolved,
+                     {"model": config.model, "predictions": config.predictions}, timing, plot=config.plot)
 
 
 def _predicted_tasks(config: EvalConfig, tasks: list[str], given: dict) -> list[str]:
@@ -169,21 +173,21 @@ def read_predictions(path: str | Path) -> dict[str, dict[int, dict]]:
 
 
 def predictions_rows(config: EvalConfig, given, items, root) -> list[dict]:
-    """Per-item rows for saved predictions; every asked-for item must have one."""
+    """Per-item rows for saved predictions of the first --limit of each task's `items` (all of them); every asked-for
+    item must have one, and every idx must be an item of its task."""
     path, rows = config.predictions, []
-    for task, task_items in items.items():
-        preds = given[task]
+    for task, every in items.items():
+        preds, task_items = given[task], every[:config.limit]
         missing = [it.idx for it in task_items if it.idx not in preds]
         if missing:
             raise EvalError(f"{path}: task {task}: no prediction for {len(missing)} of {len(task_items)} items "
                             f"(first idx {missing[0]}); pass --limit N when the file covers the first N items")
-        known = {it.idx for it in task_items}
-        # beyond the items read: fine under --limit when idx >= 0 (the rest of the task), otherwise not BBH items
-        stray = [row for idx, row in preds.items() if idx < 0 or (idx not in known and config.limit is None)]
+        # past --limit but inside the task: not scored; outside the task: not BBH items, whatever --limit says
+        stray = [row for idx, row in preds.items() if not 0 <= idx < len(every)]
         if stray:
             row = min(stray, key=lambda r: r["line"])
             raise EvalError(f"{path}: line {row['line']}: field 'idx' {row['idx']} is not an item of {task} "
-                            f"(idx 0..{len(task_items) - 1}): a 1-based file, or another data version?")
+                            f"(idx 0..{len(every) - 1}): a 1-based file, or another data version?")
         try:   # the prompt texts, hashed into the rows when they can be rebuilt without a tokenizer
             prompts = [text for text, _ in build_prompts({task: task_items}, None, config.prompt_format, False, root)]
         except bbh.BBHError:
@@ -218,16 +222,16 @@ def build_prompts(items: dict[str, list[bbh.BBHItem]], tokenizer, fmt: str, chat
     return out
 
 
-def generate_rows(config: EvalConfig, items, root, saved: dict) -> tuple[list[dict], dict]:
-    """Generate for every item and score it; `saved` (the results' config) gets the device and dtype used."""
+def generate_rows(config: EvalConfig, items, root, resolved: dict) -> tuple[list[dict], dict]:
+    """Generate for every item and score it; `resolved` (in results.json) gets the device and dtype used."""
     from tqdm.auto import tqdm
 
     from fastkd.generate import greedy_generate
     from fastkd.teacher import load_causal_lm, load_tokenizer, resolve_device
 
-    device = saved["device"] = str(resolve_device(config.device))
+    device = resolved["device"] = str(resolve_device(config.device))
     auto = "bfloat16" if device.startswith("cuda") else "float32"
-    dtype = saved["dtype"] = auto if config.dtype == "auto" else config.dtype
+    dtype = resolved["dtype"] = auto if config.dtype == "auto" else config.dtype
     tokenizer = load_tokenizer(config.tokenizer or config.model, "--tokenizer" if config.tokenizer else "--model")
     model = load_causal_lm(config.model, dtype=dtype, device=device, role="--model")
     prompts = build_prompts(items, tokenizer, config.prompt_format, config.chat_template, root)

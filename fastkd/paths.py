@@ -82,6 +82,27 @@ def resolve_bbh_dir(explicit: str | os.PathLike | None = None, tasks=()) -> Path
     return None
 
 
+# the files that mark what a fastkd output folder holds (one kind per folder): cache_tools' MANIFEST, SHARD_DIR and
+# UNIT_DIR; fastkd.checkpoint's checkpoint folders, final/ and metrics.jsonl; fastkd.bbh_results' per-run files
+OUTPUT_MARKERS = {"teacher cache": ("manifest.json", "shards", "units"),
+                  "training run": ("checkpoint", ".checkpoint.old", "final", "metrics.jsonl"),
+                  "BBH evaluation": ("results.json", "items.jsonl")}
+
+
+def check_out_folder(out: str | os.PathLike, kind: str) -> Path:
+    """--out for one kind of output (a key of OUTPUT_MARKERS): refused when it is a file or a folder holding
+    another kind; a folder of unrelated files is fine."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the {kind}")
+    for other, markers in OUTPUT_MARKERS.items():
+        found = [m for m in markers if other != kind and os.path.lexists(folder / m)]
+        if found:
+            raise UserError(f"--out {out} holds a {other} ({', '.join(found)}), not a {kind}: one folder holds one "
+                            f"kind of output; choose another --out")
+    return folder
+
+
 def resolve_model(name: str | os.PathLike, role: str = "model", need: str = "model") -> str:
     """An embedded name, an existing local folder (checked to hold a model or tokenizer, as `need` says) or a hub id;
     a name that can only be a local path and does not exist is an error saying so, not the hub's repo-id rules."""

@@ -28,8 +28,8 @@ class RationalesConfig(StageConfig):
                                     "any, is ignored", required=True)
     out: str | None = option(None, "records file to write (JSONL): one line per kept rationale", required=True)
     n: int = option(4, "rationales sampled per record", minimum=1)
-    temperature: float = option(0.7, "sampling temperature")
-    top_p: float = option(0.95, "nucleus sampling mass")
+    temperature: float = option(0.7, "sampling temperature", exclusive_minimum=0)
+    top_p: float = option(0.95, "nucleus sampling mass", exclusive_minimum=0, maximum=1)
     top_k: int = option(0, "sample among the k most likely tokens (0 = off)", minimum=0)
     max_new_tokens: int = option(256, "longest rationale in tokens", minimum=1)
     batch_size: int = option(8, "sequences generated together (HF backend)", minimum=1)
@@ -158,6 +158,9 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
         raise UserError(f"--out {config.out} is the input --data file; write the records somewhere else")
     settings = log_settings(config)
     done = read_log(log_path, settings)
+    if not log_path.exists() and out_path.exists() and (out_path.is_dir() or out_path.stat().st_size):
+        raise UserError(f"--out {config.out}: already exists and was not written by generate-rationales (no "
+                        f"{log_path.name} beside it), so it would be replaced; move it away or choose another --out")
     records, bad = read_inputs(config)
     todo = [(index, rec, k) for index, rec in records for k in range(config.n) if (index, k) not in done]
     tok = model = None

@@ -3,6 +3,8 @@ by the loss path picked once at set-up) and the mapping of teacher to student la
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -129,11 +131,17 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
     tokenizer's (or the cache's) ids is refused, from its config before any weight is loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = config.student or config.student_config
+    from fastkd.paths import resolve_model
+    from fastkd.teacher import hub_failure
+
+    given = config.student or config.student_config
     flag = "--student" if config.student else "--student-config"
+    source = given if config.student_config and Path(given).is_file() else resolve_model(given, flag)  # a config.json
     try:
         model_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
+        if not Path(source).exists():
+            raise hub_failure(flag, source, err) from None
         raise UserError(f"{flag} {source}: {str(err).splitlines()[0]}") from None
     text_config = getattr(model_config, "text_config", None)
     rows = getattr(model_config, "vocab_size", None) or getattr(text_config, "vocab_size", None)
@@ -144,7 +152,7 @@ def load_student(config: TrainConfig, device: torch.device, vocab_size: int = 0)
     if config.student:
         from fastkd.teacher import load_causal_lm
 
-        model = load_causal_lm(config.student, dtype="float32", device=str(device), role="student")
+        model = load_causal_lm(source, dtype="float32", device=str(device), role="student")
     else:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config).to(device)

@@ -7,9 +7,11 @@ import functools
 import hashlib
 import json
 import math
+import os
 import sys
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,11 +44,23 @@ class Backend:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """--device as a torch.device: auto (cuda when available, else cpu) or one this machine has; anything else is a
+    one-line UserError naming the accepted forms (checked before any model is loaded)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {device!r}: not a device; use one of "
+                        f"auto, cpu, cuda, cuda:N (N a GPU index), mps") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and not count:
         raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(device)
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
 
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, role: str = "teacher", *,
@@ -77,6 +91,8 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, ro
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing files, bad config, size mismatches
+        if not Path(path).is_dir():
+            raise hub_failure(role, path, err) from None
         raise UserError(f"cannot load the {role} model {path!r}: {one_line(err)}") from None
     return (model if kwargs else model.to(dev)).eval()
 
@@ -126,10 +142,24 @@ def input_device(model) -> torch.device:
     return model.device
 
 
-def one_line(err: BaseException, limit: int = 400) -> str:
-    """An exception as one line: its type and whole message with line breaks folded, capped at `limit` characters."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
+def one_line(err: BaseException, limit: int = 400, first: bool = False) -> str:
+    """An exception as one line: its type and whole message (`first`: its first line) with line breaks folded,
+    capped at `limit` characters."""
+    message = next((line for line in str(err).splitlines() if line.strip()), "") if first else str(err)
+    text = " ".join(f"{type(err).__name__}: {message}".split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def hub_failure(role: str, name: str, err: BaseException) -> UserError:
+    """A name that is no local folder and did not load as a hub id: one line saying both, with the hub's first line
+    of reason and, in offline mode, that only the local Hugging Face cache was looked in."""
+    from huggingface_hub import constants
+
+    variable = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"  # the hub reads both
+    offline = (f"; {variable} is set, so only models already in the local Hugging Face cache load"
+               if constants.HF_HUB_OFFLINE else "")
+    return UserError(f"{role} {name!r}: no local folder of that name, and the hub id {name!r} could not be loaded "
+                     f"({one_line(err, 300, first=True)}){offline}")
 
 
 def load_tokenizer(path: str, role: str = "tokenizer"):
@@ -142,6 +172,8 @@ def load_tokenizer(path: str, role: str = "tokenizer"):
     try:
         return load_saved_tokenizer(path)
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a tokenizer.json it cannot build
+        if not Path(path).is_dir():
+            raise hub_failure(role, path, err) from None
         raise UserError(f"cannot load a tokenizer from {path!r}: {one_line(err)}; the tokenizer files there are "
                         f"damaged or were written by an incompatible library version") from None
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import UserError
+from fastkd.paths import resolve_model
 from fastkd.teacher import Backend, TeacherSignal, config_identity, one_line
 
 def require_vllm():
@@ -62,8 +63,9 @@ def check_vllm_request(config, world_size: int) -> None:
 def start_engine(config):
     """A vllm.LLM for the teacher and the sampling params that ask it for --top-k prompt log-probs."""
     vllm = require_vllm()
+    model = resolve_model(config.teacher, "--teacher")
     try:
-        engine = vllm.LLM(model=config.teacher, tokenizer=config.teacher, dtype=config.dtype,
+        engine = vllm.LLM(model=model, tokenizer=model, dtype=config.dtype,
                           max_logprobs=config.vllm_max_logprobs or config.top_k,
                           tensor_parallel_size=config.vllm_tensor_parallel, max_model_len=config.max_length,
                           enable_prefix_caching=False, gpu_memory_utilization=0.9, seed=config.seed)
@@ -117,7 +119,7 @@ def load_vllm(config, tokenizer, world_size: int, engine=None) -> Backend:
     check_vllm_request(config, world_size)
     engine, params = (engine, None) if engine is not None else start_engine(config)
     try:
-        hf_config = AutoConfig.from_pretrained(config.teacher)
+        hf_config = AutoConfig.from_pretrained(resolve_model(config.teacher, "--teacher"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the teacher config {config.teacher!r}: {one_line(err)}") from None
     identity = dict(config_identity(hf_config, config.teacher), backend="vllm", dtype=config.dtype)

@@ -24,12 +24,12 @@ class TrainConfig(StageConfig):
                                         "--eval-sequences are held out of the training source")
     eval_data: str | None = _opt(None, "held-out records, when training from records")
     eval_sequences: int = _opt(0, "sequences held out from the training source for evaluation (seeded), when no eval "
-                                  "cache/data is given")
+                                  "cache/data is given", minimum=0)
     cot: bool = _opt(True, "records: response = rationale + answer (a record with \"cot\": false is answer-only "
                            "anyway)")
     chat_template: bool = CHAT_TEMPLATE()
     max_length: int | None = _opt(2048, "records: longest sequence in tokens (longer ones are truncated); with "
-                                        "--packing, the length of a packed row")
+                                        "--packing, the length of a packed row", minimum=1)
     messages_field: str = _opt("messages", "records: key holding a conversation (messages form), as in cache-teacher")
     loss_turns: str = _opt("all", "records in messages form: the assistant turns that carry loss: all, last, "
                                   "reasoning or answer", choices=list(LOSS_TURNS))
@@ -50,16 +50,17 @@ class TrainConfig(StageConfig):
     # loss
     mode: str = _opt("tail", "KL mode: tail (top-k + exact tail bucket), renorm (top-k renormalised), sampled (cache "
                              "made with --sample)", choices=["tail", "renorm", "sampled"])
-    ce_weight: float = _opt(1.0, "weight of the cross-entropy on the data tokens")
-    kl_weight: float = _opt(1.0, "weight of the KL to the teacher (0 = SFT baseline)")
+    ce_weight: float = _opt(1.0, "weight of the cross-entropy on the data tokens", minimum=0)
+    kl_weight: float = _opt(1.0, "weight of the KL to the teacher (0 = SFT baseline)", minimum=0)
     hidden_weight: float = _opt(0.0, "weight of the hidden-state MSE through learned projections (saved with the "
-                                     "student)")
-    temperature: float = _opt(1.0, "distillation temperature")
+                                     "student)", minimum=0)
+    temperature: float = _opt(1.0, "distillation temperature", exclusive_minimum=0)
     loss_impl: str = _opt("auto", "fused: fused linear + loss, no [rows, V] logits; logits: materialise the logits and "
                                   "write the gradient over them; auto: fused (the lightest on CPU and CUDA) unless the "
                                   "student's logits are not lm_head(hidden); the choice is printed",
                           choices=["auto", "logits", "fused"])
-    chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's")
+    chunk_size: int | None = _opt(None, "rows per chunk inside the loss (memory bound); default: the kernel's",
+                                  minimum=1)
     cross_tokenizer: str | None = _opt(None, "a student whose tokenizer differs from the cache's: uld (CE + "
                                              "--kl-weight x the sorted-probability L1, rows aligned by index) or "
                                              "exact (top-k ids mapped to identical student strings where both tokens "
@@ -70,34 +71,36 @@ class TrainConfig(StageConfig):
     # LoRA (peft)
     lora_rank: int = _opt(0, "train rank-r LoRA adapters on a frozen student instead of every weight (0 = full "
                              "training; needs peft)", minimum=0)
-    lora_alpha: float | None = _opt(None, "LoRA scaling alpha (default: 2 x --lora-rank)")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA inputs")
+    lora_alpha: float | None = _opt(None, "LoRA scaling alpha (default: 2 x --lora-rank)", exclusive_minimum=0)
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA inputs", minimum=0, exclusive_maximum=1)
     lora_targets: str = _opt("all-linear", "modules that get adapters: all-linear (every linear layer but the output "
                                            "head) or a comma list of module names, e.g. q_proj,k_proj,v_proj,o_proj")
     # optimisation
-    lr: float = _opt(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.95, "AdamW beta2")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    lr: float = _opt(1e-4, "peak learning rate (AdamW)", exclusive_minimum=0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", minimum=0)
+    adam_beta1: float = _opt(0.9, "AdamW beta1", minimum=0, exclusive_maximum=1)
+    adam_beta2: float = _opt(0.95, "AdamW beta2", minimum=0, exclusive_maximum=1)
+    adam_eps: float = _opt(1e-8, "AdamW epsilon", exclusive_minimum=0)
     schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=["cosine", "linear", "constant"])
-    warmup_steps: int = _opt(0, "linear warmup steps")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
+    warmup_steps: int = _opt(0, "linear warmup steps", minimum=0)
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)", minimum=0, maximum=1)
     max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)", minimum=1)
-    epochs: float = _opt(1.0, "epochs over the training source, when --max-steps is not given")
+    epochs: float = _opt(1.0, "epochs over the training source, when --max-steps is not given", exclusive_minimum=0)
     batch_size: int = _opt(8, "sequences per micro-batch on each process (with --packing: rows of --max-length "
                               "tokens)", minimum=1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step (global batch = batch_size x processes x grad_accum)",
                            minimum=1)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)", minimum=0)
     precision: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "bf16", "fp32"])
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # loader
     seed: int = SEED("data order, initialisation and sampling")
     shuffle_buffer: int = _opt(256, "shuffle-buffer size (sequences) over the stream of cache blocks; decoded blocks "
-                                    "it spans stay in memory (records from --data are always fully shuffled)")
+                                    "it spans stay in memory (records from --data are always fully shuffled)",
+                               minimum=0)
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
-                                  "tasks of different lengths then fill batches of their own: 1 mixes them)")
+                                  "tasks of different lengths then fill batches of their own: 1 mixes them)",
+                              minimum=1)
     num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)",
                             minimum=0)
     prefetch: int = _opt(4, "steps built ahead by a background thread (decode, collate, pin) in a bounded queue; "
@@ -115,9 +118,9 @@ class TrainConfig(StageConfig):
                                   "over; without it (or --resume) a folder holding a run is refused")
     device: str = DEVICE()
     distributed: str = _opt("ddp", "engine under torchrun", choices=["ddp", "fsdp"])
-    log_every: int = _opt(10, "steps between metric lines")
-    eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)")
-    eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)")
+    log_every: int = _opt(10, "steps between metric lines", minimum=1)
+    eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)", minimum=0)
+    eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)", minimum=1)
     eval_bbh_tasks: str | None = _opt(None, "also score the student on these BBH tasks at every evaluation (comma list "
                                             "or a group, as in eval-bbh --tasks), logged as eval_bbh_strict / "
                                             "eval_bbh_lenient")
@@ -152,7 +155,6 @@ class TrainConfig(StageConfig):
                                           "cached"),
             (self.skip_corrupt_blocks and not self.verify_cache,
              "--skip-corrupt-blocks needs the digests: drop --no-verify-cache"),
-            (not self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
             (self.resume and self.overwrite,
              "--resume continues the run in --out and --overwrite deletes it: give one of them"),
             (self.lora_rank and self.distributed == "fsdp",

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastkd.checkpoint import (CHECKPOINT, check_resumable, clear_run, existing_run, full_state, load_checkpoint,
-                               load_full_state, rng_state, save_checkpoint, save_final, set_rng_state)
+from fastkd.cache_pipeline import from_main
+from fastkd.checkpoint import (CHECKPOINT, check_resumable, clear_run, existing_run, full_state, how_to_continue,
+                               load_checkpoint, load_full_state, lock_run, rng_state, save_checkpoint, save_final,
+                               saved_settings, set_rng_state, unlock_run)
 from fastkd.errors import Interrupted, UserError
 from fastkd.kernels import HiddenProjector
 from fastkd.packing import check_packed_attention
@@ -127,6 +129,8 @@ class Run:
     position: int = 0
     tokens: int = 0
     before: dict | None = None
+    after: dict | None = None       # the held-out metrics at the end (in the last checkpoint: a resume keeps them)
+    changes: list = field(default_factory=list)   # each resume's changed FROM_HERE_KEYS (checkpoint.check_resumable)
     log: MetricsLog | None = None
     probe: object = None            # --eval-bbh-tasks: student -> BBH scores (train_step.bbh_probe)
     last_saved: int = 0             # the newest step whose weights are on disk (or the start)
@@ -167,8 +171,8 @@ class Run:
             raise UserError(f"training loss became NaN or inf in steps {self.first_step}..{self.step}; stopped "
                             f"before saving, so {self.run_dir / CHECKPOINT} still holds step {self.last_saved} "
                             "(if any). Check the data (`fastkd cache verify`; a label or teacher id outside the "
-                            "student's vocabulary makes its rows NaN on CUDA), or lower --lr, then resume with "
-                            "--resume")
+                            "student's vocabulary makes its rows NaN on CUDA), then "
+                            f"{how_to_continue(self.run_dir)}; a lower --lr needs a new run (--overwrite)")
 
     def log_line(self, grad_norm, bar) -> None:
         """The averages since the last line, to metrics.jsonl, TensorBoard and the progress bar; then restart."""
@@ -194,7 +198,8 @@ class Run:
             save_checkpoint(self.run_dir, {
                 "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "step": self.step, "epoch": self.epoch, "position": self.position,
-                "tokens": self.tokens, "before": self.before, "config": asdict(self.config), "world": self.env.world})
+                "tokens": self.tokens, "before": self.before, "after": self.after, "changes": self.changes,
+                "config": asdict(self.config), "world": self.env.world})
         self.last_saved, self.saved_at = self.step, _clock()
         self.env.barrier()
 
@@ -202,28 +207,71 @@ class Run:
 def train(config: TrainConfig | dict) -> TrainResult:
     """Run one training job described by `config` (a TrainConfig, or a dict of its fields)."""
     config = TrainConfig.make(overrides=config) if isinstance(config, dict) else config.validate()
-    started = time.perf_counter()
+    started, run_dir = time.perf_counter(), Path(config.out)
     env = join_ranks(config.device)
-    old_run = existing_run(Path(config.out), config)  # refused here, before anything is loaded or created
-    seed_everything(config.seed)
-    run = build_run(config, env)
-    if config.resume:
-        resume(run)
-    open_run_folder(run, old_run)
-    if run.before is None:
-        run.before = run.evaluate()
-    announce(run)
-    loop(run)
-    return finish(run, started)
+    made = from_main(env, lambda: lock_run(run_dir))["made"]  # rank 0 holds <out>/.lock until the run ends
+    opened = False
+    try:
+        old_run = existing_run(run_dir, config)  # refused here, before anything is loaded or created
+        step, changed = check_resume(config, env, run_dir) if config.resume else (0, {})
+        seed_everything(config.seed)
+        run = build_run(config, env, step)
+        if config.resume:
+            resume(run, changed)
+        opened = True   # from here on the run folder changes
+        open_run_folder(run, old_run)
+        if run.before is None:
+            run.before = run.evaluate()
+        announce(run)
+        loop(run)
+        return finish(run, started)
+    except (KeyboardInterrupt, OSError) as err:
+        raise stopped(err, run_dir, opened) from None
+    finally:
+        if env.is_main:
+            unlock_run(run_dir, made)
 
 
-def build_run(config: TrainConfig, env: Env) -> Run:
+def check_resume(config: TrainConfig, env: Env, run_dir: Path) -> tuple[int, dict]:
+    """--resume, before anything is loaded: the checkpoint's step and the settings changed since (checked and
+    warned about by check_resumable's rules)."""
+    saved = saved_settings(run_dir)
+    changed = check_resumable(saved, config, env, run_dir)
+    if changed and env.is_main:
+        print(f"fastkd train: warning: resuming with other settings than the checkpoint's ("
+              f"{'; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}): they apply from step "
+              f"{saved['step']} on, so this run will not match one started with them", file=sys.stderr)
+    return saved["step"], changed
+
+
+def stopped(err: BaseException, run_dir: Path, opened: bool) -> UserError:
+    """Ctrl-C (outside the loop's own handling) or an OSError (disk full): one line saying what happened and the
+    command that continues: the same one while the run folder is untouched, else what how_to_continue says."""
+    if opened:
+        advice = how_to_continue(run_dir)
+    else:
+        advice = f"nothing in {run_dir} was changed yet, so re-run the same command"
+    if isinstance(err, KeyboardInterrupt):
+        return Interrupted(f"interrupted; {advice}", signal.SIGINT)
+    where = err.filename or run_dir     # none: a full disk met while writing or closing a file of the run
+    return UserError(f"{err.strerror or err} ({where}); fix this, then {advice}")
+
+
+def build_run(config: TrainConfig, env: Env, resume_step: int = 0) -> Run:
     """Tokenizer, data, student (+ hidden projector) with its loss, optimizer and schedule."""
     from fastkd.teacher import load_tokenizer
 
     tokenizer = load_tokenizer(config.tokenizer or config.student, "--tokenizer" if config.tokenizer else "--student")
     vocab_size = len(tokenizer)
     data = build_data(config, tokenizer, env)
+    total_steps = config.max_steps if config.max_steps is not None else \
+        math.ceil(config.epochs * len(train_plans(data, config, env)(0)))
+    if total_steps < 1:
+        raise UserError("no training step to run: the training source makes no full batch (fewer sequences than "
+                        "--batch-size x processes x --grad-accum); give more data or a smaller --batch-size")
+    if total_steps < resume_step:
+        raise UserError(f"--resume {config.out}: --epochs {config.epochs} makes {total_steps} steps, fewer than the "
+                        f"checkpoint's {resume_step}; give more (or --max-steps {resume_step} or more)")
     student = load_student(config, env.device, max(vocab_size, cache_vocab(data)))
     if config.packing:  # the student's attention must keep packed sequences apart (a tiny forward proves it)
         where = f"student {config.student or config.student_config}"
@@ -238,24 +286,21 @@ def build_run(config: TrainConfig, env: Env) -> Run:
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
-    total_steps = config.max_steps if config.max_steps is not None else \
-        math.ceil(config.epochs * len(train_plans(data, config, env)(0)))
-    if total_steps < 1:
-        raise UserError("no training step to run: the training source makes no full batch (fewer sequences than "
-                        "--batch-size x processes x --grad-accum); give more data or a smaller --batch-size")
     return Run(config, env, Path(config.out), tokenizer, data, module, model, optimizer,
                make_schedule(optimizer, config, total_steps), total_steps, student_layers)
 
 
-def resume(run: Run) -> None:
-    """Weights, optimizer, schedule, RNG and position from <out>/checkpoint, after checking the data order matches."""
+def resume(run: Run, changed: dict) -> None:
+    """Weights, optimizer, schedule, RNG and position from <out>/checkpoint (checked by check_resumable); the
+    final metrics too when it is the last one, and the settings this resume changed."""
     state = load_checkpoint(run.run_dir)
-    check_resumable(state, run.config, run.env, run.run_dir)
     load_full_state(run.module, run.optimizer, state["model"], state["optimizer"], run.config, run.env)
     run.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     run.step, run.epoch, run.position, run.tokens = state["step"], state["epoch"], state["position"], state["tokens"]
     run.before, run.last_saved = state.get("before"), state["step"]
+    run.after = state.get("after") if state["step"] >= run.total_steps else None   # not evaluated (logged) twice
+    run.changes = state.get("changes", []) + ([{"step": state["step"], "changed": changed}] if changed else [])
 
 
 def open_run_folder(run: Run, old_run: list[Path]) -> None:
@@ -323,7 +368,7 @@ def loop(run: Run) -> None:
 
 def finish(run: Run, started: float) -> TrainResult:
     """Held-out metrics after training, the last checkpoint, the final student, and what the run produced."""
-    after = run.evaluate()
+    run.after = after = run.evaluate() if run.after is None else run.after
     run.checkpoint()
     final_dir, env, config = None, run.env, run.config
     if config.save_final:
@@ -331,6 +376,7 @@ def finish(run: Run, started: float) -> TrainResult:
         if env.is_main:
             final_dir = save_final(run.module, run.tokenizer, run.run_dir / "final",
                                    {"config": asdict(config), "before": run.before, "after": after, "steps": run.step,
+                                    "resumed_with_other_settings": run.changes,
                                     "student_layers": run.student_layers, "teacher_layers": run.data.teacher_layers},
                                    model_state)
     run.log.close()

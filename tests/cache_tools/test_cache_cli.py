@@ -1,5 +1,6 @@
 """`fastkd cache inspect | verify | stats` against hand-computed values and corrupted caches."""
 
+import hashlib
 import json
 import math
 
@@ -90,6 +91,30 @@ def test_verify_detects_truncation_and_header_damage(capsys, cache):
     assert code == 1
     assert "shard shards/shard-00002.safetensors: has" in out and "manifest.json says" in out
     assert "shard shards/shard-00000.safetensors: header fails its sha256 check" in out
+
+
+def test_verify_checks_the_saved_teacher_tokenizer_against_its_digests(capsys, tmp_path):
+    """teacher_tokenizer/ files (their sha256 in the manifest) are verified too: an edited or missing one is named."""
+    files = {"tokenizer.json": b'{"pad": "<|pad|>"}', "tokenizer_config.json": b"{}"}
+    settings = synthetic_settings(teacher_tokenizer={"dir": "teacher_tokenizer", "files": {
+        name: hashlib.sha256(data).hexdigest() for name, data in files.items()}})
+    root = tmp_path / "cache"
+    (root / "teacher_tokenizer").mkdir(parents=True)
+    for name, data in files.items():
+        (root / "teacher_tokenizer" / name).write_bytes(data)
+    with CacheWriter(root, settings, sequences_per_shard=10) as w:
+        for s in random_sequences(2, 3, settings):
+            w.add(s)
+    code, out, _ = run_cli(capsys, "verify", root, "--no-progress")
+    assert code == 0 and out.startswith("OK: 1 shards")
+    (root / "teacher_tokenizer" / "tokenizer.json").write_bytes(b'{"pad": "<|pod|>"}')
+    (root / "teacher_tokenizer" / "tokenizer_config.json").unlink()
+    code, out, _ = run_cli(capsys, "verify", root, "--json")
+    assert code == 1
+    found = {p["shard"]: p["message"] for p in json.loads(out)["problems"]}
+    assert set(found) == {"teacher_tokenizer/tokenizer.json", "teacher_tokenizer/tokenizer_config.json"}
+    assert "differs from manifest.json's" in found["teacher_tokenizer/tokenizer.json"]
+    assert found["teacher_tokenizer/tokenizer_config.json"].startswith("file is missing")
 
 
 def test_missing_cache_is_one_line_error(capsys, tmp_path):

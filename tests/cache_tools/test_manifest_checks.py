@@ -4,6 +4,7 @@ each naming the field; a full disk while the manifest is replaced keeps the old 
 prints the tokenizer identity readably."""
 
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -28,7 +29,8 @@ def build_cache(root: Path, layers=(1,), widths=(16,), mode="topk", **extra) -> 
     tokenizer folder as the cache stage saves it."""
     settings = synthetic_settings(vocab_size=300, k=8, mode=mode, layers=layers, widths=widths, **extra)
     settings["teacher"]["num_hidden_layers"] = 2
-    settings["teacher_tokenizer"] = {"dir": "teacher_tokenizer", "files": {"tokenizer.json": HEX}}
+    digest = hashlib.sha256(b"{}").hexdigest()   # the tokenizer.json written below
+    settings["teacher_tokenizer"] = {"dir": "teacher_tokenizer", "files": {"tokenizer.json": digest}}
     rng = np.random.default_rng(5)
     with CacheWriter(root, settings, sequences_per_shard=4, max_block_sequences=2) as writer:
         for i in range(12):

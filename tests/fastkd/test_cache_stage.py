@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -120,6 +121,35 @@ def test_bad_inputs_clear_errors(tiny_qwen_dir, tmp_path, capsys):
     assert rc == 2 and "out of range" in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_or_another_kind_of_folder_is_refused_first(tmp_path, records_file, capsys):
+    """Before the teacher is looked for: --out a file says so; a training run's or an evaluation's folder is left as
+    it was (its config.yaml included); a folder of the user's own files is still a fine new cache folder."""
+    (tmp_path / "afile").write_text("data")
+    run, evaluation = tmp_path / "run", tmp_path / "eval"
+    for folder, marker in ((run, "metrics.jsonl"), (evaluation, "items.jsonl")):
+        folder.mkdir()
+        (folder / marker).write_text("")
+        (folder / "config.yaml").write_text("mine")
+    said = {"afile": "--out {} is a file; give a folder for the teacher cache",
+            "run": "--out {} holds a training run (metrics.jsonl), not a teacher cache",
+            "eval": "--out {} holds a BBH evaluation (items.jsonl), not a teacher cache"}
+    for name, message in said.items():
+        out = tmp_path / name
+        rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "no-model"), "--data", str(records_file),
+                       "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"fastkd cache-teacher: error: {message.format(out)}") and \
+            err.count("\n") == 1, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert (run / "config.yaml").read_text() == (evaluation / "config.yaml").read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    rc = cli_main(["cache-teacher", "--teacher", str(tmp_path / "no-model"), "--data", str(records_file),
+                   "--out", str(mine), "--no-progress"])
+    assert rc == 2 and "no-model" in capsys.readouterr().err   # got as far as the teacher
+
+
 def test_config_file_flags_and_the_saved_config(tiny_qwen_dir, records_file, tmp_path, capsys):
     """--config YAML < flags; the cache keeps the resolved config as config.yaml, which --config reads back."""
     import yaml
@@ -231,6 +261,33 @@ def test_a_resume_keeps_the_cache_codec_when_none_is_asked(tiny_qwen_dir, record
     assert all((a == s.topk_ids).all() for a, s in zip(before, CacheReader(out)))
     with pytest.raises(CacheError, match="codecs.topk"):
         run_cache(tiny_qwen_dir, records_file, out, top_k=4, logits_codec="kt:precision=small")
+
+
+def test_a_rerun_clears_a_dead_runs_tokenizer_staging_and_a_nameless_os_error_names_the_cache(
+        tiny_qwen_dir, records_file, tmp_path, monkeypatch, capsys):
+    """A full disk met by a write or a close (an OSError without a file name) names the cache folder; a run stopped
+    while saving the teacher tokenizer leaves .teacher_tokenizer.<pid>.tmp/, which the next run removes once its
+    process is gone (a live one's is left alone)."""
+    from fastkd.cache_stage import CacheConfig
+
+    out = tmp_path / "cache"
+    no_space = OSError(28, "No space left on device")
+    monkeypatch.setattr(CacheConfig, "save", lambda self, path: (_ for _ in ()).throw(no_space))
+    rc = cli_main(["cache-teacher", "--teacher", str(tiny_qwen_dir), "--data", str(records_file), "--out", str(out),
+                   "--top-k", "4", "--no-progress"])
+    assert rc == 2 and f"error: No space left on device ({out}). What was finished" in capsys.readouterr().err
+    monkeypatch.undo()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (int(gone.stdout), running.pid):
+            (out / f".teacher_tokenizer.{pid}.tmp").mkdir()
+            (out / f".teacher_tokenizer.{pid}.tmp" / "tokenizer.json").write_text("{")
+        assert run_cache(tiny_qwen_dir, records_file, out, top_k=4).sequences_written == 12
+        assert [p.name for p in out.glob(".teacher_tokenizer.*")] == [f".teacher_tokenizer.{running.pid}.tmp"]
+    finally:
+        running.kill()
+        running.wait()
 
 
 def read_manifest_codec(root):

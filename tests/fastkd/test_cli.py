@@ -350,3 +350,155 @@ def test_stage_errors_are_one_line_with_exit_2(capsys):
     assert rc == 2 and err.strip() == "fastkd demo: error: --steps must be >= 1, got 0"
     rc, _, err = run_cli(["generate-rationales", "--teacher", "t", "--out", "o.jsonl"], capsys)
     assert rc == 2 and err.strip().startswith("fastkd generate-rationales: error: give --data")
+
+
+# ----------------------------------------------------------------------------- option values and --config files
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_length", -3, "--max-length must be >= 1, got -3"),
+    ("lr", 0.0, "--lr must be > 0, got 0.0"),
+    ("lr", -1.0, "--lr must be > 0, got -1.0"),
+    ("adam_beta1", 1.0, "--adam-beta1 must be >= 0 and < 1, got 1.0"),
+    ("adam_beta2", -0.1, "--adam-beta2 must be >= 0 and < 1, got -0.1"),
+    ("adam_eps", 0.0, "--adam-eps must be > 0, got 0.0"),
+    ("weight_decay", -1.0, "--weight-decay must be >= 0, got -1.0"),
+    ("min_lr_ratio", 5.0, "--min-lr-ratio must be >= 0 and <= 1, got 5.0"),
+    ("warmup_steps", -5, "--warmup-steps must be >= 0, got -5"),
+    ("kl_weight", -1.0, "--kl-weight must be >= 0, got -1.0"),
+    ("temperature", 0.0, "--temperature must be > 0, got 0.0"),
+    ("epochs", 0.0, "--epochs must be > 0, got 0.0"),
+    ("max_grad_norm", -1.0, "--max-grad-norm must be >= 0, got -1.0"),
+    ("log_every", 0, "--log-every must be >= 1, got 0"),
+    ("eval_batches", -3, "--eval-batches must be >= 1, got -3"),
+    ("seed", -1, "--seed must be >= 0 and <= 4294967295, got -1"),
+    ("lr", float("nan"), "option lr: nan is not a valid float"),
+    ("epochs", float("inf"), "option epochs: inf is not a valid float"),
+])
+def test_train_refuses_an_out_of_range_value_before_anything_is_loaded(option, value, message, capsys):
+    from fastkd.errors import UserError
+    from fastkd.train_config import TrainConfig
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        TrainConfig.make(overrides={"cache": "c", "student": "s", option: value})
+    rc, _, err = run_cli(["train", "--cache", "c", "--student", "s", "--out", "run", _flag(option), str(value)], capsys)
+    assert (rc, err) == (2, f"fastkd train: error: {message}\n") and not Path("run").exists()
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def test_the_edges_of_a_range_are_accepted():
+    from fastkd.train_config import TrainConfig
+
+    edges = dict(adam_beta1=0.0, adam_beta2=0.999, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0, kl_weight=0.0,
+                 ce_weight=0.0, max_grad_norm=0.0, lr=1e-12, temperature=1e-3, seed=2**32 - 1, max_length=1)
+    config = TrainConfig.make(overrides={"cache": "c", "student": "s", **edges})
+    assert {name: getattr(config, name) for name in edges} == edges
+    assert TrainConfig.make(overrides={"cache": "c", "student": "s", "min_lr_ratio": 0.0}).min_lr_ratio == 0.0
+
+
+@pytest.mark.parametrize("command, yaml_text, option", [
+    ("cache-teacher", "teacher: t\ndata: d\ntop_k: null\n", "top_k"),
+    ("cache-teacher", "teacher: t\ndata: d\nbatch-size: ~\n", "batch_size"),
+    ("train", "cache: c\nstudent: s\nlr: null\n", "lr"),
+    ("eval-bbh", "model: m\nprompt_format: null\n", "prompt_format"),
+])
+def test_a_null_for_an_option_that_needs_a_value_is_refused_naming_the_file(command, yaml_text, option, capsys):
+    Path("run.yaml").write_text(yaml_text)
+    rc, _, err = run_cli([command, "--config", "run.yaml", "--out", "out"], capsys)
+    assert (rc, err) == (2, f"fastkd {command}: error: --config run.yaml: option {option} is null; give a value or "
+                            "leave it out\n")
+    assert not Path("out").exists()
+
+
+def test_a_null_is_kept_where_the_option_allows_none_and_refused_in_python_where_not():
+    from fastkd.errors import UserError
+    from fastkd.train_config import TrainConfig
+
+    Path("run.yaml").write_text("cache: c\nstudent: s\nmax_length: null\nmax_steps: null\n")
+    args = cli.build_parser().parse_args(["train", "--config", "run.yaml"])
+    assert (TrainConfig.from_args(args).max_length, TrainConfig.from_args(args).max_steps) == (None, None)
+    with pytest.raises(UserError, match="^option lr is null; give a value or leave it out$"):
+        TrainConfig(cache="c", student="s", lr=None)
+    with pytest.raises(UserError, match="^option top_k is null"):
+        TrainConfig.make({"cache": "c", "student": "s", "top_k": None})
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(capsys):
+    Path("bad.yaml").write_bytes(b"\xff\xfe top_k: 8\n")
+    for command in (["cache-teacher", "--teacher", "t", "--data", "d"], ["train", "--cache", "c", "--student", "s"]):
+        rc, _, err = run_cli([*command, "--config", "bad.yaml", "--out", "out"], capsys)
+        assert (rc, err) == (2, f"fastkd {command[0]}: error: --config bad.yaml: not UTF-8 text (byte 0xff at offset "
+                                "0)\n")
+    assert not Path("out").exists()
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("top_k: true\n", "option top_k: True is not a valid int"),
+    ("capture_share: false\n", "option capture_share: False is not a valid float"),
+    ("cot: 2\n", "option cot: 2 is not a valid bool"),
+    ("cot: 0.0\n", "option cot: 0.0 is not a valid bool"),
+    ("top_k: 8\ntop_k: 16\n", "invalid YAML: key top_k is given twice (line 4)"),
+    ("top-k: 8\ntop_k: 16\n", "option top_k is given twice"),
+])
+def test_a_config_value_that_would_change_meaning_or_a_key_given_twice_is_refused(yaml_text, message, capsys):
+    Path("run.yaml").write_text("teacher: t\ndata: d\n" + yaml_text)
+    rc, _, err = run_cli(["cache-teacher", "--config", "run.yaml", "--out", "out"], capsys)
+    assert (rc, err) == (2, f"fastkd cache-teacher: error: --config run.yaml: {message}\n")
+
+
+def test_yaml_bools_and_numbers_that_keep_their_meaning_are_read():
+    from fastkd.cache_stage import CacheConfig
+    from fastkd.errors import UserError
+    from fastkd.train_config import TrainConfig
+
+    Path("run.yaml").write_text("teacher: t\ndata: d\nout: o\ncot: 0\nchat_template: yes\ntop_k: 8.0\ncapture_share: 1\n")
+    config = CacheConfig.make(CacheConfig.load("run.yaml"))
+    assert (config.cot, config.chat_template, config.top_k, config.capture_share) == (False, True, 8, 1.0)
+    with pytest.raises(UserError, match=re.escape("option student_layers: [1, True] is not a valid list[int]")):
+        TrainConfig.make(overrides={"cache": "c", "student": "s", "student_layers": [1, True]})
+
+
+@pytest.mark.parametrize("value, message", [("-3", "must be >= 1, got -3"), ("0", "must be >= 1, got 0"),
+                                            ("x", "must be a whole number >= 1, got 'x'")])
+def test_cache_stats_refuses_a_max_sequences_below_one(value, message, capsys):
+    rc, out, err = run_cli(["cache", "stats", "no-cache", "--max-sequences", value], capsys)
+    assert rc == 2 and not out
+    assert err.splitlines()[-1] == f"fastkd cache stats: error: argument --max-sequences: {message}"
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_in_a_stage_is_one_line_before_the_error_types_are_imported(monkeypatch, capsys):
+    """A Ctrl-C that stops `import torch` half-way must not lead main to import the lower layers (for their error
+    types) on top of the half-made module: that was a 40-line AttributeError traceback, exit 1."""
+    from fastkd import synth
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    def imports_torch():
+        raise AssertionError("main imported the error types while handling a Ctrl-C")
+
+    monkeypatch.setattr(synth, "run_synth", stopped)
+    monkeypatch.setattr(cli, "user_errors", imports_torch)
+    rc, out, err = run_cli(["data", "synth", "--out", "x.jsonl"], capsys)
+    assert rc == 130 and err == "fastkd data: interrupted; re-run the same command to resume\n"
+
+
+def test_ctrl_c_while_the_commands_are_built_leaves_at_once_in_one_line(monkeypatch, capsys):
+    """SIGINT during build_parser (the stage imports) exits 130 with one line, and main restores the handler."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    left = []
+
+    def building():
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    monkeypatch.setattr(cli, "build_parser", building)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: left.append(code) or (_ for _ in ()).throw(SystemExit(code)))
+    rc, out, err = run_cli(["train", "--help"], capsys)
+    assert rc == 130 and left == [130] and err == "fastkd: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before

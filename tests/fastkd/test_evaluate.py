@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastkd import bbh, bbh_results, evaluate, paths
+from fastkd.errors import UserError
 
 torch = pytest.importorskip("torch")
 
@@ -127,9 +128,12 @@ def test_eval_bbh_end_to_end(tiny_qwen_dir, tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results == returned   # what evaluate_bbh returns is what it wrote
-    assert results["schema"] == bbh_results.SCHEMA and results["config"]["device"] == "cpu"
-    assert set(results["config"]) == {"prompt_format", "chat", "tasks", "limit", "max_new_tokens", "batch_size", "stop",
-                                      "bbh_dir", "device", "dtype"}   # the results.json schema's config
+    assert results["schema"] == bbh_results.SCHEMA and results["resolved"]["device"] == "cpu"
+    assert set(results["config"]) == set(evaluate.EvalConfig.fields())   # the results.json schema's config
+    assert results["config"]["tasks"] == "sports_understanding,object_counting"
+    assert set(results["resolved"]) == {"tasks", "bbh_dir", "stop", "device", "dtype"}
+    assert results["resolved"]["tasks"] == ["sports_understanding", "object_counting"]
+    assert results["resolved"]["dtype"] == "float32" and results["resolved"]["stop"] == bbh.STOP_STRING
     report = (out / "report.md").read_text()
     for task, task_rows in per.items():
         strict = 100 * sum(r["correct"] for r in task_rows) / len(task_rows)
@@ -196,3 +200,85 @@ def test_saved_predictions_are_cut_at_the_stop_string_and_bad_bytes_are_named(tm
     preds.write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"task": "navigate", "idx": 1, "prediction": "\xff"}\n')
     with pytest.raises(evaluate.EvalError, match=r"p\.jsonl: line 2: invalid UTF-8"):
         evaluate.read_predictions(preds)
+
+
+def _scored(tmp_path, *argv, write: bool = True) -> int:
+    """eval-bbh --predictions tmp_path/p.jsonl (no model) on navigate; `write`: first make it, the first 2 items right."""
+    preds = tmp_path / "p.jsonl"
+    if write and not preds.exists():
+        items, _ = bbh.load_tasks(["navigate"], limit=2)
+        preds.write_text("".join(json.dumps({"task": "navigate", "idx": it.idx, "prediction": f"So the answer is "
+                                                                                          f"{it.target}."}) + "\n"
+                                 for it in items["navigate"]))
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.run(parser.parse_args(["--predictions", str(preds), "--tasks", "navigate", "--limit", "2",
+                                           *map(str, argv)]))
+
+
+@needs_bbh
+def test_an_evaluation_is_never_replaced_without_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert _scored(tmp_path, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == set(bbh_results.RUN_FILES)
+    with pytest.raises(evaluate.EvalError, match=f"--out {out} already holds an evaluation \\(items.jsonl, "
+                                                 "results.json, report.md, scores.png\\); delete it and start over "
+                                                 "with --overwrite, or choose another --out"):
+        _scored(tmp_path, "--out", out, "--limit", "1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "notes.txt").write_text("mine")
+    assert _scored(tmp_path, "--out", out, "--limit", "1", "--overwrite", "--no-plot") == 0
+    assert len((out / "items.jsonl").read_text().splitlines()) == 1
+    assert not (out / "scores.png").exists() and (out / "notes.txt").read_text() == "mine"   # nothing mixed
+    mine = tmp_path / "mine"   # a folder of the user's own files is fine, as before
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert _scored(tmp_path, "--out", mine, "--no-plot") == 0 and (mine / "notes.txt").read_text() == "mine"
+
+
+@needs_bbh
+def test_a_cache_or_run_folder_is_refused_before_anything_is_read(tmp_path):
+    for marker in ("manifest.json", "final"):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).mkdir()
+        with pytest.raises(UserError, match=f"holds a .*\\({marker}\\), not a BBH evaluation"):
+            _scored(tmp_path, "--out", folder, "--overwrite", write=False)   # no predictions file: not read
+        assert [p.name for p in folder.iterdir()] == [marker]
+
+
+@needs_bbh
+def test_the_saved_config_is_read_back_by_config(tmp_path):
+    """results.json's config, as YAML, makes the same EvalConfig with --config (the facts it led to apart)."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert _scored(tmp_path, "--out", out, "--no-plot", "--name", "mine") == 0
+    results = json.loads((out / "results.json").read_text())
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(results["config"]))
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    again = evaluate.EvalConfig.from_args(parser.parse_args(["--config", str(tmp_path / "again.yaml")]))
+    assert again.as_dict() == results["config"] and again.out == str(out) and again.limit == 2
+    assert results["resolved"] == {"tasks": ["navigate"], "bbh_dir": str(BBH_DIR), "stop": bbh.STOP_STRING,
+                                   "device": None, "dtype": None}
+    assert f"data `{BBH_DIR}`" in (out / "report.md").read_text()
+    assert evaluate.run(parser.parse_args(["--config", str(tmp_path / "again.yaml"), "--overwrite"])) == 0
+
+
+@needs_bbh
+def test_a_predicted_idx_outside_the_task_is_refused_whatever_the_limit(tmp_path):
+    n = len(bbh.load_tasks(["navigate"])[0]["navigate"])
+    assert _scored(tmp_path, "--out", tmp_path / "first", "--no-plot") == 0
+    preds = tmp_path / "p.jsonl"
+    given = preds.read_text() + json.dumps({"task": "navigate", "idx": n - 1, "prediction": "x"}) + "\n"
+    preds.write_text(given)
+    assert _scored(tmp_path, "--out", tmp_path / "inside", "--no-plot") == 0   # past --limit, in the task: not scored
+    for idx in (n, 1000000, -1):
+        preds.write_text(given + json.dumps({"task": "navigate", "idx": idx, "prediction": "x"}) + "\n")
+        for limit in ("1", "2"):
+            with pytest.raises(evaluate.EvalError, match=f"line 4: field 'idx' {idx} is not an item of navigate "
+                                                         f"\\(idx 0..{n - 1}\\)"):
+                _scored(tmp_path, "--out", tmp_path / "o", "--limit", limit)
+    assert not (tmp_path / "o").exists()

@@ -106,3 +106,38 @@ def test_a_flag_folder_without_the_tasks_is_an_error_that_says_how_to_get_them(t
         paths.resolve_bbh_dir(tmp_path, ["navigate", "snarks"])
     msg = str(err.value)
     assert "navigate, snarks" in msg and "git clone" in msg and str(tmp_path / "home" / "bbh") in msg
+
+
+def test_an_out_folder_holds_one_kind_of_output(tmp_path):
+    """Each kind refuses a file and a folder holding another kind (named with its marker files), not a folder of the
+    user's own files nor one of its own kind."""
+    folders = {}
+    for kind, markers in paths.OUTPUT_MARKERS.items():
+        folder = folders[kind] = tmp_path / kind.replace(" ", "-")
+        folder.mkdir()
+        (folder / markers[0]).write_text("")
+        (folder / "config.yaml").write_text("")      # a cache and a run both save one: no marker
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("mine")
+    (tmp_path / "file").write_text("")
+    for kind in paths.OUTPUT_MARKERS:
+        with pytest.raises(UserError, match=f"--out .*file is a file; give a folder for the {kind}"):
+            paths.check_out_folder(tmp_path / "file", kind)
+        assert paths.check_out_folder(mine, kind) == mine and paths.check_out_folder(folders[kind], kind)
+        assert paths.check_out_folder(tmp_path / "new", kind) == tmp_path / "new"
+        for other, folder in folders.items():
+            if other != kind:
+                marker = paths.OUTPUT_MARKERS[other][0]
+                with pytest.raises(UserError, match=f"holds a {other} \\({marker}\\), not a {kind}"):
+                    paths.check_out_folder(folder, kind)
+
+
+def test_the_output_markers_are_the_names_their_writers_use():
+    from fastkd import bbh_results, checkpoint
+    from fastkd.cache_tools.format import MANIFEST, SHARD_DIR
+    from fastkd.cache_tools.units import UNIT_DIR
+
+    assert paths.OUTPUT_MARKERS["teacher cache"] == (MANIFEST, SHARD_DIR, UNIT_DIR)
+    assert set(paths.OUTPUT_MARKERS["training run"]) <= set(checkpoint.RUN_FILES) - {"config.yaml"}
+    assert set(paths.OUTPUT_MARKERS["BBH evaluation"]) <= set(bbh_results.RUN_FILES)

@@ -141,6 +141,26 @@ def test_bad_input_is_a_clear_error(tmp_path):
         generate("t", str(data), str(data), engine=FakeEngine())
 
 
+def test_an_out_file_it_did_not_write_is_refused_and_kept(tmp_path):
+    """--out F without F's provenance log beside it is someone's file: refused, before the teacher loads, untouched;
+    an empty F is fine (nothing to lose), and so is F with its log (a resume)."""
+    data = write_answers(tmp_path / "answers.jsonl")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"source": "my", "rationale": "hand-written", "target": "x"}\n')
+    engine = FakeEngine()
+    with pytest.raises(UserError, match="--out .*mine.jsonl: already exists and was not written by "
+                                        "generate-rationales \\(no mine.jsonl.provenance.jsonl beside it\\)"):
+        generate("fake-teacher", str(data), str(mine), n=1, engine=engine, progress=False)
+    assert mine.read_text() == '{"source": "my", "rationale": "hand-written", "target": "x"}\n'
+    assert engine.calls == 0 and not (tmp_path / ("mine.jsonl" + LOG_SUFFIX)).exists()
+    with pytest.raises(UserError, match="already exists"):
+        generate("fake-teacher", str(data), str(tmp_path), n=1, engine=engine, progress=False)   # a folder
+    mine.write_text("")
+    first = generate("fake-teacher", str(data), str(mine), n=1, engine=engine, progress=False)
+    again = generate("fake-teacher", str(data), str(mine), n=1, engine=engine, progress=False)
+    assert first == again and engine.calls == 1
+
+
 def test_sampling_draws_follow_the_settings():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3

@@ -212,3 +212,26 @@ def test_resume_after_a_kill_is_exact_with_read_ahead(kd, tiny_llama_dir, tmp_pa
 def test_negative_prefetch_is_a_clear_error(kd, tiny_llama_dir):
     with pytest.raises(UserError, match="--prefetch must be >= 0"):
         quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), prefetch=-1).validate()
+
+
+@pytest.mark.parametrize("name", ["embedded-student", "embedded"])
+def test_the_embedded_names_load_as_the_student(name, tmp_path, monkeypatch):
+    """README: the embedded names work wherever a model is asked for, --student included (never sent to the hub)."""
+    from fastkd.student import load_student
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    student = load_student(quiet(cache=str(tmp_path), student=name).validate(), torch.device("cpu"))
+    assert student.training and sum(p.numel() for p in student.parameters()) > 0
+
+
+def test_a_mistyped_student_is_no_local_folder(tmp_path, monkeypatch):
+    from fastkd.student import load_student
+
+    monkeypatch.chdir(tmp_path)
+    by_flag = {"--student": quiet(cache=str(tmp_path), student="studnt"),
+               "--student-config": quiet(cache=str(tmp_path), student_config="studnt", tokenizer="embedded")}
+    for flag, config in by_flag.items():
+        with pytest.raises(UserError) as err:
+            load_student(config.validate(), torch.device("cpu"))
+        msg = str(err.value)
+        assert msg.startswith(f"{flag} 'studnt': no local folder of that name") and "HF_HUB_OFFLINE is set" in msg

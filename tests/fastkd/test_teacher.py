@@ -157,3 +157,51 @@ def test_a_head_transform_the_config_does_not_announce_is_caught_once(model, bat
     assert "differ from its output head" in capsys.readouterr().err
     teacher.teacher_signal(model, *batch, k=8, vocab_size=vocab)          # the plain model keeps the chunked path
     assert "differ" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typo", ["cpus", "gpu", "cuda:x", ""])
+def test_a_mistyped_device_is_one_line_naming_the_forms(typo):
+    with pytest.raises(teacher.UserError) as err:
+        teacher.resolve_device(typo)
+    msg = str(err.value)
+    assert msg.startswith(f"--device {typo!r}: not a device") and "auto, cpu, cuda, cuda:N" in msg
+    assert "\n" not in msg and teacher.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_device_this_machine_lacks_is_refused():
+    if torch.cuda.is_available():
+        missing = f"cuda:{torch.cuda.device_count()}"
+        with pytest.raises(teacher.UserError, match=rf"--device {missing}: this machine has"):
+            teacher.resolve_device(missing)
+    else:
+        with pytest.raises(teacher.UserError, match="CUDA is not available"):
+            teacher.resolve_device("cuda:0")
+
+
+def test_a_name_that_is_no_folder_says_so_not_damaged_files(tmp_path, monkeypatch):
+    """A one-word typo is no local folder and (offline) no hub id: said as such, with the hub's first line of reason
+    and the offline variable; the 'damaged files' hint is only for a folder whose files do not load."""
+    monkeypatch.chdir(tmp_path)
+    for load in (lambda: teacher.load_tokenizer("teachr", "--teacher"),
+                 lambda: teacher.load_causal_lm("teachr", device="cpu", role="--teacher")):
+        with pytest.raises(teacher.UserError) as err:
+            load()
+        msg = str(err.value)
+        assert msg.startswith("--teacher 'teachr': no local folder of that name, and the hub id 'teachr' could not "
+                              "be loaded (OSError: ") and msg.endswith("HF_HUB_OFFLINE is set, so only models already "
+                                                                        "in the local Hugging Face cache load")
+        assert "damaged" not in msg and "\n" not in msg
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("not json")
+    with pytest.raises(teacher.UserError, match="cannot load a tokenizer from 'tok': .* damaged"):
+        teacher.load_tokenizer("tok")
+
+
+def test_hub_failure_online_has_the_reason_and_no_offline_note(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    err = OSError("org/nme is not a local folder and is not a valid model identifier\nIf this is a private repository")
+    msg = str(teacher.hub_failure("--student", "org/nme", err))
+    assert msg == ("--student 'org/nme': no local folder of that name, and the hub id 'org/nme' could not be loaded "
+                   "(OSError: org/nme is not a local folder and is not a valid model identifier)")

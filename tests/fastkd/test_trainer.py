@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd.errors import UserError
+from fastkd.errors import Interrupted, UserError
 from fastkd.train_config import TrainConfig
 from fastkd.trainer import train
 from helpers import build_teacher_and_cache, cli_env, final_weights, max_weight_diff, quiet, write_arith_records
@@ -285,6 +285,60 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, kd, tiny_llama_dir
     assert logged == list(range(1, steps + 1))          # every step once: nothing lost, nothing repeated
 
 
+def test_a_resume_after_the_last_checkpoint_logs_nothing_twice(tmp_path, records_jsonl, tiny_llama_dir):
+    """--resume on a finished run, or on one killed after its last checkpoint (final/ not written): the final
+    held-out metrics come from the checkpoint, so metrics.jsonl stays the uninterrupted run's, line for line."""
+    out = tmp_path / "run"
+    options = dict(data=str(records_jsonl), student=str(tiny_llama_dir), out=str(out), kl_weight=0.0, batch_size=2,
+                   max_steps=4, lr=3e-3, save_every=2, log_every=1, eval_every=2, eval_sequences=1)
+    train(quiet(**options))
+    metrics, weights = (out / "metrics.jsonl").read_text(), final_weights(out)
+    assert metrics.count('"eval_ce"') == 3                      # before, at step 2, after
+    train(quiet(**options, resume=True))
+    assert (out / "metrics.jsonl").read_text() == metrics
+    shutil.rmtree(out / "final")
+    again = train(quiet(**options, resume=True))
+    assert (out / "metrics.jsonl").read_text() == metrics and again.after["ce"] == json.loads(
+        metrics.splitlines()[-1])["eval_ce"]
+    assert max_weight_diff(final_weights(out), weights) == 0
+
+
+def test_ctrl_c_or_an_os_error_outside_the_loop_names_the_command_that_continues(tmp_path, records_jsonl,
+                                                                                tiny_llama_dir, monkeypatch):
+    """While loading nothing is written: the same command. Once the run folder is written and before the first
+    checkpoint: --overwrite (the same command and --resume are refused, and say so). After it: --resume."""
+    import fastkd.trainer as trainer
+
+    out = tmp_path / "run"
+    options = dict(data=str(records_jsonl), student=str(tiny_llama_dir), out=str(out), kl_weight=0.0, batch_size=2,
+                   max_steps=4, lr=3e-3, save_every=2)
+    real_build, real_evaluate, real_save_final = trainer.build_run, trainer.evaluate, trainer.save_final
+
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_run", ctrl_c)
+    with pytest.raises(Interrupted, match=rf"^interrupted; nothing in {out} was changed yet, so re-run the same "
+                                          r"command$") as stop:
+        train(quiet(**options))
+    assert stop.value.exit_code == 130 and not out.exists()
+    monkeypatch.setattr(trainer, "build_run", real_build)
+    monkeypatch.setattr(trainer, "evaluate", ctrl_c)          # the held-out evaluation before step 1
+    with pytest.raises(Interrupted, match=rf"^interrupted; start it over with --overwrite: {out} holds no checkpoint"):
+        train(quiet(**options))
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    for extra in ({}, {"resume": True}):
+        with pytest.raises(UserError, match="stopped before its first checkpoint.*start .*over with --overwrite"):
+            train(quiet(**options, **extra))
+    no_space = OSError(28, "No space left on device")         # as a write or close raises it: no file name
+    monkeypatch.setattr(trainer, "save_final", lambda *args: (_ for _ in ()).throw(no_space))
+    with pytest.raises(UserError, match=rf"^No space left on device \({out}\); fix this, then continue it with "
+                                        r"--resume"):
+        train(quiet(**options, overwrite=True))
+    monkeypatch.setattr(trainer, "save_final", real_save_final)
+    assert train(quiet(**options, resume=True)).final_dir == out / "final"
+
+
 def test_a_nan_loss_stops_the_run_before_it_overwrites_the_checkpoint(kd, tiny_llama_dir, tmp_path, monkeypatch):
     """No GradScaler, bf16 at most: a non-finite loss is bad data or divergence. The run stops with a clear error
     at the next log line or checkpoint, and the checkpoint on disk keeps the last finite step."""
@@ -301,7 +355,8 @@ def test_a_nan_loss_stops_the_run_before_it_overwrites_the_checkpoint(kd, tiny_l
 
     monkeypatch.setattr(trainer, "train_step", nan_on_the_fourth_step)
     out = tmp_path / "run"
-    with pytest.raises(UserError, match=r"NaN or inf in steps 4\.\.4.* still holds step 2"):
+    with pytest.raises(UserError, match=r"NaN or inf in steps 4\.\.4.* still holds step 2.*then continue it with "
+                                        r"--resume .*; a lower --lr needs a new run \(--overwrite\)$"):
         train(quiet(cache=str(kd["cache"]), student=str(tiny_llama_dir), out=str(out), lr=3e-3, max_steps=8,
                     batch_size=4, save_every=2, log_every=3, seed=0))
     from fastkd.checkpoint import load_checkpoint
