@@ -24,6 +24,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD: set[str] = set()   # locks this process took: one naming our pid but not here is a dead process's (a
+                          # restarted container has the same pid and host name)
+
+
+def _ours(path: Path, holder: dict) -> bool:
+    """Whether `holder` is this very process holding `path` (not an earlier process that had our pid)."""
+    return (int(holder.get("pid", -1)) == os.getpid() and holder.get("host") == socket.gethostname()
+            and os.path.abspath(path) in _HELD)
+
+
 def _try_create(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -53,6 +63,7 @@ def acquire_lock(path: Path) -> Path:
     """Create the lock file, or take over one whose process (on this host) is gone; returns its path."""
     for _ in range(3):
         if _try_create(path):
+            _HELD.add(os.path.abspath(path))
             return path
         holder = _holder(path)
         if holder is None:  # half-written or unreadable: only stale if it stays that way
@@ -62,7 +73,7 @@ def acquire_lock(path: Path) -> Path:
                 continue
             if not age_ok:
                 raise CacheError(f"cache lock {path}: being created by another process; try again")
-        elif int(holder.get("pid", -1)) == os.getpid() and holder.get("host") == socket.gethostname():
+        elif _ours(path, holder):
             raise CacheError(f"cache lock {path}: this process already has a writer open on this cache")
         clear_stale_lock(path, "another run", holder)
     raise CacheError(f"cache lock {path}: could not be taken (another process keeps creating it)")
@@ -71,7 +82,8 @@ def acquire_lock(path: Path) -> Path:
 def release_lock(path: Path) -> None:
     """Remove the lock file if this process holds it."""
     holder = _holder(path)
-    if holder and int(holder.get("pid", -1)) == os.getpid():
+    if holder and _ours(path, holder):
+        _HELD.discard(os.path.abspath(path))
         with contextlib.suppress(OSError):
             os.unlink(path)
 
@@ -84,7 +96,7 @@ def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
         if host != socket.gethostname():
             raise CacheError(f"cache lock {path}: {what} (pid {pid} on host {host}) may still be writing this cache; "
                              f"if no run is, delete the lock file")
-        if pid_alive(pid):
+        if pid_alive(pid) and (pid != os.getpid() or _ours(path, holder)):
             raise CacheError(f"cache lock {path}: {what} (pid {pid}) is still writing this cache; wait for it, or "
                              f"stop it and re-run to resume")
     try:

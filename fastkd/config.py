@@ -22,8 +22,9 @@ BOUNDS = {"minimum": (">=", operator.ge), "exclusive_minimum": (">", operator.gt
 
 
 def option(default, help: str, **extra):
-    """A config field: its default and help text; optional `choices`, `required`, `metavar` and the BOUNDS
-    (`minimum`, `exclusive_minimum`, `maximum`, `exclusive_maximum`)."""
+    """A config field: its default and help text; optional `choices`, `required`, `metavar`, the BOUNDS
+    (`minimum`, `exclusive_minimum`, `maximum`, `exclusive_maximum`) and `once` (an action for this run only,
+    --resume or --overwrite: saved as its default, so replaying a saved config never continues or deletes by itself)."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return dataclasses.field(default=default, metadata={"help": help, **extra})
@@ -56,7 +57,8 @@ class StageConfig:
     def __post_init__(self):
         """Each field's own rules (required, not null, choices, bounds), however the config was built."""
         for name, f in self.fields().items():
-            value, choices = getattr(self, name), f.metadata.get("choices")
+            value, choices = self.coerce(name, getattr(self, name)), f.metadata.get("choices")
+            setattr(self, name, value)   # a config built in Python (fastkd.hf, train(TrainConfig(...))) is checked too
             if value in (None, "") and f.metadata.get("required"):  # "" too: `--out "$UNSET"` is not the cwd
                 raise UserError(f"give {_flag(name)}: {f.metadata['help']}")
             if value is None and not _nullable(f):
@@ -148,7 +150,9 @@ class StageConfig:
             raise
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as saved with the output: `once` options at their defaults."""
+        fields = self.fields()
+        return {k: fields[k].default if fields[k].metadata.get("once") else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def coerce(cls, name: str, value):

@@ -65,7 +65,8 @@ class EvalConfig(StageConfig):
     out: str | None = option(None, "run folder for the outputs (default runs/eval-bbh/<name>-<format>-<time>); with "
                                    "--compare, where compare.md goes")
     overwrite: bool = option(False, "delete the evaluation already in --out (its items.jsonl, results.json, report.md, "
-                                    "scores.png) and start over; without it a folder holding one is refused")
+                                    "scores.png) and start over; without it a folder holding one is refused",
+                             once=True)
     name: str | None = option(None, "run name shown in reports and --compare tables (default: the model folder or "
                                     "predictions file name)")
     metric: str = option("strict", "with --compare: which score to tabulate", choices=["strict", "lenient"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastkd.config import CHAT_TEMPLATE, DEVICE, DTYPE, PROGRESS, SEED, StageConfig, option
 from fastkd.errors import UserError
+from fastkd.paths import resolve_model
 
 LOG_SUFFIX = ".provenance.jsonl"
 
@@ -168,7 +169,7 @@ def generate_rationales(config: RationalesConfig, engine=None) -> dict:
         if config.backend == "vllm":
             from fastkd.teacher_vllm import require_vllm
 
-            engine = require_vllm().LLM(model=config.teacher, dtype=config.dtype, seed=0)
+            engine = require_vllm().LLM(model=resolve_model(config.teacher, "--teacher"), dtype=config.dtype, seed=0)
         else:
             from fastkd.teacher import load_causal_lm, load_tokenizer
 

@@ -99,8 +99,8 @@ class TrainConfig(StageConfig):
                                     "it spans stay in memory (records from --data are always fully shuffled)",
                                minimum=0)
     group_batches: int = _opt(32, "batches per length-grouping window (larger = less padding, less randomness; "
-                                  "tasks of different lengths then fill batches of their own: 1 mixes them)",
-                              minimum=1)
+                                  "tasks of different lengths then fill batches of their own: 1 mixes them; 0 "
+                                  "counts as 1)", minimum=0)
     num_workers: int = _opt(0, "DataLoader worker processes decoding the cache (0: the read-ahead thread decodes)",
                             minimum=0)
     prefetch: int = _opt(4, "steps built ahead by a background thread (decode, collate, pin) in a bounded queue; "
@@ -113,12 +113,12 @@ class TrainConfig(StageConfig):
                                             "training")
     # run
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoint/, final/")
-    resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped")
+    resume: bool = _opt(False, "continue from <out>/checkpoint exactly where it stopped", once=True)
     overwrite: bool = _opt(False, "delete the run already in --out (its checkpoint, metrics, final model) and start "
-                                  "over; without it (or --resume) a folder holding a run is refused")
+                                  "over; without it (or --resume) a folder holding a run is refused", once=True)
     device: str = DEVICE()
     distributed: str = _opt("ddp", "engine under torchrun", choices=["ddp", "fsdp"])
-    log_every: int = _opt(10, "steps between metric lines", minimum=1)
+    log_every: int = _opt(10, "steps between metric lines (0 counts as 1)", minimum=0)
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = only before and after training)", minimum=0)
     eval_batches: int | None = _opt(None, "cap on held-out batches per evaluation (default: all)", minimum=1)
     eval_bbh_tasks: str | None = _opt(None, "also score the student on these BBH tasks at every evaluation (comma list "

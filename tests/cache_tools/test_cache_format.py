@@ -353,6 +353,20 @@ def test_lock_held_by_live_process_refused(tmp_path):
     CacheWriter(root, settings).close()  # stale lock taken over
 
 
+def test_a_lock_naming_this_pid_that_this_process_never_took_is_stale(tmp_path):
+    """A container restarted after a kill runs the same command with the same pid and host name: the lock its dead
+    predecessor left names "us", and must be taken over, not refused as our own or as a live process's."""
+    settings = synthetic_settings()
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    first = CacheWriter(root, settings)
+    with pytest.raises(CacheError, match="already has a writer open"):   # the lock it took now is its own
+        CacheWriter(root, settings)
+    first.close()
+    assert not (root / ".lock").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no manifest.json"), ("", "manifest.json is empty"), ("{not json", "not valid JSON"),
     ("[1, 2]", "must hold a JSON object"), ('{"format": "other"}', "field 'format'"),

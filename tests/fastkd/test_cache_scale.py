@@ -247,7 +247,7 @@ def test_stale_and_unreceipted_units_are_rewritten(tiny_qwen_dir, tmp_path):
 def test_a_live_rank_of_another_run_blocks_the_coordinator(tiny_qwen_dir, recs, tmp_path):
     out = tmp_path / "c"
     run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=3)
-    (out / ".lock.rank-1").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    (out / ".lock.rank-1").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     with pytest.raises(CacheError, match=r"rank 1 of an earlier run .* is still writing"):
         run_cache(tiny_qwen_dir, recs, out, top_k=4, sequences_per_shard=3)
     (out / ".lock.rank-1").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))

@@ -368,7 +368,8 @@ def test_stage_errors_are_one_line_with_exit_2(capsys):
     ("temperature", 0.0, "--temperature must be > 0, got 0.0"),
     ("epochs", 0.0, "--epochs must be > 0, got 0.0"),
     ("max_grad_norm", -1.0, "--max-grad-norm must be >= 0, got -1.0"),
-    ("log_every", 0, "--log-every must be >= 1, got 0"),
+    ("log_every", -1, "--log-every must be >= 0, got -1"),
+    ("group_batches", -1, "--group-batches must be >= 0, got -1"),
     ("eval_batches", -3, "--eval-batches must be >= 1, got -3"),
     ("seed", -1, "--seed must be >= 0 and <= 4294967295, got -1"),
     ("lr", float("nan"), "option lr: nan is not a valid float"),
@@ -502,3 +503,27 @@ def test_ctrl_c_while_the_commands_are_built_leaves_at_once_in_one_line(monkeypa
     rc, out, err = run_cli(["train", "--help"], capsys)
     assert rc == 130 and left == [130] and err == "fastkd: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_config_built_in_python_is_checked_like_flags_and_yaml():
+    """fastkd.hf and train(TrainConfig(...)) build configs without make(): the same types and bounds hold."""
+    from fastkd.errors import UserError
+    from fastkd.train_config import TrainConfig
+
+    assert TrainConfig(temperature="2").temperature == 2.0 and TrainConfig(chunk_size=3.0).chunk_size == 3
+    for bad in (dict(temperature=float("inf")), dict(kl_weight=True), dict(chunk_size=2.5), dict(lr="fast")):
+        with pytest.raises(UserError):
+            TrainConfig(**bad)
+
+
+def test_resume_and_overwrite_are_saved_off_so_a_replayed_config_never_deletes_a_run(tmp_path):
+    """A run made with --overwrite saves overwrite: false (and resume: false): `--config` of it into the same folder
+    is refused like any second run, never a silent delete; the eval's results.json config likewise."""
+    from fastkd.evaluate import EvalConfig
+    from fastkd.train_config import TrainConfig
+
+    config = TrainConfig.make(overrides=dict(cache="c", student="s", out=str(tmp_path), overwrite=True))
+    config.save(tmp_path / "config.yaml")
+    again = TrainConfig.make(TrainConfig.load(tmp_path / "config.yaml"))
+    assert config.overwrite and not again.overwrite and not again.resume and again.cache == "c"
+    assert EvalConfig.make(overrides=dict(model="m", overwrite=True)).as_dict()["overwrite"] is False

@@ -225,3 +225,23 @@ def test_messages_form_output_is_a_conversation_cache_teacher_reads(tmp_path, ti
     examples = build_examples(chat, tiny_tokenizer, Template(loss_turns="answer"))
     assert [tiny_tokenizer.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in examples] == \
         [f"So the answer is {p['target']}." for p in plain_recs]
+
+
+def test_the_vllm_backend_gets_the_embedded_teacher_as_its_folder(tmp_path, monkeypatch):
+    """--backend vllm --teacher embedded: vLLM is given the shipped teacher's folder, not the name (a hub look-up)."""
+    from fastkd import teacher_vllm
+    from fastkd.paths import EMBEDDED_TEACHER
+
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def engine(model, **kwargs):
+        given.append(model)
+        raise Stop
+
+    monkeypatch.setattr(teacher_vllm, "require_vllm", lambda: SimpleNamespace(LLM=engine))
+    with pytest.raises(Stop):
+        generate("embedded", str(write_answers(tmp_path / "in.jsonl", 1)), str(tmp_path / "out.jsonl"), backend="vllm")
+    assert given == [str(EMBEDDED_TEACHER)]
