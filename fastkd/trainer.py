@@ -359,7 +359,7 @@ def loop(run: Run) -> None:
                     name = signal.Signals(stops.received).name if stops.received else "a signal on another rank"
                     raise Interrupted(f"stopped by {name} after step {run.step} of {total}; the checkpoint in "
                                       f"{run.run_dir / CHECKPOINT} holds it: re-run the same command with --resume "
-                                      f"to continue", stops.received or signal.SIGTERM)
+                                      f"(and without --overwrite) to continue", stops.received or signal.SIGTERM)
     finally:
         bar.close()
         stream.close()  # stops the read-ahead thread

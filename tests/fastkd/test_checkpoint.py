@@ -244,7 +244,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_weights(tmp_path, 
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert "SIGTERM" in err and "--resume (and without --overwrite)" in err and "Traceback" not in err
     stopped_at = load_checkpoint(out)["step"]
     assert 2 <= stopped_at < steps and not (out / "final").exists()
     resumed = subprocess.run(argv + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
