@@ -20,6 +20,11 @@ from fastkd.train_data import check_cache_tokenizer
 
 def _open_cache(path: str, layers: list[int] | None, verify: bool, tokenizer) -> CacheSource:
     """The cache as a CacheSource; with a `tokenizer`, the cache's ids must mean what the student's tokenizer means."""
+    if layers is not None and not (isinstance(layers, (list, tuple)) and all(isinstance(x, int) for x in layers)):
+        raise UserError(f"cache {path}: layers= takes a list of layer indices (e.g. [-1]) or None, got {layers!r}")
+    if tokenizer is not None and not hasattr(tokenizer, "get_vocab"):
+        raise UserError(f"cache {path}: tokenizer= takes a loaded tokenizer (AutoTokenizer.from_pretrained(...)), "
+                        f"got {type(tokenizer).__name__}")
     source = CacheSource(path, layers=layers, verify=verify)
     if tokenizer is not None:
         check_cache_tokenizer(source.manifest, tokenizer, f"cache {path}")
@@ -43,20 +48,31 @@ class CacheDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        return self.source[int(i)]
+        n, i = len(self.source), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"CacheDataset index {i} is outside a cache of {n} sequences")
+        return self.source[i % n]
 
 
 class CacheIterableDataset(torch.utils.data.IterableDataset):
     """A cache streamed in `fastkd train`'s seeded block-local order, each sequence to one (rank, worker), resumable
-    without re-reading: `state_dict(consumed)` is where to continue (`load_state_dict`, or start=)."""
+    without re-reading: `state_dict(consumed)` is where to continue (`load_state_dict`, or start=). `batch_size`: the
+    DataLoader's; its workers take whole batches in turn, so batches arrive in plan order and a resume is exact.
+    `set_epoch(e)` (the HF Trainer calls it) gives epoch e's order."""
 
     def __init__(self, path: str, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  epoch: int = 0, start: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
-                 layers: list[int] | None = None, verify: bool = True, tokenizer=None):
+                 batch_size: int = 1, layers: list[int] | None = None, verify: bool = True, tokenizer=None):
+        if (rank is None) != (world_size is None):
+            raise UserError("CacheIterableDataset: give rank and world_size together (or neither: the initialised "
+                            "process group's, else one process)")
+        if int(start) < 0 or int(epoch) < 0 or int(batch_size) < 1:
+            raise UserError(f"CacheIterableDataset: start and epoch must be >= 0 and batch_size >= 1, got start "
+                            f"{start}, epoch {epoch}, batch_size {batch_size}")
         self.source = _open_cache(path, layers, verify, tokenizer)
-        self.seed, self.epoch, self.start = seed, epoch, start
+        self.seed, self.epoch, self.start, self.batch_size = seed, int(epoch), int(start), int(batch_size)
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
-        if rank is None or world_size is None:
+        if rank is None:
             import torch.distributed as dist
 
             ready = dist.is_available() and dist.is_initialized()
@@ -77,8 +93,13 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         positions = self.mine(self.epoch)[self.start:]
         for i, position in enumerate(positions):
-            if i % workers == worker:  # the DataLoader reads workers round robin: plan order is kept
+            if i // self.batch_size % workers == worker:  # the DataLoader reads workers' batches round robin
                 yield self.source[int(position)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Stream epoch `epoch`'s order from its start (a new epoch starts where a resumed one left off: at 0)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.start = int(epoch), 0
 
     def __len__(self) -> int:
         return max(0, len(self.mine(self.epoch)) - self.start)
@@ -107,6 +128,11 @@ class DistillCollator:
     teacher_layers: tuple[int, ...] = ()
     pack_length: int | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
+            raise UserError(f"DistillCollator: pad_token_id must be a token id (tokenizer.pad_token_id, or its "
+                            f"eos_token_id when it has no pad token), got {self.pad_token_id!r}")
+
     def __call__(self, sequences: list) -> dict:
         if not sequences:
             raise UserError("DistillCollator: got an empty batch")
@@ -132,11 +158,15 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args, fastkd_config: TrainConfig | dict | None = None, vocab_size: int | None = None,
                  **kwargs):
+        config = fastkd_config if isinstance(fastkd_config, TrainConfig) else loss_settings(**(fastkd_config or {}))
+        if config.hidden_weight:   # the projections fastkd train learns beside the student are not built here
+            raise UserError("DistillTrainer trains CE + KL from the cache; a hidden-state loss (hidden_weight) needs "
+                            "the projections `fastkd train --hidden-weight` learns with the student: use fastkd train, "
+                            "or hidden_weight=0")
         args_obj = kwargs.get("args", args[1] if len(args) > 1 else None)
         if args_obj is not None and getattr(args_obj, "remove_unused_columns", False):
             args_obj.remove_unused_columns = False  # the teacher columns are not the model's arguments
         super().__init__(*args, **kwargs)
-        config = fastkd_config if isinstance(fastkd_config, TrainConfig) else loss_settings(**(fastkd_config or {}))
         self.fastkd_config = config
         tokenizer = getattr(self, "processing_class", None)
         self.fastkd_vocab = vocab_size or (len(tokenizer) if tokenizer is not None else None) or \

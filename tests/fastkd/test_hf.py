@@ -79,6 +79,46 @@ def test_iterable_dataset_shards_over_ranks_and_workers_and_resumes(kd, world):
         CacheIterableDataset(str(kd["cache"]), seed=4, rank=0, world_size=world).load_state_dict(state)
 
 
+def test_workers_take_whole_batches_so_a_resume_is_exact_and_set_epoch_reorders(kd):
+    """DataLoader batches of 4 from 2 workers arrive in the plan's order (a batch came from one worker, and the
+    workers used to take items in turn: a resume after 3 batches lost 2 sequences and repeated 2)."""
+    from fastkd.hf import CacheIterableDataset
+
+    def batches(ds, workers=2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=lambda s: s)
+        return [[s.record_index for s in batch] for batch in loader]
+
+    plan = [s.record_index for s in CacheIterableDataset(str(kd["cache"]), seed=3)]
+    got = batches(CacheIterableDataset(str(kd["cache"]), seed=3, batch_size=4))
+    assert [x for b in got for x in b] == plan
+    first = CacheIterableDataset(str(kd["cache"]), seed=3, batch_size=4)
+    again = CacheIterableDataset(str(kd["cache"]), seed=3, batch_size=4)
+    again.load_state_dict(first.state_dict(consumed=12))
+    assert [x for b in batches(again) for x in b] == plan[12:]
+    again.set_epoch(1)
+    assert sorted(x for b in batches(again) for x in b) == sorted(plan) and \
+        [x for b in batches(again) for x in b] != plan
+
+
+def test_library_arguments_are_refused_in_one_line(kd):
+    from fastkd.hf import CacheDataset, CacheIterableDataset, DistillCollator, DistillTrainer
+
+    ds = CacheDataset(str(kd["cache"]))
+    assert ds[-1].record_index == ds[len(ds) - 1].record_index
+    with pytest.raises(IndexError, match="outside a cache of"):
+        ds[len(ds)]
+    for bad in (dict(layers=6), dict(tokenizer="a/path")):
+        with pytest.raises(UserError, match="takes a"):
+            CacheDataset(str(kd["cache"]), **bad)
+    for bad in (dict(rank=1), dict(world_size=2), dict(start=-5), dict(batch_size=0)):
+        with pytest.raises(UserError, match="CacheIterableDataset"):
+            CacheIterableDataset(str(kd["cache"]), **bad)
+    with pytest.raises(UserError, match="pad_token_id"):
+        DistillCollator(None)
+    with pytest.raises(UserError, match="hidden_weight"):
+        DistillTrainer(model=torch.nn.Linear(2, 2), fastkd_config={"hidden_weight": 1.0})
+
+
 def test_collator_rows_follow_the_labels(kd, tiny_llama_dir):
     """Row r of the teacher tensors belongs to the r-th label != -100, padding included."""
     from fastkd.hf import CacheDataset, DistillCollator
