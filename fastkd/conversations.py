@@ -53,6 +53,10 @@ def _turn(turn: object, k: int, fail) -> dict:
         fail(f"{label} is {describe_kind(turn)}, not an object", "expected an object")
     check_unique_keys(turn, lambda message, reason: fail(f"{label}: {message}", reason))
     out = dict(turn)
+    both = [a for a, b in (("role", "from"), ("content", "value")) if a in out and b in out]
+    if both:   # which one the turn means is a guess: neither is dropped silently
+        fail(f"{label} has both {both[0]!r} and its ShareGPT twin {dict(role='from', content='value')[both[0]]!r}; "
+             f"give one form per turn", "ambiguous turn")
     if "role" not in out and "from" in out:     # ShareGPT
         speaker = out.pop("from")
         role = SHAREGPT_ROLES.get(speaker, speaker) if isinstance(speaker, str) else speaker

@@ -482,6 +482,8 @@ BAD = [
     ([{"role": "bot", "content": "x"}, A], "unknown role", "turn 0: unknown role 'bot'"),
     ([{"from": "robot", "value": "x"}, A], "unknown role", "unknown role 'robot'"),
     ([{"content": "x"}, A], "unknown role", "turn 0 has no role"),
+    ([U, dict(A, **{"from": "gpt", "value": "No"})], "ambiguous turn", "turn 1 has both 'role' and its ShareGPT twin"),
+    ([U, dict(A, value="No")], "ambiguous turn", "turn 1 has both 'content' and its ShareGPT twin 'value'"),
     ([U, dict(A, content="a\x00b")], "invalid text", "turn 1 (assistant): content holds a NUL"),
     ([dict(U, tool_calls=[CALL]), A], "roles out of order", "only assistant turns make tool calls"),
     ("not a list", "not a list", "is str, not a list of turns"),
