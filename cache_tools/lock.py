@@ -52,7 +52,8 @@ def _try_create(path: Path) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict | None:
+def read_holder(path: Path) -> dict | None:
+    """The lock file's {pid, host}, or None while it is unreadable (being written)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -65,7 +66,7 @@ def acquire_lock(path: Path) -> Path:
         if _try_create(path):
             _HELD.add(os.path.abspath(path))
             return path
-        holder = _holder(path)
+        holder = read_holder(path)
         if holder is None:  # half-written or unreadable: only stale if it stays that way
             try:
                 age_ok = os.path.getmtime(path) < time.time() - 5
@@ -81,7 +82,7 @@ def acquire_lock(path: Path) -> Path:
 
 def release_lock(path: Path) -> None:
     """Remove the lock file if this process holds it."""
-    holder = _holder(path)
+    holder = read_holder(path)
     if holder and _ours(path, holder):
         _HELD.discard(os.path.abspath(path))
         with contextlib.suppress(OSError):
@@ -90,7 +91,7 @@ def release_lock(path: Path) -> None:
 
 def clear_stale_lock(path: Path, what: str, holder: dict | None = None) -> None:
     """Remove a lock left by a dead process; CacheError naming `what` if its holder may still run."""
-    holder = _holder(path) if holder is None else holder
+    holder = read_holder(path) if holder is None else holder
     if holder is not None:
         pid, host = int(holder.get("pid", -1)), holder.get("host")
         if host != socket.gethostname():

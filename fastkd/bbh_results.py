@@ -67,7 +67,7 @@ def existing_evaluation(out: Path, overwrite: bool) -> list[Path]:
                         "report.md into a folder)")
     check_out_folder(out, "BBH evaluation")   # nor a cache's or a training run's folder
     found = [out / name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite and any(p.name in OUTPUT_MARKERS["BBH evaluation"] for p in found):
+    if not overwrite and any(p.name in OUTPUT_MARKERS["BBH evaluation"] for p in found):
         raise EvalError(f"--out {out} already holds an evaluation ({', '.join(p.name for p in found)}); delete it "
                         f"and start over with --overwrite, or choose another --out")
     return found if overwrite else []

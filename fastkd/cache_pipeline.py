@@ -120,7 +120,6 @@ def tokenise_own_units(config, tokenizer, template, plan: Plan, env) -> OwnRecor
     return own
 
 
-
 def records_identity(source, split: str) -> dict:
     """The `records` setting's digest: SHA-256 of the --data file's bytes, or for a hub dataset of its records'
     canonical JSON (one line each, keys sorted), so a resume on other data is refused before any is tokenised."""
@@ -218,4 +217,3 @@ def _record_number(message: str) -> int:
     errors, and every rank's first skips merged in order."""
     found = re.search(r": record (\d+)", message)
     return int(found.group(1)) if found else -1
-

@@ -19,7 +19,7 @@ import torch
 from fastkd.cache_tools.errors import CacheError
 from fastkd.cache_tools.format import LOCK, atomic_write_bytes, fsync_dir, reject_constant
 from fastkd.cache_tools.integrity import file_digest, seal, seal_matches
-from fastkd.cache_tools.lock import acquire_lock, release_lock
+from fastkd.cache_tools.lock import acquire_lock, read_holder, release_lock
 from fastkd.errors import UserError
 from fastkd.paths import check_out_folder
 
@@ -266,9 +266,9 @@ def lock_run(run_dir: Path) -> dict:
 def _lock_holder(path: Path) -> str:
     """Who holds the lock, for the refusal: a pid (and host, if another)."""
     try:
-        holder = json.loads(path.read_text())
+        holder = read_holder(path) or {}
         pid, host = int(holder["pid"]), holder.get("host")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "a process that is taking the lock now"
     if host != socket.gethostname():
         return f"pid {pid} on host {host}; if no run is, delete the lock file"

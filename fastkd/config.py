@@ -110,7 +110,7 @@ class StageConfig:
         unknown = sorted(set(values) - set(cls.fields()))
         if unknown:
             raise UserError(f"unknown option(s) {', '.join(unknown)}")
-        return cls(**{k: cls.coerce(k, v) for k, v in values.items()}).validate()
+        return cls(**values).validate()   # __post_init__ coerces and checks each value
 
     @classmethod
     def load(cls, path: str | Path) -> dict:

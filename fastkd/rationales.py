@@ -105,7 +105,7 @@ def read_log(path: Path, settings: dict) -> dict[tuple[int, int], dict]:
             continue
         done[(int(entry["record_index"]), int(entry["sample"]))] = entry
     if header is None:              # killed while its first line was written: nothing was logged yet
-        head = lines[0].strip()   # empty, or a cut-short start of the header line: what a kill leaves
+        head = next((r.strip() for r in lines if r.strip()), b"")   # none, or a cut-short header: what a kill leaves
         if head and not (head.startswith(b'{"settings"') or b'{"settings"'.startswith(head)):
             raise UserError(f"{path}: line 1 holds no settings; not a fastkd provenance log (move it away, or use "
                             f"another --out)")

@@ -122,10 +122,12 @@ def test_a_killed_run_resumes_to_the_same_records_and_other_settings_are_refused
         generate("fake-teacher", str(data), str(header_cut), n=3, batch_size=2, engine=FakeEngine(), progress=False)
         assert header_cut.read_text() == whole.read_text()
     foreign = tmp_path / ("other.jsonl" + LOG_SUFFIX)   # one unfinished line that no fastkd wrote: kept, refused
-    foreign.write_text("notes: do not delete")
-    with pytest.raises(UserError, match="not a fastkd provenance log"):
-        generate("fake-teacher", str(data), str(tmp_path / "other.jsonl"), n=3, engine=FakeEngine(), progress=False)
-    assert foreign.read_text() == "notes: do not delete"
+    for text in ("notes: do not delete", "\nnotes: do not delete"):   # after a blank line too
+        foreign.write_text(text)
+        with pytest.raises(UserError, match="not a fastkd provenance log"):
+            generate("fake-teacher", str(data), str(tmp_path / "other.jsonl"), n=3, engine=FakeEngine(),
+                     progress=False)
+        assert foreign.read_text() == text
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
