@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
     except KeyboardInterrupt:  # first: the next clause imports the lower layers, maybe the very import stopped here
         print(f"fastkd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastkd {args.command}: error: {err.strerror or err}{where}. What was finished before is kept; "
               f"fix this and re-run the same command to resume", file=sys.stderr)   # train says its own (trainer)
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # a torchrun rank whose work is done and on disk (the process group destroyed): leave without the
+        # interpreter's teardown, where gloo's threads now and then abort with "terminate called" and exit status 134
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
